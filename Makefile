@@ -11,8 +11,12 @@ export OMP_NUM_THREADS ?= 2
 
 INSTALLED := $(VENV)/.installed
 MNIST     := data/MNIST/raw/t10k-labels-idx1-ubyte
+# MathJax 3 from the npm registry, unpacked where _config.yml's html_extra_path finds it
+MATHJAX_VERSION ?= 3.2.2
+MATHJAX_DIR := _mathjax/_static/mathjax
+MATHJAX   := $(MATHJAX_DIR)/tex-chtml.js
 
-.PHONY: help venv data test book clean
+.PHONY: help venv data test mathjax book clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,10 +34,22 @@ $(MNIST): | $(INSTALLED)
 
 data: $(MNIST)  ## fetch MNIST into data/MNIST/raw (torchvision layout), checksum-verified
 
-test: $(INSTALLED) $(MNIST)  ## run the whole test suite
+test: $(INSTALLED) $(MNIST) $(MATHJAX)  ## run the whole test suite
 	$(BIN)/python -m pytest
 
-book: $(INSTALLED) $(MNIST)  ## build the HTML book into _build/html (preset PRESET, default cpu)
+$(MATHJAX):
+	@command -v npm >/dev/null || { echo "npm is needed to fetch MathJax (apt-get install npm)" >&2; exit 1; }
+	rm -rf _mathjax _mathjax.tmp && mkdir -p _mathjax.tmp
+	cd _mathjax.tmp && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null
+	tar -xzf _mathjax.tmp/mathjax-$(MATHJAX_VERSION).tgz -C _mathjax.tmp
+	cp _mathjax.tmp/package/LICENSE _mathjax.tmp/package/es5/
+	mkdir -p $(dir $(MATHJAX_DIR))
+	mv _mathjax.tmp/package/es5 $(MATHJAX_DIR)
+	rm -rf _mathjax.tmp
+
+mathjax: $(MATHJAX)  ## fetch MathJax 3 from the npm registry into _mathjax/ (offline math in the book)
+
+book: $(INSTALLED) $(MNIST) $(MATHJAX)  ## build the HTML book into _build/html (preset PRESET, default cpu)
 	$(BIN)/jupyter-book build -W -n --keep-going .
 
 clean:  ## remove build output and caches (keeps .venv and data)
