@@ -1,0 +1,321 @@
+"""Smoothing families: a batch of Gaussian laws ``x + S eps``, ``eps ~ N(0, I_d)``, one per input.
+
+Three families share one interface, so that RS, DDRS, ANCER and RDDRS differ only by the
+family and the step rule:
+
+==============  ==================  ====================  ======================
+family          scale ``S``         ``det(S)^(1/d)``      ``lambda_min(S)``
+==============  ==================  ====================  ======================
+``Isotropic``   ``sigma I``         ``sigma``             ``sigma``
+``Diagonal``    ``diag(theta)``     ``exp(mean log th)``  ``min theta``
+``FullSPD``     SPD matrix ``C``    ``exp(mean log w)``   ``w_min``
+==============  ==================  ====================  ======================
+
+(``w``: the eigenvalues of ``C``.) The covariance of the noise is ``S S^T``: for the full
+family it is ``C^2``, following the paper's sampling ``x + C Z``.
+
+For optimisation each family also gives, in its own geometry, the gradients of the proxy
+factor ``P = det(S)^(1/d)`` and of the smallest scale ``K = lambda_min(S)``, turns a
+Euclidean gradient with respect to its parameter into an ascent direction (Riemannian for
+``FullSPD``: ``C sym(G) C``), takes a step (``theta + V``, or ``Exp_C(V)``) and projects
+onto ``S >= lower``.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rddrs import RDDRSError, spd
+
+
+def _per_input(lower: Tensor | float, batch: int, like: Tensor) -> Tensor:
+    """A floor given as a number or per input, as a (B,) tensor of ``like``'s dtype and device."""
+    lower = torch.as_tensor(lower, dtype=like.dtype, device=like.device)
+    return lower.expand(batch) if lower.dim() == 0 else lower
+
+
+def _tied_minimum(values: Tensor) -> Tensor:
+    """Weights 1/m on the m entries (per row) equal to the row's minimum up to rounding."""
+    tol = torch.finfo(values.dtype).eps ** 0.5 * values.abs().amax(-1, keepdim=True)
+    tied = (values <= values.amin(-1, keepdim=True) + tol).to(values.dtype)
+    return tied / tied.sum(-1, keepdim=True)
+
+
+class Smoothing:
+    """A batch of B smoothing laws; ``param`` holds sigma (B,), theta (B, d) or C (B, d, d)."""
+
+    param: Tensor
+    dim: int
+
+    @property
+    def batch(self) -> int:
+        return self.param.shape[0]
+
+    def expand(self, v: Tensor) -> Tensor:
+        """A per-input quantity (B,) shaped to broadcast against ``param``."""
+        return v.reshape(v.shape + (1,) * (self.param.dim() - 1))
+
+    # -- sampling -------------------------------------------------------------------------
+    def scale_noise(self, eps: Tensor) -> Tensor:
+        """``S eps`` for standard normal draws ``eps`` of shape (B, m, d)."""
+        raise NotImplementedError
+
+    # -- certificate factors --------------------------------------------------------------
+    def log_proxy(self) -> Tensor:
+        """``log det(S)^(1/d)`` per input, computed in log space (no over/underflow)."""
+        raise NotImplementedError
+
+    def proxy(self) -> Tensor:
+        """``det(S)^(1/d)``: radius of the ball with the volume of ``{S u : ||u|| < 1}``."""
+        return self.log_proxy().exp()
+
+    def min_scale(self) -> Tensor:
+        """``lambda_min(S)``: radius of the largest ball inside ``{S u : ||u|| < 1}``."""
+        raise NotImplementedError
+
+    def matrix(self) -> Tensor:
+        """The dense scale matrices (B, d, d) (for tests and small d)."""
+        raise NotImplementedError
+
+    def __getitem__(self, index) -> "Smoothing":
+        """The laws of a subset of the inputs."""
+        return self.with_param(self.param[index])
+
+    def _extra(self) -> dict:
+        return {}
+
+    def with_param(self, param: Tensor) -> "Smoothing":
+        """The same family with another (trusted, already valid) parameter."""
+        return type(self)(param, check=False, **self._extra())
+
+    # -- optimisation ---------------------------------------------------------------------
+    def leaf(self) -> "Smoothing":
+        """A copy whose parameter is a fresh autograd leaf."""
+        return self.with_param(self.param.detach().requires_grad_(True))
+
+    def ascent_direction(self, euclidean_grad: Tensor) -> Tensor:
+        """Gradient in the family's geometry from the Euclidean one (identity by default)."""
+        return euclidean_grad
+
+    def grad_proxy(self) -> Tensor:
+        raise NotImplementedError
+
+    def grad_min_scale(self) -> Tensor:
+        raise NotImplementedError
+
+    def step(self, direction: Tensor) -> "Smoothing":
+        """Move along ``direction`` (Euclidean by default); follow with ``floor``."""
+        return self.with_param(self.param.detach() + direction)
+
+    def floor(self, lower: Tensor | float) -> "Smoothing":
+        """Project onto ``lambda_min(S) >= lower`` (a number or one per input)."""
+        raise NotImplementedError
+
+
+class Isotropic(Smoothing):
+    """``S = sigma I_d`` (RS and DDRS)."""
+
+    def __init__(self, sigma: Tensor, dim: int, check: bool = True):
+        sigma = torch.as_tensor(sigma)
+        if check:
+            if sigma.dim() != 1:
+                raise RDDRSError(f"sigma must have shape (B,), got {tuple(sigma.shape)}")
+            if not (torch.isfinite(sigma).all() and (sigma > 0).all()):
+                raise RDDRSError("sigma must be finite and > 0")
+        self.param, self.dim = sigma, int(dim)
+
+    def _extra(self) -> dict:
+        return {"dim": self.dim}
+
+    def scale_noise(self, eps: Tensor) -> Tensor:
+        return eps * self.param.view(-1, 1, 1)
+
+    def log_proxy(self) -> Tensor:
+        return self.param.log()
+
+    def min_scale(self) -> Tensor:
+        return self.param
+
+    def matrix(self) -> Tensor:
+        eye = torch.eye(self.dim, dtype=self.param.dtype, device=self.param.device)
+        return self.param.view(-1, 1, 1) * eye
+
+    def grad_proxy(self) -> Tensor:
+        return torch.ones_like(self.param)
+
+    def grad_min_scale(self) -> Tensor:
+        return torch.ones_like(self.param)
+
+    def floor(self, lower) -> "Isotropic":
+        return self.with_param(torch.maximum(self.param.detach(), _per_input(lower, self.batch, self.param)))
+
+    def as_diagonal(self) -> "Diagonal":
+        return Diagonal(self.param.detach()[:, None].expand(-1, self.dim).clone())
+
+    def as_full(self) -> "FullSPD":
+        return FullSPD(self.matrix().detach())
+
+
+class Diagonal(Smoothing):
+    """``S = diag(theta)`` (ANCER)."""
+
+    def __init__(self, theta: Tensor, check: bool = True):
+        theta = torch.as_tensor(theta)
+        if check:
+            if theta.dim() != 2:
+                raise RDDRSError(f"theta must have shape (B, d), got {tuple(theta.shape)}")
+            if not (torch.isfinite(theta).all() and (theta > 0).all()):
+                raise RDDRSError("theta must be finite and > 0")
+        self.param, self.dim = theta, theta.shape[1]
+
+    def scale_noise(self, eps: Tensor) -> Tensor:
+        return eps * self.param[:, None, :]
+
+    def log_proxy(self) -> Tensor:
+        return self.param.log().mean(-1)
+
+    def min_scale(self) -> Tensor:
+        return self.param.amin(-1)
+
+    def matrix(self) -> Tensor:
+        return torch.diag_embed(self.param)
+
+    def grad_proxy(self) -> Tensor:
+        """``dP/dtheta_i = P / (d theta_i)``."""
+        return self.proxy()[:, None] / (self.dim * self.param.detach())
+
+    def grad_min_scale(self) -> Tensor:
+        """``dK/dtheta``: the indicator of the smallest entry, shared equally among ties."""
+        return _tied_minimum(self.param.detach())
+
+    def floor(self, lower) -> "Diagonal":
+        return self.with_param(torch.maximum(self.param.detach(), _per_input(lower, self.batch, self.param)[:, None]))
+
+
+class FullSPD(Smoothing):
+    """``S = C``, a symmetric positive definite matrix (RDDRS); the covariance is ``C^2``.
+
+    Steps follow the affine-invariant geometry: the ascent direction is the Riemannian
+    gradient ``C sym(G) C`` and a step is the exponential map ``Exp_C(V)``.
+    """
+
+    def __init__(self, c: Tensor, eig: tuple[Tensor, Tensor] | None = None, check: bool = True):
+        c = torch.as_tensor(c)
+        if c.dim() != 3:
+            raise RDDRSError(f"C must have shape (B, d, d), got {tuple(c.shape)}")
+        if check:
+            spd.check_spd(c.detach(), "C")
+        self.param, self.dim = c, c.shape[-1]
+        if eig is not None:
+            self.__dict__["eig"] = eig
+
+    def __getitem__(self, index) -> "FullSPD":
+        w, v = self.eig
+        return FullSPD(self.param[index], eig=(w[index], v[index]), check=False)
+
+    def leaf(self) -> "FullSPD":
+        return FullSPD(self.param.detach().requires_grad_(True), eig=self.eig, check=False)
+
+    @cached_property
+    def eig(self) -> tuple[Tensor, Tensor]:
+        """Eigenvalues (ascending) and eigenvectors of C, computed once."""
+        return spd.eigh(self.param.detach())
+
+    def scale_noise(self, eps: Tensor) -> Tensor:
+        return eps @ self.param  # rows of eps times C^T = C
+
+    def log_proxy(self) -> Tensor:
+        return self.eig[0].log().mean(-1)
+
+    def min_scale(self) -> Tensor:
+        return self.eig[0][:, 0]
+
+    def matrix(self) -> Tensor:
+        return self.param
+
+    def ascent_direction(self, euclidean_grad: Tensor) -> Tensor:
+        return spd.riemannian_gradient(self.param.detach(), euclidean_grad)
+
+    def grad_proxy(self) -> Tensor:
+        """Riemannian gradient of ``det(C)^(1/d)``: ``(P/d) C``."""
+        return (self.proxy() / self.dim).view(-1, 1, 1) * self.param.detach()
+
+    def grad_min_scale(self) -> Tensor:
+        """Riemannian gradient of ``lambda_min``: ``C v v^T C = lambda_min^2 v v^T``.
+
+        After the floor the smallest eigenvalue is usually repeated and v is then arbitrary;
+        we take the least-norm subgradient, ``lambda_min^2 Pi / m`` with Pi the projector on
+        the m-dimensional eigenspace, which (unlike one arbitrary v) turns with the data.
+        """
+        w, v = self.eig
+        weights = _tied_minimum(w) * w[:, :1] ** 2
+        return spd.from_eig(weights, v)
+
+    def step(self, direction: Tensor) -> "FullSPD":
+        return FullSPD(spd.exp(self.param.detach(), direction, eig=self.eig), check=False)
+
+    def floor(self, lower) -> "FullSPD":
+        w, v = self.eig
+        w = torch.maximum(w, _per_input(lower, self.batch, w)[:, None])
+        return FullSPD(spd.from_eig(w, v), eig=(w, v), check=False)
+
+
+class NoiseSource:
+    """Standard normal draws, one independent, seeded stream per (seed, stage, input index).
+
+    Streams are keyed by the input's index in the data set, so an input gets the same noise
+    whatever batch or shard it is processed in. ``stage`` separates optimisation, selection
+    and estimation draws. With ``rotation`` U the draws are ``U eps``: the same random
+    numbers seen in rotated coordinates (common random numbers for invariance checks).
+    """
+
+    OPTIMIZE, SELECT, ESTIMATE = "optimize", "select", "estimate"
+    _STAGES = {OPTIMIZE: 0, SELECT: 1, ESTIMATE: 2}
+
+    def __init__(self, seed: int, stage: str, device: torch.device | str = "cpu",
+                 rotation: Tensor | None = None):
+        if stage not in self._STAGES:
+            raise RDDRSError(f"unknown noise stage {stage!r}; expected one of {sorted(self._STAGES)}")
+        self.seed, self.stage, self.device = int(seed), stage, torch.device(device)
+        self.rotation = rotation
+        self._generators: dict[int, torch.Generator] = {}
+
+    def _generator(self, index: int) -> torch.Generator:
+        if index not in self._generators:
+            key = np.random.SeedSequence([self.seed, self._STAGES[self.stage], int(index)])
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(int(key.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+            self._generators[index] = gen
+        return self._generators[index]
+
+    def draw(self, indices, m: int, d: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Draws of shape (len(indices), m, d), continuing each input's stream."""
+        eps = torch.stack([torch.randn(m, d, generator=self._generator(int(i)), device=self.device, dtype=dtype)
+                           for i in indices])
+        if self.rotation is not None:
+            eps = eps @ self.rotation.to(eps).T
+        return eps
+
+
+def check_inputs(x: Tensor, smoothing: Smoothing, indices) -> None:
+    """Raise RDDRSError unless x (B, ...) is finite and matches the smoothing laws and indices."""
+    if x.dim() < 2:
+        raise RDDRSError(f"inputs must have shape (B, ...), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise RDDRSError("inputs contain NaN or infinite values")
+    if x.shape[0] != smoothing.batch or len(indices) != x.shape[0]:
+        raise RDDRSError(f"{x.shape[0]} inputs but {smoothing.batch} smoothing laws and {len(indices)} indices")
+    if x[0].numel() != smoothing.dim:
+        raise RDDRSError(f"inputs have {x[0].numel()} features but the smoothing laws act on d={smoothing.dim}")
+
+
+def noisy_outputs(model, x: Tensor, smoothing: Smoothing, eps: Tensor) -> Tensor:
+    """Model outputs (B, m, K) on the noisy copies ``x + S eps`` of each input (eps: (B, m, d))."""
+    b, m, _ = eps.shape
+    noisy = x.reshape(b, 1, -1) + smoothing.scale_noise(eps)
+    out = model(noisy.reshape(b * m, *x.shape[1:]))
+    return out.reshape(b, m, -1)

@@ -1,0 +1,86 @@
+"""Statistics of the smoothed classifier: confidence bounds and a numerically stable probit.
+
+* ``clopper_pearson_lower(k, n, alpha)``: one-sided lower bound ``B^-1(alpha; k, n-k+1)`` on a
+  binomial proportion, holding with probability at least ``1 - alpha``.
+* ``binomial_p_value(k, n)``: two-sided p-value of ``k`` successes in ``n`` fair coin flips
+  (Cohen et al.'s PREDICT abstains when it exceeds alpha).
+* ``probit_of_log(log p)`` and ``soft_gap(log_probs)``: the soft certificate
+  ``R = Phi^-1(G_A) - Phi^-1(G_B)`` of the optimisers, computed from per-sample
+  log-probabilities without ever clamping a probability.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import Tensor
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def clopper_pearson_lower(k, n, alpha: float) -> np.ndarray:
+    """One-sided ``1 - alpha`` lower confidence bound on p from k successes in n trials."""
+    k, n = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    safe_k = np.maximum(k, 1.0)  # the Beta law needs a > 0; k = 0 gives the bound 0
+    return np.where(k > 0, stats.beta.ppf(alpha, safe_k, n - k + 1), 0.0)
+
+
+def binomial_p_value(k, n) -> np.ndarray:
+    """Two-sided p-value of ``k >= n/2`` successes in n fair trials: ``min(1, 2 P(X >= k))``."""
+    k, n = np.asarray(k), np.asarray(n)
+    return np.minimum(1.0, 2.0 * stats.binom.sf(k - 1, n, 0.5))
+
+
+def _log_pdf(x: Tensor) -> Tensor:
+    return -0.5 * x * x - _LOG_SQRT_2PI
+
+
+def probit_of_log(log_p: Tensor) -> Tensor:
+    """``Phi^-1(exp(log_p))`` in float64, for any ``log_p <= 0``, with its exact derivative.
+
+    The value comes from ``ndtri`` where ``exp(log_p)`` is a normal float64 and from Newton
+    steps on ``log Phi(x) = log_p`` below (far tails). The gradient is attached through the
+    implicit function theorem: ``dx / dlog_p = Phi(x) / phi(x)``.
+    """
+    log_p64 = log_p.double()
+    with torch.no_grad():
+        x = torch.special.ndtri(log_p64.exp())
+        far = log_p64 < -700.0
+        if far.any():
+            t = -2.0 * log_p64[far]
+            z = -torch.sqrt(t - torch.log(t) - math.log(2 * math.pi))  # asymptotic start
+            for _ in range(6):
+                z = z - (torch.special.log_ndtr(z) - log_p64[far]) * torch.exp(torch.special.log_ndtr(z) - _log_pdf(z))
+            x = x.masked_scatter(far, z)
+        slope = torch.exp(torch.special.log_ndtr(x) - _log_pdf(x))
+    return x + (log_p64 - log_p64.detach()) * slope
+
+
+def _log_mean_exp(a: Tensor, dim: int) -> Tensor:
+    return torch.logsumexp(a, dim) - math.log(a.shape[dim])
+
+
+def soft_gap(log_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Soft certificate ``R = Phi^-1(G_A) - Phi^-1(G_B)`` and the top class A, per input.
+
+    ``log_probs`` (B, m, K) are per-sample log-probabilities of the base classifier under m
+    noise draws; ``G = mean`` of the probabilities, A and B its two largest classes.
+
+    No probability is clamped. ``Phi^-1(G_A) = -Phi^-1(1 - G_A)`` and ``1 - G_A`` is averaged
+    from the per-sample complements ``log(1 - p_A) = logsumexp_{c != A} log p_c``, so a
+    confident input (``G_A`` within 1e-20 of 1, say) keeps a finite gap and an informative
+    gradient. A clamp such as ``G_A <= 0.98`` would instead make R constant, and its
+    gradient zero, for every confident input, so that they would all receive the same
+    smoothing parameter.
+    """
+    lp = log_probs.double()
+    log_g = _log_mean_exp(lp, 1)  # (B, K)
+    top = log_g.detach().topk(2, dim=-1).indices
+    a, b = top[:, 0], top[:, 1]
+    is_a = torch.nn.functional.one_hot(a, lp.shape[-1]).bool()[:, None, :]
+    log_tail_a = _log_mean_exp(torch.logsumexp(lp.masked_fill(is_a, -math.inf), -1), 1)
+    log_g_b = log_g.gather(1, b[:, None]).squeeze(1)
+    return -probit_of_log(log_tail_a) - probit_of_log(log_g_b), a

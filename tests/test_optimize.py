@@ -1,0 +1,211 @@
+"""The per-input searches: gradients, ascent, invariance, SPD-ness, the papers' settings."""
+
+import numpy as np
+import pytest
+import torch
+
+from rddrs import RDDRSError, spd
+from rddrs.certify import certify
+from rddrs.noise import Diagonal, FullSPD, Isotropic
+from rddrs.optimize import ANCER, DDRS, RDDRS, Search, find_smoothing, objective_and_gradient, search
+
+torch.set_num_threads(1)
+
+
+def smooth_model(d: int, k: int = 3, seed: int = 0, dtype=torch.float64):
+    """A small smooth network R^d -> R^k (logits)."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(16, d, generator=g, dtype=dtype) / d ** 0.5
+    w2 = torch.randn(k, 16, generator=g, dtype=dtype) * 2
+
+    def model(z):
+        return torch.tanh(z.reshape(len(z), -1) @ w1.T * 3) @ w2.T
+
+    return model
+
+
+def random_spd(b: int, d: int, seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(b, d, d, generator=g, dtype=dtype)
+    return a @ a.transpose(-1, -2) / d + 0.2 * torch.eye(d, dtype=dtype)
+
+
+def random_orthogonal(d: int, seed: int, dtype=torch.float64):
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=dtype))
+    return q * torch.sign(torch.diagonal(r))
+
+
+D = 6
+MODEL = smooth_model(D)
+X = 0.4 * torch.randn(3, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+EPS = torch.randn(3, 3000, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+def objective(smoothing, kappa=0.5):
+    return objective_and_gradient(MODEL, X, smoothing, EPS, kappa)[0]
+
+
+def test_riemannian_gradient_matches_finite_difference_along_geodesics():
+    c = random_spd(3, D)
+    _, grad = objective_and_gradient(MODEL, X, FullSPD(c), EPS, kappa=0.5)
+    v = spd.sym(torch.randn(3, D, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    h = 1e-4
+    fd = (objective(FullSPD(spd.exp(c, h * v))) - objective(FullSPD(spd.exp(c, -h * v)))) / (2 * h)
+    torch.testing.assert_close(spd.inner(c, grad, v), fd, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("family", ["isotropic", "diagonal"])
+def test_euclidean_gradients_match_finite_differences(family):
+    g = torch.Generator().manual_seed(4)
+    if family == "isotropic":
+        param, make = 0.3 + torch.rand(3, generator=g, dtype=torch.float64), lambda p: Isotropic(p, D)
+    else:
+        param, make = 0.3 + torch.rand(3, D, generator=g, dtype=torch.float64), Diagonal
+    _, grad = objective_and_gradient(MODEL, X, make(param), EPS, kappa=0.5)
+    v = torch.randn(param.shape, generator=g, dtype=torch.float64)
+    h = 1e-6
+    fd = (objective(make(param + h * v)) - objective(make(param - h * v))) / (2 * h)
+    torch.testing.assert_close((grad * v).reshape(3, -1).sum(1), fd, rtol=1e-5, atol=1e-8)
+
+
+def test_exponential_map_step_increases_the_objective():
+    fam = FullSPD(random_spd(3, D, seed=5))
+    value, grad = objective_and_gradient(MODEL, X, fam, EPS, kappa=0.5)
+    after = objective(fam.step(1e-2 * grad))
+    assert (after > value).all()
+    # and a step against the gradient decreases it: the ascent direction is not arbitrary
+    assert (objective(fam.step(-1e-2 * grad)) < value).all()
+
+
+def _rotated(model, u):
+    return lambda z: model((z.reshape(len(z), -1) @ u).reshape(z.shape))  # f(U^T z), rows z^T U
+
+
+SMALL = {"ddrs": Search(40, 400, 2e-2, scale=0.5, keep_best_every=10),
+         "ancer": Search(20, 400, 0.04, kappa=2.0, adam=True),
+         "rddrs": Search(20, 400, 0.2, kappa=1e-6)}
+
+
+@pytest.mark.parametrize("method", ["rs", "ddrs", "rddrs"])
+def test_rotation_invariance(method):
+    """(f(U^T .), U x) with noise U Z (common random numbers) gives the same certificate."""
+    u = random_orthogonal(D, seed=6)
+    idx = list(range(len(X)))
+    plain, _ = find_smoothing(method, MODEL, X, idx, 0.3, seed=7, settings=SMALL)
+    turned, _ = find_smoothing(method, _rotated(MODEL, u), X @ u.T, idx, 0.3, seed=7, settings=SMALL, rotation=u)
+    torch.testing.assert_close(turned.proxy(), plain.proxy(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(turned.min_scale(), plain.min_scale(), rtol=1e-9, atol=0)
+    if method == "rddrs":  # the matrix itself turns with the data: C' = U C U^T
+        torch.testing.assert_close(turned.matrix(), u @ plain.matrix() @ u.T, rtol=1e-9, atol=1e-12)
+        assert spd.distance(plain.matrix(), turned.matrix()).max() > 1e-3  # and is not U-invariant itself
+    a = certify(MODEL, X, plain, idx, 50, 2000, 0.01, seed=8)
+    b = certify(_rotated(MODEL, u), X @ u.T, turned, idx, 50, 2000, 0.01, seed=8, rotation=u)
+    np.testing.assert_array_equal(a.predict, b.predict)
+    np.testing.assert_allclose(b.proxy_radius, a.proxy_radius, rtol=1e-9)
+
+
+def test_ancer_is_not_rotation_invariant():
+    u = random_orthogonal(D, seed=6)
+    idx = list(range(len(X)))
+    plain, _ = find_smoothing("ancer", MODEL, X, idx, 0.3, seed=7, settings=SMALL)
+    turned, _ = find_smoothing("ancer", _rotated(MODEL, u), X @ u.T, idx, 0.3, seed=7, settings=SMALL, rotation=u)
+    rel = (turned.proxy() - plain.proxy()).abs() / plain.proxy()
+    assert rel.max() > 1e-2  # seven orders of magnitude above what RDDRS' invariance test allows
+
+
+def test_matrices_stay_spd_and_floored_through_100_float32_steps():
+    d = 40
+    model = smooth_model(d, dtype=torch.float32)
+    x = torch.randn(4, d, generator=torch.Generator().manual_seed(9))
+    floor = torch.tensor([0.2, 0.25, 0.3, 0.35])
+    fam = FullSPD(torch.eye(d).expand(4, d, d) * floor.view(-1, 1, 1))
+    g = torch.Generator().manual_seed(10)
+    floor_hit = torch.zeros(4, dtype=torch.bool)
+    for _ in range(100):
+        eps = torch.randn(4, 200, d, generator=g)
+        _, grad = objective_and_gradient(model, x, fam, eps, kappa=1e-6)
+        fam = fam.step(0.5 * grad).floor(floor)
+        assert fam.matrix().dtype == torch.float32
+        spd.check_spd(fam.matrix(), "iterate")
+        w = torch.linalg.eigvalsh(fam.matrix().double())
+        # float32 storage of C holds eigenvalues to about eps32 * lambda_max
+        assert (w[:, 0] >= floor.double() - 10 * torch.finfo(torch.float32).eps * w[:, -1]).all()
+        floor_hit |= w[:, 0] < floor.double() * 1.001
+    assert floor_hit.all()  # the floor was active
+    assert (w[:, -1] > 10 * floor.double()).all()  # and the matrices moved far from the start
+
+
+def test_search_trace_and_floor():
+    idx = [0, 1, 2]
+    init = Isotropic(torch.full((3,), 0.3, dtype=torch.float64), D).as_full()
+    found = search(MODEL, X, init, idx, SMALL["rddrs"], lower=0.3, seed=0)
+    assert found.trace.shape == (3, SMALL["rddrs"].iterations)
+    assert np.isfinite(found.trace).all()
+    assert (found.trace[:, -5:].mean(1) > found.trace[:, :5].mean(1)).all()  # the ascent made progress
+    assert (found.smoothing.min_scale() >= 0.3 * (1 - 1e-9)).all()
+
+
+def test_keep_best_returns_the_best_checkpoint_iterate():
+    idx = [0, 1, 2]
+    base = Isotropic(torch.full((3,), 0.3, dtype=torch.float64), D)
+    settings = SMALL["ddrs"]
+    kept = search(MODEL, X, base, idx, settings, lower=1e-3, seed=3)
+    checkpoints = np.arange(settings.keep_best_every - 1, settings.iterations, settings.keep_best_every)
+    for i in idx:
+        t = checkpoints[np.argmax(kept.trace[i, checkpoints])]
+        # the iterate evaluated at iteration t is the result of t steps
+        replay = search(MODEL, X, base, idx, Search(int(t), settings.samples, settings.lr, scale=0.5), 1e-3, seed=3)
+        torch.testing.assert_close(kept.smoothing.param[i], replay.smoothing.param[i])
+
+
+def test_ddrs_gives_confident_inputs_different_sigmas():
+    """No clamp: two confident inputs with different margins do not get the same sigma."""
+    w = torch.tensor([1.0, 0.0], dtype=torch.float64)
+
+    def linear(z):
+        s = z.reshape(len(z), -1) @ w
+        return torch.stack([torch.zeros_like(s), 8 * s], 1)
+
+    x = torch.tensor([[2.0, 0.0], [4.0, 0.0]], dtype=torch.float64)
+    found = search(linear, x, Isotropic(torch.full((2,), 0.12, dtype=torch.float64), 2), [0, 1],
+                   Search(200, 200, 1e-3, scale=0.5), lower=1e-3, seed=0)
+    sigma = found.smoothing.param
+    assert (sigma > 0.12).all()  # both grew from sigma=0.12, where G_A is within 1e-50 of 1
+    assert sigma[1] > sigma[0] * 1.05
+
+
+def test_search_is_reproducible_and_independent_of_batching():
+    init = Diagonal(torch.full((3, D), 0.3, dtype=torch.float64))
+    a = search(MODEL, X, init, [0, 1, 2], SMALL["ancer"], 0.3, seed=11)
+    b = search(MODEL, X, init, [0, 1, 2], SMALL["ancer"], 0.3, seed=11)
+    torch.testing.assert_close(a.smoothing.param, b.smoothing.param, rtol=0, atol=0)
+    single = search(MODEL, X[1:2], init[1:2], [1], SMALL["ancer"], 0.3, seed=11)
+    torch.testing.assert_close(single.smoothing.param[0], a.smoothing.param[1])
+    c = search(MODEL, X, init, [0, 1, 2], SMALL["ancer"], 0.3, seed=12)
+    assert not torch.equal(a.smoothing.param, c.smoothing.param)
+
+
+def test_paper_settings():
+    assert (DDRS.lr, DDRS.samples, DDRS.iterations, DDRS.keep_best_every) == (1e-4, 100, 1500, 100)
+    assert (ANCER.lr, ANCER.kappa, ANCER.iterations, ANCER.samples, ANCER.adam) == (0.04, 2.0, 100, 100, True)
+    assert (RDDRS.kappa, RDDRS.iterations, RDDRS.samples) == (1e-6, 100, 20_000)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(iterations=-1, samples=10, lr=0.1), "iterations"),
+    (dict(iterations=10, samples=0, lr=0.1), "samples"),
+    (dict(iterations=10, samples=10, lr=0.0), "learning rate"),
+    (dict(iterations=10, samples=10, lr=0.1, kappa=-1.0), "kappa"),
+])
+def test_bad_search_settings(kwargs, message):
+    with pytest.raises(RDDRSError, match=message):
+        Search(**kwargs)
+
+
+def test_bad_method_and_sigma():
+    with pytest.raises(RDDRSError, match="unknown method"):
+        find_smoothing("cohen", MODEL, X, [0, 1, 2], 0.3, seed=0)
+    with pytest.raises(RDDRSError, match="sigma"):
+        find_smoothing("rs", MODEL, X, [0, 1, 2], 0.0, seed=0)
+    with pytest.raises(RDDRSError, match="NaN"):
+        find_smoothing("ddrs", MODEL, X * float("nan"), [0, 1, 2], 0.3, seed=0, settings=SMALL)
