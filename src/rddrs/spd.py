@@ -68,16 +68,20 @@ def exp(c: Tensor, x: Tensor, eig: tuple[Tensor, Tensor] | None = None) -> Tenso
 
 
 def log(c: Tensor, d: Tensor) -> Tensor:
-    """Logarithm map ``Log_C(D) = C^1/2 logm(C^-1/2 D C^-1/2) C^1/2``, the inverse of ``exp``."""
-    root, inv_root = sqrt_and_inv_sqrt(c)
-    return sym(root @ funm(inv_root @ d @ inv_root, torch.log) @ root)
+    """Logarithm map ``Log_C(D) = C^1/2 logm(C^-1/2 D C^-1/2) C^1/2``, the inverse of ``exp``.
+
+    Computed in float64 (in float32, ``C^-1/2 D C^-1/2`` of ill-conditioned matrices can come
+    out indefinite) and returned in the input's dtype; it is off the optimisers' hot path.
+    """
+    root, inv_root = sqrt_and_inv_sqrt(c.double())
+    return sym(root @ funm(inv_root @ d.double() @ inv_root, torch.log) @ root).to(c.dtype)
 
 
 def distance(c: Tensor, d: Tensor) -> Tensor:
-    """Geodesic distance ``||logm(C^-1/2 D C^-1/2)||_F`` (shape: the batch axes)."""
-    _, inv_root = sqrt_and_inv_sqrt(c)
-    w = torch.linalg.eigvalsh(sym(inv_root @ d @ inv_root))
-    return w.log().square().sum(-1).sqrt()
+    """Geodesic distance ``||logm(C^-1/2 D C^-1/2)||_F`` (shape: the batch axes; float64 inside)."""
+    _, inv_root = sqrt_and_inv_sqrt(c.double())
+    w = torch.linalg.eigvalsh(sym(inv_root @ d.double() @ inv_root))
+    return w.log().square().sum(-1).sqrt().to(c.dtype)
 
 
 def inner(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -111,5 +115,7 @@ def check_spd(c: Tensor, name: str = "matrix", rtol: float = 1e-5) -> None:
     scale = c.abs().amax(dim=(-1, -2), keepdim=True)
     if ((c - c.transpose(-1, -2)).abs() > rtol * scale).any():
         raise RDDRSError(f"{name} is not symmetric")
-    if (torch.linalg.eigvalsh(sym(c))[..., 0] <= 0).any():
-        raise RDDRSError(f"{name} is not positive definite (an eigenvalue is <= 0)")
+    w = torch.linalg.eigvalsh(sym(c))
+    tol = c.shape[-1] * torch.finfo(w.dtype).eps * w[..., -1].abs()
+    if (w[..., 0] <= tol).any():
+        raise RDDRSError(f"{name} is not positive definite (smallest eigenvalue <= d * eps * largest)")
