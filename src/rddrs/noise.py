@@ -77,6 +77,10 @@ class Smoothing:
         """``lambda_min(S)``: radius of the largest ball inside ``{S u : ||u|| < 1}``."""
         raise NotImplementedError
 
+    def max_scale(self) -> Tensor:
+        """``lambda_max(S)`` per input."""
+        raise NotImplementedError
+
     def matrix(self) -> Tensor:
         """The dense scale matrices (B, d, d) (for tests and small d)."""
         raise NotImplementedError
@@ -140,6 +144,9 @@ class Isotropic(Smoothing):
     def min_scale(self) -> Tensor:
         return self.param
 
+    def max_scale(self) -> Tensor:
+        return self.param
+
     def matrix(self) -> Tensor:
         eye = torch.eye(self.dim, dtype=self.param.dtype, device=self.param.device)
         return self.param.view(-1, 1, 1) * eye
@@ -180,6 +187,9 @@ class Diagonal(Smoothing):
 
     def min_scale(self) -> Tensor:
         return self.param.amin(-1)
+
+    def max_scale(self) -> Tensor:
+        return self.param.amax(-1)
 
     def matrix(self) -> Tensor:
         return torch.diag_embed(self.param)
@@ -233,6 +243,9 @@ class FullSPD(Smoothing):
 
     def min_scale(self) -> Tensor:
         return self.eig[0][:, 0]
+
+    def max_scale(self) -> Tensor:
+        return self.eig[0][:, -1]
 
     def matrix(self) -> Tensor:
         return self.param

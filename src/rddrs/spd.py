@@ -62,9 +62,17 @@ def sqrt_and_inv_sqrt(c: Tensor, eig: tuple[Tensor, Tensor] | None = None) -> tu
 
 
 def exp(c: Tensor, x: Tensor, eig: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Exponential map ``Exp_C(X) = C^1/2 expm(C^-1/2 X C^-1/2) C^1/2`` (``eig``: of C, if known)."""
-    root, inv_root = sqrt_and_inv_sqrt(c, eig)
-    return sym(root @ funm(inv_root @ x @ inv_root, torch.exp) @ root)
+    """Exponential map ``Exp_C(X) = C^1/2 expm(C^-1/2 X C^-1/2) C^1/2`` (``eig``: of C, if known).
+
+    Computed in C's eigenbasis, ``C = V W V^T``: with ``W^-1/2 V^T X V W^-1/2 = Q L Q^T``,
+    ``Exp_C(X) = B B^T`` where ``B = V W^1/2 Q exp(L/2)`` (four matrix products, one eigh).
+    """
+    w, v = eig if eig is not None else eigh(c)
+    root = w.sqrt()
+    vt = v.transpose(-1, -2)
+    lam, q = eigh((vt @ x @ v) / (root.unsqueeze(-1) * root.unsqueeze(-2)))
+    b = v @ (root.unsqueeze(-1) * q * (0.5 * lam).exp().unsqueeze(-2))
+    return sym(b @ b.transpose(-1, -2))
 
 
 def log(c: Tensor, d: Tensor) -> Tensor:
