@@ -26,6 +26,115 @@ def _cmd_data(args: argparse.Namespace) -> None:
     print(f"MNIST ready in {raw}")
 
 
+def _device(name: str):
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RDDRSError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RDDRSError(f"device {name!r} asked for but CUDA is not available here")
+    return device
+
+
+def _cmd_certify(args: argparse.Namespace) -> None:
+    from dataclasses import asdict, replace
+
+    from rddrs.data import load_mnist
+    from rddrs.experiments import PRESETS, RunSettings, run_certification, sha256_of
+    from rddrs.models import load_model
+
+    if args.sigma <= 0:
+        raise RDDRSError(f"--sigma must be > 0, got {args.sigma}")
+    preset = PRESETS[args.preset]
+    device = _device(args.device)
+    model_path = Path(args.model)
+    if not model_path.is_file():
+        raise RDDRSError(f"--model {model_path}: no such file")
+    search = {k: asdict(v) for k, v in preset.search.items()}
+    if args.method in search:  # explicit options override the preset's search of this method
+        overrides = {k: getattr(args, k) for k in ("iterations", "samples", "lr", "kappa")
+                     if getattr(args, k) is not None}
+        search[args.method] = asdict(replace(preset.search[args.method], **overrides))
+    settings = RunSettings(
+        method=args.method, sigma=args.sigma, preset=args.preset, model=str(model_path), model_sha256=sha256_of(model_path),
+        n0=args.n0 or preset.n0, n=args.n or preset.n,
+        alpha=args.alpha if args.alpha is not None else preset.alpha, seed=args.seed, device=str(device),
+        rotate=args.rotate, probabilities=args.probabilities,
+        search={k: v for k, v in search.items() if k == args.method or (k == "ddrs" and args.method != "rs")},
+        init=args.init)
+    if not 0 < settings.alpha < 1:
+        raise RDDRSError(f"--alpha must lie in (0, 1), got {settings.alpha}")
+    if args.init and args.method not in ("ancer", "rddrs"):
+        raise RDDRSError("--init (a DDRS result file) applies to --method ancer or rddrs only")
+    images, labels = load_mnist(Path(args.data), train=False)
+    count = args.count if args.count is not None else preset.count
+    if not (0 <= args.start < len(images)) or count < 1:
+        raise RDDRSError(f"--start {args.start} --count {count} is outside the {len(images)} test images")
+    stop = min(args.start + count, len(images))
+    model = load_model(model_path, device=device, probabilities=args.probabilities)
+    out = run_certification(settings, model, images[args.start:stop], labels[args.start:stop], args.start,
+                            Path(args.out), args.inputs_per_batch, args.batch_size, progress=not args.quiet)
+    print(f"results in {out}")
+
+
+def _cmd_merge(args: argparse.Namespace) -> None:
+    from rddrs.experiments import merge
+
+    rows = merge([Path(p) for p in args.shards], Path(args.out))
+    print(f"merged {len(args.shards)} shards, {rows} rows, into {args.out}")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _add_certify(sub) -> None:
+    from rddrs.experiments import PRESETS
+    from rddrs.optimize import METHODS
+
+    p = sub.add_parser("certify", help="certify a slice of the MNIST test set with one method",
+                       description="Certify test images start..start+count-1 with RS, DDRS, ANCER or RDDRS "
+                                   "and append one row per image to OUT (tab-separated), resuming a "
+                                   "run that was stopped. Preset values apply unless given explicitly.")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--sigma", type=float, required=True, help="RS noise level / the searches' start")
+    p.add_argument("--model", required=True, help="checkpoint (.pt) or torch.export program (.pt2)")
+    p.add_argument("--out", required=True, help="result file (.tsv); its sidecar is OUT.json")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="scale (default: cpu)")
+    p.add_argument("--start", type=int, default=0, help="first test index (default 0)")
+    p.add_argument("--count", type=_positive_int, help="number of test images (default: the preset's)")
+    p.add_argument("--n0", type=_positive_int, help="selection samples")
+    p.add_argument("--n", type=_positive_int, help="estimation samples")
+    p.add_argument("--alpha", type=float, help="failure probability of each certificate, in (0, 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--rotate", type=int, metavar="SEED",
+                   help="compose inputs and model with a random orthogonal matrix of this seed")
+    p.add_argument("--init", help="reuse sigma_x* from this DDRS result file (ancer, rddrs)")
+    p.add_argument("--probabilities", action="store_true", help="the model outputs probabilities, not logits")
+    p.add_argument("--iterations", type=int, help="search iterations of --method")
+    p.add_argument("--samples", type=_positive_int, help="search samples per iteration of --method")
+    p.add_argument("--lr", type=float, help="search step size of --method")
+    p.add_argument("--kappa", type=float, help="weight of the smallest-scale term of --method")
+    p.add_argument("--inputs-per-batch", type=_positive_int, default=32, help="images searched at once")
+    p.add_argument("--batch-size", type=_positive_int, default=10_000, help="noisy images per forward pass")
+    p.add_argument("--data", default="data", help="data directory (default: data)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_certify)
+
+    m = sub.add_parser("merge", help="join shard result files of one run",
+                       description="Join result files of one run split with --start/--count; the shards "
+                                   "must share settings, must not overlap and must leave no gap.")
+    m.add_argument("shards", nargs="+")
+    m.add_argument("--out", required=True)
+    m.set_defaults(run=_cmd_merge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rddrs", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"rddrs {__version__}")
@@ -37,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
                                       "Existing raw files are used as they are.")
     data.add_argument("--root", default="data", help="data directory (default: data)")
     data.set_defaults(run=_cmd_data)
+    from rddrs import analysis, train
+
+    trainer = sub.add_parser("train", help="train the base CNN on MNIST with Gaussian augmentation",
+                             description="Train the paper's CNN on the 60000 MNIST training images with "
+                                         "Gaussian noise augmentation at --sigma; writes .pt, .json and .pt2.")
+    train.add_arguments(trainer)
+    trainer.set_defaults(run=train.run)
+    _add_certify(sub)
+    curves = sub.add_parser("curves", help="certified-accuracy curves and tables from result files",
+                            description="Draw certified accuracy against proxy and l2 radius (one panel "
+                                        "per sigma, one line per method) and write tables as CSV and Markdown.")
+    analysis.add_arguments(curves)
+    curves.set_defaults(run=analysis.run)
     return parser
 
 

@@ -47,7 +47,8 @@ def probit_of_log(log_p: Tensor) -> Tensor:
     """
     log_p64 = log_p.double()
     with torch.no_grad():
-        x = torch.special.ndtri(log_p64.exp())
+        near_one = log_p64 > -math.log(2.0)  # there 1 - p is the accurate quantity
+        x = torch.where(near_one, -torch.special.ndtri(-torch.expm1(log_p64)), torch.special.ndtri(log_p64.exp()))
         far = log_p64 < -700.0
         if far.any():
             t = -2.0 * log_p64[far]
@@ -56,6 +57,7 @@ def probit_of_log(log_p: Tensor) -> Tensor:
                 z = z - (torch.special.log_ndtr(z) - log_p64[far]) * torch.exp(torch.special.log_ndtr(z) - _log_pdf(z))
             x = x.masked_scatter(far, z)
         slope = torch.exp(torch.special.log_ndtr(x) - _log_pdf(x))
+        slope = torch.where(torch.isfinite(slope), slope, 0.0)  # p = 1: x = inf, no gradient
     return x + (log_p64 - log_p64.detach()) * slope
 
 

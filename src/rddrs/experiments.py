@@ -1,0 +1,308 @@
+"""Resumable certification runs over a slice of the MNIST test set.
+
+A run certifies test images ``start .. start+count-1`` with one method and writes one
+tab-separated row per image, appended and flushed as soon as its batch is done, plus a JSON
+sidecar (``FILE.json``) that records the settings and provenance, and one ``.npz`` of
+objective traces per image (``FILE.traces/IDX.npz``). Re-running the same command continues
+where it stopped: complete rows are kept, a half-written last row is dropped, and a settings
+mismatch is an error. Every shard is an independent, idempotent command, so shards of the
+test set can run in parallel processes or machines and be joined by ``merge``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rddrs import RDDRSError, __version__
+from rddrs.certify import certify
+from rddrs.optimize import ANCER, DDRS, METHODS, RDDRS, Search, find_smoothing
+
+COLUMNS = ("idx", "label", "predict", "correct", "gap", "radius", "proxy_radius",
+           "sigma_min", "sigma_proxy", "sigma_max", "p_lower", "seconds")
+INT_COLUMNS = {"idx", "label", "predict", "correct"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Scale of a run: certification samples, level, test images, and the searches."""
+
+    n0: int
+    n: int
+    alpha: float
+    count: int
+    search: dict = field(default_factory=dict)
+
+
+# cpu keeps each search's path length (iterations x step) close to the paper's.
+PRESETS = {
+    "smoke": Preset(n0=10, n=200, alpha=0.01, count=4, search={
+        "ddrs": Search(10, 16, 1e-3, scale=0.5, keep_best_every=5),
+        "ancer": Search(5, 16, 0.04, kappa=2.0, adam=True),
+        "rddrs": Search(5, 32, 1.0, kappa=1e-6)}),
+    "cpu": Preset(n0=100, n=10_000, alpha=0.001, count=100, search={
+        "ddrs": Search(150, 64, 1e-3, scale=0.5, keep_best_every=25),
+        "ancer": Search(50, 64, 0.08, kappa=2.0, adam=True),
+        "rddrs": Search(30, 500, 3.0, kappa=1e-6)}),
+    "paper": Preset(n0=100, n=100_000, alpha=0.001, count=10_000, search={
+        "ddrs": DDRS, "ancer": ANCER, "rddrs": RDDRS}),
+}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything that determines a run's numbers (compared when a run is resumed)."""
+
+    method: str
+    sigma: float
+    preset: str
+    model: str
+    model_sha256: str
+    n0: int
+    n: int
+    alpha: float
+    seed: int
+    device: str
+    rotate: int | None
+    probabilities: bool
+    search: dict
+    init: str | None = None
+
+    def comparable(self) -> dict:
+        """The settings whose change would mix incompatible rows in one file."""
+        d = asdict(self)
+        d.pop("model")  # the same weights may live at another path
+        d["device"] = torch.device(self.device).type
+        return json.loads(json.dumps(d))
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def provenance(device: torch.device) -> dict:
+    """Versions, device, host and commit, for the sidecar."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"rddrs": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device), "device_name": name, "threads": torch.get_num_threads(),
+            "host": platform.node(), "commit": commit, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def random_rotation(d: int, seed: int) -> torch.Tensor:
+    """A Haar-random orthogonal d x d matrix (QR of a Gaussian matrix, signs fixed), float64."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+class Rotated(torch.nn.Module):
+    """``z -> f(U^T z)`` for inputs of any shape (flattened for the rotation)."""
+
+    def __init__(self, model, rotation: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("rotation", rotation)
+
+    def forward(self, z):
+        return self.model((z.flatten(1) @ self.rotation).reshape(z.shape))
+
+
+# -- result files --------------------------------------------------------------------------
+
+def sidecar_path(out: Path) -> Path:
+    return out.with_name(out.name + ".json")
+
+
+def traces_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".traces")
+
+
+def _format(value) -> str:
+    return repr(float(value)) if isinstance(value, (float, np.floating)) else str(int(value))
+
+
+def read_rows(out: Path) -> dict[int, dict]:
+    """Complete rows of a result file by idx; a half-written last line is cut off the file."""
+    if not out.exists():
+        return {}
+    text = out.read_text()
+    if text and not text.endswith("\n"):  # killed mid-write: drop the partial row
+        text = text[: text.rfind("\n") + 1]
+        with open(out, "r+") as f:
+            f.truncate(len(text.encode()))
+    lines = text.splitlines()
+    if not lines:
+        return {}
+    header = lines[0].split("\t")
+    if tuple(header[: len(COLUMNS)]) != COLUMNS:
+        raise RDDRSError(f"{out} is not an rddrs result file (unexpected header)")
+    rows = {}
+    for number, line in enumerate(lines[1:], start=2):
+        values = line.split("\t")
+        if len(values) != len(header):
+            raise RDDRSError(f"{out}, line {number}: expected {len(header)} fields, got {len(values)}")
+        try:
+            row = {k: int(v) if k in INT_COLUMNS else float(v) for k, v in zip(header, values)}
+        except ValueError as err:
+            raise RDDRSError(f"{out}, line {number}: {err}") from None
+        if row["idx"] in rows:
+            raise RDDRSError(f"{out}, line {number}: idx {row['idx']} appears twice")
+        rows[row["idx"]] = row
+    return rows
+
+
+def _open_for_append(out: Path, resumed: bool):
+    f = open(out, "a")
+    if not resumed:
+        f.write("\t".join(COLUMNS) + "\n")
+        f.flush()
+    return f
+
+
+def check_or_write_sidecar(out: Path, settings: RunSettings, extra: dict) -> bool:
+    """Write the sidecar of a new run, or check an existing one; True if resuming."""
+    side = sidecar_path(out)
+    if out.exists() and out.stat().st_size > 0:
+        if not side.exists():
+            raise RDDRSError(f"{out} exists without its sidecar {side.name}; move it away or remove it")
+        old = json.loads(side.read_text())["settings"]
+        new = settings.comparable()
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            raise RDDRSError(f"{out} was written with other settings ({', '.join(diff)} differ); "
+                             "use another --out or the same settings")
+        return True
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps({"settings": settings.comparable(), "model": settings.model, **extra}, indent=2))
+    os.replace(tmp, side)
+    return False
+
+
+# -- the run -------------------------------------------------------------------------------
+
+def load_init(path: Path, sigma: float) -> dict[int, float]:
+    """sigma_x* per idx from a DDRS result file of the same sigma."""
+    side = sidecar_path(path)
+    if not path.exists() or not side.exists():
+        raise RDDRSError(f"--init {path}: no such DDRS result file (with its .json sidecar)")
+    settings = json.loads(side.read_text())["settings"]
+    if settings["method"] != "ddrs" or settings["sigma"] != sigma:
+        raise RDDRSError(f"--init {path} holds {settings['method']} at sigma={settings['sigma']}, "
+                         f"not ddrs at sigma={sigma}")
+    return {i: row["sigma_min"] for i, row in read_rows(path).items()}
+
+
+def run_certification(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor,
+                      start: int, out: Path, inputs_per_batch: int = 32, batch_size: int = 10_000,
+                      progress: bool = True) -> Path:
+    """Certify ``images`` (test indices ``start, start+1, ...``) into ``out``, resuming."""
+    device = torch.device(settings.device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    resumed = check_or_write_sidecar(out, settings, {"provenance": provenance(device)})
+    done = read_rows(out)
+    todo = [i for i in range(start, start + len(images)) if i not in done]
+    init = load_init(Path(settings.init), settings.sigma) if settings.init else None
+    if init is not None and (missing := [i for i in todo if i not in init]):
+        raise RDDRSError(f"--init {settings.init} has no row for idx {missing[0]} (and {len(missing) - 1} more)")
+    rotation = random_rotation(images[0].numel(), settings.rotate) if settings.rotate is not None else None
+    if rotation is not None:
+        model = Rotated(model, rotation.to(device, images.dtype))
+    searches = {k: Search(**v) for k, v in settings.search.items()}
+    traces = traces_dir(out)
+    traces.mkdir(exist_ok=True)
+    bar = tqdm(total=len(images), initial=len(images) - len(todo), disable=not progress, unit="image",
+               desc=f"{settings.method} sigma={settings.sigma}")
+    with _open_for_append(out, resumed) as f:
+        for lo in range(0, len(todo), inputs_per_batch):
+            idx = todo[lo: lo + inputs_per_batch]
+            x = images[[i - start for i in idx]].to(device)
+            if rotation is not None:
+                x = (x.flatten(1) @ rotation.to(x).T).reshape(x.shape)
+            tic = time.perf_counter()
+            sigma_star = None if init is None else torch.tensor([init[i] for i in idx], dtype=x.dtype, device=device)
+            law, trace = find_smoothing(settings.method, model, x, idx, settings.sigma, settings.seed,
+                                        searches, sigma_star=sigma_star)
+            cert = certify(model, x, law, idx, settings.n0, settings.n, settings.alpha, settings.seed, batch_size)
+            seconds = (time.perf_counter() - tic) / len(idx)
+            sigma_min, sigma_proxy, sigma_max = law.min_scale(), law.proxy(), law.max_scale()
+            for j, i in enumerate(idx):
+                np.savez(traces / f"{i}.npz", **{k: v[j] for k, v in trace.items()})
+                label = int(labels[i - start])
+                row = (i, label, cert.predict[j], int(cert.predict[j] == label), cert.gap[j], cert.radius[j],
+                       cert.proxy_radius[j], float(sigma_min[j]), float(sigma_proxy[j]),
+                       float(sigma_max[j]), cert.p_lower[j], seconds)
+                f.write("\t".join(_format(v) for v in row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(idx))
+    bar.close()
+    return out
+
+
+
+def write_rows(out: Path, rows: list[dict]) -> None:
+    """Write a whole result file atomically."""
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("\t".join(COLUMNS) + "\n")
+        for row in rows:
+            f.write("\t".join(_format(row[k]) for k in COLUMNS) + "\n")
+    os.replace(tmp, out)
+
+
+def merge(shards: list[Path], out: Path) -> int:
+    """Join shard result files of one run into ``out``; returns the number of rows.
+
+    The shards must share their settings, must not overlap, and must cover a contiguous
+    range of test indices. Traces are copied beside the merged file.
+    """
+    if not shards:
+        raise RDDRSError("merge needs at least one shard")
+    sides = []
+    for shard in shards:
+        if not shard.exists() or not sidecar_path(shard).exists():
+            raise RDDRSError(f"{shard}: no such result file (with its .json sidecar)")
+        sides.append(json.loads(sidecar_path(shard).read_text()))
+    for shard, side in zip(shards[1:], sides[1:]):
+        if side["settings"] != sides[0]["settings"]:
+            raise RDDRSError(f"{shard} and {shards[0]} were run with different settings")
+    rows: dict[int, dict] = {}
+    for shard in shards:
+        part = read_rows(shard)
+        if overlap := sorted(set(part) & set(rows)):
+            raise RDDRSError(f"{shard} overlaps another shard (idx {overlap[0]}, {len(overlap)} rows)")
+        rows.update(part)
+    if not rows:
+        raise RDDRSError("the shards hold no rows")
+    lo, hi = min(rows), max(rows)
+    if missing := [i for i in range(lo, hi + 1) if i not in rows]:
+        raise RDDRSError(f"the shards miss idx {missing[0]} ({len(missing)} rows missing in {lo}..{hi})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_rows(out, [rows[i] for i in range(lo, hi + 1)])
+    merged_traces = traces_dir(out)
+    merged_traces.mkdir(exist_ok=True)
+    for shard in shards:
+        for trace in traces_dir(shard).glob("*.npz"):
+            (merged_traces / trace.name).write_bytes(trace.read_bytes())
+    side = dict(sides[0], merged_from=[str(s) for s in shards])
+    sidecar_path(out).write_text(json.dumps(side, indent=2))
+    return len(rows)

@@ -1,0 +1,168 @@
+"""End-to-end certification runs through the CLI at the smoke preset: rows, resume, merge."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rddrs.cli import main
+from rddrs.experiments import COLUMNS, read_rows
+from rddrs.models import MnistCNN
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained CNN checkpoint (speed and bookkeeping do not depend on training)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "cnn.pt"
+    torch.save({"state_dict": MnistCNN().state_dict(), "arch": "MnistCNN"}, path)
+    return path
+
+
+def certify(checkpoint, out, method="rs", *extra):
+    args = ["certify", "--method", method, "--sigma", "0.25", "--model", str(checkpoint), "--out", str(out),
+            "--preset", "smoke", "--data", str(DATA), "--quiet", *extra]
+    return main(args)
+
+
+def rows_without_time(path):
+    return {i: {k: v for k, v in row.items() if k != "seconds"} for i, row in read_rows(path).items()}
+
+
+@pytest.mark.parametrize("method", ["rs", "ddrs", "ancer", "rddrs"])
+def test_each_method_writes_rows_and_sidecar(checkpoint, tmp_path, method):
+    out = tmp_path / f"{method}.tsv"
+    assert certify(checkpoint, out, method, "--count", "3") == 0
+    lines = out.read_text().splitlines()
+    assert tuple(lines[0].split("\t")) == COLUMNS
+    rows = read_rows(out)
+    assert sorted(rows) == [0, 1, 2]
+    for row in rows.values():
+        assert row["correct"] == int(row["predict"] == row["label"])
+        assert row["radius"] <= row["proxy_radius"] + 1e-12  # the inscribed ball is the smaller one
+        assert row["sigma_min"] <= row["sigma_proxy"] <= row["sigma_max"] + 1e-9
+        if row["predict"] == -1:
+            assert row["radius"] == row["gap"] == 0
+    side = json.loads((tmp_path / f"{method}.tsv.json").read_text())
+    assert side["settings"]["method"] == method and side["settings"]["n"] == 200
+    assert side["provenance"]["torch"] == torch.__version__
+    assert len(list((tmp_path / f"{method}.tsv.traces").glob("*.npz"))) == 3
+    if method != "rs":
+        assert side["settings"]["search"]["ddrs"]["iterations"] == 10
+    if method == "rs":
+        assert all(row["sigma_min"] == pytest.approx(0.25) for row in rows.values())
+
+
+def test_resume_keeps_rows_and_matches_an_uninterrupted_run(checkpoint, tmp_path):
+    whole, parts = tmp_path / "whole.tsv", tmp_path / "parts.tsv"
+    assert certify(checkpoint, whole, "ddrs", "--count", "5") == 0
+    assert certify(checkpoint, parts, "ddrs", "--count", "2") == 0
+    with open(parts, "a") as f:  # a run killed in the middle of writing a row
+        f.write("2\t1\t1\t1\t0.5")
+    assert certify(checkpoint, parts, "ddrs", "--count", "5") == 0
+    lines = parts.read_text().splitlines()
+    assert len(lines) == 6 and [int(line.split("\t")[0]) for line in lines[1:]] == [0, 1, 2, 3, 4]
+    assert rows_without_time(parts) == rows_without_time(whole)
+
+
+def test_a_killed_run_resumes_without_loss_or_duplicates(checkpoint, tmp_path):
+    out = tmp_path / "killed.tsv"
+    cmd = [sys.executable, "-m", "rddrs", "certify", "--method", "rs", "--sigma", "0.25", "--model", str(checkpoint),
+           "--out", str(out), "--preset", "smoke", "--data", str(DATA), "--count", "40", "--n", "3000",
+           "--inputs-per-batch", "1", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = len(out.read_text().splitlines()) - 1
+    assert 3 <= written < 40  # it was killed mid-way
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    reference = tmp_path / "reference.tsv"
+    subprocess.run(cmd[:cmd.index("--out") + 1] + [str(reference)] + cmd[cmd.index("--out") + 2:], env=env,
+                   check=True, capture_output=True)
+    assert [int(line.split("\t")[0]) for line in out.read_text().splitlines()[1:]] == list(range(40))
+    assert rows_without_time(out) == rows_without_time(reference)
+
+
+def test_settings_mismatch_is_an_error(checkpoint, tmp_path, capsys):
+    out = tmp_path / "rs.tsv"
+    assert certify(checkpoint, out, "rs", "--count", "2") == 0
+    assert certify(checkpoint, out, "rs", "--count", "2", "--n", "300") == 2
+    err = capsys.readouterr().err.strip()
+    assert "other settings" in err and "n" in err and len(err.splitlines()) == 1
+    assert len(read_rows(out)) == 2  # nothing was added or lost
+
+
+def test_merge_joins_shards_and_rejects_overlaps_and_gaps(checkpoint, tmp_path, capsys):
+    a, b, c, whole = (tmp_path / f"{n}.tsv" for n in ("a", "b", "c", "whole"))
+    assert certify(checkpoint, a, "rddrs", "--start", "0", "--count", "2") == 0
+    assert certify(checkpoint, b, "rddrs", "--start", "2", "--count", "2") == 0
+    assert certify(checkpoint, whole, "rddrs", "--count", "4") == 0
+    merged = tmp_path / "merged.tsv"
+    assert main(["merge", str(b), str(a), "--out", str(merged)]) == 0
+    assert [int(line.split("\t")[0]) for line in merged.read_text().splitlines()[1:]] == [0, 1, 2, 3]
+    got, want = rows_without_time(merged), rows_without_time(whole)
+    assert {i: r["predict"] for i, r in got.items()} == {i: r["predict"] for i, r in want.items()}
+    for i in want:  # batched and single linear algebra agree to rounding
+        assert got[i]["proxy_radius"] == pytest.approx(want[i]["proxy_radius"], rel=1e-4, abs=1e-6)
+    assert len(list((tmp_path / "merged.tsv.traces").glob("*.npz"))) == 4
+    assert main(["merge", str(a), str(whole), "--out", str(tmp_path / "x.tsv")]) == 2
+    assert "overlaps" in capsys.readouterr().err
+    assert certify(checkpoint, c, "rddrs", "--start", "5", "--count", "1") == 0
+    assert main(["merge", str(a), str(c), "--out", str(tmp_path / "y.tsv")]) == 2
+    assert "miss idx 2" in capsys.readouterr().err
+
+
+def test_init_reuses_ddrs_optimum(checkpoint, tmp_path):
+    ddrs, direct, reused = tmp_path / "ddrs.tsv", tmp_path / "ancer.tsv", tmp_path / "ancer_init.tsv"
+    assert certify(checkpoint, ddrs, "ddrs", "--count", "3") == 0
+    assert certify(checkpoint, direct, "ancer", "--count", "3") == 0
+    assert certify(checkpoint, reused, "ancer", "--count", "3", "--init", str(ddrs)) == 0
+    assert rows_without_time(reused) == rows_without_time(direct)
+
+
+def test_rotated_run(checkpoint, tmp_path):
+    plain, turned = tmp_path / "plain.tsv", tmp_path / "turned.tsv"
+    assert certify(checkpoint, plain, "rs", "--count", "3") == 0
+    assert certify(checkpoint, turned, "rs", "--count", "3", "--rotate", "1") == 0
+    assert json.loads((tmp_path / "turned.tsv.json").read_text())["settings"]["rotate"] == 1
+    p, t = read_rows(plain), read_rows(turned)
+    # RS is rotation invariant in law: same predictions up to Monte Carlo noise of n=200
+    assert sum(p[i]["predict"] == t[i]["predict"] for i in p) >= 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--alpha", "1.5"], "alpha"),
+    (["--sigma", "-1"], "sigma"),
+    (["--device", "cuda:7"], "CUDA" if not torch.cuda.is_available() else "device"),
+    (["--start", "10000"], "outside"),
+])
+def test_bad_arguments_give_one_line(checkpoint, tmp_path, capsys, extra, message):
+    args = ["certify", "--method", "rs", "--sigma", "0.25", "--model", str(checkpoint), "--out",
+            str(tmp_path / "x.tsv"), "--preset", "smoke", "--data", str(DATA), "--quiet"]
+    if "--sigma" in extra:
+        args[args.index("--sigma") + 1] = extra[1]
+        extra = []
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_missing_model_and_init_errors(checkpoint, tmp_path, capsys):
+    assert certify(tmp_path / "nope.pt", tmp_path / "x.tsv") == 2
+    assert "no such file" in capsys.readouterr().err
+    assert certify(checkpoint, tmp_path / "y.tsv", "rddrs", "--init", str(tmp_path / "none.tsv")) == 2
+    assert "no such DDRS result file" in capsys.readouterr().err
