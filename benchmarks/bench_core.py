@@ -60,7 +60,7 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = MnistCNN().to(device).eval().requires_grad_(False)
+    model = MnistCNN().to(device, memory_format=torch.channels_last).eval().requires_grad_(False)  # as load_model
     d = 784
     x = torch.rand(4, 1, 28, 28, device=device)
     idx = list(range(4))

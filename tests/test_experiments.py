@@ -55,7 +55,7 @@ def test_each_method_writes_rows_and_sidecar(checkpoint, tmp_path, method):
             assert row["radius"] == row["gap"] == 0
     side = json.loads((tmp_path / f"{method}.tsv.json").read_text())
     assert side["settings"]["method"] == method and side["settings"]["n"] == 200
-    assert side["provenance"]["torch"] == torch.__version__
+    assert side["provenance"]["versions"]["torch"] == torch.__version__
     assert len(list((tmp_path / f"{method}.tsv.traces").glob("*.npz"))) == 3
     if method != "rs":
         assert side["settings"]["search"]["ddrs"]["iterations"] == 10

@@ -11,9 +11,7 @@ orthogonal basis, ``torch.linalg`` eigenvalues, autograd and finite differences.
 
 from __future__ import annotations
 
-import math
 
-import numpy as np
 import pytest
 import torch
 

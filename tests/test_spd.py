@@ -15,7 +15,6 @@ inputs come from local ``torch.Generator``s; the global RNG is never touched.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import subprocess
 import sys

@@ -26,29 +26,17 @@ def _cmd_data(args: argparse.Namespace) -> None:
     print(f"MNIST ready in {raw}")
 
 
-def _device(name: str):
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RDDRSError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RDDRSError(f"device {name!r} asked for but CUDA is not available here")
-    return device
-
-
 def _cmd_certify(args: argparse.Namespace) -> None:
     from dataclasses import asdict, replace
 
     from rddrs.data import load_mnist
     from rddrs.experiments import PRESETS, RunSettings, run_certification, sha256_of
-    from rddrs.models import load_model
+    from rddrs.models import load_model, resolve_device
 
     if args.sigma <= 0:
         raise RDDRSError(f"--sigma must be > 0, got {args.sigma}")
     preset = PRESETS[args.preset]
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model_path = Path(args.model)
     if not model_path.is_file():
         raise RDDRSError(f"--model {model_path}: no such file")
@@ -122,7 +110,8 @@ def _add_certify(sub) -> None:
     p.add_argument("--lr", type=float, help="search step size of --method")
     p.add_argument("--kappa", type=float, help="weight of the smallest-scale term of --method")
     p.add_argument("--inputs-per-batch", type=_positive_int, default=32, help="images searched at once")
-    p.add_argument("--batch-size", type=_positive_int, default=10_000, help="noisy images per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=2000,
+                   help="noisy images per forward pass (default 2000; larger helps on a GPU)")
     p.add_argument("--data", default="data", help="data directory (default: data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_certify)

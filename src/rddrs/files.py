@@ -1,0 +1,60 @@
+"""What the pipeline writes: atomic files, one-line error texts, and provenance records."""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+from rddrs import RDDRSError, __version__
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: message`` of an exception, on one line."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def write_atomic(path: Path, chunks: list[bytes]) -> None:
+    """Write ``path`` under a temporary name in its directory, then rename it into place,
+    so that a reader (or a killed writer) never sees half a file."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+        with open(tmp, "xb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException as err:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise RDDRSError(f"cannot write {path} ({one_line(err)}); check that the "
+                             f"directory is writable and has free space") from None
+        raise
+
+
+def _git(*cmd: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=20,
+                              cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def provenance(device) -> dict:
+    """Versions, device, threads, host, git commit (and whether the tree was dirty), time."""
+    import torch
+
+    commit = _git("rev-parse", "HEAD") or None
+    status = _git("status", "--porcelain") if commit else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"versions": {"rddrs": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "device": f"{device} ({name})", "threads": torch.get_num_threads(), "host": platform.node(),
+            "git_commit": commit, "git_dirty": None if status is None else bool(status),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
