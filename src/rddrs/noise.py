@@ -60,8 +60,14 @@ class Smoothing:
         return v.reshape(v.shape + (1,) * (self.param.dim() - 1))
 
     # -- sampling -------------------------------------------------------------------------
-    def scale_noise(self, eps: Tensor) -> Tensor:
-        """``S eps`` for standard normal draws ``eps`` of shape (B, m, d)."""
+    def scale_noise(self, eps: Tensor, offset: Tensor | None = None) -> Tensor:
+        """``offset + S eps`` (in one fused operation) for standard normal draws ``eps`` of
+        shape (B, m, d); ``offset`` broadcasts to it, e.g. the inputs as (B, 1, d)."""
+        factor = self._noise_factor()
+        return eps * factor if offset is None else torch.addcmul(offset, eps, factor)
+
+    def _noise_factor(self) -> Tensor:
+        """For a diagonal S: its diagonal, shaped to multiply draws (B, m, d)."""
         raise NotImplementedError
 
     # -- certificate factors --------------------------------------------------------------
@@ -135,8 +141,8 @@ class Isotropic(Smoothing):
     def _extra(self) -> dict:
         return {"dim": self.dim}
 
-    def scale_noise(self, eps: Tensor) -> Tensor:
-        return eps * self.param.view(-1, 1, 1)
+    def _noise_factor(self) -> Tensor:
+        return self.param.view(-1, 1, 1)
 
     def log_proxy(self) -> Tensor:
         return self.param.log()
@@ -179,8 +185,8 @@ class Diagonal(Smoothing):
                 raise RDDRSError("theta must be finite and > 0")
         self.param, self.dim = theta, theta.shape[1]
 
-    def scale_noise(self, eps: Tensor) -> Tensor:
-        return eps * self.param[:, None, :]
+    def _noise_factor(self) -> Tensor:
+        return self.param[:, None, :]
 
     def log_proxy(self) -> Tensor:
         return self.param.log().mean(-1)
@@ -235,8 +241,9 @@ class FullSPD(Smoothing):
         """Eigenvalues (ascending) and eigenvectors of C, computed once."""
         return spd.eigh(self.param.detach())
 
-    def scale_noise(self, eps: Tensor) -> Tensor:
-        return eps @ self.param  # rows of eps times C^T = C
+    def scale_noise(self, eps: Tensor, offset: Tensor | None = None) -> Tensor:
+        # rows of eps times C^T = C
+        return eps @ self.param if offset is None else torch.baddbmm(offset, eps, self.param)
 
     def log_proxy(self) -> Tensor:
         return self.eig[0].log().mean(-1)
@@ -347,6 +354,6 @@ def check_inputs(x: Tensor, smoothing: Smoothing, indices) -> None:
 def noisy_outputs(model, x: Tensor, smoothing: Smoothing, eps: Tensor) -> Tensor:
     """Model outputs (B, m, K) on the noisy copies ``x + S eps`` of each input (eps: (B, m, d))."""
     b, m, _ = eps.shape
-    noisy = x.reshape(b, 1, -1) + smoothing.scale_noise(eps)
+    noisy = smoothing.scale_noise(eps, offset=x.reshape(b, 1, -1))
     out = model(noisy.reshape(b * m, *x.shape[1:]))
     return out.reshape(b, m, -1)
