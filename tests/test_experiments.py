@@ -56,7 +56,7 @@ def test_each_method_writes_rows_and_sidecar(checkpoint, tmp_path, method):
     side = json.loads((tmp_path / f"{method}.tsv.json").read_text())
     assert side["settings"]["method"] == method and side["settings"]["n"] == 200
     assert side["provenance"]["versions"]["torch"] == torch.__version__
-    assert len(list((tmp_path / f"{method}.tsv.traces").glob("*.npz"))) == 3
+    assert len(list((tmp_path / f"{method}.tsv.traces").glob("*.npz"))) == (0 if method == "rs" else 3)
     if method != "rs":
         assert side["settings"]["search"]["ddrs"]["iterations"] == 10
     if method == "rs":
@@ -132,6 +132,7 @@ def test_init_reuses_ddrs_optimum(checkpoint, tmp_path):
     assert certify(checkpoint, direct, "ancer", "--count", "3") == 0
     assert certify(checkpoint, reused, "ancer", "--count", "3", "--init", str(ddrs)) == 0
     assert rows_without_time(reused) == rows_without_time(direct)
+    assert certify(checkpoint, tmp_path / "other.tsv", "rddrs", "--count", "3", "--init", str(ddrs), "--seed", "1") == 2
 
 
 def test_rotated_run(checkpoint, tmp_path):
@@ -166,3 +167,16 @@ def test_missing_model_and_init_errors(checkpoint, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert certify(checkpoint, tmp_path / "y.tsv", "rddrs", "--init", str(tmp_path / "none.tsv")) == 2
     assert "no such DDRS result file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["rs", "rddrs"])
+def test_exported_program_certifies_like_its_checkpoint(tmp_path, method):
+    models = ROOT / "data" / "models"
+    a, b = tmp_path / "pt.tsv", tmp_path / "pt2.tsv"
+    assert certify(models / "mnist_cnn_sigma0.25.pt", a, method, "--count", "3") == 0
+    assert certify(models / "mnist_cnn_sigma0.25.pt2", b, method, "--count", "3") == 0
+    got, want = read_rows(b), read_rows(a)
+    assert [r["predict"] for r in got.values()] == [r["predict"] for r in want.values()]
+    for i in want:  # the same network, up to float rounding of two implementations
+        assert got[i]["proxy_radius"] == pytest.approx(want[i]["proxy_radius"], rel=1e-3, abs=1e-6)
+        assert got[i]["sigma_max"] == pytest.approx(want[i]["sigma_max"], rel=1e-4)

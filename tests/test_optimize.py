@@ -209,3 +209,19 @@ def test_bad_method_and_sigma():
         find_smoothing("rs", MODEL, X, [0, 1, 2], 0.0, seed=0)
     with pytest.raises(RDDRSError, match="NaN"):
         find_smoothing("ddrs", MODEL, X * float("nan"), [0, 1, 2], 0.3, seed=0, settings=SMALL)
+
+
+def test_max_step_bounds_how_much_any_scale_changes():
+    c = random_spd(3, D, seed=12)
+    big = 50 * spd.sym(torch.randn(3, D, D, generator=torch.Generator().manual_seed(13), dtype=torch.float64))
+    moved = FullSPD(c).step(big, max_step=0.1).matrix()
+    _, inv_root = spd.sqrt_and_inv_sqrt(c)
+    log_ratio = torch.linalg.eigvalsh(inv_root @ moved @ inv_root).log()
+    torch.testing.assert_close(log_ratio.abs().amax(-1), torch.full((3,), 0.1, dtype=torch.float64))
+    small = 1e-4 * big  # a step inside the bound is the plain exponential map
+    torch.testing.assert_close(FullSPD(c).step(small, max_step=0.1).matrix(), spd.exp(c, small))
+    theta = 0.5 + torch.rand(3, D, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    stepped = Diagonal(theta).step(torch.randn(3, D, dtype=torch.float64) * 10, max_step=0.1).param
+    torch.testing.assert_close(((stepped - theta).abs() / theta).amax(-1), torch.full((3,), 0.1, dtype=torch.float64))
+    with pytest.raises(RDDRSError, match="max_step"):
+        Search(10, 10, 0.1, max_step=0.0)

@@ -42,8 +42,10 @@ def _cmd_certify(args: argparse.Namespace) -> None:
         raise RDDRSError(f"--model {model_path}: no such file")
     search = {k: asdict(v) for k, v in preset.search.items()}
     if args.method in search:  # explicit options override the preset's search of this method
-        overrides = {k: getattr(args, k) for k in ("iterations", "samples", "lr", "kappa")
+        overrides = {k: getattr(args, k) for k in ("iterations", "samples", "lr", "kappa", "max_step")
                      if getattr(args, k) is not None}
+        if overrides.get("max_step") == 0:
+            overrides["max_step"] = None  # 0 turns the bound off
         search[args.method] = asdict(replace(preset.search[args.method], **overrides))
     settings = RunSettings(
         method=args.method, sigma=args.sigma, preset=args.preset, model=str(model_path), model_sha256=sha256_of(model_path),
@@ -109,6 +111,7 @@ def _add_certify(sub) -> None:
     p.add_argument("--samples", type=_positive_int, help="search samples per iteration of --method")
     p.add_argument("--lr", type=float, help="search step size of --method")
     p.add_argument("--kappa", type=float, help="weight of the smallest-scale term of --method")
+    p.add_argument("--max-step", type=float, help="bound on each search step of --method (0: none)")
     p.add_argument("--inputs-per-batch", type=_positive_int, default=32, help="images searched at once")
     p.add_argument("--batch-size", type=_positive_int, default=2000,
                    help="noisy images per forward pass (default 2000; larger helps on a GPU)")

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,18 +43,22 @@ class Preset:
     search: dict = field(default_factory=dict)
 
 
-# cpu keeps each search's path length (iterations x step) close to the paper's.
+#: Bound on each RDDRS step in every preset (see ``Search.max_step``): no direction of C
+#: stretches by more than 10 % per step.
+RDDRS_MAX_STEP = 0.1
+
+# cpu keeps the DDRS and ANCER path lengths (iterations x step) close to the paper's.
 PRESETS = {
     "smoke": Preset(n0=10, n=200, alpha=0.01, count=4, search={
         "ddrs": Search(10, 16, 1e-3, scale=0.5, keep_best_every=5),
         "ancer": Search(5, 16, 0.04, kappa=2.0, adam=True),
-        "rddrs": Search(5, 32, 1.0, kappa=1e-6)}),
+        "rddrs": Search(5, 32, 1.0, kappa=1e-6, max_step=RDDRS_MAX_STEP)}),
     "cpu": Preset(n0=100, n=10_000, alpha=0.001, count=100, search={
         "ddrs": Search(150, 64, 1e-3, scale=0.5, keep_best_every=25),
         "ancer": Search(50, 64, 0.08, kappa=2.0, adam=True),
-        "rddrs": Search(30, 500, 3.0, kappa=1e-6)}),
+        "rddrs": Search(30, 500, 1.0, kappa=1e-6, max_step=RDDRS_MAX_STEP)}),
     "paper": Preset(n0=100, n=100_000, alpha=0.001, count=10_000, search={
-        "ddrs": DDRS, "ancer": ANCER, "rddrs": RDDRS}),
+        "ddrs": DDRS, "ancer": ANCER, "rddrs": replace(RDDRS, max_step=RDDRS_MAX_STEP)}),
 }
 
 
@@ -184,15 +188,17 @@ def check_or_write_sidecar(out: Path, settings: RunSettings, extra: dict) -> boo
 
 # -- the run -------------------------------------------------------------------------------
 
-def load_init(path: Path, sigma: float) -> dict[int, float]:
-    """sigma_x* per idx from a DDRS result file of the same sigma."""
+def load_init(path: Path, run: RunSettings) -> dict[int, float]:
+    """sigma_x* per idx from a DDRS result file of the same sigma, model, seed and rotation."""
     side = sidecar_path(path)
     if not path.exists() or not side.exists():
         raise RDDRSError(f"--init {path}: no such DDRS result file (with its .json sidecar)")
     settings = json.loads(side.read_text())["settings"]
-    if settings["method"] != "ddrs" or settings["sigma"] != sigma:
+    if settings["method"] != "ddrs" or settings["sigma"] != run.sigma:
         raise RDDRSError(f"--init {path} holds {settings['method']} at sigma={settings['sigma']}, "
-                         f"not ddrs at sigma={sigma}")
+                         f"not ddrs at sigma={run.sigma}")
+    if differ := [k for k in ("model_sha256", "seed", "rotate") if settings[k] != getattr(run, k)]:
+        raise RDDRSError(f"--init {path} was run with another {', '.join(differ)}")
     return {i: row["sigma_min"] for i, row in read_rows(path).items()}
 
 
@@ -205,7 +211,7 @@ def run_certification(settings: RunSettings, model, images: torch.Tensor, labels
     resumed = check_or_write_sidecar(out, settings, {"provenance": provenance(device)})
     done = read_rows(out)
     todo = [i for i in range(start, start + len(images)) if i not in done]
-    init = load_init(Path(settings.init), settings.sigma) if settings.init else None
+    init = load_init(Path(settings.init), settings) if settings.init else None
     if init is not None and (missing := [i for i in todo if i not in init]):
         raise RDDRSError(f"--init {settings.init} has no row for idx {missing[0]} (and {len(missing) - 1} more)")
     rotation = random_rotation(images[0].numel(), settings.rotate) if settings.rotate is not None else None
@@ -213,7 +219,8 @@ def run_certification(settings: RunSettings, model, images: torch.Tensor, labels
         model = Rotated(model, rotation.to(device, images.dtype))
     searches = {k: Search(**v) for k, v in settings.search.items()}
     traces = traces_dir(out)
-    traces.mkdir(exist_ok=True)
+    if settings.method != "rs":
+        traces.mkdir(exist_ok=True)
     bar = tqdm(total=len(images), initial=len(images) - len(todo), disable=not progress, unit="image",
                desc=f"{settings.method} sigma={settings.sigma}")
     with _open_for_append(out, resumed) as f:
@@ -230,7 +237,8 @@ def run_certification(settings: RunSettings, model, images: torch.Tensor, labels
             seconds = (time.perf_counter() - tic) / len(idx)
             sigma_min, sigma_proxy, sigma_max = law.min_scale(), law.proxy(), law.max_scale()
             for j, i in enumerate(idx):
-                np.savez(traces / f"{i}.npz", **{k: v[j] for k, v in trace.items()})
+                if trace:  # RS has no search
+                    np.savez(traces / f"{i}.npz", **{k: v[j] for k, v in trace.items()})
                 label = int(labels[i - start])
                 row = (i, label, cert.predict[j], int(cert.predict[j] == label), cert.gap[j], cert.radius[j],
                        cert.proxy_radius[j], float(sigma_min[j]), float(sigma_proxy[j]),

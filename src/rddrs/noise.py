@@ -117,9 +117,17 @@ class Smoothing:
     def grad_min_scale(self) -> Tensor:
         raise NotImplementedError
 
-    def step(self, direction: Tensor) -> "Smoothing":
-        """Move along ``direction`` (Euclidean by default); follow with ``floor``."""
-        return self.with_param(self.param.detach() + direction)
+    def step(self, direction: Tensor, max_step: float | None = None) -> "Smoothing":
+        """Move along ``direction`` (Euclidean by default); follow with ``floor``.
+
+        With ``max_step`` the direction is shortened, per input, so that no scale changes by
+        more than ``max_step`` relative to its size.
+        """
+        param = self.param.detach()
+        if max_step is not None:
+            ratio = (direction.abs() / param).reshape(self.batch, -1).amax(1)
+            direction = direction * self.expand((max_step / ratio).clamp(max=1.0))
+        return self.with_param(param + direction)
 
     def floor(self, lower: Tensor | float) -> "Smoothing":
         """Project onto ``lambda_min(S) >= lower`` (a number or one per input)."""
@@ -275,8 +283,10 @@ class FullSPD(Smoothing):
         weights = _tied_minimum(w) * w[:, :1] ** 2
         return spd.from_eig(weights, v)
 
-    def step(self, direction: Tensor) -> "FullSPD":
-        return FullSPD(spd.exp(self.param.detach(), direction, eig=self.eig), check=False)
+    def step(self, direction: Tensor, max_step: float | None = None) -> "FullSPD":
+        """``Exp_C(direction)``; ``max_step`` bounds how much any direction of C may stretch
+        (by ``exp(max_step)`` at most; see ``spd.exp``)."""
+        return FullSPD(spd.exp(self.param.detach(), direction, eig=self.eig, max_norm=max_step), check=False)
 
     def floor(self, lower) -> "FullSPD":
         w, v = self.eig

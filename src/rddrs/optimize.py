@@ -39,7 +39,14 @@ from rddrs.stats import soft_gap
 class Search:
     """Settings of one per-input search: H = scale * R * (P + kappa K), ``iterations`` steps of
     size ``lr`` (Adam if ``adam``), ``samples`` draws per step, and, if ``keep_best_every``,
-    the best of the iterates at every that many steps instead of the last one."""
+    the best of the iterates at every that many steps instead of the last one.
+
+    ``max_step`` bounds each step: no scale of S changes by more than a factor
+    ``exp(max_step)`` (RDDRS: whitened spectral norm, ``spd.exp``) or ``1 + max_step``
+    (sigma, theta). It is our safeguard, not the papers': with few samples the Monte Carlo
+    gradient is noisy, and a fixed-size Riemannian step ``C grad C`` grows with C, so an
+    unbounded RDDRS ascent can run away along one direction (seen at 500 samples, lr 1).
+    """
 
     iterations: int
     samples: int
@@ -48,6 +55,7 @@ class Search:
     scale: float = 1.0
     adam: bool = False
     keep_best_every: int | None = None
+    max_step: float | None = None
 
     def __post_init__(self):
         if self.iterations < 0 or self.samples < 1:
@@ -56,6 +64,8 @@ class Search:
             raise RDDRSError(f"learning rate must be > 0, got {self.lr}")
         if self.kappa < 0:
             raise RDDRSError(f"kappa must be >= 0, got {self.kappa}")
+        if self.max_step is not None and not self.max_step > 0:
+            raise RDDRSError(f"max_step must be > 0 (or None), got {self.max_step}")
 
 
 # The papers' settings (RDDRS paper, Section 4).
@@ -128,7 +138,7 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
             better = value > best_value
             best_value = torch.where(better, value, best_value)
             best = best.with_param(torch.where(current.expand(better), current.param, best.param))
-        current = current.step(direction(grad)).floor(lower)
+        current = current.step(direction(grad), settings.max_step).floor(lower)
     chosen = best if settings.keep_best_every and settings.iterations >= settings.keep_best_every else current
     trace = torch.stack(trace, 1).cpu().numpy() if trace else np.zeros((len(indices), 0))
     return SearchResult(chosen, trace)

@@ -61,16 +61,21 @@ def sqrt_and_inv_sqrt(c: Tensor, eig: tuple[Tensor, Tensor] | None = None) -> tu
     return from_eig(root, v), from_eig(root.reciprocal(), v)
 
 
-def exp(c: Tensor, x: Tensor, eig: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def exp(c: Tensor, x: Tensor, eig: tuple[Tensor, Tensor] | None = None,
+        max_norm: float | None = None) -> Tensor:
     """Exponential map ``Exp_C(X) = C^1/2 expm(C^-1/2 X C^-1/2) C^1/2`` (``eig``: of C, if known).
 
     Computed in C's eigenbasis, ``C = V W V^T``: with ``W^-1/2 V^T X V W^-1/2 = Q L Q^T``,
     ``Exp_C(X) = B B^T`` where ``B = V W^1/2 Q exp(L/2)`` (four matrix products, one eigh).
+    With ``max_norm``, X is first shortened (per matrix) so that ``max |L| <= max_norm``: no
+    direction of C is stretched or shrunk by more than ``exp(max_norm)``.
     """
     w, v = eig if eig is not None else eigh(c)
     root = w.sqrt()
     vt = v.transpose(-1, -2)
     lam, q = eigh((vt @ x @ v) / (root.unsqueeze(-1) * root.unsqueeze(-2)))
+    if max_norm is not None:
+        lam = lam * (max_norm / lam.abs().amax(-1, keepdim=True)).clamp(max=1.0)
     b = v @ (root.unsqueeze(-1) * q * (0.5 * lam).exp().unsqueeze(-2))
     return sym(b @ b.transpose(-1, -2))
 
