@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from rddrs import RDDRSError
-
-METHODS = ("rs", "ddrs", "ancer", "rddrs")
-"""Methods in the order they are drawn and tabulated."""
+from rddrs.experiments import sidecar_path as _sidecar_path
+from rddrs.optimize import METHODS  # also the order in which they are drawn and tabulated
 
 METHOD_LABELS = {"rs": "RS", "ddrs": "DDRS", "ancer": "ANCER", "rddrs": "RDDRS"}
 
@@ -98,10 +97,6 @@ def _check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise RDDRSError(f"unknown radius kind {kind!r}: use one of {', '.join(KINDS)}")
     return kind
-
-
-def _sidecar_path(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
 
 
 def _parse_sigma(value, where: str) -> float:

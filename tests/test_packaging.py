@@ -1,0 +1,28 @@
+"""The environment files say what the Makefile installs (conda cannot run here, so parse them)."""
+
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_pins_and_entry_points():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"]
+    for pin in ("torch==2.14.1", "torchvision==0.29.1"):
+        assert pin in deps
+    assert any(d.startswith("numpy") and "<2.4" in d for d in deps)  # geomstats 2.8 needs numpy.trapz
+    extras = project["optional-dependencies"]
+    assert "geomstats==2.8.0" in extras["test"] and "geomstats==2.8.0" in extras["book"]
+    assert any(d.startswith("jupyter-book") and "<2" in d for d in extras["book"])
+    assert project["scripts"] == {"rddrs": "rddrs.cli:main"}
+
+
+def test_environment_yml_matches():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    deps = env["dependencies"]
+    assert "python=3.11" in deps
+    pip = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
+    assert "-e .[book,test]" in pip
