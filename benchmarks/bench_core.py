@@ -68,7 +68,7 @@ def main():
 
     clean = torch.rand(args.batch_size, 1, 28, 28, device=device)
     with torch.no_grad():
-        raw = args.batch_size / best_time(lambda: model(clean), device)
+        raw = args.batch_size / best_time(lambda: model(clean), device, repeat=20)
     print(f"\n1. certification throughput (images/s), {args.cert_samples} samples x 4 inputs, "
           f"batch {args.batch_size}")
     print(f"   raw forward of the network: {raw:12.0f}  (the floor, ratio 1)")
@@ -78,7 +78,7 @@ def main():
     for name, law in [("isotropic", sigma), ("diagonal", sigma.as_diagonal()), ("full SPD", full)]:
         def run():
             sample_counts(model, x, law, idx, args.cert_samples, NoiseSource(0, "estimate", device), args.batch_size)
-        rate = 4 * args.cert_samples / best_time(run, device, repeat=3)
+        rate = 4 * args.cert_samples / best_time(run, device, repeat=5)
         print(f"   {name:10s}: {rate:12.0f}  ratio {rate / raw:.2f}")
 
     w = a[0] @ a[0].T / d + torch.eye(d, device=device)
