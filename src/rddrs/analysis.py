@@ -210,18 +210,13 @@ def _parse_rows(path: Path, fh):
         if len(fields) != len(header):
             raise RDDRSError(f"{where}: {len(fields)} fields, the header has {len(header)}")
         row = {}
-        for c in _INT_COLUMNS:
-            text = fields[pos[c]].strip()
-            try:
-                row[c] = int(text)
-            except ValueError:
-                raise RDDRSError(f"{where}: column {c!r}: {text!r} is not an integer") from None
-        for c in _FLOAT_COLUMNS:
-            text = fields[pos[c]].strip()
-            try:
-                row[c] = float(text)
-            except ValueError:
-                raise RDDRSError(f"{where}: column {c!r}: {text!r} is not a number") from None
+        for columns, kind, what in ((_INT_COLUMNS, int, "an integer"), (_FLOAT_COLUMNS, float, "a number")):
+            for c in columns:
+                text = fields[pos[c]].strip()
+                try:
+                    row[c] = kind(text)
+                except ValueError:
+                    raise RDDRSError(f"{where}: column {c!r}: {text!r} is not {what}") from None
         if row["correct"] not in (0, 1):
             raise RDDRSError(f"{where}: column 'correct' must be 0 or 1, got {row['correct']}")
         if row["predict"] < -1:

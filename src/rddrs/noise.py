@@ -38,6 +38,16 @@ def _per_input(lower: Tensor | float, batch: int, like: Tensor) -> Tensor:
     return lower.expand(batch) if lower.dim() == 0 else lower
 
 
+def _checked_scales(values, name: str, ndim: int, shape: str) -> Tensor:
+    """``values`` as a tensor, or RDDRSError unless it has ``ndim`` axes, all finite and > 0."""
+    values = torch.as_tensor(values)
+    if values.dim() != ndim:
+        raise RDDRSError(f"{name} must have shape {shape}, got {tuple(values.shape)}")
+    if not (torch.isfinite(values).all() and (values > 0).all()):
+        raise RDDRSError(f"{name} must be finite and > 0")
+    return values
+
+
 def _tied_minimum(values: Tensor) -> Tensor:
     """Weights 1/m on the m entries (per row) equal to the row's minimum up to rounding."""
     tol = torch.finfo(values.dtype).eps ** 0.5 * values.abs().amax(-1, keepdim=True)
@@ -138,13 +148,8 @@ class Isotropic(Smoothing):
     """``S = sigma I_d`` (RS and DDRS)."""
 
     def __init__(self, sigma: Tensor, dim: int, check: bool = True):
-        sigma = torch.as_tensor(sigma)
-        if check:
-            if sigma.dim() != 1:
-                raise RDDRSError(f"sigma must have shape (B,), got {tuple(sigma.shape)}")
-            if not (torch.isfinite(sigma).all() and (sigma > 0).all()):
-                raise RDDRSError("sigma must be finite and > 0")
-        self.param, self.dim = sigma, int(dim)
+        self.param = _checked_scales(sigma, "sigma", 1, "(B,)") if check else sigma
+        self.dim = int(dim)
 
     def _extra(self) -> dict:
         return {"dim": self.dim}
@@ -185,13 +190,8 @@ class Diagonal(Smoothing):
     """``S = diag(theta)`` (ANCER)."""
 
     def __init__(self, theta: Tensor, check: bool = True):
-        theta = torch.as_tensor(theta)
-        if check:
-            if theta.dim() != 2:
-                raise RDDRSError(f"theta must have shape (B, d), got {tuple(theta.shape)}")
-            if not (torch.isfinite(theta).all() and (theta > 0).all()):
-                raise RDDRSError("theta must be finite and > 0")
-        self.param, self.dim = theta, theta.shape[1]
+        self.param = _checked_scales(theta, "theta", 2, "(B, d)") if check else theta
+        self.dim = self.param.shape[1]
 
     def _noise_factor(self) -> Tensor:
         return self.param[:, None, :]
