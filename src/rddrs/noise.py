@@ -316,7 +316,7 @@ class NoiseSource:
         self.seed, self.stage, self.device = int(seed), stage, torch.device(device)
         self.rotation = rotation
         self._generators: dict[int, torch.Generator] = {}
-        self._unused: dict[tuple, Tensor] = {}
+        self._blocks: dict[tuple, tuple[Tensor | None, int]] = {}  # (block, rows used) per stream
 
     def _generator(self, index: int) -> torch.Generator:
         if index not in self._generators:
@@ -326,24 +326,36 @@ class NoiseSource:
             self._generators[index] = gen
         return self._generators[index]
 
-    def _rows(self, index: int, m: int, d: int, dtype: torch.dtype) -> Tensor:
-        """The next m rows of the stream of ``index``; torch's sampler is called on whole
-        blocks only (its output for 7 + 13 rows differs from 20 rows at once)."""
-        key = (index, d, dtype)
-        parts, need = [], m
-        left = self._unused.get(key)
-        while need > 0:
-            if left is None or len(left) == 0:
-                left = torch.randn(self.BLOCK, d, generator=self._generator(index), device=self.device, dtype=dtype)
-            parts.append(left[:need])
-            need -= len(parts[-1])
-            left = left[len(parts[-1]):]
-        self._unused[key] = left
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    def _fill(self, out: Tensor, index: int) -> None:
+        """Write the next ``len(out)`` rows of the stream of ``index`` into ``out``.
+
+        Torch's sampler is only ever run on whole blocks of BLOCK rows (its output for 7 + 13
+        rows differs from 20 rows at once), so a stream does not depend on how it is chunked;
+        whole blocks are sampled in place, the rest through one reusable block per stream.
+        """
+        key = (index, out.shape[1], out.dtype)
+        block, used = self._blocks.get(key, (None, self.BLOCK))
+        gen, pos = self._generator(index), 0
+        while pos < len(out):
+            if used == self.BLOCK:
+                if len(out) - pos >= self.BLOCK:
+                    out[pos:pos + self.BLOCK].normal_(generator=gen)
+                    pos += self.BLOCK
+                    continue
+                if block is None:
+                    block = torch.empty(self.BLOCK, out.shape[1], device=self.device, dtype=out.dtype)
+                block.normal_(generator=gen)
+                used = 0
+            k = min(self.BLOCK - used, len(out) - pos)
+            out[pos:pos + k] = block[used:used + k]
+            pos, used = pos + k, used + k
+        self._blocks[key] = (block, used)
 
     def draw(self, indices, m: int, d: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """Draws of shape (len(indices), m, d), continuing each input's stream."""
-        eps = torch.stack([self._rows(int(i), m, d, dtype) for i in indices])
+        eps = torch.empty(len(indices), m, d, device=self.device, dtype=dtype)
+        for row, index in zip(eps, indices):
+            self._fill(row, int(index))
         if self.rotation is not None:
             eps = eps @ self.rotation.to(eps).T
         return eps
