@@ -6,6 +6,7 @@ import torch
 
 from rddrs import RDDRSError, spd
 from rddrs.certify import certify
+from rddrs.experiments import random_rotation
 from rddrs.noise import Diagonal, FullSPD, Isotropic
 from rddrs.optimize import ANCER, DDRS, RDDRS, Search, find_smoothing, objective_and_gradient, search
 
@@ -28,11 +29,6 @@ def random_spd(b: int, d: int, seed: int = 0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(b, d, d, generator=g, dtype=dtype)
     return a @ a.transpose(-1, -2) / d + 0.2 * torch.eye(d, dtype=dtype)
-
-
-def random_orthogonal(d: int, seed: int, dtype=torch.float64):
-    q, r = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=dtype))
-    return q * torch.sign(torch.diagonal(r))
 
 
 D = 6
@@ -89,7 +85,7 @@ SMALL = {"ddrs": Search(40, 400, 2e-2, scale=0.5, keep_best_every=10),
 @pytest.mark.parametrize("method", ["rs", "ddrs", "rddrs"])
 def test_rotation_invariance(method):
     """(f(U^T .), U x) with noise U Z (common random numbers) gives the same certificate."""
-    u = random_orthogonal(D, seed=6)
+    u = random_rotation(D, seed=6)
     idx = list(range(len(X)))
     plain, _ = find_smoothing(method, MODEL, X, idx, 0.3, seed=7, settings=SMALL)
     turned, _ = find_smoothing(method, _rotated(MODEL, u), X @ u.T, idx, 0.3, seed=7, settings=SMALL, rotation=u)
@@ -105,7 +101,7 @@ def test_rotation_invariance(method):
 
 
 def test_ancer_is_not_rotation_invariant():
-    u = random_orthogonal(D, seed=6)
+    u = random_rotation(D, seed=6)
     idx = list(range(len(X)))
     plain, _ = find_smoothing("ancer", MODEL, X, idx, 0.3, seed=7, settings=SMALL)
     turned, _ = find_smoothing("ancer", _rotated(MODEL, u), X @ u.T, idx, 0.3, seed=7, settings=SMALL, rotation=u)

@@ -56,11 +56,12 @@ def sample_counts(model, x: Tensor, smoothing: Smoothing, indices, num: int, noi
     group = max(1, min(len(indices), batch_size))
     for lo in range(0, len(indices), group):
         sel = slice(lo, lo + group)
+        inputs, laws = x[sel], smoothing[sel]
         per_input = max(1, batch_size // group)
         for done in range(0, num, per_input):
             m = min(per_input, num - done)
             eps = noise.draw(indices[sel], m, smoothing.dim, x.dtype)
-            out = noisy_outputs(model, x[sel], smoothing[sel], eps)
+            out = noisy_outputs(model, inputs, laws, eps)
             if counts is None:
                 counts = torch.zeros(len(indices), out.shape[-1], dtype=torch.long, device=x.device)
             counts[sel] += torch.nn.functional.one_hot(out.argmax(-1), counts.shape[1]).sum(1)

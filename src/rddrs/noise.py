@@ -140,8 +140,9 @@ class Smoothing:
         return self.with_param(param + direction)
 
     def floor(self, lower: Tensor | float) -> "Smoothing":
-        """Project onto ``lambda_min(S) >= lower`` (a number or one per input)."""
-        raise NotImplementedError
+        """Project onto ``lambda_min(S) >= lower`` (a number or one per input); for a diagonal S
+        (the default) every scale is raised to the floor."""
+        return self.with_param(torch.maximum(self.param.detach(), self.expand(_per_input(lower, self.batch, self.param))))
 
 
 class Isotropic(Smoothing):
@@ -175,9 +176,6 @@ class Isotropic(Smoothing):
 
     def grad_min_scale(self) -> Tensor:
         return torch.ones_like(self.param)
-
-    def floor(self, lower) -> "Isotropic":
-        return self.with_param(torch.maximum(self.param.detach(), _per_input(lower, self.batch, self.param)))
 
     def as_diagonal(self) -> "Diagonal":
         return Diagonal(self.param.detach()[:, None].expand(-1, self.dim).clone())
@@ -216,8 +214,6 @@ class Diagonal(Smoothing):
         """``dK/dtheta``: the indicator of the smallest entry, shared equally among ties."""
         return _tied_minimum(self.param.detach())
 
-    def floor(self, lower) -> "Diagonal":
-        return self.with_param(torch.maximum(self.param.detach(), _per_input(lower, self.batch, self.param)[:, None]))
 
 
 class FullSPD(Smoothing):
