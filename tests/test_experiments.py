@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,6 +60,13 @@ def test_each_method_writes_rows_and_sidecar(checkpoint, tmp_path, method):
     assert len(list((tmp_path / f"{method}.tsv.traces").glob("*.npz"))) == (0 if method == "rs" else 3)
     if method != "rs":
         assert side["settings"]["search"]["ddrs"]["iterations"] == 10
+        # the stored final parameter reproduces the row's scales
+        shape = {"ddrs": (), "ancer": (784,), "rddrs": (784, 784)}[method]
+        for i, row in rows.items():
+            param = np.load(tmp_path / f"{method}.tsv.traces" / f"{i}.npz")["param"]
+            assert param.shape == shape
+            scales = np.linalg.eigvalsh(param.astype(np.float64)) if param.ndim == 2 else np.atleast_1d(param)
+            assert scales.min() == pytest.approx(row["sigma_min"], rel=1e-5)
     if method == "rs":
         assert all(row["sigma_min"] == pytest.approx(0.25) for row in rows.values())
 

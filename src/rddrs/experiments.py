@@ -3,7 +3,8 @@
 A run certifies test images ``start .. start+count-1`` with one method and writes one
 tab-separated row per image, appended and flushed as soon as its batch is done, plus a JSON
 sidecar (``FILE.json``) that records the settings and provenance, and one ``.npz`` of
-objective traces per image (``FILE.traces/IDX.npz``). Re-running the same command continues
+objective traces and the final smoothing parameter per image (``FILE.traces/IDX.npz``,
+key ``param``: sigma, theta or C in float32). Re-running the same command continues
 where it stopped: complete rows are kept, a half-written last row is dropped, and a settings
 mismatch is an error. Every shard is an independent, idempotent command, so shards of the
 test set can run in parallel processes or machines and be joined by ``merge``.
@@ -238,7 +239,8 @@ def run_certification(settings: RunSettings, model, images: torch.Tensor, labels
             sigma_min, sigma_proxy, sigma_max = law.min_scale(), law.proxy(), law.max_scale()
             for j, i in enumerate(idx):
                 if trace:  # RS has no search
-                    np.savez(traces / f"{i}.npz", **{k: v[j] for k, v in trace.items()})
+                    np.savez(traces / f"{i}.npz", param=law.param[j].float().cpu().numpy(),
+                             **{k: v[j] for k, v in trace.items()})
                 label = int(labels[i - start])
                 row = (i, label, cert.predict[j], int(cert.predict[j] == label), cert.gap[j], cert.radius[j],
                        cert.proxy_radius[j], float(sigma_min[j]), float(sigma_proxy[j]),
