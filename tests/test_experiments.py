@@ -188,3 +188,42 @@ def test_exported_program_certifies_like_its_checkpoint(tmp_path, method):
     for i in want:  # the same network, up to float rounding of two implementations
         assert got[i]["proxy_radius"] == pytest.approx(want[i]["proxy_radius"], rel=1e-3, abs=1e-6)
         assert got[i]["sigma_max"] == pytest.approx(want[i]["sigma_max"], rel=1e-4)
+
+
+def test_standard_runs_compute_what_is_missing_and_nothing_else(checkpoint, tmp_path, monkeypatch):
+    from rddrs import experiments
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "mnist_cnn_sigma0.25.pt").write_bytes(checkpoint.read_bytes())
+    outs = experiments.standard_runs(0.25, "smoke", tmp_path / "res", count=2, data=DATA, models=models,
+                                     progress=False)
+    assert sorted(outs) == sorted(["rs", "ddrs", "ancer", "rddrs"])
+    ddrs = read_rows(outs["ddrs"])
+    for method in ("ancer", "rddrs"):  # started from DDRS' sigma_x*, which is their floor
+        side = json.loads(experiments.sidecar_path(outs[method]).read_text())["settings"]
+        assert side["init"] == "ddrs_sigma0.25.tsv"
+        for i, row in read_rows(outs[method]).items():
+            assert row["sigma_min"] >= ddrs[i]["sigma_min"] * (1 - 1e-6)
+    calls = []
+    monkeypatch.setattr(experiments, "find_smoothing", lambda *a, **k: calls.append(a))
+    again = experiments.standard_runs(0.25, "smoke", tmp_path / "res", count=2, data=DATA, models=models,
+                                      progress=False)
+    assert again == outs and calls == []
+
+
+def test_make_settings_errors(checkpoint):
+    from rddrs import RDDRSError
+    from rddrs.experiments import make_settings
+
+    for kwargs, message in [(dict(method="pgd"), "unknown method"), (dict(sigma=0.0), "sigma must be > 0"),
+                            (dict(alpha=1.5), "alpha must lie in"), (dict(preset="huge"), "unknown preset"),
+                            (dict(method="rs", search={"lr": 1.0}), "RS has no search"),
+                            (dict(method="ddrs", init="x.tsv"), "applies to method ancer or rddrs"),
+                            (dict(model="missing.pt"), "no such file")]:
+        args = dict(method="rddrs", sigma=0.25, model=checkpoint, preset="smoke") | kwargs
+        with pytest.raises(RDDRSError, match=message):
+            make_settings(**args)
+    settings = make_settings("rddrs", 0.25, checkpoint, "smoke", search={"kappa": 2.0, "max_step": 0})
+    assert settings.search["rddrs"]["kappa"] == 2.0 and settings.search["rddrs"]["max_step"] is None
+    assert settings.search["ddrs"]["kappa"] == 0.0

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from rddrs import RDDRSError
 from rddrs.certify import certify
 from rddrs.files import provenance, write_atomic
-from rddrs.optimize import ANCER, DDRS, RDDRS, Search, find_smoothing
+from rddrs.optimize import ANCER, DDRS, METHODS, RDDRS, Search, find_smoothing
 
 COLUMNS = ("idx", "label", "predict", "correct", "gap", "radius", "proxy_radius",
            "sigma_min", "sigma_proxy", "sigma_max", "p_lower", "seconds")
@@ -87,7 +87,12 @@ class RunSettings:
         d = asdict(self)
         d.pop("model")  # the same weights may live at another path
         d["device"] = torch.device(self.device).type
+        d["init"] = _file_name(self.init)  # so may the DDRS run; load_init checks what matters
         return json.loads(json.dumps(d))
+
+
+def _file_name(path: str | None) -> str | None:
+    return None if path is None else Path(path).name
 
 
 def sha256_of(path: Path) -> str:
@@ -176,6 +181,7 @@ def check_or_write_sidecar(out: Path, settings: RunSettings, extra: dict) -> boo
         if not side.exists():
             raise RDDRSError(f"{out} exists without its sidecar {side.name}; move it away or remove it")
         old = json.loads(side.read_text())["settings"]
+        old["init"] = _file_name(old.get("init"))
         new = settings.comparable()
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
@@ -185,6 +191,87 @@ def check_or_write_sidecar(out: Path, settings: RunSettings, extra: dict) -> boo
     write_atomic(side, [json.dumps({"settings": settings.comparable(), "model": settings.model, **extra},
                                    indent=2).encode()])
     return False
+
+
+# -- settings and the standard runs --------------------------------------------------------
+
+def make_settings(method: str, sigma: float, model: str | Path, preset: str = "cpu", *, seed: int = 0,
+                  device: str = "cpu", rotate: int | None = None, init: str | Path | None = None,
+                  probabilities: bool = False, n0: int | None = None, n: int | None = None,
+                  alpha: float | None = None, search: dict | None = None) -> RunSettings:
+    """The settings of one run: the preset's values unless given. ``search`` overrides fields
+    of ``method``'s search (e.g. ``{"kappa": 1.0}``; ``max_step=0`` turns the bound off)."""
+    if method not in METHODS:
+        raise RDDRSError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if preset not in PRESETS:
+        raise RDDRSError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    if not sigma > 0:
+        raise RDDRSError(f"sigma must be > 0, got {sigma}")
+    if init is not None and method not in ("ancer", "rddrs"):
+        raise RDDRSError("init (a DDRS result file) applies to method ancer or rddrs only")
+    model = Path(model)
+    if not model.is_file():
+        raise RDDRSError(f"model {model}: no such file")
+    chosen = PRESETS[preset]
+    overrides = dict(search or {})
+    if overrides and method == "rs":
+        raise RDDRSError("RS has no search to override")
+    if overrides.get("max_step") == 0:
+        overrides["max_step"] = None
+    searches = {k: asdict(replace(v, **overrides) if k == method else v) for k, v in chosen.search.items()
+                if k == method or (k == "ddrs" and method != "rs")}
+    settings = RunSettings(
+        method=method, sigma=float(sigma), preset=preset, model=str(model), model_sha256=sha256_of(model),
+        n0=n0 or chosen.n0, n=n or chosen.n, alpha=chosen.alpha if alpha is None else alpha, seed=seed,
+        device=str(device), rotate=rotate, probabilities=probabilities, search=searches,
+        init=None if init is None else str(init))
+    if not 0 < settings.alpha < 1:
+        raise RDDRSError(f"alpha must lie in (0, 1), got {settings.alpha}")
+    if settings.n0 < 1 or settings.n < 1:
+        raise RDDRSError(f"n0 and n must be >= 1, got {settings.n0}, {settings.n}")
+    return settings
+
+
+def certify_mnist(settings: RunSettings, out: str | Path, start: int = 0, count: int | None = None,
+                  data: str | Path = "data", inputs_per_batch: int = 32, batch_size: int = 2000,
+                  progress: bool = True) -> Path:
+    """Certify MNIST test images ``start .. start+count-1`` (count: the preset's) into ``out``."""
+    from rddrs.data import load_mnist
+    from rddrs.models import load_model, resolve_device
+
+    images, labels = load_mnist(Path(data), train=False)
+    count = PRESETS[settings.preset].count if count is None else count
+    if not (0 <= start < len(images)) or count < 1:
+        raise RDDRSError(f"start {start}, count {count} is outside the {len(images)} test images")
+    stop = min(start + count, len(images))
+    model = load_model(settings.model, device=resolve_device(settings.device), probabilities=settings.probabilities)
+    return run_certification(settings, model, images[start:stop], labels[start:stop], start, Path(out),
+                             inputs_per_batch, batch_size, progress)
+
+
+def model_path(sigma: float, models: str | Path = "data/models") -> Path:
+    """The base classifier trained at ``sigma`` (``make train``)."""
+    return Path(models) / f"mnist_cnn_sigma{sigma:.2f}.pt"
+
+
+def result_path(results: str | Path, method: str, sigma: float) -> Path:
+    return Path(results) / f"{method}_sigma{sigma:.2f}.tsv"
+
+
+def standard_runs(sigma: float, preset: str, results: str | Path, *, device: str = "cpu",
+                  count: int | None = None, seed: int = 0, data: str | Path = "data",
+                  models: str | Path = "data/models", progress: bool = True) -> dict[str, Path]:
+    """The four methods at one sigma, as in the paper: RS, DDRS, then ANCER and RDDRS started
+    from DDRS' sigma_x* (read from its result file). Runs only what is missing."""
+    model = model_path(sigma, models)
+    ddrs = result_path(results, "ddrs", sigma)
+    outs = {}
+    for method in METHODS:
+        init = ddrs if method in ("ancer", "rddrs") else None
+        settings = make_settings(method, sigma, model, preset, seed=seed, device=device, init=init)
+        outs[method] = certify_mnist(settings, result_path(results, method, sigma), count=count,
+                                     data=data, progress=progress)
+    return outs
 
 
 # -- the run -------------------------------------------------------------------------------
