@@ -16,7 +16,12 @@ MATHJAX_VERSION ?= 3.2.2
 MATHJAX_DIR := _mathjax/_static/mathjax
 MATHJAX   := $(MATHJAX_DIR)/tex-chtml.js
 
-.PHONY: help venv data train test mathjax book clean
+.PHONY: help venv data train test mathjax book notebooks results clean
+
+# Chapters: light ones run in seconds and keep their executed notebook (book/NAME.ipynb, committed)
+# for nbval; heavy ones take a preset and are re-executed with papermill by `make results`.
+LIGHT_CHAPTERS := intro smoothing spd_metric gradient rotation cost
+HEAVY_CHAPTERS := mnist claims soundness
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,6 +59,21 @@ $(MATHJAX):
 	rm -rf _mathjax.tmp
 
 mathjax: $(MATHJAX)  ## fetch MathJax 3 from the npm registry into _mathjax/ (offline math in the book)
+
+book/%.ipynb: book/%.md $(INSTALLED)
+	cd book && ../$(BIN)/jupytext --to ipynb $*.md && OMP_NUM_THREADS=1 ../$(BIN)/jupyter-execute --inplace $*.ipynb
+
+notebooks: $(addprefix book/,$(addsuffix .ipynb,$(LIGHT_CHAPTERS)))  ## re-execute the light chapters into book/*.ipynb (the outputs nbval checks)
+
+# papermill reads JSON notebooks only, hence the jupytext pipe; every chapter resumes from the
+# result files already in results/$(PRESET), so an interrupted run continues where it stopped
+results: $(INSTALLED) $(MNIST)  ## re-execute the heavy chapters at PRESET (cpu|smoke|paper) on DEVICE into results/PRESET
+	mkdir -p results/$(PRESET)/notebooks
+	for ch in $(HEAVY_CHAPTERS); do \
+	  $(BIN)/jupytext --to ipynb --output - book/$$ch.md | \
+	  $(BIN)/papermill - results/$(PRESET)/notebooks/$$ch.ipynb --cwd book \
+	    -p preset $(PRESET) -p device $(DEVICE) -p results_dir ../results/$(PRESET) || exit 1; \
+	done
 
 book: $(INSTALLED) $(MNIST) $(MATHJAX)  ## build the HTML book into _build/html (preset PRESET, default cpu)
 	$(BIN)/jupyter-book build -W -n --keep-going .

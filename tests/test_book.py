@@ -78,6 +78,52 @@ def test_intro_executes_and_prints_the_package_version(tmp_path):
     assert printed.strip() == rddrs.__version__
 
 
+# -- light chapters keep their executed notebooks for nbval; heavy ones run at the smoke preset --
+
+
+def chapter_lists() -> dict[str, list[str]]:
+    """LIGHT_CHAPTERS and HEAVY_CHAPTERS as the Makefile defines them."""
+    text = (ROOT / "Makefile").read_text()
+    return {kind: re.search(rf"^{kind}_CHAPTERS := (.*)$", text, re.MULTILINE).group(1).split()
+            for kind in ("LIGHT", "HEAVY")}
+
+
+def test_every_chapter_is_light_or_heavy():
+    lists = chapter_lists()
+    assert sorted(lists["LIGHT"] + lists["HEAVY"]) == sorted(Path(f).name for f in toc_files())
+
+
+@pytest.mark.parametrize("name", chapter_lists()["LIGHT"])
+def test_light_chapter_notebook_is_executed_and_in_sync(name):
+    """book/NAME.ipynb (what nbval re-runs and compares) holds exactly the code of book/NAME.md."""
+    jupytext = pytest.importorskip("jupytext")
+    stored = ROOT / "book" / f"{name}.ipynb"
+    assert stored.is_file(), f"{stored.name} missing: run `make notebooks`"
+    source = [c.source for c in jupytext.read(ROOT / "book" / f"{name}.md").cells if c.cell_type == "code"]
+    cells = [c for c in nbformat.read(stored, as_version=4).cells if c.cell_type == "code"]
+    assert [c.source for c in cells] == source, f"{stored.name} is stale: run `make notebooks`"
+    assert all(c.execution_count for c in cells), f"{stored.name} was not executed: run `make notebooks`"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", chapter_lists()["HEAVY"])
+def test_heavy_chapter_runs_at_the_smoke_preset(name, tmp_path):
+    """As `make results PRESET=smoke` does: papermill with the chapter's parameters replaced."""
+    jupytext = pytest.importorskip("jupytext")
+    papermill = pytest.importorskip("papermill")
+    nb = jupytext.read(ROOT / "book" / f"{name}.md")
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{name}.md needs one cell tagged parameters"
+    for key in ("preset", "device", "results_dir"):
+        assert re.search(rf"^{key} = ", tagged[0].source, re.MULTILINE), f"{name}.md: no parameter {key}"
+    source = tmp_path / f"{name}.ipynb"
+    jupytext.write(nb, source)
+    papermill.execute_notebook(str(source), str(tmp_path / f"{name}.out.ipynb"), kernel_name="python3",
+                               cwd=str(ROOT / "book"), progress_bar=False,
+                               parameters={"preset": "smoke", "results_dir": str(tmp_path / "results")})
+    assert any((tmp_path / "results").rglob("*.tsv")), "the chapter wrote no result file"
+
+
 # -- the built HTML ---------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from rddrs import RDDRSError
 from rddrs.certify import certify
