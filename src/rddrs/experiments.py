@@ -182,6 +182,8 @@ def check_or_write_sidecar(out: Path, settings: RunSettings, extra: dict) -> boo
             raise RDDRSError(f"{out} exists without its sidecar {side.name}; move it away or remove it")
         old = json.loads(side.read_text())["settings"]
         old["init"] = _file_name(old.get("init"))
+        # a search recorded before a Search option existed ran with that option's default
+        old["search"] = {k: asdict(Search(**v)) for k, v in old.get("search", {}).items()}
         new = settings.comparable()
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
@@ -303,8 +305,10 @@ def run_certification(settings: RunSettings, model, images: torch.Tensor, labels
     if init is not None and (missing := [i for i in todo if i not in init]):
         raise RDDRSError(f"--init {settings.init} has no row for idx {missing[0]} (and {len(missing) - 1} more)")
     rotation = random_rotation(images[0].numel(), settings.rotate) if settings.rotate is not None else None
-    if rotation is not None:
+    noise_rotation = None
+    if rotation is not None:  # common random numbers: the draws are U eps, the original run's turned
         model = Rotated(model, rotation.to(device, images.dtype))
+        noise_rotation = rotation.to(device, images.dtype)
     searches = {k: Search(**v) for k, v in settings.search.items()}
     traces = traces_dir(out)
     if settings.method != "rs":
@@ -320,8 +324,9 @@ def run_certification(settings: RunSettings, model, images: torch.Tensor, labels
             tic = time.perf_counter()
             sigma_star = None if init is None else torch.tensor([init[i] for i in idx], dtype=x.dtype, device=device)
             law, trace = find_smoothing(settings.method, model, x, idx, settings.sigma, settings.seed,
-                                        searches, sigma_star=sigma_star)
-            cert = certify(model, x, law, idx, settings.n0, settings.n, settings.alpha, settings.seed, batch_size)
+                                        searches, sigma_star=sigma_star, rotation=noise_rotation)
+            cert = certify(model, x, law, idx, settings.n0, settings.n, settings.alpha, settings.seed, batch_size,
+                           rotation=noise_rotation)
             seconds = (time.perf_counter() - tic) / len(idx)
             sigma_min, sigma_proxy, sigma_max = law.min_scale(), law.proxy(), law.max_scale()
             for j, i in enumerate(idx):

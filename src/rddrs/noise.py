@@ -297,6 +297,10 @@ class NoiseSource:
     whatever batch or shard it is processed in. ``stage`` separates optimisation, selection
     and estimation draws. With ``rotation`` U the draws are ``U eps``: the same random
     numbers seen in rotated coordinates (common random numbers for invariance checks).
+
+    ``repeat`` > 0 selects an independent replicate of every stream of the stage (key
+    ``(seed, stage, index, repeat)``; 0 is the original key ``(seed, stage, index)``), so one
+    stage can be redrawn, e.g. the optimisation noise, while the others stay the same.
     """
 
     OPTIMIZE, SELECT, ESTIMATE = "optimize", "select", "estimate"
@@ -306,17 +310,20 @@ class NoiseSource:
     BLOCK = 1024
 
     def __init__(self, seed: int, stage: str, device: torch.device | str = "cpu",
-                 rotation: Tensor | None = None):
+                 rotation: Tensor | None = None, repeat: int = 0):
         if stage not in self._STAGES:
             raise RDDRSError(f"unknown noise stage {stage!r}; expected one of {sorted(self._STAGES)}")
-        self.seed, self.stage, self.device = int(seed), stage, torch.device(device)
+        if int(repeat) != repeat or repeat < 0:
+            raise RDDRSError(f"noise repeat must be an integer >= 0, got {repeat}")
+        self.seed, self.stage, self.device, self.repeat = int(seed), stage, torch.device(device), int(repeat)
         self.rotation = rotation
         self._generators: dict[int, torch.Generator] = {}
         self._blocks: dict[tuple, tuple[Tensor | None, int]] = {}  # (block, rows used) per stream
 
     def _generator(self, index: int) -> torch.Generator:
         if index not in self._generators:
-            key = np.random.SeedSequence([self.seed, self._STAGES[self.stage], int(index)])
+            words = [self.seed, self._STAGES[self.stage], int(index)] + ([self.repeat] if self.repeat else [])
+            key = np.random.SeedSequence(words)
             gen = torch.Generator(device=self.device)
             gen.manual_seed(int(key.generate_state(1, np.uint64)[0] >> np.uint64(1)))
             self._generators[index] = gen
@@ -347,11 +354,22 @@ class NoiseSource:
             pos, used = pos + k, used + k
         self._blocks[key] = (block, used)
 
-    def draw(self, indices, m: int, d: int, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Draws of shape (len(indices), m, d), continuing each input's stream."""
+    def draw(self, indices, m: int, d: int, dtype: torch.dtype = torch.float32,
+             antithetic: bool = False) -> Tensor:
+        """Draws of shape (len(indices), m, d), continuing each input's stream.
+
+        With ``antithetic`` (m even) only m/2 rows are taken from each stream, and the draws
+        are the pairs ``(e_1, ..., e_{m/2}, -e_1, ..., -e_{m/2})``: each row is still standard
+        normal, so a mean over them stays unbiased, and the stream advances by m/2 rows.
+        """
+        if antithetic and m % 2:
+            raise RDDRSError(f"antithetic draws come in pairs: m must be even, got {m}")
         eps = torch.empty(len(indices), m, d, device=self.device, dtype=dtype)
-        for row, index in zip(eps, indices):
+        fresh = eps[:, : m // 2] if antithetic else eps
+        for row, index in zip(fresh, indices):
             self._fill(row, int(index))
+        if antithetic:
+            eps[:, m // 2:].copy_(fresh).neg_()
         if self.rotation is not None:
             eps = eps @ self.rotation.to(eps).T
         return eps

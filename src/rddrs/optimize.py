@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from rddrs import RDDRSError
 from rddrs.noise import Isotropic, NoiseSource, Smoothing, check_inputs, noisy_outputs
@@ -46,6 +46,18 @@ class Search:
     (sigma, theta). It is our safeguard, not the papers': with few samples the Monte Carlo
     gradient is noisy, and a fixed-size Riemannian step ``C grad C`` grows with C, so an
     unbounded RDDRS ascent can run away along one direction (seen at 500 samples, lr 1).
+
+    Options for studying the search (defaults: the papers' behaviour):
+
+    * ``floor``: ANCER and RDDRS keep every scale of S above sigma_x*. With False only the
+      positivity guard ``DDRS_FLOOR`` remains (the exponential map keeps C SPD by itself, so
+      for RDDRS it only guards against underflow; for theta it is the projection that keeps
+      DDRS' sigma positive).
+    * ``antithetic``: the ``samples`` draws of each step are ``samples / 2`` antithetic pairs
+      ``(eps, -eps)`` (``NoiseSource.draw``); the Monte Carlo means stay unbiased, and their
+      odd-order noise in eps cancels exactly.
+    * ``repeat``: which independent replicate of the optimisation noise to draw (0: the usual
+      stream); the certification noise and sigma_x* do not change with it.
     """
 
     iterations: int
@@ -56,6 +68,9 @@ class Search:
     adam: bool = False
     keep_best_every: int | None = None
     max_step: float | None = None
+    floor: bool = True
+    antithetic: bool = False
+    repeat: int = 0
 
     def __post_init__(self):
         if self.iterations < 0 or self.samples < 1:
@@ -66,6 +81,10 @@ class Search:
             raise RDDRSError(f"kappa must be >= 0, got {self.kappa}")
         if self.max_step is not None and not self.max_step > 0:
             raise RDDRSError(f"max_step must be > 0 (or None), got {self.max_step}")
+        if self.antithetic and self.samples % 2:
+            raise RDDRSError(f"antithetic pairs need an even number of samples, got {self.samples}")
+        if int(self.repeat) != self.repeat or self.repeat < 0:
+            raise RDDRSError(f"repeat must be an integer >= 0, got {self.repeat}")
 
 
 # The papers' settings (RDDRS paper, Section 4).
@@ -73,7 +92,8 @@ DDRS = Search(iterations=1500, samples=100, lr=1e-4, scale=0.5, keep_best_every=
 ANCER = Search(iterations=100, samples=100, lr=0.04, kappa=2.0, adam=True)
 RDDRS = Search(iterations=100, samples=20_000, lr=1.0, kappa=1e-6)
 
-#: sigma is kept above this during DDRS' search (only to keep the scale positive).
+#: sigma is kept above this during DDRS' search (only to keep the scale positive); so are the
+#: scales of ANCER and RDDRS searches without the sigma_x* floor (``Search.floor=False``).
 DDRS_FLOOR = 1e-3
 
 
@@ -121,17 +141,18 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
     """Maximise H for each input from ``init``, keeping ``lambda_min(S) >= lower``.
 
     ``lower`` is a number or one per input. Draws come from the optimisation stream of
-    ``seed`` keyed by ``indices``, independent of the certification streams. Memory grows
+    ``seed`` keyed by ``indices`` (replicate ``settings.repeat``, antithetic pairs if
+    ``settings.antithetic``), independent of the certification streams. Memory grows
     with ``len(indices) * settings.samples`` (the whole iteration is one autograd graph).
     """
     check_inputs(x, init, indices)
-    noise = NoiseSource(seed, NoiseSource.OPTIMIZE, x.device, rotation)
+    noise = NoiseSource(seed, NoiseSource.OPTIMIZE, x.device, rotation, repeat=settings.repeat)
     direction = _Adam(settings.lr) if settings.adam else (lambda g: settings.lr * g)
     current = init.floor(lower)
     best, best_value = current, torch.full((len(indices),), -np.inf, dtype=torch.float64, device=x.device)
     trace = []
     for t in tqdm(range(settings.iterations), disable=not progress, desc="search", leave=False):
-        eps = noise.draw(indices, settings.samples, init.dim, x.dtype)
+        eps = noise.draw(indices, settings.samples, init.dim, x.dtype, antithetic=settings.antithetic)
         value, grad = objective_and_gradient(model, x, current, eps, settings.kappa, settings.scale)
         trace.append(value)
         if settings.keep_best_every and (t + 1) % settings.keep_best_every == 0:
@@ -153,7 +174,8 @@ def find_smoothing(method: str, model, x: Tensor, indices, sigma: float, seed: i
     """The smoothing law of each input for ``method``, and the objective traces of its searches.
 
     RS uses ``sigma`` itself; DDRS searches sigma from ``sigma``; ANCER and RDDRS start from
-    the DDRS optimum ``sigma_star`` (searched here unless given) with floor ``sigma_star``.
+    the DDRS optimum ``sigma_star`` (searched here unless given) with floor ``sigma_star``
+    (``DDRS_FLOOR`` if their search has ``floor=False``).
     ``settings`` overrides the papers' settings per method (keys "ddrs", "ancer", "rddrs").
     """
     if method not in METHODS:
@@ -173,6 +195,7 @@ def find_smoothing(method: str, model, x: Tensor, indices, sigma: float, seed: i
     if method == "ddrs":
         return star, traces
     init = star.as_diagonal() if method == "ancer" else star.as_full()
-    found = search(model, x, init, indices, settings[method], star.param, seed, rotation, progress)
+    lower = star.param if settings[method].floor else DDRS_FLOOR
+    found = search(model, x, init, indices, settings[method], lower, seed, rotation, progress)
     traces[method] = found.trace
     return found.smoothing, traces
