@@ -26,6 +26,7 @@ from tqdm import tqdm
 from rddrs import RDDRSError
 from rddrs.certify import certify
 from rddrs.files import provenance, write_atomic
+from rddrs.noise import Diagonal, FullSPD, Isotropic, Smoothing
 from rddrs.optimize import ANCER, DDRS, METHODS, RDDRS, Search, find_smoothing
 
 COLUMNS = ("idx", "label", "predict", "correct", "gap", "radius", "proxy_radius",
@@ -344,6 +345,33 @@ def run_certification(settings: RunSettings, model, images: torch.Tensor, labels
     bar.close()
     return out
 
+
+
+def trace_param(out: Path, idx: int, method: str, d: int) -> np.ndarray:
+    """The final parameter of image ``idx`` in the run ``out``: theta (d,) or C (d, d), float64."""
+    path = traces_dir(Path(out)) / f"{idx}.npz"
+    shape = (d,) * {"ancer": 1, "rddrs": 2}[method]
+    if not path.exists():
+        raise RDDRSError(f"{path}: missing trace (the {method} parameter of image {idx})")
+    with np.load(path) as trace:
+        if "param" not in trace:
+            raise RDDRSError(f"{path} holds no 'param' (written by an older rddrs); rerun the certification")
+        param = trace["param"].astype(np.float64)
+    if param.shape != shape:
+        raise RDDRSError(f"{path}: param has shape {param.shape}, {method} needs {shape}")
+    return param
+
+
+def load_smoothing(out: str | Path, indices, d: int, dtype: torch.dtype = torch.float64) -> Smoothing:
+    """The smoothing laws a run certified images ``indices`` with: sigma from the rows (RS,
+    DDRS), theta or C from the traces (ANCER, RDDRS)."""
+    out = Path(out)
+    method = json.loads(sidecar_path(out).read_text())["settings"]["method"]
+    if method in ("rs", "ddrs"):
+        rows = read_rows(out)
+        return Isotropic(torch.tensor([rows[i]["sigma_min"] for i in indices], dtype=dtype), d, check=False)
+    params = torch.from_numpy(np.stack([trace_param(out, i, method, d) for i in indices])).to(dtype)
+    return Diagonal(params, check=False) if method == "ancer" else FullSPD(params, check=False)
 
 
 def write_rows(out: Path, rows: list[dict]) -> None:

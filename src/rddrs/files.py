@@ -58,3 +58,15 @@ def provenance(device) -> dict:
             "device": f"{device} ({name})", "threads": torch.get_num_threads(), "host": platform.node(),
             "git_commit": commit, "git_dirty": None if status is None else bool(status),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def cached_json(path: str | Path, compute):
+    """The JSON value stored at ``path``; if there is none, ``compute()``'s, stored atomically."""
+    import json
+
+    path = Path(path)
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    write_atomic(path, [json.dumps(value, indent=2).encode()])
+    return value
