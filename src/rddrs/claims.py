@@ -194,11 +194,17 @@ def _digest(variant: Variant, path: Path, init: Path | None, results: analysis.R
         raise RDDRSError(f"{folder} lacks the traces of {len(missing)} images (first: {missing[0]}) and no "
                          f"digest of these rows exists: restore the digest, or recompute {path.name} elsewhere")
     spectra, traces = [], []
-    for i in results.idx:
+    for i, sigma in zip(results.idx, results.sigma_min):
         with np.load(folder / f"{i}.npz") as stored:
+            traces.append(stored[variant.method])
+            if variant.method == "ddrs":  # S = sigma I: its row has sigma
+                spectra.append(np.array([sigma]))
+                continue
+            if "param" not in stored:
+                raise RDDRSError(f"{folder / f'{i}.npz'} holds no 'param' (written by an older rddrs): "
+                                 f"recompute {path.name}")
             param = torch.as_tensor(stored["param"], dtype=torch.float64)
             spectra.append((spd.eigh(param)[0] if param.dim() == 2 else param.reshape(-1).sort().values).numpy())
-            traces.append(stored[variant.method])
     start = experiments.read_rows(init) if init is not None else None
     star = results.sigma_min if start is None else np.array([start[i]["sigma_min"] for i in results.idx])
     return {"idx": results.idx, "gap": results.gap, "spectrum": np.stack(spectra).astype(np.float32),

@@ -27,46 +27,42 @@ def _cmd_data(args: argparse.Namespace) -> None:
 
 
 def _cmd_certify(args: argparse.Namespace) -> None:
-    from dataclasses import asdict, replace
+    from rddrs.experiments import certify_mnist, make_settings
+    from rddrs.models import resolve_device
 
-    from rddrs.data import load_mnist
-    from rddrs.experiments import PRESETS, RunSettings, run_certification, sha256_of
-    from rddrs.models import load_model, resolve_device
-
-    if args.sigma <= 0:
-        raise RDDRSError(f"--sigma must be > 0, got {args.sigma}")
-    preset = PRESETS[args.preset]
-    device = resolve_device(args.device)
-    model_path = Path(args.model)
-    if not model_path.is_file():
-        raise RDDRSError(f"--model {model_path}: no such file")
-    search = {k: asdict(v) for k, v in preset.search.items()}
-    if args.method in search:  # explicit options override the preset's search of this method
-        overrides = {k: getattr(args, k) for k in ("iterations", "samples", "lr", "kappa", "max_step")
-                     if getattr(args, k) is not None}
-        if overrides.get("max_step") == 0:
-            overrides["max_step"] = None  # 0 turns the bound off
-        search[args.method] = asdict(replace(preset.search[args.method], **overrides))
-    settings = RunSettings(
-        method=args.method, sigma=args.sigma, preset=args.preset, model=str(model_path), model_sha256=sha256_of(model_path),
-        n0=args.n0 or preset.n0, n=args.n or preset.n,
-        alpha=args.alpha if args.alpha is not None else preset.alpha, seed=args.seed, device=str(device),
-        rotate=args.rotate, probabilities=args.probabilities,
-        search={k: v for k, v in search.items() if k == args.method or (k == "ddrs" and args.method != "rs")},
-        init=args.init)
-    if not 0 < settings.alpha < 1:
-        raise RDDRSError(f"--alpha must lie in (0, 1), got {settings.alpha}")
-    if args.init and args.method not in ("ancer", "rddrs"):
-        raise RDDRSError("--init (a DDRS result file) applies to --method ancer or rddrs only")
-    images, labels = load_mnist(Path(args.data), train=False)
-    count = args.count if args.count is not None else preset.count
-    if not (0 <= args.start < len(images)) or count < 1:
-        raise RDDRSError(f"--start {args.start} --count {count} is outside the {len(images)} test images")
-    stop = min(args.start + count, len(images))
-    model = load_model(model_path, device=device, probabilities=args.probabilities)
-    out = run_certification(settings, model, images[args.start:stop], labels[args.start:stop], args.start,
-                            Path(args.out), args.inputs_per_batch, args.batch_size, progress=not args.quiet)
+    search = {k: getattr(args, k) for k in ("iterations", "samples", "lr", "kappa", "max_step")
+              if getattr(args, k) is not None}
+    settings = make_settings(args.method, args.sigma, args.model, args.preset, seed=args.seed,
+                             device=str(resolve_device(args.device)), rotate=args.rotate, init=args.init,
+                             probabilities=args.probabilities, n0=args.n0, n=args.n, alpha=args.alpha,
+                             search=search)
+    out = certify_mnist(settings, args.out, args.start, args.count, args.data, args.inputs_per_batch,
+                        args.batch_size, progress=not args.quiet)
     print(f"results in {out}")
+    if args.memory:
+        from rddrs.data import load_mnist
+
+        _memory_pass(out, load_mnist(Path(args.data), train=False)[0], not args.quiet)
+
+
+def _memory_pass(out: Path, images, progress: bool) -> None:
+    from collections import Counter
+
+    from rddrs.memory import apply_memory, read_memory_rows
+
+    path = apply_memory(out, images, 0, progress=progress)
+    counts = Counter(row["memory"] for row in read_memory_rows(path))
+    print(f"memory: {', '.join(f'{n} {status}' for status, n in sorted(counts.items()))}; results in {path}")
+
+
+def _cmd_memory(args: argparse.Namespace) -> None:
+    from rddrs.data import load_mnist
+
+    out = Path(args.out)
+    if not out.is_file():
+        raise RDDRSError(f"{out}: no such result file")
+    images, _ = load_mnist(Path(args.data), train=False)
+    _memory_pass(out, images, not args.quiet)
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
@@ -117,6 +113,8 @@ def _add_certify(sub) -> None:
                    help="noisy images per forward pass (default 2000; larger helps on a GPU)")
     p.add_argument("--data", default="data", help="data directory (default: data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--memory", action="store_true",
+                   help="then run the memory pass on OUT (see `rddrs memory --help`)")
     p.set_defaults(run=_cmd_certify)
 
     m = sub.add_parser("merge", help="join shard result files of one run",
@@ -125,6 +123,20 @@ def _add_certify(sub) -> None:
     m.add_argument("shards", nargs="+")
     m.add_argument("--out", required=True)
     m.set_defaults(run=_cmd_merge)
+
+
+def _add_memory(sub) -> None:
+    p = sub.add_parser("memory", help="make the certified regions of a result file consistent",
+                       description="Go through the rows of OUT in ascending idx, keeping a memory of the "
+                                   "certified regions {x + S u : ||u|| < gap}: an input inside a stored "
+                                   "region of another class takes that class (relabelled), one whose "
+                                   "region meets such regions has its gap shrunk until it does not "
+                                   "(shrunk). Writes OUT.memory.tsv (the result columns plus 'memory'); "
+                                   "a stopped pass resumes.")
+    p.add_argument("out", metavar="OUT", help="result file of rddrs certify (.tsv, with its .json and .traces)")
+    p.add_argument("--data", default="data", help="data directory (default: data)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_memory)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_arguments(trainer)
     trainer.set_defaults(run=train.run)
     _add_certify(sub)
+    _add_memory(sub)
     curves = sub.add_parser("curves", help="certified-accuracy curves and tables from result files",
                             description="Draw certified accuracy against proxy and l2 radius (one panel "
                                         "per sigma, one line per method) and write tables as CSV and Markdown.")
