@@ -16,58 +16,28 @@ import math
 import numpy as np
 import pytest
 import torch
+from scale_laws import F64, FAMILIES, generator, scale_matrix, smoothing
 from scipy import stats
 
 from rddrs import RDDRSError
 from rddrs.attack import attack, check_region, smoothed_loss
 from rddrs.certify import ABSTAIN, certify
-from rddrs.noise import Diagonal, FullSPD, Isotropic
 from rddrs.validity import LinearClassifier
 
 torch.set_num_threads(1)
 
-F64 = torch.float64
-FAMILIES = ["isotropic", "diagonal", "full"]
-
-
-# --------------------------------------------------------------------------- helpers
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _scale_matrix(family: str, d: int, seed: int, dtype=F64) -> torch.Tensor:
-    """A random symmetric scale matrix S of the family, built without the library."""
-    gen = _gen(seed)
-    if family == "isotropic":
-        s = (0.3 + torch.rand((), generator=gen, dtype=F64)) * torch.eye(d, dtype=F64)
-    elif family == "diagonal":
-        s = torch.diag(0.2 + 1.5 * torch.rand(d, generator=gen, dtype=F64))
-    else:
-        q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
-        s = (q * (0.2 + 1.5 * torch.rand(d, generator=gen, dtype=F64))) @ q.T
-        s = 0.5 * (s + s.T)
-    return s.to(dtype)
-
-
-def _smoothing(family: str, s: torch.Tensor, reps: int):
-    if family == "isotropic":
-        return Isotropic(s[0, 0].repeat(reps), s.shape[0])
-    if family == "diagonal":
-        return Diagonal(torch.diagonal(s).repeat(reps, 1))
-    return FullSPD(s.repeat(reps, 1, 1))
-
 
 def _linear_case(family: str, d: int, t, dtype=F64, seed: int = 0):
     """Linear classifier, inputs with ``(w.x + b) / ||S w|| = t``, their laws, classes and S."""
-    gen = _gen(seed)
-    s = _scale_matrix(family, d, seed + 1, dtype)
+    gen = generator(seed)
+    s = scale_matrix(family, d, seed + 1, dtype)
     w = torch.randn(d, generator=gen, dtype=F64)
     model = LinearClassifier(w.to(dtype), float(torch.randn((), generator=gen)))
     t = torch.as_tensor(t, dtype=F64)
     x0 = torch.randn(len(t), d, generator=gen, dtype=F64)
     target = t * torch.linalg.norm(s.double() @ w)
     x = (x0 + ((target - (x0 @ w + model.b)) / w.dot(w))[:, None] * w).to(dtype)
-    return model, x, _smoothing(family, s, len(t)), (t > 0).long(), s
+    return model, x, smoothing(family, s, len(t)), (t > 0).long(), s
 
 
 def _whitened_norm(s: torch.Tensor, delta: torch.Tensor) -> np.ndarray:
@@ -145,9 +115,9 @@ def _tiny_network() -> torch.nn.Module:
 
 def test_tiny_network_no_flip_within_a_certified_region():
     net = _tiny_network()
-    x = 0.5 * torch.randn(6, 2, 5, generator=_gen(31), dtype=F64)  # image-like inputs (B, 2, 5)
-    s = _scale_matrix("full", 10, seed=32) * 0.5
-    sm = _smoothing("full", s, len(x))
+    x = 0.5 * torch.randn(6, 2, 5, generator=generator(31), dtype=F64)  # image-like inputs (B, 2, 5)
+    s = scale_matrix("full", 10, seed=32) * 0.5
+    sm = smoothing("full", s, len(x))
     cert = certify(net, x, sm, list(range(len(x))), 100, 10_000, 0.001, seed=33)
     ok = cert.predict != ABSTAIN
     assert ok.sum() >= 3
@@ -160,20 +130,20 @@ def test_tiny_network_no_flip_within_a_certified_region():
 
     # the attack does its job: with common draws, the loss at its point beats the centre and
     # 50 random points of the region's border
-    eps = torch.randn(len(sub), 4000, 10, generator=_gen(35), dtype=F64)
+    eps = torch.randn(len(sub), 4000, 10, generator=generator(35), dtype=F64)
     u_found = torch.linalg.solve(s, (check.points - x[sub]).flatten(1).T).T
     loss = smoothed_loss(net, x[sub], sm[sub], cls, u_found, eps)
     assert (loss > smoothed_loss(net, x[sub], sm[sub], cls, torch.zeros_like(u_found), eps)).all()
     for seed in range(50):
-        u = torch.randn(len(sub), 10, generator=_gen(100 + seed), dtype=F64)
+        u = torch.randn(len(sub), 10, generator=generator(100 + seed), dtype=F64)
         u = u / u.norm(dim=1, keepdim=True) * gap[:, None]
         assert (loss >= smoothed_loss(net, x[sub], sm[sub], cls, u, eps)).all()
 
 
 def test_zero_radius_and_reproducibility():
     net = _tiny_network()
-    x = torch.randn(3, 2, 5, generator=_gen(40), dtype=F64)
-    sm = _smoothing("diagonal", _scale_matrix("diagonal", 10, seed=41), 3)
+    x = torch.randn(3, 2, 5, generator=generator(40), dtype=F64)
+    sm = smoothing("diagonal", scale_matrix("diagonal", 10, seed=41), 3)
     cls = [0, 1, 2]
     torch.testing.assert_close(attack(net, x, sm, cls, 0.0, steps=5, samples=8), x, rtol=0, atol=0)
     a = attack(net, x, sm, cls, 1.0, steps=5, samples=8, seed=3)
@@ -196,8 +166,8 @@ def _raises_one_line(fn, *args, **kwargs) -> str:
 
 def test_bad_inputs():
     net = _tiny_network()
-    x = torch.randn(2, 2, 5, generator=_gen(50), dtype=F64)
-    sm = _smoothing("isotropic", _scale_matrix("isotropic", 10, seed=51), 2)
+    x = torch.randn(2, 2, 5, generator=generator(50), dtype=F64)
+    sm = smoothing("isotropic", scale_matrix("isotropic", 10, seed=51), 2)
     assert "r must" in _raises_one_line(attack, net, x, sm, [0, 1], -0.5)
     assert "r must" in _raises_one_line(attack, net, x, sm, [0, 1], torch.tensor([1.0, float("nan")]))
     assert "r must" in _raises_one_line(attack, net, x, sm, [0, 1], torch.ones(3))

@@ -20,11 +20,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from scale_laws import F64, FAMILIES, generator, scale_matrix, smoothing
 from scipy import special, stats
 
 from rddrs import RDDRSError
 from rddrs.certify import certify
-from rddrs.noise import Diagonal, FullSPD, Isotropic, NoiseSource
+from rddrs.noise import NoiseSource
 from rddrs.validity import (
     CheckNoise,
     LinearClassifier,
@@ -35,47 +36,16 @@ from rddrs.validity import (
 
 torch.set_num_threads(1)
 
-F64 = torch.float64
-FAMILIES = ["isotropic", "diagonal", "full"]
-
-
-# --------------------------------------------------------------------------- helpers
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _scale_matrix(family: str, d: int, seed: int, dtype=F64) -> torch.Tensor:
-    """A random symmetric scale matrix S of the family, built without the library."""
-    gen = _gen(seed)
-    if family == "isotropic":
-        s = (0.3 + torch.rand((), generator=gen, dtype=F64)) * torch.eye(d, dtype=F64)
-    elif family == "diagonal":
-        s = torch.diag(0.2 + 1.5 * torch.rand(d, generator=gen, dtype=F64))
-    else:
-        q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
-        s = (q * (0.2 + 1.5 * torch.rand(d, generator=gen, dtype=F64))) @ q.T
-        s = 0.5 * (s + s.T)
-    return s.to(dtype)
-
-
-def _smoothing(family: str, s: torch.Tensor, reps: int):
-    """The law ``x + S eps`` repeated for ``reps`` inputs."""
-    if family == "isotropic":
-        return Isotropic(s[0, 0].repeat(reps), s.shape[0])
-    if family == "diagonal":
-        return Diagonal(torch.diagonal(s).repeat(reps, 1))
-    return FullSPD(s.repeat(reps, 1, 1))
-
 
 def _linear(d: int, seed: int, dtype=F64) -> LinearClassifier:
-    gen = _gen(seed)
+    gen = generator(seed)
     return LinearClassifier(torch.randn(d, generator=gen, dtype=F64).to(dtype), float(torch.randn((), generator=gen)))
 
 
 def _inputs_at(model: LinearClassifier, s: torch.Tensor, t, seed: int) -> torch.Tensor:
     """Inputs with ``(w.x + b) / ||S w|| = t`` (so P[class 1] = Phi(t)), from dense S."""
     w = model.w.double()
-    x0 = torch.randn(len(t), len(w), generator=_gen(seed), dtype=F64)
+    x0 = torch.randn(len(t), len(w), generator=generator(seed), dtype=F64)
     target = torch.as_tensor(t, dtype=F64) * torch.linalg.norm(s.double() @ w)
     x = x0 + ((target - (x0 @ w + model.b)) / w.dot(w))[:, None] * w
     return x.to(model.w.dtype)
@@ -107,10 +77,10 @@ def _assert_matches_binomial(wrong: int, trials: int, expected: float) -> None:
 @pytest.mark.parametrize("d", [8, 784])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_linear_classifier_closed_forms(family, d):
-    s = _scale_matrix(family, d, seed=1)
+    s = scale_matrix(family, d, seed=1)
     model = _linear(d, seed=2)
-    x = torch.randn(5, d, generator=_gen(3), dtype=F64)
-    sm = _smoothing(family, s, 5)
+    x = torch.randn(5, d, generator=generator(3), dtype=F64)
+    sm = smoothing(family, s, 5)
     # dense numpy reference: P[class 1] = Phi((w.x + b) / ||S^T w||)
     s_np, w_np, x_np = s.numpy(), model.w.numpy(), x.numpy()
     t = (x_np @ w_np + model.b) / np.linalg.norm(s_np.T @ w_np)
@@ -132,9 +102,9 @@ def test_linear_classifier_closed_forms(family, d):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_smoothed_probability_brackets_the_exact_value(family):
     d = 6
-    s, model = _scale_matrix(family, d, seed=4), _linear(d, seed=5)
+    s, model = scale_matrix(family, d, seed=4), _linear(d, seed=5)
     x = _inputs_at(model, s, [-1.0, 0.0, 0.4, 2.0], seed=6)
-    sm = _smoothing(family, s, len(x))
+    sm = smoothing(family, s, len(x))
     exact = model.smoothed_probabilities(x, sm)
     est = smoothed_probability(model, x, sm, samples=40_000, seed=7, alpha=0.001)
     assert est.p.shape == (4, 2) and est.samples == 40_000
@@ -179,7 +149,7 @@ def test_check_streams_are_independent_of_the_method_streams():
 def test_smoothed_probability_sees_other_noise_than_certify():
     """Same seed and indices: the noisy inputs of the estimate share no row with CERTIFY's."""
     d = 3
-    s, model = _scale_matrix("full", d, seed=8), _linear(d, seed=9)
+    s, model = scale_matrix("full", d, seed=8), _linear(d, seed=9)
     seen = []
 
     def recording(z):
@@ -187,7 +157,7 @@ def test_smoothed_probability_sees_other_noise_than_certify():
         return model(z)
 
     x = torch.zeros(2, d, dtype=F64)
-    sm = _smoothing("full", s, 2)
+    sm = smoothing("full", s, 2)
     certify(recording, x, sm, [0, 1], 10, 200, 0.1, seed=5)
     method = torch.cat(seen)
     seen.clear()
@@ -204,10 +174,10 @@ N0, N, ALPHA = 20, 100, 0.1
 def _linear_case(family: str, d: int):
     """Two inputs with P[top] = 0.8 (class 1) and 0.85 (class 0), their laws and exact p."""
     dtype = torch.float32 if d == 784 else F64
-    s = _scale_matrix(family, d, seed=10 + d, dtype=dtype)
+    s = scale_matrix(family, d, seed=10 + d, dtype=dtype)
     model = _linear(d, seed=11, dtype=dtype)
     x = _inputs_at(model, s, special.ndtri([0.8, 0.15]), seed=12)
-    sm = _smoothing(family, s, 2)
+    sm = smoothing(family, s, 2)
     p_true = model.smoothed_probabilities(x, sm)
     np.testing.assert_allclose(p_true[:, 1], [0.8, 0.15], rtol=1e-4)
     return model, x, sm, p_true
@@ -242,9 +212,9 @@ def test_coverage_detects_a_broken_bound(family):
 def test_a_wrong_class_counts_as_wrong():
     """p_true that names the other class as top makes every certificate wrong."""
     d = 4
-    s, model = _scale_matrix("diagonal", d, seed=14), _linear(d, seed=15)
+    s, model = scale_matrix("diagonal", d, seed=14), _linear(d, seed=15)
     x = _inputs_at(model, s, [3.0], seed=16)  # P[class 1] = 0.9987: always certified as 1
-    sm = _smoothing("diagonal", s, 1)
+    sm = smoothing("diagonal", s, 1)
     swapped = model.smoothed_probabilities(x, sm)[:, ::-1]
     result = coverage(model, x, sm, swapped, 50, 10, 100, 0.05, seed=0)
     assert result.certified == 50 and result.wrong == 50 and result.rate == 1.0
@@ -257,7 +227,7 @@ def _trained_mlp() -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     centers = torch.tensor([[0.0, 0.0], [2.0, 0.5], [0.8, 2.0]])
     labels = torch.arange(3).repeat_interleave(200)
-    points = centers[labels] + 0.6 * torch.randn(600, 2, generator=_gen(20))
+    points = centers[labels] + 0.6 * torch.randn(600, 2, generator=generator(20))
     model = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
     opt = torch.optim.Adam(model.parameters(), lr=0.03)
     for _ in range(300):
@@ -285,9 +255,9 @@ def _quadrature(model, x: torch.Tensor, s: torch.Tensor, half: float = 6.0, m: i
 def test_coverage_on_a_trained_network(family):
     n0, n, alpha, trials = 20, 100, 0.1, 300
     model, centers = _trained_mlp()
-    s = _scale_matrix(family, 2, seed=21).float() * 0.6
+    s = scale_matrix(family, 2, seed=21).float() * 0.6
     x = 0.8 * centers + 0.2 * centers.roll(-1, 0)  # each a fifth of the way to the next blob
-    sm = _smoothing(family, s, 3)
+    sm = smoothing(family, s, 3)
     est = smoothed_probability(model, x, sm, samples=200 * n, seed=22)  # 200x the certification draws
     exact = _quadrature(model, x, sm.matrix().double())
     np.testing.assert_allclose(exact.sum(1), 1.0, atol=1e-6)
@@ -317,9 +287,9 @@ def test_coverage_on_a_trained_network(family):
 # --------------------------------------------------------------------------- bad input
 def _good():
     d = 3
-    s, model = _scale_matrix("diagonal", d, seed=30), _linear(d, seed=31)
-    x = torch.randn(2, d, generator=_gen(32), dtype=F64)
-    sm = _smoothing("diagonal", s, 2)
+    s, model = scale_matrix("diagonal", d, seed=30), _linear(d, seed=31)
+    x = torch.randn(2, d, generator=generator(32), dtype=F64)
+    sm = smoothing("diagonal", s, 2)
     return model, x, sm, model.smoothed_probabilities(x, sm)
 
 

@@ -137,16 +137,21 @@ def _format(value) -> str:
     return repr(float(value)) if isinstance(value, (float, np.floating)) else str(int(value))
 
 
+def complete_lines(path: Path) -> list[str]:
+    """The lines of an appended-to file; a half-written last line (a killed writer) is cut off the file."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        with open(path, "r+") as f:
+            f.truncate(len(text.encode()))
+    return text.splitlines()
+
+
 def read_rows(out: Path) -> dict[int, dict]:
     """Complete rows of a result file by idx; a half-written last line is cut off the file."""
-    if not out.exists():
-        return {}
-    text = out.read_text()
-    if text and not text.endswith("\n"):  # killed mid-write: drop the partial row
-        text = text[: text.rfind("\n") + 1]
-        with open(out, "r+") as f:
-            f.truncate(len(text.encode()))
-    lines = text.splitlines()
+    lines = complete_lines(out)
     if not lines:
         return {}
     header = lines[0].split("\t")

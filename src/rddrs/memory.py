@@ -60,6 +60,7 @@ from rddrs.experiments import (
     COLUMNS,
     INT_COLUMNS,
     _format,
+    complete_lines,
     random_rotation,
     read_rows,
     sidecar_path,
@@ -426,14 +427,7 @@ def memory_path(out: Path) -> Path:
 
 def read_memory_rows(path: Path) -> list[dict]:
     """Complete rows of a memory file, in file order; a half-written last line is cut off."""
-    if not path.exists():
-        return []
-    text = path.read_text()
-    if text and not text.endswith("\n"):  # killed mid-write: drop the partial row
-        text = text[: text.rfind("\n") + 1]
-        with open(path, "r+") as f:
-            f.truncate(len(text.encode()))
-    lines = text.splitlines()
+    lines = complete_lines(path)
     if not lines:
         return []
     if tuple(lines[0].split("\t")) != MEMORY_COLUMNS:
