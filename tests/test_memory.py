@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch
 
 from rddrs import RDDRSError
 from rddrs.cli import main
-from rddrs.experiments import COLUMNS, random_rotation, write_rows
+from rddrs.experiments import COLUMNS, random_rotation, traces_dir, write_rows
 from rddrs.memory import (
     ABSTAIN,
     KEPT,
@@ -472,6 +473,8 @@ def test_apply_memory_resumes_after_a_kill(tmp_path, method):
     assert apply_memory(out, images, 0, progress=False) == path
     assert path.read_text() == whole
     assert apply_memory(out, images, 0, progress=False) == path and path.read_text() == whole  # done: no-op
+    shutil.rmtree(traces_dir(out))  # a complete pass is read as it is (traces are not committed)
+    assert apply_memory(out, images, 0, progress=False) == path and path.read_text() == whole
     # the same rows processed by a fresh memory agree with the file (rows follow the memory)
     memory = Memory()
     for i, r in enumerate(read_memory_rows(path)):

@@ -508,6 +508,8 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
     if len(done) > len(ordered) or any(old[k] != new[k] for old, new in zip(done, ordered)
                                        for k in ("idx", "label", "p_lower", "sigma_min")):
         raise RDDRSError(f"{path} does not match the rows of {out.name}; remove it to start again")
+    if len(done) == len(ordered):  # complete: nothing to rebuild (the traces need not exist)
+        return path
     memory = Memory(load=read if method == "rddrs" else None)
     for row in done:
         if row["memory"] != ABSTAIN:
