@@ -232,3 +232,16 @@ def test_make_settings_errors(checkpoint):
     settings = make_settings("rddrs", 0.25, checkpoint, "smoke", search={"kappa": 2.0, "max_step": 0})
     assert settings.search["rddrs"]["kappa"] == 2.0 and settings.search["rddrs"]["max_step"] is None
     assert settings.search["ddrs"]["kappa"] == 0.0
+
+
+def test_a_second_writer_of_the_same_file_is_refused(checkpoint, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "busy.tsv"
+    with open(tmp_path / "busy.tsv.lock", "w") as held:  # as a run in another process holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert certify(checkpoint, out, "rs", "--count", "2") == 2
+        assert "being written by another process" in capsys.readouterr().err
+        assert not out.exists() or read_rows(out) == {}
+    assert certify(checkpoint, out, "rs", "--count", "2") == 0  # released: the run goes ahead
+    assert sorted(read_rows(out)) == [0, 1] and not (tmp_path / "busy.tsv.lock").exists()

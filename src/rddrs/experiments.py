@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from rddrs import RDDRSError
 from rddrs.certify import certify
-from rddrs.files import provenance, write_atomic
+from rddrs.files import exclusive, provenance, write_atomic
 from rddrs.noise import Diagonal, FullSPD, Isotropic, Smoothing
 from rddrs.optimize import ANCER, DDRS, METHODS, RDDRS, Search, find_smoothing
 
@@ -301,7 +301,14 @@ def load_init(path: Path, run: RunSettings) -> dict[int, float]:
 def run_certification(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor,
                       start: int, out: Path, inputs_per_batch: int = 32, batch_size: int = 10_000,
                       progress: bool = True) -> Path:
-    """Certify ``images`` (test indices ``start, start+1, ...``) into ``out``, resuming."""
+    """Certify ``images`` (test indices ``start, start+1, ...``) into ``out``, resuming; a second
+    process writing the same ``out`` meanwhile is refused."""
+    with exclusive(out):
+        return _certify_into(settings, model, images, labels, start, out, inputs_per_batch, batch_size, progress)
+
+
+def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor,
+                  start: int, out: Path, inputs_per_batch: int, batch_size: int, progress: bool) -> Path:
     device = torch.device(settings.device)
     out.parent.mkdir(parents=True, exist_ok=True)
     resumed = check_or_write_sidecar(out, settings, {"provenance": provenance(device)})

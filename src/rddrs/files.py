@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
+from contextlib import contextmanager
 import secrets
 import subprocess
 from datetime import datetime, timezone
@@ -70,3 +72,21 @@ def cached_json(path: str | Path, compute):
     value = compute()
     write_atomic(path, [json.dumps(value, indent=2).encode()])
     return value
+
+
+@contextmanager
+def exclusive(path: Path):
+    """Hold an exclusive lock on ``path`` (through ``path.lock`` beside it) while writing it, so
+    that a second process appending to the same file fails at once instead of mixing rows."""
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RDDRSError(f"{path} is being written by another process; wait for it or use another file") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
