@@ -16,10 +16,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from scale_laws import F64, FAMILIES, generator, scale_matrix, smoothing
+from helpers import F64, FAMILIES, generator, raises_one_line, scale_matrix, smoothing
 from scipy import stats
 
-from rddrs import RDDRSError
 from rddrs.attack import attack, check_region, smoothed_loss
 from rddrs.certify import ABSTAIN, certify
 from rddrs.validity import LinearClassifier
@@ -156,26 +155,18 @@ def test_zero_radius_and_reproducibility():
 
 
 # --------------------------------------------------------------------------- bad input
-def _raises_one_line(fn, *args, **kwargs) -> str:
-    with pytest.raises(RDDRSError) as err:
-        fn(*args, **kwargs)
-    msg = str(err.value)
-    assert msg and "\n" not in msg
-    return msg
-
-
 def test_bad_inputs():
     net = _tiny_network()
     x = torch.randn(2, 2, 5, generator=generator(50), dtype=F64)
     sm = smoothing("isotropic", scale_matrix("isotropic", 10, seed=51), 2)
-    assert "r must" in _raises_one_line(attack, net, x, sm, [0, 1], -0.5)
-    assert "r must" in _raises_one_line(attack, net, x, sm, [0, 1], torch.tensor([1.0, float("nan")]))
-    assert "r must" in _raises_one_line(attack, net, x, sm, [0, 1], torch.ones(3))
-    assert "cls" in _raises_one_line(attack, net, x, sm, [0], 1.0)
-    assert "cls" in _raises_one_line(attack, net, x, sm, [0, 3], 1.0, steps=1)  # 3 classes only
-    assert "cls" in _raises_one_line(attack, net, x, sm, [ABSTAIN, 1], 1.0)
-    assert "steps" in _raises_one_line(attack, net, x, sm, [0, 1], 1.0, steps=-1)
-    assert "samples" in _raises_one_line(attack, net, x, sm, [0, 1], 1.0, samples=0)
-    assert "step" in _raises_one_line(attack, net, x, sm, [0, 1], 1.0, step=0.0)
-    _raises_one_line(attack, net, x[:1], sm, [0], 1.0)  # one input, two laws
-    assert "cls" in _raises_one_line(check_region, net, x, sm, [0, 3], 1.0, steps=0, check_samples=10)
+    assert "r must" in raises_one_line(attack, net, x, sm, [0, 1], -0.5)
+    assert "r must" in raises_one_line(attack, net, x, sm, [0, 1], torch.tensor([1.0, float("nan")]))
+    assert "r must" in raises_one_line(attack, net, x, sm, [0, 1], torch.ones(3))
+    assert "cls" in raises_one_line(attack, net, x, sm, [0], 1.0)
+    assert "cls" in raises_one_line(attack, net, x, sm, [0, 3], 1.0, steps=1)  # 3 classes only
+    assert "cls" in raises_one_line(attack, net, x, sm, [ABSTAIN, 1], 1.0)
+    assert "steps" in raises_one_line(attack, net, x, sm, [0, 1], 1.0, steps=-1)
+    assert "samples" in raises_one_line(attack, net, x, sm, [0, 1], 1.0, samples=0)
+    assert "step" in raises_one_line(attack, net, x, sm, [0, 1], 1.0, step=0.0)
+    raises_one_line(attack, net, x[:1], sm, [0], 1.0)  # one input, two laws
+    assert "cls" in raises_one_line(check_region, net, x, sm, [0, 3], 1.0, steps=0, check_samples=10)

@@ -20,10 +20,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from scale_laws import F64, FAMILIES, generator, scale_matrix, smoothing
+from helpers import F64, FAMILIES, generator, raises_one_line, scale_matrix, smoothing
 from scipy import special, stats
 
-from rddrs import RDDRSError
 from rddrs.certify import certify
 from rddrs.noise import NoiseSource
 from rddrs.validity import (
@@ -293,26 +292,18 @@ def _good():
     return model, x, sm, model.smoothed_probabilities(x, sm)
 
 
-def _raises_one_line(fn, *args, **kwargs) -> str:
-    with pytest.raises(RDDRSError) as err:
-        fn(*args, **kwargs)
-    msg = str(err.value)
-    assert msg and "\n" not in msg
-    return msg
-
-
 def test_bad_inputs():
     model, x, sm, p = _good()
-    assert "p_true" in _raises_one_line(coverage, model, x, sm, p[0], 10, 10, 50, 0.1, seed=0)
-    assert "p_true" in _raises_one_line(coverage, model, x, sm, p[:1], 10, 10, 50, 0.1, seed=0)
-    assert "trials" in _raises_one_line(coverage, model, x, sm, p, 0, 10, 50, 0.1, seed=0)
-    assert "alpha" in _raises_one_line(coverage, model, x, sm, p, 5, 10, 50, 1.5, seed=0)
+    assert "p_true" in raises_one_line(coverage, model, x, sm, p[0], 10, 10, 50, 0.1, seed=0)
+    assert "p_true" in raises_one_line(coverage, model, x, sm, p[:1], 10, 10, 50, 0.1, seed=0)
+    assert "trials" in raises_one_line(coverage, model, x, sm, p, 0, 10, 50, 0.1, seed=0)
+    assert "alpha" in raises_one_line(coverage, model, x, sm, p, 5, 10, 50, 1.5, seed=0)
     sure = _inputs_at(model, torch.diag(sm.param[0]), [3.0, 3.0], seed=33)  # always certified as class 1
-    assert "classes" in _raises_one_line(coverage, model, sure, sm, p[:, :1], 5, 10, 50, 0.1, seed=0)
-    assert "samples" in _raises_one_line(smoothed_probability, model, x, sm, samples=0)
-    assert "alpha" in _raises_one_line(smoothed_probability, model, x, sm, samples=10, alpha=0.0)
-    assert "cls" in _raises_one_line(smoothed_probability, model, x, sm, cls=[0], samples=10)
-    assert "cls" in _raises_one_line(smoothed_probability, model, x, sm, cls=[0, 2], samples=10)
-    assert "cls" in _raises_one_line(smoothed_probability, model, x, sm, cls=[0.5, 1.0], samples=10)
-    _raises_one_line(smoothed_probability, model, x[:1], sm, samples=10)  # one input, two laws
-    _raises_one_line(LinearClassifier, torch.ones(2, 2), 0.0)
+    assert "classes" in raises_one_line(coverage, model, sure, sm, p[:, :1], 5, 10, 50, 0.1, seed=0)
+    assert "samples" in raises_one_line(smoothed_probability, model, x, sm, samples=0)
+    assert "alpha" in raises_one_line(smoothed_probability, model, x, sm, samples=10, alpha=0.0)
+    assert "cls" in raises_one_line(smoothed_probability, model, x, sm, cls=[0], samples=10)
+    assert "cls" in raises_one_line(smoothed_probability, model, x, sm, cls=[0, 2], samples=10)
+    assert "cls" in raises_one_line(smoothed_probability, model, x, sm, cls=[0.5, 1.0], samples=10)
+    raises_one_line(smoothed_probability, model, x[:1], sm, samples=10)  # one input, two laws
+    raises_one_line(LinearClassifier, torch.ones(2, 2), 0.0)

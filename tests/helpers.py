@@ -1,9 +1,12 @@
-"""Random scale matrices of each smoothing family, built without the library, for the tests."""
+"""Shared by the tests: random scale matrices of each family (built without the library), and
+the check that an error is an ``RDDRSError`` with a one-line message."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from rddrs import RDDRSError
 from rddrs.noise import Diagonal, FullSPD, Isotropic
 
 F64 = torch.float64
@@ -35,3 +38,12 @@ def smoothing(family: str, s: torch.Tensor, reps: int):
     if family == "diagonal":
         return Diagonal(torch.diagonal(s).repeat(reps, 1))
     return FullSPD(s.repeat(reps, 1, 1))
+
+
+def raises_one_line(fn, *args, **kwargs) -> str:
+    """The message of the ``RDDRSError`` that ``fn(*args, **kwargs)`` raises; it must be one line."""
+    with pytest.raises(RDDRSError) as err:
+        fn(*args, **kwargs)
+    msg = str(err.value)
+    assert msg and "\n" not in msg
+    return msg
