@@ -557,3 +557,20 @@ def test_cli_memory_on_a_smoke_run(tmp_path, capsys):
     assert main(["memory", str(tmp_path / "none.tsv"), "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip()
     assert "no such result file" in err and len(err.splitlines()) == 1
+
+
+def test_a_second_memory_pass_on_the_same_file_is_refused(tmp_path):
+    import fcntl
+
+    xs = torch.tensor([row[0] for row in HAND_MADE], dtype=F64)
+    sigmas = torch.tensor([row[1] for row in HAND_MADE], dtype=F64)
+    gaps = torch.tensor([row[2] for row in HAND_MADE], dtype=F64)
+    classes = [row[3] for row in HAND_MADE]
+    out = _result_file(tmp_path, "ddrs", xs, sigmas, gaps, classes, classes)
+    images = xs.float().reshape(-1, 1, 1, 2)
+    lock = memory_path(out).with_name(memory_path(out).name + ".lock")
+    with open(lock, "w") as held:  # as a pass in another process holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RDDRSError, match="being written by another process"):
+            apply_memory(out, images, 0, progress=False)
+    assert len(read_memory_rows(apply_memory(out, images, 0, progress=False))) == len(HAND_MADE)

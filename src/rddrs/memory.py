@@ -66,7 +66,7 @@ from rddrs.experiments import (
     sidecar_path,
     trace_param,
 )
-from rddrs.files import write_atomic
+from rddrs.files import exclusive, write_atomic
 from rddrs.noise import Diagonal, FullSPD, Isotropic, Smoothing
 
 KEPT, SHRUNK, RELABELLED, ABSTAIN = "kept", "shrunk", "relabelled", "abstain"
@@ -504,33 +504,34 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
         return (x if rotation is None else rotation @ x), law
 
     path = memory_path(out)
-    done = read_memory_rows(path)
-    if len(done) > len(ordered) or any(old[k] != new[k] for old, new in zip(done, ordered)
-                                       for k in ("idx", "label", "p_lower", "sigma_min")):
-        raise RDDRSError(f"{path} does not match the rows of {out.name}; remove it to start again")
-    if len(done) == len(ordered):  # complete: nothing to rebuild (the traces need not exist)
+    with exclusive(path):  # one writer at a time
+        done = read_memory_rows(path)
+        if len(done) > len(ordered) or any(old[k] != new[k] for old, new in zip(done, ordered)
+                                           for k in ("idx", "label", "p_lower", "sigma_min")):
+            raise RDDRSError(f"{path} does not match the rows of {out.name}; remove it to start again")
+        if len(done) == len(ordered):  # complete: nothing to rebuild (the traces need not exist)
+            return path
+        memory = Memory(load=read if method == "rddrs" else None)
+        for row in done:
+            if row["memory"] != ABSTAIN:
+                memory.store(*region(row), row["gap"], row["predict"], key=row["idx"])
+        write_atomic(sidecar_path(path), [json.dumps(dict(meta, memory={
+            "source": out.name, "order": "ascending idx", "touch_tolerance": TOUCH_TOLERANCE}), indent=2).encode()])
+        bar = tqdm(total=len(ordered), initial=len(done), disable=not progress, unit="image", desc="memory")
+        fresh = not path.exists() or path.stat().st_size == 0
+        with open(path, "a") as f:
+            if fresh:
+                f.write("\t".join(MEMORY_COLUMNS) + "\n")
+            for row in ordered[len(done):]:
+                row = dict(row, memory=ABSTAIN)
+                if row["predict"] != -1:
+                    decision = memory.admit(*region(row), row["gap"], row["predict"], key=row["idx"])
+                    row.update(predict=decision.label, correct=int(decision.label == row["label"]), gap=decision.gap,
+                               radius=decision.gap * row["sigma_min"], proxy_radius=decision.gap * row["sigma_proxy"],
+                               memory=decision.status)
+                f.write("\t".join([_format(row[k]) for k in COLUMNS] + [row["memory"]]) + "\n")
+                f.flush()
+                bar.update()
+            os.fsync(f.fileno())
+        bar.close()
         return path
-    memory = Memory(load=read if method == "rddrs" else None)
-    for row in done:
-        if row["memory"] != ABSTAIN:
-            memory.store(*region(row), row["gap"], row["predict"], key=row["idx"])
-    write_atomic(sidecar_path(path), [json.dumps(dict(meta, memory={
-        "source": out.name, "order": "ascending idx", "touch_tolerance": TOUCH_TOLERANCE}), indent=2).encode()])
-    bar = tqdm(total=len(ordered), initial=len(done), disable=not progress, unit="image", desc="memory")
-    fresh = not path.exists() or path.stat().st_size == 0
-    with open(path, "a") as f:
-        if fresh:
-            f.write("\t".join(MEMORY_COLUMNS) + "\n")
-        for row in ordered[len(done):]:
-            row = dict(row, memory=ABSTAIN)
-            if row["predict"] != -1:
-                decision = memory.admit(*region(row), row["gap"], row["predict"], key=row["idx"])
-                row.update(predict=decision.label, correct=int(decision.label == row["label"]), gap=decision.gap,
-                           radius=decision.gap * row["sigma_min"], proxy_radius=decision.gap * row["sigma_proxy"],
-                           memory=decision.status)
-            f.write("\t".join([_format(row[k]) for k in COLUMNS] + [row["memory"]]) + "\n")
-            f.flush()
-            bar.update()
-        os.fsync(f.fileno())
-    bar.close()
-    return path
