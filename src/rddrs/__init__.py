@@ -7,6 +7,10 @@ on the affine-invariant manifold).
 
 from importlib.metadata import PackageNotFoundError, version
 
+from rddrs import allocator
+
+allocator.tune()  # large CPU buffers stay in the process; RDDRS_TUNE_MALLOC=0 switches it off
+
 try:
     __version__ = version("rddrs")
 except PackageNotFoundError:  # running from a source tree that is not installed
