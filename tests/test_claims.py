@@ -146,7 +146,7 @@ def test_without_the_floor_scales_go_below_sigma_star(method):
     w = torch.tensor([2.0, 0.0, 0.0, 0.0], dtype=F64)
     x = torch.tensor([[0.3, 0.0, 0.1, -0.2]], dtype=F64)
     star = torch.tensor([0.4], dtype=F64)
-    step = {"ancer": Search(40, 64, 0.02, kappa=0.0, adam=True), "rddrs": Search(40, 64, 0.5, max_step=0.1)}[method]
+    step = {"ancer": Search(40, 64, 0.02, kappa=0.0, step="adam"), "rddrs": Search(40, 64, 0.5, max_step=0.1)}[method]
     scales = {}
     for floor in (True, False):
         law, _ = find_smoothing(method, Linear(w), x, [0], 0.4, seed=0, sigma_star=star,

@@ -179,7 +179,7 @@ def test_missing_model_and_init_errors(checkpoint, tmp_path, capsys):
     assert certify(tmp_path / "nope.pt", tmp_path / "x.tsv") == 2
     assert "no such file" in capsys.readouterr().err
     assert certify(checkpoint, tmp_path / "y.tsv", "rddrs", "--init", str(tmp_path / "none.tsv")) == 2
-    assert "no such DDRS result file" in capsys.readouterr().err
+    assert "no such result file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["rs", "rddrs"])

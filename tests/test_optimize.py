@@ -78,7 +78,7 @@ def _rotated(model, u):
 
 
 SMALL = {"ddrs": Search(40, 400, 2e-2, scale=0.5, keep_best_every=10),
-         "ancer": Search(20, 400, 0.04, kappa=2.0, adam=True),
+         "ancer": Search(20, 400, 0.04, kappa=2.0, step="adam"),
          "rddrs": Search(20, 400, 0.2, kappa=1e-6)}
 
 
@@ -183,7 +183,7 @@ def test_search_is_reproducible_and_independent_of_batching():
 
 def test_paper_settings():
     assert (DDRS.lr, DDRS.samples, DDRS.iterations, DDRS.keep_best_every) == (1e-4, 100, 1500, 100)
-    assert (ANCER.lr, ANCER.kappa, ANCER.iterations, ANCER.samples, ANCER.adam) == (0.04, 2.0, 100, 100, True)
+    assert (ANCER.lr, ANCER.kappa, ANCER.iterations, ANCER.samples, ANCER.step) == (0.04, 2.0, 100, 100, "adam")
     assert (RDDRS.kappa, RDDRS.iterations, RDDRS.samples) == (1e-6, 100, 20_000)
 
 

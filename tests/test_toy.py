@@ -20,7 +20,7 @@ SIGMA = 0.15
 # small searches and counts: enough for the searches to move, a fraction of a second each
 SMALL = {
     "ddrs": Search(iterations=10, samples=64, lr=0.01, keep_best_every=5, max_step=0.1),
-    "ancer": Search(iterations=20, samples=64, lr=0.02, kappa=2.0, adam=True),
+    "ancer": Search(iterations=20, samples=64, lr=0.02, kappa=2.0, step="adam"),
     "rddrs": Search(iterations=20, samples=64, lr=1.0, kappa=1e-6, max_step=0.1),
 }
 COUNTS = {"n0": 50, "n": 2000, "alpha": 0.001}

@@ -29,15 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from rddrs import RDDRSError
-from rddrs.experiments import sidecar_path as _sidecar_path
-from rddrs.optimize import METHODS  # also the order in which they are drawn and tabulated
+from rddrs.methods import METHODS as _RECORDS
+from rddrs.methods import NAMES as METHODS  # also the order in which they are drawn and tabulated
+from rddrs.results import sidecar_path as _sidecar_path
 
-METHOD_LABELS = {"rs": "RS", "ddrs": "DDRS", "ancer": "ANCER", "rddrs": "RDDRS"}
-
-# Okabe-Ito palette (colour-blind safe); one colour and one dash pattern per method, the same in
-# every panel, so the figure also reads in grey scale.
-METHOD_COLORS = {"rs": "#0072B2", "ddrs": "#E69F00", "ancer": "#009E73", "rddrs": "#D55E00"}
-METHOD_STYLES = {"rs": ":", "ddrs": "-.", "ancer": "--", "rddrs": "-"}
+# one colour and one dash pattern per method (``rddrs.methods``), the same in every figure
+METHOD_LABELS = {m.name: m.label for m in _RECORDS.values()}
+METHOD_COLORS = {m.name: m.color for m in _RECORDS.values()}
+METHOD_STYLES = {m.name: m.style for m in _RECORDS.values()}
 
 KINDS = ("proxy", "l2")
 KIND_LABELS = {

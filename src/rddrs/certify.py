@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
+from scipy import special
 from torch import Tensor
 
 from rddrs import RDDRSError
@@ -96,7 +96,7 @@ def certify(model, x: Tensor, smoothing: Smoothing, indices, n0: int, n: int, al
     n_a = counts.gather(1, top[:, None]).squeeze(1).cpu().numpy()
     p_lower = clopper_pearson_lower(n_a, n, alpha)
     certified = p_lower > 0.5
-    gap = np.where(certified, stats.norm.ppf(np.where(certified, p_lower, 0.5)), 0.0)
+    gap = np.where(certified, special.ndtri(np.where(certified, p_lower, 0.5)), 0.0)
     proxy = smoothing.proxy().detach().double().cpu().numpy()
     min_scale = smoothing.min_scale().detach().double().cpu().numpy()
     return Certificate(predict=np.where(certified, top.cpu().numpy(), ABSTAIN), p_lower=p_lower,

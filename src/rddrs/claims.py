@@ -29,7 +29,8 @@ import torch
 
 from rddrs import RDDRSError, analysis, experiments, spd
 from rddrs.noise import FullSPD, Isotropic
-from rddrs.optimize import METHODS, objective_and_gradient
+from rddrs.methods import NAMES as METHODS
+from rddrs.optimize import objective_and_gradient
 
 #: seed of the random orthogonal matrix of the rotation study
 ROTATE = 1

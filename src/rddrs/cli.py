@@ -1,6 +1,8 @@
 """The `rddrs` command line: one subcommand per step of the pipeline.
 
 Every user error ends in one line on stderr and a non-zero exit status, never a traceback.
+The parser reads only light modules (methods, presets, the argument lists of train and
+curves); torch is imported when a subcommand runs, so that every ``--help`` is immediate.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ def _cmd_certify(args: argparse.Namespace) -> None:
     from rddrs.experiments import certify_mnist, make_settings
     from rddrs.models import resolve_device
 
-    search = {k: getattr(args, k) for k in ("iterations", "samples", "lr", "kappa", "max_step")
-              if getattr(args, k) is not None}
+    search = {k: getattr(args, k) for k in SEARCH_OPTIONS if getattr(args, k) is not None}
     settings = make_settings(args.method, args.sigma, args.model, args.preset, seed=args.seed,
                              device=str(resolve_device(args.device)), rotate=args.rotate, init=args.init,
                              probabilities=args.probabilities, n0=args.n0, n=args.n, alpha=args.alpha,
@@ -79,9 +80,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: the options of `rddrs certify` that override fields of the method's Search
+SEARCH_OPTIONS = ("iterations", "samples", "lr", "kappa", "max_step", "objective", "step")
+
+
 def _add_certify(sub) -> None:
-    from rddrs.experiments import PRESETS
-    from rddrs.optimize import METHODS
+    from rddrs.methods import NAMES as METHODS
+    from rddrs.presets import OBJECTIVES, PRESETS, STEPS
 
     p = sub.add_parser("certify", help="certify a slice of the MNIST test set with one method",
                        description="Certify test images start..start+count-1 with RS, DDRS, ANCER or RDDRS "
@@ -101,13 +106,20 @@ def _add_certify(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--rotate", type=int, metavar="SEED",
                    help="compose inputs and model with a random orthogonal matrix of this seed")
-    p.add_argument("--init", help="reuse sigma_x* from this DDRS result file (ancer, rddrs)")
+    p.add_argument("--init", help="start from this finished run: a DDRS file gives sigma_x* (ancer, rddrs), "
+                                  "an ANCER file gives C = diag(theta) with its floor (rddrs)")
     p.add_argument("--probabilities", action="store_true", help="the model outputs probabilities, not logits")
     p.add_argument("--iterations", type=int, help="search iterations of --method")
     p.add_argument("--samples", type=_positive_int, help="search samples per iteration of --method")
     p.add_argument("--lr", type=float, help="search step size of --method")
     p.add_argument("--kappa", type=float, help="weight of the smallest-scale term of --method")
     p.add_argument("--max-step", type=float, help="bound on each search step of --method (0: none)")
+    p.add_argument("--objective", choices=OBJECTIVES,
+                   help="soft certificate the search maximises: soft (default, no clamp), clamped (the "
+                        "authors' code), capped (limited at the cap of this run's n and alpha)")
+    p.add_argument("--step", choices=STEPS,
+                   help="step rule of the search: sgd or adam (Riemannian Adam for rddrs); default: "
+                        "the method's paper (adam for ancer, sgd otherwise)")
     p.add_argument("--inputs-per-batch", type=_positive_int, default=32, help="images searched at once")
     p.add_argument("--batch-size", type=_positive_int, default=2000,
                    help="noisy images per forward pass (default 2000; larger helps on a GPU)")

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,43 +25,15 @@ from tqdm import tqdm
 
 from rddrs import RDDRSError
 from rddrs.certify import certify
-from rddrs.files import exclusive, provenance, write_atomic
+from rddrs.files import ensure_dir, exclusive, provenance, write_atomic
+from rddrs.methods import method as method_record
 from rddrs.noise import Diagonal, FullSPD, Isotropic, Smoothing
-from rddrs.optimize import ANCER, DDRS, METHODS, RDDRS, Search, find_smoothing
-
-COLUMNS = ("idx", "label", "predict", "correct", "gap", "radius", "proxy_radius",
-           "sigma_min", "sigma_proxy", "sigma_max", "p_lower", "seconds")
-INT_COLUMNS = {"idx", "label", "predict", "correct"}
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Scale of a run: certification samples, level, test images, and the searches."""
-
-    n0: int
-    n: int
-    alpha: float
-    count: int
-    search: dict = field(default_factory=dict)
-
-
-#: Bound on each RDDRS step in every preset (see ``Search.max_step``): no direction of C
-#: stretches by more than 10 % per step.
-RDDRS_MAX_STEP = 0.1
-
-# cpu keeps the DDRS and ANCER path lengths (iterations x step) close to the paper's.
-PRESETS = {
-    "smoke": Preset(n0=10, n=200, alpha=0.01, count=4, search={
-        "ddrs": Search(10, 16, 1e-3, scale=0.5, keep_best_every=5),
-        "ancer": Search(5, 16, 0.04, kappa=2.0, adam=True),
-        "rddrs": Search(5, 32, 1.0, kappa=1e-6, max_step=RDDRS_MAX_STEP)}),
-    "cpu": Preset(n0=100, n=10_000, alpha=0.001, count=100, search={
-        "ddrs": Search(150, 64, 1e-3, scale=0.5, keep_best_every=25),
-        "ancer": Search(50, 64, 0.08, kappa=2.0, adam=True),
-        "rddrs": Search(30, 500, 1.0, kappa=1e-6, max_step=RDDRS_MAX_STEP)}),
-    "paper": Preset(n0=100, n=100_000, alpha=0.001, count=10_000, search={
-        "ddrs": DDRS, "ancer": ANCER, "rddrs": replace(RDDRS, max_step=RDDRS_MAX_STEP)}),
-}
+from rddrs.optimize import find_smoothing
+from rddrs.presets import PRESETS, RDDRS_MAX_STEP, Search, preset as preset_record  # noqa: F401 (re-exported)
+from rddrs.results import (COLUMNS, INT_COLUMNS, complete_lines, format_value, read_rows,  # noqa: F401
+                           read_sidecar, result_path, sidecar_path, traces_dir, write_rows)
+from rddrs.methods import NAMES as METHODS
+from rddrs.stats import gap_cap
 
 
 @dataclass(frozen=True)
@@ -125,53 +97,6 @@ class Rotated(torch.nn.Module):
 
 # -- result files --------------------------------------------------------------------------
 
-def sidecar_path(out: Path) -> Path:
-    return out.with_name(out.name + ".json")
-
-
-def traces_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".traces")
-
-
-def _format(value) -> str:
-    return repr(float(value)) if isinstance(value, (float, np.floating)) else str(int(value))
-
-
-def complete_lines(path: Path) -> list[str]:
-    """The lines of an appended-to file; a half-written last line (a killed writer) is cut off the file."""
-    if not path.exists():
-        return []
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-        with open(path, "r+") as f:
-            f.truncate(len(text.encode()))
-    return text.splitlines()
-
-
-def read_rows(out: Path) -> dict[int, dict]:
-    """Complete rows of a result file by idx; a half-written last line is cut off the file."""
-    lines = complete_lines(out)
-    if not lines:
-        return {}
-    header = lines[0].split("\t")
-    if tuple(header[: len(COLUMNS)]) != COLUMNS:
-        raise RDDRSError(f"{out} is not an rddrs result file (unexpected header)")
-    rows = {}
-    for number, line in enumerate(lines[1:], start=2):
-        values = line.split("\t")
-        if len(values) != len(header):
-            raise RDDRSError(f"{out}, line {number}: expected {len(header)} fields, got {len(values)}")
-        try:
-            row = {k: int(v) if k in INT_COLUMNS else float(v) for k, v in zip(header, values)}
-        except ValueError as err:
-            raise RDDRSError(f"{out}, line {number}: {err}") from None
-        if row["idx"] in rows:
-            raise RDDRSError(f"{out}, line {number}: idx {row['idx']} appears twice")
-        rows[row["idx"]] = row
-    return rows
-
-
 def _open_for_append(out: Path, resumed: bool):
     f = open(out, "a")
     if not resumed:
@@ -186,10 +111,10 @@ def check_or_write_sidecar(out: Path, settings: RunSettings, extra: dict) -> boo
     if out.exists() and out.stat().st_size > 0:
         if not side.exists():
             raise RDDRSError(f"{out} exists without its sidecar {side.name}; move it away or remove it")
-        old = json.loads(side.read_text())["settings"]
+        old = read_sidecar(out)["settings"]
         old["init"] = _file_name(old.get("init"))
         # a search recorded before a Search option existed ran with that option's default
-        old["search"] = {k: asdict(Search(**v)) for k, v in old.get("search", {}).items()}
+        old["search"] = {k: Search.from_dict(v).record() for k, v in old.get("search", {}).items()}
         new = settings.comparable()
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
@@ -208,36 +133,37 @@ def make_settings(method: str, sigma: float, model: str | Path, preset: str = "c
                   probabilities: bool = False, n0: int | None = None, n: int | None = None,
                   alpha: float | None = None, search: dict | None = None) -> RunSettings:
     """The settings of one run: the preset's values unless given. ``search`` overrides fields
-    of ``method``'s search (e.g. ``{"kappa": 1.0}``; ``max_step=0`` turns the bound off)."""
-    if method not in METHODS:
-        raise RDDRSError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if preset not in PRESETS:
-        raise RDDRSError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    of ``method``'s search (e.g. ``{"kappa": 1.0, "step": "adam"}``; ``max_step=0`` turns the
+    bound off); a ``capped`` objective gets the cap of this run's n and alpha."""
+    record = method_record(method)
+    chosen = preset_record(preset)
     if not sigma > 0:
         raise RDDRSError(f"sigma must be > 0, got {sigma}")
-    if init is not None and method not in ("ancer", "rddrs"):
-        raise RDDRSError("init (a DDRS result file) applies to method ancer or rddrs only")
+    if init is not None and not record.starts:
+        raise RDDRSError(f"init (a result file to start from) applies to method ancer or rddrs only, not {method}")
     model = Path(model)
     if not model.is_file():
         raise RDDRSError(f"model {model}: no such file")
-    chosen = PRESETS[preset]
+    n0, n = n0 or chosen.n0, n or chosen.n
+    alpha = chosen.alpha if alpha is None else alpha
+    if not 0 < alpha < 1:
+        raise RDDRSError(f"alpha must lie in (0, 1), got {alpha}")
+    if n0 < 1 or n < 1:
+        raise RDDRSError(f"n0 and n must be >= 1, got {n0}, {n}")
     overrides = dict(search or {})
-    if overrides and method == "rs":
-        raise RDDRSError("RS has no search to override")
+    if overrides and not record.searched:
+        raise RDDRSError(f"{record.label} has no search to override")
     if overrides.get("max_step") == 0:
         overrides["max_step"] = None
-    searches = {k: asdict(replace(v, **overrides) if k == method else v) for k, v in chosen.search.items()
-                if k == method or (k == "ddrs" and method != "rs")}
-    settings = RunSettings(
+    own = replace(chosen.search[method], **overrides) if record.searched else None
+    if own is not None and own.objective == "capped" and own.cap is None:
+        own = replace(own, cap=gap_cap(n, alpha))
+    searches = {k: (own if k == method else v).record() for k, v in chosen.search.items()
+                if k == method or (k == "ddrs" and record.searched)}
+    return RunSettings(
         method=method, sigma=float(sigma), preset=preset, model=str(model), model_sha256=sha256_of(model),
-        n0=n0 or chosen.n0, n=n or chosen.n, alpha=chosen.alpha if alpha is None else alpha, seed=seed,
-        device=str(device), rotate=rotate, probabilities=probabilities, search=searches,
-        init=None if init is None else str(init))
-    if not 0 < settings.alpha < 1:
-        raise RDDRSError(f"alpha must lie in (0, 1), got {settings.alpha}")
-    if settings.n0 < 1 or settings.n < 1:
-        raise RDDRSError(f"n0 and n must be >= 1, got {settings.n0}, {settings.n}")
-    return settings
+        n0=n0, n=n, alpha=alpha, seed=seed, device=str(device), rotate=rotate, probabilities=probabilities,
+        search=searches, init=None if init is None else str(init))
 
 
 def certify_mnist(settings: RunSettings, out: str | Path, start: int = 0, count: int | None = None,
@@ -248,10 +174,13 @@ def certify_mnist(settings: RunSettings, out: str | Path, start: int = 0, count:
     from rddrs.models import load_model, resolve_device
 
     images, labels = load_mnist(Path(data), train=False)
-    count = PRESETS[settings.preset].count if count is None else count
-    if not (0 <= start < len(images)) or count < 1:
-        raise RDDRSError(f"start {start}, count {count} is outside the {len(images)} test images")
-    stop = min(start + count, len(images))
+    if not 0 <= start < len(images):
+        raise RDDRSError(f"start {start} is outside the test set (0..{len(images) - 1})")
+    count = min(PRESETS[settings.preset].count, len(images) - start) if count is None else count
+    if count < 1 or start + count > len(images):
+        raise RDDRSError(f"test images {start}..{start + count - 1} reach outside the test set "
+                         f"(0..{len(images) - 1}); choose --start and --count inside it")
+    stop = start + count
     model = load_model(settings.model, device=resolve_device(settings.device), probabilities=settings.probabilities)
     return run_certification(settings, model, images[start:stop], labels[start:stop], start, Path(out),
                              inputs_per_batch, batch_size, progress)
@@ -260,10 +189,6 @@ def certify_mnist(settings: RunSettings, out: str | Path, start: int = 0, count:
 def model_path(sigma: float, models: str | Path = "data/models") -> Path:
     """The base classifier trained at ``sigma`` (``make train``)."""
     return Path(models) / f"mnist_cnn_sigma{sigma:.2f}.pt"
-
-
-def result_path(results: str | Path, method: str, sigma: float) -> Path:
-    return Path(results) / f"{method}_sigma{sigma:.2f}.tsv"
 
 
 def standard_runs(sigma: float, preset: str, results: str | Path, *, device: str = "cpu",
@@ -275,7 +200,7 @@ def standard_runs(sigma: float, preset: str, results: str | Path, *, device: str
     ddrs = result_path(results, "ddrs", sigma)
     outs = {}
     for method in METHODS:
-        init = ddrs if method in ("ancer", "rddrs") else None
+        init = ddrs if method_record(method).starts else None
         settings = make_settings(method, sigma, model, preset, seed=seed, device=device, init=init)
         outs[method] = certify_mnist(settings, result_path(results, method, sigma), count=count,
                                      data=data, progress=progress)
@@ -284,18 +209,44 @@ def standard_runs(sigma: float, preset: str, results: str | Path, *, device: str
 
 # -- the run -------------------------------------------------------------------------------
 
-def load_init(path: Path, run: RunSettings) -> dict[int, float]:
-    """sigma_x* per idx from a DDRS result file of the same sigma, model, seed and rotation."""
-    side = sidecar_path(path)
-    if not path.exists() or not side.exists():
-        raise RDDRSError(f"--init {path}: no such DDRS result file (with its .json sidecar)")
-    settings = json.loads(side.read_text())["settings"]
-    if settings["method"] != "ddrs" or settings["sigma"] != run.sigma:
-        raise RDDRSError(f"--init {path} holds {settings['method']} at sigma={settings['sigma']}, "
-                         f"not ddrs at sigma={run.sigma}")
+@dataclass
+class Start:
+    """Where each image's search starts, read from a finished run (``--init``): sigma_x* per
+    idx, and for an ANCER run also theta per idx (RDDRS then starts at C = diag(theta))."""
+
+    sigma_star: dict[int, float]
+    theta: dict[int, np.ndarray] | None = None
+
+    def batch(self, idx: list[int], like: torch.Tensor) -> dict:
+        """``find_smoothing``'s start arguments for the images ``idx``."""
+        star = torch.tensor([self.sigma_star[i] for i in idx], dtype=like.dtype, device=like.device)
+        if self.theta is None:
+            return {"sigma_star": star}
+        theta = torch.from_numpy(np.stack([self.theta[i] for i in idx])).to(like)
+        return {"sigma_star": star, "theta": theta}
+
+
+def load_init(path: Path, run: RunSettings, indices: list[int]) -> Start:
+    """The start of ``run``'s images ``indices`` from the result file ``path``: a DDRS run of
+    the same sigma, model, seed and rotation (sigma_x* from its rows), or, for RDDRS, such an
+    ANCER run (theta and sigma_x* from its traces)."""
+    if not path.exists() or not sidecar_path(path).exists():
+        raise RDDRSError(f"--init {path}: no such result file (with its .json sidecar)")
+    settings = read_sidecar(path)["settings"]
+    allowed = method_record(run.method).starts
+    if settings["method"] not in allowed or settings["sigma"] != run.sigma:
+        raise RDDRSError(f"--init {path} holds {settings['method']} at sigma={settings['sigma']}; "
+                         f"{run.method} starts from {' or '.join(allowed)} at sigma={run.sigma}")
     if differ := [k for k in ("model_sha256", "seed", "rotate") if settings[k] != getattr(run, k)]:
         raise RDDRSError(f"--init {path} was run with another {', '.join(differ)}")
-    return {i: row["sigma_min"] for i, row in read_rows(path).items()}
+    rows = read_rows(path)
+    if missing := [i for i in indices if i not in rows]:
+        raise RDDRSError(f"--init {path} has no row for idx {missing[0]} (and {len(missing) - 1} more)")
+    if settings["method"] == "ddrs":
+        return Start({i: rows[i]["sigma_min"] for i in indices})
+    d = run_dimension(path, indices[0])
+    theta = {i: trace_param(path, i, "ancer", d) for i in indices}
+    return Start({i: trace_value(path, i, "sigma_star") for i in indices}, theta)
 
 
 def run_certification(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor,
@@ -310,19 +261,16 @@ def run_certification(settings: RunSettings, model, images: torch.Tensor, labels
 def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor,
                   start: int, out: Path, inputs_per_batch: int, batch_size: int, progress: bool) -> Path:
     device = torch.device(settings.device)
-    out.parent.mkdir(parents=True, exist_ok=True)
     resumed = check_or_write_sidecar(out, settings, {"provenance": provenance(device)})
     done = read_rows(out)
     todo = [i for i in range(start, start + len(images)) if i not in done]
-    init = load_init(Path(settings.init), settings) if settings.init else None
-    if init is not None and (missing := [i for i in todo if i not in init]):
-        raise RDDRSError(f"--init {settings.init} has no row for idx {missing[0]} (and {len(missing) - 1} more)")
+    init = load_init(Path(settings.init), settings, todo) if settings.init and todo else None
     rotation = random_rotation(images[0].numel(), settings.rotate) if settings.rotate is not None else None
     noise_rotation = None
     if rotation is not None:  # common random numbers: the draws are U eps, the original run's turned
         model = Rotated(model, rotation.to(device, images.dtype))
         noise_rotation = rotation.to(device, images.dtype)
-    searches = {k: Search(**v) for k, v in settings.search.items()}
+    searches = {k: Search.from_dict(v) for k, v in settings.search.items()}
     traces = traces_dir(out)
     if settings.method != "rs":
         traces.mkdir(exist_ok=True)
@@ -335,9 +283,9 @@ def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: to
             if rotation is not None:
                 x = (x.flatten(1) @ rotation.to(x).T).reshape(x.shape)
             tic = time.perf_counter()
-            sigma_star = None if init is None else torch.tensor([init[i] for i in idx], dtype=x.dtype, device=device)
+            start_args = {} if init is None else init.batch(idx, x)
             law, trace = find_smoothing(settings.method, model, x, idx, settings.sigma, settings.seed,
-                                        searches, sigma_star=sigma_star, rotation=noise_rotation)
+                                        searches, rotation=noise_rotation, **start_args)
             cert = certify(model, x, law, idx, settings.n0, settings.n, settings.alpha, settings.seed, batch_size,
                            rotation=noise_rotation)
             seconds = (time.perf_counter() - tic) / len(idx)
@@ -350,7 +298,7 @@ def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: to
                 row = (i, label, cert.predict[j], int(cert.predict[j] == label), cert.gap[j], cert.radius[j],
                        cert.proxy_radius[j], float(sigma_min[j]), float(sigma_proxy[j]),
                        float(sigma_max[j]), cert.p_lower[j], seconds)
-                f.write("\t".join(_format(v) for v in row) + "\n")
+                f.write("\t".join(format_value(v) for v in row) + "\n")
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(idx))
@@ -359,37 +307,42 @@ def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: to
 
 
 
+def trace_value(out: Path, idx: int, key: str) -> np.ndarray:
+    """The array ``key`` of image ``idx``'s trace in the run ``out``, or a one-line error."""
+    path = traces_dir(Path(out)) / f"{idx}.npz"
+    if not path.exists():
+        raise RDDRSError(f"{path}: missing trace of image {idx} (the traces are not committed: recompute "
+                         f"{Path(out).name} on this machine, after moving it away)")
+    with np.load(path) as trace:
+        if key not in trace:
+            raise RDDRSError(f"{path} holds no {key!r} (written by an older rddrs); recompute {Path(out).name}")
+        return trace[key]
+
+
 def trace_param(out: Path, idx: int, method: str, d: int) -> np.ndarray:
     """The final parameter of image ``idx`` in the run ``out``: theta (d,) or C (d, d), float64."""
-    path = traces_dir(Path(out)) / f"{idx}.npz"
     shape = (d,) * {"ancer": 1, "rddrs": 2}[method]
-    if not path.exists():
-        raise RDDRSError(f"{path}: missing trace (the {method} parameter of image {idx})")
-    with np.load(path) as trace:
-        if "param" not in trace:
-            raise RDDRSError(f"{path} holds no 'param' (written by an older rddrs); rerun the certification")
-        param = trace["param"].astype(np.float64)
+    param = trace_value(out, idx, "param").astype(np.float64)
     if param.shape != shape:
-        raise RDDRSError(f"{path}: param has shape {param.shape}, {method} needs {shape}")
+        raise RDDRSError(f"{traces_dir(Path(out)) / f'{idx}.npz'}: param has shape {param.shape}, {method} needs {shape}")
     return param
+
+
+def run_dimension(out: Path, idx: int) -> int:
+    """The input dimension d of a searched run, from the final parameter of one image."""
+    return int(trace_value(out, idx, "param").shape[-1])
 
 
 def load_smoothing(out: str | Path, indices, d: int, dtype: torch.dtype = torch.float64) -> Smoothing:
     """The smoothing laws a run certified images ``indices`` with: sigma from the rows (RS,
     DDRS), theta or C from the traces (ANCER, RDDRS)."""
     out = Path(out)
-    method = json.loads(sidecar_path(out).read_text())["settings"]["method"]
-    if method in ("rs", "ddrs"):
+    method = read_sidecar(out)["settings"]["method"]
+    if method_record(method).family == "isotropic":
         rows = read_rows(out)
         return Isotropic(torch.tensor([rows[i]["sigma_min"] for i in indices], dtype=dtype), d, check=False)
     params = torch.from_numpy(np.stack([trace_param(out, i, method, d) for i in indices])).to(dtype)
     return Diagonal(params, check=False) if method == "ancer" else FullSPD(params, check=False)
-
-
-def write_rows(out: Path, rows: list[dict]) -> None:
-    """Write a whole result file atomically."""
-    lines = ["\t".join(COLUMNS)] + ["\t".join(_format(row[k]) for k in COLUMNS) for row in rows]
-    write_atomic(out, [("\n".join(lines) + "\n").encode()])
 
 
 def merge(shards: list[Path], out: Path) -> int:
@@ -404,7 +357,7 @@ def merge(shards: list[Path], out: Path) -> int:
     for shard in shards:
         if not shard.exists() or not sidecar_path(shard).exists():
             raise RDDRSError(f"{shard}: no such result file (with its .json sidecar)")
-        sides.append(json.loads(sidecar_path(shard).read_text()))
+        sides.append(read_sidecar(shard))
     for shard, side in zip(shards[1:], sides[1:]):
         if side["settings"] != sides[0]["settings"]:
             raise RDDRSError(f"{shard} and {shards[0]} were run with different settings")
@@ -419,7 +372,7 @@ def merge(shards: list[Path], out: Path) -> int:
     lo, hi = min(rows), max(rows)
     if missing := [i for i in range(lo, hi + 1) if i not in rows]:
         raise RDDRSError(f"the shards miss idx {missing[0]} ({len(missing)} rows missing in {lo}..{hi})")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent)
     write_rows(out, [rows[i] for i in range(lo, hi + 1)])
     merged_traces = traces_dir(out)
     merged_traces.mkdir(exist_ok=True)

@@ -11,7 +11,7 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-from rddrs import RDDRSError, __version__
+from rddrs import RDDRSError, __version__, allocator
 
 
 def one_line(err: BaseException) -> str:
@@ -20,12 +20,23 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def ensure_dir(folder: Path) -> Path:
+    """``folder``, created with its parents if missing, or a one-line error saying why not."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RDDRSError(f"cannot write into {folder}: the directory cannot be created ({one_line(err)}); "
+                         "choose a writable place") from None
+    return folder
+
+
 def write_atomic(path: Path, chunks: list[bytes]) -> None:
     """Write ``path`` under a temporary name in its directory, then rename it into place,
     so that a reader (or a killed writer) never sees half a file."""
+    ensure_dir(path.parent)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
         with open(tmp, "xb") as f:
             for chunk in chunks:
@@ -58,6 +69,7 @@ def provenance(device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {"versions": {"rddrs": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "device": f"{device} ({name})", "threads": torch.get_num_threads(), "host": platform.node(),
+            "malloc_tuning": allocator.status(),
             "git_commit": commit, "git_dirty": None if status is None else bool(status),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -80,8 +92,12 @@ def exclusive(path: Path):
     that a second process appending to the same file fails at once instead of mixing rows."""
     path = Path(path)
     lock = path.with_name(path.name + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as handle:
+    ensure_dir(path.parent)
+    try:
+        handle = open(lock, "w")
+    except OSError as err:
+        raise RDDRSError(f"cannot write in {path.parent} ({one_line(err)}); choose a writable place") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

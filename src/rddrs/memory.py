@@ -56,16 +56,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from rddrs import RDDRSError, spd
-from rddrs.experiments import (
-    COLUMNS,
-    INT_COLUMNS,
-    _format,
-    complete_lines,
-    random_rotation,
-    read_rows,
-    sidecar_path,
-    trace_param,
-)
+from rddrs.experiments import random_rotation, trace_param
+from rddrs.results import COLUMNS, INT_COLUMNS, complete_lines, format_value, read_rows, sidecar_path
 from rddrs.files import exclusive, write_atomic
 from rddrs.noise import Diagonal, FullSPD, Isotropic, Smoothing
 
@@ -529,7 +521,7 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
                     row.update(predict=decision.label, correct=int(decision.label == row["label"]), gap=decision.gap,
                                radius=decision.gap * row["sigma_min"], proxy_radius=decision.gap * row["sigma_proxy"],
                                memory=decision.status)
-                f.write("\t".join([_format(row[k]) for k in COLUMNS] + [row["memory"]]) + "\n")
+                f.write("\t".join([format_value(row[k]) for k in COLUMNS] + [row["memory"]]) + "\n")
                 f.flush()
                 bar.update()
             os.fsync(f.fileno())

@@ -60,6 +60,8 @@ class Smoothing:
 
     param: Tensor
     dim: int
+    #: the family's name in the methods registry (``rddrs.methods``)
+    family: str
 
     @property
     def batch(self) -> int:
@@ -112,7 +114,7 @@ class Smoothing:
         """The same family with another (trusted, already valid) parameter."""
         return type(self)(param, check=False, **self._extra())
 
-    # -- optimisation ---------------------------------------------------------------------
+    # -- geometry of the search (Euclidean by default; FullSPD: affine-invariant) ---------
     def leaf(self) -> "Smoothing":
         """A copy whose parameter is a fresh autograd leaf."""
         return self.with_param(self.param.detach().requires_grad_(True))
@@ -120,6 +122,15 @@ class Smoothing:
     def ascent_direction(self, euclidean_grad: Tensor) -> Tensor:
         """Gradient in the family's geometry from the Euclidean one (identity by default)."""
         return euclidean_grad
+
+    def inner(self, u: Tensor, v: Tensor) -> Tensor:
+        """The metric ``g_S(u, v)`` of two tangent vectors, per input (B,)."""
+        return (u * v).reshape(self.batch, -1).sum(1)
+
+    def component_inner(self, u: Tensor, v: Tensor) -> Tensor:
+        """The metric split into the parts Adam normalises separately, shaped like ``param``:
+        every coordinate of sigma or theta on its own (Euclidean Adam)."""
+        return u * v
 
     def grad_proxy(self) -> Tensor:
         raise NotImplementedError
@@ -139,6 +150,12 @@ class Smoothing:
             direction = direction * self.expand((max_step / ratio).clamp(max=1.0))
         return self.with_param(param + direction)
 
+    def step_transport(self, direction: Tensor, vector: Tensor,
+                       max_step: float | None = None) -> tuple["Smoothing", Tensor]:
+        """``step``, and the tangent vector ``vector`` carried to the new point by parallel
+        transport (unchanged in a flat geometry)."""
+        return self.step(direction, max_step), vector
+
     def floor(self, lower: Tensor | float) -> "Smoothing":
         """Project onto ``lambda_min(S) >= lower`` (a number or one per input); for a diagonal S
         (the default) every scale is raised to the floor."""
@@ -147,6 +164,8 @@ class Smoothing:
 
 class Isotropic(Smoothing):
     """``S = sigma I_d`` (RS and DDRS)."""
+
+    family = "isotropic"
 
     def __init__(self, sigma: Tensor, dim: int, check: bool = True):
         self.param = _checked_scales(sigma, "sigma", 1, "(B,)") if check else sigma
@@ -187,6 +206,8 @@ class Isotropic(Smoothing):
 class Diagonal(Smoothing):
     """``S = diag(theta)`` (ANCER)."""
 
+    family = "diagonal"
+
     def __init__(self, theta: Tensor, check: bool = True):
         self.param = _checked_scales(theta, "theta", 2, "(B, d)") if check else theta
         self.dim = self.param.shape[1]
@@ -214,14 +235,19 @@ class Diagonal(Smoothing):
         """``dK/dtheta``: the indicator of the smallest entry, shared equally among ties."""
         return _tied_minimum(self.param.detach())
 
+    def as_full(self) -> "FullSPD":
+        return FullSPD(torch.diag_embed(self.param.detach()))
 
 
 class FullSPD(Smoothing):
     """``S = C``, a symmetric positive definite matrix (RDDRS); the covariance is ``C^2``.
 
     Steps follow the affine-invariant geometry: the ascent direction is the Riemannian
-    gradient ``C sym(G) C`` and a step is the exponential map ``Exp_C(V)``.
+    gradient ``C sym(G) C``, a step is the exponential map ``Exp_C(V)``, the metric is
+    ``tr(C^-1 U C^-1 V)`` and tangent vectors move between points by parallel transport.
     """
+
+    family = "full"
 
     def __init__(self, c: Tensor, eig: tuple[Tensor, Tensor] | None = None, check: bool = True):
         c = torch.as_tensor(c)
@@ -264,6 +290,19 @@ class FullSPD(Smoothing):
     def ascent_direction(self, euclidean_grad: Tensor) -> Tensor:
         return spd.riemannian_gradient(self.param.detach(), euclidean_grad)
 
+    def inner(self, u: Tensor, v: Tensor) -> Tensor:
+        """``tr(C^-1 U C^-1 V)``, computed in C's eigenbasis."""
+        w, vec = self.eig
+        vt = vec.transpose(-1, -2)
+        scale = w.unsqueeze(-1) * w.unsqueeze(-2)
+        return ((vt @ u @ vec) * (vt @ v @ vec) / scale).sum((-1, -2))
+
+    def component_inner(self, u: Tensor, v: Tensor) -> Tensor:
+        """The metric of the whole matrix, per input: Riemannian Adam (Becigneul and Ganea)
+        keeps one second moment per point, since the coordinates of a tangent space have no
+        meaning of their own."""
+        return self.inner(u, v).view(-1, 1, 1)
+
     def grad_proxy(self) -> Tensor:
         """Riemannian gradient of ``det(C)^(1/d)``: ``(P/d) C``."""
         return (self.proxy() / self.dim).view(-1, 1, 1) * self.param.detach()
@@ -283,6 +322,12 @@ class FullSPD(Smoothing):
         """``Exp_C(direction)``; ``max_step`` bounds how much any direction of C may stretch
         (by ``exp(max_step)`` at most; see ``spd.exp``)."""
         return FullSPD(spd.exp(self.param.detach(), direction, eig=self.eig, max_norm=max_step), check=False)
+
+    def step_transport(self, direction: Tensor, vector: Tensor,
+                       max_step: float | None = None) -> tuple["FullSPD", Tensor]:
+        """``step`` and the parallel transport of ``vector`` along it (``spd.exp_transport``)."""
+        moved, carried = spd.exp_transport(self.param.detach(), direction, vector, eig=self.eig, max_norm=max_step)
+        return FullSPD(moved, check=False), carried
 
     def floor(self, lower) -> "FullSPD":
         w, v = self.eig

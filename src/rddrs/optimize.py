@@ -5,8 +5,10 @@ All three maximise, for each input separately, the soft certificate
     H(S) = scale * R(S) * (P(S) + kappa K(S)),
     R = Phi^-1(G_A) - Phi^-1(G_B),   P = det(S)^(1/d),   K = lambda_min(S),
 
-where ``G = E[softmax f(x + S eps)]`` is estimated from fresh draws at every iteration. They
-differ only by the family of S and the step rule:
+where ``G = E[softmax f(x + S eps)]`` is estimated from fresh draws at every iteration. One
+loop serves the three methods; they differ by the family of S, the reading of R
+(``rddrs.objectives``: soft, clamped, capped) and the step rule (``rddrs.steps``: sgd, adam),
+each set by the method's ``Search`` (``rddrs.presets``). The papers' own searches:
 
 * DDRS (Alfarra et al.): ``S = sigma I``, ``H = sigma R / 2``, gradient ascent on sigma,
   best iterate kept at checkpoints;
@@ -17,8 +19,7 @@ differ only by the family of S and the step rule:
 One forward and one backward pass per iteration: R and its Euclidean gradient with respect
 to S come from the same draws (the chain rule through ``x + S eps`` gives the estimator
 ``E[grad f(y) eps^T]`` of the paper for both classes at once); the gradients of P and K are in
-closed form (``Smoothing.grad_proxy``, ``Smoothing.grad_min_scale``). No probability is
-clamped (see ``rddrs.stats.soft_gap``).
+closed form (``Smoothing.grad_proxy``, ``Smoothing.grad_min_scale``).
 """
 
 from __future__ import annotations
@@ -30,67 +31,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from rddrs import RDDRSError
-from rddrs.noise import Isotropic, NoiseSource, Smoothing, check_inputs, noisy_outputs
-from rddrs.stats import soft_gap
-
-
-@dataclass(frozen=True)
-class Search:
-    """Settings of one per-input search: H = scale * R * (P + kappa K), ``iterations`` steps of
-    size ``lr`` (Adam if ``adam``), ``samples`` draws per step, and, if ``keep_best_every``,
-    the best of the iterates at every that many steps instead of the last one.
-
-    ``max_step`` bounds each step: no scale of S changes by more than a factor
-    ``exp(max_step)`` (RDDRS: whitened spectral norm, ``spd.exp``) or ``1 + max_step``
-    (sigma, theta). It is our safeguard, not the papers': with few samples the Monte Carlo
-    gradient is noisy, and a fixed-size Riemannian step ``C grad C`` grows with C, so an
-    unbounded RDDRS ascent can run away along one direction (seen at 500 samples, lr 1).
-
-    Options for studying the search (defaults: the papers' behaviour):
-
-    * ``floor``: ANCER and RDDRS keep every scale of S above sigma_x*. With False only the
-      positivity guard ``DDRS_FLOOR`` remains (the exponential map keeps C SPD by itself, so
-      for RDDRS it only guards against underflow; for theta it is the projection that keeps
-      DDRS' sigma positive).
-    * ``antithetic``: the ``samples`` draws of each step are ``samples / 2`` antithetic pairs
-      ``(eps, -eps)`` (``NoiseSource.draw``); the Monte Carlo means stay unbiased, and their
-      odd-order noise in eps cancels exactly.
-    * ``repeat``: which independent replicate of the optimisation noise to draw (0: the usual
-      stream); the certification noise and sigma_x* do not change with it.
-    """
-
-    iterations: int
-    samples: int
-    lr: float
-    kappa: float = 0.0
-    scale: float = 1.0
-    adam: bool = False
-    keep_best_every: int | None = None
-    max_step: float | None = None
-    floor: bool = True
-    antithetic: bool = False
-    repeat: int = 0
-
-    def __post_init__(self):
-        if self.iterations < 0 or self.samples < 1:
-            raise RDDRSError(f"a search needs iterations >= 0 and samples >= 1, got {self.iterations}, {self.samples}")
-        if not self.lr > 0:
-            raise RDDRSError(f"learning rate must be > 0, got {self.lr}")
-        if self.kappa < 0:
-            raise RDDRSError(f"kappa must be >= 0, got {self.kappa}")
-        if self.max_step is not None and not self.max_step > 0:
-            raise RDDRSError(f"max_step must be > 0 (or None), got {self.max_step}")
-        if self.antithetic and self.samples % 2:
-            raise RDDRSError(f"antithetic pairs need an even number of samples, got {self.samples}")
-        if int(self.repeat) != self.repeat or self.repeat < 0:
-            raise RDDRSError(f"repeat must be an integer >= 0, got {self.repeat}")
-
-
-# The papers' settings (RDDRS paper, Section 4).
-DDRS = Search(iterations=1500, samples=100, lr=1e-4, scale=0.5, keep_best_every=100)
-ANCER = Search(iterations=100, samples=100, lr=0.04, kappa=2.0, adam=True)
-RDDRS = Search(iterations=100, samples=20_000, lr=1.0, kappa=1e-6)
+from rddrs import RDDRSError, objectives, steps
+from rddrs.methods import method as method_record
+from rddrs.noise import Diagonal, Isotropic, NoiseSource, Smoothing, check_inputs, noisy_outputs
+from rddrs.presets import ANCER, DDRS, RDDRS, Search
+from rddrs.stats import ClassMeans, class_means
 
 #: sigma is kept above this during DDRS' search (only to keep the scale positive); so are the
 #: scales of ANCER and RDDRS searches without the sigma_x* floor (``Search.floor=False``).
@@ -105,35 +50,57 @@ class SearchResult:
     trace: np.ndarray
 
 
-class _Adam:
-    """Adam ascent directions, elementwise, hence independent across inputs."""
-
-    def __init__(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.lr, self.betas, self.eps, self.t = lr, betas, eps, 0
-        self.m = self.v = 0.0
-
-    def __call__(self, grad: Tensor) -> Tensor:
-        b1, b2 = self.betas
-        self.t += 1
-        self.m = b1 * self.m + (1 - b1) * grad
-        self.v = b2 * self.v + (1 - b2) * grad * grad
-        m_hat, v_hat = self.m / (1 - b1 ** self.t), self.v / (1 - b2 ** self.t)
-        return self.lr * m_hat / (v_hat.sqrt() + self.eps)
-
-
 def objective_and_gradient(model, x: Tensor, smoothing: Smoothing, eps: Tensor, kappa: float,
-                           scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """H per input (float64, (B,)) and its gradient in the family's geometry, from draws eps."""
+                           scale: float = 1.0, objective=None,
+                           control_variate: bool = False) -> tuple[Tensor, Tensor]:
+    """H per input (float64, (B,)) and its gradient in the family's geometry, from draws eps.
+
+    ``objective`` reads R from the class means (``rddrs.objectives``; default: soft). With
+    ``control_variate`` the Monte Carlo gradient of R loses its value at the clean input:
+    R depends on the draws through means only, so its gradient is ``sum_i J_S(eps_i)^T
+    grad psi(y_i)`` for one function psi of y (``_clean_input_gradient``); subtracting
+    ``sum_i J_S(eps_i)^T grad psi(x)``, whose mean is 0 because ``E[eps] = 0``, removes the
+    part of the noise that is linear in eps.
+    """
+    objective = objective or objectives.Soft()
     leaf = smoothing.leaf()
     log_probs = torch.log_softmax(noisy_outputs(model, x, leaf, eps), -1)
-    gap, _ = soft_gap(log_probs)
+    means = class_means(log_probs)
+    gap = objective(means)
+    if control_variate:
+        weights = torch.autograd.grad(gap.sum(), [means.log_g, means.log_tail], retain_graph=True,
+                                      allow_unused=True)
+        direction = _clean_input_gradient(model, x, means, weights, eps.shape[1])
+        sum_eps = eps.sum(1, keepdim=True)  # the clean-input term of every draw at once
+        correction = leaf.leaf()
+        linear = (correction.scale_noise(sum_eps) * direction[:, None, :].to(sum_eps)).sum()
+        (d_linear,) = torch.autograd.grad(linear, correction.param)
     (d_gap,) = torch.autograd.grad(gap.sum(), leaf.param)
+    if control_variate:
+        d_gap = d_gap - d_linear
     gap = gap.detach()
     weight = smoothing.proxy().double() + kappa * smoothing.min_scale().double()
     like = smoothing.param
     grad = (smoothing.expand(weight.to(like)) * smoothing.ascent_direction(d_gap)
             + smoothing.expand(gap.to(like)) * (smoothing.grad_proxy() + kappa * smoothing.grad_min_scale()))
     return scale * gap * weight, scale * grad
+
+
+def _clean_input_gradient(model, x: Tensor, means: ClassMeans, weights, m: int) -> Tensor:
+    """``grad psi(x)`` (B, d), where psi is the function of one noisy input y whose gradient at
+    each draw y_i is ``dR / dy_i``: with ``w = dR / dlog G`` and ``w_t = dR / dlog(1 - G_A)``,
+    ``psi(y) = (1/m) [sum_c w_c p_c(y) / G_c + w_t (1 - p_A(y)) / (1 - G_A)]``."""
+    w_g, w_tail = (torch.zeros_like(t) if w is None else w.detach()
+                   for w, t in zip(weights, (means.log_g, means.log_tail)))
+    clean = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        lp = torch.log_softmax(model(clean), -1).double()  # (B, K)
+        is_a = torch.nn.functional.one_hot(means.top, lp.shape[-1]).bool()
+        log_tail = torch.logsumexp(lp.masked_fill(is_a, -float("inf")), -1)
+        psi = ((w_g * (lp - means.log_g.detach()).exp()).sum(-1)
+               + w_tail * (log_tail - means.log_tail.detach()).exp()) / m
+        (grad,) = torch.autograd.grad(psi.sum(), clean)
+    return grad.reshape(len(x), -1)
 
 
 def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, seed: int,
@@ -147,45 +114,48 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
     """
     check_inputs(x, init, indices)
     noise = NoiseSource(seed, NoiseSource.OPTIMIZE, x.device, rotation, repeat=settings.repeat)
-    direction = _Adam(settings.lr) if settings.adam else (lambda g: settings.lr * g)
+    objective = objectives.build(settings.objective, init.family, settings.cap)
+    rule = steps.make(settings.step, settings.lr)
     current = init.floor(lower)
     best, best_value = current, torch.full((len(indices),), -np.inf, dtype=torch.float64, device=x.device)
     trace = []
     for t in tqdm(range(settings.iterations), disable=not progress, desc="search", leave=False):
         eps = noise.draw(indices, settings.samples, init.dim, x.dtype, antithetic=settings.antithetic)
-        value, grad = objective_and_gradient(model, x, current, eps, settings.kappa, settings.scale)
+        value, grad = objective_and_gradient(model, x, current, eps, settings.kappa, settings.scale, objective,
+                                             settings.control_variate)
         trace.append(value)
         if settings.keep_best_every and (t + 1) % settings.keep_best_every == 0:
             better = value > best_value
             best_value = torch.where(better, value, best_value)
             best = best.with_param(torch.where(current.expand(better), current.param, best.param))
-        current = current.step(direction(grad), settings.max_step).floor(lower)
+        current = rule(current, grad, settings.max_step).floor(lower)
     chosen = best if settings.keep_best_every and settings.iterations >= settings.keep_best_every else current
     trace = torch.stack(trace, 1).cpu().numpy() if trace else np.zeros((len(indices), 0))
     return SearchResult(chosen, trace)
 
 
-METHODS = ("rs", "ddrs", "ancer", "rddrs")
-
-
 def find_smoothing(method: str, model, x: Tensor, indices, sigma: float, seed: int,
                    settings: dict[str, Search] | None = None, sigma_star: Tensor | None = None,
-                   rotation: Tensor | None = None, progress: bool = False) -> tuple[Smoothing, dict[str, np.ndarray]]:
+                   theta: Tensor | None = None, rotation: Tensor | None = None,
+                   progress: bool = False) -> tuple[Smoothing, dict[str, np.ndarray]]:
     """The smoothing law of each input for ``method``, and the objective traces of its searches.
 
     RS uses ``sigma`` itself; DDRS searches sigma from ``sigma``; ANCER and RDDRS start from
     the DDRS optimum ``sigma_star`` (searched here unless given) with floor ``sigma_star``
-    (``DDRS_FLOOR`` if their search has ``floor=False``).
-    ``settings`` overrides the papers' settings per method (keys "ddrs", "ancer", "rddrs").
+    (``DDRS_FLOOR`` if their search has ``floor=False``). RDDRS can start from ANCER's
+    ``theta`` instead (C = diag(theta), same floor): it then searches a superset of ANCER's
+    ellipsoids. ``settings`` overrides the papers' settings per method (keys "ddrs",
+    "ancer", "rddrs").
     """
-    if method not in METHODS:
-        raise RDDRSError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    record = method_record(method)
     if not sigma > 0:
         raise RDDRSError(f"sigma must be > 0, got {sigma}")
+    if theta is not None and (record.family != "full" or sigma_star is None):
+        raise RDDRSError("a diagonal start (theta of an ANCER run, with its sigma_x*) serves RDDRS only")
     settings = {"ddrs": DDRS, "ancer": ANCER, "rddrs": RDDRS, **(settings or {})}
     d = x[0].numel()
     base = Isotropic(torch.full((len(indices),), float(sigma), dtype=x.dtype, device=x.device), d)
-    if method == "rs":
+    if not record.searched:
         return base, {}
     traces = {}
     if sigma_star is None:
@@ -194,8 +164,12 @@ def find_smoothing(method: str, model, x: Tensor, indices, sigma: float, seed: i
     star = Isotropic(torch.as_tensor(sigma_star, dtype=x.dtype, device=x.device), d)
     if method == "ddrs":
         return star, traces
-    init = star.as_diagonal() if method == "ancer" else star.as_full()
+    if theta is not None:
+        init = Diagonal(torch.as_tensor(theta, dtype=x.dtype, device=x.device)).as_full()
+    else:
+        init = star.as_diagonal() if record.family == "diagonal" else star.as_full()
     lower = star.param if settings[method].floor else DDRS_FLOOR
     found = search(model, x, init, indices, settings[method], lower, seed, rotation, progress)
     traces[method] = found.trace
+    traces["sigma_star"] = star.param.detach().cpu().numpy()  # the start and floor, for --init
     return found.smoothing, traces

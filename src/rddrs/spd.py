@@ -10,6 +10,7 @@ Closed forms used here, with ``C = V diag(w) V^T`` from one ``eigh``:
 * ``Log_C(D) = C^1/2 logm(C^-1/2 D C^-1/2) C^1/2``
 * ``dist(C, D) = ||logm(C^-1/2 D C^-1/2)||_F``
 * Riemannian gradient from a Euclidean one ``G``: ``C sym(G) C``.
+* parallel transport from C to D: ``U -> E U E^T``, ``E = (D C^-1)^1/2``.
 
 Every function is batched over leading axes (``(..., d, d)``), works on any device and keeps
 the input's dtype.
@@ -61,6 +62,18 @@ def sqrt_and_inv_sqrt(c: Tensor, eig: tuple[Tensor, Tensor] | None = None) -> tu
     return from_eig(root, v), from_eig(root.reciprocal(), v)
 
 
+def _exp_factor(c: Tensor, x: Tensor, eig, max_norm: float | None):
+    """``B = V W^1/2 Q exp(L/2)`` with ``Exp_C(X) = B B^T`` (see ``exp``), and V, W^1/2, Q."""
+    w, v = eig if eig is not None else eigh(c)
+    root = w.sqrt()
+    vt = v.transpose(-1, -2)
+    lam, q = eigh((vt @ x @ v) / (root.unsqueeze(-1) * root.unsqueeze(-2)))
+    if max_norm is not None:
+        lam = lam * (max_norm / lam.abs().amax(-1, keepdim=True)).clamp(max=1.0)
+    b = v @ (root.unsqueeze(-1) * q * (0.5 * lam).exp().unsqueeze(-2))
+    return b, v, root, q
+
+
 def exp(c: Tensor, x: Tensor, eig: tuple[Tensor, Tensor] | None = None,
         max_norm: float | None = None) -> Tensor:
     """Exponential map ``Exp_C(X) = C^1/2 expm(C^-1/2 X C^-1/2) C^1/2`` (``eig``: of C, if known).
@@ -70,14 +83,28 @@ def exp(c: Tensor, x: Tensor, eig: tuple[Tensor, Tensor] | None = None,
     With ``max_norm``, X is first shortened (per matrix) so that ``max |L| <= max_norm``: no
     direction of C is stretched or shrunk by more than ``exp(max_norm)``.
     """
-    w, v = eig if eig is not None else eigh(c)
-    root = w.sqrt()
-    vt = v.transpose(-1, -2)
-    lam, q = eigh((vt @ x @ v) / (root.unsqueeze(-1) * root.unsqueeze(-2)))
-    if max_norm is not None:
-        lam = lam * (max_norm / lam.abs().amax(-1, keepdim=True)).clamp(max=1.0)
-    b = v @ (root.unsqueeze(-1) * q * (0.5 * lam).exp().unsqueeze(-2))
+    b = _exp_factor(c, x, eig, max_norm)[0]
     return sym(b @ b.transpose(-1, -2))
+
+
+def exp_transport(c: Tensor, x: Tensor, u: Tensor, eig: tuple[Tensor, Tensor] | None = None,
+                  max_norm: float | None = None) -> tuple[Tensor, Tensor]:
+    """``D = Exp_C(X)`` (as ``exp``) and the parallel transport of the tangent vector U from C
+    to D along that geodesic, ``A U A^T`` with ``A = (D C^-1)^1/2 = C^1/2 expm(X'/2) C^-1/2``,
+    ``X' = C^-1/2 X C^-1/2``. In the factors of ``exp``, ``A = B (V W^-1/2 Q)^T``: two more
+    matrix products, and two for ``A U A^T``.
+    """
+    b, v, root, q = _exp_factor(c, x, eig, max_norm)
+    a = b @ (v @ (root.reciprocal().unsqueeze(-1) * q)).transpose(-1, -2)
+    return sym(b @ b.transpose(-1, -2)), sym(a @ u @ a.transpose(-1, -2))
+
+
+def transport(c: Tensor, d: Tensor, u: Tensor) -> Tensor:
+    """Parallel transport of the tangent vector U at C to D along the geodesic from C to D:
+    ``E U E^T`` with ``E = C^1/2 (C^-1/2 D C^-1/2)^1/2 C^-1/2`` (float64 inside)."""
+    root, inv_root = sqrt_and_inv_sqrt(c.double())
+    e = root @ funm(inv_root @ d.double() @ inv_root, torch.sqrt) @ inv_root
+    return sym(e @ u.double() @ e.transpose(-1, -2)).to(u.dtype)
 
 
 def log(c: Tensor, d: Tensor) -> Tensor:

@@ -4,18 +4,20 @@
   binomial proportion, holding with probability at least ``1 - alpha``.
 * ``binomial_p_value(k, n)``: two-sided p-value of ``k`` successes in ``n`` fair coin flips
   (Cohen et al.'s PREDICT abstains when it exceeds alpha).
-* ``probit_of_log(log p)`` and ``soft_gap(log_probs)``: the soft certificate
-  ``R = Phi^-1(G_A) - Phi^-1(G_B)`` of the optimisers, computed from per-sample
+* ``probit_of_log(log p)``, ``class_means(log_probs)`` and ``soft_gap(log_probs)``: the soft
+  certificate ``R = Phi^-1(G_A) - Phi^-1(G_B)`` of the optimisers, computed from per-sample
   log-probabilities without ever clamping a probability.
+* ``gap_cap(n, alpha)``: the largest gap n estimation samples can certify.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
+from scipy import special
 from torch import Tensor
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -25,11 +27,14 @@ def clopper_pearson_lower(k, n, alpha: float) -> np.ndarray:
     """One-sided ``1 - alpha`` lower confidence bound on p from k successes in n trials."""
     k, n = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
     safe_k = np.maximum(k, 1.0)  # the Beta law needs a > 0; k = 0 gives the bound 0
-    return np.where(k > 0, stats.beta.ppf(alpha, safe_k, n - k + 1), 0.0)
+    # the quantile of Beta(k, n - k + 1); scipy.special is a fraction of scipy.stats' import time
+    return np.where(k > 0, special.betaincinv(safe_k, n - k + 1, alpha), 0.0)
 
 
 def binomial_p_value(k, n) -> np.ndarray:
     """Two-sided p-value of ``k >= n/2`` successes in n fair trials: ``min(1, 2 P(X >= k))``."""
+    from scipy import stats  # only PREDICT needs it; certification runs start without it
+
     k, n = np.asarray(k), np.asarray(n)
     return np.minimum(1.0, 2.0 * stats.binom.sf(k - 1, n, 0.5))
 
@@ -65,6 +70,47 @@ def _log_mean_exp(a: Tensor, dim: int) -> Tensor:
     return torch.logsumexp(a, dim) - math.log(a.shape[dim])
 
 
+@dataclass
+class ClassMeans:
+    """The smoothed soft classifier ``G = mean_i softmax f(y_i)`` of m draws, in log space.
+
+    ``log_g`` (B, K): ``log G_c``; ``log_tail`` (B,): ``log(1 - G_A)`` averaged from the
+    per-sample complements ``log(1 - p_A(y_i)) = logsumexp_{c != A} log p_c(y_i)``, exact
+    where ``G_A`` rounds to 1; ``top``, ``runner_up``: the classes A and B (largest two G).
+    Every quantity is a mean over the draws, so each objective built on them is a function
+    ``h(G)`` of means (what the control variate of ``rddrs.optimize`` relies on).
+    """
+
+    log_g: Tensor
+    log_tail: Tensor
+    top: Tensor
+    runner_up: Tensor
+
+    @property
+    def log_g_top(self) -> Tensor:
+        return self.log_g.gather(1, self.top[:, None]).squeeze(1)
+
+    @property
+    def log_g_runner_up(self) -> Tensor:
+        return self.log_g.gather(1, self.runner_up[:, None]).squeeze(1)
+
+
+def class_means(log_probs: Tensor) -> ClassMeans:
+    """``ClassMeans`` of per-sample log-probabilities (B, m, K), in float64."""
+    lp = log_probs.double()
+    log_g = _log_mean_exp(lp, 1)
+    order = log_g.detach().topk(2, dim=-1).indices
+    a, b = order[:, 0], order[:, 1]
+    is_a = torch.nn.functional.one_hot(a, lp.shape[-1]).bool()[:, None, :]
+    log_tail = _log_mean_exp(torch.logsumexp(lp.masked_fill(is_a, -math.inf), -1), 1)
+    return ClassMeans(log_g, log_tail, a, b)
+
+
+def soft_gap_of(means: ClassMeans) -> Tensor:
+    """``R = Phi^-1(G_A) - Phi^-1(G_B) = -Phi^-1(1 - G_A) - Phi^-1(G_B)``, never clamped."""
+    return -probit_of_log(means.log_tail) - probit_of_log(means.log_g_runner_up)
+
+
 def soft_gap(log_probs: Tensor) -> tuple[Tensor, Tensor]:
     """Soft certificate ``R = Phi^-1(G_A) - Phi^-1(G_B)`` and the top class A, per input.
 
@@ -72,17 +118,16 @@ def soft_gap(log_probs: Tensor) -> tuple[Tensor, Tensor]:
     noise draws; ``G = mean`` of the probabilities, A and B its two largest classes.
 
     No probability is clamped. ``Phi^-1(G_A) = -Phi^-1(1 - G_A)`` and ``1 - G_A`` is averaged
-    from the per-sample complements ``log(1 - p_A) = logsumexp_{c != A} log p_c``, so a
-    confident input (``G_A`` within 1e-20 of 1, say) keeps a finite gap and an informative
-    gradient. A clamp such as ``G_A <= 0.98`` would instead make R constant, and its
-    gradient zero, for every confident input, so that they would all receive the same
-    smoothing parameter.
+    from the per-sample complements (``ClassMeans``), so a confident input (``G_A`` within
+    1e-20 of 1, say) keeps a finite gap and an informative gradient. A clamp such as
+    ``G_A <= 0.98`` would instead make R constant, and its gradient zero, for every confident
+    input, so that they would all receive the same smoothing parameter.
     """
-    lp = log_probs.double()
-    log_g = _log_mean_exp(lp, 1)  # (B, K)
-    top = log_g.detach().topk(2, dim=-1).indices
-    a, b = top[:, 0], top[:, 1]
-    is_a = torch.nn.functional.one_hot(a, lp.shape[-1]).bool()[:, None, :]
-    log_tail_a = _log_mean_exp(torch.logsumexp(lp.masked_fill(is_a, -math.inf), -1), 1)
-    log_g_b = log_g.gather(1, b[:, None]).squeeze(1)
-    return -probit_of_log(log_tail_a) - probit_of_log(log_g_b), a
+    means = class_means(log_probs)
+    return soft_gap_of(means), means.top
+
+
+def gap_cap(n: int, alpha: float) -> float:
+    """The largest gap CERTIFY can give with n estimation samples at level alpha:
+    ``Phi^-1(alpha^(1/n))``, the gap of ``p_A_lower`` when all n draws vote for A."""
+    return float(special.ndtri(alpha ** (1.0 / n)))

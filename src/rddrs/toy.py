@@ -51,7 +51,7 @@ NUM_CLASSES = 3
 #: (``Search.max_step``); kappa is each paper's.
 SEARCH = {
     "ddrs": Search(iterations=60, samples=500, lr=0.01, keep_best_every=10, max_step=0.1, antithetic=True),
-    "ancer": Search(iterations=60, samples=500, lr=0.02, kappa=2.0, adam=True, antithetic=True),
+    "ancer": Search(iterations=60, samples=500, lr=0.02, kappa=2.0, step="adam", antithetic=True),
     "rddrs": Search(iterations=60, samples=500, lr=1.0, kappa=1e-6, max_step=0.1, antithetic=True),
 }
 #: CERTIFY settings: the paper's n0, n and alpha (cheap in two dimensions)

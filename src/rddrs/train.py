@@ -32,13 +32,14 @@ import math
 import sys
 import time
 from pathlib import Path
-
-import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
+from typing import TYPE_CHECKING
 
 from rddrs import RDDRSError
 from rddrs.files import provenance, write_atomic
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that `rddrs train --help` starts fast
+    import torch
+    from torch import Tensor, nn
 
 ARCH = "MnistCNN"
 DEFAULTS = {"epochs": 20, "batch_size": 256, "lr": 2e-3, "seed": 0}
@@ -79,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Train, evaluate and save one model as described by the parsed options."""
+    import torch
+
     from rddrs.data import load_mnist
     from rddrs.models import resolve_device
 
@@ -151,6 +154,8 @@ def train_model(images: Tensor, labels: Tensor, *, sigma: float,
     the mean training loss and the training accuracy on the noisy images, the learning rate
     at the end of the epoch, the number of batches and the seconds it took.
     """
+    import torch
+    from torch.nn import functional as F
     from tqdm import tqdm
 
     from rddrs.models import MnistCNN
@@ -210,19 +215,21 @@ def train_model(images: Tensor, labels: Tensor, *, sigma: float,
     return model.eval(), log
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, *, sigma: float = 0.0,
              seed: int = 0, device: str | torch.device = "cpu") -> float:
     """Fraction of ``images`` classified as ``labels``; with ``sigma > 0`` each image gets one
     Gaussian draw ``sigma * eps`` from a CPU generator seeded with ``seed`` first."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     correct = 0
-    for i in range(0, len(images), EVAL_BATCH):
-        x = images[i:i + EVAL_BATCH]
-        if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=gen)
-        pred = model(x.to(device)).argmax(1).cpu()
-        correct += (pred == labels[i:i + EVAL_BATCH]).sum().item()
+    with torch.no_grad():
+        for i in range(0, len(images), EVAL_BATCH):
+            x = images[i:i + EVAL_BATCH]
+            if sigma > 0:
+                x = x + sigma * torch.randn(x.shape, generator=gen)
+            pred = model(x.to(device)).argmax(1).cpu()
+            correct += (pred == labels[i:i + EVAL_BATCH]).sum().item()
     return correct / len(images)
 
 
@@ -232,6 +239,8 @@ def export_program(model: nn.Module) -> torch.export.ExportedProgram:
     which the archive stores, is seeded, so the same weights give the same bytes."""
     import copy
 
+    import torch
+
     cpu = copy.deepcopy(model).cpu().eval().requires_grad_(False)
     example = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     return torch.export.export(cpu, (example,),
@@ -240,6 +249,8 @@ def export_program(model: nn.Module) -> torch.export.ExportedProgram:
 
 def save(model: nn.Module, meta: dict, out: Path) -> None:
     """Write ``out`` (.pt), ``out.pt2`` and ``out.json`` atomically, the sidecar last."""
+    import torch
+
     out = Path(out)
     program = io.BytesIO()
     torch.export.save(export_program(model), program)
