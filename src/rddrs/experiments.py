@@ -166,8 +166,24 @@ def make_settings(method: str, sigma: float, model: str | Path, preset: str = "c
         search=searches, init=None if init is None else str(init))
 
 
+#: noisy images one search iteration should hold (inputs x samples), by device type: on 2 CPU
+#: cores the time per input falls up to about 16k images (bench_core section 2: at 500 samples
+#: 0.28 s at 1 input, 0.19 s at 32; at 2000 samples 0.34 s at 1 and 8 inputs alike); on a GPU
+#: the bound is memory (about 0.2 MB per image for forward and backward of the CNN).
+SEARCH_IMAGES = {"cpu": 16_384, "cuda": 262_144}
+MAX_INPUTS_PER_BATCH = 32
+
+
+def default_inputs_per_batch(settings: RunSettings) -> int:
+    """Images searched (and certified) at once: ``SEARCH_IMAGES // samples`` of the run's
+    largest search, between 1 and ``MAX_INPUTS_PER_BATCH`` (32 for RS)."""
+    samples = max((v["samples"] for v in settings.search.values()), default=1)
+    budget = SEARCH_IMAGES.get(torch.device(settings.device).type, SEARCH_IMAGES["cpu"])
+    return max(1, min(MAX_INPUTS_PER_BATCH, budget // samples))
+
+
 def certify_mnist(settings: RunSettings, out: str | Path, start: int = 0, count: int | None = None,
-                  data: str | Path = "data", inputs_per_batch: int = 32, batch_size: int = 2000,
+                  data: str | Path = "data", inputs_per_batch: int | None = None, batch_size: int = 2000,
                   progress: bool = True) -> Path:
     """Certify MNIST test images ``start .. start+count-1`` (count: the preset's) into ``out``."""
     from rddrs.data import load_mnist
@@ -250,10 +266,12 @@ def load_init(path: Path, run: RunSettings, indices: list[int]) -> Start:
 
 
 def run_certification(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor,
-                      start: int, out: Path, inputs_per_batch: int = 32, batch_size: int = 10_000,
+                      start: int, out: Path, inputs_per_batch: int | None = None, batch_size: int = 10_000,
                       progress: bool = True) -> Path:
     """Certify ``images`` (test indices ``start, start+1, ...``) into ``out``, resuming; a second
-    process writing the same ``out`` meanwhile is refused."""
+    process writing the same ``out`` meanwhile is refused. ``inputs_per_batch`` defaults to
+    ``default_inputs_per_batch``."""
+    inputs_per_batch = inputs_per_batch or default_inputs_per_batch(settings)
     with exclusive(out):
         return _certify_into(settings, model, images, labels, start, out, inputs_per_batch, batch_size, progress)
 
