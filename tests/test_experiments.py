@@ -245,3 +245,60 @@ def test_a_second_writer_of_the_same_file_is_refused(checkpoint, tmp_path, capsy
         assert not out.exists() or read_rows(out) == {}
     assert certify(checkpoint, out, "rs", "--count", "2") == 0  # released: the run goes ahead
     assert sorted(read_rows(out)) == [0, 1] and not (tmp_path / "busy.tsv.lock").exists()
+
+
+def test_rddrs_from_ancer_with_no_steps_certifies_ancers_ellipsoid(checkpoint, tmp_path):
+    """C = diag(theta) from the ANCER run's traces, floor sigma_x*, zero steps: the same draws
+    (common random numbers) certify the same region, to rounding."""
+    ddrs, ancer, rddrs = tmp_path / "ddrs.tsv", tmp_path / "ancer.tsv", tmp_path / "rddrs.tsv"
+    assert certify(checkpoint, ddrs, "ddrs", "--count", "3") == 0
+    assert certify(checkpoint, ancer, "ancer", "--count", "3", "--init", str(ddrs)) == 0
+    assert certify(checkpoint, rddrs, "rddrs", "--count", "3", "--init", str(ancer), "--iterations", "0") == 0
+    a, r = rows_without_time(ancer), rows_without_time(rddrs)
+    for i in a:
+        assert r[i]["predict"] == a[i]["predict"] and r[i]["gap"] == a[i]["gap"]
+        for key in ("proxy_radius", "radius", "sigma_min", "sigma_proxy", "sigma_max"):
+            assert r[i][key] == pytest.approx(a[i][key], rel=1e-6), (i, key)
+    side = json.loads((tmp_path / "rddrs.tsv.json").read_text())["settings"]
+    assert side["init"] == "ancer.tsv" and side["search"]["rddrs"]["iterations"] == 0
+
+
+def test_search_options_reach_the_sidecar(checkpoint, tmp_path):
+    from rddrs.stats import gap_cap
+
+    out = tmp_path / "ancer.tsv"
+    assert certify(checkpoint, out, "ancer", "--count", "1", "--iterations", "3", "--samples", "8", "--lr", "0.5",
+                   "--kappa", "1.5", "--max-step", "0.2", "--objective", "capped", "--step", "sgd") == 0
+    search = json.loads((tmp_path / "ancer.tsv.json").read_text())["settings"]["search"]
+    assert {k: search["ancer"][k] for k in ("iterations", "samples", "lr", "kappa", "max_step", "objective", "step")} == \
+        {"iterations": 3, "samples": 8, "lr": 0.5, "kappa": 1.5, "max_step": 0.2, "objective": "capped", "step": "sgd"}
+    assert search["ancer"]["cap"] == pytest.approx(gap_cap(200, 0.01))  # the smoke preset's n and alpha
+    assert search["ddrs"]["objective"] == "soft"  # only the method's own search changes
+    # a resumed run with another objective is refused
+    assert certify(checkpoint, out, "ancer", "--count", "1", "--iterations", "3", "--samples", "8", "--lr", "0.5",
+                   "--kappa", "1.5", "--max-step", "0.2", "--objective", "soft", "--step", "sgd") == 2
+
+
+@pytest.mark.parametrize("method, init_method, message", [
+    ("ancer", "ancer", "ancer starts from ddrs"),
+    ("rddrs", "rddrs", "rddrs starts from ddrs or ancer"),
+    ("ddrs", "ddrs", "applies to method ancer or rddrs"),
+])
+def test_an_init_file_of_the_wrong_method_is_refused(checkpoint, tmp_path, capsys, method, init_method, message):
+    init = tmp_path / f"{init_method}.tsv"
+    assert certify(checkpoint, init, init_method, "--count", "1") == 0
+    capsys.readouterr()
+    assert certify(checkpoint, tmp_path / "x.tsv", method, "--count", "1", "--init", str(init)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_bad_objective_or_step_is_a_one_line_error(checkpoint, tmp_path, capsys):
+    for option, value in (("--objective", "hard"), ("--step", "lbfgs")):
+        with pytest.raises(SystemExit) as exit_:
+            certify(checkpoint, tmp_path / "x.tsv", "rddrs", "--count", "1", option, value)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "invalid choice" in err and len(err.splitlines()) == 1
+    assert certify(checkpoint, tmp_path / "y.tsv", "rs", "--count", "1", "--objective", "capped") == 2
+    assert "RS has no search" in capsys.readouterr().err

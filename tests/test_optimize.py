@@ -221,3 +221,106 @@ def test_max_step_bounds_how_much_any_scale_changes():
     torch.testing.assert_close(((stepped - theta).abs() / theta).amax(-1), torch.full((3,), 0.1, dtype=torch.float64))
     with pytest.raises(RDDRSError, match="max_step"):
         Search(10, 10, 0.1, max_step=0.0)
+
+
+# -- searches that must find what is known ----------------------------------------------------
+
+def _interval_model(length: float, sharpness: float, normal: torch.Tensor):
+    """Two classes; class 0 where ``|normal . y| < length`` (soft edges of the given sharpness)."""
+    def model(y):
+        z = y.reshape(len(y), -1) @ normal
+        return torch.stack([sharpness * (length - z.abs()), torch.zeros_like(z)], 1)
+    return model
+
+
+def test_ddrs_finds_the_interior_optimum():
+    """A 1-D classifier whose DDRS objective sigma Phi^-1(G_A(sigma)) has one interior maximum,
+    found independently by quadrature and scipy's bounded scalar minimiser."""
+    from scipy import integrate, optimize as sopt, special
+
+    length, sharpness, x0 = 1.0, 6.0, 0.3
+
+    def g_a(s):
+        density = lambda e: special.expit(sharpness * (length - abs(x0 + s * e))) * np.exp(-e * e / 2) / np.sqrt(2 * np.pi)
+        return integrate.quad(density, -12, 12, points=[(-length - x0) / s, (length - x0) / s], limit=200)[0]
+
+    best = sopt.minimize_scalar(lambda s: -s * special.ndtri(g_a(s)), bounds=(0.05, 3.0), method="bounded",
+                                options={"xatol": 1e-6})
+    assert 0.3 < best.x < 1.0  # interior, away from the start
+    model = _interval_model(length, sharpness, torch.ones(1, dtype=torch.float64))
+    x = torch.tensor([[x0]], dtype=torch.float64)
+    found = search(model, x, Isotropic(torch.tensor([0.2], dtype=torch.float64), 1), [0],
+                   Search(300, 2000, 0.05, scale=0.5), 1e-3, seed=0)
+    assert float(found.smoothing.param) == pytest.approx(best.x, rel=0.03)
+
+
+def test_rddrs_stretches_along_a_tilted_strip():
+    """Class 0 on a strip along (1, 1): DDRS is bound by its width, ANCER's axes cannot follow it,
+    RDDRS stretches C along it; so RDDRS' certified proxy radius is at least DDRS' (here far more)."""
+    normal = torch.tensor([1.0, -1.0], dtype=torch.float64) / 2 ** 0.5
+    model = _interval_model(1.0, 6.0, normal)
+    x = torch.tensor([[0.1, 0.2], [-0.3, 0.1]], dtype=torch.float64)
+    settings = {"ddrs": Search(200, 1000, 0.05, scale=0.5), "ancer": Search(60, 1000, 0.05, kappa=2.0, step="adam"),
+                "rddrs": Search(60, 1000, 0.5, kappa=1e-6, max_step=0.1)}
+    proxy = {}
+    for method in ("ddrs", "ancer", "rddrs"):
+        law, _ = find_smoothing(method, model, x, [0, 1], 0.2, seed=0, settings=settings)
+        proxy[method] = certify(model, x, law, [0, 1], 100, 4000, 0.001, seed=1).proxy_radius
+    assert (proxy["rddrs"] >= proxy["ddrs"]).all() and (proxy["rddrs"] > 3 * proxy["ddrs"]).all()
+    assert (proxy["ancer"] < 1.2 * proxy["ddrs"]).all()
+    w, v = torch.linalg.eigh(law.matrix())
+    along = torch.tensor([1.0, 1.0], dtype=torch.float64) / 2 ** 0.5
+    assert (abs(v[:, :, -1] @ along) > 0.99).all()  # the long axis of C lies along the strip
+
+
+OPTIONS = [dict(objective=o, step=s, control_variate=cv) for o in ("soft", "clamped", "capped")
+           for s in ("sgd", "adam") for cv in (False, True)]
+
+
+@pytest.mark.parametrize("method", ["ddrs", "ancer", "rddrs"])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_every_search_option_stays_sound_on_a_linear_classifier(method, options):
+    """Whatever the search did, the certified ellipsoid {x + S u : |u| < gap} stays on the
+    correct side of a linear classifier's boundary, and the l2 radius below the distance to it."""
+    from dataclasses import replace
+
+    w = torch.tensor([1.0, -2.0, 0.5, 0.0, 1.0, 0.3], dtype=torch.float64)
+    b = 0.2
+
+    def linear(z):
+        s = z.reshape(len(z), -1) @ w + b
+        return torch.stack([torch.zeros_like(s), 4 * s], 1)
+
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(4, D, generator=gen, dtype=torch.float64)
+    extra = {"cap": 3.0} if options["objective"] == "capped" else {}
+    lr = {"ddrs": 1e-2, "ancer": 0.05, "rddrs": 0.5}[method]
+    settings = {m: replace(SMALL[m], iterations=8, samples=64, lr=lr if m == method else SMALL[m].lr,
+                           **(options | extra if m == method else {}))
+                for m in ("ddrs", method)}
+    law, _ = find_smoothing(method, linear, x, [0, 1, 2, 3], 0.3, seed=0, settings=settings)
+    cert = certify(linear, x, law, [0, 1, 2, 3], 100, 4000, 1e-6, seed=1)
+    margin = (x @ w + b).numpy()
+    s_w = (law.matrix() @ w).norm(dim=-1).numpy()  # how far w.x moves per unit of u
+    certified = cert.predict != -1
+    assert certified.any()
+    assert (cert.predict[certified] == (margin[certified] > 0)).all()
+    assert (cert.gap[certified] * s_w[certified] <= np.abs(margin[certified]) + 1e-9).all()
+    assert (cert.radius[certified] <= np.abs(margin[certified]) / float(w.norm()) + 1e-9).all()
+
+
+def test_control_variate_keeps_the_mean_and_cuts_the_noise():
+    law = FullSPD(random_spd(3, D, seed=5) * 0.05)
+    gen = torch.Generator().manual_seed(0)
+
+    def estimates(m, cv, reps):
+        return torch.stack([objective_and_gradient(MODEL, X, law, torch.randn(3, m, D, generator=gen, dtype=torch.float64),
+                                                   0.0, control_variate=cv)[1] for _ in range(reps)])
+
+    reference = estimates(100_000, False, 1)[0]
+    norm = lambda v: law.inner(v, v).sqrt() / law.inner(reference, reference).sqrt()
+    plain, cv = estimates(64, False, 200), estimates(64, True, 200)
+    plain_error = torch.stack([norm(e - reference) for e in plain]).median(0).values
+    cv_error = torch.stack([norm(e - reference) for e in cv]).median(0).values
+    assert (cv_error < 0.8 * plain_error).all()
+    assert (norm(cv.mean(0) - reference) < 0.02).all()  # no more bias than the plain estimate's own

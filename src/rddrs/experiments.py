@@ -155,9 +155,10 @@ def make_settings(method: str, sigma: float, model: str | Path, preset: str = "c
         raise RDDRSError(f"{record.label} has no search to override")
     if overrides.get("max_step") == 0:
         overrides["max_step"] = None
+    if record.searched:  # the capped objective is capped at this run's own r_max
+        capped = overrides.get("objective", chosen.search[method].objective) == "capped"
+        overrides["cap"] = gap_cap(n, alpha) if capped else None
     own = replace(chosen.search[method], **overrides) if record.searched else None
-    if own is not None and own.objective == "capped" and own.cap is None:
-        own = replace(own, cap=gap_cap(n, alpha))
     searches = {k: (own if k == method else v).record() for k, v in chosen.search.items()
                 if k == method or (k == "ddrs" and record.searched)}
     return RunSettings(
@@ -262,7 +263,7 @@ def load_init(path: Path, run: RunSettings, indices: list[int]) -> Start:
         return Start({i: rows[i]["sigma_min"] for i in indices})
     d = run_dimension(path, indices[0])
     theta = {i: trace_param(path, i, "ancer", d) for i in indices}
-    return Start({i: trace_value(path, i, "sigma_star") for i in indices}, theta)
+    return Start({i: float(trace_value(path, i, "sigma_star")) for i in indices}, theta)
 
 
 def run_certification(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor,
