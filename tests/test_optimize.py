@@ -324,3 +324,38 @@ def test_control_variate_keeps_the_mean_and_cuts_the_noise():
     cv_error = torch.stack([norm(e - reference) for e in cv]).median(0).values
     assert (cv_error < 0.8 * plain_error).all()
     assert (norm(cv.mean(0) - reference) < 0.02).all()  # no more bias than the plain estimate's own
+
+
+def test_a_diverging_search_stops_with_a_one_line_error():
+    """Adam at an absurd step size overflows the exponential map: the search says so and how to
+    fix it, instead of carrying NaN into a certificate."""
+    from helpers import raises_one_line
+
+    init = Isotropic(torch.full((3,), 0.3, dtype=torch.float64), D).as_full()
+    message = raises_one_line(search, MODEL, X, init, [0, 1, 2], Search(6, 64, 400.0, step="adam"), 0.3, 0)
+    assert "diverged" in message and "--lr" in message
+    found = search(MODEL, X, init, [0, 1, 2], Search(6, 64, 0.3, step="adam"), 0.3, 0)  # a sane one does not
+    assert torch.isfinite(found.smoothing.param).all()
+
+
+def test_a_non_finite_law_is_refused():
+    law = Diagonal(torch.full((3, D), 0.3, dtype=torch.float64)).with_param(torch.full((3, D), float("nan"), dtype=torch.float64))
+    with pytest.raises(RDDRSError, match="NaN or infinite scales"):
+        certify(MODEL, X, law, [0, 1, 2], 10, 100, 0.01, seed=0)
+
+
+@pytest.mark.parametrize("control_variate", [False, True])
+@pytest.mark.parametrize("family", ["isotropic", "diagonal", "full"])
+def test_chunked_gradient_equals_the_gradient_of_all_draws_at_once(family, control_variate):
+    from rddrs import objectives
+
+    law = {"isotropic": Isotropic(torch.tensor([0.3, 0.4, 0.5], dtype=torch.float64), D),
+           "diagonal": Diagonal(0.2 + 0.3 * torch.rand(3, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)),
+           "full": FullSPD(random_spd(3, D, seed=2) * 0.4)}[family]
+    eps = EPS[:, :1000]
+    for objective in (objectives.Soft(), objectives.Capped(1.0), objectives.build("clamped", family)):
+        whole = objective_and_gradient(MODEL, X, law, eps, 0.5, objective=objective, control_variate=control_variate)
+        parts = objective_and_gradient(MODEL, X, law, eps, 0.5, objective=objective, control_variate=control_variate,
+                                       chunk=300)
+        torch.testing.assert_close(parts[0], whole[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(parts[1], whole[1], rtol=1e-9, atol=1e-12)

@@ -19,6 +19,7 @@ the runtime summary reads the standard runs' timings and measures one RDDRS iter
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -30,7 +31,9 @@ import torch
 from rddrs import RDDRSError, analysis, experiments, spd
 from rddrs.noise import FullSPD, Isotropic
 from rddrs.methods import NAMES as METHODS
-from rddrs.optimize import objective_and_gradient
+from rddrs.methods import method as method_record
+from rddrs.files import write_atomic
+from rddrs.optimize import SearchDiverged, objective_and_gradient
 
 #: seed of the random orthogonal matrix of the rotation study
 ROTATE = 1
@@ -39,21 +42,28 @@ ROTATE = 1
 @dataclass(frozen=True)
 class Variant:
     """One run of a study: ``method`` with ``search`` overrides (``Search`` fields), rotated
-    by the orthogonal matrix of seed ``rotate`` (None: not rotated)."""
+    by the orthogonal matrix of seed ``rotate`` (None: not rotated), its search started from
+    the run of the study's variant named ``start`` (None: the DDRS run of the preset's search;
+    an ANCER variant can start an RDDRS one)."""
 
     name: str
     method: str
     search: dict = field(default_factory=dict)
     rotate: int | None = None
+    start: str | None = None
 
 
 @dataclass(frozen=True)
 class Study:
-    """Named variants certified on test images ``0 .. count-1``."""
+    """Named variants certified on test images ``first .. first+count-1``."""
 
     name: str
     count: int
     variants: tuple[Variant, ...]
+    first: int = 0
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
 
 
 @dataclass(frozen=True)
@@ -123,8 +133,11 @@ def study_dir(results: str | Path, study: Study) -> Path:
     return Path(results) / "claims" / study.name
 
 
-def _ddrs_start(study: Study, variant: Variant) -> Variant:
-    """The DDRS variant an ANCER or RDDRS variant starts from: same rotation, preset search."""
+def _start_of(study: Study, variant: Variant) -> Variant:
+    """The variant an ANCER or RDDRS variant starts from: the one it names, else the DDRS
+    variant of the preset's search with the same rotation."""
+    if variant.start is not None:
+        return study.variant(variant.start)
     return next((v for v in study.variants if v.method == "ddrs" and not v.search and v.rotate == variant.rotate),
                 Variant("ddrs" if variant.rotate is None else f"ddrs_rotate{variant.rotate}", "ddrs",
                         rotate=variant.rotate))
@@ -139,7 +152,7 @@ def run_study(study: Study, sigma: float, preset: str, results: str | Path, *, d
 
     model_file = experiments.model_path(sigma, models)
     images, labels = load_mnist(Path(data), train=False)
-    images, labels = images[: study.count], labels[: study.count]
+    images, labels = images[study.first: study.first + study.count], labels[study.first: study.first + study.count]
     model = load_model(model_file, device=resolve_device(device))
     folder = study_dir(results, study)
     runs: dict[str, tuple[Path, Path | None]] = {}
@@ -147,7 +160,7 @@ def run_study(study: Study, sigma: float, preset: str, results: str | Path, *, d
     def run(variant: Variant) -> Path:
         if variant.name in runs:
             return runs[variant.name][0]
-        init = run(_ddrs_start(study, variant)) if variant.method in ("ancer", "rddrs") else None
+        init = run(_start_of(study, variant)) if method_record(variant.method).starts else None
         settings = experiments.make_settings(variant.method, sigma, model_file, preset, seed=seed, device=device,
                                              rotate=variant.rotate, init=init, search=variant.search or None)
         standard = experiments.make_settings(
@@ -155,25 +168,42 @@ def run_study(study: Study, sigma: float, preset: str, results: str | Path, *, d
             init=experiments.result_path(results, "ddrs", sigma) if init is not None else None)
         is_standard = variant.rotate is None and settings.comparable() == standard.comparable()
         out = experiments.result_path(results, variant.method, sigma) if is_standard else folder / f"{variant.name}.tsv"
-        experiments.run_certification(settings, model, images, labels, 0, out, progress=progress)
+        experiments.run_certification(settings, model, images, labels, study.first, out, progress=progress)
         runs[variant.name] = (out, init)
         return out
 
+    done = {}
     for variant in study.variants:
-        run(variant)
-    return {v.name: _read(v, *runs[v.name], folder, study.count) for v in study.variants}
+        note = folder / f"{variant.name}.diverged.json"
+        if note.exists():  # a search that overflowed stays recorded as such (delete the note to retry)
+            done[variant.name] = Diverged(variant, json.loads(note.read_text())["message"])
+            continue
+        try:
+            run(variant)
+        except SearchDiverged as err:
+            write_atomic(note, [json.dumps({"message": str(err)}, indent=2).encode()])
+            done[variant.name] = Diverged(variant, str(err))
+    return {v.name: done.get(v.name) or _read(v, *runs[v.name], folder, study) for v in study.variants}
 
 
-def _first_images(res: analysis.Results, count: int) -> analysis.Results:
-    keep = np.flatnonzero(res.idx < count)
-    if len(keep) != count:
-        raise RDDRSError(f"{res.path} has {len(keep)} of the first {count} test images")
+@dataclass
+class Diverged:
+    """A variant whose search overflowed (its step size is too large), with the search's message."""
+
+    variant: Variant
+    message: str
+
+
+def _study_images(res: analysis.Results, study: Study) -> analysis.Results:
+    keep = np.flatnonzero((res.idx >= study.first) & (res.idx < study.first + study.count))
+    if len(keep) != study.count:
+        raise RDDRSError(f"{res.path} has {len(keep)} of the test images {study.first}..{study.first + study.count - 1}")
     keep = keep[np.argsort(res.idx[keep])]
     return replace(res, **{name: getattr(res, name)[keep] for name in analysis.REQUIRED_COLUMNS})
 
 
-def _read(variant: Variant, path: Path, init: Path | None, folder: Path, count: int) -> VariantRun:
-    results = _first_images(analysis.read_results(path), count)
+def _read(variant: Variant, path: Path, init: Path | None, folder: Path, study: Study) -> VariantRun:
+    results = _study_images(analysis.read_results(path), study)
     digest = folder / f"{variant.name}.digest.npz"
     cached = dict(np.load(digest)) if digest.exists() else {}
     if not (np.array_equal(cached.get("idx"), results.idx) and np.array_equal(cached.get("gap"), results.gap)):
@@ -194,10 +224,11 @@ def _digest(variant: Variant, path: Path, init: Path | None, results: analysis.R
     if missing:
         raise RDDRSError(f"{folder} lacks the traces of {len(missing)} images (first: {missing[0]}) and no "
                          f"digest of these rows exists: restore the digest, or recompute {path.name} elsewhere")
-    spectra, traces = [], []
+    spectra, traces, stars = [], [], []
     for i, sigma in zip(results.idx, results.sigma_min):
         with np.load(folder / f"{i}.npz") as stored:
             traces.append(stored[variant.method])
+            stars.append(float(stored["sigma_star"]) if "sigma_star" in stored else math.nan)
             if variant.method == "ddrs":  # S = sigma I: its row has sigma
                 spectra.append(np.array([sigma]))
                 continue
@@ -206,8 +237,13 @@ def _digest(variant: Variant, path: Path, init: Path | None, results: analysis.R
                                  f"recompute {path.name}")
             param = torch.as_tensor(stored["param"], dtype=torch.float64)
             spectra.append((spd.eigh(param)[0] if param.dim() == 2 else param.reshape(-1).sort().values).numpy())
-    start = experiments.read_rows(init) if init is not None else None
-    star = results.sigma_min if start is None else np.array([start[i]["sigma_min"] for i in results.idx])
+    if init is None:  # DDRS: its own sigma
+        star = results.sigma_min
+    elif not np.isnan(stars).any():  # recorded in the traces since the ANCER start existed
+        star = np.array(stars)
+    else:  # older traces: a DDRS start's sigma_min
+        start = experiments.read_rows(init)
+        star = np.array([start[i]["sigma_min"] for i in results.idx])
     return {"idx": results.idx, "gap": results.gap, "spectrum": np.stack(spectra).astype(np.float32),
             "trace": np.stack(traces), "sigma_star": star}
 

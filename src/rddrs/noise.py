@@ -430,6 +430,8 @@ def check_inputs(x: Tensor, smoothing: Smoothing, indices) -> None:
         raise RDDRSError(f"{x.shape[0]} inputs but {smoothing.batch} smoothing laws and {len(indices)} indices")
     if x[0].numel() != smoothing.dim:
         raise RDDRSError(f"inputs have {x[0].numel()} features but the smoothing laws act on d={smoothing.dim}")
+    if not torch.isfinite(smoothing.param).all():
+        raise RDDRSError("a smoothing law has NaN or infinite scales")
 
 
 def noisy_outputs(model, x: Tensor, smoothing: Smoothing, eps: Tensor) -> Tensor:

@@ -42,6 +42,10 @@ from rddrs.stats import ClassMeans, class_means
 DDRS_FLOOR = 1e-3
 
 
+class SearchDiverged(RDDRSError):
+    """A step overflowed: the step size is too large for this search (see ``_overflowed``)."""
+
+
 @dataclass
 class SearchResult:
     """The chosen smoothing laws and the objective H per input (rows) and iteration (columns)."""
@@ -51,34 +55,44 @@ class SearchResult:
 
 
 def objective_and_gradient(model, x: Tensor, smoothing: Smoothing, eps: Tensor, kappa: float,
-                           scale: float = 1.0, objective=None,
-                           control_variate: bool = False) -> tuple[Tensor, Tensor]:
+                           scale: float = 1.0, objective=None, control_variate: bool = False,
+                           chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """H per input (float64, (B,)) and its gradient in the family's geometry, from draws eps.
 
-    ``objective`` reads R from the class means (``rddrs.objectives``; default: soft). With
-    ``control_variate`` the Monte Carlo gradient of R loses its value at the clean input:
-    R depends on the draws through means only, so its gradient is ``sum_i J_S(eps_i)^T
-    grad psi(y_i)`` for one function psi of y (``_clean_input_gradient``); subtracting
-    ``sum_i J_S(eps_i)^T grad psi(x)``, whose mean is 0 because ``E[eps] = 0``, removes the
-    part of the noise that is linear in eps.
+    ``objective`` reads R from the class means (``rddrs.objectives``; default: soft). R depends
+    on the draws through means only, so its gradient is ``sum_i J_S(eps_i)^T grad psi(y_i)``
+    for one function psi of a noisy input (``_psi``) whose weights come from the means.
+
+    * ``chunk``: draws go through the network this many at a time: the means first (no
+      gradient), then the gradient of ``sum_i psi(y_i)`` chunk by chunk; the memory is that of
+      one chunk, the result that of all draws at once (one more forward pass per draw).
+    * ``control_variate``: subtract ``sum_i J_S(eps_i)^T grad psi(x)``, the same sum at the
+      clean input, whose mean is 0 because ``E[eps] = 0``: the part of the Monte Carlo noise
+      that is linear in eps goes.
     """
     objective = objective or objectives.Soft()
-    leaf = smoothing.leaf()
-    log_probs = torch.log_softmax(noisy_outputs(model, x, leaf, eps), -1)
-    means = class_means(log_probs)
-    gap = objective(means)
+    m = eps.shape[1]
+    if chunk is None or chunk >= m:
+        leaf = smoothing.leaf()
+        means = class_means(torch.log_softmax(noisy_outputs(model, x, leaf, eps), -1))
+        gap = objective(means)
+        (d_gap,) = torch.autograd.grad(gap.sum(), leaf.param)
+        gap = gap.detach()
+        if control_variate:
+            weights = _psi_weights(objective, means)[1]
+    else:
+        parts = [slice(i, i + chunk) for i in range(0, m, chunk)]
+        with torch.no_grad():
+            means = class_means(torch.cat([torch.log_softmax(noisy_outputs(model, x, smoothing, eps[:, part]), -1)
+                                           for part in parts], 1))
+        gap, weights = _psi_weights(objective, means)
+        d_gap = 0
+        for part in parts:
+            leaf = smoothing.leaf()
+            psi = _psi(torch.log_softmax(noisy_outputs(model, x, leaf, eps[:, part]), -1), means, weights, m)
+            d_gap = d_gap + torch.autograd.grad(psi.sum(), leaf.param)[0]
     if control_variate:
-        weights = torch.autograd.grad(gap.sum(), [means.log_g, means.log_tail], retain_graph=True,
-                                      allow_unused=True)
-        direction = _clean_input_gradient(model, x, means, weights, eps.shape[1])
-        sum_eps = eps.sum(1, keepdim=True)  # the clean-input term of every draw at once
-        correction = leaf.leaf()
-        linear = (correction.scale_noise(sum_eps) * direction[:, None, :].to(sum_eps)).sum()
-        (d_linear,) = torch.autograd.grad(linear, correction.param)
-    (d_gap,) = torch.autograd.grad(gap.sum(), leaf.param)
-    if control_variate:
-        d_gap = d_gap - d_linear
-    gap = gap.detach()
+        d_gap = d_gap - _clean_input_term(model, x, smoothing, eps, means, weights)
     weight = smoothing.proxy().double() + kappa * smoothing.min_scale().double()
     like = smoothing.param
     grad = (smoothing.expand(weight.to(like)) * smoothing.ascent_direction(d_gap)
@@ -86,21 +100,40 @@ def objective_and_gradient(model, x: Tensor, smoothing: Smoothing, eps: Tensor, 
     return scale * gap * weight, scale * grad
 
 
-def _clean_input_gradient(model, x: Tensor, means: ClassMeans, weights, m: int) -> Tensor:
-    """``grad psi(x)`` (B, d), where psi is the function of one noisy input y whose gradient at
-    each draw y_i is ``dR / dy_i``: with ``w = dR / dlog G`` and ``w_t = dR / dlog(1 - G_A)``,
-    ``psi(y) = (1/m) [sum_c w_c p_c(y) / G_c + w_t (1 - p_A(y)) / (1 - G_A)]``."""
-    w_g, w_tail = (torch.zeros_like(t) if w is None else w.detach()
-                   for w, t in zip(weights, (means.log_g, means.log_tail)))
+def _psi_weights(objective, means: ClassMeans) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """R at the means, and its derivatives ``w = dR / dlog G`` (B, K), ``w_t = dR / dlog(1 - G_A)`` (B,)."""
+    log_g, log_tail = means.log_g.detach().requires_grad_(True), means.log_tail.detach().requires_grad_(True)
+    with torch.enable_grad():
+        gap = objective(ClassMeans(log_g, log_tail, means.top, means.runner_up))
+        w_g, w_tail = torch.autograd.grad(gap.sum(), [log_g, log_tail], allow_unused=True)
+    return gap.detach(), (torch.zeros_like(log_g) if w_g is None else w_g,
+                          torch.zeros_like(log_tail) if w_tail is None else w_tail)
+
+
+def _psi(log_probs: Tensor, means: ClassMeans, weights: tuple[Tensor, Tensor], m: int) -> Tensor:
+    """``sum_i psi(y_i)`` per input for per-sample log-probabilities (B, n, K) of some of the m draws,
+    ``psi(y) = (1/m) [sum_c w_c p_c(y) / G_c + w_t (1 - p_A(y)) / (1 - G_A)]``: its gradient at
+    each draw is the draw's share of ``dR``."""
+    w_g, w_tail = weights
+    lp = log_probs.double()
+    is_a = torch.nn.functional.one_hot(means.top, lp.shape[-1]).bool()[:, None, :]
+    log_tail = torch.logsumexp(lp.masked_fill(is_a, -float("inf")), -1)
+    per_class = (w_g[:, None, :] * (lp - means.log_g.detach()[:, None, :]).exp()).sum(-1)
+    return (per_class + w_tail[:, None] * (log_tail - means.log_tail.detach()[:, None]).exp()).sum(1) / m
+
+
+def _clean_input_term(model, x: Tensor, smoothing: Smoothing, eps: Tensor, means: ClassMeans,
+                      weights: tuple[Tensor, Tensor]) -> Tensor:
+    """``sum_i J_S(eps_i)^T grad psi(x)``: the gradient with respect to S of
+    ``<grad psi(x), S sum_i eps_i>``, the control variate's term."""
     clean = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        lp = torch.log_softmax(model(clean), -1).double()  # (B, K)
-        is_a = torch.nn.functional.one_hot(means.top, lp.shape[-1]).bool()
-        log_tail = torch.logsumexp(lp.masked_fill(is_a, -float("inf")), -1)
-        psi = ((w_g * (lp - means.log_g.detach()).exp()).sum(-1)
-               + w_tail * (log_tail - means.log_tail.detach()).exp()) / m
-        (grad,) = torch.autograd.grad(psi.sum(), clean)
-    return grad.reshape(len(x), -1)
+        psi = _psi(torch.log_softmax(model(clean), -1)[:, None, :], means, weights, eps.shape[1])
+        (direction,) = torch.autograd.grad(psi.sum(), clean)
+        leaf = smoothing.leaf()
+        sum_eps = eps.sum(1, keepdim=True)
+        linear = (leaf.scale_noise(sum_eps) * direction.reshape(len(x), 1, -1).to(sum_eps)).sum()
+        return torch.autograd.grad(linear, leaf.param)[0]
 
 
 def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, seed: int,
@@ -128,10 +161,34 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
             better = value > best_value
             best_value = torch.where(better, value, best_value)
             best = best.with_param(torch.where(current.expand(better), current.param, best.param))
-        current = rule(current, grad, settings.max_step).floor(lower)
+        try:
+            moved = rule(current, grad, settings.max_step)
+        except torch.linalg.LinAlgError:  # the whitened step could not even be diagonalised
+            moved = None
+        bad = _finite_rows(grad).logical_not() if moved is None else _overflowed(moved, lower) | ~_finite_rows(grad)
+        if moved is None or bad.any():
+            first = indices[int(bad.nonzero()[0])] if bad.any() else indices[0]
+            raise SearchDiverged(f"the search diverged at iteration {t + 1} (image {first}): its step overflowed; "
+                                 f"use a smaller --lr or bound the steps with --max-step")
+        current = moved.floor(lower)
     chosen = best if settings.keep_best_every and settings.iterations >= settings.keep_best_every else current
     trace = torch.stack(trace, 1).cpu().numpy() if trace else np.zeros((len(indices), 0))
     return SearchResult(chosen, trace)
+
+
+def _finite_rows(values: Tensor) -> Tensor:
+    """Per input, whether all its entries are finite."""
+    return torch.isfinite(values.reshape(len(values), -1)).all(1)
+
+
+def _overflowed(law: Smoothing, lower) -> Tensor:
+    """Per input, whether a step overflowed (too large a step size): a scale is not finite, or
+    so large that after the floor the law would be numerically singular (``||S||_F``, which
+    bounds the largest scale, beyond ``lower / eps``). The search then stops with an error
+    rather than carry NaN into a certificate."""
+    size = law.param.detach().reshape(law.batch, -1).norm(dim=1)
+    limit = torch.as_tensor(lower, dtype=size.dtype, device=size.device) / torch.finfo(size.dtype).eps
+    return ~_finite_rows(law.param.detach()) | ~(size < limit)
 
 
 def find_smoothing(method: str, model, x: Tensor, indices, sigma: float, seed: int,
