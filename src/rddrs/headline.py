@@ -1,0 +1,290 @@
+"""The paper's headline, measured: does the Riemannian search beat the diagonal one when every
+data-dependent method gets its best shot?
+
+Every study is data for ``claims.run_study`` (results in ``RESULTS/claims/STUDY/``), at the
+training sigma 0.25 unless its name says otherwise:
+
+* ``tuning``: the step size of each (method, step rule) pair, soft objective, measured on
+  validation images that no reported number uses (20..27 at the cpu preset). ``STEP_SIZES``
+  holds the choice, the candidate with the largest proxy ACR there.
+* ``variants``: objective (soft, clamped, capped) x step rule (sgd, adam) for DDRS, ANCER and
+  RDDRS at those step sizes, on images 0..19; ANCER and RDDRS start from the preset's DDRS.
+  Also RDDRS started from ANCER (C = diag(theta), floor sigma_x*): a superset of ANCER's
+  ellipsoids, refined in the affine-invariant geometry. ``BEST`` holds each method's variant
+  with the largest proxy ACR.
+* ``step_sizes``: the paper's RDDRS step sizes 0.5, 1 and 25, with our step bound (soft
+  objective) and without it (clamped objective, as in the authors' code).
+* ``frontier``: each method's best variant at several search budgets (iterations x samples).
+* ``best_sigmaS``: the best variants of the three methods at every training sigma, on the
+  preset's images (100 at the cpu preset).
+* ``clamped``: the paper preset's searches with the authors' clamp, on the paper slice.
+
+Measures: ``gradient_quality`` (relative error of the Monte Carlo gradient of H against a
+reference from far more draws), ``evaluations`` (network passes per image of a variant),
+``summary_rows`` (ACRs and certificates at the cap per variant).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rddrs import RDDRSError, experiments
+from rddrs.claims import Diverged, Study, Variant, VariantRun
+from rddrs.methods import SEARCHED
+from rddrs.noise import Isotropic, NoiseSource
+from rddrs.optimize import objective_and_gradient
+from rddrs.presets import OBJECTIVES, STEPS, preset as preset_record
+from rddrs.stats import gap_cap
+
+SIGMA = 0.25
+SIGMAS = (0.12, 0.25, 0.5)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much the headline studies compute at a preset."""
+
+    count: int                                  # reported images 0..count-1
+    tuning: tuple[int, int]                     # (first, count) of the validation images
+    frontier: dict                              # method -> ((iterations, samples), ...)
+    best_count: int                             # images of the best_sigmaS studies
+    gradient_images: int
+    gradient_sizes: tuple[int, ...]
+    gradient_reference: int
+    gradient_repeats: int
+
+
+BUDGETS = {
+    "smoke": Budget(count=2, tuning=(2, 2), best_count=2,
+                    frontier={"ddrs": ((5, 8), (10, 16)), "ancer": ((3, 8), (5, 16)), "rddrs": ((3, 16), (5, 32))},
+                    gradient_images=1, gradient_sizes=(16, 64), gradient_reference=1024, gradient_repeats=2),
+    "cpu": Budget(count=20, tuning=(20, 8), best_count=100,
+                  frontier={"ddrs": ((75, 32), (150, 64), (300, 128), (600, 256)),
+                            "ancer": ((25, 32), (50, 64), (100, 128), (200, 256)),
+                            "rddrs": ((15, 250), (30, 500), (60, 1000), (100, 2000))},
+                  gradient_images=4, gradient_sizes=(250, 1000, 4000, 20_000), gradient_reference=200_000,
+                  gradient_repeats=8),
+    "paper": Budget(count=10, tuning=(10, 4), best_count=10, frontier={},
+                    gradient_images=4, gradient_sizes=(1000, 4000, 20_000), gradient_reference=200_000,
+                    gradient_repeats=8),
+}
+
+#: step-size candidates per (method, step rule), as Search overrides, for the tuning study
+CANDIDATES = {
+    ("ddrs", "sgd"): ({"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}),
+    ("ddrs", "adam"): ({"lr": 3e-3}, {"lr": 1e-2}, {"lr": 3e-2}),
+    ("ancer", "adam"): ({"lr": 0.04}, {"lr": 0.08}, {"lr": 0.2}),
+    ("ancer", "sgd"): ({"lr": 10.0, "max_step": 0.1}, {"lr": 100.0, "max_step": 0.1}),
+    ("rddrs", "sgd"): ({"lr": 1.0}, {"lr": 1.0, "max_step": 0.3}),
+    ("rddrs", "adam"): ({"lr": 0.3, "max_step": 0}, {"lr": 1.0, "max_step": 0}, {"lr": 3.0, "max_step": 0}),
+}
+
+#: the chosen candidate of each pair (the tuning study's largest proxy ACR; chapter 7 checks it)
+STEP_SIZES = {
+    ("ddrs", "sgd"): {"lr": 1e-3},
+    ("ddrs", "adam"): {"lr": 1e-2},
+    ("ancer", "adam"): {"lr": 0.08},
+    ("ancer", "sgd"): {"lr": 100.0, "max_step": 0.1},
+    ("rddrs", "sgd"): {"lr": 1.0},
+    ("rddrs", "adam"): {"lr": 1.0, "max_step": 0},
+}
+
+#: the RDDRS variants started from an ANCER variant of the grid: (objective, step, ANCER variant)
+FROM_ANCER = (("soft", "sgd", "ancer_soft_adam"), ("soft", "adam", "ancer_soft_adam"),
+              ("capped", "adam", "ancer_soft_adam"), ("capped", "adam", "ancer_capped_adam"))
+
+#: each method's best variant in the variants study (largest proxy ACR; chapter 7 checks it)
+BEST = {"ddrs": "ddrs_capped_sgd", "ancer": "ancer_capped_adam", "rddrs": "rddrs_capped_adam_from_ancer_capped_adam"}
+
+
+def _name(values: dict) -> str:
+    return "_".join(f"{k.replace('_', '')}{v:g}" if isinstance(v, float | int) and not isinstance(v, bool)
+                    else f"{k.replace('_', '')}{v}" for k, v in values.items())
+
+
+def tuning_study(preset: str) -> Study:
+    first, count = BUDGETS[preset].tuning
+    variants = tuple(Variant(f"{m}_{step}_{_name(c)}", m, {"step": step, **c})
+                     for (m, step), candidates in CANDIDATES.items() for c in candidates)
+    return Study("tuning", count, variants, first=first)
+
+
+def _variant(method: str, objective: str, step: str, start: str | None = None) -> Variant:
+    name = f"{method}_{objective}_{step}" + (f"_from_{start}" if start else "")
+    return Variant(name, method, {"step": step, "objective": objective, **STEP_SIZES[(method, step)]}, start=start)
+
+
+def variants_study(preset: str) -> Study:
+    grid = tuple(_variant(m, o, s) for m in SEARCHED for o in OBJECTIVES for s in STEPS)
+    from_ancer = tuple(_variant("rddrs", o, s, start=a) for o, s, a in FROM_ANCER)
+    return Study("variants", BUDGETS[preset].count, grid + from_ancer)
+
+
+def step_size_study(preset: str) -> Study:
+    variants = []
+    for lr in (0.5, 1.0, 25.0):
+        variants.append(Variant(f"rddrs_lr{lr:g}_bounded", "rddrs", {"lr": lr}))
+        variants.append(Variant(f"rddrs_lr{lr:g}_clamped_unbounded", "rddrs",
+                                {"lr": lr, "objective": "clamped", "max_step": 0}))
+    return Study("step_sizes", BUDGETS[preset].count, tuple(variants))
+
+
+def _best_chain(method: str) -> list[Variant]:
+    """The best variant of ``method`` and the variants it starts from, from the variants study."""
+    study = variants_study("cpu")
+    chain, name = [], BEST[method]
+    while name is not None:
+        variant = study.variant(name)
+        chain.insert(0, variant)
+        name = variant.start
+    return chain
+
+
+def frontier_study(preset: str) -> Study:
+    variants = []
+    for method, budgets in BUDGETS[preset].frontier.items():
+        *starts, best = _best_chain(method)
+        for iterations, samples in budgets:
+            variants.append(Variant(f"{method}_it{iterations}_m{samples}", method,
+                                    {**best.search, "iterations": iterations, "samples": samples},
+                                    start=starts[-1].name if starts else None))
+        variants.extend(v for v in starts if v not in variants)
+    return Study("frontier", BUDGETS[preset].count, tuple(variants))
+
+
+def best_study(preset: str, sigma: float) -> Study:
+    """The best variants of DDRS, ANCER and RDDRS (with what they start from) at ``sigma``."""
+    variants = []
+    for method in SEARCHED:
+        for variant in _best_chain(method):
+            if variant not in variants:
+                variants.append(variant)
+    return Study(f"best_sigma{sigma:.2f}", BUDGETS[preset].best_count, tuple(variants))
+
+
+def clamped_study(preset: str) -> Study:
+    """The preset's searches with the authors' clamp (RDDRS also without our step bound, as
+    their code), chained as theirs: ANCER and RDDRS start from the clamped DDRS."""
+    return Study("clamped", BUDGETS[preset].count, (
+        Variant("ddrs_clamped", "ddrs", {"objective": "clamped"}),
+        Variant("ancer_clamped", "ancer", {"objective": "clamped"}, start="ddrs_clamped"),
+        Variant("rddrs_clamped", "rddrs", {"objective": "clamped", "max_step": 0}, start="ddrs_clamped")))
+
+
+# -- measures ------------------------------------------------------------------------------
+
+def evaluations(study: Study, variant: Variant, preset: str) -> int:
+    """Network passes per image of the variant's searches, its start's included (a pass is a
+    forward and a backward of one noisy image; certification's n0 + n are not counted)."""
+    search = {**preset_record(preset).search[variant.method].record(), **variant.search}
+    own = search["iterations"] * (search["samples"] + (1 if search.get("control_variate") else 0))
+    if variant.method == "ddrs":
+        return own
+    if variant.start is not None:
+        return own + evaluations(study, study.variant(variant.start), preset)
+    ddrs = preset_record(preset).search["ddrs"]
+    return own + ddrs.iterations * ddrs.samples
+
+
+def summary_rows(runs: dict, n: int, alpha: float) -> list[dict]:
+    """Per variant: proxy and l2 ACR, mean gap, certificates whose gap is at the cap of n draws
+    at level alpha, and seconds per image; a diverged variant has its message instead."""
+    cap = gap_cap(n, alpha)
+    rows = []
+    for name, run in runs.items():
+        if isinstance(run, Diverged):
+            rows.append({"variant": name, "method": run.variant.method, "diverged": run.message})
+            continue
+        res = run.results
+        rows.append({"variant": name, "method": run.variant.method, "images": res.n,
+                     "proxy_acr": float(run.certified("proxy").mean()), "l2_acr": float(run.certified("l2").mean()),
+                     "at_cap": int((res.gap >= cap - 1e-9).sum()), "gap": float(res.gap.mean()),
+                     "seconds": float(res.seconds.mean())})
+    return rows
+
+
+def best_of(runs: dict[str, VariantRun], method: str, kind: str = "proxy") -> str:
+    """The name of ``method``'s variant with the largest ACR of ``kind`` among ``runs``."""
+    scored = {name: float(run.certified(kind).mean()) for name, run in runs.items()
+              if not isinstance(run, Diverged) and run.variant.method == method}
+    if not scored:
+        raise RDDRSError(f"no {method} variant to choose from")
+    return max(scored, key=scored.get)
+
+
+def gradient_quality(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, sizes, reference: int,
+                     repeats: int, kappa: float = 1e-6, seed: int = 0, chunk: int = 4000) -> list[dict]:
+    """Relative error of the Monte Carlo gradient of RDDRS' H at ``C = sigma_x* I``, per image.
+
+    ``||g_m - g_ref||_C / ||g_ref||_C`` in the affine-invariant norm at C, where ``g_ref`` is
+    the estimate from ``reference`` draws and ``g_m`` one from m draws of each scheme: plain
+    draws, m/2 antithetic pairs, and plain draws with the control variate. Every estimate uses
+    its own stream (replicates of the optimisation stream, ``NoiseSource(repeat=...)``), so
+    they are independent of each other and of the reference.
+    """
+    d = x[0].numel()
+    rows = []
+    for j, index in enumerate(indices):
+        xi = x[j: j + 1]
+        law = Isotropic(sigma_star[j: j + 1].to(xi), d).as_full()
+
+        def estimate(m: int, repeat: int, antithetic: bool = False, control_variate: bool = False):
+            eps = NoiseSource(seed, NoiseSource.OPTIMIZE, xi.device, repeat=repeat).draw(
+                [index], m, d, xi.dtype, antithetic=antithetic)
+            return objective_and_gradient(model, xi, law, eps, kappa, control_variate=control_variate,
+                                          chunk=chunk)[1]
+
+        ref = estimate(reference, repeat=10_000)
+        norm = float(law.inner(ref, ref).sqrt())
+        for m in sizes:
+            for scheme, options in (("plain", {}), ("antithetic", {"antithetic": True}),
+                                    ("control variate", {"control_variate": True})):
+                errors = [float(law.inner(g - ref, g - ref).sqrt()) / norm
+                          for g in (estimate(m, repeat=1 + r, **options) for r in range(repeats))]
+                rows.append({"image": int(index), "samples": int(m), "scheme": scheme,
+                             "error": float(np.mean(errors)), "errors": errors})
+    return rows
+
+
+def samples_for(rows: list[dict], target: float) -> dict[str, float]:
+    """Per scheme, the draws for a mean relative error of ``target``, from a fit
+    ``error = c / sqrt(m)`` over every image and size (least squares in log space, slope fixed)."""
+    out = {}
+    for scheme in sorted({r["scheme"] for r in rows}):
+        own = [r for r in rows if r["scheme"] == scheme]
+        log_c = np.mean([math.log(r["error"]) + 0.5 * math.log(r["samples"]) for r in own])
+        out[scheme] = float((math.exp(log_c) / target) ** 2)
+    return out
+
+
+def gradient_study(preset: str, results: str | Path, *, device: str = "cpu", data: str | Path = "data",
+                   models: str | Path = "data/models", seed: int = 0) -> list[dict]:
+    """``gradient_quality`` on the preset's first images, at sigma_x* of its standard DDRS run,
+    cached in ``RESULTS/claims/gradients.json``."""
+    from rddrs.data import load_mnist
+    from rddrs.files import cached_json
+    from rddrs.models import load_model, resolve_device
+
+    budget = BUDGETS[preset]
+
+    def compute():
+        images, _ = load_mnist(Path(data), train=False)
+        count = budget.gradient_images
+        rows = experiments.read_rows(experiments.result_path(results, "ddrs", SIGMA))
+        missing = [i for i in range(count) if i not in rows]
+        if missing:
+            raise RDDRSError(f"the standard DDRS run in {results} lacks image {missing[0]}: run it first")
+        star = torch.tensor([rows[i]["sigma_min"] for i in range(count)])
+        model = load_model(experiments.model_path(SIGMA, models), device=resolve_device(device))
+        kappa = preset_record(preset).search["rddrs"].kappa
+        return gradient_quality(model, images[:count].to(device), star.to(device), list(range(count)),
+                                budget.gradient_sizes, budget.gradient_reference, budget.gradient_repeats,
+                                kappa=kappa, seed=seed)
+
+    return cached_json(Path(results) / "claims" / "gradients.json", compute)
+

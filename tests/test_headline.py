@@ -1,0 +1,74 @@
+"""The headline studies are well-formed data, and their measures compute what they say."""
+
+import math
+
+import pytest
+import torch
+
+from rddrs import experiments, headline
+from rddrs.methods import METHODS
+from rddrs.models import MnistCNN
+from rddrs.noise import Isotropic
+
+torch.set_num_threads(1)
+
+STUDIES = {"tuning": headline.tuning_study, "variants": headline.variants_study,
+           "step_sizes": headline.step_size_study, "frontier": headline.frontier_study,
+           "best": lambda p: headline.best_study(p, 0.12), "clamped": headline.clamped_study}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "cnn.pt"
+    torch.save({"state_dict": MnistCNN().state_dict(), "arch": "MnistCNN"}, path)
+    return path
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu"])
+@pytest.mark.parametrize("name", sorted(STUDIES))
+def test_every_variant_is_a_valid_run(checkpoint, preset, name):
+    study = STUDIES[name](preset)
+    names = [v.name for v in study.variants]
+    assert len(names) == len(set(names)), "variant names must be unique (they name the files)"
+    for variant in study.variants:
+        experiments.make_settings(variant.method, 0.25, checkpoint, preset, search=variant.search or None)
+        if variant.start is not None:
+            start = study.variant(variant.start)
+            assert start.method in METHODS[variant.method].starts
+
+
+def test_chosen_step_sizes_are_candidates_and_best_variants_exist():
+    for pair, chosen in headline.STEP_SIZES.items():
+        assert chosen in headline.CANDIDATES[pair], pair
+    variants = {v.name for v in headline.variants_study("cpu").variants}
+    assert set(headline.BEST.values()) <= variants
+
+
+def test_evaluations_count_the_start_too():
+    study = headline.variants_study("cpu")
+    cpu = experiments.PRESETS["cpu"].search
+    ddrs = cpu["ddrs"].iterations * cpu["ddrs"].samples
+    assert headline.evaluations(study, study.variant("ddrs_soft_sgd"), "cpu") == ddrs
+    rddrs = cpu["rddrs"].iterations * cpu["rddrs"].samples
+    assert headline.evaluations(study, study.variant("rddrs_soft_sgd"), "cpu") == rddrs + ddrs
+    ancer = cpu["ancer"].iterations * cpu["ancer"].samples
+    assert headline.evaluations(study, study.variant("rddrs_soft_sgd_from_ancer_soft_adam"), "cpu") == rddrs + ancer + ddrs
+
+
+def test_samples_for_inverts_the_square_root_law():
+    rows = [{"scheme": "plain", "samples": m, "error": 3.0 / math.sqrt(m)} for m in (100, 400, 1600)]
+    assert headline.samples_for(rows, 0.1)["plain"] == pytest.approx(900.0)
+    assert headline.samples_for(rows, 0.3)["plain"] == pytest.approx(100.0)
+
+
+def test_gradient_error_falls_with_the_number_of_draws():
+    torch.manual_seed(0)
+    model = MnistCNN().eval().requires_grad_(False)
+    x = torch.rand(1, 1, 28, 28)
+    rows = headline.gradient_quality(model, x, torch.tensor([0.25]), [0], sizes=(16, 256), reference=4096,
+                                     repeats=3, chunk=1024)
+    error = {(r["samples"], r["scheme"]): r["error"] for r in rows}
+    assert set(error) == {(m, s) for m in (16, 256) for s in ("plain", "antithetic", "control variate")}
+    for scheme in ("plain", "antithetic", "control variate"):
+        assert error[(256, scheme)] < error[(16, scheme)]  # about 4x smaller: 1 / sqrt(16)
+    assert all(0 < e for e in error.values())
