@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -115,14 +117,33 @@ def studies(preset: str, count: int | None = None, rotate: int = ROTATE) -> dict
 
 @dataclass
 class VariantRun:
-    """A variant's result rows and digest on its study's images (rows ordered by idx)."""
+    """A variant's result rows on its study's images (ordered by idx), and its digest: the
+    sorted scales of S, the objective trace and sigma_x* per image, read (or built from the
+    trace files) only when one of them is asked for."""
 
     variant: Variant
     path: Path
     results: analysis.Results
-    spectrum: np.ndarray    # (count, k): sorted scales of S; k = 1 for sigma
-    trace: np.ndarray       # (count, iterations): objective H of the method's own search
-    sigma_star: np.ndarray  # (count,): sigma_x* of the start (sigma itself for RS)
+    digest: dict | Callable[[], dict]
+
+    @cached_property
+    def _digested(self) -> dict:
+        return self.digest() if callable(self.digest) else self.digest
+
+    @property
+    def spectrum(self) -> np.ndarray:
+        """(count, k): sorted scales of S; k = 1 for sigma."""
+        return self._digested["spectrum"]
+
+    @property
+    def trace(self) -> np.ndarray:
+        """(count, iterations): objective H of the method's own search."""
+        return self._digested["trace"]
+
+    @property
+    def sigma_star(self) -> np.ndarray:
+        """(count,): sigma_x* of the start (sigma itself for RS)."""
+        return self._digested["sigma_star"]
 
     def certified(self, kind: str = "proxy") -> np.ndarray:
         """Certified radius per image, 0 where the prediction is wrong or abstains."""
@@ -204,13 +225,20 @@ def _study_images(res: analysis.Results, study: Study) -> analysis.Results:
 
 def _read(variant: Variant, path: Path, init: Path | None, folder: Path, study: Study) -> VariantRun:
     results = _study_images(analysis.read_results(path), study)
-    digest = folder / f"{variant.name}.digest.npz"
-    cached = dict(np.load(digest)) if digest.exists() else {}
-    if not (np.array_equal(cached.get("idx"), results.idx) and np.array_equal(cached.get("gap"), results.gap)):
-        cached = _digest(variant, path, init, results)
-        folder.mkdir(parents=True, exist_ok=True)
-        np.savez(digest, **cached)
-    return VariantRun(variant, path, results, cached["spectrum"], cached["trace"], cached["sigma_star"])
+
+    def digest() -> dict:
+        stored = folder / f"{variant.name}.digest.npz"
+        cached = dict(np.load(stored)) if stored.exists() else {}
+        if not (np.array_equal(cached.get("idx"), results.idx) and np.array_equal(cached.get("gap"), results.gap)):
+            cached = _digest(variant, path, init, results)
+            folder.mkdir(parents=True, exist_ok=True)
+            np.savez(stored, **cached)
+        return cached
+
+    run = VariantRun(variant, path, results, digest)
+    if variant.method == "rs" or all((experiments.traces_dir(path) / f"{i}.npz").exists() for i in results.idx):
+        run.spectrum  # the traces are here: keep the digest now, for clones that have only the rows
+    return run
 
 
 def _digest(variant: Variant, path: Path, init: Path | None, results: analysis.Results) -> dict[str, np.ndarray]:
