@@ -179,15 +179,16 @@ def test_markdown_and_csv_tables(tmp_path):
     rows = table(results, radii=(0, 0.5, 1), kind="proxy")
     write_tables(rows, tmp_path / "t.csv", tmp_path / "t.md")
     md = (tmp_path / "t.md").read_text(encoding="utf-8").strip().splitlines()
-    assert md[0].startswith("| σ | method | n | r = 0 | r = 0.5 | r = 1 | ACR")
+    assert md[0].startswith("| σ | method | n | certified accuracy at r = 0 | certified accuracy at r = 0.5 "
+                            "| certified accuracy at r = 1 | ACR")
     assert set(md[1].replace("|", "").split()) <= {"---:", ":---"}
     assert len(md) == 2 + 6
     body = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:]]
     assert [(b[0], b[1]) for b in body] == [
         ("0.12", "RS"), ("0.12", "RDDRS"), ("0.25", "RS"), ("0.25", "RDDRS"),
-        ("0.5", "RS"), ("0.5", "RDDRS")]
+        ("0.50", "RS"), ("0.50", "RDDRS")]
     for b, row in zip(body, rows):
-        assert b[3:6] == [f"{a:.3f}" for a in row["accuracy"]]
+        assert b[3:6] == [f"{a:.2f}" for a in row["accuracy"]]  # 60 inputs: counts / 60 need 2 decimals
     with open(tmp_path / "t.csv", newline="") as fh:
         table_rows = list(csv.reader(fh))
     assert table_rows[0] == ["sigma", "method", "n", "ca@0", "ca@0.5", "ca@1", "acr",
@@ -214,7 +215,7 @@ def test_curves_figure_layout(tmp_path):
     fig = curves_figure(results, "proxy", out)
     assert out.stat().st_size > 10_000
     width, height = png_size(out)
-    assert 1300 <= width <= 1400 and 500 <= height <= 700  # the page's 6.8 x 2.95 in at 200 dpi
+    assert 1250 <= width <= 1350 and 500 <= height <= 700  # the page's 6.5 x 2.95 in at 200 dpi
     check_legible(fig)  # as wide as the page at most, no text under 9 pt
     axes = fig.get_axes()
     assert len(axes) == 3
@@ -367,7 +368,7 @@ def test_cli_single_kind_and_missing_sidecar(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == {"certified_accuracy_l2.png", "table_l2.csv",
                                                "table_l2.md"}
     md = (out / "table_l2.md").read_text(encoding="utf-8")
-    assert "| 0.12 | ANCER | 5 | 0.600 | 0.400 |" in md  # CA at r = 0, 0.5 (l2 radii)
+    assert "| 0.12 | ANCER | 5 | 0.60 | 0.40 |" in md  # CA at r = 0, 0.5 (l2 radii), 5 inputs
 
 
 def test_cli_errors(tmp_path):

@@ -62,6 +62,7 @@ def test_table_html_has_caption_and_aligns_numbers_right():
     assert [c[1] for c in header] == ["σ", "method", "n", "ACR", "difference"]
     assert len(body) == 2 * 5
     right = ["right" in c[2] for c in header]
+    assert right == ["right" in c[2] for c in body[:5]]
     assert right == [True, False, True, True, True]  # the text column alone is left-aligned
     assert [c[1] for c in body[:5]] == ["0.12", "RS", "100", "0.5", "+0.012 ± 0.004"]
     assert [c[1] for c in body[5:]] == ["0.25", "RDDRS <b>", "10,000", "12.3", "−0.100 ± 0.020"]
@@ -99,6 +100,25 @@ def test_text_and_markdown_forms_are_aligned_tables():
     assert md[0] == "| σ | method | n | ACR | difference |"
     assert md[1] == "| ---: | :--- | ---: | ---: | ---: |"
     assert len(md) == 4 and "|" not in repr(t)
+
+
+def test_spanning_header_and_merged_groups():
+    t = display.Table(["σ", "method", "0", "0.5"], [[0.12, "RS", 1.0, 0.5], [0.12, "RDDRS", 1.0, 0.75],
+                                                 [0.25, "RS", 0.9, 0.25]],
+                      caption="grouped", spans=[("", 2), ("CA at r =", 2)], merge=["σ"], formats={"σ": ".2f"})
+    html = t._repr_html_()
+    assert '<th class="span" colspan="2">CA at r =</th>' in html
+    cells = parse(t)
+    sigma = [c[1] for c in cells.cells if c[0] == "td"][::4]
+    assert sigma == ["0.12", "", "0.25"]  # written where it changes
+    assert html.count('<tr class="group">') == 1
+    assert repr(t).splitlines()[1].strip().startswith("CA at r =")
+    assert t.markdown().splitlines()[0] == "| σ | method | CA at r = 0 | CA at r = 0.5 |"
+    assert t.markdown().splitlines()[3].startswith("| 0.12 | RDDRS")  # files keep every value
+    with pytest.raises(RDDRSError, match="spans cover 3 of 4"):
+        display.Table(["a", "b", "c", "d"], [[1, 2, 3, 4]], caption="c", spans=[("x", 3)])
+    with pytest.raises(RDDRSError, match="leading columns"):
+        display.Table(["a", "b"], [[1, 2]], caption="c", merge=["b"])
 
 
 def test_table_refuses_bad_input():
@@ -233,4 +253,7 @@ def test_analysis_tables_go_through_display():
     assert isinstance(table, display.Table)
     assert analysis.table_markdown(rows) == table.markdown()
     assert re.search(r"ℓ2 radius", table.caption)
-    assert [c for c in table.cells[0]] == ["0.25", "RDDRS", "4", "0.750", "0.500", "0.410", "12.00"]
+    assert [c for c in table.cells[0]] == ["0.25", "RDDRS", "4", "0.75", "0.50", "0.410", "12.00"]
+    # a certified accuracy is a count over n: as many decimals as every count needs
+    rows[0]["n"] = 1000
+    assert analysis.accuracy_table(rows).cells[0][3] == "0.750"

@@ -415,22 +415,33 @@ def table_csv(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def accuracy_table(rows: list[dict], caption: str | None = None):
+def accuracy_table(rows: list[dict], caption: str | None = None, *, counts: bool = True):
     """The rows of :func:`table` as a :class:`rddrs.display.Table`: sigma, method, n, CA at
-    each radius, ACR and seconds per input (CA and ACR to 3 decimals)."""
+    each radius (under one spanning header), ACR and seconds per input; sigma written once
+    per group. A certified accuracy is a count over n inputs, so it gets the decimals that
+    show every count (2 for n <= 100, 3 up to 1000, ...); ACR gets 3. ``counts=False`` leaves out n and the seconds
+    (for a page that states them elsewhere)."""
     from rddrs import display
 
     radii = _radii_of(rows)
     kind = rows[0].get("kind", "proxy")
-    ca = [f"r = {r:g}" for r in radii]
-    head = ["σ", "method", "n", *ca, "ACR", "s / input"]
-    body = [[row["sigma"], METHOD_LABELS[row["method"]], row["n"], *row["accuracy"], row["acr"],
-             row["seconds"]] for row in rows]
+    ca = [f"{r:g}" for r in radii]
+    lead, tail = (["σ", "method", "n"], ["ACR", "s / input"]) if counts else (["σ", "method"], ["ACR"])
+    body = []
+    for row in rows:
+        start = [row["sigma"], METHOD_LABELS[row["method"]]] + ([row["n"]] if counts else [])
+        end = [row["acr"]] + ([row["seconds"]] if counts else [])
+        body.append([*start, *row["accuracy"], *end])
     if caption is None:
         caption = (f"Certified accuracy at {KIND_LABELS[kind]} r, average certified radius (ACR) "
                    f"and seconds per input.")
-    return display.Table(head, body, caption,
-                         formats={"σ": "g", **{c: ".3f" for c in ca}, "ACR": ".3f", "s / input": ".2f"})
+    columns = [*lead, *ca, *tail]
+    n = max(row["n"] for row in rows)
+    digits = max(2, math.ceil(math.log10(n))) if n > 1 else 2
+    formats = {"σ": ".2f", **{c: f".{digits}f" for c in ca}, "ACR": ".3f", "s / input": ".2f"}
+    return display.Table(columns, body, caption, merge=["σ"],
+                         spans=[("", len(lead)), ("certified accuracy at r =", len(ca)), ("", len(tail))],
+                         formats={c: f for c, f in formats.items() if c in columns})
 
 
 def table_markdown(rows: list[dict]) -> str:

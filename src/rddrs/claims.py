@@ -485,11 +485,3 @@ def isotropy_figure(runs: dict[str, VariantRun]):
         ax.grid(True)
         ax.legend()
     return fig
-
-
-def markdown(header: list[str], lines: list[list]) -> str:
-    """A Markdown pipe table: numbers right-aligned, text left-aligned."""
-    align = [":--" if isinstance(cell, str) else "--:" for cell in lines[0]] if lines else ["--:"] * len(header)
-    text = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    text += ["| " + " | ".join(c if isinstance(c, str) else f"{c:.3g}" for c in line) + " |" for line in lines]
-    return "\n".join(text) + "\n"

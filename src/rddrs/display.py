@@ -36,9 +36,10 @@ from rddrs.methods import METHODS as _METHODS
 
 # -- figures ----------------------------------------------------------------------------------
 
-#: widest figure, in inches: at the notebook's 100 dpi it is 680 CSS pixels, the width of the
-#: book's text column in a 1280-pixel window, so figures are shown at (about) their own size
-PAGE_WIDTH = 6.8
+#: widest figure, in inches: at the notebook's 100 dpi it is 650 CSS pixels (some 660 with the
+#: margin of a tight bounding box), within the 672-pixel text column of a 1280-pixel window, so
+#: that figures are shown at their own size
+PAGE_WIDTH = 6.5
 #: smallest font size in a figure, in points (as drawn; shown at ~1.04x on the page)
 MIN_FONT = 9.0
 #: colours for curves that are not one of the four methods (Okabe-Ito colours no method uses)
@@ -140,8 +141,7 @@ def glue_figure(name: str, fig, **checks) -> None:
     glue(name, fig, display=False)
     import matplotlib.pyplot as plt
 
-    if fig in map(plt.figure, plt.get_fignums()):
-        plt.close(fig)
+    plt.close(fig)  # a no-op for a figure that pyplot does not manage
 
 
 def method_style(method: str) -> dict:
@@ -249,11 +249,16 @@ class Table:
     or a function) if given, otherwise three significant digits for its largest value
     (:func:`auto_decimals`). A column whose cells are all numbers, or strings that read as
     numbers ("0.52 / 0.48", "+0.012 ± 0.004"), is right-aligned; others are left-aligned.
-    ``notes`` is a line printed under the table.
+
+    ``spans`` puts a header row above the columns: ``(label, number of columns)`` pairs that
+    cover all columns (an empty label leaves its columns without). ``merge`` names leading
+    columns (e.g. "σ") whose value is written only where it changes, and a rule starts each
+    group. ``notes`` is a line printed under the table.
     """
 
     def __init__(self, columns: Sequence[str], rows: Sequence[Sequence], caption: str, *,
-                 formats: Mapping[str, Format] | None = None, notes: str | None = None):
+                 formats: Mapping[str, Format] | None = None, spans: Sequence[tuple[str, int]] | None = None,
+                 merge: Sequence[str] = (), notes: str | None = None):
         self.columns = list(columns)
         self.rows = [list(row) for row in rows]
         if not str(caption).strip():
@@ -264,9 +269,12 @@ class Table:
             if len(row) != len(self.columns):
                 raise RDDRSError(f"table row {i} has {len(row)} cells for {len(self.columns)} columns")
         formats = dict(formats or {})
-        unknown = sorted(set(formats) - set(self.columns))
+        unknown = sorted((set(formats) | set(merge)) - set(self.columns))
         if unknown:
-            raise RDDRSError(f"formats for unknown column(s) {', '.join(unknown)}")
+            raise RDDRSError(f"formats or merge for unknown column(s) {', '.join(unknown)}")
+        self.spans = [(str(label), int(n)) for label, n in spans] if spans else None
+        if self.spans and sum(n for _, n in self.spans) != len(self.columns):
+            raise RDDRSError(f"spans cover {sum(n for _, n in self.spans)} of {len(self.columns)} columns")
         self.cells: list[list[str]] = [[""] * len(self.columns) for _ in self.rows]
         self.numeric: list[bool] = []
         for j, name in enumerate(self.columns):
@@ -277,10 +285,19 @@ class Table:
             self.numeric.append(bool(values) and all(
                 value is None or _is_number(value) or _reads_as_number(_plain(str(value)))
                 for value in values) and not all(isinstance(value, Raw) for value in values))
+        # merged leading columns: a group starts where any of them changes
+        width = len(merge)
+        if list(merge) != self.columns[:width]:
+            raise RDDRSError(f"merge must name leading columns, got {list(merge)}")
+        keys = [tuple(row[:width]) for row in self.cells]
+        self.starts = [width > 0 and i > 0 and keys[i] != keys[i - 1] for i in range(len(keys))]
+        self.shown = [[c if j >= width or i == 0 or keys[i] != keys[i - 1] else "" for j, c in enumerate(row)]
+                      for i, row in enumerate(self.cells)]
 
     # text forms
-    def _text_cells(self) -> list[list[str]]:
-        return [[_plain(c) for c in self.columns]] + [[_plain(c) for c in row] for row in self.cells]
+    def _text_cells(self, merged: bool = True) -> list[list[str]]:
+        body = self.shown if merged else self.cells
+        return [[_plain(c) for c in self.columns]] + [[_plain(c) for c in row] for row in body]
 
     def __repr__(self) -> str:
         lines = self._text_cells()
@@ -290,14 +307,26 @@ class Table:
             return "  ".join(c.rjust(w) if num else c.ljust(w)
                              for c, w, num in zip(line, widths, self.numeric)).rstrip()
 
-        body = [fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines[1:]]
+        head = []
+        if self.spans:
+            at, parts = 0, []
+            for label, n in self.spans:
+                span = sum(widths[at:at + n]) + 2 * (n - 1)
+                parts.append(_plain(label).center(span)[:span])
+                at += n
+            head.append("  ".join(parts).rstrip())
+        body = head + [fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines[1:]]
         return "\n".join([_plain(self.caption), *body] + ([_plain(self.notes)] if self.notes else []))
 
     __str__ = __repr__
 
     def markdown(self) -> str:
-        """A Markdown pipe table (for files; the book shows the HTML form)."""
-        lines = self._text_cells()
+        """A Markdown pipe table (for files; the book shows the HTML form). Spanning labels are
+        prefixed to their columns' headers; merged columns are written on every row."""
+        lines = self._text_cells(merged=False)
+        if self.spans:
+            labels = [label for label, n in self.spans for _ in range(n)]
+            lines[0] = [f"{label} {c}".strip() if label else c for label, c in zip(labels, lines[0])]
         align = ["---:" if num else ":---" for num in self.numeric]
         out = ["| " + " | ".join(lines[0]) + " |", "| " + " | ".join(align) + " |"]
         out += ["| " + " | ".join(line) + " |" for line in lines[1:]]
@@ -310,16 +339,23 @@ class Table:
 
     def _repr_html_(self) -> str:
         def cell(tag, value, num):
-            style = ' style="text-align: right"' if num else ' style="text-align: left"'
-            return f"<{tag}{style}>{self._html(value)}</{tag}>"
+            kind, side = ("num", "right") if num else ("text", "left")
+            return f'<{tag} class="{kind}" style="text-align: {side}">{self._html(value)}</{tag}>'
 
+        spans = ""
+        if self.spans:
+            spans = "<tr>" + "".join(
+                f'<th class="span" colspan="{n}">{self._html(label)}</th>' if label else f'<th colspan="{n}"></th>'
+                for label, n in self.spans) + "</tr>"
         head = "".join(cell("th", c, num) for c, num in zip(self.columns, self.numeric))
-        body = "".join("<tr>" + "".join(cell("td", c, num) for c, num in zip(row, self.numeric)) + "</tr>"
-                       for row in self.cells)
+        group = ' class="group"'
+        body = "".join(
+            f"<tr{group if start else ''}>" + "".join(cell("td", c, num) for c, num in zip(row, self.numeric))
+            + "</tr>" for row, start in zip(self.shown, self.starts))
         notes = f'<p class="rddrs-table-notes">{self._html(self.notes)}</p>' if self.notes else ""
-        return (f'<div class="rddrs-table-wrapper"><table class="table rddrs-table">'
+        return (f'<div class="rddrs-table-wrapper"><table class="rddrs-table">'
                 f"<caption>{self._html(self.caption)}</caption>"
-                f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}</div>")
+                f"<thead>{spans}<tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}</div>")
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence], **kwargs) -> str:
