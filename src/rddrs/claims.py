@@ -167,15 +167,17 @@ def _start_of(study: Study, variant: Variant) -> Variant:
 
 def run_study(study: Study, sigma: float, preset: str, results: str | Path, *, device: str = "cpu",
               seed: int = 0, data: str | Path = "data", models: str | Path = "data/models",
-              progress: bool = False) -> dict[str, VariantRun]:
-    """Certify every variant of ``study`` that is not complete, then read them all."""
+              progress: bool = False, compute: bool = True) -> dict[str, VariantRun]:
+    """Certify every variant of ``study`` that is not complete, then read them all; with
+    ``compute=False`` only read, and say which variant is incomplete (e.g. a paper-scale study
+    on a CPU)."""
     from rddrs.data import load_mnist
     from rddrs.models import load_model, resolve_device
 
     model_file = experiments.model_path(sigma, models)
     images, labels = load_mnist(Path(data), train=False)
     images, labels = images[study.first: study.first + study.count], labels[study.first: study.first + study.count]
-    model = load_model(model_file, device=resolve_device(device))
+    model = load_model(model_file, device=resolve_device(device)) if compute else None
     folder = study_dir(results, study)
     runs: dict[str, tuple[Path, Path | None]] = {}
 
@@ -190,7 +192,11 @@ def run_study(study: Study, sigma: float, preset: str, results: str | Path, *, d
             init=experiments.result_path(results, "ddrs", sigma) if init is not None else None)
         is_standard = variant.rotate is None and settings.comparable() == standard.comparable()
         out = experiments.result_path(results, variant.method, sigma) if is_standard else folder / f"{variant.name}.tsv"
-        experiments.run_certification(settings, model, images, labels, study.first, out, progress=progress)
+        if compute:
+            experiments.run_certification(settings, model, images, labels, study.first, out, progress=progress)
+        elif missing := set(range(study.first, study.first + study.count)) - set(experiments.read_rows(out)):
+            raise RDDRSError(f"{out} lacks {len(missing)} of the study's images: compute it (`make results "
+                             f"PRESET={preset}`) before reading it")
         runs[variant.name] = (out, init)
         return out
 

@@ -109,11 +109,25 @@ def _name(values: dict) -> str:
                     else f"{k.replace('_', '')}{v}" for k, v in values.items())
 
 
+def tuning_name(method: str, step: str, candidate: dict) -> str:
+    """The tuning study's name of one candidate, e.g. ``rddrs_adam_lr1_maxstep0``."""
+    return f"{method}_{step}_{_name(candidate)}"
+
+
 def tuning_study(preset: str) -> Study:
     first, count = BUDGETS[preset].tuning
-    variants = tuple(Variant(f"{m}_{step}_{_name(c)}", m, {"step": step, **c})
+    variants = tuple(Variant(tuning_name(m, step, c), m, {"step": step, **c})
                      for (m, step), candidates in CANDIDATES.items() for c in candidates)
     return Study("tuning", count, variants, first=first)
+
+
+def tuning_choice(runs: dict) -> dict:
+    """Per (method, step rule), the candidate with the largest proxy ACR in the tuning runs."""
+    def acr(name):
+        run = runs[name]
+        return -math.inf if isinstance(run, Diverged) else float(run.certified("proxy").mean())
+
+    return {pair: max(candidates, key=lambda c: acr(tuning_name(*pair, c))) for pair, candidates in CANDIDATES.items()}
 
 
 def _variant(method: str, objective: str, step: str, start: str | None = None) -> Variant:
@@ -309,25 +323,23 @@ def frontier_rows(runs: dict, study: Study, preset: str) -> list[dict]:
 
 
 def frontier_figure(rows: list[dict]):
-    """Proxy and l2 ACR against network passes per image (log axis), one line per method."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """Proxy and l2 ACR against network passes per image (log axis), one line per method, in
+    the book's style (``rddrs.display``)."""
+    from rddrs import display
 
-    from rddrs.methods import METHODS
-
-    fig = Figure(figsize=(9.0, 3.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
+    fig, axes = display.new_figure(1, 2, height=2.9)
+    handles = {}
     for ax, kind, label in zip(axes, ("proxy_acr", "l2_acr"), ("proxy ACR", "ℓ2 ACR")):
         for method in SEARCHED:
             own = [r for r in rows if r["method"] == method]
             if own:
-                record = METHODS[method]
-                ax.plot([r["evaluations"] for r in own], [r[kind] for r in own], marker="o", linewidth=2.0,
-                        color=record.color, linestyle=record.style, label=record.label)
-        ax.set(xscale="log", xlabel="network passes per image (search, with its start)", ylabel=label)
-        ax.grid(True, color="0.88")
-    axes[0].legend()
+                (line,) = ax.plot([r["evaluations"] for r in own], [r[kind] for r in own], marker="o",
+                                  **display.method_style(method))
+                handles.setdefault(method, line)
+        ax.set(xscale="log", xlabel="network passes per image", ylabel=label)
+        ax.grid(True)
+    fig.legend(list(handles.values()), [h.get_label() for h in handles.values()], loc="outside upper center",
+               ncol=len(handles), frameon=False)
     return fig
 
 
@@ -344,34 +356,36 @@ def gradient_rows(rows: list[dict]) -> list[dict]:
 
 
 def best_figure(papers: dict, best: dict, kind: str = "proxy"):
-    """The paper's Figure 2 layout (one panel per training sigma) with each method twice: its
-    papers' search (thin, light) and its best variant (bold), in the method's colour and style.
+    """The paper's Figure 2 layout (one panel per training sigma) with each searched method
+    twice: its papers' search (thin, light) and its best variant (``BEST``, bold), both in the
+    method's colour and dashes; RS as in the paper.
 
     ``papers``: ``{(sigma, method): analysis.Results}`` of the standard runs; ``best``:
-    ``{sigma: {variant name: VariantRun}}`` of the best_sigmaS studies (their BEST variants).
+    ``{sigma: {variant name: VariantRun}}`` of the best_sigmaS studies.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from rddrs import analysis
+    from rddrs import analysis, display
     from rddrs.methods import METHODS, NAMES
 
     sigmas = sorted({s for s, _ in papers} | set(best))
-    fig = Figure(figsize=(4.2 * len(sigmas), 3.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(sigmas), sharey=True, squeeze=False)[0]
+    fig, axes = display.new_figure(1, len(sigmas), height=2.9, sharey=True, squeeze=False)
+    axes = axes[0]
+    handles = {}
     for ax, sigma in zip(axes, sigmas):
-        lines = [(m, papers[(sigma, m)], f"{METHODS[m].label} (papers')", 1.2, 0.55)
-                 for m in NAMES if (sigma, m) in papers]
-        lines += [(run.variant.method, run.results, f"{METHODS[run.variant.method].label} (best)", 2.4, 1.0)
-                  for name, run in best.get(sigma, {}).items() if name == BEST.get(run.variant.method)]
-        top = max(float(res.radii(kind)[res.correct == 1].max(initial=0.0)) for _, res, *_ in lines)
-        for method, res, label, width, alpha in lines:
+        lines = [(m, papers[(sigma, m)], "papers'") for m in NAMES if (sigma, m) in papers]
+        lines += [(run.variant.method, run.results, "best") for name, run in best.get(sigma, {}).items()
+                  if name == BEST.get(run.variant.method)]
+        top = max(float(res.radii(kind)[res.correct == 1].max(initial=0.0)) for _, res, _ in lines)
+        for method, res, which in lines:
             x, y = analysis.certified_accuracy_curve(res, kind, r_max=1.05 * top)
-            ax.step(x, y, where="pre", color=METHODS[method].color, linestyle=METHODS[method].style,
-                    linewidth=width, alpha=alpha, label=label)
-        ax.set(xlim=(0, 1.05 * top), ylim=(0, 1.0), title=f"σ = {sigma:g}", xlabel=analysis.KIND_LABELS[kind])
-        ax.grid(True, color="0.88")
+            style = display.method_style(method)
+            label = style.pop("label") + ("" if method == "rs" else f" ({which})")
+            bold = which == "best"
+            (line,) = ax.step(x, y, where="pre", linewidth=2.4 if bold else 1.2, alpha=1.0 if bold else 0.5,
+                              label=label, **style)
+            handles.setdefault(label, line)
+        ax.set(xlim=(0, 1.05 * top), ylim=(0, 1.0), title=f"σ = {sigma:g}")
+        ax.set_xlabel("proxy radius" if kind == "proxy" else "ℓ2 radius")
+        ax.grid(True)
     axes[0].set_ylabel("certified accuracy")
-    axes[-1].legend(fontsize=8, loc="upper right")
+    fig.legend(list(handles.values()), list(handles), loc="outside upper center", ncol=4, frameon=False)
     return fig
