@@ -134,12 +134,13 @@ def study_dir(results: str | Path, study: Study) -> Path:
 
 
 def _start_of(study: Study, variant: Variant) -> Variant:
-    """The variant an ANCER or RDDRS variant starts from: the one it names, else the DDRS
-    variant of the preset's search with the same rotation."""
+    """The variant an ANCER or RDDRS variant starts from: the one it names, else the variant of
+    its base search (DDRS) with the preset's settings and the same rotation."""
     if variant.start is not None:
         return study.variant(variant.start)
-    return next((v for v in study.variants if v.method == "ddrs" and not v.search and v.rotate == variant.rotate),
-                Variant("ddrs" if variant.rotate is None else f"ddrs_rotate{variant.rotate}", "ddrs",
+    base = method_record(variant.method).base
+    return next((v for v in study.variants if v.method == base and not v.search and v.rotate == variant.rotate),
+                Variant(base if variant.rotate is None else f"{base}_rotate{variant.rotate}", base,
                         rotate=variant.rotate))
 
 
@@ -215,7 +216,8 @@ def _read(variant: Variant, path: Path, init: Path | None, folder: Path, study: 
 
 def _digest(variant: Variant, path: Path, init: Path | None, results: analysis.Results) -> dict[str, np.ndarray]:
     """Spectra, traces and sigma_x* of the rows of ``results``, from the run's trace files."""
-    if variant.method == "rs":
+    record = method_record(variant.method)
+    if not record.searched:
         sigma = results.sigma_min[:, None]
         return {"idx": results.idx, "gap": results.gap, "spectrum": sigma.astype(np.float32),
                 "trace": np.zeros((results.n, 0)), "sigma_star": results.sigma_min}
@@ -229,7 +231,7 @@ def _digest(variant: Variant, path: Path, init: Path | None, results: analysis.R
         with np.load(folder / f"{i}.npz") as stored:
             traces.append(stored[variant.method])
             stars.append(float(stored["sigma_star"]) if "sigma_star" in stored else math.nan)
-            if variant.method == "ddrs":  # S = sigma I: its row has sigma
+            if record.family == "isotropic":  # S = sigma I: its row has sigma
                 spectra.append(np.array([sigma]))
                 continue
             if "param" not in stored:
@@ -370,7 +372,8 @@ def runtime_table(result_dirs: dict[str, Path], sigma: float) -> list[dict]:
                 res = analysis.read_results(path)
                 seconds[method] = (res.n, float(res.seconds.mean()))
         for method, (n, own) in seconds.items():
-            start = seconds.get("ddrs", (0, math.nan))[1] if method in ("ancer", "rddrs") else 0.0
+            base = method_record(method).base
+            start = seconds.get(base, (0, math.nan))[1] if base else 0.0
             rows.append({"preset": preset, "method": method, "n": n, "seconds": own, "with_start": own + start})
     return rows
 

@@ -27,7 +27,8 @@ from rddrs import RDDRSError
 from rddrs.certify import certify
 from rddrs.files import ensure_dir, exclusive, provenance, write_atomic
 from rddrs.methods import method as method_record
-from rddrs.noise import Diagonal, FullSPD, Isotropic, Smoothing
+from rddrs.methods import PARAM_AXES
+from rddrs.noise import Smoothing, from_param
 from rddrs.optimize import find_smoothing
 from rddrs.presets import PRESETS, RDDRS_MAX_STEP, Search, preset as preset_record  # noqa: F401 (re-exported)
 from rddrs.results import (COLUMNS, INT_COLUMNS, complete_lines, format_value, read_rows,  # noqa: F401
@@ -160,7 +161,7 @@ def make_settings(method: str, sigma: float, model: str | Path, preset: str = "c
         overrides["cap"] = gap_cap(n, alpha) if capped else None
     own = replace(chosen.search[method], **overrides) if record.searched else None
     searches = {k: (own if k == method else v).record() for k, v in chosen.search.items()
-                if k == method or (k == "ddrs" and record.searched)}
+                if k == method or (record.searched and k == record.base)}
     return RunSettings(
         method=method, sigma=float(sigma), preset=preset, model=str(model), model_sha256=sha256_of(model),
         n0=n0, n=n, alpha=alpha, seed=seed, device=str(device), rotate=rotate, probabilities=probabilities,
@@ -259,10 +260,10 @@ def load_init(path: Path, run: RunSettings, indices: list[int]) -> Start:
     rows = read_rows(path)
     if missing := [i for i in indices if i not in rows]:
         raise RDDRSError(f"--init {path} has no row for idx {missing[0]} (and {len(missing) - 1} more)")
-    if settings["method"] == "ddrs":
+    if method_record(settings["method"]).family == "isotropic":  # sigma_x* is the row's sigma
         return Start({i: rows[i]["sigma_min"] for i in indices})
     d = run_dimension(path, indices[0])
-    theta = {i: trace_param(path, i, "ancer", d) for i in indices}
+    theta = {i: trace_param(path, i, settings["method"], d) for i in indices}
     return Start({i: float(trace_value(path, i, "sigma_star")) for i in indices}, theta)
 
 
@@ -291,7 +292,7 @@ def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: to
         noise_rotation = rotation.to(device, images.dtype)
     searches = {k: Search.from_dict(v) for k, v in settings.search.items()}
     traces = traces_dir(out)
-    if settings.method != "rs":
+    if method_record(settings.method).searched:
         traces.mkdir(exist_ok=True)
     bar = tqdm(total=len(images), initial=len(images) - len(todo), disable=not progress, unit="image",
                desc=f"{settings.method} sigma={settings.sigma}")
@@ -340,7 +341,7 @@ def trace_value(out: Path, idx: int, key: str) -> np.ndarray:
 
 def trace_param(out: Path, idx: int, method: str, d: int) -> np.ndarray:
     """The final parameter of image ``idx`` in the run ``out``: theta (d,) or C (d, d), float64."""
-    shape = (d,) * {"ancer": 1, "rddrs": 2}[method]
+    shape = (d,) * PARAM_AXES[method_record(method).family]
     param = trace_value(out, idx, "param").astype(np.float64)
     if param.shape != shape:
         raise RDDRSError(f"{traces_dir(Path(out)) / f'{idx}.npz'}: param has shape {param.shape}, {method} needs {shape}")
@@ -357,11 +358,12 @@ def load_smoothing(out: str | Path, indices, d: int, dtype: torch.dtype = torch.
     DDRS), theta or C from the traces (ANCER, RDDRS)."""
     out = Path(out)
     method = read_sidecar(out)["settings"]["method"]
-    if method_record(method).family == "isotropic":
+    family = method_record(method).family
+    if family == "isotropic":
         rows = read_rows(out)
-        return Isotropic(torch.tensor([rows[i]["sigma_min"] for i in indices], dtype=dtype), d, check=False)
+        return from_param(family, torch.tensor([rows[i]["sigma_min"] for i in indices], dtype=dtype), d, check=False)
     params = torch.from_numpy(np.stack([trace_param(out, i, method, d) for i in indices])).to(dtype)
-    return Diagonal(params, check=False) if method == "ancer" else FullSPD(params, check=False)
+    return from_param(family, params, d, check=False)
 
 
 def merge(shards: list[Path], out: Path) -> int:
