@@ -282,7 +282,7 @@ def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: to
                   start: int, out: Path, inputs_per_batch: int, batch_size: int, progress: bool) -> Path:
     device = torch.device(settings.device)
     resumed = check_or_write_sidecar(out, settings, {"provenance": provenance(device)})
-    done = read_rows(out)
+    done = read_rows(out, repair=True)
     todo = [i for i in range(start, start + len(images)) if i not in done]
     init = load_init(Path(settings.init), settings, todo) if settings.init and todo else None
     rotation = random_rotation(images[0].numel(), settings.rotate) if settings.rotate is not None else None

@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from rddrs import RDDRSError, spd
 from rddrs.experiments import random_rotation, trace_param
-from rddrs.results import COLUMNS, INT_COLUMNS, complete_lines, format_value, read_rows, sidecar_path
+from rddrs.results import COLUMNS, format_value, read_rows, read_table, sidecar_path
 from rddrs.files import exclusive, write_atomic
 from rddrs.methods import METHODS, method as method_record
 from rddrs.noise import Smoothing, from_param
@@ -422,24 +422,17 @@ def memory_path(out: Path) -> Path:
     return out.with_name(out.name + ".memory.tsv")
 
 
-def read_memory_rows(path: Path) -> list[dict]:
-    """Complete rows of a memory file, in file order; a half-written last line is cut off."""
-    lines = complete_lines(path)
-    if not lines:
+def read_memory_rows(path: Path, repair: bool = False) -> list[dict]:
+    """Complete rows of a memory file, in file order (``results.read_table``); ``repair``: cut a
+    half-written last line off the file (the pass does, under its lock)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
         return []
-    if tuple(lines[0].split("\t")) != MEMORY_COLUMNS:
-        raise RDDRSError(f"{path} is not a memory file (unexpected header); move it away or remove it")
-    rows = []
-    for number, line in enumerate(lines[1:], start=2):
-        values = line.split("\t")
-        if len(values) != len(MEMORY_COLUMNS):
-            raise RDDRSError(f"{path}, line {number}: expected {len(MEMORY_COLUMNS)} fields, got {len(values)}")
-        try:
-            rows.append({k: v if k == "memory" else int(v) if k in INT_COLUMNS else float(v)
-                         for k, v in zip(MEMORY_COLUMNS, values)})
-        except ValueError as err:
-            raise RDDRSError(f"{path}, line {number}: {err}") from None
-    return rows
+    with open(path, encoding="utf-8", errors="replace") as f:
+        if tuple(f.readline().rstrip("\n").split("\t")) != MEMORY_COLUMNS:
+            raise RDDRSError(f"{path} is not a memory file (unexpected header); move it away or remove it")
+    _, rows = read_table(path, MEMORY_COLUMNS, repair)
+    return [row for _, row in rows]
 
 
 def _trace_reader(out: Path, method: str, d: int) -> Callable[[int], Tensor]:
@@ -499,7 +492,7 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
 
     path = memory_path(out)
     with exclusive(path):  # one writer at a time
-        done = read_memory_rows(path)
+        done = read_memory_rows(path, repair=True)
         if len(done) > len(ordered) or any(old[k] != new[k] for old, new in zip(done, ordered)
                                            for k in ("idx", "label", "p_lower", "sigma_min")):
             raise RDDRSError(f"{path} does not match the rows of {out.name}; remove it to start again")
