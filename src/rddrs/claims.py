@@ -28,12 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rddrs import RDDRSError, analysis, experiments, spd
+from rddrs import RDDRSError, analysis, experiments, runs, spd
 from rddrs.noise import FullSPD, Isotropic
 from rddrs.methods import NAMES as METHODS
 from rddrs.methods import method as method_record
-from rddrs.files import write_atomic
-from rddrs.optimize import SearchDiverged, objective_and_gradient
+from rddrs.optimize import objective_and_gradient
 
 #: seed of the random orthogonal matrix of the rotation study
 ROTATE = 1
@@ -144,47 +143,71 @@ def _start_of(study: Study, variant: Variant) -> Variant:
                         rotate=variant.rotate))
 
 
-def run_study(study: Study, sigma: float, preset: str, results: str | Path, *, device: str = "cpu",
-              seed: int = 0, data: str | Path = "data", models: str | Path = "data/models",
-              progress: bool = False) -> dict[str, VariantRun]:
-    """Certify every variant of ``study`` that is not complete, then read them all."""
-    from rddrs.data import load_mnist
-    from rddrs.models import load_model, resolve_device
+def note_path(results: str | Path, study: Study, variant: Variant) -> Path:
+    """Where a variant whose search diverged is recorded (delete the note to try it again)."""
+    return study_dir(results, study) / f"{variant.name}.diverged.json"
 
+
+def study_specs(study: Study, sigma: float, preset: str, results: str | Path, *, device: str = "cpu",
+                seed: int = 0, data: str | Path = "data", models: str | Path = "data/models",
+                groups: tuple[str, ...] = ("claims",)) -> dict[str, runs.RunSpec]:
+    """The run of every variant of ``study`` (and of the starts it needs that are not variants),
+    by variant name: ``RESULTS/claims/STUDY/VARIANT.tsv`` on the study's images, or the
+    standard run ``RESULTS/METHOD_sigmaS.tsv`` for a variant with the preset's own settings."""
     model_file = experiments.model_path(sigma, models)
-    images, labels = load_mnist(Path(data), train=False)
-    images, labels = images[study.first: study.first + study.count], labels[study.first: study.first + study.count]
-    model = load_model(model_file, device=resolve_device(device))
     folder = study_dir(results, study)
-    runs: dict[str, tuple[Path, Path | None]] = {}
+    images = ((study.first, study.first + study.count),)
+    own = {v.name for v in study.variants}
+    specs: dict[str, runs.RunSpec] = {}
 
-    def run(variant: Variant) -> Path:
-        if variant.name in runs:
-            return runs[variant.name][0]
-        init = run(_start_of(study, variant)) if method_record(variant.method).starts else None
+    def spec_of(variant: Variant) -> runs.RunSpec:
+        if variant.name in specs:
+            return specs[variant.name]
+        record = method_record(variant.method)
+        init = spec_of(_start_of(study, variant)).out if record.starts else None
         settings = experiments.make_settings(variant.method, sigma, model_file, preset, seed=seed, device=device,
                                              rotate=variant.rotate, init=init, search=variant.search or None)
         standard = experiments.make_settings(
             variant.method, sigma, model_file, preset, seed=seed, device=device,
-            init=experiments.result_path(results, "ddrs", sigma) if init is not None else None)
+            init=experiments.result_path(results, record.base, sigma) if init is not None else None)
         is_standard = variant.rotate is None and settings.comparable() == standard.comparable()
         out = experiments.result_path(results, variant.method, sigma) if is_standard else folder / f"{variant.name}.tsv"
-        experiments.run_certification(settings, model, images, labels, study.first, out, progress=progress)
-        runs[variant.name] = (out, init)
-        return out
+        notes = (str(note_path(results, study, variant)),) if variant.name in own else ()
+        specs[variant.name] = runs.RunSpec(
+            str(out), method=variant.method, sigma=float(sigma), preset=preset, model=str(model_file),
+            ranges=images, seed=seed, device=device, rotate=variant.rotate,
+            search={} if is_standard else dict(variant.search),  # the standard run's overrides change nothing
+            init=None if init is None else str(init), notes=notes, groups=groups, data=str(data))
+        return specs[variant.name]
 
+    for variant in study.variants:
+        spec_of(variant)
+    return specs
+
+
+def run_study(study: Study, sigma: float, preset: str, results: str | Path, *, device: str = "cpu",
+              seed: int = 0, data: str | Path = "data", models: str | Path = "data/models",
+              progress: bool = False) -> dict[str, VariantRun]:
+    """Certify every variant of ``study`` that is not complete (``study_specs``; in this
+    process), then read them all. A variant whose search diverged is recorded as such in
+    ``VARIANT.diverged.json`` and read as ``Diverged``."""
+    specs = study_specs(study, sigma, preset, results, device=device, seed=seed, data=data, models=models)
+    wanted = [specs[v.name] for v in study.variants if not note_path(results, study, v).exists()]
+    report = runs.execute(runs.closure(wanted, specs.values()), results=results, progress=progress)
+    if report.failed:
+        out, message = next(iter(report.failed.items()))
+        raise RDDRSError(f"{Path(out).name}: {message}")
+    folder = study_dir(results, study)
     done = {}
     for variant in study.variants:
-        note = folder / f"{variant.name}.diverged.json"
-        if note.exists():  # a search that overflowed stays recorded as such (delete the note to retry)
+        note = note_path(results, study, variant)
+        if note.exists():
             done[variant.name] = Diverged(variant, json.loads(note.read_text())["message"])
-            continue
-        try:
-            run(variant)
-        except SearchDiverged as err:
-            write_atomic(note, [json.dumps({"message": str(err)}, indent=2).encode()])
-            done[variant.name] = Diverged(variant, str(err))
-    return {v.name: done.get(v.name) or _read(v, *runs[v.name], folder, study) for v in study.variants}
+        else:
+            spec = specs[variant.name]
+            done[variant.name] = _read(variant, Path(spec.out), None if spec.init is None else Path(spec.init),
+                                       folder, study)
+    return done
 
 
 @dataclass

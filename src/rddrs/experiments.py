@@ -31,8 +31,8 @@ from rddrs.methods import PARAM_AXES
 from rddrs.noise import Smoothing, from_param
 from rddrs.optimize import find_smoothing
 from rddrs.presets import PRESETS, RDDRS_MAX_STEP, Search, preset as preset_record  # noqa: F401 (re-exported)
-from rddrs.results import (COLUMNS, INT_COLUMNS, complete_lines, format_value, read_rows,  # noqa: F401
-                           read_sidecar, result_path, sidecar_path, traces_dir, write_rows)
+from rddrs.results import (COLUMNS, INT_COLUMNS, complete_lines, format_value, model_path,  # noqa: F401
+                           read_rows, read_sidecar, result_path, sidecar_path, traces_dir, write_rows)
 from rddrs.methods import NAMES as METHODS
 from rddrs.stats import gap_cap
 
@@ -106,21 +106,35 @@ def _open_for_append(out: Path, resumed: bool):
     return f
 
 
+def normalised(stored: dict) -> dict:
+    """Settings as recorded in a sidecar, in the form ``RunSettings.comparable`` gives: the init
+    file by name, and each search with the defaults of options added after it was written."""
+    stored = dict(stored)
+    stored["init"] = _file_name(stored.get("init"))
+    # a search recorded before a Search option existed ran with that option's default
+    stored["search"] = {k: Search.from_dict(v).record() for k, v in stored.get("search", {}).items()}
+    return stored
+
+
+def settings_differ(a: dict, b: dict) -> list[str]:
+    """The names of the settings in which two normalised records differ."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def check_settings(out: Path, settings: RunSettings) -> None:
+    """A one-line error unless the existing run ``out`` was written with ``settings``."""
+    if diff := settings_differ(normalised(read_sidecar(out)["settings"]), settings.comparable()):
+        raise RDDRSError(f"{out} was written with other settings ({', '.join(diff)} differ); "
+                         "use another --out or the same settings")
+
+
 def check_or_write_sidecar(out: Path, settings: RunSettings, extra: dict) -> bool:
     """Write the sidecar of a new run, or check an existing one; True if resuming."""
     side = sidecar_path(out)
     if out.exists() and out.stat().st_size > 0:
         if not side.exists():
             raise RDDRSError(f"{out} exists without its sidecar {side.name}; move it away or remove it")
-        old = read_sidecar(out)["settings"]
-        old["init"] = _file_name(old.get("init"))
-        # a search recorded before a Search option existed ran with that option's default
-        old["search"] = {k: Search.from_dict(v).record() for k, v in old.get("search", {}).items()}
-        new = settings.comparable()
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if diff:
-            raise RDDRSError(f"{out} was written with other settings ({', '.join(diff)} differ); "
-                             "use another --out or the same settings")
+        check_settings(out, settings)
         return True
     write_atomic(side, [json.dumps({"settings": settings.comparable(), "model": settings.model, **extra},
                                    indent=2).encode()])
@@ -204,25 +218,21 @@ def certify_mnist(settings: RunSettings, out: str | Path, start: int = 0, count:
                              inputs_per_batch, batch_size, progress)
 
 
-def model_path(sigma: float, models: str | Path = "data/models") -> Path:
-    """The base classifier trained at ``sigma`` (``make train``)."""
-    return Path(models) / f"mnist_cnn_sigma{sigma:.2f}.pt"
-
-
 def standard_runs(sigma: float, preset: str, results: str | Path, *, device: str = "cpu",
                   count: int | None = None, seed: int = 0, data: str | Path = "data",
                   models: str | Path = "data/models", progress: bool = True) -> dict[str, Path]:
     """The four methods at one sigma, as in the paper: RS, DDRS, then ANCER and RDDRS started
-    from DDRS' sigma_x* (read from its result file). Runs only what is missing."""
-    model = model_path(sigma, models)
-    ddrs = result_path(results, "ddrs", sigma)
-    outs = {}
-    for method in METHODS:
-        init = ddrs if method_record(method).starts else None
-        settings = make_settings(method, sigma, model, preset, seed=seed, device=device, init=init)
-        outs[method] = certify_mnist(settings, result_path(results, method, sigma), count=count,
-                                     data=data, progress=progress)
-    return outs
+    from DDRS' sigma_x* (read from its result file); ``runs.standard_specs`` describes them.
+    Computes in this process only what is missing; returns the result files by method."""
+    from rddrs import runs  # the run driver sits above this module
+
+    specs = runs.standard_specs(sigma, preset, results, count=count, seed=seed, device=device, data=data,
+                                models=models)
+    report = runs.execute(specs, results=results, progress=progress)
+    if report.failed:
+        out, message = next(iter(report.failed.items()))
+        raise RDDRSError(f"{Path(out).name}: {message}")
+    return {spec.method: Path(spec.out) for spec in specs}
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -379,9 +389,10 @@ def merge(shards: list[Path], out: Path) -> int:
         if not shard.exists() or not sidecar_path(shard).exists():
             raise RDDRSError(f"{shard}: no such result file (with its .json sidecar)")
         sides.append(read_sidecar(shard))
+    first = normalised(sides[0]["settings"])
     for shard, side in zip(shards[1:], sides[1:]):
-        if side["settings"] != sides[0]["settings"]:
-            raise RDDRSError(f"{shard} and {shards[0]} were run with different settings")
+        if diff := settings_differ(normalised(side["settings"]), first):
+            raise RDDRSError(f"{shard} and {shards[0]} were run with different settings ({', '.join(diff)} differ)")
     rows: dict[int, dict] = {}
     for shard in shards:
         part = read_rows(shard)

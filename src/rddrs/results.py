@@ -34,6 +34,11 @@ def result_path(results: str | Path, method: str, sigma: float) -> Path:
     return Path(results) / f"{method}_sigma{sigma:.2f}.tsv"
 
 
+def model_path(sigma: float, models: str | Path = "data/models") -> Path:
+    """The base classifier trained at ``sigma`` (``make train``)."""
+    return Path(models) / f"mnist_cnn_sigma{sigma:.2f}.pt"
+
+
 def read_sidecar(out: Path) -> dict:
     """The sidecar of ``out`` as a dict, or a one-line error naming the file and the fix."""
     side = sidecar_path(Path(out))
