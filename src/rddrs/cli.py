@@ -154,15 +154,19 @@ def _add_memory(sub) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from rddrs import registry, runs
 
     results = Path(args.results or Path("results") / args.preset).resolve()
     device = args.device or ("cuda" if args.gpus_per_task > 0 else "cpu")
-    if device.startswith("cuda") and args.engine == "local" and args.gpus_per_task == 0:
-        args.gpus_per_task = 1
+    if device.startswith("cuda") and args.gpus_per_task == 0:
+        args.gpus_per_task = 1  # a certification shard on the GPU holds one
     specs = registry.runs(args.preset, results, sigmas=args.sigmas, methods=args.methods, count=args.count,
                           groups=args.groups, seed=args.seed, device=device, data=Path(args.data).resolve(),
                           models=Path(args.models).resolve())
+    if args.inputs_per_batch:
+        specs = [replace(s, inputs_per_batch=args.inputs_per_batch) for s in specs]
     if args.list:
         for spec, state in registry.status(specs):
             print(f"{state:>28}  {Path(spec.out).relative_to(results)}  ({spec.describe()})")
@@ -218,6 +222,8 @@ def _add_sweep(sub) -> None:
     p.add_argument("--cpus-per-task", type=_positive_int, default=1, metavar="C",
                    help="CPU cores (torch threads) per shard (default 1)")
     p.add_argument("--processes", type=_positive_int, help="local engine: at most this many processes")
+    p.add_argument("--inputs-per-batch", type=_positive_int,
+                   help="images searched at once (default: as rddrs certify); shards are multiples of it")
     p.add_argument("--retries", type=int, default=3, help="restarts of a shard whose worker died (default 3)")
     p.add_argument("--results", help="results directory (default: results/PRESET)")
     p.add_argument("--device", help="cpu or cuda (default: cuda with --gpus-per-task, else cpu)")

@@ -54,7 +54,9 @@ class RayEngine:
             except (ConnectionError, RuntimeError, ValueError) as err:
                 raise RDDRSError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'} "
                                  f"({one_line(err)})") from None
-        self._task = ray.remote(run_task).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=int(retries))
+        remote = ray.remote(run_task)
+        self._task = remote.options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=int(retries))
+        self._memory = remote.options(num_cpus=self.cpus, num_gpus=0, max_retries=int(retries))  # on the CPU
         self._refs: dict = {}
         self._capacity, self._checked = 1, 0.0
         if self.gpus > 0 and not ray.cluster_resources().get("GPU"):
@@ -74,7 +76,8 @@ class RayEngine:
 
     def submit(self, task: Task) -> None:
         threads = max(1, int(self.cpus))
-        self._refs[self._task.remote(task, threads)] = task
+        remote = self._memory if task.spec.kind == "memory" else self._task
+        self._refs[remote.remote(task, threads)] = task
 
     def wait(self, timeout: float) -> list[tuple[Task, dict]]:
         if not self._refs:

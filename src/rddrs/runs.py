@@ -578,7 +578,7 @@ class Local:
             for task in broken:
                 if self._tries.get(task.key, 0) > self.retries:
                     results.append((task, {"status": "error",
-                                           "message": f"its worker died {self._tries[task.key]} times"}))
+                                           "message": f"its worker died {self._tries[task.key]} time(s)"}))
                 else:
                     self.submit(task)
         return results
