@@ -157,6 +157,16 @@ def test_a_diverged_variant_is_recorded_and_so_is_what_starts_from_it(tmp_path):
     assert runs.complete([wild, after]) and runs.execute([after, wild]).shards == 0
 
 
+def test_a_failed_run_fails_what_starts_from_it_and_the_rest_goes_on(tmp_path):
+    ddrs, rddrs = specs_for(tmp_path, count=2)
+    rs = specs_for(tmp_path, methods=("rs",), count=2)[0]
+    broken = replace(ddrs, model=str(tmp_path / "missing.pt"))
+    report = runs.execute([rddrs, broken, rs])
+    assert "no such file" in report.failed[ddrs.out]
+    assert "the run it reads, ddrs_sigma0.25.tsv, failed" in report.failed[rddrs.out]
+    assert sorted(read_rows(rs.out)) == [0, 1] and not Path(rddrs.out).exists()
+
+
 # -- engines give the same rows as one plain run --------------------------------------------------
 
 def plain_runs(folder: Path) -> dict[str, Path]:

@@ -733,7 +733,7 @@ def _execute(specs: list[RunSpec], engine, shard_size, progress, poll) -> Report
         for other, spec in by_out.items():
             if spec.depends is not None and str(Path(spec.depends)) == key and state.get(other) == "pending":
                 finish(other, status, message if status == "diverged"
-                       else f"its start {Path(key).name} failed: {message}")
+                       else f"the run it reads, {Path(key).name}, failed: {message}")
 
     try:
         while pending or running:
@@ -749,7 +749,7 @@ def _execute(specs: list[RunSpec], engine, shard_size, progress, poll) -> Report
                     elif verdict in ("diverged", "failed") and key in pending:
                         dep = str(Path(task.spec.depends))
                         finish(key, verdict, report.diverged.get(dep) if verdict == "diverged"
-                               else f"its start {Path(dep).name} failed: {report.failed.get(dep)}")
+                               else f"the run it reads, {Path(dep).name}, failed: {report.failed.get(dep)}")
                         break
                 if key in pending and not pending[key]:
                     pending.pop(key)  # all its shards started
