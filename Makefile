@@ -73,11 +73,13 @@ notebooks: $(addprefix book/,$(addsuffix .ipynb,$(LIGHT_CHAPTERS)))  ## re-execu
 
 # papermill reads JSON notebooks only, hence the jupytext pipe; every chapter resumes from the
 # result files already in results/$(PRESET), so an interrupted run continues where it stopped
-results: $(INSTALLED) $(MNIST)  ## re-execute the heavy chapters at PRESET (cpu|smoke|paper) on DEVICE into results/PRESET (ENGINE=local|ray: sweep first)
+# CHAPTERS=mnist (or claims, soundness) re-executes one heavy chapter only
+CHAPTERS ?= $(HEAVY_CHAPTERS)
+results: $(INSTALLED) $(MNIST)  ## re-execute the heavy chapters (CHAPTERS, default all) at PRESET (cpu|smoke|paper) on DEVICE into results/PRESET (ENGINE=local|ray: sweep first)
 	mkdir -p results/$(PRESET)/notebooks
 	$(if $(ENGINE),$(BIN)/rddrs sweep --preset $(PRESET) --device $(DEVICE) --engine $(ENGINE) \
 	  $(if $(COUNT),--count $(COUNT)) $(SWEEP_ARGS),)
-	for ch in $(HEAVY_CHAPTERS); do \
+	for ch in $(CHAPTERS); do \
 	  $(BIN)/jupytext --to ipynb --output - book/$$ch.md | \
 	  $(BIN)/papermill - results/$(PRESET)/notebooks/$$ch.ipynb --cwd book \
 	    -p preset $(PRESET) -p device $(DEVICE) -p results_dir ../results/$(PRESET) \

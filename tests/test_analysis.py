@@ -16,8 +16,9 @@ import pytest
 
 from rddrs import RDDRSError
 from rddrs import analysis
-from rddrs.analysis import (average_certified_radius, certified_accuracy, curves_figure,
-                            group_results, read_results, table, write_tables)
+from rddrs.analysis import (METHOD_COLORS, METHOD_LABELS, average_certified_radius, certified_accuracy,
+                            curves_figure, group_results, read_results, table, write_tables)
+from rddrs.display import check_legible
 
 HEADER = "idx\tlabel\tpredict\tcorrect\tgap\tradius\tproxy_radius\tsigma_min\tseconds"
 
@@ -178,15 +179,16 @@ def test_markdown_and_csv_tables(tmp_path):
     rows = table(results, radii=(0, 0.5, 1), kind="proxy")
     write_tables(rows, tmp_path / "t.csv", tmp_path / "t.md")
     md = (tmp_path / "t.md").read_text(encoding="utf-8").strip().splitlines()
-    assert md[0].startswith("| σ | method | n | r = 0 | r = 0.5 | r = 1 | ACR")
+    assert md[0].startswith("| σ | method | n | certified accuracy at r = 0 | certified accuracy at r = 0.5 "
+                            "| certified accuracy at r = 1 | ACR")
     assert set(md[1].replace("|", "").split()) <= {"---:", ":---"}
     assert len(md) == 2 + 6
     body = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:]]
     assert [(b[0], b[1]) for b in body] == [
         ("0.12", "RS"), ("0.12", "RDDRS"), ("0.25", "RS"), ("0.25", "RDDRS"),
-        ("0.5", "RS"), ("0.5", "RDDRS")]
+        ("0.50", "RS"), ("0.50", "RDDRS")]
     for b, row in zip(body, rows):
-        assert b[3:6] == [f"{a:.3f}" for a in row["accuracy"]]
+        assert b[3:6] == [f"{a:.2f}" for a in row["accuracy"]]  # 60 inputs: counts / 60 need 2 decimals
     with open(tmp_path / "t.csv", newline="") as fh:
         table_rows = list(csv.reader(fh))
     assert table_rows[0] == ["sigma", "method", "n", "ca@0", "ca@0.5", "ca@1", "acr",
@@ -213,28 +215,33 @@ def test_curves_figure_layout(tmp_path):
     fig = curves_figure(results, "proxy", out)
     assert out.stat().st_size > 10_000
     width, height = png_size(out)
-    assert 1500 <= width <= 2000 and 450 <= height <= 650  # 12 x 3.6 in at ~150 dpi
+    assert 1250 <= width <= 1350 and 500 <= height <= 700  # the page's 6.5 x 2.95 in at 200 dpi
+    check_legible(fig)  # as wide as the page at most, no text under 9 pt
     axes = fig.get_axes()
     assert len(axes) == 3
     assert [ax.get_title() for ax in axes] == ["σ = 0.12", "σ = 0.25", "σ = 0.5"]
-    colours = {}
+    colours, styles = {}, {}
     for ax in axes:
         assert ax.get_ylim() == (0.0, 1.0)
         assert ax.get_xlim()[0] == 0.0
         assert "proxy radius" in ax.get_xlabel()
         labels = [line.get_label() for line in ax.get_lines()]
         assert labels == ["RS", "DDRS", "ANCER", "RDDRS"]
-        legend = ax.get_legend()
-        assert [t.get_text() for t in legend.get_texts()] == labels
         for line in ax.get_lines():
             colours.setdefault(line.get_label(), set()).add(line.get_color())
+            styles.setdefault(line.get_label(), set()).add(line.get_linestyle())
             y = line.get_ydata()
             assert np.all(np.diff(y) <= 0) and y[-1] == 0.0
         top = max(np.max(line.get_xdata()) for line in ax.get_lines())
         assert ax.get_xlim()[1] >= top
+    (legend,) = fig.legends  # one legend for the three panels
+    assert [t.get_text() for t in legend.get_texts()] == ["RS", "DDRS", "ANCER", "RDDRS"]
     assert axes[0].get_ylabel() == "certified accuracy"
     assert all(len(c) == 1 for c in colours.values())      # one colour per method
     assert len(set().union(*colours.values())) == 4         # four different colours
+    assert len(set().union(*styles.values())) == 4          # and four dash patterns
+    for method, label in METHOD_LABELS.items():             # those of rddrs.methods
+        assert colours[label] == {METHOD_COLORS[method]}
 
 
 def test_curve_steps_follow_certified_accuracy(tmp_path):
@@ -361,7 +368,7 @@ def test_cli_single_kind_and_missing_sidecar(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == {"certified_accuracy_l2.png", "table_l2.csv",
                                                "table_l2.md"}
     md = (out / "table_l2.md").read_text(encoding="utf-8")
-    assert "| 0.12 | ANCER | 5 | 0.600 | 0.400 |" in md  # CA at r = 0, 0.5 (l2 radii)
+    assert "| 0.12 | ANCER | 5 | 0.60 | 0.40 |" in md  # CA at r = 0, 0.5 (l2 radii), 5 inputs
 
 
 def test_cli_errors(tmp_path):

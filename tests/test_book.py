@@ -1,15 +1,13 @@
 """The book: chapters execute, and the built HTML is complete and works with no network.
 
-The HTML checks build the whole book into a temporary folder with the same command as
-`make book` (warnings are errors), so `make test` alone checks it.
+The HTML checks read the book that the session fixture ``html`` (tests/conftest.py) builds into a
+temporary folder with the same command as `make book` (warnings are errors), so `make test`
+alone checks it; tests/test_browser.py opens the same pages in a browser.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -21,8 +19,6 @@ import yaml
 import rddrs
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-MATHJAX = ROOT / "_mathjax" / "_static" / "mathjax" / "tex-chtml.js"
 URL = re.compile(r"^(https?:)?//", re.IGNORECASE)
 
 
@@ -42,15 +38,49 @@ def toc_files() -> list[str]:
     return files
 
 
-# -- the intro chapter runs -------------------------------------------------------------------
+def chapter_files() -> list[str]:
+    """The documents of _toc.yml that are Jupytext notebooks (the chapters; not the references)."""
+    return [name for name in toc_files()
+            if (ROOT / f"{name}.md").read_text(encoding="utf-8").startswith("---\njupytext:")]
+
+
+# -- the table of contents and the bibliography -----------------------------------------------
 
 
 def test_toc_lists_the_planned_chapters():
     files = toc_files()
     assert files[0] == "book/intro"
-    assert len(files) == 9, files
+    assert files[-1] == "book/references"
     for name in files:
         assert (ROOT / f"{name}.md").is_file(), f"{name}.md is in _toc.yml but does not exist"
+    assert len(chapter_files()) == 9, chapter_files()
+
+
+BIB = ROOT / "book" / "references.bib"
+CITE = re.compile(r"\{cite(?::[a-z]+)?\}`([^`]+)`")
+# the works the chapters rely on most (issue 12): each must be in the bibliography and cited
+REQUIRED_WORKS = ("cohen2019certified", "alfarra2020ddrs", "eiras2021ancer", "labarbarie2022rddrs",
+                  "salman2019provably", "sukenik2022intriguing", "yang2020randomized", "miolane2020geomstats")
+
+
+def test_every_citation_is_in_the_bibliography_and_the_main_works_are_cited():
+    keys = set(re.findall(r"^@\w+\{([^,\s]+),", BIB.read_text(encoding="utf-8"), re.MULTILINE))
+    cited = {}
+    for name in chapter_files():
+        for group in CITE.findall((ROOT / f"{name}.md").read_text(encoding="utf-8")):
+            for key in group.split(","):
+                cited.setdefault(key.strip(), []).append(name)
+    unknown = sorted(set(cited) - keys)
+    assert not unknown, f"cited but not in {BIB.name}: {unknown}"
+    missing = [key for key in REQUIRED_WORKS if key not in cited]
+    assert not missing, f"never cited in a chapter: {missing}"
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert config["bibtex_bibfiles"] == ["book/references.bib"]
+    assert "sphinxcontrib.bibtex" in config["sphinx"]["config"]["extensions"]
+    assert "{bibliography}" in (ROOT / "book" / "references.md").read_text(encoding="utf-8")
+
+
+# -- the intro chapter runs -------------------------------------------------------------------
 
 
 def test_intro_is_a_jupytext_notebook_on_the_python3_kernel():
@@ -90,7 +120,7 @@ def chapter_lists() -> dict[str, list[str]]:
 
 def test_every_chapter_is_light_or_heavy():
     lists = chapter_lists()
-    assert sorted(lists["LIGHT"] + lists["HEAVY"]) == sorted(Path(f).name for f in toc_files())
+    assert sorted(lists["LIGHT"] + lists["HEAVY"]) == sorted(Path(f).name for f in chapter_files())
 
 
 @pytest.mark.parametrize("name", chapter_lists()["LIGHT"])
@@ -103,6 +133,38 @@ def test_light_chapter_notebook_is_executed_and_in_sync(name):
     cells = [c for c in nbformat.read(stored, as_version=4).cells if c.cell_type == "code"]
     assert [c.source for c in cells] == source, f"{stored.name} is stale: run `make notebooks`"
     assert all(c.execution_count for c in cells), f"{stored.name} was not executed: run `make notebooks`"
+
+
+# a visible code line fits the text column (~680 px of 8 px characters, with the cell's padding)
+CODE_WIDTH = 79
+FOLDED = {"hide-input", "remove-input", "remove-cell", "hide-cell"}
+
+
+@pytest.mark.parametrize("name", chapter_lists()["LIGHT"] + chapter_lists()["HEAVY"])
+def test_visible_code_fits_the_page(name):
+    """Cells shown to the reader (not folded or removed) have no line that scrolls sideways."""
+    jupytext = pytest.importorskip("jupytext")
+    long = []
+    for cell in jupytext.read(ROOT / "book" / f"{name}.md").cells:
+        if cell.cell_type != "code" or FOLDED & set(cell.metadata.get("tags", [])):
+            continue
+        long += [line for line in cell.source.splitlines() if len(line) > CODE_WIDTH]
+    assert not long, f"{name}.md: {len(long)} visible line(s) over {CODE_WIDTH} characters, e.g. {long[0]!r}"
+
+
+def test_heavy_chapters_fold_their_code_and_check_what_they_state():
+    """Heavy chapters show prose, figures and tables with every code cell folded, and assert the
+    facts they state (no error is caught and printed instead)."""
+    jupytext = pytest.importorskip("jupytext")
+    for name in chapter_lists()["HEAVY"]:
+        cells = [c for c in jupytext.read(ROOT / "book" / f"{name}.md").cells if c.cell_type == "code"]
+        shown = [c.source.splitlines()[0] for c in cells if not FOLDED & set(c.metadata.get("tags", []))]
+        code = "\n".join(c.source for c in cells)
+        asserts = len(re.findall(r"^\s*assert ", code, re.MULTILINE))
+        assert asserts >= 4, f"{name}.md asserts {asserts} facts"
+        assert not re.search(r"except\b[^\n]*:\s*\n\s*print", code), f"{name}.md prints an error it caught"
+        if name == "mnist":
+            assert not shown, f"mnist.md shows code cells: {shown}"
 
 
 @pytest.mark.slow
@@ -167,23 +229,6 @@ def _parse(page: Path) -> _Assets:
 
 def _local(page: Path, ref: str) -> Path:
     return (page.parent / unquote(urlsplit(ref).path)).resolve()
-
-
-@pytest.fixture(scope="module")
-def html(tmp_path_factory) -> Path:
-    """Build the book from scratch into a temporary folder, as `make book` does."""
-    if not MATHJAX.is_file():  # bootstrap the offline MathJax copy, as `make book` would
-        subprocess.run(["make", "mathjax"], cwd=ROOT, check=True, capture_output=True)
-    out = tmp_path_factory.mktemp("book")
-    proc = subprocess.run(
-        [str(BIN / "jupyter-book"), "build", "-W", "-n", "--keep-going",
-         "--path-output", str(out), str(ROOT)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
-    assert proc.returncode == 0, f"book build failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    site = out / "_build" / "html"
-    assert site.is_dir()
-    return site
 
 
 def _pages(site: Path) -> list[Path]:

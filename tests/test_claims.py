@@ -206,7 +206,8 @@ def _fake_run(name, method, proxy, correct, search=None, trace=None, seconds=1.0
                            proxy_radius=proxy, sigma_min=np.full(n, 0.25), seconds=np.full(n, seconds))
     trace = np.zeros((n, 3)) if trace is None else np.asarray(trace, dtype=float)
     return claims.VariantRun(claims.Variant(name, method, search or {}), Path(f"{name}.tsv"), res,
-                             np.full((n, 2), 0.25, dtype=np.float32), trace, np.full(n, 0.25))
+                             {"spectrum": np.full((n, 2), 0.25, dtype=np.float32), "trace": trace,
+                              "sigma_star": np.full(n, 0.25)})
 
 
 def test_rotation_table_pairs_images_and_zeroes_uncertified_ones():

@@ -25,13 +25,8 @@ def smooth_model(d: int, k: int = 3, seed: int = 0, dtype=torch.float64):
     return model
 
 
-def random_spd(b: int, d: int, seed: int = 0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(b, d, d, generator=g, dtype=dtype)
-    return a @ a.transpose(-1, -2) / d + 0.2 * torch.eye(d, dtype=dtype)
-
-
 D = 6
+DISTINCT = torch.linspace(0.4, 2.0, D, dtype=torch.float64)  # a simple lambda_min
 MODEL = smooth_model(D)
 X = 0.4 * torch.randn(3, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 EPS = torch.randn(3, 3000, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -42,7 +37,7 @@ def objective(smoothing, kappa=0.5):
 
 
 def test_riemannian_gradient_matches_finite_difference_along_geodesics():
-    c = random_spd(3, D)
+    c = spd.random_spd(D, batch=(3,), eigenvalues=DISTINCT, seed=0)
     _, grad = objective_and_gradient(MODEL, X, FullSPD(c), EPS, kappa=0.5)
     v = spd.sym(torch.randn(3, D, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
     h = 1e-4
@@ -65,7 +60,7 @@ def test_euclidean_gradients_match_finite_differences(family):
 
 
 def test_exponential_map_step_increases_the_objective():
-    fam = FullSPD(random_spd(3, D, seed=5))
+    fam = FullSPD(spd.random_spd(D, batch=(3,), eigenvalues=DISTINCT, seed=5))
     value, grad = objective_and_gradient(MODEL, X, fam, EPS, kappa=0.5)
     after = objective(fam.step(1e-2 * grad))
     assert (after > value).all()
@@ -208,7 +203,7 @@ def test_bad_method_and_sigma():
 
 
 def test_max_step_bounds_how_much_any_scale_changes():
-    c = random_spd(3, D, seed=12)
+    c = spd.random_spd(D, batch=(3,), eigenvalues=DISTINCT, seed=12)
     big = 50 * spd.sym(torch.randn(3, D, D, generator=torch.Generator().manual_seed(13), dtype=torch.float64))
     moved = FullSPD(c).step(big, max_step=0.1).matrix()
     _, inv_root = spd.sqrt_and_inv_sqrt(c)
@@ -310,7 +305,7 @@ def test_every_search_option_stays_sound_on_a_linear_classifier(method, options)
 
 
 def test_control_variate_keeps_the_mean_and_cuts_the_noise():
-    law = FullSPD(random_spd(3, D, seed=5) * 0.05)
+    law = FullSPD(spd.random_spd(D, batch=(3,), seed=5) * 0.05)
     gen = torch.Generator().manual_seed(0)
 
     def estimates(m, cv, reps):
@@ -351,7 +346,7 @@ def test_chunked_gradient_equals_the_gradient_of_all_draws_at_once(family, contr
 
     law = {"isotropic": Isotropic(torch.tensor([0.3, 0.4, 0.5], dtype=torch.float64), D),
            "diagonal": Diagonal(0.2 + 0.3 * torch.rand(3, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)),
-           "full": FullSPD(random_spd(3, D, seed=2) * 0.4)}[family]
+           "full": FullSPD(spd.random_spd(D, batch=(3,), seed=2) * 0.4)}[family]
     eps = EPS[:, :1000]
     for objective in (objectives.Soft(), objectives.Capped(1.0), objectives.build("clamped", family)):
         whole = objective_and_gradient(MODEL, X, law, eps, 0.5, objective=objective, control_variate=control_variate)

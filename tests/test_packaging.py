@@ -37,3 +37,14 @@ def test_environment_yml_matches():
     assert "python=3.11" in deps
     pip = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
     assert "-e .[book,test,cluster]" in pip
+
+
+def test_the_browser_test_and_the_bibliography_are_installed():
+    """selenium and sphinxcontrib-bibtex come with the extras; .ci/run installs Debian's browser."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("selenium") for d in extras["test"])
+    for extra in ("book", "test"):
+        assert any(d.startswith("sphinxcontrib-bibtex") for d in extras[extra]), extra
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "apt-get install" in ci and "chromium-driver" in ci and "(chromium)" in ci
+    assert ci.rstrip().endswith("make test")

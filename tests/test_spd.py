@@ -34,7 +34,9 @@ F64 = torch.float64
 
 
 # --------------------------------------------------------------------------- helpers
-# Built from torch.linalg directly (not from spd) so that the references are independent.
+# Random inputs come from spd.random_spd / spd.random_orthogonal (the one sampler of the book and
+# the tests); the references below are built from torch.linalg directly (not from spd) so that
+# they are independent.
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -43,18 +45,6 @@ def _gen(seed: int) -> torch.Generator:
 
 def _symm(a: torch.Tensor) -> torch.Tensor:
     return 0.5 * (a + a.transpose(-1, -2))
-
-
-def random_orthogonal(gen, *batch: int, d: int) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(*batch, d, d, generator=gen, dtype=F64))
-    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-
-
-def random_spd(gen, *batch: int, d: int, spread: float = 1.0, dtype=F64) -> torch.Tensor:
-    """``Q diag(exp(u)) Q^T`` with ``u ~ U[-spread, spread]``: condition number <= e^(2 spread)."""
-    q = random_orthogonal(gen, *batch, d=d)
-    u = (2 * torch.rand(*batch, d, generator=gen, dtype=F64) - 1) * spread
-    return _symm(q @ torch.diag_embed(u.exp()) @ q.transpose(-1, -2)).to(dtype)
 
 
 def random_sym(gen, *batch: int, d: int, norm: float = 1.0, dtype=F64) -> torch.Tensor:
@@ -78,8 +68,8 @@ def random_tangent(gen, c: torch.Tensor, norm: float = 1.0) -> torch.Tensor:
 
 def random_invertible(gen, *batch: int, d: int, spread: float = 1.0) -> torch.Tensor:
     """``Q1 diag(+-exp(u)) Q2``: invertible, condition number <= e^(2 spread), either det sign."""
-    q1 = random_orthogonal(gen, *batch, d=d)
-    q2 = random_orthogonal(gen, *batch, d=d)
+    q1 = spd.random_orthogonal(d, batch=tuple(batch), generator=gen)
+    q2 = spd.random_orthogonal(d, batch=tuple(batch), generator=gen)
     u = (2 * torch.rand(*batch, d, generator=gen, dtype=F64) - 1) * spread
     sign = torch.where(torch.rand(*batch, d, generator=gen, dtype=F64) < 0.5, -1.0, 1.0)
     return q1 @ torch.diag_embed(sign * u.exp()) @ q2
@@ -156,8 +146,8 @@ def geomstats_cases(tmp_path_factory):
     cases = {}
     for d in GEOMSTATS_DIMS:
         batch = () if GEOMSTATS_BATCH[d] is None else (GEOMSTATS_BATCH[d],)
-        c = random_spd(gen, *batch, d=d, spread=1.0)
-        p = random_spd(gen, *batch, d=d, spread=1.0)
+        c = spd.random_spd(d, batch=tuple(batch), spread=1.0, generator=gen)
+        p = spd.random_spd(d, batch=tuple(batch), spread=1.0, generator=gen)
         x = random_tangent(gen, c, norm=1.5)
         y = random_tangent(gen, c, norm=0.7)
         cases[d] = dict(C=c, D=p, X=x, Y=y)
@@ -234,7 +224,7 @@ DIMS = [2, 10, 50]
 def test_distance_closed_form_for_commuting_matrices(d):
     """For C = Q diag(a) Q^T, D = Q diag(b) Q^T: dist = ||log(b / a)||_2; and dist(I, D) = ||log eig D||."""
     gen = _gen(1)
-    q = random_orthogonal(gen, 3, d=d)
+    q = spd.random_orthogonal(d, batch=(3,), generator=gen)
     a = torch.exp(torch.randn(3, d, generator=gen, dtype=F64))
     b = torch.exp(torch.randn(3, d, generator=gen, dtype=F64))
     c = _symm(q @ torch.diag_embed(a) @ q.transpose(-1, -2))
@@ -250,7 +240,7 @@ def test_exp_and_log_at_identity_are_matrix_exp_and_log(d):
     eye = torch.eye(d, dtype=F64).expand(4, d, d)
     x = random_sym(gen, 4, d=d, norm=2.0)
     assert rel_err(spd.exp(eye, x), torch.linalg.matrix_exp(x)) < 1e-12
-    p = random_spd(gen, 4, d=d, spread=1.5)
+    p = spd.random_spd(d, batch=(4,), spread=1.5, generator=gen)
     w, v = torch.linalg.eigh(p)
     logm = v @ torch.diag_embed(w.log()) @ v.transpose(-1, -2)
     assert rel_err(spd.log(eye, p), logm) < 1e-11
@@ -260,8 +250,8 @@ def test_exp_and_log_at_identity_are_matrix_exp_and_log(d):
 @pytest.mark.parametrize("d", DIMS)
 def test_distance_is_congruence_invariant(d):
     gen = _gen(3)
-    y = random_spd(gen, 5, d=d, spread=1.0)
-    z = random_spd(gen, 5, d=d, spread=1.0)
+    y = spd.random_spd(d, batch=(5,), spread=1.0, generator=gen)
+    z = spd.random_spd(d, batch=(5,), spread=1.0, generator=gen)
     a = random_invertible(gen, 5, d=d, spread=1.0)
     dist = spd.distance(y, z)
     assert (dist > 0.1).all()
@@ -271,8 +261,8 @@ def test_distance_is_congruence_invariant(d):
 @pytest.mark.parametrize("d", DIMS)
 def test_distance_is_inversion_invariant(d):
     gen = _gen(4)
-    y = random_spd(gen, 5, d=d, spread=1.0)
-    z = random_spd(gen, 5, d=d, spread=1.0)
+    y = spd.random_spd(d, batch=(5,), spread=1.0, generator=gen)
+    z = spd.random_spd(d, batch=(5,), spread=1.0, generator=gen)
     yi, zi = _symm(torch.linalg.inv(y)), _symm(torch.linalg.inv(z))
     torch.testing.assert_close(spd.distance(yi, zi), spd.distance(y, z), rtol=1e-10, atol=0)
 
@@ -280,8 +270,8 @@ def test_distance_is_inversion_invariant(d):
 @pytest.mark.parametrize("d", DIMS)
 def test_distance_symmetric_and_zero_on_identical_points(d):
     gen = _gen(5)
-    y = random_spd(gen, 6, d=d, spread=1.5)
-    z = random_spd(gen, 6, d=d, spread=1.5)
+    y = spd.random_spd(d, batch=(6,), spread=1.5, generator=gen)
+    z = spd.random_spd(d, batch=(6,), spread=1.5, generator=gen)
     dyz, dzy = spd.distance(y, z), spd.distance(z, y)
     assert (dyz > 0.1).all()
     torch.testing.assert_close(dyz, dzy, rtol=1e-10, atol=0)
@@ -292,14 +282,14 @@ def test_distance_symmetric_and_zero_on_identical_points(d):
 @pytest.mark.parametrize("d", DIMS)
 def test_distance_triangle_inequality(d):
     gen = _gen(6)
-    a, b, c = (random_spd(gen, 20, d=d, spread=1.5) for _ in range(3))
+    a, b, c = (spd.random_spd(d, batch=(20,), spread=1.5, generator=gen) for _ in range(3))
     assert (spd.distance(a, c) <= spd.distance(a, b) + spd.distance(b, c) + 1e-10).all()
 
 
 @pytest.mark.parametrize("d", DIMS)
 def test_log_inverts_exp(d):
     gen = _gen(7)
-    c = random_spd(gen, 4, d=d, spread=1.5)
+    c = spd.random_spd(d, batch=(4,), spread=1.5, generator=gen)
     x = random_tangent(gen, c, norm=2.0)
     back = spd.log(c, spd.exp(c, x))
     assert metric_err(c, back, x) < 1e-10
@@ -308,21 +298,21 @@ def test_log_inverts_exp(d):
 @pytest.mark.parametrize("d", DIMS)
 def test_exp_inverts_log(d):
     gen = _gen(8)
-    c = random_spd(gen, 4, d=d, spread=1.5)
-    p = random_spd(gen, 4, d=d, spread=1.5)
+    c = spd.random_spd(d, batch=(4,), spread=1.5, generator=gen)
+    p = spd.random_spd(d, batch=(4,), spread=1.5, generator=gen)
     assert rel_err(spd.exp(c, spd.log(c, p)), p) < 1e-10
 
 
 @pytest.mark.parametrize("d", DIMS)
 def test_distance_equals_norm_of_tangent(d):
     gen = _gen(9)
-    c = random_spd(gen, 4, d=d, spread=1.5)
+    c = spd.random_spd(d, batch=(4,), spread=1.5, generator=gen)
     x = random_tangent(gen, c, norm=1.7)
     norm = spd.inner(c, x, x).sqrt()
     torch.testing.assert_close(norm, torch.full_like(norm, 1.7), rtol=1e-12, atol=0)
     torch.testing.assert_close(spd.distance(c, spd.exp(c, x)), norm, rtol=1e-10, atol=0)
     # and the norm of Log is the distance
-    p = random_spd(gen, 4, d=d, spread=1.5)
+    p = spd.random_spd(d, batch=(4,), spread=1.5, generator=gen)
     v = spd.log(c, p)
     torch.testing.assert_close(spd.inner(c, v, v).sqrt(), spd.distance(c, p), rtol=1e-10, atol=0)
 
@@ -330,14 +320,14 @@ def test_distance_equals_norm_of_tangent(d):
 @pytest.mark.parametrize("d", DIMS)
 def test_exp_is_congruence_equivariant(d):
     gen = _gen(10)
-    c = random_spd(gen, 4, d=d, spread=1.0)
+    c = spd.random_spd(d, batch=(4,), spread=1.0, generator=gen)
     x = random_tangent(gen, c, norm=1.5)
     a = random_invertible(gen, 4, d=d, spread=1.0)
     lhs = spd.exp(congruence(a, c), congruence(a, x))
     rhs = congruence(a, spd.exp(c, x))
     assert rel_err(lhs, rhs) < 1e-10
     # same for log
-    p = random_spd(gen, 4, d=d, spread=1.0)
+    p = spd.random_spd(d, batch=(4,), spread=1.0, generator=gen)
     lhs = spd.log(congruence(a, c), congruence(a, p))
     rhs = congruence(a, spd.log(c, p))
     assert metric_err(congruence(a, c), lhs, rhs) < 1e-10
@@ -347,7 +337,7 @@ def test_exp_is_congruence_equivariant(d):
 def test_geodesic_has_constant_speed(d):
     """Along t -> Exp_C(tX): dist(gamma(s), gamma(t)) = |t - s| ||X||_C."""
     gen = _gen(11)
-    c = random_spd(gen, 3, d=d, spread=1.0)
+    c = spd.random_spd(d, batch=(3,), spread=1.0, generator=gen)
     x = random_tangent(gen, c, norm=1.3)
     norm = spd.inner(c, x, x).sqrt()
     ts = [-1.5, -0.25, 0.0, 0.5, 2.0]
@@ -364,7 +354,7 @@ def test_geodesic_has_constant_speed(d):
 @pytest.mark.parametrize("d", DIMS)
 def test_inner_matches_trace_formula_and_is_invariant(d):
     gen = _gen(12)
-    c = random_spd(gen, 4, d=d, spread=1.5)
+    c = spd.random_spd(d, batch=(4,), spread=1.5, generator=gen)
     x, y = random_sym(gen, 4, d=d), random_sym(gen, 4, d=d)
     g = spd.inner(c, x, y)
     torch.testing.assert_close(g, ref_inner(c, x, y), rtol=1e-10, atol=1e-12)
@@ -379,7 +369,7 @@ def test_inner_matches_trace_formula_and_is_invariant(d):
 @pytest.mark.parametrize("d", DIMS)
 def test_sqrt_and_inv_sqrt(d):
     gen = _gen(13)
-    c = random_spd(gen, 4, d=d, spread=2.0)
+    c = spd.random_spd(d, batch=(4,), spread=2.0, generator=gen)
     root, inv_root = spd.sqrt_and_inv_sqrt(c)
     eye = torch.eye(d, dtype=F64).expand_as(c)
     assert rel_err(root @ root, c) < 1e-12
@@ -396,8 +386,8 @@ def test_exp_and_log_return_exactly_symmetric_matrices(dtype):
     that reads one triangle; a C that drifts from symmetry over many steps would break that.
     """
     gen = _gen(31)
-    c = random_spd(gen, 4, d=20, spread=1.5, dtype=dtype)
-    p = random_spd(gen, 4, d=20, spread=1.5, dtype=dtype)
+    c = spd.random_spd(20, batch=(4,), spread=1.5, dtype=dtype, generator=gen)
+    p = spd.random_spd(20, batch=(4,), spread=1.5, dtype=dtype, generator=gen)
     x = random_tangent(gen, c, norm=1.0)
     a = random_invertible(gen, 4, d=20, spread=1.0).to(dtype)
     x_rounded = a @ x @ a.transpose(-1, -2)  # symmetric only up to rounding
@@ -432,7 +422,7 @@ def _f_quadratic(c, m):
 @pytest.mark.parametrize("d", [2, 10])
 def test_riemannian_gradient_defining_property(f, d):
     gen = _gen(14)
-    c = random_spd(gen, 3, d=d, spread=1.0)
+    c = spd.random_spd(d, batch=(3,), spread=1.0, generator=gen)
     m = torch.randn(3, d, d, generator=gen, dtype=F64)
     leaf = c.clone().requires_grad_(True)
     (euclid,) = torch.autograd.grad(f(leaf, m).sum(), leaf)
@@ -452,7 +442,7 @@ def test_riemannian_gradient_defining_property(f, d):
 def test_riemannian_gradient_of_logdet_is_c(d):
     """f = log det C: Euclidean gradient C^-1, Riemannian gradient C (identity once whitened)."""
     gen = _gen(15)
-    c = random_spd(gen, 4, d=d, spread=1.5)
+    c = spd.random_spd(d, batch=(4,), spread=1.5, generator=gen)
     grad = spd.riemannian_gradient(c, torch.linalg.inv(c))
     assert rel_err(grad, c) < 1e-12
     root_inv = torch.linalg.inv(ref_sqrt(c))
@@ -463,7 +453,7 @@ def test_riemannian_gradient_of_logdet_is_c(d):
 def test_riemannian_gradient_of_trace(d):
     """f = tr(M C): g_C(grad f, X) = tr(M X) for every symmetric X, even for non-symmetric M."""
     gen = _gen(16)
-    c = random_spd(gen, 4, d=d, spread=1.5)
+    c = spd.random_spd(d, batch=(4,), spread=1.5, generator=gen)
     m = torch.randn(4, d, d, generator=gen, dtype=F64)
     grad = spd.riemannian_gradient(c, m.transpose(-1, -2))
     for _ in range(3):
@@ -479,7 +469,7 @@ def test_riemannian_gradient_of_det_root_matches_design():
     """DESIGN.md: P = det(C)^(1/d) has Riemannian gradient (P / d) C."""
     gen = _gen(17)
     d = 10
-    c = random_spd(gen, 4, d=d, spread=1.0)
+    c = spd.random_spd(d, batch=(4,), spread=1.0, generator=gen)
     p = torch.linalg.det(c) ** (1.0 / d)
     euclid = (p / d)[:, None, None] * torch.linalg.inv(c)
     expected = (p / d)[:, None, None] * c
@@ -488,7 +478,7 @@ def test_riemannian_gradient_of_det_root_matches_design():
 
 def test_funm_matches_eigendecomposition_and_sym_from_eig():
     gen = _gen(18)
-    c = random_spd(gen, 3, d=8, spread=1.0)
+    c = spd.random_spd(8, batch=(3,), spread=1.0, generator=gen)
     torch.testing.assert_close(spd.funm(c, torch.exp), torch.linalg.matrix_exp(c), rtol=1e-12, atol=1e-12)
     a = torch.randn(3, 8, 8, generator=gen, dtype=F64)
     s = spd.sym(a)
@@ -523,8 +513,8 @@ BATCH_SHAPES = [(5,), (2, 3)]
 def test_batched_equals_loop(name, batch_shape):
     gen = _gen(19)
     d = 7
-    c = random_spd(gen, *batch_shape, d=d, spread=1.5)
-    p = random_spd(gen, *batch_shape, d=d, spread=1.5)
+    c = spd.random_spd(d, batch=tuple(batch_shape), spread=1.5, generator=gen)
+    p = spd.random_spd(d, batch=tuple(batch_shape), spread=1.5, generator=gen)
     x = random_tangent(gen, c, norm=1.0)
     y = random_sym(gen, *batch_shape, d=d)
     g = torch.randn(*batch_shape, d, d, generator=gen, dtype=F64)
@@ -553,7 +543,7 @@ def test_batched_equals_loop(name, batch_shape):
 @pytest.mark.parametrize("batch_shape", BATCH_SHAPES, ids=str)
 def test_floor_with_scalar_lower_batched_equals_loop(batch_shape):
     gen = _gen(20)
-    c = random_spd(gen, *batch_shape, d=6, spread=2.0)
+    c = spd.random_spd(6, batch=tuple(batch_shape), spread=2.0, generator=gen)
     out = spd.floor_eigenvalues(c, 1.0)
     looped = _loop(lambda a: spd.floor_eigenvalues(a, 1.0), c, batch_shape=batch_shape)
     torch.testing.assert_close(out, looped, rtol=1e-11, atol=1e-12)
@@ -564,7 +554,7 @@ def test_floor_with_scalar_lower_batched_equals_loop(batch_shape):
 
 
 def _spd_with_spectrum(gen, w: torch.Tensor):
-    q = random_orthogonal(gen, *w.shape[:-1], d=w.shape[-1])
+    q = spd.random_orthogonal(w.shape[-1], batch=tuple(w.shape[:-1]), generator=gen)
     return _symm(q @ torch.diag_embed(w) @ q.transpose(-1, -2)), q
 
 
@@ -591,7 +581,7 @@ def test_floor_eigenvalues_scalar_lower(d):
 
 def test_floor_eigenvalues_leaves_matrices_above_the_floor_unchanged():
     gen = _gen(22)
-    c = random_spd(gen, 5, d=10, spread=1.0)  # eigenvalues >= e^-1
+    c = spd.random_spd(10, batch=(5,), spread=1.0, generator=gen)  # eigenvalues >= e^-1
     lower = 0.9 * torch.exp(torch.tensor(-1.0, dtype=F64)).item()
     torch.testing.assert_close(spd.floor_eigenvalues(c, lower), c, rtol=1e-12, atol=1e-13)
 
@@ -619,7 +609,7 @@ def test_floor_eigenvalues_float32_repeated_exp_steps():
     """100 steps C <- floor(Exp_C(X), 0.1) in float32, d = 100: always SPD and floored."""
     gen = _gen(24)
     d, lower = 100, 0.1
-    c = random_spd(gen, d=d, spread=1.0, dtype=F32)
+    c = spd.random_spd(d, spread=1.0, dtype=F32, generator=gen)
     hits = 0
     for _ in range(100):
         x = random_sym(gen, d=d, norm=2.0, dtype=F32)
@@ -637,11 +627,11 @@ def test_floor_eigenvalues_float32_repeated_exp_steps():
 
 def _bad_inputs():
     gen = _gen(25)
-    good = random_spd(gen, 3, d=4, spread=1.0)
+    good = spd.random_spd(4, batch=(3,), spread=1.0, generator=gen)
     nonsym = good.clone()
     nonsym[1, 0, 3] += 0.1
     indefinite = torch.diag(torch.tensor([1.0, 2.0, -0.5], dtype=F64))
-    q = random_orthogonal(gen, d=3)
+    q = spd.random_orthogonal(3, generator=gen)
     indefinite_rot = _symm(q @ indefinite @ q.T)
     negative = -good
     singular = torch.diag(torch.tensor([1.0, 0.0, 2.0], dtype=F64))
@@ -686,7 +676,7 @@ def test_check_spd_error_is_a_value_error():
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 def test_check_spd_accepts_spd(dtype):
     gen = _gen(26)
-    c = random_spd(gen, 4, d=30, spread=3.0).to(dtype)
+    c = spd.random_spd(30, batch=(4,), spread=3.0, generator=gen).to(dtype)
     spd.check_spd(c)
     spd.check_spd(c[0])
     spd.check_spd(c.reshape(2, 2, 30, 30))
@@ -740,8 +730,8 @@ def _all_outputs(c, p, x, g):
 
 def _dtype_inputs(dtype, device="cpu"):
     gen = _gen(28)
-    c = random_spd(gen, 3, d=12, spread=1.0)
-    p = random_spd(gen, 3, d=12, spread=1.0)
+    c = spd.random_spd(12, batch=(3,), spread=1.0, generator=gen)
+    p = spd.random_spd(12, batch=(3,), spread=1.0, generator=gen)
     x = random_tangent(gen, c, norm=1.0)
     g = torch.randn(3, 12, 12, generator=gen, dtype=F64)
     return [t.to(device=device, dtype=dtype) for t in (c, p, x, g)]

@@ -205,11 +205,11 @@ def test_rotation_summary_reports_the_turn_of_the_axes(original_and_turned):
             assert row["axis_turn"] in (0.0, 90.0)
         else:
             assert math.isnan(row["axis_turn"])
-    text = toy.format_summary(rows, 45.0)
-    lines = text.splitlines()
-    assert len(lines) == 1 + len(rows)
-    assert "RDDRS" in lines[-1] and lines[-1].split()[-1] == "45.0"
-    assert lines[1].split()[4:] == ["-", "-", "-"]  # DDRS has no principal axis
+    table = toy.summary_table(rows, 45.0)
+    assert len(table.cells) == len(rows) and "45°" in table.caption
+    assert table.cells[-1][0] == "RDDRS" and table.cells[-1][-1] == "45.0"
+    assert table.cells[0][4:] == ["–", "–", "–"]  # DDRS has no principal axis
+    assert table.cells[0][2] == f"{rows[0]['proxy_original']:.3f}"
 
 
 # -- plots --------------------------------------------------------------------------------------

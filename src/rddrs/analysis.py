@@ -44,9 +44,9 @@ KIND_LABELS = {
     "proxy": "proxy radius (ℓ2 radius of the ball of equal volume)",
     "l2": "ℓ2 radius",
 }
-# axis labels in mathtext, the proxy one on two lines so that it fits under a third of a page
+# axis labels in mathtext, short enough for a third of the page (the captions say more)
 _AXIS_LABELS = {
-    "proxy": "proxy radius\n($\\ell_2$ radius of the ball of equal volume)",
+    "proxy": "proxy radius",
     "l2": "$\\ell_2$ radius",
 }
 KIND_COLUMNS = {"proxy": "proxy_radius", "l2": "radius"}
@@ -293,28 +293,27 @@ def curves_figure(groups, kind: str = "proxy", path=None):
 
     ``groups`` is an iterable of :class:`Results` or the dict of :func:`group_results`. Panels
     are sorted by sigma (three per row), share the y axis [0, 1] and each runs from 0 to a
-    little past its largest certified radius. Methods keep one colour and dash pattern
-    everywhere. The figure is saved to ``path`` if given (format from the extension: .png at
-    150 dpi, .svg, .pdf) and returned (a ``matplotlib.figure.Figure``, not tied to pyplot).
+    little past its largest certified radius; one legend above the panels names the methods,
+    which keep one colour and dash pattern everywhere (``rddrs.methods``). The figure is as
+    wide as the book's page, in the book's style (``rddrs.display``). It is saved to ``path``
+    if given (format from the extension: .png at 200 dpi, .svg, .pdf) and returned (a
+    ``matplotlib.figure.Figure``, not tied to pyplot).
     """
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from rddrs import display
 
     _check_kind(kind)
     groups = group_results(groups)
     sigmas = sorted({s for s, _ in groups})
     ncols = min(len(sigmas), 3)
     nrows = math.ceil(len(sigmas) / ncols)
-    width = 12.0 if ncols == 3 else 4.0 * ncols + 1.0
-    rc = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
-          "xtick.labelsize": 10, "ytick.labelsize": 10}
-    with matplotlib.rc_context(rc):
-        fig = Figure(figsize=(width, 3.6 * nrows), layout="constrained")
-        FigureCanvasAgg(fig)
-        axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
+    width = display.PAGE_WIDTH if ncols > 1 else 0.5 * display.PAGE_WIDTH + 0.4
+    with display.style_context():
+        fig, axes = display.new_figure(nrows, ncols, height=2.5 * nrows + 0.45, width=width,
+                                       sharey=True, squeeze=False)
+        axes = axes.ravel()
         for ax in axes[len(sigmas):]:
             fig.delaxes(ax)
+        handles = {}
         for ax, sigma in zip(axes, sigmas):
             members = [(m, groups[(sigma, m)]) for m in METHODS if (sigma, m) in groups]
             top = max((float(_certified_radii(res, kind).max(initial=0.0))
@@ -322,22 +321,23 @@ def curves_figure(groups, kind: str = "proxy", path=None):
             x_max = 1.05 * top if top > 0 else 1.0
             for method, res in members:
                 x, y = certified_accuracy_curve(res, kind, r_max=x_max)
-                ax.step(x, y, where="pre", color=METHOD_COLORS[method],
-                        linestyle=METHOD_STYLES[method], linewidth=2.0,
-                        label=METHOD_LABELS[method])
+                (line,) = ax.step(x, y, where="pre", linewidth=1.8, **display.method_style(method))
+                handles.setdefault(method, line)
             ax.set_xlim(0.0, x_max)
             ax.set_ylim(0.0, 1.0)
             ax.set_title(f"σ = {sigma:g}")
             ax.set_xlabel(_AXIS_LABELS[kind])
-            ax.grid(True, color="0.88", linewidth=0.8)
+            ax.grid(True)
             ax.set_axisbelow(True)
-            ax.legend(loc="upper right", frameon=True, framealpha=0.9)
         for row in range(nrows):
             axes[row * ncols].set_ylabel("certified accuracy")
+        ordered = [handles[m] for m in METHODS if m in handles]
+        fig.legend(ordered, [h.get_label() for h in ordered], loc="outside upper center",
+                   ncol=len(ordered), frameon=False)
         if path is not None:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=150)
+            fig.savefig(path, dpi=display.STYLE["savefig.dpi"])
     return fig
 
 
@@ -378,18 +378,38 @@ def table_csv(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def accuracy_table(rows: list[dict], caption: str | None = None, *, counts: bool = True):
+    """The rows of :func:`table` as a :class:`rddrs.display.Table`: sigma, method, n, CA at
+    each radius (under one spanning header), ACR and seconds per input; sigma written once
+    per group. A certified accuracy is a count over n inputs, so it gets the decimals that
+    show every count (2 for n <= 100, 3 up to 1000, ...); ACR gets 3. ``counts=False`` leaves out n and the seconds
+    (for a page that states them elsewhere)."""
+    from rddrs import display
+
+    radii = _radii_of(rows)
+    kind = rows[0].get("kind", "proxy")
+    ca = [f"{r:g}" for r in radii]
+    lead, tail = (["σ", "method", "n"], ["ACR", "s / input"]) if counts else (["σ", "method"], ["ACR"])
+    body = []
+    for row in rows:
+        start = [row["sigma"], METHOD_LABELS[row["method"]]] + ([row["n"]] if counts else [])
+        end = [row["acr"]] + ([row["seconds"]] if counts else [])
+        body.append([*start, *row["accuracy"], *end])
+    if caption is None:
+        caption = (f"Certified accuracy at {KIND_LABELS[kind]} r, average certified radius (ACR) "
+                   f"and seconds per input.")
+    columns = [*lead, *ca, *tail]
+    n = max(row["n"] for row in rows)
+    digits = max(2, math.ceil(math.log10(n))) if n > 1 else 2
+    formats = {"σ": ".2f", **{c: f".{digits}f" for c in ca}, "ACR": ".3f", "s / input": ".2f"}
+    return display.Table(columns, body, caption, merge=["σ"],
+                         spans=[("", len(lead)), ("certified accuracy at r =", len(ca)), ("", len(tail))],
+                         formats={c: f for c, f in formats.items() if c in columns})
+
+
 def table_markdown(rows: list[dict]) -> str:
     """Markdown pipe table: one header row, one row per (sigma, method)."""
-    radii = _radii_of(rows)
-    head = ["σ", "method", "n", *(f"r = {r:g}" for r in radii), "ACR", "s / input"]
-    align = ["---:", ":---", "---:", *(["---:"] * len(radii)), "---:", "---:"]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
-    for row in rows:
-        cells = [f"{row['sigma']:g}", METHOD_LABELS[row["method"]], str(row["n"]),
-                 *(f"{a:.3f}" for a in row["accuracy"]), f"{row['acr']:.3f}",
-                 f"{row['seconds']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return accuracy_table(rows).markdown()
 
 
 def write_tables(rows: list[dict], csv_path, md_path) -> None:

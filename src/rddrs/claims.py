@@ -22,13 +22,16 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from rddrs import RDDRSError, analysis, experiments, runs, spd
+from rddrs import display
 from rddrs.noise import FullSPD, Isotropic
 from rddrs.methods import NAMES as METHODS
 from rddrs.methods import method as method_record
@@ -114,14 +117,33 @@ def studies(preset: str, count: int | None = None, rotate: int = ROTATE) -> dict
 
 @dataclass
 class VariantRun:
-    """A variant's result rows and digest on its study's images (rows ordered by idx)."""
+    """A variant's result rows on its study's images (ordered by idx), and its digest: the
+    sorted scales of S, the objective trace and sigma_x* per image, read (or built from the
+    trace files) only when one of them is asked for."""
 
     variant: Variant
     path: Path
     results: analysis.Results
-    spectrum: np.ndarray    # (count, k): sorted scales of S; k = 1 for sigma
-    trace: np.ndarray       # (count, iterations): objective H of the method's own search
-    sigma_star: np.ndarray  # (count,): sigma_x* of the start (sigma itself for RS)
+    digest: dict | Callable[[], dict]
+
+    @cached_property
+    def _digested(self) -> dict:
+        return self.digest() if callable(self.digest) else self.digest
+
+    @property
+    def spectrum(self) -> np.ndarray:
+        """(count, k): sorted scales of S; k = 1 for sigma."""
+        return self._digested["spectrum"]
+
+    @property
+    def trace(self) -> np.ndarray:
+        """(count, iterations): objective H of the method's own search."""
+        return self._digested["trace"]
+
+    @property
+    def sigma_star(self) -> np.ndarray:
+        """(count,): sigma_x* of the start (sigma itself for RS)."""
+        return self._digested["sigma_star"]
 
     def certified(self, kind: str = "proxy") -> np.ndarray:
         """Certified radius per image, 0 where the prediction is wrong or abstains."""
@@ -228,13 +250,20 @@ def _study_images(res: analysis.Results, study: Study) -> analysis.Results:
 
 def _read(variant: Variant, path: Path, init: Path | None, folder: Path, study: Study) -> VariantRun:
     results = _study_images(analysis.read_results(path), study)
-    digest = folder / f"{variant.name}.digest.npz"
-    cached = dict(np.load(digest)) if digest.exists() else {}
-    if not (np.array_equal(cached.get("idx"), results.idx) and np.array_equal(cached.get("gap"), results.gap)):
-        cached = _digest(variant, path, init, results)
-        folder.mkdir(parents=True, exist_ok=True)
-        np.savez(digest, **cached)
-    return VariantRun(variant, path, results, cached["spectrum"], cached["trace"], cached["sigma_star"])
+
+    def digest() -> dict:
+        stored = folder / f"{variant.name}.digest.npz"
+        cached = dict(np.load(stored)) if stored.exists() else {}
+        if not (np.array_equal(cached.get("idx"), results.idx) and np.array_equal(cached.get("gap"), results.gap)):
+            cached = _digest(variant, path, init, results)
+            folder.mkdir(parents=True, exist_ok=True)
+            np.savez(stored, **cached)
+        return cached
+
+    run = VariantRun(variant, path, results, digest)
+    if variant.method == "rs" or all((experiments.traces_dir(path) / f"{i}.npz").exists() for i in results.idx):
+        run.spectrum  # the traces are here: keep the digest now, for clones that have only the rows
+    return run
 
 
 def _digest(variant: Variant, path: Path, init: Path | None, results: analysis.Results) -> dict[str, np.ndarray]:
@@ -447,91 +476,102 @@ def _best_time(fn, repeat: int) -> float:
 
 # -- figures -------------------------------------------------------------------------------
 
-def _figure(ncols: int, width: float = 4.2, height: float = 3.4):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def _figure(ncols: int, height: float = 2.9):
+    """A figure of ``ncols`` panels across the page, in the book's style (``rddrs.display``)."""
+    width = display.PAGE_WIDTH if ncols > 1 else 0.62 * display.PAGE_WIDTH
+    fig, axes = display.new_figure(1, ncols, height=height, width=width, squeeze=False)
+    return fig, axes[0]
 
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+def _styles(runs: dict[str, VariantRun]) -> dict[str, dict]:
+    """Each variant's colour, dashes and marker: its method's, in shades when a method has several."""
+    return dict(zip(runs, display.variant_styles([run.variant.method for run in runs.values()])))
 
 
 def curves_figure(runs: dict[str, VariantRun], title: str = ""):
     """Certified accuracy against the proxy and the l2 radius, one line per variant."""
-    fig, axes = _figure(2)
-    dashes = ["-", "--", "-.", ":"]
-    for ax, kind in zip(axes, analysis.KINDS):
-        for k, (name, run) in enumerate(runs.items()):
-            x, y = analysis.certified_accuracy_curve(run.results, kind)
-            ax.step(x, y, where="pre", label=name, linewidth=1.8, linestyle=dashes[k % len(dashes)])
-        ax.set(xlabel=analysis.KIND_LABELS[kind], ylabel="certified accuracy", ylim=(0, 1.02), title=title)
-        ax.grid(True, color="0.88")
-    axes[0].legend(fontsize=8)
+    with display.style_context():
+        fig, axes = _figure(2)
+        styles = _styles(runs)
+        for ax, kind in zip(axes, analysis.KINDS):
+            for name, run in runs.items():
+                x, y = analysis.certified_accuracy_curve(run.results, kind)
+                ax.step(x, y, where="pre", label=name, linewidth=1.8, color=styles[name]["color"],
+                        linestyle=styles[name]["linestyle"])
+            ax.set(xlabel=analysis._AXIS_LABELS[kind], ylabel="certified accuracy", ylim=(0, 1.02))
+            ax.grid(True)
+        axes[1].set_ylabel("")
+        if title:
+            fig.suptitle(title)
+        axes[0].legend()
     return fig
 
 
 def traces_figure(runs: dict[str, VariantRun]):
     """Objective H per iteration: median over images and the interquartile band, per variant;
     and lambda_min(S) / sigma_x* per image at the end."""
-    fig, (left, right) = _figure(2)
-    for name, run in runs.items():
-        q1, q2, q3 = np.percentile(run.trace, [25, 50, 75], axis=0)
-        steps = np.arange(1, run.trace.shape[1] + 1)
-        (line,) = left.plot(steps, q2, label=name)
-        left.fill_between(steps, q1, q3, color=line.get_color(), alpha=0.2)
-        right.plot(run.results.idx, run.spectrum[:, 0] / run.sigma_star, "o", color=line.get_color(), label=name)
-    left.set(xlabel="iteration", ylabel="objective H (median, IQR)")
-    right.axhline(1.0, color="0.5", linewidth=0.8)
-    right.set(xlabel="test image", ylabel="λ_min(C) / σ*_x")
-    right.xaxis.get_major_locator().set_params(integer=True)
-    left.legend(fontsize=8)
+    with display.style_context():
+        fig, (left, right) = _figure(2)
+        styles = _styles(runs)
+        for name, run in runs.items():
+            q1, q2, q3 = np.percentile(run.trace, [25, 50, 75], axis=0)
+            steps = np.arange(1, run.trace.shape[1] + 1)
+            color = styles[name]["color"]
+            left.plot(steps, q2, label=name, color=color, linestyle=styles[name]["linestyle"])
+            left.fill_between(steps, q1, q3, color=color, alpha=0.2)
+            right.plot(run.results.idx, run.spectrum[:, 0] / run.sigma_star, styles[name]["marker"],
+                       color=color, label=name)
+        left.set(xlabel="iteration", ylabel="objective H (median, IQR)")
+        right.axhline(1.0, color="0.5", linewidth=0.8)
+        right.set(xlabel="test image", ylabel="λ_min(C) / σ*_x")
+        right.xaxis.get_major_locator().set_params(integer=True)
+        left.legend()
     return fig
 
 
 def samples_figure(runs: dict[str, VariantRun]):
     """Final proxy radius of every repeated search against the number of gradient samples."""
-    fig, axes = _figure(1, width=5.5)
-    ax = axes[0]
-    colors = {False: "#0072B2", True: "#D55E00"}
-    offsets = {False: 0.97, True: 1.03}  # side by side on the log axis
-    labelled = set()
-    for run in runs.values():
-        s = run.variant.search
-        label = None if s["antithetic"] in labelled else ("antithetic pairs" if s["antithetic"] else "plain draws")
-        labelled.add(s["antithetic"])
-        ax.plot(np.full(run.results.n, s["samples"] * offsets[s["antithetic"]]), run.certified("proxy"), "o",
-                color=colors[s["antithetic"]], alpha=0.7, label=label)
-    sizes = sorted({run.variant.search["samples"] for run in runs.values()})
-    ax.set_xscale("log")
-    ax.set_xticks(sizes, [str(m) for m in sizes])
-    ax.minorticks_off()
-    ax.set(xlabel="gradient samples per iteration", ylabel="certified proxy radius")
-    ax.grid(True, color="0.88")
-    ax.legend(fontsize=8)
+    with display.style_context():
+        fig, axes = _figure(1)
+        ax = axes[0]
+        plain, pairs = display.variant_styles(["rddrs", "rddrs"])
+        styles = {False: plain, True: pairs}
+        offsets = {False: 0.97, True: 1.03}  # side by side on the log axis
+        labelled = set()
+        for run in runs.values():
+            s = run.variant.search
+            label = None if s["antithetic"] in labelled else ("antithetic pairs" if s["antithetic"] else "plain draws")
+            labelled.add(s["antithetic"])
+            style = styles[s["antithetic"]]
+            ax.plot(np.full(run.results.n, s["samples"] * offsets[s["antithetic"]]), run.certified("proxy"),
+                    style["marker"], color=style["color"], alpha=0.8, label=label)
+        sizes = sorted({run.variant.search["samples"] for run in runs.values()})
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(m) for m in sizes])
+        ax.minorticks_off()
+        ax.set(xlabel="gradient samples per iteration", ylabel="certified proxy radius")
+        ax.grid(True)
+        ax.legend()
     return fig
 
 
 def isotropy_figure(runs: dict[str, VariantRun]):
     """Per image: the distance travelled from sigma_x* I against its anisotropic part (log axes)."""
-    fig, axes = _figure(1, width=5.0)
-    ax = axes[0]
-    splits = {name: isotropy_split(run.spectrum.astype(np.float64), run.sigma_star) for name, run in runs.items()}
-    for name, split in splits.items():
-        ax.plot(split["total"], split["anisotropic"], "o", label=name, alpha=0.8)
-    moved = np.concatenate([split["total"] for split in splits.values()])
-    moved = moved[moved > 0]
-    if moved.size:
-        ax.plot([moved.min(), moved.max()], [moved.min(), moved.max()], color="0.6", linewidth=0.8,
-                label="all anisotropic")
-    ax.set(xscale="log", yscale="log", xlabel="dist(S, σ*_x I)", ylabel="dist(S, nearest t I)")
-    ax.grid(True, color="0.88")
-    ax.legend(fontsize=8)
+    with display.style_context():
+        fig, axes = _figure(1, height=3.2)
+        ax = axes[0]
+        styles = _styles(runs)
+        splits = {name: isotropy_split(run.spectrum.astype(np.float64), run.sigma_star)
+                  for name, run in runs.items()}
+        for name, split in splits.items():
+            ax.plot(split["total"], split["anisotropic"], styles[name]["marker"], color=styles[name]["color"],
+                    label=name, alpha=0.8)
+        moved = np.concatenate([split["total"] for split in splits.values()])
+        moved = moved[moved > 0]
+        if moved.size:
+            ax.plot([moved.min(), moved.max()], [moved.min(), moved.max()], color="0.5", linewidth=0.8,
+                    label="all anisotropic")
+        ax.set(xscale="log", yscale="log", xlabel="dist(S, σ*_x I)", ylabel="dist(S, nearest t I)")
+        ax.grid(True)
+        ax.legend()
     return fig
-
-
-def markdown(header: list[str], lines: list[list]) -> str:
-    """A Markdown pipe table: numbers right-aligned, text left-aligned."""
-    align = [":--" if isinstance(cell, str) else "--:" for cell in lines[0]] if lines else ["--:"] * len(header)
-    text = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    text += ["| " + " | ".join(c if isinstance(c, str) else f"{c:.3g}" for c in line) + " |" for line in lines]
-    return "\n".join(text) + "\n"

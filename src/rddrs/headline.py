@@ -17,7 +17,8 @@ training sigma 0.25 unless its name says otherwise:
 * ``frontier``: each method's best variant at several search budgets (iterations x samples).
 * ``best_sigmaS``: the best variants of the three methods at every training sigma, on the
   preset's images (100 at the cpu preset).
-* ``clamped``: the paper preset's searches with the authors' clamp, on the paper slice.
+* ``clamped``: the authors' pipeline: their clamp, their chaining and their code's step sizes,
+  at the cpu preset and on the paper slice.
 
 Measures: ``gradient_quality`` (relative error of the Monte Carlo gradient of H against a
 reference from far more draws), ``evaluations`` (network passes per image of a variant),
@@ -76,21 +77,22 @@ BUDGETS = {
 
 #: step-size candidates per (method, step rule), as Search overrides, for the tuning study
 CANDIDATES = {
-    ("ddrs", "sgd"): ({"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}),
-    ("ddrs", "adam"): ({"lr": 3e-3}, {"lr": 1e-2}, {"lr": 3e-2}),
-    ("ancer", "adam"): ({"lr": 0.04}, {"lr": 0.08}, {"lr": 0.2}),
-    ("ancer", "sgd"): ({"lr": 10.0, "max_step": 0.1}, {"lr": 100.0, "max_step": 0.1}),
-    ("rddrs", "sgd"): ({"lr": 1.0}, {"lr": 1.0, "max_step": 0.3}),
+    ("ddrs", "sgd"): ({"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}, {"lr": 3e-2}),
+    ("ddrs", "adam"): ({"lr": 3e-3}, {"lr": 1e-2}, {"lr": 3e-2}, {"lr": 0.1}),
+    ("ancer", "adam"): ({"lr": 0.04}, {"lr": 0.08}, {"lr": 0.2}, {"lr": 0.5}),
+    ("ancer", "sgd"): ({"lr": 10.0, "max_step": 0.1}, {"lr": 100.0, "max_step": 0.1}, {"lr": 100.0, "max_step": 0.3},
+                       {"lr": 100.0, "max_step": 1.0}),
+    ("rddrs", "sgd"): ({"lr": 1.0}, {"lr": 1.0, "max_step": 0.3}, {"lr": 1.0, "max_step": 1.0}),
     ("rddrs", "adam"): ({"lr": 0.3, "max_step": 0}, {"lr": 1.0, "max_step": 0}, {"lr": 3.0, "max_step": 0}),
 }
 
 #: the chosen candidate of each pair (the tuning study's largest proxy ACR; chapter 7 checks it)
 STEP_SIZES = {
-    ("ddrs", "sgd"): {"lr": 1e-3},
-    ("ddrs", "adam"): {"lr": 1e-2},
-    ("ancer", "adam"): {"lr": 0.08},
-    ("ancer", "sgd"): {"lr": 100.0, "max_step": 0.1},
-    ("rddrs", "sgd"): {"lr": 1.0},
+    ("ddrs", "sgd"): {"lr": 1e-2},
+    ("ddrs", "adam"): {"lr": 3e-2},
+    ("ancer", "adam"): {"lr": 0.2},
+    ("ancer", "sgd"): {"lr": 100.0, "max_step": 1.0},
+    ("rddrs", "sgd"): {"lr": 1.0, "max_step": 0.3},
     ("rddrs", "adam"): {"lr": 1.0, "max_step": 0},
 }
 
@@ -168,11 +170,13 @@ def best_study(preset: str, sigma: float) -> Study:
 
 
 def clamped_study(preset: str) -> Study:
-    """The preset's searches with the authors' clamp (RDDRS also without our step bound, as
-    their code), chained as theirs: ANCER and RDDRS start from the clamped DDRS."""
+    """The preset's searches with the authors' clamp, chained as in their code (ANCER and RDDRS
+    start from the clamped DDRS); RDDRS without our step bound, and ANCER also at the step size
+    their script runs (1, where the paper says 0.04 or 0.4)."""
     return Study("clamped", BUDGETS[preset].count, (
         Variant("ddrs_clamped", "ddrs", {"objective": "clamped"}),
         Variant("ancer_clamped", "ancer", {"objective": "clamped"}, start="ddrs_clamped"),
+        Variant("ancer_clamped_lr1", "ancer", {"objective": "clamped", "lr": 1.0}, start="ddrs_clamped"),
         Variant("rddrs_clamped", "rddrs", {"objective": "clamped", "max_step": 0}, start="ddrs_clamped")))
 
 
@@ -288,3 +292,86 @@ def gradient_study(preset: str, results: str | Path, *, device: str = "cpu", dat
 
     return cached_json(Path(results) / "claims" / "gradients.json", compute)
 
+
+
+# -- tables and figures ----------------------------------------------------------------------
+
+def frontier_rows(runs: dict, study: Study, preset: str) -> list[dict]:
+    """Per frontier variant: its method, network passes per image and both ACRs."""
+    rows = []
+    for name, run in runs.items():
+        if isinstance(run, Diverged) or not name.startswith(f"{run.variant.method}_it"):
+            continue
+        rows.append({"variant": name, "method": run.variant.method,
+                     "evaluations": evaluations(study, run.variant, preset),
+                     "proxy_acr": float(run.certified("proxy").mean()), "l2_acr": float(run.certified("l2").mean())})
+    return sorted(rows, key=lambda r: (SEARCHED.index(r["method"]), r["evaluations"]))
+
+
+def frontier_figure(rows: list[dict]):
+    """Proxy and l2 ACR against network passes per image (log axis), one line per method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from rddrs.methods import METHODS
+
+    fig = Figure(figsize=(9.0, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for ax, kind, label in zip(axes, ("proxy_acr", "l2_acr"), ("proxy ACR", "ℓ2 ACR")):
+        for method in SEARCHED:
+            own = [r for r in rows if r["method"] == method]
+            if own:
+                record = METHODS[method]
+                ax.plot([r["evaluations"] for r in own], [r[kind] for r in own], marker="o", linewidth=2.0,
+                        color=record.color, linestyle=record.style, label=record.label)
+        ax.set(xscale="log", xlabel="network passes per image (search, with its start)", ylabel=label)
+        ax.grid(True, color="0.88")
+    axes[0].legend()
+    return fig
+
+
+def gradient_rows(rows: list[dict]) -> list[dict]:
+    """Mean relative error over images per (samples, scheme), with its spread over images."""
+    out = []
+    for m in sorted({r["samples"] for r in rows}):
+        for scheme in ("plain", "antithetic", "control variate"):
+            errors = [r["error"] for r in rows if r["samples"] == m and r["scheme"] == scheme]
+            if errors:
+                out.append({"samples": m, "scheme": scheme, "error": float(np.mean(errors)),
+                            "min": float(np.min(errors)), "max": float(np.max(errors))})
+    return out
+
+
+def best_figure(papers: dict, best: dict, kind: str = "proxy"):
+    """The paper's Figure 2 layout (one panel per training sigma) with each method twice: its
+    papers' search (thin, light) and its best variant (bold), in the method's colour and style.
+
+    ``papers``: ``{(sigma, method): analysis.Results}`` of the standard runs; ``best``:
+    ``{sigma: {variant name: VariantRun}}`` of the best_sigmaS studies (their BEST variants).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from rddrs import analysis
+    from rddrs.methods import METHODS, NAMES
+
+    sigmas = sorted({s for s, _ in papers} | set(best))
+    fig = Figure(figsize=(4.2 * len(sigmas), 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(sigmas), sharey=True, squeeze=False)[0]
+    for ax, sigma in zip(axes, sigmas):
+        lines = [(m, papers[(sigma, m)], f"{METHODS[m].label} (papers')", 1.2, 0.55)
+                 for m in NAMES if (sigma, m) in papers]
+        lines += [(run.variant.method, run.results, f"{METHODS[run.variant.method].label} (best)", 2.4, 1.0)
+                  for name, run in best.get(sigma, {}).items() if name == BEST.get(run.variant.method)]
+        top = max(float(res.radii(kind)[res.correct == 1].max(initial=0.0)) for _, res, *_ in lines)
+        for method, res, label, width, alpha in lines:
+            x, y = analysis.certified_accuracy_curve(res, kind, r_max=1.05 * top)
+            ax.step(x, y, where="pre", color=METHODS[method].color, linestyle=METHODS[method].style,
+                    linewidth=width, alpha=alpha, label=label)
+        ax.set(xlim=(0, 1.05 * top), ylim=(0, 1.0), title=f"σ = {sigma:g}", xlabel=analysis.KIND_LABELS[kind])
+        ax.grid(True, color="0.88")
+    axes[0].set_ylabel("certified accuracy")
+    axes[-1].legend(fontsize=8, loc="upper right")
+    return fig

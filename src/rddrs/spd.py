@@ -159,3 +159,50 @@ def check_spd(c: Tensor, name: str = "matrix", rtol: float = 1e-5) -> None:
     tol = c.shape[-1] * torch.finfo(w.dtype).eps * w[..., -1].abs()
     if (w[..., 0] <= tol).any():
         raise RDDRSError(f"{name} is not positive definite (smallest eigenvalue <= d * eps * largest)")
+
+
+# -- sample points (for tests, examples and the book) ------------------------------------------
+
+def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
+    if generator is not None:
+        return generator
+    return torch.Generator().manual_seed(0 if seed is None else int(seed))
+
+
+def random_orthogonal(d: int, *, batch: tuple[int, ...] = (), seed: int | None = None,
+                      generator: torch.Generator | None = None, dtype=torch.float64) -> Tensor:
+    """Haar-random orthogonal ``(*batch, d, d)`` matrices: QR of a Gaussian matrix with the signs
+    of R's diagonal moved into Q. Drawn from ``generator`` if given, else from ``seed``."""
+    gen = _generator(seed, generator)
+    q, r = torch.linalg.qr(torch.randn(*batch, d, d, generator=gen, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)).to(dtype)
+
+
+def random_spd(d: int, *, batch: tuple[int, ...] = (), spread: float = 1.0, eigenvalues=None,
+               seed: int | None = None, generator: torch.Generator | None = None,
+               dtype=torch.float64) -> Tensor:
+    """Random SPD ``(*batch, d, d)`` matrices ``Q diag(w) Q^T`` with ``Q`` Haar-random
+    (:func:`random_orthogonal`). ``w = exp(u)`` with ``u`` uniform in ``[-spread, spread]``, so
+    that the condition number is at most ``e^(2 spread)``, unless ``eigenvalues`` (``d`` values)
+    fixes ``w``, e.g. well separated to keep the smallest one simple. Drawn from ``generator``
+    if given (Q first, then u), else from ``seed``."""
+    gen = _generator(seed, generator)
+    q = random_orthogonal(d, batch=batch, generator=gen)
+    if eigenvalues is None:
+        w = ((2 * torch.rand(*batch, d, generator=gen, dtype=torch.float64) - 1) * spread).exp()
+    else:
+        w = torch.as_tensor(eigenvalues, dtype=torch.float64).expand(*batch, d)
+        if not (w > 0).all():
+            raise RDDRSError("random_spd: eigenvalues must be positive")
+    return sym(from_eig(w, q)).to(dtype)
+
+
+def planar(scales, degrees: float, dtype=torch.float64) -> Tensor:
+    """The 2 x 2 SPD matrix with eigenvalues ``scales`` whose first eigenvector makes the angle
+    ``degrees`` with the first axis (the scale matrix of an ellipse with those semi-axes)."""
+    t = torch.deg2rad(torch.tensor(float(degrees), dtype=torch.float64))
+    u = torch.stack([torch.stack([t.cos(), -t.sin()]), torch.stack([t.sin(), t.cos()])])
+    w = torch.as_tensor(scales, dtype=torch.float64)
+    if w.shape != (2,) or not (w > 0).all():
+        raise RDDRSError(f"planar: expected two positive scales, got {scales!r}")
+    return sym(from_eig(w, u)).to(dtype)

@@ -224,19 +224,19 @@ def rotation_summary(original: dict[str, list[Region]], turned: dict[str, list[R
     return rows
 
 
-def format_summary(rows: list[dict], angle: float) -> str:
-    """``rotation_summary`` as a fixed-width text table (radii to 3 decimals, angles to 0.1 deg;
-    "-" where S has no principal axis)."""
-    def deg(value: float) -> str:
-        return "-" if math.isnan(value) else f"{value:.1f}"
+def summary_table(rows: list[dict], angle: float):
+    """``rotation_summary`` as a :class:`rddrs.display.Table`: proxy radii to 3 decimals, axis
+    angles to 0.1 degree, a dash where S has no principal axis (DDRS)."""
+    from rddrs.display import Table
 
-    header = ("point", "method", "proxy", f"proxy after {angle:g} deg", "axis (deg)",
-              f"axis after {angle:g} deg", "axis turned by")
-    lines = [header] + [(str(r["point"]), METHOD_LABELS[r["method"]], f"{r['proxy_original']:.3f}",
-                         f"{r['proxy_turned']:.3f}", deg(r["axis_original"]), deg(r["axis_turned"]),
-                         deg(r["axis_turn"])) for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+    return Table(["method", "point", "before", "after", "before ", "after ", "turned by"],
+                 [[METHOD_LABELS[r["method"]], r["point"], r["proxy_original"], r["proxy_turned"],
+                   r["axis_original"], r["axis_turned"], r["axis_turn"]] for r in rows],
+                 caption=f"Proxy radius and principal axis (degrees from x1, modulo 180) of each "
+                         f"certified region before and after the problem is turned by {angle:g}°.",
+                 spans=[("", 2), ("proxy radius", 2), ("principal axis (°)", 3)], merge=["method"],
+                 formats={"before": ".3f", "after": ".3f", "before ": ".1f", "after ": ".1f",
+                          "turned by": ".1f"})
 
 
 # -- plotting ---------------------------------------------------------------------------------

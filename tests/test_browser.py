@@ -1,0 +1,233 @@
+"""The built book as its readers see it: every page opened from the local files in headless
+Chromium (Selenium with Debian's ``chromium`` and ``chromium-driver``).
+
+For each page: MathJax typeset every formula (no error, no TeX left in the text); every table
+is an HTML ``<table>`` with a caption, and no Markdown pipe table reached the text; every image
+loaded and is shown at (nearly) its own size, so that figures drawn at the page's width with
+9 pt text are read at 9 pt; no visible code, output or table scrolls sideways; the console has
+no errors; and nothing was requested from the network (every request is a file:// or data:
+URL). A full-page screenshot of each page is saved in ``_build/screenshots/`` for people to
+look at.
+
+Without a browser the tests are skipped with the command that installs one; in CI (``CI=true``)
+a missing browser is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from test_book import toc_files
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / "_build" / "screenshots"
+WIDTH, HEIGHT = 1280, 900  # a laptop window: the text column is ~680 CSS pixels wide
+INSTALL = "apt-get install -y chromium chromium-driver && pip install selenium (or pip install -e '.[test]')"
+# without the background-networking flags Chromium phones home (and fails on a closed network)
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
+         "--disable-default-apps", f"--window-size={WIDTH},{HEIGHT}", "--hide-scrollbars")
+LOCAL_SCHEMES = ("file://", "data:", "about:", "blob:")
+
+
+def _missing() -> str | None:
+    """What is missing to run the browser tests, or None."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed"
+    for program in ("chromium", "chromedriver"):
+        if shutil.which(program) is None:
+            return f"{program} is not on PATH"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = _missing()
+    if missing:
+        message = f"{missing}; install with: {INSTALL}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"the browser test must run in CI: {message}")
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="rddrs-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in (*FLAGS, f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver.set_script_timeout(60)
+    driver.get("about:blank")  # leave the start page (its chrome:// requests) before logging
+    driver.get_log("browser"), driver.get_log("performance")
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+# The checks, run in the page. Text is read from visible text nodes only (not from code, not from
+# typeset maths, not from folded cells); "visible" means rendered (closed <details> are not).
+INSPECT = r"""
+const done = arguments[arguments.length - 1];
+let article = null;
+const skip = "pre, code, script, style, mjx-container, .MathJax, mjx-assistive-mml, svg";
+function visible(el) { return !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length); }
+function texts(outside) {
+  const out = [];
+  const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT);
+  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+    const el = n.parentElement;
+    if (!el || el.closest(outside) || !visible(el)) continue;
+    out.push(n.textContent);
+  }
+  return out;
+}
+// wait for the page (and its article) to be loaded, then for MathJax to have typeset it
+const loaded = new Promise(resolve => {
+  const poll = () => (document.readyState === "complete" && document.querySelector("article.bd-article"))
+      ? resolve() : setTimeout(poll, 50);
+  poll();
+});
+loaded.then(() => (window.MathJax && MathJax.startup && MathJax.startup.promise) || null)
+      .catch(e => null).then(() => {
+ try {
+  article = document.querySelector("article.bd-article");
+  const maths = [...article.querySelectorAll(".math")];
+  const tables = [...article.querySelectorAll("table")];
+  const scrollers = [...article.querySelectorAll("pre, .rddrs-table-wrapper, .cell_output, div.math, mjx-container[display]")]
+      .filter(el => visible(el) && !el.closest("details:not([open])") && el.scrollWidth > el.clientWidth + 1)
+      .map(el => `${el.tagName.toLowerCase()}.${[...el.classList].join(".")}: ` +
+                 `${el.scrollWidth} > ${el.clientWidth} px: ${el.textContent.trim().slice(0, 60)}`);
+  done({
+    mathjax: !!window.MathJax,
+    maths: maths.length,
+    untypeset: maths.filter(m => !m.querySelector("mjx-container")).map(m => m.textContent.slice(0, 80)),
+    errors: [...article.querySelectorAll("mjx-merror")].map(e => e.textContent.slice(0, 80)),
+    text: texts(skip).join(""),
+    prose: texts(skip + ", table"),
+    tables: tables.length,
+    uncaptioned: tables.filter(t => !(t.caption && t.caption.textContent.trim()))
+                       .map(t => t.textContent.trim().slice(0, 80)),
+    images: [...document.images].map(i => ({src: i.currentSrc || i.src, complete: i.complete,
+        natural: i.naturalWidth, shown: i.clientWidth, width: parseFloat(i.getAttribute("width") || i.style.width || "0"),
+        inArticle: article.contains(i)})),
+    scrollers: scrollers,
+    pageWidth: document.documentElement.scrollWidth,
+    height: document.documentElement.scrollHeight,
+  });
+ } catch (e) { done({failure: String(e) + " " + (e.stack || "")}); }
+});
+"""
+
+TEX_LEFT = ("\\(", "\\)", "\\[", "\\]", "$$")
+
+
+def _raw_tex(text: str) -> list[str]:
+    """Pieces of text that are TeX which MathJax did not typeset."""
+    import re
+
+    found = [t for t in TEX_LEFT if t in text]
+    found += re.findall(r"\$[^$\n]{0,80}?[\\^_{}][^$\n]{0,80}?\$", text)
+    return found
+
+
+def _pipe_tables(pieces: list[str]) -> list[str]:
+    """Lines of text, outside tables, that look like a Markdown table: a delimiter row, or a
+    line that starts and ends with a pipe and holds three or more."""
+    import re
+
+    lines = [line.strip() for piece in pieces for line in piece.splitlines()]
+    return [line[:80] for line in lines
+            if re.search(r"\|\s*:?[-–—]+:?\s*\|", line)
+            or (line.startswith("|") and line.endswith("|") and line.count("|") >= 3)]
+
+
+def _requests(driver) -> list[str]:
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+def _screenshot(driver, name: str, height: int) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    driver.set_window_size(WIDTH, min(max(height, HEIGHT), 32_000))
+    time.sleep(0.3)
+    driver.save_screenshot(str(SCREENSHOTS / f"{name.replace('/', '_')}.png"))
+    driver.set_window_size(WIDTH, HEIGHT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", toc_files())
+def test_page_reads_well_in_a_browser(browser, html, name):
+    page = html / f"{name}.html"
+    assert page.is_file(), f"no page {page}"
+    browser.set_window_size(WIDTH, HEIGHT)
+    browser.get("about:blank")
+    browser.get_log("browser"), browser.get_log("performance")  # start with empty logs
+    browser.get(page.as_uri())
+    seen = browser.execute_async_script(INSPECT)
+    assert "failure" not in seen, f"{name}: the page inspection failed: {seen.get('failure')}"
+    problems = []
+
+    # MathJax: loaded wherever there is maths, every formula typeset, no error, no TeX left
+    if seen["maths"] and not seen["mathjax"]:
+        problems.append("the page has maths but MathJax did not load")
+    problems += [f"formula not typeset: {t!r}" for t in seen["untypeset"]]
+    problems += [f"MathJax error: {t!r}" for t in seen["errors"]]
+    problems += [f"TeX left in the text: {t!r}" for t in _raw_tex(seen["text"])]
+    # tables: HTML tables with a caption, no Markdown pipes in the text
+    problems += [f"table without a caption: {t!r}" for t in seen["uncaptioned"]]
+    problems += [f"Markdown table in the text: {t!r}" for t in _pipe_tables(seen["prose"])]
+    # images: loaded, and shown at (nearly) their own size so that their text stays legible
+    for image in seen["images"]:
+        if not image["complete"] or image["natural"] == 0:
+            problems.append(f"image did not load: {image['src'][:100]}")
+        elif image["inArticle"]:
+            intended = image["width"] or image["natural"]
+            if image["shown"] < 0.9 * intended:
+                problems.append(f"image shrunk to {image['shown'] / intended:.0%} of its size "
+                                f"({image['shown']} of {intended:g} px), its text below 9 pt: {image['src'][-70:]}")
+    # nothing scrolls sideways
+    problems += [f"scrolls sideways: {s}" for s in seen["scrollers"]]
+    if seen["pageWidth"] > WIDTH:
+        problems.append(f"the page is {seen['pageWidth']} px wide in a {WIDTH} px window")
+    # the console and the network
+    problems += [f"console error: {e['message'][:200]}" for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    problems += [f"network request: {url[:120]}" for url in _requests(browser) if not url.startswith(LOCAL_SCHEMES)]
+
+    _screenshot(browser, name, seen["height"])
+    assert not problems, f"{name}: {len(problems)} problem(s):\n" + "\n".join(problems)
+    assert seen["text"].strip(), f"{name}: no text"
+
+
+@pytest.mark.slow
+def test_the_book_holds_tables_and_figures(browser, html):
+    """The chapters' tables and figures reach the reader as tables and images (a guard against
+    a page that passes the checks above by showing nothing)."""
+    counts = {}
+    for name in toc_files():
+        browser.get((html / f"{name}.html").as_uri())
+        counts[name] = browser.execute_script(
+            "const a = document.querySelector('article.bd-article');"
+            "return [a.querySelectorAll('table').length, a.querySelectorAll('figure img, img').length];")
+    tables = sum(t for t, _ in counts.values())
+    images = sum(i for _, i in counts.values())
+    assert counts["book/mnist"][0] >= 5 and counts["book/mnist"][1] >= 2, counts["book/mnist"]
+    assert counts["book/claims"][0] >= 7, counts["book/claims"]
+    assert counts["book/soundness"][0] >= 4, counts["book/soundness"]
+    assert tables >= 25 and images >= 15, counts
