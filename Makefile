@@ -6,6 +6,12 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PRESET  ?= cpu
 DEVICE  ?= cpu
+# make results: with ENGINE (local or ray) `rddrs sweep` computes every run of the preset first,
+# and the chapters only read; COUNT overrides the preset's test images (e.g. the paper slice);
+# SWEEP_ARGS go to rddrs sweep (e.g. --address auto --gpus-per-task 1 --shard-size 100)
+ENGINE  ?=
+COUNT   ?=
+SWEEP_ARGS ?=
 # keep processes x threads <= cores: MKL's threaded eigensolver collapses when oversubscribed
 export OMP_NUM_THREADS ?= 2
 
@@ -29,10 +35,10 @@ help:  ## list the targets
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[book,test]'
+	$(BIN)/python -m pip install --quiet -e '.[book,test,cluster]'
 	touch $@
 
-venv: $(INSTALLED)  ## create .venv and install rddrs with its book and test extras
+venv: $(INSTALLED)  ## create .venv and install rddrs with its book, test and cluster (Ray) extras
 
 $(MNIST): | $(INSTALLED)
 	$(BIN)/rddrs data --root data
@@ -69,12 +75,15 @@ notebooks: $(addprefix book/,$(addsuffix .ipynb,$(LIGHT_CHAPTERS)))  ## re-execu
 # result files already in results/$(PRESET), so an interrupted run continues where it stopped
 # CHAPTERS=mnist (or claims, soundness) re-executes one heavy chapter only
 CHAPTERS ?= $(HEAVY_CHAPTERS)
-results: $(INSTALLED) $(MNIST)  ## re-execute the heavy chapters (CHAPTERS, default all) at PRESET (cpu|smoke|paper) on DEVICE into results/PRESET
+results: $(INSTALLED) $(MNIST)  ## re-execute the heavy chapters (CHAPTERS, default all) at PRESET (cpu|smoke|paper) on DEVICE into results/PRESET (ENGINE=local|ray: sweep first)
 	mkdir -p results/$(PRESET)/notebooks
+	$(if $(ENGINE),$(BIN)/rddrs sweep --preset $(PRESET) --device $(DEVICE) --engine $(ENGINE) \
+	  $(if $(COUNT),--count $(COUNT)) $(SWEEP_ARGS),)
 	for ch in $(CHAPTERS); do \
 	  $(BIN)/jupytext --to ipynb --output - book/$$ch.md | \
 	  $(BIN)/papermill - results/$(PRESET)/notebooks/$$ch.ipynb --cwd book \
-	    -p preset $(PRESET) -p device $(DEVICE) -p results_dir ../results/$(PRESET) || exit 1; \
+	    -p preset $(PRESET) -p device $(DEVICE) -p results_dir ../results/$(PRESET) \
+	    $(if $(COUNT),-p count $(COUNT)) || exit 1; \
 	done
 
 book: $(INSTALLED) $(MNIST) $(MATHJAX)  ## build the HTML book into _build/html (preset PRESET, default cpu)

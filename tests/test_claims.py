@@ -302,3 +302,21 @@ def test_driver_writes_resumes_and_summarises(models, tmp_path, monkeypatch):
     assert all(len(r["proxy_q"]) == 3 and r["min_scale_ratio"].shape == (2,) for r in rows)
     iso = claims.isotropy_table(again)
     assert len(iso) == 2 and all(0 <= r["relative"] <= 1 for r in iso)
+
+
+def test_a_diverged_variant_and_what_starts_from_it_are_recorded_once(models, tmp_path, monkeypatch):
+    """A search that overflows is recorded as VARIANT.diverged.json, so is the variant that starts
+    from it; the other variants are read; a rerun computes nothing."""
+    study = claims.Study("wild", 2, (claims.Variant("ddrs_wild", "ddrs", {"lr": 1e30, "max_step": 0}),
+                                     claims.Variant("rddrs_after", "rddrs", start="ddrs_wild"),
+                                     claims.Variant("rs", "rs")))
+    results = tmp_path / "results"
+    runs = claims.run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
+    assert isinstance(runs["ddrs_wild"], claims.Diverged) and "diverged" in runs["ddrs_wild"].message
+    assert isinstance(runs["rddrs_after"], claims.Diverged)
+    assert runs["rs"].path == experiments.result_path(results, "rs", 0.25)
+    for name in ("ddrs_wild", "rddrs_after"):
+        assert (results / "claims" / "wild" / f"{name}.diverged.json").exists()
+    monkeypatch.setattr(experiments, "find_smoothing", lambda *a, **k: pytest.fail("recomputed"))
+    again = claims.run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
+    assert isinstance(again["rddrs_after"], claims.Diverged) and not isinstance(again["rs"], claims.Diverged)

@@ -302,3 +302,166 @@ def test_a_bad_objective_or_step_is_a_one_line_error(checkpoint, tmp_path, capsy
         assert "invalid choice" in err and len(err.splitlines()) == 1
     assert certify(checkpoint, tmp_path / "y.tsv", "rs", "--count", "1", "--objective", "capped") == 2
     assert "RS has no search" in capsys.readouterr().err
+
+
+# -- what the command line lacked -----------------------------------------------------------------
+
+def test_rddrs_search_options_reach_the_sidecar_and_max_step_0_removes_the_bound(checkpoint, tmp_path):
+    out = tmp_path / "rddrs.tsv"
+    assert certify(checkpoint, out, "rddrs", "--count", "1", "--iterations", "2", "--samples", "6", "--lr", "0.7",
+                   "--kappa", "0.25", "--max-step", "0") == 0
+    search = json.loads((tmp_path / "rddrs.tsv.json").read_text())["settings"]["search"]
+    assert {k: search["rddrs"][k] for k in ("iterations", "samples", "lr", "kappa", "max_step")} == \
+        {"iterations": 2, "samples": 6, "lr": 0.7, "kappa": 0.25, "max_step": None}
+    assert search["ddrs"]["iterations"] == 10  # the start keeps the preset's search
+    trace = np.load(tmp_path / "rddrs.tsv.traces" / "0.npz")
+    assert trace["rddrs"].shape == (2,)  # two iterations ran
+
+
+def test_merge_refuses_shards_of_different_settings(checkpoint, tmp_path, capsys):
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    assert certify(checkpoint, a, "rs", "--start", "0", "--count", "2") == 0
+    assert certify(checkpoint, b, "rs", "--start", "2", "--count", "2", "--n", "300") == 0
+    assert main(["merge", str(a), str(b), "--out", str(tmp_path / "m.tsv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "different settings" in err and "n differ" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "m.tsv").exists()
+
+
+def test_init_of_another_sigma_or_missing_rows_is_refused(checkpoint, tmp_path, capsys):
+    ddrs = tmp_path / "ddrs.tsv"
+    assert certify(checkpoint, ddrs, "ddrs", "--count", "2") == 0
+    capsys.readouterr()
+    other = ["certify", "--method", "ancer", "--sigma", "0.5", "--model", str(checkpoint), "--preset", "smoke",
+             "--data", str(DATA), "--quiet", "--count", "2", "--init", str(ddrs), "--out", str(tmp_path / "a.tsv")]
+    assert main(other) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ancer starts from ddrs at sigma=0.5" in err and len(err.splitlines()) == 1
+    assert certify(checkpoint, tmp_path / "b.tsv", "ancer", "--count", "3", "--init", str(ddrs)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no row for idx 2" in err and len(err.splitlines()) == 1
+    assert read_rows(tmp_path / "b.tsv") == {}  # nothing certified
+
+
+def test_a_killed_search_resumes_with_its_traces(checkpoint, tmp_path):
+    """SIGKILL an RDDRS run (a search that writes traces) mid-way: the rerun keeps the flushed rows
+    and their traces, and ends with the rows and parameters of an uninterrupted run."""
+    ddrs = tmp_path / "ddrs.tsv"
+    assert certify(checkpoint, ddrs, "ddrs", "--count", "8") == 0
+    out, reference = tmp_path / "killed.tsv", tmp_path / "reference.tsv"
+    cmd = [sys.executable, "-m", "rddrs", "certify", "--method", "rddrs", "--sigma", "0.25", "--model",
+           str(checkpoint), "--preset", "smoke", "--data", str(DATA), "--count", "8", "--init", str(ddrs),
+           "--inputs-per-batch", "1", "--quiet", "--out"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd + [str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(read_rows(out)) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = read_rows(out)
+    assert 2 <= len(before) < 8, "the run was not killed mid-way"
+    subprocess.run(cmd + [str(out)], env=env, check=True, capture_output=True)
+    subprocess.run(cmd + [str(reference)], env=env, check=True, capture_output=True)
+    after = read_rows(out)
+    assert sorted(after) == list(range(8)) and all(after[i]["seconds"] == before[i]["seconds"] for i in before)
+    assert rows_without_time(out) == rows_without_time(reference)
+    for i in range(8):
+        got = np.load(tmp_path / "killed.tsv.traces" / f"{i}.npz")
+        want = np.load(tmp_path / "reference.tsv.traces" / f"{i}.npz")
+        np.testing.assert_array_equal(got["param"], want["param"])
+        np.testing.assert_array_equal(got["rddrs"], want["rddrs"])
+
+
+class Recorder(torch.nn.Module):
+    """A model that keeps every input it is given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.model(x)
+
+
+@pytest.mark.parametrize("family", ["isotropic", "full"])
+def test_one_certify_call_never_reuses_a_selection_draw_for_estimation(family):
+    """The model records its inputs: within one CERTIFY call, no noise vector of the n0 selection
+    draws is among the n estimation draws (exact rows, recovered as S^-1 (y - x))."""
+    from rddrs.certify import certify as cohen
+    from rddrs.noise import FullSPD, Isotropic
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    d = 784
+    if family == "isotropic":
+        law = Isotropic(torch.tensor([0.25, 0.4], dtype=torch.float64), d)
+    else:
+        q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+        law = FullSPD(torch.stack([(q * torch.linspace(0.2, 0.6, d, dtype=torch.float64)) @ q.T] * 2))
+    model = Recorder(MnistCNN().double().eval())
+    n0, n = 20, 300
+    cohen(model, x, law, [3, 8], n0, n, alpha=0.01, seed=0, batch_size=100)
+    draws = {0: [], 1: []}
+    for y in model.seen:  # a batch holds m noisy copies of input 0, then m of input 1
+        y = y.reshape(len(x), -1, d)
+        for j in range(len(x)):
+            draws[j].append(y[j])
+    for j in range(len(x)):
+        noisy = torch.cat(draws[j])
+        assert len(noisy) == n0 + n  # selection first, then estimation
+        offset = (noisy - x[j].reshape(1, d)).T
+        eps = (offset / law.param[j] if family == "isotropic" else torch.linalg.solve(law.param[j], offset)).T
+        select, estimate = eps[:n0], eps[n0:]
+        distance = torch.cdist(select, estimate)
+        assert distance.min() > 1.0, "a selection draw reappears among the estimation draws"
+        within = torch.cdist(eps, eps) + torch.eye(n0 + n, dtype=eps.dtype) * 1e9
+        assert within.min() > 1.0  # and no draw comes twice at all
+
+
+# -- bad input as a new user gives it: one line, nothing written or changed -------------------------
+
+def test_a_slice_past_the_end_of_the_test_set_is_refused(checkpoint, tmp_path, capsys):
+    out = tmp_path / "x.tsv"
+    assert certify(checkpoint, out, "rs", "--start", "9999", "--count", "5") == 2
+    err = capsys.readouterr().err.strip()
+    assert "reach outside the test set" in err and "9999..10003" in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_unwritable_output_is_one_line(checkpoint, capsys):
+    assert certify(checkpoint, "/proc/nope/a.tsv", "rs", "--count", "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot write into /proc/nope" in err and len(err.splitlines()) == 1
+
+
+def test_an_exported_model_for_other_inputs_is_one_line(tmp_path, capsys):
+    class Colour(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3 * 32 * 32, 10)
+
+        def forward(self, x):
+            return self.linear(x.flatten(1))
+
+    path = tmp_path / "cifar.pt2"
+    batch = torch.export.Dim("batch", min=1)
+    torch.export.save(torch.export.export(Colour().eval(), (torch.zeros(2, 3, 32, 32),),
+                                          dynamic_shapes=({0: batch},)), path)
+    out = tmp_path / "x.tsv"
+    assert certify(path, out, "rs", "--count", "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert "exported for inputs N x 3 x 32 x 32" in err and "N x 1 x 28 x 28" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_corrupt_sidecar_is_named_on_resume_and_the_rows_are_kept(checkpoint, tmp_path, capsys):
+    out = tmp_path / "rs.tsv"
+    assert certify(checkpoint, out, "rs", "--count", "2") == 0
+    rows = out.read_bytes()
+    (tmp_path / "rs.tsv.json").write_text("{broken")
+    assert certify(checkpoint, out, "rs", "--count", "3") == 2
+    err = capsys.readouterr().err.strip()
+    assert "rs.tsv.json is not valid JSON" in err and "restore it" in err and len(err.splitlines()) == 1
+    assert out.read_bytes() == rows and (tmp_path / "rs.tsv.json").read_text() == "{broken"

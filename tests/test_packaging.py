@@ -18,6 +18,17 @@ def test_pyproject_pins_and_entry_points():
     assert "geomstats==2.8.0" in extras["test"] and "geomstats==2.8.0" in extras["book"]
     assert any(d.startswith("jupyter-book") and "<2" in d for d in extras["book"])
     assert project["scripts"] == {"rddrs": "rddrs.cli:main"}
+    assert extras["cluster"] == ["ray==2.60.0"]
+
+
+def test_make_installs_the_cluster_extra_and_sweeps_before_the_chapters():
+    """make test runs the Ray tests, so its install line brings the cluster extra; make results
+    with ENGINE runs rddrs sweep before re-executing the chapters."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pip install --quiet -e '.[book,test,cluster]'" in makefile
+    results = makefile[makefile.index("\nresults:"):]
+    results = results[: results.index("\n\n")]
+    assert results.index("rddrs sweep --preset $(PRESET)") < results.index("papermill")
 
 
 def test_environment_yml_matches():
@@ -25,7 +36,7 @@ def test_environment_yml_matches():
     deps = env["dependencies"]
     assert "python=3.11" in deps
     pip = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
-    assert "-e .[book,test]" in pip
+    assert "-e .[book,test,cluster]" in pip
 
 
 def test_the_browser_test_and_the_bibliography_are_installed():

@@ -31,6 +31,7 @@ import numpy as np
 from rddrs import RDDRSError
 from rddrs.methods import METHODS as _RECORDS
 from rddrs.methods import NAMES as METHODS  # also the order in which they are drawn and tabulated
+from rddrs.results import read_table
 from rddrs.results import sidecar_path as _sidecar_path
 
 # one colour and one dash pattern per method (``rddrs.methods``), the same in every figure
@@ -55,7 +56,6 @@ DEFAULT_RADII = tuple(0.5 * k for k in range(9))  # 0, 0.5, ..., 4.0
 REQUIRED_COLUMNS = ("idx", "label", "predict", "correct", "gap", "radius", "proxy_radius",
                     "sigma_min", "seconds")
 _INT_COLUMNS = ("idx", "label", "predict", "correct")
-_FLOAT_COLUMNS = ("gap", "radius", "proxy_radius", "sigma_min", "seconds")
 
 
 @dataclass
@@ -136,13 +136,7 @@ def read_results(path, method: str | None = None, sigma: float | None = None) ->
     path = Path(path)
     if not path.is_file():
         raise RDDRSError(f"{path}: no such result file")
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            rows = list(_parse_rows(path, fh))
-    except (OSError, UnicodeDecodeError) as err:
-        raise RDDRSError(f"{path}: cannot read ({err})") from None
-    except csv.Error as err:
-        raise RDDRSError(f"{path}: not a tab-separated file ({err})") from None
+    rows = list(_checked_rows(path))
     if not rows:
         raise RDDRSError(f"{path}: no result rows below the header")
 
@@ -183,39 +177,11 @@ def read_results(path, method: str | None = None, sigma: float | None = None) ->
     return res
 
 
-def _parse_rows(path: Path, fh):
-    """Yield one dict of parsed values per data row, checking each as it goes."""
-    reader = csv.reader(fh, delimiter="\t")
-    header = next(reader, None)
-    if header is None or not any(h.strip() for h in header):
-        raise RDDRSError(f"{path} line 1: empty file, expected a header row")
-    header = [h.strip() for h in header]
-    if header and header[0].startswith("\ufeff"):
-        header[0] = header[0][1:]
-    dup = sorted({h for h in header if header.count(h) > 1})
-    if dup:
-        raise RDDRSError(f"{path} line 1: duplicated column {dup[0]!r} in the header")
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise RDDRSError(f"{path} line 1: missing column{'s' if len(missing) > 1 else ''} "
-                         f"{', '.join(missing)} (header has: {' '.join(header)})")
-    pos = {c: header.index(c) for c in REQUIRED_COLUMNS}
-    seen: dict[int, int] = {}
-    for fields in reader:
-        line = reader.line_num
-        if not fields or all(not f.strip() for f in fields):
-            continue  # blank line (e.g. a trailing newline)
+def _checked_rows(path: Path):
+    """The rows of ``results.read_table`` (the reader that resuming runs use too), each checked
+    for what the statistics assume."""
+    for line, row in read_table(path, REQUIRED_COLUMNS)[1]:
         where = f"{path} line {line}"
-        if len(fields) != len(header):
-            raise RDDRSError(f"{where}: {len(fields)} fields, the header has {len(header)}")
-        row = {}
-        for columns, kind, what in ((_INT_COLUMNS, int, "an integer"), (_FLOAT_COLUMNS, float, "a number")):
-            for c in columns:
-                text = fields[pos[c]].strip()
-                try:
-                    row[c] = kind(text)
-                except ValueError:
-                    raise RDDRSError(f"{where}: column {c!r}: {text!r} is not {what}") from None
         if row["correct"] not in (0, 1):
             raise RDDRSError(f"{where}: column 'correct' must be 0 or 1, got {row['correct']}")
         if row["predict"] < -1:
@@ -228,10 +194,7 @@ def _parse_rows(path: Path, fh):
             for c in ("radius", "proxy_radius"):
                 if not (math.isfinite(row[c]) and row[c] >= 0):
                     raise RDDRSError(f"{where}: column {c!r} must be a finite radius >= 0 on a "
-                                     f"correct row, got {fields[pos[c]].strip()!r}")
-        if row["idx"] in seen:
-            raise RDDRSError(f"{where}: idx {row['idx']} already on line {seen[row['idx']]}")
-        seen[row["idx"]] = line
+                                     f"correct row, got {row[c]!r}")
         yield row
 
 

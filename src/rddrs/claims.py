@@ -30,13 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rddrs import RDDRSError, analysis, experiments, spd
+from rddrs import RDDRSError, analysis, experiments, runs, spd
 from rddrs import display
 from rddrs.noise import FullSPD, Isotropic
 from rddrs.methods import NAMES as METHODS
 from rddrs.methods import method as method_record
-from rddrs.files import write_atomic
-from rddrs.optimize import SearchDiverged, objective_and_gradient
+from rddrs.optimize import objective_and_gradient
 
 #: seed of the random orthogonal matrix of the rotation study
 ROTATE = 1
@@ -156,62 +155,87 @@ def study_dir(results: str | Path, study: Study) -> Path:
 
 
 def _start_of(study: Study, variant: Variant) -> Variant:
-    """The variant an ANCER or RDDRS variant starts from: the one it names, else the DDRS
-    variant of the preset's search with the same rotation."""
+    """The variant an ANCER or RDDRS variant starts from: the one it names, else the variant of
+    its base search (DDRS) with the preset's settings and the same rotation."""
     if variant.start is not None:
         return study.variant(variant.start)
-    return next((v for v in study.variants if v.method == "ddrs" and not v.search and v.rotate == variant.rotate),
-                Variant("ddrs" if variant.rotate is None else f"ddrs_rotate{variant.rotate}", "ddrs",
+    base = method_record(variant.method).base
+    return next((v for v in study.variants if v.method == base and not v.search and v.rotate == variant.rotate),
+                Variant(base if variant.rotate is None else f"{base}_rotate{variant.rotate}", base,
                         rotate=variant.rotate))
+
+
+def note_path(results: str | Path, study: Study, variant: Variant) -> Path:
+    """Where a variant whose search diverged is recorded (delete the note to try it again)."""
+    return study_dir(results, study) / f"{variant.name}.diverged.json"
+
+
+def study_specs(study: Study, sigma: float, preset: str, results: str | Path, *, device: str = "cpu",
+                seed: int = 0, data: str | Path = "data", models: str | Path = "data/models",
+                groups: tuple[str, ...] = ("claims",)) -> dict[str, runs.RunSpec]:
+    """The run of every variant of ``study`` (and of the starts it needs that are not variants),
+    by variant name: ``RESULTS/claims/STUDY/VARIANT.tsv`` on the study's images, or the
+    standard run ``RESULTS/METHOD_sigmaS.tsv`` for a variant with the preset's own settings."""
+    model_file = experiments.model_path(sigma, models)
+    folder = study_dir(results, study)
+    images = ((study.first, study.first + study.count),)
+    own = {v.name for v in study.variants}
+    specs: dict[str, runs.RunSpec] = {}
+
+    def spec_of(variant: Variant) -> runs.RunSpec:
+        if variant.name in specs:
+            return specs[variant.name]
+        record = method_record(variant.method)
+        init = spec_of(_start_of(study, variant)).out if record.starts else None
+        settings = experiments.make_settings(variant.method, sigma, model_file, preset, seed=seed, device=device,
+                                             rotate=variant.rotate, init=init, search=variant.search or None)
+        standard = experiments.make_settings(
+            variant.method, sigma, model_file, preset, seed=seed, device=device,
+            init=experiments.result_path(results, record.base, sigma) if init is not None else None)
+        is_standard = variant.rotate is None and settings.comparable() == standard.comparable()
+        out = experiments.result_path(results, variant.method, sigma) if is_standard else folder / f"{variant.name}.tsv"
+        notes = (str(note_path(results, study, variant)),) if variant.name in own else ()
+        specs[variant.name] = runs.RunSpec(
+            str(out), method=variant.method, sigma=float(sigma), preset=preset, model=str(model_file),
+            ranges=images, seed=seed, device=device, rotate=variant.rotate,
+            search={} if is_standard else dict(variant.search),  # the standard run's overrides change nothing
+            init=None if init is None else str(init), notes=notes, groups=groups, data=str(data))
+        return specs[variant.name]
+
+    for variant in study.variants:
+        spec_of(variant)
+    return specs
 
 
 def run_study(study: Study, sigma: float, preset: str, results: str | Path, *, device: str = "cpu",
               seed: int = 0, data: str | Path = "data", models: str | Path = "data/models",
               progress: bool = False, compute: bool = True) -> dict[str, VariantRun]:
-    """Certify every variant of ``study`` that is not complete, then read them all; with
-    ``compute=False`` only read, and say which variant is incomplete (e.g. a paper-scale study
-    on a CPU)."""
-    from rddrs.data import load_mnist
-    from rddrs.models import load_model, resolve_device
-
-    model_file = experiments.model_path(sigma, models)
-    images, labels = load_mnist(Path(data), train=False)
-    images, labels = images[study.first: study.first + study.count], labels[study.first: study.first + study.count]
-    model = load_model(model_file, device=resolve_device(device)) if compute else None
+    """Certify every variant of ``study`` that is not complete (``study_specs``; in this
+    process), then read them all. A variant whose search diverged is recorded as such in
+    ``VARIANT.diverged.json`` and read as ``Diverged``. With ``compute=False`` only read, and
+    say which variant is incomplete (e.g. a paper-scale study on a CPU)."""
+    specs = study_specs(study, sigma, preset, results, device=device, seed=seed, data=data, models=models)
+    wanted = [specs[v.name] for v in study.variants if not note_path(results, study, v).exists()]
+    if not compute:
+        if incomplete := next((spec for spec in wanted if runs.missing(spec)), None):
+            raise RDDRSError(f"{incomplete.out} lacks {len(runs.missing(incomplete))} of the study's images: "
+                             f"compute it (`rddrs sweep --preset {preset}`) before reading it")
+    else:
+        report = runs.execute(runs.closure(wanted, specs.values()), results=results, progress=progress)
+        if report.failed:
+            out, message = next(iter(report.failed.items()))
+            raise RDDRSError(f"{Path(out).name}: {message}")
     folder = study_dir(results, study)
-    runs: dict[str, tuple[Path, Path | None]] = {}
-
-    def run(variant: Variant) -> Path:
-        if variant.name in runs:
-            return runs[variant.name][0]
-        init = run(_start_of(study, variant)) if method_record(variant.method).starts else None
-        settings = experiments.make_settings(variant.method, sigma, model_file, preset, seed=seed, device=device,
-                                             rotate=variant.rotate, init=init, search=variant.search or None)
-        standard = experiments.make_settings(
-            variant.method, sigma, model_file, preset, seed=seed, device=device,
-            init=experiments.result_path(results, "ddrs", sigma) if init is not None else None)
-        is_standard = variant.rotate is None and settings.comparable() == standard.comparable()
-        out = experiments.result_path(results, variant.method, sigma) if is_standard else folder / f"{variant.name}.tsv"
-        if compute:
-            experiments.run_certification(settings, model, images, labels, study.first, out, progress=progress)
-        elif missing := set(range(study.first, study.first + study.count)) - set(experiments.read_rows(out)):
-            raise RDDRSError(f"{out} lacks {len(missing)} of the study's images: compute it (`make results "
-                             f"PRESET={preset}`) before reading it")
-        runs[variant.name] = (out, init)
-        return out
-
     done = {}
     for variant in study.variants:
-        note = folder / f"{variant.name}.diverged.json"
-        if note.exists():  # a search that overflowed stays recorded as such (delete the note to retry)
+        note = note_path(results, study, variant)
+        if note.exists():
             done[variant.name] = Diverged(variant, json.loads(note.read_text())["message"])
-            continue
-        try:
-            run(variant)
-        except SearchDiverged as err:
-            write_atomic(note, [json.dumps({"message": str(err)}, indent=2).encode()])
-            done[variant.name] = Diverged(variant, str(err))
-    return {v.name: done.get(v.name) or _read(v, *runs[v.name], folder, study) for v in study.variants}
+        else:
+            spec = specs[variant.name]
+            done[variant.name] = _read(variant, Path(spec.out), None if spec.init is None else Path(spec.init),
+                                       folder, study)
+    return done
 
 
 @dataclass
@@ -250,7 +274,8 @@ def _read(variant: Variant, path: Path, init: Path | None, folder: Path, study: 
 
 def _digest(variant: Variant, path: Path, init: Path | None, results: analysis.Results) -> dict[str, np.ndarray]:
     """Spectra, traces and sigma_x* of the rows of ``results``, from the run's trace files."""
-    if variant.method == "rs":
+    record = method_record(variant.method)
+    if not record.searched:
         sigma = results.sigma_min[:, None]
         return {"idx": results.idx, "gap": results.gap, "spectrum": sigma.astype(np.float32),
                 "trace": np.zeros((results.n, 0)), "sigma_star": results.sigma_min}
@@ -264,7 +289,7 @@ def _digest(variant: Variant, path: Path, init: Path | None, results: analysis.R
         with np.load(folder / f"{i}.npz") as stored:
             traces.append(stored[variant.method])
             stars.append(float(stored["sigma_star"]) if "sigma_star" in stored else math.nan)
-            if variant.method == "ddrs":  # S = sigma I: its row has sigma
+            if record.family == "isotropic":  # S = sigma I: its row has sigma
                 spectra.append(np.array([sigma]))
                 continue
             if "param" not in stored:
@@ -405,7 +430,8 @@ def runtime_table(result_dirs: dict[str, Path], sigma: float) -> list[dict]:
                 res = analysis.read_results(path)
                 seconds[method] = (res.n, float(res.seconds.mean()))
         for method, (n, own) in seconds.items():
-            start = seconds.get("ddrs", (0, math.nan))[1] if method in ("ancer", "rddrs") else 0.0
+            base = method_record(method).base
+            start = seconds.get(base, (0, math.nan))[1] if base else 0.0
             rows.append({"preset": preset, "method": method, "n": n, "seconds": own, "with_start": own + start})
     return rows
 

@@ -153,6 +153,88 @@ def _add_memory(sub) -> None:
     p.set_defaults(run=_cmd_memory)
 
 
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from rddrs import registry, runs
+
+    results = Path(args.results or Path("results") / args.preset).resolve()
+    device = args.device or ("cuda" if args.gpus_per_task > 0 else "cpu")
+    if device.startswith("cuda") and args.gpus_per_task == 0:
+        args.gpus_per_task = 1  # a certification shard on the GPU holds one
+    specs = registry.runs(args.preset, results, sigmas=args.sigmas, methods=args.methods, count=args.count,
+                          groups=args.groups, seed=args.seed, device=device, data=Path(args.data).resolve(),
+                          models=Path(args.models).resolve())
+    if args.inputs_per_batch:
+        specs = [replace(s, inputs_per_batch=args.inputs_per_batch) for s in specs]
+    if args.list:
+        for spec, state in registry.status(specs):
+            print(f"{state:>28}  {Path(spec.out).relative_to(results)}  ({spec.describe()})")
+        return
+    if args.engine == "ray":
+        from rddrs.cluster import RayEngine
+
+        engine = RayEngine(args.address, cpus=args.cpus_per_task, gpus=args.gpus_per_task, retries=args.retries)
+    else:
+        if args.address:
+            raise RDDRSError("--address joins a Ray cluster: use it with --engine ray")
+        engine = runs.Local(args.processes, threads=args.cpus_per_task, gpus=args.gpus_per_task, device=device,
+                            retries=args.retries)
+    report = runs.execute(specs, engine, shard_size=args.shard_size, results=results, progress=not args.quiet)
+    for out, message in report.diverged.items():
+        print(f"diverged: {Path(out).relative_to(results)}: {message}")
+    for out, message in report.failed.items():
+        print(f"failed: {Path(out).relative_to(results)}: {message}", file=sys.stderr)
+    print(f"{report.summary()}; results in {results}")
+    if report.failed:
+        raise RDDRSError(f"{len(report.failed)} of {report.runs} runs failed (listed above); run the same "
+                         "command again to retry them")
+
+
+def _add_sweep(sub) -> None:
+    from rddrs.methods import NAMES as METHODS
+    from rddrs.presets import PRESETS
+    from rddrs.registry import GROUPS, SIGMAS
+
+    p = sub.add_parser("sweep", help="compute every run a preset needs, in shards, here or on a Ray cluster",
+                       description="Compute every run of the preset's registry (the standard runs, their "
+                                   "memory passes, chapter 7's and the headline studies) that is missing or "
+                                   "incomplete, as shards of --shard-size test images, in the order the runs "
+                                   "start from each other, and merge the shards into the files the chapters "
+                                   "read. Stop it at any time: the same command continues where it stopped.")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS), metavar="S",
+                   help="training sigmas (default: 0.12 0.25 0.5)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="M",
+                   help=f"methods ({', '.join(METHODS)}; default: all); the runs they start from are added")
+    p.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS), metavar="G",
+                   help=f"parts of the registry ({', '.join(GROUPS)}; default: all)")
+    p.add_argument("--count", type=_positive_int,
+                   help="test images of the standard runs and of chapter 7's studies (default: the preset's)")
+    p.add_argument("--shard-size", type=_positive_int, default=50, metavar="K",
+                   help="test images per shard (default 50; rounded down to a multiple of the run's "
+                        "inputs per batch)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: processes on this machine (processes x threads <= cores); ray: Ray tasks "
+                        "(default: local)")
+    p.add_argument("--address", help="Ray cluster to join (e.g. auto on a node of it; default: start a local one)")
+    p.add_argument("--gpus-per-task", type=float, default=0, metavar="G", help="GPUs per shard (default 0)")
+    p.add_argument("--cpus-per-task", type=_positive_int, default=1, metavar="C",
+                   help="CPU cores (torch threads) per shard (default 1)")
+    p.add_argument("--processes", type=_positive_int, help="local engine: at most this many processes")
+    p.add_argument("--inputs-per-batch", type=_positive_int,
+                   help="images searched at once (default: as rddrs certify); shards are multiples of it")
+    p.add_argument("--retries", type=int, default=3, help="restarts of a shard whose worker died (default 3)")
+    p.add_argument("--results", help="results directory (default: results/PRESET)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda with --gpus-per-task, else cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="data", help="data directory (default: data)")
+    p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
+    p.add_argument("--list", action="store_true", help="list the runs and their state; compute nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rddrs", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"rddrs {__version__}")
@@ -173,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.set_defaults(run=train.run)
     _add_certify(sub)
     _add_memory(sub)
+    _add_sweep(sub)
     curves = sub.add_parser("curves", help="certified-accuracy curves and tables from result files",
                             description="Draw certified accuracy against proxy and l2 radius (one panel "
                                         "per sigma, one line per method) and write tables as CSV and Markdown.")

@@ -27,11 +27,12 @@ from rddrs import RDDRSError
 from rddrs.certify import certify
 from rddrs.files import ensure_dir, exclusive, provenance, write_atomic
 from rddrs.methods import method as method_record
-from rddrs.noise import Diagonal, FullSPD, Isotropic, Smoothing
+from rddrs.methods import PARAM_AXES
+from rddrs.noise import Smoothing, from_param
 from rddrs.optimize import find_smoothing
 from rddrs.presets import PRESETS, RDDRS_MAX_STEP, Search, preset as preset_record  # noqa: F401 (re-exported)
-from rddrs.results import (COLUMNS, INT_COLUMNS, complete_lines, format_value, read_rows,  # noqa: F401
-                           read_sidecar, result_path, sidecar_path, traces_dir, write_rows)
+from rddrs.results import (COLUMNS, INT_COLUMNS, complete_lines, format_value, model_path,  # noqa: F401
+                           read_rows, read_sidecar, result_path, sidecar_path, traces_dir, write_rows)
 from rddrs.methods import NAMES as METHODS
 from rddrs.stats import gap_cap
 
@@ -105,21 +106,35 @@ def _open_for_append(out: Path, resumed: bool):
     return f
 
 
+def normalised(stored: dict) -> dict:
+    """Settings as recorded in a sidecar, in the form ``RunSettings.comparable`` gives: the init
+    file by name, and each search with the defaults of options added after it was written."""
+    stored = dict(stored)
+    stored["init"] = _file_name(stored.get("init"))
+    # a search recorded before a Search option existed ran with that option's default
+    stored["search"] = {k: Search.from_dict(v).record() for k, v in stored.get("search", {}).items()}
+    return stored
+
+
+def settings_differ(a: dict, b: dict) -> list[str]:
+    """The names of the settings in which two normalised records differ."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def check_settings(out: Path, settings: RunSettings) -> None:
+    """A one-line error unless the existing run ``out`` was written with ``settings``."""
+    if diff := settings_differ(normalised(read_sidecar(out)["settings"]), settings.comparable()):
+        raise RDDRSError(f"{out} was written with other settings ({', '.join(diff)} differ); "
+                         "use another --out or the same settings")
+
+
 def check_or_write_sidecar(out: Path, settings: RunSettings, extra: dict) -> bool:
     """Write the sidecar of a new run, or check an existing one; True if resuming."""
     side = sidecar_path(out)
     if out.exists() and out.stat().st_size > 0:
         if not side.exists():
             raise RDDRSError(f"{out} exists without its sidecar {side.name}; move it away or remove it")
-        old = read_sidecar(out)["settings"]
-        old["init"] = _file_name(old.get("init"))
-        # a search recorded before a Search option existed ran with that option's default
-        old["search"] = {k: Search.from_dict(v).record() for k, v in old.get("search", {}).items()}
-        new = settings.comparable()
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if diff:
-            raise RDDRSError(f"{out} was written with other settings ({', '.join(diff)} differ); "
-                             "use another --out or the same settings")
+        check_settings(out, settings)
         return True
     write_atomic(side, [json.dumps({"settings": settings.comparable(), "model": settings.model, **extra},
                                    indent=2).encode()])
@@ -160,7 +175,7 @@ def make_settings(method: str, sigma: float, model: str | Path, preset: str = "c
         overrides["cap"] = gap_cap(n, alpha) if capped else None
     own = replace(chosen.search[method], **overrides) if record.searched else None
     searches = {k: (own if k == method else v).record() for k, v in chosen.search.items()
-                if k == method or (k == "ddrs" and record.searched)}
+                if k == method or (record.searched and k == record.base)}
     return RunSettings(
         method=method, sigma=float(sigma), preset=preset, model=str(model), model_sha256=sha256_of(model),
         n0=n0, n=n, alpha=alpha, seed=seed, device=str(device), rotate=rotate, probabilities=probabilities,
@@ -203,25 +218,21 @@ def certify_mnist(settings: RunSettings, out: str | Path, start: int = 0, count:
                              inputs_per_batch, batch_size, progress)
 
 
-def model_path(sigma: float, models: str | Path = "data/models") -> Path:
-    """The base classifier trained at ``sigma`` (``make train``)."""
-    return Path(models) / f"mnist_cnn_sigma{sigma:.2f}.pt"
-
-
 def standard_runs(sigma: float, preset: str, results: str | Path, *, device: str = "cpu",
                   count: int | None = None, seed: int = 0, data: str | Path = "data",
                   models: str | Path = "data/models", progress: bool = True) -> dict[str, Path]:
     """The four methods at one sigma, as in the paper: RS, DDRS, then ANCER and RDDRS started
-    from DDRS' sigma_x* (read from its result file). Runs only what is missing."""
-    model = model_path(sigma, models)
-    ddrs = result_path(results, "ddrs", sigma)
-    outs = {}
-    for method in METHODS:
-        init = ddrs if method_record(method).starts else None
-        settings = make_settings(method, sigma, model, preset, seed=seed, device=device, init=init)
-        outs[method] = certify_mnist(settings, result_path(results, method, sigma), count=count,
-                                     data=data, progress=progress)
-    return outs
+    from DDRS' sigma_x* (read from its result file); ``runs.standard_specs`` describes them.
+    Computes in this process only what is missing; returns the result files by method."""
+    from rddrs import runs  # the run driver sits above this module
+
+    specs = runs.standard_specs(sigma, preset, results, count=count, seed=seed, device=device, data=data,
+                                models=models)
+    report = runs.execute(specs, results=results, progress=progress)
+    if report.failed:
+        out, message = next(iter(report.failed.items()))
+        raise RDDRSError(f"{Path(out).name}: {message}")
+    return {spec.method: Path(spec.out) for spec in specs}
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -259,10 +270,10 @@ def load_init(path: Path, run: RunSettings, indices: list[int]) -> Start:
     rows = read_rows(path)
     if missing := [i for i in indices if i not in rows]:
         raise RDDRSError(f"--init {path} has no row for idx {missing[0]} (and {len(missing) - 1} more)")
-    if settings["method"] == "ddrs":
+    if method_record(settings["method"]).family == "isotropic":  # sigma_x* is the row's sigma
         return Start({i: rows[i]["sigma_min"] for i in indices})
     d = run_dimension(path, indices[0])
-    theta = {i: trace_param(path, i, "ancer", d) for i in indices}
+    theta = {i: trace_param(path, i, settings["method"], d) for i in indices}
     return Start({i: float(trace_value(path, i, "sigma_star")) for i in indices}, theta)
 
 
@@ -281,7 +292,7 @@ def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: to
                   start: int, out: Path, inputs_per_batch: int, batch_size: int, progress: bool) -> Path:
     device = torch.device(settings.device)
     resumed = check_or_write_sidecar(out, settings, {"provenance": provenance(device)})
-    done = read_rows(out)
+    done = read_rows(out, repair=True)
     todo = [i for i in range(start, start + len(images)) if i not in done]
     init = load_init(Path(settings.init), settings, todo) if settings.init and todo else None
     rotation = random_rotation(images[0].numel(), settings.rotate) if settings.rotate is not None else None
@@ -291,7 +302,7 @@ def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: to
         noise_rotation = rotation.to(device, images.dtype)
     searches = {k: Search.from_dict(v) for k, v in settings.search.items()}
     traces = traces_dir(out)
-    if settings.method != "rs":
+    if method_record(settings.method).searched:
         traces.mkdir(exist_ok=True)
     bar = tqdm(total=len(images), initial=len(images) - len(todo), disable=not progress, unit="image",
                desc=f"{settings.method} sigma={settings.sigma}")
@@ -340,7 +351,7 @@ def trace_value(out: Path, idx: int, key: str) -> np.ndarray:
 
 def trace_param(out: Path, idx: int, method: str, d: int) -> np.ndarray:
     """The final parameter of image ``idx`` in the run ``out``: theta (d,) or C (d, d), float64."""
-    shape = (d,) * {"ancer": 1, "rddrs": 2}[method]
+    shape = (d,) * PARAM_AXES[method_record(method).family]
     param = trace_value(out, idx, "param").astype(np.float64)
     if param.shape != shape:
         raise RDDRSError(f"{traces_dir(Path(out)) / f'{idx}.npz'}: param has shape {param.shape}, {method} needs {shape}")
@@ -357,11 +368,12 @@ def load_smoothing(out: str | Path, indices, d: int, dtype: torch.dtype = torch.
     DDRS), theta or C from the traces (ANCER, RDDRS)."""
     out = Path(out)
     method = read_sidecar(out)["settings"]["method"]
-    if method_record(method).family == "isotropic":
+    family = method_record(method).family
+    if family == "isotropic":
         rows = read_rows(out)
-        return Isotropic(torch.tensor([rows[i]["sigma_min"] for i in indices], dtype=dtype), d, check=False)
+        return from_param(family, torch.tensor([rows[i]["sigma_min"] for i in indices], dtype=dtype), d, check=False)
     params = torch.from_numpy(np.stack([trace_param(out, i, method, d) for i in indices])).to(dtype)
-    return Diagonal(params, check=False) if method == "ancer" else FullSPD(params, check=False)
+    return from_param(family, params, d, check=False)
 
 
 def merge(shards: list[Path], out: Path) -> int:
@@ -377,9 +389,10 @@ def merge(shards: list[Path], out: Path) -> int:
         if not shard.exists() or not sidecar_path(shard).exists():
             raise RDDRSError(f"{shard}: no such result file (with its .json sidecar)")
         sides.append(read_sidecar(shard))
+    first = normalised(sides[0]["settings"])
     for shard, side in zip(shards[1:], sides[1:]):
-        if side["settings"] != sides[0]["settings"]:
-            raise RDDRSError(f"{shard} and {shards[0]} were run with different settings")
+        if diff := settings_differ(normalised(side["settings"]), first):
+            raise RDDRSError(f"{shard} and {shards[0]} were run with different settings ({', '.join(diff)} differ)")
     rows: dict[int, dict] = {}
     for shard in shards:
         part = read_rows(shard)

@@ -57,9 +57,10 @@ from tqdm import tqdm
 
 from rddrs import RDDRSError, spd
 from rddrs.experiments import random_rotation, trace_param
-from rddrs.results import COLUMNS, INT_COLUMNS, complete_lines, format_value, read_rows, sidecar_path
+from rddrs.results import COLUMNS, format_value, read_rows, read_table, sidecar_path
 from rddrs.files import exclusive, write_atomic
-from rddrs.noise import Diagonal, FullSPD, Isotropic, Smoothing
+from rddrs.methods import METHODS, method as method_record
+from rddrs.noise import Smoothing, from_param
 
 KEPT, SHRUNK, RELABELLED, ABSTAIN = "kept", "shrunk", "relabelled", "abstain"
 MEMORY_COLUMNS = COLUMNS + ("memory",)
@@ -113,14 +114,19 @@ def _query(x: Tensor, law: Smoothing, stored: Regions) -> tuple[Tensor, Smoothin
     return x, _float64(law)
 
 
+def _full(law: Smoothing) -> bool:
+    """Whether S is a dense matrix (the full family) rather than a diagonal one."""
+    return law.family == "full"
+
+
 def _diagonal(law: Smoothing) -> Tensor:
     """The diagonal of S (B, d) for the isotropic and diagonal families."""
-    return law.param[:, None].expand(-1, law.dim) if isinstance(law, Isotropic) else law.param
+    return law.param[:, None].expand(-1, law.dim) if law.family == "isotropic" else law.param
 
 
 def _inv_scale(law: Smoothing, m: Tensor) -> Tensor:
     """``S^-1 m`` for m of shape (..., d, k), S broadcast over the leading axes."""
-    if isinstance(law, FullSPD):
+    if _full(law):
         return torch.linalg.solve(law.param, m)
     return m / _diagonal(law)[..., :, None]
 
@@ -131,13 +137,13 @@ def _pair_geometry(x: Tensor, law: Smoothing, stored: Regions) -> tuple[Tensor, 
     laws = _float64(stored.laws)
     offset = stored.centres.double() - x
     r2 = stored.gaps.double()[:, None] ** 2
-    if not isinstance(law, FullSPD) and not isinstance(laws, FullSPD):
+    if not _full(law) and not _full(laws):
         s, s2 = _diagonal(law), _diagonal(laws)
         return (offset / s) ** 2, r2 * (s2 / s) ** 2
-    if isinstance(law, Isotropic):  # Phi: the stored eigenbases
+    if law.family == "isotropic":  # Phi: the stored eigenbases
         w2, v2 = laws.eig
         return ((offset[:, None, :] @ v2).squeeze(1) / law.param) ** 2, r2 * (w2 / law.param) ** 2
-    if isinstance(laws, Isotropic):  # Phi: the query's eigenbasis
+    if laws.family == "isotropic":  # Phi: the query's eigenbasis
         w, v = law.eig
         return (offset @ v[0] / w) ** 2, r2 * (laws.param[:, None] / w) ** 2
     t = _inv_scale(law, laws.matrix())
@@ -153,7 +159,7 @@ def _chunks(n: int, d: int, dense: bool):
 
 
 def _is_dense(law: Smoothing, stored: Regions) -> bool:
-    return isinstance(law, FullSPD) or isinstance(stored.laws, FullSPD)
+    return _full(law) or _full(stored.laws)
 
 
 def _subset(stored: Regions, index) -> Regions:
@@ -335,9 +341,8 @@ class Memory:
         """Add the region ``E(x, S, gap)`` of class ``label`` (``key``: what ``load`` takes)."""
         if law.batch != 1:
             raise RDDRSError(f"store takes one smoothing law, got a batch of {law.batch}")
-        if self._template is not None and type(law) is not type(self._template):
-            raise RDDRSError(f"one memory holds one smoothing family: {type(self._template).__name__}, "
-                             f"not {type(law).__name__}")
+        if self._template is not None and law.family != self._template.family:
+            raise RDDRSError(f"one memory holds one smoothing family: {self._template.family}, not {law.family}")
         if not (np.isfinite(gap) and gap >= 0):
             raise RDDRSError(f"gap r must be finite and >= 0, got {gap}")
         if self._load is not None and key is None:
@@ -381,7 +386,7 @@ class Memory:
         other = (self._labels[:n] != label) & (self._gaps[:n] > 0)
         distance = self._distance_floor(x)
         outer = self._outer[:n]
-        stored_full = isinstance(self._template, FullSPD)
+        stored_full = _full(self._template)
         # (a) inside a stored region of another class: the first such region (stored order)
         candidates = (other & (distance < outer) if self.screen else other).nonzero()[:, 0]
         for part in _chunks(len(candidates), law.dim, stored_full):
@@ -395,7 +400,7 @@ class Memory:
         near = other & (lower < gap) if self.screen else other
         order = near.nonzero()[:, 0][lower[near].argsort()]  # nearest first, by the bound
         limit = float(gap)
-        for part in _chunks(len(order), law.dim, stored_full or isinstance(law, FullSPD)):
+        for part in _chunks(len(order), law.dim, stored_full or _full(law)):
             index = order[part][lower[order[part]] < limit] if self.screen else order[part]
             if len(index):
                 limit = min(limit, float(largest_disjoint_radius(x, law, self.regions(index)).min()))
@@ -417,24 +422,17 @@ def memory_path(out: Path) -> Path:
     return out.with_name(out.name + ".memory.tsv")
 
 
-def read_memory_rows(path: Path) -> list[dict]:
-    """Complete rows of a memory file, in file order; a half-written last line is cut off."""
-    lines = complete_lines(path)
-    if not lines:
+def read_memory_rows(path: Path, repair: bool = False) -> list[dict]:
+    """Complete rows of a memory file, in file order (``results.read_table``); ``repair``: cut a
+    half-written last line off the file (the pass does, under its lock)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
         return []
-    if tuple(lines[0].split("\t")) != MEMORY_COLUMNS:
-        raise RDDRSError(f"{path} is not a memory file (unexpected header); move it away or remove it")
-    rows = []
-    for number, line in enumerate(lines[1:], start=2):
-        values = line.split("\t")
-        if len(values) != len(MEMORY_COLUMNS):
-            raise RDDRSError(f"{path}, line {number}: expected {len(MEMORY_COLUMNS)} fields, got {len(values)}")
-        try:
-            rows.append({k: v if k == "memory" else int(v) if k in INT_COLUMNS else float(v)
-                         for k, v in zip(MEMORY_COLUMNS, values)})
-        except ValueError as err:
-            raise RDDRSError(f"{path}, line {number}: {err}") from None
-    return rows
+    with open(path, encoding="utf-8", errors="replace") as f:
+        if tuple(f.readline().rstrip("\n").split("\t")) != MEMORY_COLUMNS:
+            raise RDDRSError(f"{path} is not a memory file (unexpected header); move it away or remove it")
+    _, rows = read_table(path, MEMORY_COLUMNS, repair)
+    return [row for _, row in rows]
 
 
 def _trace_reader(out: Path, method: str, d: int) -> Callable[[int], Tensor]:
@@ -443,7 +441,7 @@ def _trace_reader(out: Path, method: str, d: int) -> Callable[[int], Tensor]:
     def read(idx: int) -> Tensor:
         return torch.from_numpy(trace_param(out, idx, method, d))
 
-    return lru_cache(maxsize=32)(read) if method == "rddrs" else read
+    return lru_cache(maxsize=32)(read) if method_record(method).family == "full" else read
 
 
 def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = True) -> Path:
@@ -467,7 +465,7 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
         method = meta["settings"]["method"]
     except (json.JSONDecodeError, KeyError, TypeError):
         method = None
-    if method not in ("rs", "ddrs", "ancer", "rddrs"):
+    if method not in METHODS:
         raise RDDRSError(f"{side} is not the sidecar of an rddrs run (no settings.method)")
     rows = read_rows(out)
     if not rows:
@@ -482,28 +480,25 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
     d = images[0].numel()
     rotate = meta["settings"].get("rotate")
     rotation = random_rotation(d, rotate) if rotate is not None else None
-    read = None if method in ("rs", "ddrs") else _trace_reader(out, method, d)
+    family = method_record(method).family
+    # the isotropic families' sigma is in the row; theta and C are in the traces
+    read = None if family == "isotropic" else _trace_reader(out, method, d)
 
     def region(row: dict) -> tuple[Tensor, Smoothing]:
         """Centre and batch-1 law of a row's region."""
         x = images[row["idx"] - start].reshape(-1).double()
-        if read is None:
-            law = Isotropic(torch.tensor([row["sigma_min"]], dtype=torch.float64), dim=d, check=False)
-        elif method == "ancer":
-            law = Diagonal(read(row["idx"])[None], check=False)
-        else:
-            law = FullSPD(read(row["idx"])[None], check=False)
-        return (x if rotation is None else rotation @ x), law
+        param = torch.tensor([row["sigma_min"]], dtype=torch.float64) if read is None else read(row["idx"])[None]
+        return (x if rotation is None else rotation @ x), from_param(family, param, d, check=False)
 
     path = memory_path(out)
     with exclusive(path):  # one writer at a time
-        done = read_memory_rows(path)
+        done = read_memory_rows(path, repair=True)
         if len(done) > len(ordered) or any(old[k] != new[k] for old, new in zip(done, ordered)
                                            for k in ("idx", "label", "p_lower", "sigma_min")):
             raise RDDRSError(f"{path} does not match the rows of {out.name}; remove it to start again")
         if len(done) == len(ordered):  # complete: nothing to rebuild (the traces need not exist)
             return path
-        memory = Memory(load=read if method == "rddrs" else None)
+        memory = Memory(load=read if family == "full" else None)
         for row in done:
             if row["memory"] != ABSTAIN:
                 memory.store(*region(row), row["gap"], row["predict"], key=row["idx"])

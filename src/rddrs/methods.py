@@ -11,6 +11,10 @@ RDDRS       full SPD     Riemannian ascent on C         sgd          DDRS' sigma
                                                                      ANCER's diag(theta)
 ==========  ===========  =============================  ===========  ====================
 
+``base`` is the search whose optimum sigma_x* starts (and floors) the method's own; it runs
+first, or is read from a finished run of it (``--init``). ``starts`` lists the methods whose
+result files can give that start.
+
 ``clamp`` records how the authors' public code clamps the smoothed probabilities G_A, G_B
 before ``Phi^-1`` (the ``clamped`` objective of ``rddrs.objectives``): the interval, and
 whether the gradient is autograd's through the clamp (zero outside the interval) or the
@@ -47,21 +51,25 @@ class Method:
     searched: bool
     paper_step: str | None    # the step rule of the method's paper ("sgd" or "adam")
     starts: tuple[str, ...]   # methods whose result file can start its search (--init)
+    base: str | None          # the search run first for sigma_x* (its start and floor), or None
     clamp: Clamp | None
     color: str                # Okabe-Ito (colour-blind safe); with ``style`` it reads in grey
     style: str
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("rs", "RS", "isotropic", False, None, (), None, "#0072B2", ":"),
-    Method("ddrs", "DDRS", "isotropic", True, "sgd", (),
+    Method("rs", "RS", "isotropic", False, None, (), None, None, "#0072B2", ":"),
+    Method("ddrs", "DDRS", "isotropic", True, "sgd", (), None,
            Clamp(0.02, 0.98, "autograd", "PLabarbarie/RDDRS code/dds.py (ddsmoothing's own: 0.001, 0.999)"),
            "#E69F00", "-."),
-    Method("ancer", "ANCER", "diagonal", True, "adam", ("ddrs",),
+    Method("ancer", "ANCER", "diagonal", True, "adam", ("ddrs",), "ddrs",
            Clamp(0.001, 0.999, "autograd", "ddsmoothing L2Certificate.compute_proxy_gap"), "#009E73", "--"),
-    Method("rddrs", "RDDRS", "full", True, "sgd", ("ddrs", "ancer"),
+    Method("rddrs", "RDDRS", "full", True, "sgd", ("ddrs", "ancer"), "ddrs",
            Clamp(0.001, 0.999, "clamped", "PLabarbarie/RDDRS code/riemannian.py inv_Phi"), "#D55E00", "-"),
 )}
+
+#: axes of each family's parameter per input: sigma (), theta (d,), C (d, d)
+PARAM_AXES: dict[str, int] = {"isotropic": 0, "diagonal": 1, "full": 2}
 
 #: the method names in the order they are run, drawn and tabulated
 NAMES: tuple[str, ...] = tuple(METHODS)

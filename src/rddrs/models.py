@@ -144,13 +144,45 @@ def _is_export_archive(path: Path) -> bool:
         return False
 
 
+#: what every model must take: a batch of MNIST images
+INPUT_SHAPE = (1, 28, 28)
+
+
 def _load_program(path: Path, device: torch.device) -> nn.Module:
     try:
-        program = torch.export.load(path).module()
+        exported = torch.export.load(path)
+        program = exported.module()
     except Exception as err:  # any failure to deserialise means an unusable file
         raise RDDRSError(f"cannot load {path} as a torch.export program "
                          f"({one_line(err)})") from None
-    return ExportedModel(program).to(device)
+    expects = _program_inputs(exported)
+    wanted = "N x " + " x ".join(map(str, INPUT_SHAPE))
+    if len(expects) != 1 or len(expects[0]) != 1 + len(INPUT_SHAPE) or any(
+            isinstance(e, int) and e != w for e, w in zip(expects[0][1:], INPUT_SHAPE)):
+        shown = ", ".join(" x ".join(map(str, shape)) for shape in expects) or "no input"
+        raise RDDRSError(f"{path} was exported for inputs {shown}; rddrs gives it {wanted} images in [0, 1] "
+                         f"(export it with such an example input and a dynamic batch dimension)")
+    model = ExportedModel(program).to(device)
+    try:  # what the signature does not show (e.g. a fixed batch size) shows on a small batch
+        with torch.no_grad():
+            model(torch.zeros(2, *INPUT_SHAPE, device=device))
+    except Exception as err:
+        raise RDDRSError(f"{path} does not run on a batch of 2 x {' x '.join(map(str, INPUT_SHAPE))} images "
+                         f"({one_line(err)[:200]}); rddrs gives it {wanted} images in [0, 1], with a dynamic "
+                         f"batch dimension N") from None
+    return model
+
+
+def _program_inputs(exported) -> list[tuple]:
+    """The shapes of a program's user inputs, a symbolic size shown as N (the batch) or its name."""
+    names = set(exported.graph_signature.user_inputs)
+    shapes = []
+    for node in exported.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" and node.name in names else None
+        if isinstance(value, torch.Tensor):
+            shapes.append(tuple(int(d) if isinstance(d, int) else "N" if i == 0 else str(d)
+                                for i, d in enumerate(value.shape)))
+    return shapes
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> nn.Module:

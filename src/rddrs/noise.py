@@ -420,6 +420,19 @@ class NoiseSource:
         return eps
 
 
+#: the smoothing classes by family name (``rddrs.methods.Method.family``)
+FAMILIES: dict[str, type[Smoothing]] = {cls.family: cls for cls in (Isotropic, Diagonal, FullSPD)}
+
+
+def from_param(family: str, param: Tensor, dim: int, check: bool = True) -> Smoothing:
+    """The laws of ``family`` with parameters ``param``: sigma (B,), theta (B, d) or C (B, d, d)."""
+    if family not in FAMILIES:
+        raise RDDRSError(f"unknown smoothing family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if family == "isotropic":
+        return Isotropic(param, dim, check=check)
+    return FAMILIES[family](param, check=check)
+
+
 def check_inputs(x: Tensor, smoothing: Smoothing, indices) -> None:
     """Raise RDDRSError unless x (B, ...) is finite and matches the smoothing laws and indices."""
     if x.dim() < 2:

@@ -35,6 +35,9 @@ from rddrs import RDDRSError, objectives, steps
 from rddrs.methods import method as method_record
 from rddrs.noise import Diagonal, Isotropic, NoiseSource, Smoothing, check_inputs, noisy_outputs
 from rddrs.presets import ANCER, DDRS, RDDRS, Search
+
+#: the papers' own searches, by method (what ``find_smoothing`` runs unless told otherwise)
+PAPER_SEARCHES = {"ddrs": DDRS, "ancer": ANCER, "rddrs": RDDRS}
 from rddrs.stats import ClassMeans, class_means
 
 #: sigma is kept above this during DDRS' search (only to keep the scale positive); so are the
@@ -209,17 +212,18 @@ def find_smoothing(method: str, model, x: Tensor, indices, sigma: float, seed: i
         raise RDDRSError(f"sigma must be > 0, got {sigma}")
     if theta is not None and (record.family != "full" or sigma_star is None):
         raise RDDRSError("a diagonal start (theta of an ANCER run, with its sigma_x*) serves RDDRS only")
-    settings = {"ddrs": DDRS, "ancer": ANCER, "rddrs": RDDRS, **(settings or {})}
+    settings = {**PAPER_SEARCHES, **(settings or {})}
     d = x[0].numel()
     base = Isotropic(torch.full((len(indices),), float(sigma), dtype=x.dtype, device=x.device), d)
     if not record.searched:
         return base, {}
     traces = {}
+    first = record.base or method  # the isotropic search that gives sigma_x*
     if sigma_star is None:
-        ddrs = search(model, x, base, indices, settings["ddrs"], DDRS_FLOOR, seed, rotation, progress)
-        sigma_star, traces["ddrs"] = ddrs.smoothing.param, ddrs.trace
+        found = search(model, x, base, indices, settings[first], DDRS_FLOOR, seed, rotation, progress)
+        sigma_star, traces[first] = found.smoothing.param, found.trace
     star = Isotropic(torch.as_tensor(sigma_star, dtype=x.dtype, device=x.device), d)
-    if method == "ddrs":
+    if record.base is None:  # sigma_x* is the method's answer
         return star, traces
     if theta is not None:
         init = Diagonal(torch.as_tensor(theta, dtype=x.dtype, device=x.device)).as_full()

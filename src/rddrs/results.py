@@ -34,6 +34,11 @@ def result_path(results: str | Path, method: str, sigma: float) -> Path:
     return Path(results) / f"{method}_sigma{sigma:.2f}.tsv"
 
 
+def model_path(sigma: float, models: str | Path = "data/models") -> Path:
+    """The base classifier trained at ``sigma`` (``make train``)."""
+    return Path(models) / f"mnist_cnn_sigma{sigma:.2f}.pt"
+
+
 def read_sidecar(out: Path) -> dict:
     """The sidecar of ``out`` as a dict, or a one-line error naming the file and the fix."""
     side = sidecar_path(Path(out))
@@ -56,39 +61,77 @@ def format_value(value) -> str:
     return repr(float(value)) if isinstance(value, (float, np.floating)) else str(int(value))
 
 
-def complete_lines(path: Path) -> list[str]:
-    """The lines of an appended-to file; a half-written last line (a killed writer) is cut off the file."""
+def complete_lines(path: Path, repair: bool = False) -> list[str]:
+    """The complete lines of an appended-to file. A half-written last line (a killed writer) is
+    left out; with ``repair`` it is also cut off the file, which only the file's writer may do
+    (under its lock): a reader must never shorten a file that another process is appending to."""
+    path = Path(path)
     if not path.exists():
         return []
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise RDDRSError(f"{path}: cannot read ({err})") from None
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-        with open(path, "r+") as f:
-            f.truncate(len(text.encode()))
+        if repair:
+            with open(path, "r+") as f:
+                f.truncate(len(text.encode()))
     return text.splitlines()
 
 
-def read_rows(out: Path) -> dict[int, dict]:
-    """Complete rows of a result file by idx; a half-written last line is cut off the file."""
-    lines = complete_lines(Path(out))
-    if not lines:
-        return {}
-    header = lines[0].split("\t")
-    if tuple(header[: len(COLUMNS)]) != COLUMNS:
-        raise RDDRSError(f"{out} is not an rddrs result file (unexpected header)")
-    rows = {}
+def read_table(path: Path, required=COLUMNS, repair: bool = False) -> tuple[list[str], list[tuple[int, dict]]]:
+    """The one reader of result and memory files: the header and every complete row with its line
+    number (the header is line 1). The header may hold the columns in any order and others
+    beside them, but must hold ``required``; ``INT_COLUMNS`` are read as integers, the other
+    columns of ``COLUMNS`` as floats, any other column as text. Blank lines are skipped, a
+    half-written last line is left out (see ``complete_lines``); every other problem (a field
+    that is not a number, a wrong number of fields, an idx seen twice) is a one-line error
+    naming the file and the line."""
+    path = Path(path)
+    lines = complete_lines(path, repair)
+    if not lines or not lines[0].strip():
+        raise RDDRSError(f"{path} line 1: empty file, expected a header row")
+    header = [h.strip() for h in lines[0].split("\t")]
+    header[0] = header[0].removeprefix("\ufeff")
+    if dup := sorted({h for h in header if header.count(h) > 1}):
+        raise RDDRSError(f"{path} line 1: duplicated column {dup[0]!r} in the header")
+    if missing := [c for c in required if c not in header]:
+        raise RDDRSError(f"{path} line 1: missing column{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(missing)} (header has: {' '.join(header)})")
+    kinds = [(int, "an integer") if h in INT_COLUMNS else (float, "a number") if h in COLUMNS else (None, "")
+             for h in header]
+    rows, seen = [], {}
     for number, line in enumerate(lines[1:], start=2):
-        values = line.split("\t")
-        if len(values) != len(header):
-            raise RDDRSError(f"{out}, line {number}: expected {len(header)} fields, got {len(values)}")
-        try:
-            row = {k: int(v) if k in INT_COLUMNS else float(v) for k, v in zip(header, values)}
-        except ValueError as err:
-            raise RDDRSError(f"{out}, line {number}: {err}") from None
-        if row["idx"] in rows:
-            raise RDDRSError(f"{out}, line {number}: idx {row['idx']} appears twice")
-        rows[row["idx"]] = row
-    return rows
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split("\t")]
+        if len(fields) != len(header):
+            raise RDDRSError(f"{path} line {number}: {len(fields)} fields, the header has {len(header)}")
+        row = {}
+        for name, text, (kind, what) in zip(header, fields, kinds):
+            try:
+                row[name] = text if kind is None else kind(text)
+            except ValueError:
+                raise RDDRSError(f"{path} line {number}: column {name!r}: {text!r} is not {what}") from None
+        if "idx" in row:
+            if row["idx"] in seen:
+                raise RDDRSError(f"{path} line {number}: idx {row['idx']} already on line {seen[row['idx']]}")
+            seen[row["idx"]] = number
+        rows.append((number, row))
+    return header, rows
+
+
+def read_rows(out: Path, repair: bool = False) -> dict[int, dict]:
+    """Complete rows of an rddrs result file by idx (``read_table``; none if there is no file).
+    ``repair``: cut a half-written last line off the file (its writer, resuming, does)."""
+    out = Path(out)
+    if not out.exists():
+        return {}
+    header, rows = read_table(out, COLUMNS, repair)
+    if tuple(header[: len(COLUMNS)]) != COLUMNS:
+        raise RDDRSError(f"{out} is not an rddrs result file (its header is not {' '.join(COLUMNS)})")
+    return {row["idx"]: row for _, row in rows}
 
 
 def write_rows(out: Path, rows: list[dict]) -> None:

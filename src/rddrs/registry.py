@@ -1,0 +1,118 @@
+"""What a preset needs: every result file that the heavy chapters read, as run specifications.
+
+==========  =====================================================  ========================
+group       runs                                                   read by
+==========  =====================================================  ========================
+standard    the four methods at each sigma (``runs.standard_specs``)  chapters 6 and 8
+memory      the memory pass over each standard run                 chapter 8
+claims      the variants of chapter 7's studies (``claims.studies``)  chapter 7
+headline    the headline studies (``rddrs.headline``)              the headline chapter
+==========  =====================================================  ========================
+
+``runs(preset, results)`` lists them; ``rddrs sweep`` computes the missing ones (on this
+machine or a Ray cluster) and the chapters call ``ensure`` on their groups, which computes
+nothing when everything is there. Filters (sigmas, methods, groups) keep what they name and
+the runs it starts from. This module imports nothing heavy; the studies are read when the
+list is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from rddrs import RDDRSError
+from rddrs import runs as runs_module
+from rddrs.methods import NAMES
+from rddrs.methods import method as method_record
+from rddrs.presets import preset as preset_record
+
+GROUPS = ("standard", "memory", "claims", "headline")
+#: the training sigmas of the paper's classifiers
+SIGMAS = (0.12, 0.25, 0.5)
+#: the classifier chapter 7's studies use
+STUDY_SIGMA = 0.25
+
+
+def runs(preset: str, results: str | Path | None = None, *, sigmas: Iterable[float] = SIGMAS,
+         methods: Iterable[str] = NAMES, count: int | None = None, groups: Iterable[str] = GROUPS,
+         seed: int = 0, device: str = "cpu", data: str | Path = "data",
+         models: str | Path = "data/models") -> list[runs_module.RunSpec]:
+    """Every run ``preset`` needs in ``results`` (default ``results/PRESET``), in an order where
+    each comes after the run it starts from. ``count`` overrides the number of test images of the
+    standard runs and of chapter 7's studies (the headline studies keep their budgets);
+    ``sigmas``, ``methods`` and ``groups`` keep only the runs they name, with what those start from."""
+    preset_record(preset)
+    results = Path("results") / preset if results is None else Path(results)
+    sigmas = tuple(float(s) for s in sigmas)
+    methods = tuple(method_record(m).name for m in methods)
+    groups = tuple(groups)
+    if unknown := [g for g in groups if g not in GROUPS]:
+        raise RDDRSError(f"unknown group {unknown[0]!r}; expected some of {', '.join(GROUPS)}")
+    common = dict(seed=seed, device=device, data=data, models=models)
+    pool: list[runs_module.RunSpec] = []
+    for sigma in SIGMAS + tuple(s for s in sigmas if s not in SIGMAS):
+        standard = runs_module.standard_specs(sigma, preset, results, count=count, **common)
+        pool += standard + [runs_module.memory_spec(s) for s in standard]
+    for study, sigma, group in _studies(preset, count, groups):
+        from rddrs import claims
+
+        pool += list(claims.study_specs(study, sigma, preset, results, groups=(group,), **common).values())
+    pool = runs_module.combine(pool)
+    by_out = {str(Path(s.out)): s for s in pool}
+
+    def keeps(spec: runs_module.RunSpec) -> bool:
+        named = by_out[str(Path(spec.source))] if spec.kind == runs_module.MEMORY else spec
+        return (bool(set(spec.groups) & set(groups)) and named.method in methods
+                and any(abs(named.sigma - s) < 1e-9 for s in sigmas))
+
+    return runs_module.with_dependencies(runs_module.closure([s for s in pool if keeps(s)], pool))
+
+
+def _studies(preset: str, count: int | None, groups: tuple[str, ...]):
+    """(study, sigma, group) of the studies of the chosen groups."""
+    if "claims" in groups:
+        from rddrs import claims
+
+        for study in claims.studies(preset, count).values():
+            yield study, STUDY_SIGMA, "claims"
+    if "headline" in groups:
+        from rddrs import headline
+
+        for make in (headline.tuning_study, headline.variants_study, headline.step_size_study,
+                     headline.frontier_study, headline.clamped_study):
+            study = make(preset)
+            if study.variants:
+                yield study, headline.SIGMA, "headline"
+        for sigma in headline.SIGMAS:
+            study = headline.best_study(preset, sigma)
+            if study.variants:
+                yield study, sigma, "headline"
+
+
+def ensure(specs: list[runs_module.RunSpec], results: str | Path, progress: bool = False) -> list[runs_module.RunSpec]:
+    """Compute in this process whatever ``specs`` lack (nothing, when all is there: a sweep did
+    it), then return them; the first run that failed is a one-line error."""
+    if not runs_module.complete(specs):
+        report = runs_module.execute(specs, results=results, progress=progress)
+        if report.failed:
+            out, message = next(iter(report.failed.items()))
+            raise RDDRSError(f"{Path(out).name}: {message}")
+    return specs
+
+
+def status(specs: Iterable[runs_module.RunSpec]) -> list[tuple[runs_module.RunSpec, str]]:
+    """Each run with its state on disk: complete, diverged, or how many images it lacks."""
+    rows = []
+    for spec in specs:
+        if runs_module.diverged_message(spec) is not None:
+            rows.append((spec, "diverged"))
+            continue
+        lacking = runs_module.missing(spec)
+        if not lacking:
+            rows.append((spec, "complete"))
+        elif spec.kind == runs_module.MEMORY:
+            rows.append((spec, "missing" if lacking == [-1] else f"{len(lacking)} rows to go"))
+        else:
+            rows.append((spec, f"{len(lacking)} of {len(spec.indices())} images missing"))
+    return rows

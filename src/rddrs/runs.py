@@ -1,0 +1,793 @@
+"""Runs as data: what one result file needs, how it is split into shards, and the driver that
+computes whatever is missing, in the order the runs depend on each other.
+
+A ``RunSpec`` describes one output file completely: a certification (``kind="certify"``: the
+arguments of ``experiments.make_settings``, the test images it must hold, the result file its
+search starts from) or a memory pass over one (``kind="memory"``). A spec is idempotent:
+computing it again computes only what its file lacks. The chapters and ``rddrs sweep`` read
+the same specs (``rddrs.registry``), so they cannot disagree about what a preset needs.
+
+Shards. The missing test images of a certification are cut into shards at multiples of the
+shard size (rounded to a multiple of the run's inputs per batch, so that a shard batches its
+images as one uninterrupted run does and its rows are the same, bit for bit; the noise streams
+are keyed by test index). A shard is the same run over a sub-range, written to
+``OUT.shards/LO-HI.tsv`` (with its sidecar and traces) by ``experiments.run_certification``,
+so it resumes from its flushed rows when it is run again, for instance after its worker was
+killed. When a shard is complete, the driver merges it into ``OUT`` (under OUT's lock, with the
+checks of ``rddrs merge``: the same settings, no row twice) and removes it. A shard file left by
+an interrupted sweep is picked up by the next one, and a shard whose rows are all in ``OUT``
+already is never run.
+
+Order. A certification whose search starts from another run (``init``) waits for the rows it
+starts from, shard by shard; a memory pass waits for its whole certification. A study variant
+whose search diverges is recorded as diverged (``notes``, as ``claims.run_study`` did), and so
+are the runs that start from it; any other error fails its run (and blocks its dependants)
+while the rest goes on.
+
+Engines (``Inline``: this process, one shard after another; ``Local``: a pool of processes on
+this machine, processes x threads <= cores; ``rddrs.cluster.RayEngine``: Ray tasks) only run
+``run_task``: the driver plans, merges and reports, so a shard's output is the same whichever
+engine ran it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable
+from concurrent import futures
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+from rddrs import RDDRSError
+from rddrs.files import ensure_dir, exclusive, one_line, write_atomic
+from rddrs.methods import NAMES, method as method_record
+from rddrs.results import model_path, read_rows, read_sidecar, result_path, sidecar_path, traces_dir, write_rows
+
+CERTIFY, MEMORY = "certify", "memory"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One output file and everything that determines it.
+
+    ``ranges``: the test images ``[lo, hi)`` the file must hold (a certification); ``init``:
+    the result file its search starts from (``--init``); ``source``: the certification a memory
+    pass reads; ``notes``: where a diverged search is recorded (study variants); ``groups``:
+    which parts of the book read the file. Paths are kept as given (absolute ones travel to
+    other machines of a cluster).
+    """
+
+    out: str
+    kind: str = CERTIFY
+    method: str | None = None
+    sigma: float | None = None
+    preset: str | None = None
+    model: str | None = None
+    ranges: tuple[tuple[int, int], ...] = ()
+    seed: int = 0
+    device: str = "cpu"
+    rotate: int | None = None
+    search: dict = field(default_factory=dict)
+    init: str | None = None
+    source: str | None = None
+    n0: int | None = None
+    n: int | None = None
+    alpha: float | None = None
+    probabilities: bool = False
+    notes: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    data: str = "data"
+    inputs_per_batch: int | None = None
+    batch_size: int = 2000
+
+    def __post_init__(self):
+        if self.kind not in (CERTIFY, MEMORY):
+            raise RDDRSError(f"unknown kind of run {self.kind!r}")
+        if self.kind == MEMORY and self.source is None:
+            raise RDDRSError(f"the memory pass {self.out} needs the result file it reads (source)")
+        object.__setattr__(self, "ranges", _normal_ranges(self.ranges))
+
+    @property
+    def depends(self) -> str | None:
+        """The file this run reads from another run: its start (init) or its source."""
+        return self.init if self.kind == CERTIFY else self.source
+
+    def indices(self) -> list[int]:
+        """The test images the file must hold, ascending."""
+        return [i for lo, hi in self.ranges for i in range(lo, hi)]
+
+    def settings(self):
+        """``experiments.RunSettings`` of a certification (the model file is hashed once)."""
+        from rddrs.experiments import make_settings
+
+        if self.kind != CERTIFY:
+            raise RDDRSError(f"{self.out} is a memory pass, not a certification")
+        return make_settings(self.method, self.sigma, self.model, self.preset, seed=self.seed, device=self.device,
+                             rotate=self.rotate, init=self.init, probabilities=self.probabilities, n0=self.n0,
+                             n=self.n, alpha=self.alpha, search=dict(self.search) or None)
+
+    def describe(self) -> str:
+        """One line: the run and its file."""
+        if self.kind == MEMORY:
+            return f"memory pass over {Path(self.source).name}"
+        what = f"{method_record(self.method).label} sigma={self.sigma:g}"
+        extra = ", ".join([f"{k}={v}" for k, v in sorted(self.search.items())]
+                          + ([f"rotate={self.rotate}"] if self.rotate is not None else []))
+        return f"{what}{f' ({extra})' if extra else ''}, images {_ranges_text(self.ranges)}"
+
+
+def _normal_ranges(ranges) -> tuple[tuple[int, int], ...]:
+    """Sorted, disjoint, non-adjacent ``[lo, hi)`` ranges covering the same indices."""
+    out: list[list[int]] = []
+    for lo, hi in sorted((int(lo), int(hi)) for lo, hi in ranges):
+        if lo < 0 or hi <= lo:
+            raise RDDRSError(f"a range of test images must be 0 <= lo < hi, got [{lo}, {hi})")
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in out)
+
+
+def _ranges_text(ranges) -> str:
+    return ", ".join(f"{lo}..{hi - 1}" for lo, hi in ranges) or "none"
+
+
+#: the fields whose equality makes two specs the same run (the others are merged)
+_RUN_FIELDS = ("kind", "method", "sigma", "preset", "model", "seed", "device", "rotate", "search", "init",
+               "source", "n0", "n", "alpha", "probabilities")
+
+
+def combine(specs: Iterable[RunSpec]) -> list[RunSpec]:
+    """One spec per output file, in first-seen order: specs of the same file must be the same
+    run; their image ranges, notes and groups are joined."""
+    by_out: dict[str, RunSpec] = {}
+    for spec in specs:
+        key = str(Path(spec.out))
+        if key not in by_out:
+            by_out[key] = spec
+            continue
+        old = by_out[key]
+        if differ := [f for f in _RUN_FIELDS if getattr(old, f) != getattr(spec, f)]:
+            raise RDDRSError(f"two different runs want the file {spec.out} ({', '.join(differ)} differ)")
+        by_out[key] = replace(old, ranges=old.ranges + spec.ranges,
+                              notes=old.notes + tuple(n for n in spec.notes if n not in old.notes),
+                              groups=old.groups + tuple(g for g in spec.groups if g not in old.groups))
+    return list(by_out.values())
+
+
+def with_dependencies(specs: list[RunSpec]) -> list[RunSpec]:
+    """``specs`` in an order where every run comes after the run it depends on, with the images
+    a run starts from added to that run (a start must hold every image of its dependants)."""
+    specs = combine(specs)
+    by_out = {str(Path(s.out)): s for s in specs}
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(key: str, chain: tuple[str, ...]) -> None:
+        if state.get(key) == "done":
+            return
+        if state.get(key) == "visiting":
+            raise RDDRSError(f"runs depend on each other in a circle: {' -> '.join(chain + (key,))}")
+        state[key] = "visiting"
+        dep = by_out[key].depends
+        if dep is not None and str(Path(dep)) in by_out:
+            visit(str(Path(dep)), chain + (key,))
+        state[key] = "done"
+        order.append(key)
+
+    for key in by_out:
+        visit(key, ())
+    # images flow from dependants to their starts: visit dependants first
+    for key in reversed(order):
+        spec = by_out[key]
+        if spec.kind == CERTIFY and spec.init is not None and str(Path(spec.init)) in by_out:
+            start = by_out[str(Path(spec.init))]
+            by_out[str(Path(spec.init))] = replace(start, ranges=start.ranges + spec.ranges)
+    return [by_out[key] for key in order]
+
+
+def closure(wanted: Iterable[RunSpec], pool: Iterable[RunSpec]) -> list[RunSpec]:
+    """``wanted`` and, from ``pool``, every run they depend on, directly or not."""
+    by_out = {str(Path(s.out)): s for s in pool}
+    chosen = list(wanted)
+    seen = {str(Path(s.out)) for s in chosen}
+    queue = list(chosen)
+    while queue:
+        dep = queue.pop().depends
+        if dep is not None and str(Path(dep)) in by_out and str(Path(dep)) not in seen:
+            seen.add(str(Path(dep)))
+            chosen.append(by_out[str(Path(dep))])
+            queue.append(by_out[str(Path(dep))])
+    return chosen
+
+
+# -- the standard runs and their memory passes -----------------------------------------------
+
+def standard_specs(sigma: float, preset: str, results: str | Path, *, methods: Iterable[str] = NAMES,
+                   count: int | None = None, seed: int = 0, device: str = "cpu", data: str | Path = "data",
+                   models: str | Path = "data/models", groups: tuple[str, ...] = ("standard",)) -> list[RunSpec]:
+    """The paper's runs at one sigma (``RESULTS/METHOD_sigmaS.tsv``) on test images
+    ``0..count-1`` (count: the preset's): RS, DDRS, and ANCER and RDDRS started from DDRS'
+    sigma_x* (its result file). The base run a method needs is added when ``methods`` omits it."""
+    from rddrs.presets import preset as preset_record
+
+    count = preset_record(preset).count if count is None else int(count)
+    if count < 1:
+        raise RDDRSError(f"count must be >= 1, got {count}")
+    model = model_path(sigma, models)
+    wanted = list(methods)
+    for name in list(wanted):
+        base = method_record(name).base
+        if base is not None and base not in wanted:
+            wanted.insert(0, base)
+    specs = []
+    for name in NAMES:
+        if name not in wanted:
+            continue
+        base = method_record(name).base
+        specs.append(RunSpec(str(result_path(results, name, sigma)), method=name, sigma=float(sigma), preset=preset,
+                             model=str(model), ranges=((0, count),), seed=seed, device=device,
+                             init=None if base is None else str(result_path(results, base, sigma)),
+                             groups=groups, data=str(data)))
+    return specs
+
+
+def memory_spec(source: RunSpec, groups: tuple[str, ...] = ("memory",)) -> RunSpec:
+    """The memory pass over the certification ``source`` (``OUT.memory.tsv``)."""
+    from_out = Path(source.out)
+    return RunSpec(str(from_out.with_name(from_out.name + ".memory.tsv")), kind=MEMORY, source=source.out,
+                   device="cpu", groups=groups, data=source.data)
+
+
+# -- state of a run on disk -------------------------------------------------------------------
+
+def shards_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".shards")
+
+
+_SHARD = re.compile(r"^(\d+)-(\d+)\.tsv$")
+
+
+@dataclass(frozen=True)
+class Task:
+    """What an engine runs: one shard of a certification (``lo .. hi-1`` into ``path``), or a
+    whole memory pass."""
+
+    spec: RunSpec
+    lo: int = 0
+    hi: int = 0
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.spec.out, self.lo, self.hi)
+
+    @property
+    def path(self) -> Path:
+        if self.spec.kind == MEMORY:
+            return Path(self.spec.out)
+        return shards_dir(self.spec.out) / f"{self.lo}-{self.hi}.tsv"
+
+    def describe(self) -> str:
+        if self.spec.kind == MEMORY:
+            return self.spec.describe()
+        return f"{self.spec.describe().rsplit(', images', 1)[0]}, images {self.lo}..{self.hi - 1}"
+
+
+def diverged_message(spec: RunSpec) -> str | None:
+    """The message of a recorded divergence of the run, if any of its notes exists."""
+    for note in spec.notes:
+        if Path(note).exists():
+            try:
+                return json.loads(Path(note).read_text())["message"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return f"recorded as diverged in {note}"
+    return None
+
+
+def missing(spec: RunSpec) -> list[int]:
+    """The test images a certification still lacks in its file, or for a memory pass the rows of
+    its source that the pass has not written (the pass needs a source with rows: ``[-1]`` until
+    then)."""
+    if spec.kind == MEMORY:
+        from rddrs.memory import read_memory_rows
+
+        source = read_rows(spec.source)
+        done = {row["idx"] for row in read_memory_rows(Path(spec.out))}
+        return [i for i in sorted(source) if i not in done] if source else [-1]
+    done = read_rows(spec.out)
+    return [i for i in spec.indices() if i not in done]
+
+
+def complete(specs: Iterable[RunSpec]) -> bool:
+    """Whether every run's file is there in full (or its search is recorded as diverged)."""
+    return all(diverged_message(s) is not None or not missing(s) for s in specs)
+
+
+def _shard_size(spec: RunSpec, size: int | None) -> int:
+    """``size`` rounded down to a multiple of the run's inputs per batch (at least one batch)."""
+    from rddrs.experiments import default_inputs_per_batch
+
+    if size is None:
+        return 1 << 62
+    batch = spec.inputs_per_batch or default_inputs_per_batch(spec.settings())
+    return max(batch, size // batch * batch)
+
+
+def plan(spec: RunSpec, shard_size: int | None = None, *, check: bool = True) -> list[Task]:
+    """The tasks that complete ``spec``: none if it is complete or recorded as diverged; one
+    memory pass; or shards of the missing images, reusing the shard files of an earlier sweep
+    that fit. ``check``: refuse a file written with other settings."""
+    if diverged_message(spec) is not None:
+        return []
+    if spec.kind == MEMORY:
+        return [Task(spec)] if missing(spec) else []
+    out = Path(spec.out)
+    if check and out.exists() and out.stat().st_size > 0:
+        from rddrs.experiments import check_settings
+
+        check_settings(out, spec.settings())
+    todo = missing(spec)
+    if not todo:
+        _remove_stale_shards(spec)
+        return []
+    todo_set = set(todo)
+    tasks, covered = [], set()
+    for lo, hi in _existing_shards(spec):  # resume an interrupted sweep's shards where they fit
+        block = set(range(lo, hi))
+        if block <= todo_set and not block & covered:
+            tasks.append(Task(spec, lo, hi))
+            covered |= block
+    size = _shard_size(spec, shard_size)
+    runs: list[list[int]] = []
+    for i in todo:
+        if i in covered:
+            continue
+        if runs and runs[-1][1] == i and runs[-1][0] // size == i // size:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    tasks += [Task(spec, lo, hi) for lo, hi in runs]
+    return sorted(tasks, key=lambda t: t.lo)
+
+
+def _existing_shards(spec: RunSpec) -> list[tuple[int, int]]:
+    folder = shards_dir(spec.out)
+    if not folder.is_dir():
+        return []
+    found = [(int(m[1]), int(m[2])) for m in (_SHARD.match(p.name) for p in folder.iterdir()) if m]
+    return sorted((lo, hi) for lo, hi in found if hi > lo)
+
+
+def _remove_shard(path: Path) -> None:
+    for p in (path, sidecar_path(path), path.with_name(path.name + ".lock")):
+        p.unlink(missing_ok=True)
+    shutil.rmtree(traces_dir(path), ignore_errors=True)
+    try:
+        path.parent.rmdir()  # the shards folder, once empty
+    except OSError:
+        pass
+
+
+def _remove_stale_shards(spec: RunSpec) -> None:
+    """Remove the shard files all of whose rows are in the run's file (merged already)."""
+    done = read_rows(spec.out)
+    for lo, hi in _existing_shards(spec):
+        path = shards_dir(spec.out) / f"{lo}-{hi}.tsv"
+        if all(i in done for i in range(lo, hi)):
+            _remove_shard(path)
+
+
+def merge_shard(task: Task) -> int:
+    """Join a complete shard into its run's file (under the file's lock) and remove it; returns
+    the rows added. As ``rddrs merge``: the shard's settings must be the file's, no row may be
+    there twice, and the shard must hold every image of its range."""
+    from rddrs.experiments import normalised, settings_differ
+
+    out, shard = Path(task.spec.out), task.path
+    with exclusive(out):
+        part = read_rows(shard)
+        if lacking := [i for i in range(task.lo, task.hi) if i not in part]:
+            raise RDDRSError(f"{shard} lacks idx {lacking[0]} ({len(lacking)} rows): the shard is not complete")
+        side = read_sidecar(shard)
+        rows = read_rows(out)
+        if rows:
+            if diff := settings_differ(normalised(read_sidecar(out)["settings"]), normalised(side["settings"])):
+                raise RDDRSError(f"{shard} and {out} were run with different settings ({', '.join(diff)} differ)")
+        if overlap := sorted(set(part) & set(rows)):
+            raise RDDRSError(f"{shard} overlaps {out.name} (idx {overlap[0]}, {len(overlap)} rows); "
+                             f"remove one of them")
+        ensure_dir(out.parent)
+        if traces_dir(shard).is_dir():  # linked (or copied) before the rows, so no row lacks its trace
+            merged = traces_dir(out)
+            merged.mkdir(exist_ok=True)
+            for trace in traces_dir(shard).glob("*.npz"):
+                target = merged / trace.name
+                target.unlink(missing_ok=True)
+                try:
+                    os.link(trace, target)
+                except OSError:
+                    shutil.copyfile(trace, target)
+        rows.update(part)
+        if not sidecar_path(out).exists():
+            write_atomic(sidecar_path(out), [json.dumps(side, indent=2).encode()])
+        write_rows(out, [rows[i] for i in sorted(rows)])
+        _remove_shard(shard)
+    return len(part)
+
+
+# -- what an engine runs ------------------------------------------------------------------------
+
+@lru_cache(maxsize=4)
+def _model(path: str, device: str, probabilities: bool):
+    from rddrs.models import load_model, resolve_device
+
+    return load_model(path, device=resolve_device(device), probabilities=probabilities)
+
+
+@lru_cache(maxsize=2)
+def _test_set(data: str):
+    from rddrs.data import load_mnist
+
+    return load_mnist(Path(data), train=False)
+
+
+def run_task(task: Task, threads: int | None = None) -> dict:
+    """Compute one task where it is called (a worker of any engine) and say how it went:
+    ``{"status": "done" | "diverged" | "error", "message": ..., "pid": ...}``."""
+    from rddrs.optimize import SearchDiverged
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    spec = task.spec
+    try:
+        if spec.kind == MEMORY:
+            from rddrs.memory import apply_memory
+
+            apply_memory(Path(spec.source), _test_set(spec.data)[0], 0, progress=False)
+        else:
+            from rddrs.experiments import run_certification
+
+            settings = spec.settings()
+            images, labels = _test_set(spec.data)
+            if task.hi > len(images):
+                raise RDDRSError(f"test images {task.lo}..{task.hi - 1} reach outside the test set "
+                                 f"(0..{len(images) - 1})")
+            model = _model(settings.model, settings.device, settings.probabilities)
+            run_certification(settings, model, images[task.lo: task.hi], labels[task.lo: task.hi], task.lo,
+                              task.path, spec.inputs_per_batch, spec.batch_size, progress=False)
+    except SearchDiverged as err:
+        return {"status": "diverged", "message": str(err), "pid": os.getpid()}
+    except RDDRSError as err:
+        return {"status": "error", "message": str(err), "pid": os.getpid()}
+    return {"status": "done", "pid": os.getpid()}
+
+
+# -- engines ----------------------------------------------------------------------------------
+
+class Inline:
+    """Tasks in this process, one after another (the chapters' engine)."""
+
+    name = "inline"
+    capacity = 1
+
+    def __init__(self, threads: int | None = None):
+        self.threads, self._queue = threads, []
+
+    def submit(self, task: Task) -> None:
+        self._queue.append(task)
+
+    def wait(self, timeout: float) -> list[tuple[Task, dict]]:
+        if not self._queue:
+            return []
+        task = self._queue.pop(0)
+        return [(task, run_task(task, self.threads))]
+
+    def close(self, cancel: bool = False) -> None:
+        self._queue.clear()
+
+
+def _init_worker(threads: int, gpus) -> None:
+    if gpus is not None:  # before CUDA starts in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus.get()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Local:
+    """Tasks in a pool of processes on this machine: ``processes`` (default: cores // threads,
+    so that processes x threads <= cores; on a GPU one process per ``gpus`` GPUs). A worker that
+    dies (killed, out of memory) takes the pool with it: the pool is rebuilt and its tasks are
+    started again, up to ``retries`` times each; they resume from their flushed rows."""
+
+    name = "local"
+
+    def __init__(self, processes: int | None = None, threads: int = 1, gpus: int = 0, device: str = "cpu",
+                 retries: int = 3):
+        self.threads, self.gpus, self.retries = max(1, int(threads)), int(gpus), int(retries)
+        self.groups = None
+        if device.startswith("cuda") and self.gpus > 0:
+            import torch
+
+            visible = [str(i) for i in range(torch.cuda.device_count())]
+            if len(visible) < self.gpus:
+                raise RDDRSError(f"{self.gpus} GPU(s) per task asked for, {len(visible)} visible")
+            self.groups = [",".join(visible[i: i + self.gpus]) for i in range(0, len(visible) - self.gpus + 1, self.gpus)]
+        limit = max(1, cores() // self.threads)
+        if self.groups is not None:
+            limit = min(limit, len(self.groups))
+        self.capacity = min(limit, processes) if processes else limit
+        self._running: dict[futures.Future, Task] = {}
+        self._tries: dict[tuple, int] = {}
+        self._pool = None
+
+    def _start(self):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        queue = None
+        if self.groups is not None:
+            queue = context.Manager().Queue()
+            for group in self.groups[: self.capacity]:
+                queue.put(group)
+        self._pool = futures.ProcessPoolExecutor(self.capacity, mp_context=context, initializer=_init_worker,
+                                                 initargs=(self.threads, queue))
+
+    def submit(self, task: Task) -> None:
+        if self._pool is None:
+            self._start()
+        self._tries[task.key] = self._tries.get(task.key, 0) + 1
+        self._running[self._pool.submit(run_task, task, self.threads)] = task
+
+    def wait(self, timeout: float) -> list[tuple[Task, dict]]:
+        if not self._running:
+            return []
+        finished, _ = futures.wait(list(self._running), timeout=timeout, return_when=futures.FIRST_COMPLETED)
+        results, broken = [], []
+        for future in finished:
+            task = self._running.pop(future)
+            try:
+                results.append((task, future.result()))
+            except BrokenProcessPool:
+                broken.append(task)
+            except Exception as err:  # a bug or a resource failure inside the task
+                results.append((task, {"status": "error", "message": one_line(err)}))
+        if broken:
+            broken += [self._running.pop(f) for f in list(self._running)]
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            for task in broken:
+                if self._tries.get(task.key, 0) > self.retries:
+                    results.append((task, {"status": "error",
+                                           "message": f"its worker died {self._tries[task.key]} time(s)"}))
+                else:
+                    self.submit(task)
+        return results
+
+    def close(self, cancel: bool = False) -> None:
+        if self._pool is not None:
+            if cancel:
+                for process in list(getattr(self._pool, "_processes", {}).values()):
+                    process.terminate()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+# -- the driver ---------------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    """What a sweep did: runs complete before, shards computed, runs diverged or failed."""
+
+    runs: int = 0
+    complete_before: int = 0
+    shards: int = 0
+    done: int = 0
+    diverged: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        text = (f"{self.runs} runs: {self.complete_before} complete before, {self.done} of {self.shards} "
+                f"shards computed in {self.seconds:.1f} s")
+        if self.diverged:
+            text += f", {len(self.diverged)} diverged"
+        if self.failed:
+            text += f", {len(self.failed)} failed"
+        return text
+
+
+class _Progress:
+    """A bar over shards: done, running, failed and left, with tqdm's estimate of the time left."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="shard", desc="sweep", disable=not enabled or total == 0,
+                        dynamic_ncols=True)
+        self.counts: dict = {}
+
+    def update(self, done: int = 0, running: int = 0, failed: int = 0, left: int = 0) -> None:
+        counts = {"done": done, "running": running, "failed": failed, "left": left}
+        if counts != self.counts:
+            self.counts = counts
+            self.bar.n = done + failed
+            self.bar.set_postfix(counts)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def sweep_lock(results: str | Path):
+    """The lock of one results directory: one sweep (or chapter computing runs) at a time."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def held():
+        try:
+            with exclusive(Path(results) / ".sweep"):
+                yield
+        except RDDRSError as err:
+            if "being written by another process" not in str(err):
+                raise
+            raise RDDRSError(f"another sweep is computing runs in {results}; wait for it to end "
+                             f"(the runs it leaves missing can then be computed)") from None
+
+    return held()
+
+
+def execute(specs: Iterable[RunSpec], engine=None, *, shard_size: int | None = None, results: str | Path | None = None,
+            progress: bool = False, poll: float = 0.5) -> Report:
+    """Compute every run of ``specs`` that is missing or incomplete (``engine``: ``Inline()``
+    unless given), in dependency order, merging shards as they complete. ``results``: the
+    directory whose sweep lock is held meanwhile (one sweep at a time). Returns the report;
+    runs that failed are in ``report.failed`` (nothing is raised for them)."""
+    engine = engine or Inline()
+    specs = with_dependencies(list(specs))
+    if results is None:
+        return _execute(specs, engine, shard_size, progress, poll)
+    ensure_dir(Path(results))
+    with sweep_lock(results):
+        return _execute(specs, engine, shard_size, progress, poll)
+
+
+def _execute(specs: list[RunSpec], engine, shard_size, progress, poll) -> Report:
+    tic = time.perf_counter()
+    report = Report(runs=len(specs))
+    by_out = {str(Path(s.out)): s for s in specs}
+    pending: dict[str, list[Task]] = {}
+    state: dict[str, str] = {}  # out -> "done" | "pending" | "diverged" | "failed"
+    for spec in specs:
+        key = str(Path(spec.out))
+        message = diverged_message(spec)
+        if message is not None:
+            state[key] = "diverged"
+            report.diverged[key] = message
+            continue
+        try:
+            tasks = plan(spec, shard_size)
+        except RDDRSError as err:
+            state[key], report.failed[key] = "failed", str(err)
+            continue
+        if spec.kind == MEMORY and not tasks and state.get(str(Path(spec.source))) == "pending":
+            tasks = [Task(spec)]  # its certification grows: the pass continues after it
+        if tasks:
+            pending[key], state[key] = tasks, "pending"
+            report.shards += len(tasks)
+        else:
+            state[key] = "done"
+            report.complete_before += 1
+    available: dict[str, set[int]] = {}
+
+    def rows_of(out: str) -> set[int]:
+        if out not in available:
+            available[out] = set(read_rows(out))
+        return available[out]
+
+    def ready(task: Task) -> str:
+        """"go", "wait", or why it cannot run ("diverged:..."/"failed:...")."""
+        dep = task.spec.depends
+        if dep is None:
+            return "go"
+        key = str(Path(dep))
+        if state.get(key) in ("diverged", "failed"):
+            return state[key]
+        if task.spec.kind == MEMORY:
+            return "go" if state.get(key, "done") == "done" else "wait"
+        if key in by_out and state[key] == "done":
+            return "go"
+        return "go" if all(i in rows_of(key) for i in range(task.lo, task.hi)) else "wait"
+
+    running: list[Task] = []
+    bar = _Progress(report.shards, progress)
+    failed_shards = 0
+
+    def finish(key: str, status: str, message: str) -> None:
+        """Mark a run diverged or failed, drop its pending shards, and its dependants' in turn."""
+        nonlocal failed_shards
+        state[key] = status
+        (report.diverged if status == "diverged" else report.failed)[key] = message
+        if status == "diverged":
+            for note in by_out[key].notes:
+                write_atomic(Path(note), [json.dumps({"message": message}, indent=2).encode()])
+        failed_shards += len(pending.pop(key, []))
+        for other, spec in by_out.items():
+            if spec.depends is not None and str(Path(spec.depends)) == key and state.get(other) == "pending":
+                finish(other, status, message if status == "diverged"
+                       else f"the run it reads, {Path(key).name}, failed: {message}")
+
+    try:
+        while pending or running:
+            for key in list(pending):
+                for task in list(pending.get(key, [])):
+                    if len(running) >= engine.capacity:
+                        break
+                    verdict = ready(task)
+                    if verdict == "go":
+                        pending[key].remove(task)
+                        running.append(task)
+                        engine.submit(task)
+                    elif verdict in ("diverged", "failed") and key in pending:
+                        dep = str(Path(task.spec.depends))
+                        finish(key, verdict, report.diverged.get(dep) if verdict == "diverged"
+                               else f"the run it reads, {Path(dep).name}, failed: {report.failed.get(dep)}")
+                        break
+                if key in pending and not pending[key]:
+                    pending.pop(key)  # all its shards started
+            left = sum(len(v) for v in pending.values())
+            bar.update(report.done, len(running), failed_shards, left)
+            if not running:
+                if pending:  # nothing can start: their starts will never come
+                    for key in list(pending):
+                        finish(key, "failed", "the rows it starts from were never computed")
+                break
+            for task, result in engine.wait(poll):
+                running.remove(task)
+                key = str(Path(task.spec.out))
+                if state.get(key) != "pending":
+                    continue  # its run already diverged or failed
+                if result["status"] == "done":
+                    try:
+                        if task.spec.kind == CERTIFY:
+                            merge_shard(task)
+                            rows_of(key).update(range(task.lo, task.hi))
+                    except RDDRSError as err:
+                        failed_shards += 1
+                        finish(key, "failed", str(err))
+                        continue
+                    report.done += 1
+                    if key not in pending and not any(str(Path(t.spec.out)) == key for t in running):
+                        state[key] = "done"
+                        if task.spec.kind == CERTIFY:
+                            _remove_stale_shards(task.spec)
+                else:
+                    failed_shards += 1
+                    finish(key, "diverged" if result["status"] == "diverged" else "failed", result["message"])
+            bar.update(report.done, len(running), failed_shards, sum(len(v) for v in pending.values()))
+    except BaseException:
+        engine.close(cancel=True)
+        bar.close()
+        raise
+    engine.close()
+    bar.close()
+    report.seconds = time.perf_counter() - tic
+    return report

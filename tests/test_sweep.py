@@ -1,0 +1,325 @@
+"""Runs as data and their sweep: the registry, shards and merges, the local and Ray engines, a
+killed worker, a stopped driver, and two sweeps on one directory.
+
+The Ray tests start one real local cluster (2 CPUs, a 300 MiB object store) for the module and
+shut it down at the end."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from rddrs import RDDRSError, claims, registry, runs
+from rddrs.cli import main
+from rddrs.results import read_rows, result_path, traces_dir
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+MODELS = ROOT / "data" / "models"
+
+
+def without_time(path):
+    return {i: {k: v for k, v in row.items() if k != "seconds"} for i, row in read_rows(path).items()}
+
+
+def specs_for(results, methods=("ddrs", "rddrs"), count=4, inputs_per_batch=1):
+    """The standard runs of ``methods`` at sigma 0.25 (smoke), batching ``inputs_per_batch`` images."""
+    specs = runs.standard_specs(0.25, "smoke", results, methods=methods, count=count, data=DATA, models=MODELS)
+    return [replace(s, inputs_per_batch=inputs_per_batch) for s in specs]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+# -- the registry ---------------------------------------------------------------------------------
+
+def test_the_committed_cpu_results_are_complete_for_the_chapters():
+    """Every file chapters 6 to 8 read at the cpu preset is found complete: nothing to compute."""
+    specs = registry.runs("cpu", ROOT / "results" / "cpu", groups=["standard", "memory", "claims"], data=DATA,
+                          models=MODELS)
+    assert len(specs) > 40 and runs.complete(specs)
+    assert all(runs.plan(s, 25) == [] for s in specs)
+    assert {state for _, state in registry.status(specs)} == {"complete"}
+
+
+def test_registry_lists_each_file_once_after_what_it_starts_from(tmp_path):
+    specs = registry.runs("smoke", tmp_path, data=DATA, models=MODELS)
+    outs = [s.out for s in specs]
+    assert len(outs) == len(set(outs))
+    position = {s.out: k for k, s in enumerate(specs)}
+    for spec in specs:
+        if spec.depends is not None:
+            assert position[spec.depends] < position[spec.out], spec.out
+    by_out = {s.out: s for s in specs}
+    for sigma in registry.SIGMAS:
+        for method in ("ancer", "rddrs"):
+            spec = by_out[str(result_path(tmp_path, method, sigma))]
+            assert spec.init == str(result_path(tmp_path, "ddrs", sigma))
+        memory = by_out[str(result_path(tmp_path, "rddrs", sigma)) + ".memory.tsv"]
+        assert memory.kind == "memory" and memory.source == str(result_path(tmp_path, "rddrs", sigma))
+    # the studies' variants, with the file paths of claims.run_study
+    floor = claims.studies("smoke")["floor"]
+    assert str(tmp_path / "claims" / "floor" / "no_floor.tsv") in by_out
+    # the variant with the preset's own settings is the standard run, carrying the variant's note
+    assert str(claims.note_path(tmp_path, floor, floor.variant("floor"))) in \
+        by_out[str(result_path(tmp_path, "rddrs", 0.25))].notes
+    assert any("/claims/tuning/" in o for o in outs) and any("/claims/best_sigma0.12/" in o for o in outs)
+    # a start holds every image of the runs that start from it
+    ddrs = by_out[str(result_path(tmp_path, "ddrs", 0.25))]
+    for spec in specs:
+        if spec.init == ddrs.out:
+            assert set(spec.indices()) <= set(ddrs.indices())
+
+
+def test_registry_filters_keep_what_the_runs_start_from(tmp_path):
+    specs = registry.runs("smoke", tmp_path, sigmas=[0.5], methods=["rddrs"], groups=["standard"], count=3,
+                          data=DATA, models=MODELS)
+    assert [(s.method, s.sigma, s.ranges) for s in specs] == [("ddrs", 0.5, ((0, 3),)), ("rddrs", 0.5, ((0, 3),))]
+    memory = registry.runs("smoke", tmp_path, sigmas=[0.12], methods=["rs"], groups=["memory"], data=DATA,
+                           models=MODELS)
+    assert [s.kind for s in memory] == ["certify", "memory"]
+    with pytest.raises(RDDRSError, match="unknown group"):
+        registry.runs("smoke", tmp_path, groups=["nope"])
+    with pytest.raises(RDDRSError, match="unknown method"):
+        registry.runs("smoke", tmp_path, methods=["pgd"])
+
+
+def test_two_different_runs_for_one_file_are_refused(tmp_path):
+    a = specs_for(tmp_path, methods=("rs",))[0]
+    with pytest.raises(RDDRSError, match="two different runs want the file"):
+        runs.combine([a, replace(a, seed=1)])
+    joined = runs.combine([a, replace(a, ranges=((6, 9),))])
+    assert len(joined) == 1 and joined[0].ranges == ((0, 4), (6, 9))
+
+
+# -- shards ---------------------------------------------------------------------------------------
+
+def test_shards_cover_only_missing_images_and_resume_earlier_shards(tmp_path):
+    spec = replace(specs_for(tmp_path, methods=("rs",), count=10, inputs_per_batch=2)[0])
+    assert [(t.lo, t.hi) for t in runs.plan(spec, 4)] == [(0, 4), (4, 8), (8, 10)]
+    assert [(t.lo, t.hi) for t in runs.plan(spec, 5)] == [(0, 4), (4, 8), (8, 10)]  # 5 -> 4: whole batches
+    runs.execute([replace(spec, ranges=((0, 3),))], shard_size=4)  # the file holds 0..2 now
+    assert sorted(read_rows(spec.out)) == [0, 1, 2]
+    assert [(t.lo, t.hi) for t in runs.plan(spec, 4)] == [(3, 4), (4, 8), (8, 10)]
+    # a shard file left by a stopped sweep is resumed as it is, even of another shard size
+    stale = runs.Task(spec, 4, 10)
+    assert runs.run_task(runs.Task(spec, 4, 6))["status"] == "done"  # as if 4..9 stopped after two rows
+    os.replace(runs.Task(spec, 4, 6).path, stale.path)
+    os.replace(runs.Task(spec, 4, 6).path.with_name("4-6.tsv.json"), stale.path.with_name("4-10.tsv.json"))
+    assert [(t.lo, t.hi) for t in runs.plan(spec, 4)] == [(3, 4), (4, 10)]
+    report = runs.execute([spec], shard_size=4)
+    assert report.done == 2 and sorted(read_rows(spec.out)) == list(range(10))
+    assert not runs.shards_dir(spec.out).exists()  # merged and removed
+    assert runs.plan(spec, 4) == [] and runs.execute([spec]).shards == 0
+
+
+def test_a_merge_refuses_other_settings_and_rows_twice(tmp_path):
+    spec = specs_for(tmp_path, methods=("rs",), count=4, inputs_per_batch=2)[0]
+    runs.execute([replace(spec, ranges=((0, 2),))])
+    other = replace(spec, n=300)
+    assert runs.run_task(runs.Task(other, 2, 4))["status"] == "done"
+    with pytest.raises(RDDRSError, match="different settings"):
+        runs.merge_shard(runs.Task(other, 2, 4))
+    with pytest.raises(RDDRSError, match="other settings"):  # planning the sweep refuses the file too
+        runs.plan(other, 2)
+    again = runs.Task(spec, 0, 2)
+    assert runs.run_task(again)["status"] == "done"
+    with pytest.raises(RDDRSError, match="overlaps"):
+        runs.merge_shard(again)
+    assert sorted(read_rows(spec.out)) == [0, 1]
+
+
+def test_a_diverged_variant_is_recorded_and_so_is_what_starts_from_it(tmp_path):
+    ddrs, rddrs = specs_for(tmp_path, count=2)
+    note_a, note_b = str(tmp_path / "a.diverged.json"), str(tmp_path / "b.diverged.json")
+    wild = replace(ddrs, out=str(tmp_path / "wild.tsv"), search={"lr": 1e30, "max_step": 0}, notes=(note_a,))
+    after = replace(rddrs, out=str(tmp_path / "after.tsv"), init=wild.out, notes=(note_b,))
+    report = runs.execute([after, wild])
+    assert set(report.diverged) == {wild.out, after.out} and not report.failed
+    assert "diverged" in Path(note_a).read_text() and "diverged" in Path(note_b).read_text()
+    assert runs.complete([wild, after]) and runs.execute([after, wild]).shards == 0
+
+
+def test_a_failed_run_fails_what_starts_from_it_and_the_rest_goes_on(tmp_path):
+    ddrs, rddrs = specs_for(tmp_path, count=2)
+    rs = specs_for(tmp_path, methods=("rs",), count=2)[0]
+    broken = replace(ddrs, model=str(tmp_path / "missing.pt"))
+    report = runs.execute([rddrs, broken, rs])
+    assert "no such file" in report.failed[ddrs.out]
+    assert "the run it reads, ddrs_sigma0.25.tsv, failed" in report.failed[rddrs.out]
+    assert sorted(read_rows(rs.out)) == [0, 1] and not Path(rddrs.out).exists()
+
+
+# -- engines give the same rows as one plain run --------------------------------------------------
+
+def plain_runs(folder: Path) -> dict[str, Path]:
+    """DDRS then RDDRS from it, each one `rddrs certify` over images 0..3, one image per batch."""
+    ddrs, rddrs = result_path(folder, "ddrs", 0.25), result_path(folder, "rddrs", 0.25)
+    common = ["--sigma", "0.25", "--model", str(MODELS / "mnist_cnn_sigma0.25.pt"), "--preset", "smoke",
+              "--count", "4", "--inputs-per-batch", "1", "--data", str(DATA), "--quiet"]
+    assert main(["certify", "--method", "ddrs", "--out", str(ddrs), *common]) == 0
+    assert main(["certify", "--method", "rddrs", "--out", str(rddrs), "--init", str(ddrs), *common]) == 0
+    return {"ddrs": ddrs, "rddrs": rddrs}
+
+
+def test_local_and_ray_sweeps_and_one_plain_certify_give_the_same_files(tmp_path, ray_cluster):
+    from rddrs.cluster import RayEngine
+
+    plain = plain_runs(tmp_path / "plain")
+    for name, engine in (("local", runs.Local(processes=2)), ("ray", RayEngine())):
+        specs = specs_for(tmp_path / name)
+        report = runs.execute(specs, engine, shard_size=2, results=tmp_path / name)
+        assert report.shards == report.done == 4 and not report.failed, report
+        for spec in specs:
+            assert without_time(spec.out) == without_time(plain[spec.method]), (name, spec.method)
+            assert sorted(p.name for p in traces_dir(Path(spec.out)).iterdir()) == [f"{i}.npz" for i in range(4)]
+            assert not runs.shards_dir(spec.out).exists()
+
+
+# -- nothing lost: a killed worker, a stopped driver ----------------------------------------------
+
+def holder_of(path: Path) -> int | None:
+    """The process that has ``path`` open (the worker writing a shard), from /proc."""
+    target = str(path.resolve())
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) == target:
+                    return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.parametrize("engine_name", ["ray", "local"])
+def test_a_worker_killed_mid_shard_is_restarted_and_resumes(tmp_path, engine_name, request):
+    """SIGKILL the worker process while it writes an RDDRS shard: the engine starts the shard
+    again, it resumes from its flushed rows (they keep their timings), and the merged file is that
+    of an uninterrupted run."""
+    ddrs, rddrs = specs_for(tmp_path / "killed", count=8)
+    runs.execute([ddrs])  # the start, computed first
+    reference = specs_for(tmp_path / "reference", count=8)
+    runs.execute(reference)
+    if engine_name == "ray":
+        request.getfixturevalue("ray_cluster")
+        from rddrs.cluster import RayEngine
+
+        engine = RayEngine()
+    else:
+        engine = runs.Local(processes=1)
+    shard = runs.Task(rddrs, 0, 8).path
+    outcome = {}
+    driver = threading.Thread(target=lambda: outcome.update(report=runs.execute([rddrs], engine, shard_size=8)))
+    driver.start()
+    deadline, killed = time.time() + 240, None
+    while time.time() < deadline and killed is None and driver.is_alive():
+        written = len(read_rows(shard)) if shard.exists() else 0
+        if 1 <= written < 8 and (pid := holder_of(shard)) is not None:
+            before = read_rows(shard)
+            os.kill(pid, signal.SIGKILL)
+            killed = pid
+        time.sleep(0.01)
+    driver.join(300)
+    assert killed is not None, "the shard finished before it could be killed"
+    report = outcome["report"]
+    assert not report.failed and report.done == 1, report
+    merged = read_rows(rddrs.out)
+    assert without_time(rddrs.out) == without_time(reference[1].out)
+    kept = [i for i in before if merged[i]["seconds"] == before[i]["seconds"]]
+    assert kept and kept == sorted(before)[: len(kept)]  # the flushed rows were not computed again
+    assert len(list(traces_dir(Path(rddrs.out)).glob("*.npz"))) == 8
+
+
+def sweep_command(results: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rddrs", "sweep", "--preset", "smoke", "--results", str(results),
+            "--groups", "standard", "--methods", "rddrs", "--sigmas", "0.25", "--count", "8",
+            "--shard-size", "2", "--inputs-per-batch", "1", "--processes", "1", "--data", str(DATA),
+            "--models", str(MODELS), "--quiet", *extra]
+
+
+def test_a_stopped_sweep_computes_only_what_is_missing(tmp_path):
+    results = tmp_path / "res"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.Popen(sweep_command(results), env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    out = result_path(results, "rddrs", 0.25)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(read_rows(out)) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, as a lost node
+    proc.wait()
+    first = read_rows(out)
+    assert 2 <= len(first) < 8, "the sweep was not stopped in the middle"
+    again = subprocess.run(sweep_command(results), env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "1 complete before" in again.stdout  # DDRS was done; RDDRS continues
+    computed = int(again.stdout.split(" of ")[0].split(", ")[-1])
+    assert computed < 4  # fewer shards than the whole RDDRS run
+    final = read_rows(out)
+    assert sorted(final) == list(range(8))
+    assert all(final[i]["seconds"] == first[i]["seconds"] for i in first)  # merged rows are not recomputed
+    reference = specs_for(tmp_path / "reference", count=8)
+    runs.execute(reference)
+    assert without_time(out) == without_time(reference[1].out)
+
+
+def test_two_sweeps_on_one_directory_are_refused(tmp_path, capsys):
+    results = tmp_path / "res"
+    results.mkdir()
+    args = ["sweep", "--preset", "smoke", "--results", str(results), "--groups", "standard", "--methods", "rs",
+            "--sigmas", "0.25", "--count", "2", "--data", str(DATA), "--models", str(MODELS), "--quiet",
+            "--processes", "1"]
+    with open(results / ".sweep.lock", "w") as held:  # as a running sweep holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "another sweep is computing runs in" in err and len(err.splitlines()) == 1
+        assert sorted(p.name for p in results.iterdir()) == [".sweep.lock"]  # nothing written
+    # a run's own lock still holds: a plain certify writing the file makes the sweep leave it
+    out = result_path(results, "rs", 0.25)
+    with open(out.with_name(out.name + ".lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(args) == 2
+        captured = capsys.readouterr()
+        assert "being written by another process" in captured.err and "1 failed" in captured.out
+        assert not out.exists()
+    assert main(args) == 0 and sorted(read_rows(out)) == [0, 1]
+
+
+def test_sweep_lists_the_runs_and_their_state(tmp_path, capsys):
+    assert main(["sweep", "--preset", "smoke", "--results", str(tmp_path), "--groups", "standard", "memory",
+                 "--sigmas", "0.5", "--list", "--data", str(DATA), "--models", str(MODELS)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 8 and all("4 of 4 images missing" in line for line in lines[:1])
+    assert any("memory pass over rddrs_sigma0.50.tsv" in line for line in lines)
+    assert not any(tmp_path.iterdir())  # listing writes nothing
+
+
+def test_help_is_immediate_and_imports_neither_torch_nor_ray():
+    code = ("import sys, time; t = time.time(); from rddrs.cli import main\n"
+            "try:\n    main(['sweep', '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules and 'ray' not in sys.modules, 'heavy import'\n"
+            "print(time.time() - t, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    assert proc.returncode == 0, proc.stderr
+    assert "--engine {local,ray}" in proc.stdout and float(proc.stderr.split()[-1]) < 1.0
