@@ -101,7 +101,7 @@ FROM_ANCER = (("soft", "sgd", "ancer_soft_adam"), ("soft", "adam", "ancer_soft_a
               ("capped", "adam", "ancer_soft_adam"), ("capped", "adam", "ancer_capped_adam"))
 
 #: each method's best variant in the variants study (largest proxy ACR; chapter 7 checks it)
-BEST = {"ddrs": "ddrs_capped_sgd", "ancer": "ancer_capped_adam", "rddrs": "rddrs_capped_adam_from_ancer_capped_adam"}
+BEST = {"ddrs": "ddrs_capped_sgd", "ancer": "ancer_soft_adam", "rddrs": "rddrs_capped_adam_from_ancer_capped_adam"}
 
 
 def _name(values: dict) -> str:
