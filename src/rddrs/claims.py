@@ -57,12 +57,15 @@ class Variant:
 
 @dataclass(frozen=True)
 class Study:
-    """Named variants certified on test images ``first .. first+count-1``."""
+    """Named variants certified on test images ``first .. first+count-1``. With ``digests`` the
+    digest of each variant is kept as soon as its traces are there (the studies that look at the
+    scales of S; the others read rows only and keep none)."""
 
     name: str
     count: int
     variants: tuple[Variant, ...]
     first: int = 0
+    digests: bool = True
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
@@ -267,7 +270,8 @@ def _read(variant: Variant, path: Path, init: Path | None, folder: Path, study: 
         return cached
 
     run = VariantRun(variant, path, results, digest)
-    if variant.method == "rs" or all((experiments.traces_dir(path) / f"{i}.npz").exists() for i in results.idx):
+    if study.digests and (variant.method == "rs"
+                          or all((experiments.traces_dir(path) / f"{i}.npz").exists() for i in results.idx)):
         run.spectrum  # the traces are here: keep the digest now, for clones that have only the rows
     return run
 

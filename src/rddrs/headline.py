@@ -118,7 +118,7 @@ def tuning_study(preset: str) -> Study:
     first, count = BUDGETS[preset].tuning
     variants = tuple(Variant(tuning_name(m, step, c), m, {"step": step, **c})
                      for (m, step), candidates in CANDIDATES.items() for c in candidates)
-    return Study("tuning", count, variants, first=first)
+    return Study("tuning", count, variants, first=first, digests=False)
 
 
 def tuning_choice(runs: dict) -> dict:
@@ -138,7 +138,7 @@ def _variant(method: str, objective: str, step: str, start: str | None = None) -
 def variants_study(preset: str) -> Study:
     grid = tuple(_variant(m, o, s) for m in SEARCHED for o in OBJECTIVES for s in STEPS)
     from_ancer = tuple(_variant("rddrs", o, s, start=a) for o, s, a in FROM_ANCER)
-    return Study("variants", BUDGETS[preset].count, grid + from_ancer)
+    return Study("variants", BUDGETS[preset].count, grid + from_ancer, digests=False)
 
 
 def step_size_study(preset: str) -> Study:
@@ -147,7 +147,7 @@ def step_size_study(preset: str) -> Study:
         variants.append(Variant(f"rddrs_lr{lr:g}_bounded", "rddrs", {"lr": lr}))
         variants.append(Variant(f"rddrs_lr{lr:g}_clamped_unbounded", "rddrs",
                                 {"lr": lr, "objective": "clamped", "max_step": 0}))
-    return Study("step_sizes", BUDGETS[preset].count, tuple(variants))
+    return Study("step_sizes", BUDGETS[preset].count, tuple(variants), digests=False)
 
 
 def _best_chain(method: str) -> list[Variant]:
@@ -170,7 +170,7 @@ def frontier_study(preset: str) -> Study:
                                     {**best.search, "iterations": iterations, "samples": samples},
                                     start=starts[-1].name if starts else None))
         variants.extend(v for v in starts if v not in variants)
-    return Study("frontier", BUDGETS[preset].count, tuple(variants))
+    return Study("frontier", BUDGETS[preset].count, tuple(variants), digests=False)
 
 
 def best_study(preset: str, sigma: float) -> Study:
@@ -180,14 +180,14 @@ def best_study(preset: str, sigma: float) -> Study:
         for variant in _best_chain(method):
             if variant not in variants:
                 variants.append(variant)
-    return Study(f"best_sigma{sigma:.2f}", BUDGETS[preset].best_count, tuple(variants))
+    return Study(f"best_sigma{sigma:.2f}", BUDGETS[preset].best_count, tuple(variants), digests=False)
 
 
 def clamped_study(preset: str) -> Study:
     """The preset's searches with the authors' clamp, chained as in their code (ANCER and RDDRS
     start from the clamped DDRS); RDDRS without our step bound, and ANCER also at the step size
     their script runs (1, where the paper says 0.04 or 0.4)."""
-    return Study("clamped", BUDGETS[preset].count, (
+    return Study("clamped", BUDGETS[preset].count, digests=False, variants=(
         Variant("ddrs_clamped", "ddrs", {"objective": "clamped"}),
         Variant("ancer_clamped", "ancer", {"objective": "clamped"}, start="ddrs_clamped"),
         Variant("ancer_clamped_lr1", "ancer", {"objective": "clamped", "lr": 1.0}, start="ddrs_clamped"),
