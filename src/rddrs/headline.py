@@ -185,13 +185,14 @@ def best_study(preset: str, sigma: float) -> Study:
 
 def clamped_study(preset: str) -> Study:
     """The preset's searches with the authors' clamp, chained as in their code (ANCER and RDDRS
-    start from the clamped DDRS); RDDRS without our step bound, and ANCER also at the step size
-    their script runs (1, where the paper says 0.04 or 0.4)."""
+    start from the clamped DDRS); RDDRS without our step bound as in their code and with it, and
+    ANCER also at the step size their script runs (1, where the paper says 0.04 or 0.4)."""
     return Study("clamped", BUDGETS[preset].count, digests=False, variants=(
         Variant("ddrs_clamped", "ddrs", {"objective": "clamped"}),
         Variant("ancer_clamped", "ancer", {"objective": "clamped"}, start="ddrs_clamped"),
         Variant("ancer_clamped_lr1", "ancer", {"objective": "clamped", "lr": 1.0}, start="ddrs_clamped"),
-        Variant("rddrs_clamped", "rddrs", {"objective": "clamped", "max_step": 0}, start="ddrs_clamped")))
+        Variant("rddrs_clamped", "rddrs", {"objective": "clamped", "max_step": 0}, start="ddrs_clamped"),
+        Variant("rddrs_clamped_bounded", "rddrs", {"objective": "clamped"}, start="ddrs_clamped")))
 
 
 # -- measures ------------------------------------------------------------------------------
