@@ -59,6 +59,9 @@ def test_samples_for_inverts_the_square_root_law():
     rows = [{"scheme": "plain", "samples": m, "error": 3.0 / math.sqrt(m)} for m in (100, 400, 1600)]
     assert headline.samples_for(rows, 0.1)["plain"] == pytest.approx(900.0)
     assert headline.samples_for(rows, 0.3)["plain"] == pytest.approx(100.0)
+    noisy = [{"scheme": "plain", "samples": m, "error": 3.0 * math.sqrt(1 / m + 1 / 10_000)} for m in (100, 400, 1600)]
+    assert headline.samples_for(noisy, 0.1, reference=10_000)["plain"] == pytest.approx(900.0)
+    assert headline.samples_for(noisy, 0.1)["plain"] > 900.0  # the reference's own noise, ignored, inflates it
 
 
 def test_gradient_error_falls_with_the_number_of_draws():

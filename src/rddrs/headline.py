@@ -270,13 +270,16 @@ def gradient_quality(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, 
     return rows
 
 
-def samples_for(rows: list[dict], target: float) -> dict[str, float]:
-    """Per scheme, the draws for a mean relative error of ``target``, from a fit
-    ``error = c / sqrt(m)`` over every image and size (least squares in log space, slope fixed)."""
+def samples_for(rows: list[dict], target: float, reference: int | None = None) -> dict[str, float]:
+    """Per scheme, the draws m for a mean relative error of ``target``, from a fit
+    ``error = c sqrt(1/m + 1/M)`` over every image and size (least squares in log space, slope
+    fixed): the error of m independent draws against a reference of M = ``reference`` draws,
+    whose own noise adds to it (``None``: an exact reference)."""
+    inv_ref = 0.0 if reference is None else 1.0 / reference
     out = {}
     for scheme in sorted({r["scheme"] for r in rows}):
         own = [r for r in rows if r["scheme"] == scheme]
-        log_c = np.mean([math.log(r["error"]) + 0.5 * math.log(r["samples"]) for r in own])
+        log_c = np.mean([math.log(r["error"]) - 0.5 * math.log(1.0 / r["samples"] + inv_ref) for r in own])
         out[scheme] = float((math.exp(log_c) / target) ** 2)
     return out
 
