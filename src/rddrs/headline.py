@@ -66,7 +66,7 @@ BUDGETS = {
                     gradient_images=1, gradient_sizes=(16, 64), gradient_reference=1024, gradient_repeats=2),
     "cpu": Budget(count=20, tuning=(20, 8), best_count=30,
                   frontier={"ddrs": ((75, 32), (150, 64), (300, 128)),
-                            "ancer": ((25, 32), (50, 64), (100, 128)),
+                            "ancer": ((25, 32), (50, 64), (100, 128), (200, 256)),
                             "rddrs": ((15, 250), (30, 500), (60, 1000))},
                   gradient_images=4, gradient_sizes=(250, 1000, 4000, 20_000), gradient_reference=200_000,
                   gradient_repeats=8),
