@@ -87,6 +87,8 @@ def test_one_precision_per_column():
     assert display.format_number(float("nan")) == display.format_number(None) == "–"
     assert display.format_number(True) == "yes"
     assert display.format_number(0.1234, ".1%") == "12.3%"
+    t = display.Table(["variant", "proxy"], [["a", 1.23456], ["b", "diverged"]], caption="c", formats={"proxy": ".3f"})
+    assert [row[1] for row in t.cells] == ["1.235", "diverged"]
 
 
 def test_text_and_markdown_forms_are_aligned_tables():

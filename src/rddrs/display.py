@@ -222,12 +222,13 @@ def auto_decimals(values: Sequence[float]) -> int | None:
 def format_number(value, spec: Format = None, decimals: int | None = 3) -> str:
     """One cell: ``spec`` (a format spec or a function) if given, else integers as they are
     (grouped by thousands from 10 000), floats with ``decimals`` decimals (exponent form if
-    ``None``), NaN and ``None`` as a dash."""
+    ``None``), NaN and ``None`` as a dash. A format spec applies to numbers; text in a
+    formatted column (a note such as "diverged") is shown as it is."""
     if value is None or (_is_number(value) and isinstance(value, float) and math.isnan(value)):
         return "–"
     if callable(spec):
         return spec(value)
-    if spec is not None:
+    if spec is not None and _is_number(value):
         return format(value, spec)
     if isinstance(value, bool):
         return "yes" if value else "no"
