@@ -329,6 +329,8 @@ def frontier_rows(runs: dict, study: Study, preset: str) -> list[dict]:
 def frontier_figure(rows: list[dict]):
     """Proxy and l2 ACR against network passes per image (log axis), one line per method, in
     the book's style (``rddrs.display``)."""
+    from matplotlib.ticker import NullFormatter
+
     from rddrs import display
 
     fig, axes = display.new_figure(1, 2, height=2.9)
@@ -341,6 +343,7 @@ def frontier_figure(rows: list[dict]):
                                   **display.method_style(method))
                 handles.setdefault(method, line)
         ax.set(xscale="log", xlabel="network passes per image", ylabel=label)
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels collide
         ax.grid(True)
     fig.legend(list(handles.values()), [h.get_label() for h in handles.values()], loc="outside upper center",
                ncol=len(handles), frameon=False)
