@@ -135,6 +135,9 @@ def test_average_certified_radius_by_hand(tmp_path):
     res = read_results(write_results(tmp_path / "a.tsv"))
     assert average_certified_radius(res, "proxy") == pytest.approx((0.5 + 1.0 + 1.0) / 5)
     assert average_certified_radius(res, "l2") == pytest.approx((0.3 + 0.6 + 1.2) / 5)
+    per_input = analysis.certified_radius(res, "l2")  # wrong and abstaining inputs certify 0
+    assert per_input.shape == (5,) and sorted(per_input) == pytest.approx([0.0, 0.0, 0.3, 0.6, 1.2])
+    assert per_input.mean() == pytest.approx(average_certified_radius(res, "l2"))
 
 
 def test_unknown_kind_is_an_error(tmp_path):

@@ -204,6 +204,11 @@ def _certified_radii(results: Results, kind: str) -> np.ndarray:
     return results.radii(kind)[results.correct == 1]
 
 
+def certified_radius(results: Results, kind: str = "proxy") -> np.ndarray:
+    """Certified radius of every input, in row order: 0 where the prediction is wrong or abstains."""
+    return np.where(results.correct == 1, results.radii(kind), 0.0)
+
+
 def certified_accuracy(results: Results, radii, kind: str = "proxy") -> np.ndarray:
     """CA(r) = #{i : correct_i = 1 and R_i >= r} / n for each r in ``radii``.
 

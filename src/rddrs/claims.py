@@ -150,7 +150,7 @@ class VariantRun:
 
     def certified(self, kind: str = "proxy") -> np.ndarray:
         """Certified radius per image, 0 where the prediction is wrong or abstains."""
-        return np.where(self.results.correct == 1, self.results.radii(kind), 0.0)
+        return analysis.certified_radius(self.results, kind)
 
 
 def study_dir(results: str | Path, study: Study) -> Path:

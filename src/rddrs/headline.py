@@ -381,7 +381,7 @@ def best_figure(papers: dict, best: dict, kind: str = "proxy"):
         lines = [(m, papers[(sigma, m)], "papers'") for m in NAMES if (sigma, m) in papers]
         lines += [(run.variant.method, run.results, "best") for name, run in best.get(sigma, {}).items()
                   if name == BEST.get(run.variant.method)]
-        top = max(float(res.radii(kind)[res.correct == 1].max(initial=0.0)) for _, res, _ in lines)
+        top = max(float(analysis.certified_radius(res, kind).max(initial=0.0)) for _, res, _ in lines)
         for method, res, which in lines:
             x, y = analysis.certified_accuracy_curve(res, kind, r_max=1.05 * top)
             style = display.method_style(method)
