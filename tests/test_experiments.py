@@ -302,6 +302,18 @@ def test_a_bad_objective_or_step_is_a_one_line_error(checkpoint, tmp_path, capsy
         assert "invalid choice" in err and len(err.splitlines()) == 1
     assert certify(checkpoint, tmp_path / "y.tsv", "rs", "--count", "1", "--objective", "capped") == 2
     assert "RS has no search" in capsys.readouterr().err
+    assert certify(checkpoint, tmp_path / "z.tsv", "ancer", "--count", "1", "--diagonal") == 2
+    err = capsys.readouterr().err.strip()
+    assert "diagonal-only" in err and "ANCER" in err and len(err.splitlines()) == 1
+
+
+def test_a_diagonal_only_rddrs_run_records_the_option_and_keeps_C_diagonal(checkpoint, tmp_path):
+    out = tmp_path / "diag.tsv"
+    assert certify(checkpoint, out, "rddrs", "--count", "1", "--diagonal") == 0
+    assert json.loads((tmp_path / "diag.tsv.json").read_text())["settings"]["search"]["rddrs"]["diagonal"] is True
+    c = np.load(tmp_path / "diag.tsv.traces" / "0.npz")["param"]
+    assert c.shape == (784, 784) and np.count_nonzero(c - np.diag(np.diag(c))) == 0
+    assert np.ptp(np.diag(c)) > 0  # the search moved the scales apart
 
 
 # -- what the command line lacked -----------------------------------------------------------------

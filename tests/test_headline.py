@@ -14,7 +14,8 @@ torch.set_num_threads(1)
 
 STUDIES = {"tuning": headline.tuning_study, "variants": headline.variants_study,
            "step_sizes": headline.step_size_study, "frontier": headline.frontier_study,
-           "best": lambda p: headline.best_study(p, 0.12), "clamped": headline.clamped_study}
+           "best": lambda p: headline.best_study(p, 0.12), "clamped": headline.clamped_study,
+           "diagonal": headline.diagonal_study}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,14 @@ def test_chosen_step_sizes_are_candidates_and_best_variants_exist():
         assert chosen in headline.CANDIDATES[pair], pair
     variants = {v.name for v in headline.variants_study("cpu").variants}
     assert set(headline.BEST.values()) <= variants
+
+
+def test_the_diagonal_study_differs_from_rddrs_best_only_by_the_restriction():
+    study = headline.diagonal_study("cpu")
+    best = study.variant(headline.BEST["rddrs"])
+    kept = next(v for v in study.variants if v.search.get("diagonal"))
+    assert {**kept.search, "diagonal": False} == {**best.search, "diagonal": False} and kept.start == best.start
+    assert headline.evaluations(study, kept, "cpu") == headline.evaluations(study, best, "cpu")
 
 
 def test_evaluations_count_the_start_too():

@@ -1,5 +1,7 @@
 """The per-input searches: gradients, ascent, invariance, SPD-ness, the papers' settings."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -354,3 +356,44 @@ def test_chunked_gradient_equals_the_gradient_of_all_draws_at_once(family, contr
                                        chunk=300)
         torch.testing.assert_close(parts[0], whole[0], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(parts[1], whole[1], rtol=1e-9, atol=1e-12)
+
+
+# -- RDDRS restricted to diagonal C -----------------------------------------------------------
+
+THETA = 0.3 + torch.rand(3, D, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+
+
+def test_at_a_diagonal_C_the_diagonal_of_rddrs_gradient_is_ancers_in_the_affine_invariant_metric():
+    """At C = diag(theta) the metric is sum du_i^2 / theta_i^2 on the diagonal matrices, so the
+    diagonal of the Riemannian gradient must be theta^2 times the Euclidean gradient in theta,
+    which the diagonal family (ANCER's) gets from autograd on the same draws."""
+    value_full, grad_full = objective_and_gradient(MODEL, X, Diagonal(THETA).as_full(), EPS, kappa=0.5)
+    value_diag, grad_diag = objective_and_gradient(MODEL, X, Diagonal(THETA), EPS, kappa=0.5)
+    torch.testing.assert_close(value_full, value_diag)
+    torch.testing.assert_close(torch.diagonal(grad_full, dim1=-2, dim2=-1), THETA ** 2 * grad_diag)
+    assert torch.diagonal(grad_full, dim1=-2, dim2=-1).abs().amax() > 0.1 * grad_full.abs().amax()
+
+
+def test_a_diagonal_only_search_keeps_C_diagonal_and_steps_by_the_exponential_map():
+    lr, idx = 0.5, [0, 1, 2]
+    settings = replace(SMALL["rddrs"], iterations=1, lr=lr, max_step=None, diagonal=True)
+    found = search(MODEL, X, Diagonal(THETA).as_full(), idx, settings, lower=0.1, seed=3)
+    from rddrs.noise import NoiseSource
+
+    eps = NoiseSource(3, NoiseSource.OPTIMIZE).draw(idx, settings.samples, D, X.dtype)
+    _, grad = objective_and_gradient(MODEL, X, Diagonal(THETA), eps, settings.kappa)
+    # Exp_C(lr U) for diagonal C and U is diag(theta exp(lr u / theta)), u = theta^2 grad
+    expected = torch.clamp(THETA * torch.exp(lr * THETA * grad), min=0.1)
+    torch.testing.assert_close(found.smoothing.matrix(), torch.diag_embed(expected))
+    many = search(MODEL, X, Diagonal(THETA).as_full(), idx, replace(settings, iterations=20, step="adam"),
+                  lower=0.3, seed=3).smoothing.matrix()
+    off = many - torch.diag_embed(torch.diagonal(many, dim1=-2, dim2=-1))
+    assert off.abs().amax() == 0 and not torch.allclose(many, Diagonal(THETA).as_full().matrix())
+    free = search(MODEL, X, Diagonal(THETA).as_full(), idx, replace(settings, iterations=20, step="adam", diagonal=False),
+                  lower=0.3, seed=3).smoothing.matrix()
+    assert (free - torch.diag_embed(torch.diagonal(free, dim1=-2, dim2=-1))).abs().amax() > 1e-3  # which it was free to leave
+
+
+def test_a_diagonal_only_search_is_for_rddrs():
+    with pytest.raises(RDDRSError, match="diagonal-only.*diagonal family"):
+        search(MODEL, X, Diagonal(THETA), [0, 1, 2], replace(SMALL["ancer"], diagonal=True), lower=0.1, seed=0)

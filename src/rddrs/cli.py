@@ -81,7 +81,7 @@ def _positive_int(text: str) -> int:
 
 
 #: the options of `rddrs certify` that override fields of the method's Search
-SEARCH_OPTIONS = ("iterations", "samples", "lr", "kappa", "max_step", "objective", "step")
+SEARCH_OPTIONS = ("iterations", "samples", "lr", "kappa", "max_step", "objective", "step", "diagonal")
 
 
 def _add_certify(sub) -> None:
@@ -120,6 +120,8 @@ def _add_certify(sub) -> None:
     p.add_argument("--step", choices=STEPS,
                    help="step rule of the search: sgd or adam (Riemannian Adam for rddrs); default: "
                         "the method's paper (adam for ancer, sgd otherwise)")
+    p.add_argument("--diagonal", action="store_true", default=None,
+                   help="rddrs only: keep C diagonal (the Riemannian search without off-diagonal freedom)")
     p.add_argument("--inputs-per-batch", type=_positive_int,
                    help="images searched at once (default: about 16k noisy images per search step on a "
                         "CPU, 262k on a GPU, at most 32 images)")

@@ -168,6 +168,8 @@ def make_settings(method: str, sigma: float, model: str | Path, preset: str = "c
     overrides = dict(search or {})
     if overrides and not record.searched:
         raise RDDRSError(f"{record.label} has no search to override")
+    if overrides.get("diagonal") and record.family != "full":
+        raise RDDRSError(f"a diagonal-only search restricts RDDRS' full C; {record.label}'s is not full")
     if overrides.get("max_step") == 0:
         overrides["max_step"] = None
     if record.searched:  # the capped objective is capped at this run's own r_max

@@ -15,6 +15,8 @@ training sigma 0.25 unless its name says otherwise:
 * ``step_sizes``: the paper's RDDRS step sizes 0.5, 1 and 25, with our step bound (soft
   objective) and without it (clamped objective, as in the authors' code).
 * ``frontier``: each method's best variant at several search budgets (iterations x samples).
+* ``diagonal``: RDDRS' best variant and the same search kept to diagonal C, which isolates
+  what its off-diagonal entries add.
 * ``best_sigmaS``: the best variants of the three methods at every training sigma, on the
   preset's images (100 at the cpu preset).
 * ``clamped``: the authors' pipeline: their clamp, their chaining and their code's step sizes,
@@ -171,6 +173,14 @@ def frontier_study(preset: str) -> Study:
                                     start=starts[-1].name if starts else None))
         variants.extend(v for v in starts if v not in variants)
     return Study("frontier", BUDGETS[preset].count, tuple(variants), digests=False)
+
+
+def diagonal_study(preset: str) -> Study:
+    """RDDRS' best variant beside the same search kept to diagonal C (``Search.diagonal``),
+    from the same ANCER start and with the same draws: what the off-diagonal freedom adds."""
+    *starts, best = _best_chain("rddrs")
+    kept = Variant(f"{best.name}_diagonal", "rddrs", {**best.search, "diagonal": True}, start=best.start)
+    return Study("diagonal", BUDGETS[preset].count, (*starts, best, kept), digests=False)
 
 
 def best_study(preset: str, sigma: float) -> Study:

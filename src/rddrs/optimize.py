@@ -149,6 +149,8 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
     with ``len(indices) * settings.samples`` (the whole iteration is one autograd graph).
     """
     check_inputs(x, init, indices)
+    if settings.diagonal and init.family != "full":
+        raise RDDRSError(f"a diagonal-only search restricts RDDRS' full C; the {init.family} family is diagonal already")
     noise = NoiseSource(seed, NoiseSource.OPTIMIZE, x.device, rotation, repeat=settings.repeat)
     objective = objectives.build(settings.objective, init.family, settings.cap)
     rule = steps.make(settings.step, settings.lr)
@@ -160,6 +162,8 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
         value, grad = objective_and_gradient(model, x, current, eps, settings.kappa, settings.scale, objective,
                                              settings.control_variate)
         trace.append(value)
+        if settings.diagonal:
+            grad = _diagonal_part(grad)
         if settings.keep_best_every and (t + 1) % settings.keep_best_every == 0:
             better = value > best_value
             best_value = torch.where(better, value, best_value)
@@ -174,9 +178,16 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
             raise SearchDiverged(f"the search diverged at iteration {t + 1} (image {first}): its step overflowed; "
                                  f"use a smaller --lr or bound the steps with --max-step")
         current = moved.floor(lower)
+        if settings.diagonal:  # the eigendecompositions' rounding must not grow off-diagonal entries
+            current = current.with_param(_diagonal_part(current.param))
     chosen = best if settings.keep_best_every and settings.iterations >= settings.keep_best_every else current
     trace = torch.stack(trace, 1).cpu().numpy() if trace else np.zeros((len(indices), 0))
     return SearchResult(chosen, trace)
+
+
+def _diagonal_part(matrices: Tensor) -> Tensor:
+    """The diagonal matrices with the diagonals of ``matrices`` (B, d, d)."""
+    return torch.diag_embed(torch.diagonal(matrices, dim1=-2, dim2=-1))
 
 
 def _finite_rows(values: Tensor) -> Tensor:

@@ -46,6 +46,11 @@ class Search:
       ``grad psi(x) (sum_i eps_i)^T``, whose mean is 0 since ``E[eps] = 0``.
     * ``repeat``: which independent replicate of the optimisation noise to draw (0: the usual
       stream); the certification noise and sigma_x* do not change with it.
+    * ``diagonal`` (RDDRS only): keep C diagonal. The Riemannian gradient is projected on the
+      diagonal matrices, which at a diagonal C is its diagonal (the metric makes the diagonal
+      and off-diagonal parts orthogonal), and they are totally geodesic, so ``Exp_C`` keeps C
+      diagonal. It removes RDDRS' off-diagonal freedom and keeps everything else: geometry,
+      step rule, draws.
     """
 
     iterations: int
@@ -62,6 +67,7 @@ class Search:
     antithetic: bool = False
     control_variate: bool = False
     repeat: int = 0
+    diagonal: bool = False
 
     def __post_init__(self):
         if self.iterations < 0 or self.samples < 1:
