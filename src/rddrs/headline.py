@@ -176,11 +176,13 @@ def frontier_study(preset: str) -> Study:
 
 
 def diagonal_study(preset: str) -> Study:
-    """RDDRS' best variant beside the same search kept to diagonal C (``Search.diagonal``),
-    from the same ANCER start and with the same draws: what the off-diagonal freedom adds."""
+    """RDDRS' best variant, and the same search from DDRS' sigma_x* I, each beside itself kept
+    to diagonal C (``Search.diagonal``; same start, same draws): what the off-diagonal freedom adds."""
     *starts, best = _best_chain("rddrs")
-    kept = Variant(f"{best.name}_diagonal", "rddrs", {**best.search, "diagonal": True}, start=best.start)
-    return Study("diagonal", BUDGETS[preset].count, (*starts, best, kept), digests=False)
+    searches = (best, Variant(best.name.split("_from_")[0], "rddrs", best.search))
+    kept = tuple(Variant(f"{v.name}_diagonal", "rddrs", {**v.search, "diagonal": True}, start=v.start)
+                 for v in searches)
+    return Study("diagonal", BUDGETS[preset].count, (*starts, *searches, *kept), digests=False)
 
 
 def best_study(preset: str, sigma: float) -> Study:
@@ -195,14 +197,17 @@ def best_study(preset: str, sigma: float) -> Study:
 
 def clamped_study(preset: str) -> Study:
     """The preset's searches with the authors' clamp, chained as in their code (ANCER and RDDRS
-    start from the clamped DDRS); RDDRS without our step bound as in their code and with it, and
-    ANCER also at the step size their script runs (1, where the paper says 0.04 or 0.4)."""
+    start from the clamped DDRS); RDDRS without our step bound as in their code, and ANCER also
+    at the step size their script runs (1, where the paper says 0.04 or 0.4). Below the paper's
+    20000 samples per step the unbounded RDDRS overflows, so there RDDRS also runs with our bound."""
+    bounded = () if preset == "paper" else (
+        Variant("rddrs_clamped_bounded", "rddrs", {"objective": "clamped"}, start="ddrs_clamped"),)
     return Study("clamped", BUDGETS[preset].count, digests=False, variants=(
         Variant("ddrs_clamped", "ddrs", {"objective": "clamped"}),
         Variant("ancer_clamped", "ancer", {"objective": "clamped"}, start="ddrs_clamped"),
         Variant("ancer_clamped_lr1", "ancer", {"objective": "clamped", "lr": 1.0}, start="ddrs_clamped"),
         Variant("rddrs_clamped", "rddrs", {"objective": "clamped", "max_step": 0}, start="ddrs_clamped"),
-        Variant("rddrs_clamped_bounded", "rddrs", {"objective": "clamped"}, start="ddrs_clamped")))
+        *bounded))
 
 
 # -- measures ------------------------------------------------------------------------------
