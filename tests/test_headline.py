@@ -88,3 +88,21 @@ def test_gradient_error_falls_with_the_number_of_draws():
     for scheme in ("plain", "antithetic", "control variate"):
         assert error[(256, scheme)] < error[(16, scheme)]  # about 4x smaller: 1 / sqrt(16)
     assert all(0 < e for e in error.values())
+
+
+def test_diagonal_split_finds_a_diagonal_gradient_whose_noise_is_mostly_off_diagonal():
+    """A classifier that reads one coordinate: at C = sigma I the gradient of H is diagonal (the
+    off-diagonal entries E[psi'(y_0) eps_j] vanish, eps_j independent of y_0), while every entry
+    (0, j) of an estimate carries noise, so the diagonal holds about 1/d of the error."""
+    d = 24
+    weights = torch.zeros(2, d, dtype=torch.float64)
+    weights[0, 0], weights[1, 0] = 3.0, -3.0
+
+    def model(z):
+        return z.reshape(len(z), -1) @ weights.T
+
+    x = torch.full((1, d), 0.3, dtype=torch.float64)
+    (row,) = headline.diagonal_split(model, x, torch.tensor([0.5], dtype=torch.float64), [0], samples=4000,
+                                     repeats=12)
+    assert row["signal_share"] == pytest.approx(1.0, abs=0.05)
+    assert row["noise_share"] < 3 / d and row["noise_to_signal"] > 0

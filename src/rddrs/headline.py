@@ -299,31 +299,88 @@ def samples_for(rows: list[dict], target: float, reference: int | None = None) -
     return out
 
 
+def diagonal_split(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, samples: int, repeats: int,
+                   kappa: float = 1e-6, seed: int = 0, chunk: int = 4000) -> list[dict]:
+    """Per image, at ``C = sigma_x* I``, the share of the diagonal in the squared metric norm of
+    the gradient g of RDDRS' H (``signal_share``) and in that of the Monte Carlo error of one
+    estimate from ``samples`` draws (``noise_share``), and the error's size ``E||g_j - g||^2 / ||g||^2``.
+
+    From K = ``repeats`` independent estimates g_j: the mean of ``<g_j, g_k>`` over pairs j != k
+    is an unbiased estimate of ``||g||^2``, and the mean of ``||g_j||^2`` minus it one of
+    ``E||g_j - g||^2``; the same on the diagonal parts. At ``C = sigma I`` the metric makes the
+    diagonal and off-diagonal parts orthogonal, so the shares are those of ``tr(C^-1 U C^-1 U)``.
+    """
+    d = x[0].numel()
+    rows = []
+    for j, index in enumerate(indices):
+        xi = x[j: j + 1]
+        law = Isotropic(sigma_star[j: j + 1].to(xi), d).as_full()
+        full, diag = [], []
+        for r in range(repeats):
+            eps = NoiseSource(seed, NoiseSource.OPTIMIZE, xi.device, repeat=1 + r).draw([index], samples, d, xi.dtype)
+            g = objective_and_gradient(model, xi, law, eps, kappa, chunk=chunk)[1]
+            full.append(g)
+            diag.append(torch.diag_embed(torch.diagonal(g, dim1=-2, dim2=-1)))
+
+        def moments(parts):
+            total = sum(parts)
+            squares = sum(float(law.inner(p, p)) for p in parts)
+            signal = (float(law.inner(total, total)) - squares) / (repeats * (repeats - 1))
+            return signal, squares / repeats - signal
+
+        (signal, noise), (signal_diag, noise_diag) = moments(full), moments(diag)
+        rows.append({"image": int(index), "samples": int(samples), "signal_share": signal_diag / signal,
+                     "noise_share": noise_diag / noise, "noise_to_signal": noise / signal})
+    return rows
+
+
+def _at_sigma_star(preset: str, results: str | Path, device: str, data: str | Path, models: str | Path):
+    """The model, the preset's first ``gradient_images`` test images and their sigma_x* (its
+    standard DDRS run), and RDDRS' kappa: where the gradient measures are taken."""
+    from rddrs.data import load_mnist
+    from rddrs.models import load_model, resolve_device
+
+    images, _ = load_mnist(Path(data), train=False)
+    count = BUDGETS[preset].gradient_images
+    rows = experiments.read_rows(experiments.result_path(results, "ddrs", SIGMA))
+    missing = [i for i in range(count) if i not in rows]
+    if missing:
+        raise RDDRSError(f"the standard DDRS run in {results} lacks image {missing[0]}: run it first")
+    star = torch.tensor([rows[i]["sigma_min"] for i in range(count)])
+    model = load_model(experiments.model_path(SIGMA, models), device=resolve_device(device))
+    return model, images[:count].to(device), star.to(device), list(range(count)), preset_record(preset).search["rddrs"].kappa
+
+
 def gradient_study(preset: str, results: str | Path, *, device: str = "cpu", data: str | Path = "data",
                    models: str | Path = "data/models", seed: int = 0) -> list[dict]:
     """``gradient_quality`` on the preset's first images, at sigma_x* of its standard DDRS run,
     cached in ``RESULTS/claims/gradients.json``."""
-    from rddrs.data import load_mnist
     from rddrs.files import cached_json
-    from rddrs.models import load_model, resolve_device
 
     budget = BUDGETS[preset]
 
     def compute():
-        images, _ = load_mnist(Path(data), train=False)
-        count = budget.gradient_images
-        rows = experiments.read_rows(experiments.result_path(results, "ddrs", SIGMA))
-        missing = [i for i in range(count) if i not in rows]
-        if missing:
-            raise RDDRSError(f"the standard DDRS run in {results} lacks image {missing[0]}: run it first")
-        star = torch.tensor([rows[i]["sigma_min"] for i in range(count)])
-        model = load_model(experiments.model_path(SIGMA, models), device=resolve_device(device))
-        kappa = preset_record(preset).search["rddrs"].kappa
-        return gradient_quality(model, images[:count].to(device), star.to(device), list(range(count)),
-                                budget.gradient_sizes, budget.gradient_reference, budget.gradient_repeats,
-                                kappa=kappa, seed=seed)
+        model, x, star, indices, kappa = _at_sigma_star(preset, results, device, data, models)
+        return gradient_quality(model, x, star, indices, budget.gradient_sizes, budget.gradient_reference,
+                                budget.gradient_repeats, kappa=kappa, seed=seed)
 
     return cached_json(Path(results) / "claims" / "gradients.json", compute)
+
+
+def diagonal_split_study(preset: str, results: str | Path, *, device: str = "cpu", data: str | Path = "data",
+                         models: str | Path = "data/models", seed: int = 0) -> list[dict]:
+    """``diagonal_split`` on the gradient study's images, at its largest sample count, with
+    ``gradient_repeats`` estimates each, cached in ``RESULTS/claims/diagonal_split.json``."""
+    from rddrs.files import cached_json
+
+    budget = BUDGETS[preset]
+
+    def compute():
+        model, x, star, indices, kappa = _at_sigma_star(preset, results, device, data, models)
+        return diagonal_split(model, x, star, indices, max(budget.gradient_sizes), budget.gradient_repeats,
+                              kappa=kappa, seed=seed)
+
+    return cached_json(Path(results) / "claims" / "diagonal_split.json", compute)
 
 
 
