@@ -15,15 +15,16 @@ training sigma 0.25 unless its name says otherwise:
 * ``step_sizes``: the paper's RDDRS step sizes 0.5, 1 and 25, with our step bound (soft
   objective) and without it (clamped objective, as in the authors' code).
 * ``frontier``: each method's best variant at several search budgets (iterations x samples).
-* ``diagonal``: RDDRS' best variant and the same search kept to diagonal C, which isolates
-  what its off-diagonal entries add.
+* ``diagonal``: RDDRS' best variant, and the same search from DDRS' start, each beside itself
+  kept to diagonal C: what the off-diagonal entries add.
 * ``best_sigmaS``: the best variants of the three methods at every training sigma, on the
   preset's images (100 at the cpu preset).
 * ``clamped``: the authors' pipeline: their clamp, their chaining and their code's step sizes,
   at the cpu preset and on the paper slice.
 
 Measures: ``gradient_quality`` (relative error of the Monte Carlo gradient of H against a
-reference from far more draws), ``evaluations`` (network passes per image of a variant),
+reference from far more draws), ``diagonal_split`` (how much of that gradient, and of its
+error, lies on the diagonal), ``evaluations`` (network passes per image of a variant),
 ``summary_rows`` (ACRs and certificates at the cap per variant).
 """
 
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rddrs import RDDRSError, experiments
+from rddrs import RDDRSError, experiments, spd
 from rddrs.claims import Diverged, Study, Variant, VariantRun
 from rddrs.methods import SEARCHED
 from rddrs.noise import Isotropic, NoiseSource
@@ -320,7 +321,7 @@ def diagonal_split(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, sa
             eps = NoiseSource(seed, NoiseSource.OPTIMIZE, xi.device, repeat=1 + r).draw([index], samples, d, xi.dtype)
             g = objective_and_gradient(model, xi, law, eps, kappa, chunk=chunk)[1]
             full.append(g)
-            diag.append(torch.diag_embed(torch.diagonal(g, dim1=-2, dim2=-1)))
+            diag.append(spd.diagonal_part(g))
 
         def moments(parts):
             total = sum(parts)
@@ -348,7 +349,8 @@ def _at_sigma_star(preset: str, results: str | Path, device: str, data: str | Pa
         raise RDDRSError(f"the standard DDRS run in {results} lacks image {missing[0]}: run it first")
     star = torch.tensor([rows[i]["sigma_min"] for i in range(count)])
     model = load_model(experiments.model_path(SIGMA, models), device=resolve_device(device))
-    return model, images[:count].to(device), star.to(device), list(range(count)), preset_record(preset).search["rddrs"].kappa
+    kappa = preset_record(preset).search["rddrs"].kappa
+    return model, images[:count].to(device), star.to(device), list(range(count)), kappa
 
 
 def gradient_study(preset: str, results: str | Path, *, device: str = "cpu", data: str | Path = "data",

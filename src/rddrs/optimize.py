@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from rddrs import RDDRSError, objectives, steps
+from rddrs import RDDRSError, objectives, spd, steps
 from rddrs.methods import method as method_record
 from rddrs.noise import Diagonal, Isotropic, NoiseSource, Smoothing, check_inputs, noisy_outputs
 from rddrs.presets import ANCER, DDRS, RDDRS, Search
@@ -163,7 +163,7 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
                                              settings.control_variate)
         trace.append(value)
         if settings.diagonal:
-            grad = _diagonal_part(grad)
+            grad = spd.diagonal_part(grad)
         if settings.keep_best_every and (t + 1) % settings.keep_best_every == 0:
             better = value > best_value
             best_value = torch.where(better, value, best_value)
@@ -179,15 +179,10 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
                                  f"use a smaller --lr or bound the steps with --max-step")
         current = moved.floor(lower)
         if settings.diagonal:  # the eigendecompositions' rounding must not grow off-diagonal entries
-            current = current.with_param(_diagonal_part(current.param))
+            current = current.with_param(spd.diagonal_part(current.param))
     chosen = best if settings.keep_best_every and settings.iterations >= settings.keep_best_every else current
     trace = torch.stack(trace, 1).cpu().numpy() if trace else np.zeros((len(indices), 0))
     return SearchResult(chosen, trace)
-
-
-def _diagonal_part(matrices: Tensor) -> Tensor:
-    """The diagonal matrices with the diagonals of ``matrices`` (B, d, d)."""
-    return torch.diag_embed(torch.diagonal(matrices, dim1=-2, dim2=-1))
 
 
 def _finite_rows(values: Tensor) -> Tensor:

@@ -31,6 +31,12 @@ def sym(a: Tensor) -> Tensor:
     return 0.5 * (a + a.transpose(-1, -2))
 
 
+def diagonal_part(a: Tensor) -> Tensor:
+    """The diagonal matrices with the diagonals of ``a`` (..., d, d): at a diagonal C, the
+    orthogonal projection of a tangent vector on the (totally geodesic) diagonal matrices."""
+    return torch.diag_embed(torch.diagonal(a, dim1=-2, dim2=-1))
+
+
 def eigh(c: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (ascending) and orthonormal eigenvectors of the symmetric part of ``c``.
 
