@@ -106,3 +106,18 @@ def test_diagonal_split_finds_a_diagonal_gradient_whose_noise_is_mostly_off_diag
                                      repeats=12)
     assert row["signal_share"] == pytest.approx(1.0, abs=0.05)
     assert row["noise_share"] < 3 / d and row["noise_to_signal"] > 0
+
+
+def test_the_pipeline_parts_change_one_part_of_the_authors_pipeline_each(checkpoint):
+    pipeline, parts = headline.clamped_study("paper"), headline.pipeline_parts_study("paper")
+    assert parts.name == pipeline.name and parts.count <= pipeline.count  # its runs are the pipeline's files
+    own = {v.name: v for v in pipeline.variants}
+    written = own["rddrs_clamped"]
+    changed = [v for v in parts.variants if v.name not in own]
+    assert all(v == own[v.name] for v in parts.variants if v.name in own) and len(changed) == 2
+    for variant in changed:
+        differ = {k for k in written.search.keys() | variant.search.keys()
+                  if written.search.get(k) != variant.search.get(k)}
+        assert variant.start == written.start and len(differ) == 1, (variant.name, differ)
+        experiments.make_settings("rddrs", 0.25, checkpoint, "paper", search=variant.search)
+    assert not headline.pipeline_parts_study("cpu").variants and not headline.pipeline_parts_study("smoke").variants

@@ -211,6 +211,24 @@ def clamped_study(preset: str) -> Study:
         *bounded))
 
 
+#: images of the paper slice on which the authors' pipeline is taken apart (``pipeline_parts_study``)
+PARTS_COUNT = 2
+
+
+def pipeline_parts_study(preset: str) -> Study:
+    """At the paper preset, the authors' pipeline (``clamped_study``) with one part changed at a
+    time, on the slice's first ``PARTS_COUNT`` images: RDDRS with our step bound, or with the soft
+    objective instead of the clamp, both from the clamped DDRS. It shares the clamped study's
+    folder, so the pipeline's own runs are read, not run again; the other presets have no parts."""
+    if preset != "paper":
+        return Study("clamped", PARTS_COUNT, (), digests=False)
+    pipeline = clamped_study(preset)
+    return Study("clamped", PARTS_COUNT, digests=False, variants=(
+        pipeline.variant("ddrs_clamped"), pipeline.variant("rddrs_clamped"),
+        Variant("rddrs_clamped_bounded", "rddrs", {"objective": "clamped"}, start="ddrs_clamped"),
+        Variant("rddrs_soft_unbounded", "rddrs", {"max_step": 0}, start="ddrs_clamped")))
+
+
 # -- measures ------------------------------------------------------------------------------
 
 def evaluations(study: Study, variant: Variant, preset: str) -> int:

@@ -80,7 +80,8 @@ def _studies(preset: str, count: int | None, groups: tuple[str, ...]):
         from rddrs import headline
 
         for make in (headline.tuning_study, headline.variants_study, headline.step_size_study,
-                     headline.frontier_study, headline.diagonal_study, headline.clamped_study):
+                     headline.frontier_study, headline.diagonal_study, headline.clamped_study,
+                     headline.pipeline_parts_study):
             study = make(preset)
             if study.variants:
                 yield study, headline.SIGMA, "headline"
