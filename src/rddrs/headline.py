@@ -196,13 +196,16 @@ def best_study(preset: str, sigma: float) -> Study:
     return Study(f"best_sigma{sigma:.2f}", BUDGETS[preset].best_count, tuple(variants), digests=False)
 
 
+#: RDDRS with the authors' clamp from the clamped DDRS, but with our step bound
+_CLAMPED_BOUNDED = Variant("rddrs_clamped_bounded", "rddrs", {"objective": "clamped"}, start="ddrs_clamped")
+
+
 def clamped_study(preset: str) -> Study:
     """The preset's searches with the authors' clamp, chained as in their code (ANCER and RDDRS
     start from the clamped DDRS); RDDRS without our step bound as in their code, and ANCER also
     at the step size their script runs (1, where the paper says 0.04 or 0.4). Below the paper's
     20000 samples per step the unbounded RDDRS overflows, so there RDDRS also runs with our bound."""
-    bounded = () if preset == "paper" else (
-        Variant("rddrs_clamped_bounded", "rddrs", {"objective": "clamped"}, start="ddrs_clamped"),)
+    bounded = () if preset == "paper" else (_CLAMPED_BOUNDED,)
     return Study("clamped", BUDGETS[preset].count, digests=False, variants=(
         Variant("ddrs_clamped", "ddrs", {"objective": "clamped"}),
         Variant("ancer_clamped", "ancer", {"objective": "clamped"}, start="ddrs_clamped"),
@@ -225,7 +228,7 @@ def pipeline_parts_study(preset: str) -> Study:
     pipeline = clamped_study(preset)
     return Study("clamped", PARTS_COUNT, digests=False, variants=(
         pipeline.variant("ddrs_clamped"), pipeline.variant("rddrs_clamped"),
-        Variant("rddrs_clamped_bounded", "rddrs", {"objective": "clamped"}, start="ddrs_clamped"),
+        _CLAMPED_BOUNDED,
         Variant("rddrs_soft_unbounded", "rddrs", {"max_step": 0}, start="ddrs_clamped")))
 
 
@@ -270,6 +273,15 @@ def best_of(runs: dict[str, VariantRun], method: str, kind: str = "proxy") -> st
     return max(scored, key=scored.get)
 
 
+def _gradient_estimate(model, x: torch.Tensor, law, index: int, m: int, repeat: int, kappa: float, seed: int,
+                       chunk: int, antithetic: bool = False, control_variate: bool = False) -> torch.Tensor:
+    """The Monte Carlo gradient of H at ``law`` for one input from m draws of replicate ``repeat``
+    of its optimisation stream (independent replicates for independent estimates)."""
+    eps = NoiseSource(seed, NoiseSource.OPTIMIZE, x.device, repeat=repeat).draw(
+        [index], m, law.dim, x.dtype, antithetic=antithetic)
+    return objective_and_gradient(model, x, law, eps, kappa, control_variate=control_variate, chunk=chunk)[1]
+
+
 def gradient_quality(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, sizes, reference: int,
                      repeats: int, kappa: float = 1e-6, seed: int = 0, chunk: int = 4000) -> list[dict]:
     """Relative error of the Monte Carlo gradient of RDDRS' H at ``C = sigma_x* I``, per image.
@@ -286,11 +298,8 @@ def gradient_quality(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, 
         xi = x[j: j + 1]
         law = Isotropic(sigma_star[j: j + 1].to(xi), d).as_full()
 
-        def estimate(m: int, repeat: int, antithetic: bool = False, control_variate: bool = False):
-            eps = NoiseSource(seed, NoiseSource.OPTIMIZE, xi.device, repeat=repeat).draw(
-                [index], m, d, xi.dtype, antithetic=antithetic)
-            return objective_and_gradient(model, xi, law, eps, kappa, control_variate=control_variate,
-                                          chunk=chunk)[1]
+        def estimate(m: int, repeat: int, **options):
+            return _gradient_estimate(model, xi, law, index, m, repeat, kappa, seed, chunk, **options)
 
         ref = estimate(reference, repeat=10_000)
         norm = float(law.inner(ref, ref).sqrt())
@@ -336,8 +345,7 @@ def diagonal_split(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, sa
         law = Isotropic(sigma_star[j: j + 1].to(xi), d).as_full()
         full, diag = [], []
         for r in range(repeats):
-            eps = NoiseSource(seed, NoiseSource.OPTIMIZE, xi.device, repeat=1 + r).draw([index], samples, d, xi.dtype)
-            g = objective_and_gradient(model, xi, law, eps, kappa, chunk=chunk)[1]
+            g = _gradient_estimate(model, xi, law, index, samples, 1 + r, kappa, seed, chunk)
             full.append(g)
             diag.append(spd.diagonal_part(g))
 
