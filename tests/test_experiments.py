@@ -477,3 +477,54 @@ def test_a_corrupt_sidecar_is_named_on_resume_and_the_rows_are_kept(checkpoint, 
     err = capsys.readouterr().err.strip()
     assert "rs.tsv.json is not valid JSON" in err and "restore it" in err and len(err.splitlines()) == 1
     assert out.read_bytes() == rows and (tmp_path / "rs.tsv.json").read_text() == "{broken"
+
+
+def test_a_diverging_image_is_a_row_certified_with_its_last_finite_law(tmp_path):
+    """The authors' unbounded clamped RDDRS at a step size of 25 overflows on some images of our CNN:
+    the run still ends (exit 0) with every row; those rows say diverged@ITER and hold the certificate
+    of the last finite law (the trace's param), and the other images' rows are those of a run
+    without the diverging ones. Old rows without the column read as ok; RS rows say -."""
+    from rddrs.certify import certify as certify_law
+    from rddrs.data import load_mnist
+    from rddrs.models import load_model
+    from rddrs.noise import FullSPD
+
+    model_file = ROOT / "data" / "models" / "mnist_cnn_sigma0.25.pt"
+    wild = ["--objective", "clamped", "--max-step", "0", "--lr", "25", "--samples", "32"]
+    out = tmp_path / "wild.tsv"
+    assert certify(model_file, out, "rddrs", *wild) == 0
+    rows = read_rows(out)
+    assert sorted(rows) == [0, 1, 2, 3]
+    diverged = [i for i, r in rows.items() if r["search"].startswith("diverged@")]
+    calm = [i for i, r in rows.items() if r["search"] == "ok"]
+    assert diverged and calm and len(diverged) + len(calm) == 4
+    images, labels = load_mnist(DATA, train=False)
+    model = load_model(model_file)
+    for i in diverged:
+        with np.load(tmp_path / "wild.tsv.traces" / f"{i}.npz") as trace:
+            law = FullSPD(torch.from_numpy(trace["param"])[None])
+            stopped = int(rows[i]["search"].split("@")[1])
+            assert trace["rddrs_diverged_at"] == stopped and np.isnan(trace["rddrs"][stopped:]).all()
+        cert = certify_law(model, images[i: i + 1], law, [i], 10, 200, 0.01, seed=0)
+        assert (rows[i]["predict"], rows[i]["p_lower"]) == (cert.predict[0], cert.p_lower[0])
+        assert rows[i]["gap"] == pytest.approx(cert.gap[0]) and rows[i]["radius"] == pytest.approx(cert.radius[0])
+    for i in calm:  # the same image searched without the others
+        alone = tmp_path / f"alone{i}.tsv"
+        assert certify(model_file, alone, "rddrs", *wild, "--start", str(i), "--count", "1") == 0
+        (row,) = read_rows(alone).values()
+        assert (row["predict"], row["search"]) == (rows[i]["predict"], "ok")
+        for key in ("gap", "radius", "proxy_radius", "sigma_min", "sigma_max"):
+            assert row[key] == pytest.approx(rows[i][key], rel=1e-4), key
+    assert certify(model_file, tmp_path / "rs.tsv", "rs", "--count", "1") == 0
+    assert read_rows(tmp_path / "rs.tsv")[0]["search"] == "-"
+
+
+def test_a_file_without_the_search_column_reads_as_ok_and_resumes(checkpoint, tmp_path):
+    out = tmp_path / "old.tsv"
+    assert certify(checkpoint, out, "ddrs", "--count", "2") == 0
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(line.rsplit("\t", 1)[0] for line in lines) + "\n")  # as an older rddrs wrote it
+    assert {r["search"] for r in read_rows(out).values()} == {"ok"}
+    assert certify(checkpoint, out, "ddrs", "--count", "3") == 0  # resumed: the header gains the column
+    assert out.read_text().splitlines()[0].split("\t") == list(COLUMNS)
+    assert [r["search"] for r in read_rows(out).values()] == ["ok"] * 3

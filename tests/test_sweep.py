@@ -77,9 +77,9 @@ def test_registry_lists_each_file_once_after_what_it_starts_from(tmp_path):
     # the studies' variants, with the file paths of claims.run_study
     floor = claims.studies("smoke")["floor"]
     assert str(tmp_path / "claims" / "floor" / "no_floor.tsv") in by_out
-    # the variant with the preset's own settings is the standard run, carrying the variant's note
-    assert str(claims.note_path(tmp_path, floor, floor.variant("floor"))) in \
-        by_out[str(result_path(tmp_path, "rddrs", 0.25))].notes
+    # the variant with the preset's own settings is the standard run
+    assert claims.study_specs(floor, 0.25, "smoke", tmp_path, data=DATA, models=MODELS)["floor"].out == \
+        str(result_path(tmp_path, "rddrs", 0.25))
     assert any("/claims/tuning/" in o for o in outs) and any("/claims/best_sigma0.12/" in o for o in outs)
     # a start holds every image of the runs that start from it
     ddrs = by_out[str(result_path(tmp_path, "ddrs", 0.25))]
@@ -146,14 +146,16 @@ def test_a_merge_refuses_other_settings_and_rows_twice(tmp_path):
     assert sorted(read_rows(spec.out)) == [0, 1]
 
 
-def test_a_diverged_variant_is_recorded_and_so_is_what_starts_from_it(tmp_path):
+def test_a_diverging_search_is_rows_and_what_starts_from_it_goes_on(tmp_path):
+    """DDRS at an absurd step size overflows at its first step on every image: its rows say so and
+    keep the start sigma; the RDDRS run that starts from them is computed; nothing fails."""
     ddrs, rddrs = specs_for(tmp_path, count=2)
-    note_a, note_b = str(tmp_path / "a.diverged.json"), str(tmp_path / "b.diverged.json")
-    wild = replace(ddrs, out=str(tmp_path / "wild.tsv"), search={"lr": 1e30, "max_step": 0}, notes=(note_a,))
-    after = replace(rddrs, out=str(tmp_path / "after.tsv"), init=wild.out, notes=(note_b,))
+    wild = replace(ddrs, out=str(tmp_path / "wild.tsv"), search={"lr": 1e30, "max_step": 0})
+    after = replace(rddrs, out=str(tmp_path / "after.tsv"), init=wild.out)
     report = runs.execute([after, wild])
-    assert set(report.diverged) == {wild.out, after.out} and not report.failed
-    assert "diverged" in Path(note_a).read_text() and "diverged" in Path(note_b).read_text()
+    assert not report.failed and report.done == report.shards == 2
+    assert [(r["search"], r["sigma_min"]) for r in read_rows(wild.out).values()] == [("diverged@1", 0.25)] * 2
+    assert [r["search"] for r in read_rows(after.out).values()] == ["ok"] * 2
     assert runs.complete([wild, after]) and runs.execute([after, wild]).shards == 0
 
 
@@ -271,9 +273,8 @@ def test_a_stopped_sweep_computes_only_what_is_missing(tmp_path):
     assert 2 <= len(first) < 8, "the sweep was not stopped in the middle"
     again = subprocess.run(sweep_command(results), env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
-    assert "1 complete before" in again.stdout  # DDRS was done; RDDRS continues
     computed = int(again.stdout.split(" of ")[0].split(", ")[-1])
-    assert computed < 4  # fewer shards than the whole RDDRS run
+    assert computed <= 6  # fewer shards than the whole sweep (DDRS and RDDRS advance chunk by chunk)
     final = read_rows(out)
     assert sorted(final) == list(range(8))
     assert all(final[i]["seconds"] == first[i]["seconds"] for i in first)  # merged rows are not recomputed

@@ -55,6 +55,9 @@ DEFAULT_RADII = tuple(0.5 * k for k in range(9))  # 0, 0.5, ..., 4.0
 
 REQUIRED_COLUMNS = ("idx", "label", "predict", "correct", "gap", "radius", "proxy_radius",
                     "sigma_min", "seconds")
+#: the per-row arrays of ``Results``: the required columns and the search status (``ok`` in
+#: files written before the column existed)
+ROW_FIELDS = REQUIRED_COLUMNS + ("search",)
 _INT_COLUMNS = ("idx", "label", "predict", "correct")
 
 
@@ -76,16 +79,26 @@ class Results:
     proxy_radius: np.ndarray
     sigma_min: np.ndarray
     seconds: np.ndarray
+    search: np.ndarray | None = None  # per row: ok, diverged@ITER or - (no search); None: all ok
     meta: dict = field(default_factory=dict)
     method: str | None = None
     sigma: float | None = None
     preset: str | None = None
     has_sidecar: bool = False
 
+    def __post_init__(self):
+        if self.search is None:
+            self.search = np.full(self.idx.shape, "ok", dtype=object)
+
     @property
     def n(self) -> int:
         """Number of certified inputs."""
         return int(self.idx.size)
+
+    @property
+    def diverged(self) -> int:
+        """Number of inputs whose search stopped because a step overflowed (``diverged@ITER``)."""
+        return int(sum(str(s).startswith("diverged") for s in self.search))
 
     def radii(self, kind: str = "proxy") -> np.ndarray:
         """Certified radius of each input: ``proxy_radius`` for ``proxy``, ``radius`` for ``l2``."""
@@ -143,6 +156,7 @@ def read_results(path, method: str | None = None, sigma: float | None = None) ->
     cols = {name: np.array([r[name] for r in rows],
                            dtype=np.int64 if name in _INT_COLUMNS else np.float64)
             for name in REQUIRED_COLUMNS}
+    cols["search"] = np.array([r.get("search", "ok") for r in rows], dtype=object)
     res = Results(path=path, **cols)
 
     meta = _read_sidecar(path)

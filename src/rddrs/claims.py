@@ -19,7 +19,6 @@ the runtime summary reads the standard runs' timings and measures one RDDRS iter
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -46,13 +45,15 @@ class Variant:
     """One run of a study: ``method`` with ``search`` overrides (``Search`` fields), rotated
     by the orthogonal matrix of seed ``rotate`` (None: not rotated), its search started from
     the run of the study's variant named ``start`` (None: the DDRS run of the preset's search;
-    an ANCER variant can start an RDDRS one)."""
+    an ANCER variant can start an RDDRS one). ``tier``: a sweep computes the variants of a lower
+    tier (larger number) after the others, chunk by chunk."""
 
     name: str
     method: str
     search: dict = field(default_factory=dict)
     rotate: int | None = None
     start: str | None = None
+    tier: int = 0
 
 
 @dataclass(frozen=True)
@@ -168,28 +169,24 @@ def _start_of(study: Study, variant: Variant) -> Variant:
                         rotate=variant.rotate))
 
 
-def note_path(results: str | Path, study: Study, variant: Variant) -> Path:
-    """Where a variant whose search diverged is recorded (delete the note to try it again)."""
-    return study_dir(results, study) / f"{variant.name}.diverged.json"
-
-
 def study_specs(study: Study, sigma: float, preset: str, results: str | Path, *, device: str = "cpu",
                 seed: int = 0, data: str | Path = "data", models: str | Path = "data/models",
-                groups: tuple[str, ...] = ("claims",)) -> dict[str, runs.RunSpec]:
+                groups: tuple[str, ...] = ("claims",), priority: int = 0) -> dict[str, runs.RunSpec]:
     """The run of every variant of ``study`` (and of the starts it needs that are not variants),
     by variant name: ``RESULTS/claims/STUDY/VARIANT.tsv`` on the study's images, or the
-    standard run ``RESULTS/METHOD_sigmaS.tsv`` for a variant with the preset's own settings."""
+    standard run ``RESULTS/METHOD_sigmaS.tsv`` for a variant with the preset's own settings.
+    A run's priority in a sweep is ``priority`` plus its variant's tier (a start's: its
+    dependant's)."""
     model_file = experiments.model_path(sigma, models)
     folder = study_dir(results, study)
     images = ((study.first, study.first + study.count),)
-    own = {v.name for v in study.variants}
     specs: dict[str, runs.RunSpec] = {}
 
-    def spec_of(variant: Variant) -> runs.RunSpec:
+    def spec_of(variant: Variant, tier: int) -> runs.RunSpec:
         if variant.name in specs:
             return specs[variant.name]
         record = method_record(variant.method)
-        init = spec_of(_start_of(study, variant)).out if record.starts else None
+        init = spec_of(_start_of(study, variant), tier).out if record.starts else None
         settings = experiments.make_settings(variant.method, sigma, model_file, preset, seed=seed, device=device,
                                              rotate=variant.rotate, init=init, search=variant.search or None)
         standard = experiments.make_settings(
@@ -197,16 +194,16 @@ def study_specs(study: Study, sigma: float, preset: str, results: str | Path, *,
             init=experiments.result_path(results, record.base, sigma) if init is not None else None)
         is_standard = variant.rotate is None and settings.comparable() == standard.comparable()
         out = experiments.result_path(results, variant.method, sigma) if is_standard else folder / f"{variant.name}.tsv"
-        notes = (str(note_path(results, study, variant)),) if variant.name in own else ()
         specs[variant.name] = runs.RunSpec(
             str(out), method=variant.method, sigma=float(sigma), preset=preset, model=str(model_file),
             ranges=images, seed=seed, device=device, rotate=variant.rotate,
             search={} if is_standard else dict(variant.search),  # the standard run's overrides change nothing
-            init=None if init is None else str(init), notes=notes, groups=groups, data=str(data))
+            init=None if init is None else str(init), groups=groups, data=str(data),
+            priority=priority + tier)
         return specs[variant.name]
 
-    for variant in study.variants:
-        spec_of(variant)
+    for variant in sorted(study.variants, key=lambda v: v.tier):  # a start shared by tiers takes the first
+        spec_of(variant, variant.tier)
     return specs
 
 
@@ -214,11 +211,11 @@ def run_study(study: Study, sigma: float, preset: str, results: str | Path, *, d
               seed: int = 0, data: str | Path = "data", models: str | Path = "data/models",
               progress: bool = False, compute: bool = True) -> dict[str, VariantRun]:
     """Certify every variant of ``study`` that is not complete (``study_specs``; in this
-    process), then read them all. A variant whose search diverged is recorded as such in
-    ``VARIANT.diverged.json`` and read as ``Diverged``. With ``compute=False`` only read, and
-    say which variant is incomplete (e.g. a paper-scale study on a CPU)."""
+    process), then read them all (an image whose search diverged is a row like the others:
+    ``VariantRun.results.diverged`` counts them). With ``compute=False`` only read, and say
+    which variant is incomplete (e.g. a paper-scale study on a CPU)."""
     specs = study_specs(study, sigma, preset, results, device=device, seed=seed, data=data, models=models)
-    wanted = [specs[v.name] for v in study.variants if not note_path(results, study, v).exists()]
+    wanted = [specs[v.name] for v in study.variants]
     if not compute:
         if incomplete := next((spec for spec in wanted if runs.missing(spec)), None):
             raise RDDRSError(f"{incomplete.out} lacks {len(runs.missing(incomplete))} of the study's images: "
@@ -231,22 +228,10 @@ def run_study(study: Study, sigma: float, preset: str, results: str | Path, *, d
     folder = study_dir(results, study)
     done = {}
     for variant in study.variants:
-        note = note_path(results, study, variant)
-        if note.exists():
-            done[variant.name] = Diverged(variant, json.loads(note.read_text())["message"])
-        else:
-            spec = specs[variant.name]
-            done[variant.name] = _read(variant, Path(spec.out), None if spec.init is None else Path(spec.init),
-                                       folder, study)
+        spec = specs[variant.name]
+        done[variant.name] = _read(variant, Path(spec.out), None if spec.init is None else Path(spec.init),
+                                   folder, study)
     return done
-
-
-@dataclass
-class Diverged:
-    """A variant whose search overflowed (its step size is too large), with the search's message."""
-
-    variant: Variant
-    message: str
 
 
 def _study_images(res: analysis.Results, study: Study) -> analysis.Results:
@@ -254,7 +239,7 @@ def _study_images(res: analysis.Results, study: Study) -> analysis.Results:
     if len(keep) != study.count:
         raise RDDRSError(f"{res.path} has {len(keep)} of the test images {study.first}..{study.first + study.count - 1}")
     keep = keep[np.argsort(res.idx[keep])]
-    return replace(res, **{name: getattr(res, name)[keep] for name in analysis.REQUIRED_COLUMNS})
+    return replace(res, **{name: getattr(res, name)[keep] for name in analysis.ROW_FIELDS})
 
 
 def _read(variant: Variant, path: Path, init: Path | None, folder: Path, study: Study) -> VariantRun:

@@ -69,7 +69,7 @@ def _cmd_memory(args: argparse.Namespace) -> None:
 def _cmd_merge(args: argparse.Namespace) -> None:
     from rddrs.experiments import merge
 
-    rows = merge([Path(p) for p in args.shards], Path(args.out))
+    rows = merge([Path(p) for p in args.shards], Path(args.out), overwrite=args.replace)
     print(f"merged {len(args.shards)} shards, {rows} rows, into {args.out}")
 
 
@@ -137,7 +137,8 @@ def _add_certify(sub) -> None:
                        description="Join result files of one run split with --start/--count; the shards "
                                    "must share settings, must not overlap and must leave no gap.")
     m.add_argument("shards", nargs="+")
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", required=True, help="the merged file (must not exist, unless --replace)")
+    m.add_argument("--replace", action="store_true", help="overwrite an existing OUT (not one being written)")
     m.set_defaults(run=_cmd_merge)
 
 
@@ -159,7 +160,10 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from rddrs import registry, runs
+    from rddrs.results import read_rows
 
+    if args.until is not None and not args.until > 0:
+        raise RDDRSError(f"--until must be a number of seconds > 0, got {args.until:g}")
     results = Path(args.results or Path("results") / args.preset).resolve()
     device = args.device or ("cuda" if args.gpus_per_task > 0 else "cpu")
     if device.startswith("cuda") and args.gpus_per_task == 0:
@@ -182,12 +186,18 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
             raise RDDRSError("--address joins a Ray cluster: use it with --engine ray")
         engine = runs.Local(args.processes, threads=args.cpus_per_task, gpus=args.gpus_per_task, device=device,
                             retries=args.retries)
-    report = runs.execute(specs, engine, shard_size=args.shard_size, results=results, progress=not args.quiet)
-    for out, message in report.diverged.items():
-        print(f"diverged: {Path(out).relative_to(results)}: {message}")
+    before = {s.out: len(read_rows(s.out)) for s in specs if s.kind == runs.CERTIFY}
+    report = runs.execute(specs, engine, shard_size=args.shard_size, results=results, progress=not args.quiet,
+                          until=args.until)
     for out, message in report.failed.items():
         print(f"failed: {Path(out).relative_to(results)}: {message}", file=sys.stderr)
     print(f"{report.summary()}; results in {results}")
+    if args.pack:
+        from rddrs.archive import pack
+
+        grown = [out for out, n in before.items() if len(read_rows(out)) > n]
+        rows = pack(grown, results, args.pack, args.preset)
+        print(f"packed {len(grown)} files ({rows} rows) into {args.pack}; land them with `rddrs land {args.pack}`")
     if report.failed:
         raise RDDRSError(f"{len(report.failed)} of {report.runs} runs failed (listed above); run the same "
                          "command again to retry them")
@@ -232,9 +242,34 @@ def _add_sweep(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="data", help="data directory (default: data)")
     p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
+    p.add_argument("--until", type=float, metavar="SECONDS",
+                   help="start no shard that would not end within SECONDS (at the pace measured so far); "
+                        "at that time stop, merge every finished batch and exit 0: the same command "
+                        "continues later")
+    p.add_argument("--pack", metavar="ARCHIVE",
+                   help="then pack the result files this sweep added rows to into ARCHIVE (.tar.gz), for "
+                        "`rddrs land` on another machine")
     p.add_argument("--list", action="store_true", help="list the runs and their state; compute nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_sweep)
+
+
+def _cmd_land(args: argparse.Namespace) -> None:
+    from rddrs.archive import land, land_message
+
+    print(land_message(land(Path(args.archive), args.results, args.models)))
+
+
+def _add_land(sub) -> None:
+    p = sub.add_parser("land", help="add the rows of a sweep's archive to the results here",
+                       description="Add the rows packed by `rddrs sweep --pack` (on another machine, a GPU "
+                                   "session say) to the result files of RESULTS, recording which session "
+                                   "wrote them. Everything is checked before anything is written: the "
+                                   "preset, the models' hashes, the runs' settings, rows already here.")
+    p.add_argument("archive", metavar="ARCHIVE", help="the .tar.gz of rddrs sweep --pack")
+    p.add_argument("--results", help="results directory (default: results/PRESET of the archive)")
+    p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
+    p.set_defaults(run=_cmd_land)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_certify(sub)
     _add_memory(sub)
     _add_sweep(sub)
+    _add_land(sub)
     curves = sub.add_parser("curves", help="certified-accuracy curves and tables from result files",
                             description="Draw certified accuracy against proxy and l2 radius (one panel "
                                         "per sigma, one line per method) and write tables as CSV and Markdown.")

@@ -12,9 +12,11 @@ test set can run in parallel processes or machines and be joined by ``merge``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,8 +33,9 @@ from rddrs.methods import PARAM_AXES
 from rddrs.noise import Smoothing, from_param
 from rddrs.optimize import find_smoothing
 from rddrs.presets import PRESETS, RDDRS_MAX_STEP, Search, preset as preset_record  # noqa: F401 (re-exported)
-from rddrs.results import (COLUMNS, INT_COLUMNS, complete_lines, format_value, model_path,  # noqa: F401
-                           read_rows, read_sidecar, result_path, sidecar_path, traces_dir, write_rows)
+from rddrs.results import (COLUMNS, INT_COLUMNS, complete_lines, format_row, index_ranges,  # noqa: F401
+                           model_path, provenance_parts, read_rows, read_sidecar, result_path, search_status,
+                           sidecar_path, traces_dir, upgrade, with_parts, write_rows)
 from rddrs.methods import NAMES as METHODS
 from rddrs.stats import gap_cap
 
@@ -57,10 +60,12 @@ class RunSettings:
     init: str | None = None
 
     def comparable(self) -> dict:
-        """The settings whose change would mix incompatible rows in one file."""
+        """The settings whose change would mix incompatible rows in one file. The device is not
+        one of them: a run may go on on another machine (its rows are as valid, its draws
+        others), and the sidecar records which session, on which device, wrote which rows."""
         d = asdict(self)
         d.pop("model")  # the same weights may live at another path
-        d["device"] = torch.device(self.device).type
+        d.pop("device")
         d["init"] = _file_name(self.init)  # so may the DDRS run; load_init checks what matters
         return json.loads(json.dumps(d))
 
@@ -110,6 +115,7 @@ def normalised(stored: dict) -> dict:
     """Settings as recorded in a sidecar, in the form ``RunSettings.comparable`` gives: the init
     file by name, and each search with the defaults of options added after it was written."""
     stored = dict(stored)
+    stored.pop("device", None)  # recorded by sidecars written before a run could change machines
     stored["init"] = _file_name(stored.get("init"))
     # a search recorded before a Search option existed ran with that option's default
     stored["search"] = {k: Search.from_dict(v).record() for k, v in stored.get("search", {}).items()}
@@ -293,9 +299,14 @@ def run_certification(settings: RunSettings, model, images: torch.Tensor, labels
 def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor,
                   start: int, out: Path, inputs_per_batch: int, batch_size: int, progress: bool) -> Path:
     device = torch.device(settings.device)
-    resumed = check_or_write_sidecar(out, settings, {"provenance": provenance(device)})
+    here = provenance(device)
+    resumed = check_or_write_sidecar(out, settings, {"provenance": here})
+    upgrade(out)  # a file of an older rddrs gets today's columns before rows are added
     done = read_rows(out, repair=True)
     todo = [i for i in range(start, start + len(images)) if i not in done]
+    if todo:  # this session's part: the rows it sets out to write, and where
+        write_atomic(sidecar_path(out), [json.dumps(with_parts(read_sidecar(out), [dict(
+            here, rows=index_ranges(todo))], done), indent=2).encode()])
     init = load_init(Path(settings.init), settings, todo) if settings.init and todo else None
     rotation = random_rotation(images[0].numel(), settings.rotate) if settings.rotate is not None else None
     noise_rotation = None
@@ -322,15 +333,17 @@ def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: to
                            rotation=noise_rotation)
             seconds = (time.perf_counter() - tic) / len(idx)
             sigma_min, sigma_proxy, sigma_max = law.min_scale(), law.proxy(), law.max_scale()
+            stopped = trace.get(f"{settings.method}_diverged_at")  # None for RS, which has no search
             for j, i in enumerate(idx):
-                if trace:  # RS has no search
+                if trace:
                     np.savez(traces / f"{i}.npz", param=law.param[j].float().cpu().numpy(),
                              **{k: v[j] for k, v in trace.items()})
                 label = int(labels[i - start])
-                row = (i, label, cert.predict[j], int(cert.predict[j] == label), cert.gap[j], cert.radius[j],
-                       cert.proxy_radius[j], float(sigma_min[j]), float(sigma_proxy[j]),
-                       float(sigma_max[j]), cert.p_lower[j], seconds)
-                f.write("\t".join(format_value(v) for v in row) + "\n")
+                row = dict(zip(COLUMNS, (
+                    i, label, int(cert.predict[j]), int(cert.predict[j] == label), cert.gap[j], cert.radius[j],
+                    cert.proxy_radius[j], float(sigma_min[j]), float(sigma_proxy[j]), float(sigma_max[j]),
+                    cert.p_lower[j], seconds, search_status(None if stopped is None else stopped[j]))))
+                f.write(format_row(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(idx))
@@ -378,41 +391,105 @@ def load_smoothing(out: str | Path, indices, d: int, dtype: torch.dtype = torch.
     return from_param(family, params, d, check=False)
 
 
-def merge(shards: list[Path], out: Path) -> int:
+def check_rows(out: Path, rows: dict[int, dict], meta: dict, source: str, same_rows: bool = False) -> list[int]:
+    """The idx of ``rows`` that ``add_rows`` would add to ``out``, or a one-line error: the
+    settings of ``meta`` (a sidecar record) must be ``out``'s, and an idx already in ``out`` is
+    refused (``same_rows``: accepted when its row is the same, which is then left as it is)."""
+    kept = read_rows(out)
+    if kept:
+        have = read_sidecar(out)
+        if diff := settings_differ(normalised(have["settings"]), normalised(meta["settings"])):
+            raise RDDRSError(f"{source} and {out} were run with different settings ({', '.join(diff)} differ)")
+    overlap = sorted(set(rows) & set(kept))
+    if overlap and not same_rows:
+        raise RDDRSError(f"{source} overlaps {out.name} (idx {overlap[0]}, {len(overlap)} rows); remove one of them")
+    if changed := [i for i in overlap if _comparable_row(rows[i]) != _comparable_row(kept[i])]:
+        raise RDDRSError(f"{source} has another row for idx {changed[0]} than {out.name} "
+                         f"({len(changed)} rows differ); it is not the same run")
+    return sorted(set(rows) - set(kept))
+
+
+def add_rows(out: Path, rows: dict[int, dict], meta: dict, traces: Path | None, source: str,
+             same_rows: bool = False) -> int:
+    """Add ``rows`` of the run described by the sidecar record ``meta`` to the result file ``out``
+    (the caller holds ``out``'s lock), after the checks of ``check_rows``: the traces of the new
+    rows are linked beside ``out``, and ``meta``'s writing sessions of those rows join ``out``'s.
+    Returns the number of rows added; ``source`` names them in errors."""
+    new = check_rows(out, rows, meta, source, same_rows)
+    if not new:
+        return 0
+    kept = read_rows(out)
+    have = read_sidecar(out) if kept else {k: v for k, v in meta.items() if k not in ("parts", "merged_from")}
+    ensure_dir(out.parent)
+    if traces is not None and traces.is_dir():  # before the rows, so that no row lacks its trace
+        merged = traces_dir(out)
+        merged.mkdir(exist_ok=True)
+        for i in new:
+            trace, target = traces / f"{i}.npz", merged / f"{i}.npz"
+            if trace.exists():
+                target.unlink(missing_ok=True)
+                try:
+                    os.link(trace, target)
+                except OSError:
+                    shutil.copyfile(trace, target)
+    parts = []
+    for part in provenance_parts(meta, rows):
+        mine = [i for i in new if part["rows"] is None or any(lo <= i < hi for lo, hi in part["rows"])]
+        if mine:
+            parts.append(dict(part, rows=index_ranges(mine)))
+    write_atomic(sidecar_path(out), [json.dumps(with_parts(have, parts, kept), indent=2).encode()])
+    write_rows(out, [{**kept, **rows}[i] for i in sorted(set(kept) | set(new))])
+    return len(new)
+
+
+def _comparable_row(row: dict) -> dict:
+    """A row without its timing (a landed copy of a row is the same row)."""
+    return {k: v for k, v in row.items() if k != "seconds"}
+
+
+def merge(shards: list[Path], out: Path, overwrite: bool = False) -> int:
     """Join shard result files of one run into ``out``; returns the number of rows.
 
-    The shards must share their settings, must not overlap, and must cover a contiguous
-    range of test indices. Traces are copied beside the merged file.
+    The shards must share their settings, must not overlap, must cover a contiguous range of
+    test indices, and none may be being written (its lock held). ``out`` must not exist, unless
+    ``overwrite`` (and even then no process may be writing it). Traces are linked beside ``out``.
     """
     if not shards:
         raise RDDRSError("merge needs at least one shard")
-    sides = []
+    out = Path(out)
+    if any(Path(shard).resolve() == out.resolve() for shard in shards):
+        raise RDDRSError(f"{out} is one of the shards; merge into another file")
     for shard in shards:
         if not shard.exists() or not sidecar_path(shard).exists():
             raise RDDRSError(f"{shard}: no such result file (with its .json sidecar)")
-        sides.append(read_sidecar(shard))
-    first = normalised(sides[0]["settings"])
-    for shard, side in zip(shards[1:], sides[1:]):
-        if diff := settings_differ(normalised(side["settings"]), first):
-            raise RDDRSError(f"{shard} and {shards[0]} were run with different settings ({', '.join(diff)} differ)")
-    rows: dict[int, dict] = {}
-    for shard in shards:
-        part = read_rows(shard)
-        if overlap := sorted(set(part) & set(rows)):
-            raise RDDRSError(f"{shard} overlaps another shard (idx {overlap[0]}, {len(overlap)} rows)")
-        rows.update(part)
-    if not rows:
-        raise RDDRSError("the shards hold no rows")
-    lo, hi = min(rows), max(rows)
-    if missing := [i for i in range(lo, hi + 1) if i not in rows]:
-        raise RDDRSError(f"the shards miss idx {missing[0]} ({len(missing)} rows missing in {lo}..{hi})")
-    ensure_dir(out.parent)
-    write_rows(out, [rows[i] for i in range(lo, hi + 1)])
-    merged_traces = traces_dir(out)
-    merged_traces.mkdir(exist_ok=True)
-    for shard in shards:
-        for trace in traces_dir(shard).glob("*.npz"):
-            (merged_traces / trace.name).write_bytes(trace.read_bytes())
-    side = dict(sides[0], merged_from=[str(s) for s in shards])
-    write_atomic(sidecar_path(out), [json.dumps(side, indent=2).encode()])
-    return len(rows)
+    if not overwrite and (out.exists() or sidecar_path(out).exists()):
+        raise RDDRSError(f"{out} exists; merge into a new file, or pass --replace to overwrite it")
+    with contextlib.ExitStack() as held:
+        held.enter_context(exclusive(out))
+        for shard in shards:
+            held.enter_context(exclusive(shard))
+        sides = [read_sidecar(shard) for shard in shards]
+        first = normalised(sides[0]["settings"])
+        for shard, side in zip(shards[1:], sides[1:]):
+            if diff := settings_differ(normalised(side["settings"]), first):
+                raise RDDRSError(f"{shard} and {shards[0]} were run with different settings ({', '.join(diff)} differ)")
+        parts: dict[Path, dict] = {}
+        seen: dict[int, Path] = {}
+        for shard in shards:
+            parts[shard] = read_rows(shard)
+            if overlap := sorted(set(parts[shard]) & set(seen)):
+                raise RDDRSError(f"{shard} overlaps another shard (idx {overlap[0]}, {len(overlap)} rows)")
+            seen.update(dict.fromkeys(parts[shard], shard))
+        if not seen:
+            raise RDDRSError("the shards hold no rows")
+        lo, hi = min(seen), max(seen)
+        if missing := [i for i in range(lo, hi + 1) if i not in seen]:
+            raise RDDRSError(f"the shards miss idx {missing[0]} ({len(missing)} rows missing in {lo}..{hi})")
+        for stale in (out, sidecar_path(out)):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(traces_dir(out), ignore_errors=True)
+        for shard, side in zip(shards, sides):
+            add_rows(out, parts[shard], side, traces_dir(shard), str(shard))
+        write_atomic(sidecar_path(out), [json.dumps(dict(read_sidecar(out), merged_from=[str(s) for s in shards]),
+                                                    indent=2).encode()])
+    return len(seen)

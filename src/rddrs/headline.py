@@ -21,6 +21,11 @@ training sigma 0.25 unless its name says otherwise:
   preset's images (100 at the cpu preset).
 * ``clamped``: the authors' pipeline: their clamp, their chaining and their code's step sizes,
   at the cpu preset and on the paper slice.
+* ``figure2_sigmaS`` (``paper`` preset only): the paper's Figure 2 at its own settings, at each
+  training sigma: RS, the authors' pipeline, the capped DDRS and, in a lower tier, ANCER's and
+  RDDRS' best variants; on the whole test set, computed chunk by chunk in the order of
+  ``FIGURE2_SIGMAS`` (``registry``). At sigma 0.25 it holds the paper preset's clamped study and
+  the pipeline taken apart (``pipeline_parts_study``) too.
 
 Measures: ``gradient_quality`` (relative error of the Monte Carlo gradient of H against a
 reference from far more draws), ``diagonal_split`` (how much of that gradient, and of its
@@ -31,14 +36,14 @@ error, lies on the diagonal), ``evaluations`` (network passes per image of a var
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from rddrs import RDDRSError, experiments, spd
-from rddrs.claims import Diverged, Study, Variant, VariantRun
+from rddrs.claims import Study, Variant, VariantRun
 from rddrs.methods import SEARCHED
 from rddrs.noise import Isotropic, NoiseSource
 from rddrs.optimize import objective_and_gradient
@@ -127,8 +132,7 @@ def tuning_study(preset: str) -> Study:
 def tuning_choice(runs: dict) -> dict:
     """Per (method, step rule), the candidate with the largest proxy ACR in the tuning runs."""
     def acr(name):
-        run = runs[name]
-        return -math.inf if isinstance(run, Diverged) else float(run.certified("proxy").mean())
+        return float(runs[name].certified("proxy").mean())
 
     return {pair: max(candidates, key=lambda c: acr(tuning_name(*pair, c))) for pair, candidates in CANDIDATES.items()}
 
@@ -200,18 +204,28 @@ def best_study(preset: str, sigma: float) -> Study:
 _CLAMPED_BOUNDED = Variant("rddrs_clamped_bounded", "rddrs", {"objective": "clamped"}, start="ddrs_clamped")
 
 
+#: the authors' pipeline: their clamp, and ANCER and RDDRS chained from the clamped DDRS, RDDRS
+#: without our step bound (as in their code)
+PIPELINE = (Variant("ddrs_clamped", "ddrs", {"objective": "clamped"}),
+            Variant("ancer_clamped", "ancer", {"objective": "clamped"}, start="ddrs_clamped"),
+            Variant("rddrs_clamped", "rddrs", {"objective": "clamped", "max_step": 0}, start="ddrs_clamped"))
+
+
+def _pipeline_folder(preset: str) -> str:
+    """The study folder of the authors' pipeline at sigma 0.25: the paper preset's Figure 2 one."""
+    return figure2_name(SIGMA) if preset == "paper" else "clamped"
+
+
 def clamped_study(preset: str) -> Study:
-    """The preset's searches with the authors' clamp, chained as in their code (ANCER and RDDRS
-    start from the clamped DDRS); RDDRS without our step bound as in their code, and ANCER also
-    at the step size their script runs (1, where the paper says 0.04 or 0.4). Below the paper's
-    20000 samples per step the unbounded RDDRS overflows, so there RDDRS also runs with our bound."""
+    """The preset's searches with the authors' clamp, chained as in their code (``PIPELINE``),
+    and ANCER also at the step size their script runs (1, where the paper says 0.04 or 0.4).
+    Below the paper's 20000 samples per step the unbounded RDDRS overflows, so there RDDRS
+    also runs with our bound."""
     bounded = () if preset == "paper" else (_CLAMPED_BOUNDED,)
-    return Study("clamped", BUDGETS[preset].count, digests=False, variants=(
-        Variant("ddrs_clamped", "ddrs", {"objective": "clamped"}),
-        Variant("ancer_clamped", "ancer", {"objective": "clamped"}, start="ddrs_clamped"),
-        Variant("ancer_clamped_lr1", "ancer", {"objective": "clamped", "lr": 1.0}, start="ddrs_clamped"),
-        Variant("rddrs_clamped", "rddrs", {"objective": "clamped", "max_step": 0}, start="ddrs_clamped"),
-        *bounded))
+    ddrs, ancer, rddrs = PIPELINE
+    return Study(_pipeline_folder(preset), BUDGETS[preset].count, digests=False, variants=(
+        ddrs, ancer, Variant("ancer_clamped_lr1", "ancer", {"objective": "clamped", "lr": 1.0}, start="ddrs_clamped"),
+        rddrs, *bounded))
 
 
 #: images of the paper slice on which the authors' pipeline is taken apart (``pipeline_parts_study``)
@@ -224,12 +238,46 @@ def pipeline_parts_study(preset: str) -> Study:
     objective instead of the clamp, both from the clamped DDRS. It shares the clamped study's
     folder, so the pipeline's own runs are read, not run again; the other presets have no parts."""
     if preset != "paper":
-        return Study("clamped", PARTS_COUNT, (), digests=False)
+        return Study(_pipeline_folder(preset), PARTS_COUNT, (), digests=False)
     pipeline = clamped_study(preset)
-    return Study("clamped", PARTS_COUNT, digests=False, variants=(
+    return Study(_pipeline_folder(preset), PARTS_COUNT, digests=False, variants=(
         pipeline.variant("ddrs_clamped"), pipeline.variant("rddrs_clamped"),
         _CLAMPED_BOUNDED,
         Variant("rddrs_soft_unbounded", "rddrs", {"max_step": 0}, start="ddrs_clamped")))
+
+
+#: the paper's Figure 2 at its own settings: the training sigmas, in the order a sweep computes them
+FIGURE2_SIGMAS = (0.25, 0.5, 0.12)
+
+
+def figure2_name(sigma: float) -> str:
+    return f"figure2_sigma{sigma:.2f}"
+
+
+def scaled_to(preset: str, variant: Variant) -> Variant:
+    """A variant of the cpu preset's grid at ``preset``: the same search with its step size scaled
+    so that iterations x step size (the path length) stays the cpu preset's."""
+    cpu, there = preset_record("cpu").search[variant.method], preset_record(preset).search[variant.method]
+    ratio = cpu.iterations / there.iterations
+    return Variant(variant.name, variant.method, {**variant.search, "lr": variant.search["lr"] * ratio},
+                   start=variant.start, tier=variant.tier)
+
+
+def figure2_study(preset: str, sigma: float) -> Study:
+    """The paper's Figure 2 at ``sigma`` on the preset's whole test set (``paper`` only; empty
+    elsewhere): RS, the authors' pipeline (``PIPELINE``) and the capped DDRS at the cpu preset's
+    tuned path length (lr 1e-3 over 1500 steps), then, in tier 1, each method's best variant of
+    the cpu preset's grid (chosen there), its step size scaled to the same path length."""
+    if preset != "paper":
+        return Study(figure2_name(sigma), 1, (), digests=False)
+    capped = Variant("ddrs_capped", "ddrs", {"objective": "capped", "lr": 1e-3})
+    best = []
+    for method in ("ancer", "rddrs"):
+        for variant in _best_chain(method):
+            if variant.method != "ddrs" and variant.name not in {v.name for v in best}:
+                best.append(replace(scaled_to(preset, variant), tier=1))
+    return Study(figure2_name(sigma), preset_record(preset).count, digests=False,
+                 variants=(Variant("rs", "rs"), *PIPELINE, capped, *best))
 
 
 # -- measures ------------------------------------------------------------------------------
@@ -249,15 +297,12 @@ def evaluations(study: Study, variant: Variant, preset: str) -> int:
 
 def summary_rows(runs: dict, n: int, alpha: float) -> list[dict]:
     """Per variant: proxy and l2 ACR, mean gap, certificates whose gap is at the cap of n draws
-    at level alpha, and seconds per image; a diverged variant has its message instead."""
+    at level alpha, images whose search diverged, and seconds per image."""
     cap = gap_cap(n, alpha)
     rows = []
     for name, run in runs.items():
-        if isinstance(run, Diverged):
-            rows.append({"variant": name, "method": run.variant.method, "diverged": run.message})
-            continue
         res = run.results
-        rows.append({"variant": name, "method": run.variant.method, "images": res.n,
+        rows.append({"variant": name, "method": run.variant.method, "images": res.n, "diverged": res.diverged,
                      "proxy_acr": float(run.certified("proxy").mean()), "l2_acr": float(run.certified("l2").mean()),
                      "at_cap": int((res.gap >= cap - 1e-9).sum()), "gap": float(res.gap.mean()),
                      "seconds": float(res.seconds.mean())})
@@ -267,7 +312,7 @@ def summary_rows(runs: dict, n: int, alpha: float) -> list[dict]:
 def best_of(runs: dict[str, VariantRun], method: str, kind: str = "proxy") -> str:
     """The name of ``method``'s variant with the largest ACR of ``kind`` among ``runs``."""
     scored = {name: float(run.certified(kind).mean()) for name, run in runs.items()
-              if not isinstance(run, Diverged) and run.variant.method == method}
+              if run.variant.method == method}
     if not scored:
         raise RDDRSError(f"no {method} variant to choose from")
     return max(scored, key=scored.get)
@@ -418,7 +463,7 @@ def frontier_rows(runs: dict, study: Study, preset: str) -> list[dict]:
     """Per frontier variant: its method, network passes per image and both ACRs."""
     rows = []
     for name, run in runs.items():
-        if isinstance(run, Diverged) or not name.startswith(f"{run.variant.method}_it"):
+        if not name.startswith(f"{run.variant.method}_it"):
             continue
         rows.append({"variant": name, "method": run.variant.method,
                      "evaluations": evaluations(study, run.variant, preset),

@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from rddrs import RDDRSError, spd
 from rddrs.experiments import random_rotation, trace_param
-from rddrs.results import COLUMNS, format_value, read_rows, read_table, sidecar_path
+from rddrs.results import COLUMNS, REQUIRED, format_row, read_rows, read_table, sidecar_path, upgrade
 from rddrs.files import exclusive, write_atomic
 from rddrs.methods import METHODS, method as method_record
 from rddrs.noise import Smoothing, from_param
@@ -429,9 +429,9 @@ def read_memory_rows(path: Path, repair: bool = False) -> list[dict]:
     if not path.exists() or path.stat().st_size == 0:
         return []
     with open(path, encoding="utf-8", errors="replace") as f:
-        if tuple(f.readline().rstrip("\n").split("\t")) != MEMORY_COLUMNS:
+        if tuple(f.readline().rstrip("\n").split("\t")) not in (MEMORY_COLUMNS, REQUIRED + ("memory",)):
             raise RDDRSError(f"{path} is not a memory file (unexpected header); move it away or remove it")
-    _, rows = read_table(path, MEMORY_COLUMNS, repair)
+    _, rows = read_table(path, REQUIRED + ("memory",), repair)
     return [row for _, row in rows]
 
 
@@ -492,6 +492,7 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
 
     path = memory_path(out)
     with exclusive(path):  # one writer at a time
+        upgrade(path, MEMORY_COLUMNS, read_memory_rows)  # a pass of an older rddrs gets today's columns
         done = read_memory_rows(path, repair=True)
         if len(done) > len(ordered) or any(old[k] != new[k] for old, new in zip(done, ordered)
                                            for k in ("idx", "label", "p_lower", "sigma_min")):
@@ -516,7 +517,7 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
                     row.update(predict=decision.label, correct=int(decision.label == row["label"]), gap=decision.gap,
                                radius=decision.gap * row["sigma_min"], proxy_radius=decision.gap * row["sigma_proxy"],
                                memory=decision.status)
-                f.write("\t".join([format_value(row[k]) for k in COLUMNS] + [row["memory"]]) + "\n")
+                f.write(format_row(row, MEMORY_COLUMNS) + "\n")
                 f.flush()
                 bar.update()
             os.fsync(f.fileno())

@@ -110,6 +110,10 @@ class Smoothing:
     def _extra(self) -> dict:
         return {}
 
+    def where(self, mask: Tensor, other: "Smoothing") -> "Smoothing":
+        """Per input, this law where ``mask`` (B,) holds and ``other``'s elsewhere."""
+        return self.with_param(torch.where(self.expand(mask), self.param, other.param))
+
     def with_param(self, param: Tensor) -> "Smoothing":
         """The same family with another (trusted, already valid) parameter."""
         return type(self)(param, check=False, **self._extra())
@@ -265,6 +269,15 @@ class FullSPD(Smoothing):
 
     def leaf(self) -> "FullSPD":
         return FullSPD(self.param.detach().requires_grad_(True), eig=self.eig, check=False)
+
+    def where(self, mask: Tensor, other: "FullSPD") -> "FullSPD":
+        """As ``Smoothing.where``; eigendecompositions already known on both sides are kept."""
+        param = torch.where(self.expand(mask), self.param, other.param)
+        if "eig" not in self.__dict__ or "eig" not in other.__dict__:
+            return FullSPD(param, check=False)
+        (w, v), (w2, v2) = self.eig, other.eig
+        return FullSPD(param, eig=(torch.where(mask[:, None], w, w2), torch.where(mask[:, None, None], v, v2)),
+                       check=False)
 
     @cached_property
     def eig(self) -> tuple[Tensor, Tensor]:

@@ -45,16 +45,14 @@ from rddrs.stats import ClassMeans, class_means
 DDRS_FLOOR = 1e-3
 
 
-class SearchDiverged(RDDRSError):
-    """A step overflowed: the step size is too large for this search (see ``_overflowed``)."""
-
-
 @dataclass
 class SearchResult:
-    """The chosen smoothing laws and the objective H per input (rows) and iteration (columns)."""
+    """The chosen smoothing laws, the objective H per input (rows) and iteration (columns; NaN
+    after a search stopped), and per input the iteration whose step overflowed (0: none)."""
 
     smoothing: Smoothing
     trace: np.ndarray
+    diverged_at: np.ndarray
 
 
 def objective_and_gradient(model, x: Tensor, smoothing: Smoothing, eps: Tensor, kappa: float,
@@ -147,6 +145,10 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
     ``seed`` keyed by ``indices`` (replicate ``settings.repeat``, antithetic pairs if
     ``settings.antithetic``), independent of the certification streams. Memory grows
     with ``len(indices) * settings.samples`` (the whole iteration is one autograd graph).
+
+    An input whose step overflows (too large a step size: its gradient or its next law is not
+    finite, or numerically singular, see ``_overflowed``) stops there and keeps its last finite
+    law; the others go on, and ``diverged_at`` says which stopped at which iteration.
     """
     check_inputs(x, init, indices)
     if settings.diagonal and init.family != "full":
@@ -156,33 +158,40 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
     rule = steps.make(settings.step, settings.lr)
     current = init.floor(lower)
     best, best_value = current, torch.full((len(indices),), -np.inf, dtype=torch.float64, device=x.device)
-    trace = []
+    diverged_at = torch.zeros(len(indices), dtype=torch.long, device=x.device)
+    trace = torch.full((len(indices), settings.iterations), np.nan, dtype=torch.float64)
     for t in tqdm(range(settings.iterations), disable=not progress, desc="search", leave=False):
+        going = diverged_at == 0
+        if not going.any():
+            break
         eps = noise.draw(indices, settings.samples, init.dim, x.dtype, antithetic=settings.antithetic)
         value, grad = objective_and_gradient(model, x, current, eps, settings.kappa, settings.scale, objective,
                                              settings.control_variate)
-        trace.append(value)
+        trace[:, t] = torch.where(going, value, np.nan).cpu()
         if settings.diagonal:
             grad = spd.diagonal_part(grad)
         if settings.keep_best_every and (t + 1) % settings.keep_best_every == 0:
-            better = value > best_value
+            better = going & (value > best_value)
             best_value = torch.where(better, value, best_value)
-            best = best.with_param(torch.where(current.expand(better), current.param, best.param))
-        try:
-            moved = rule(current, grad, settings.max_step)
-        except torch.linalg.LinAlgError:  # the whitened step could not even be diagonalised
-            moved = None
-        bad = _finite_rows(grad).logical_not() if moved is None else _overflowed(moved, lower) | ~_finite_rows(grad)
-        if moved is None or bad.any():
-            first = indices[int(bad.nonzero()[0])] if bad.any() else indices[0]
-            raise SearchDiverged(f"the search diverged at iteration {t + 1} (image {first}): its step overflowed; "
-                                 f"use a smaller --lr or bound the steps with --max-step")
-        current = moved.floor(lower)
-        if settings.diagonal:  # the eigendecompositions' rounding must not grow off-diagonal entries
-            current = current.with_param(spd.diagonal_part(current.param))
-    chosen = best if settings.keep_best_every and settings.iterations >= settings.keep_best_every else current
-    trace = torch.stack(trace, 1).cpu().numpy() if trace else np.zeros((len(indices), 0))
-    return SearchResult(chosen, trace)
+            best = current.where(better, best)
+        fails = going & ~_finite_rows(grad)
+        moving = going & ~fails
+        try:  # the others take a zero step: no non-finite value enters the batch's linear algebra
+            moved = rule(current, torch.where(current.expand(moving), grad, torch.zeros_like(grad)),
+                         settings.max_step)
+            fails |= moving & _overflowed(moved, lower)
+        except torch.linalg.LinAlgError:  # a whitened step could not even be diagonalised
+            moved, fails = current, going
+        diverged_at[fails] = t + 1
+        keep = diverged_at == 0
+        if keep.any():
+            floored = moved.where(keep, current).floor(lower)
+            current = floored.where(keep, current)
+            if settings.diagonal:  # the eigendecompositions' rounding must not grow off-diagonal entries
+                current = current.with_param(spd.diagonal_part(current.param))
+    if settings.keep_best_every and settings.iterations >= settings.keep_best_every:
+        current = best.where(diverged_at == 0, current)  # a stopped input keeps its last finite law
+    return SearchResult(current, trace.numpy(), diverged_at.cpu().numpy())
 
 
 def _finite_rows(values: Tensor) -> Tensor:
@@ -193,18 +202,24 @@ def _finite_rows(values: Tensor) -> Tensor:
 def _overflowed(law: Smoothing, lower) -> Tensor:
     """Per input, whether a step overflowed (too large a step size): a scale is not finite, or
     so large that after the floor the law would be numerically singular (``||S||_F``, which
-    bounds the largest scale, beyond ``lower / eps``). The search then stops with an error
-    rather than carry NaN into a certificate."""
+    bounds the largest scale, beyond ``lower / eps``). That input's search then stops rather
+    than carry NaN into a certificate."""
     size = law.param.detach().reshape(law.batch, -1).norm(dim=1)
     limit = torch.as_tensor(lower, dtype=size.dtype, device=size.device) / torch.finfo(size.dtype).eps
     return ~_finite_rows(law.param.detach()) | ~(size < limit)
+
+
+def _traces(method: str, found: SearchResult) -> dict[str, np.ndarray]:
+    return {method: found.trace, f"{method}_diverged_at": found.diverged_at}
 
 
 def find_smoothing(method: str, model, x: Tensor, indices, sigma: float, seed: int,
                    settings: dict[str, Search] | None = None, sigma_star: Tensor | None = None,
                    theta: Tensor | None = None, rotation: Tensor | None = None,
                    progress: bool = False) -> tuple[Smoothing, dict[str, np.ndarray]]:
-    """The smoothing law of each input for ``method``, and the objective traces of its searches.
+    """The smoothing law of each input for ``method``, and the objective traces of its searches
+    (key: the search's method) with the iteration at which each input's search stopped
+    (``METHOD_diverged_at``, 0: it did not).
 
     RS uses ``sigma`` itself; DDRS searches sigma from ``sigma``; ANCER and RDDRS start from
     the DDRS optimum ``sigma_star`` (searched here unless given) with floor ``sigma_star``
@@ -227,7 +242,8 @@ def find_smoothing(method: str, model, x: Tensor, indices, sigma: float, seed: i
     first = record.base or method  # the isotropic search that gives sigma_x*
     if sigma_star is None:
         found = search(model, x, base, indices, settings[first], DDRS_FLOOR, seed, rotation, progress)
-        sigma_star, traces[first] = found.smoothing.param, found.trace
+        sigma_star = found.smoothing.param
+        traces.update(_traces(first, found))
     star = Isotropic(torch.as_tensor(sigma_star, dtype=x.dtype, device=x.device), d)
     if record.base is None:  # sigma_x* is the method's answer
         return star, traces
@@ -237,6 +253,6 @@ def find_smoothing(method: str, model, x: Tensor, indices, sigma: float, seed: i
         init = star.as_diagonal() if record.family == "diagonal" else star.as_full()
     lower = star.param if settings[method].floor else DDRS_FLOOR
     found = search(model, x, init, indices, settings[method], lower, seed, rotation, progress)
-    traces[method] = found.trace
+    traces.update(_traces(method, found))
     traces["sigma_star"] = star.param.detach().cpu().numpy()  # the start and floor, for --init
     return found.smoothing, traces

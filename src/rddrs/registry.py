@@ -7,7 +7,12 @@ standard    the four methods at each sigma (``runs.standard_specs``)  chapters 6
 memory      the memory pass over each standard run                 chapter 8
 claims      the variants of chapter 7's studies (``claims.studies``)  chapter 7
 headline    the headline studies (``rddrs.headline``)              the headline chapter
+figure2     the paper's Figure 2 at its own settings               the headline chapter
+            (``headline.figure2_study``, ``paper`` preset only)
 ==========  =====================================================  ========================
+
+A sweep starts the figure2 group first, at sigma 0.25, then 0.5, then 0.12, its lower tier
+after the rest at each sigma, chunk by chunk (``runs.execute``); the other groups come after.
 
 ``runs(preset, results)`` lists them; ``rddrs sweep`` computes the missing ones (on this
 machine or a Ray cluster) and the chapters call ``ensure`` on their groups, which computes
@@ -19,6 +24,7 @@ list is made.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from rddrs import RDDRSError
@@ -27,7 +33,9 @@ from rddrs.methods import NAMES
 from rddrs.methods import method as method_record
 from rddrs.presets import preset as preset_record
 
-GROUPS = ("standard", "memory", "claims", "headline")
+GROUPS = ("standard", "memory", "claims", "headline", "figure2")
+#: the sweep priority of the groups other than figure2 (figure2's: 10 per sigma, in headline.FIGURE2_SIGMAS order)
+LATER = 100
 #: the training sigmas of the paper's classifiers
 SIGMAS = (0.12, 0.25, 0.5)
 #: the classifier chapter 7's studies use
@@ -41,7 +49,8 @@ def runs(preset: str, results: str | Path | None = None, *, sigmas: Iterable[flo
     """Every run ``preset`` needs in ``results`` (default ``results/PRESET``), in an order where
     each comes after the run it starts from. ``count`` overrides the number of test images of the
     standard runs and of chapter 7's studies (the headline studies keep their budgets);
-    ``sigmas``, ``methods`` and ``groups`` keep only the runs they name, with what those start from."""
+    ``sigmas``, ``methods`` and ``groups`` keep only the runs they name, with what those start from.
+    The figure2 group's runs hold the whole test set unless ``count`` says otherwise."""
     preset_record(preset)
     results = Path("results") / preset if results is None else Path(results)
     sigmas = tuple(float(s) for s in sigmas)
@@ -52,12 +61,14 @@ def runs(preset: str, results: str | Path | None = None, *, sigmas: Iterable[flo
     common = dict(seed=seed, device=device, data=data, models=models)
     pool: list[runs_module.RunSpec] = []
     for sigma in SIGMAS + tuple(s for s in sigmas if s not in SIGMAS):
-        standard = runs_module.standard_specs(sigma, preset, results, count=count, **common)
-        pool += standard + [runs_module.memory_spec(s) for s in standard]
-    for study, sigma, group in _studies(preset, count, groups):
+        standard = [replace(s, priority=LATER) for s in
+                    runs_module.standard_specs(sigma, preset, results, count=count, **common)]
+        pool += standard + [replace(runs_module.memory_spec(s), priority=LATER) for s in standard]
+    for study, sigma, group, priority in _studies(preset, count, groups):
         from rddrs import claims
 
-        pool += list(claims.study_specs(study, sigma, preset, results, groups=(group,), **common).values())
+        pool += list(claims.study_specs(study, sigma, preset, results, groups=(group,), priority=priority,
+                                        **common).values())
     pool = runs_module.combine(pool)
     by_out = {str(Path(s.out)): s for s in pool}
 
@@ -70,12 +81,19 @@ def runs(preset: str, results: str | Path | None = None, *, sigmas: Iterable[flo
 
 
 def _studies(preset: str, count: int | None, groups: tuple[str, ...]):
-    """(study, sigma, group) of the studies of the chosen groups."""
+    """(study, sigma, group, sweep priority) of the studies of the chosen groups."""
+    if "figure2" in groups:
+        from rddrs import headline
+
+        for rank, sigma in enumerate(headline.FIGURE2_SIGMAS):
+            study = headline.figure2_study(preset, sigma)
+            if study.variants:
+                yield (study if count is None else replace(study, count=count)), sigma, "figure2", 10 * rank
     if "claims" in groups:
         from rddrs import claims
 
         for study in claims.studies(preset, count).values():
-            yield study, STUDY_SIGMA, "claims"
+            yield study, STUDY_SIGMA, "claims", LATER
     if "headline" in groups:
         from rddrs import headline
 
@@ -84,11 +102,11 @@ def _studies(preset: str, count: int | None, groups: tuple[str, ...]):
                      headline.pipeline_parts_study):
             study = make(preset)
             if study.variants:
-                yield study, headline.SIGMA, "headline"
+                yield study, headline.SIGMA, "headline", LATER
         for sigma in headline.SIGMAS:
             study = headline.best_study(preset, sigma)
             if study.variants:
-                yield study, sigma, "headline"
+                yield study, sigma, "headline", LATER
 
 
 def ensure(specs: list[runs_module.RunSpec], results: str | Path, progress: bool = False) -> list[runs_module.RunSpec]:
@@ -103,12 +121,9 @@ def ensure(specs: list[runs_module.RunSpec], results: str | Path, progress: bool
 
 
 def status(specs: Iterable[runs_module.RunSpec]) -> list[tuple[runs_module.RunSpec, str]]:
-    """Each run with its state on disk: complete, diverged, or how many images it lacks."""
+    """Each run with its state on disk: complete, or how many images it lacks."""
     rows = []
     for spec in specs:
-        if runs_module.diverged_message(spec) is not None:
-            rows.append((spec, "diverged"))
-            continue
         lacking = runs_module.missing(spec)
         if not lacking:
             rows.append((spec, "complete"))

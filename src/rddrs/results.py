@@ -9,6 +9,7 @@ final smoothing parameter; not committed). This module imports nothing heavy.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,22 @@ from rddrs import RDDRSError
 from rddrs.files import write_atomic
 
 COLUMNS = ("idx", "label", "predict", "correct", "gap", "radius", "proxy_radius",
-           "sigma_min", "sigma_proxy", "sigma_max", "p_lower", "seconds")
+           "sigma_min", "sigma_proxy", "sigma_max", "p_lower", "seconds", "search")
 INT_COLUMNS = {"idx", "label", "predict", "correct"}
+#: columns added after result files were first written, with the value their old rows read as
+ADDED = {"search": "ok"}
+#: the columns every result file has, in this order
+REQUIRED = tuple(c for c in COLUMNS if c not in ADDED)
+#: ``search``: ``ok``, ``diverged@ITER`` (the step of that iteration overflowed: the image was
+#: certified with its last finite law) or ``-`` (RS, no search)
+SEARCH_STATUS = re.compile(r"^(ok|-|diverged@[1-9][0-9]*)$")
+
+
+def search_status(diverged_at: int | None) -> str:
+    """The ``search`` field of a row: ``-`` without a search, else ``ok`` or ``diverged@ITER``."""
+    if diverged_at is None:
+        return "-"
+    return "ok" if int(diverged_at) == 0 else f"diverged@{int(diverged_at)}"
 
 
 def sidecar_path(out: Path) -> Path:
@@ -86,8 +101,9 @@ def read_table(path: Path, required=COLUMNS, repair: bool = False) -> tuple[list
     beside them, but must hold ``required``; ``INT_COLUMNS`` are read as integers, the other
     columns of ``COLUMNS`` as floats, any other column as text. Blank lines are skipped, a
     half-written last line is left out (see ``complete_lines``); every other problem (a field
-    that is not a number, a wrong number of fields, an idx seen twice) is a one-line error
-    naming the file and the line."""
+    that is not a number, a wrong number of fields, an idx seen twice, a search status that is
+    none of ``SEARCH_STATUS``) is a one-line error naming the file and the line. A column of
+    ``ADDED`` that the file lacks reads as its default."""
     path = Path(path)
     lines = complete_lines(path, repair)
     if not lines or not lines[0].strip():
@@ -99,8 +115,9 @@ def read_table(path: Path, required=COLUMNS, repair: bool = False) -> tuple[list
     if missing := [c for c in required if c not in header]:
         raise RDDRSError(f"{path} line 1: missing column{'s' if len(missing) > 1 else ''} "
                          f"{', '.join(missing)} (header has: {' '.join(header)})")
-    kinds = [(int, "an integer") if h in INT_COLUMNS else (float, "a number") if h in COLUMNS else (None, "")
-             for h in header]
+    kinds = [(int, "an integer") if h in INT_COLUMNS else (None, "") if h in ADDED or h not in COLUMNS
+             else (float, "a number") for h in header]
+    defaults = {k: v for k, v in ADDED.items() if k not in header}
     rows, seen = [], {}
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -114,6 +131,10 @@ def read_table(path: Path, required=COLUMNS, repair: bool = False) -> tuple[list
                 row[name] = text if kind is None else kind(text)
             except ValueError:
                 raise RDDRSError(f"{path} line {number}: column {name!r}: {text!r} is not {what}") from None
+        if "search" in row and not SEARCH_STATUS.match(row["search"]):
+            raise RDDRSError(f"{path} line {number}: column 'search': {row['search']!r} is not ok, - or "
+                             "diverged@ITER")
+        row.update(defaults)
         if "idx" in row:
             if row["idx"] in seen:
                 raise RDDRSError(f"{path} line {number}: idx {row['idx']} already on line {seen[row['idx']]}")
@@ -128,13 +149,72 @@ def read_rows(out: Path, repair: bool = False) -> dict[int, dict]:
     out = Path(out)
     if not out.exists():
         return {}
-    header, rows = read_table(out, COLUMNS, repair)
-    if tuple(header[: len(COLUMNS)]) != COLUMNS:
+    header, rows = read_table(out, REQUIRED, repair)
+    if tuple(header[: len(REQUIRED)]) != REQUIRED:
         raise RDDRSError(f"{out} is not an rddrs result file (its header is not {' '.join(COLUMNS)})")
     return {row["idx"]: row for _, row in rows}
 
 
-def write_rows(out: Path, rows: list[dict]) -> None:
-    """Write a whole result file atomically."""
-    lines = ["\t".join(COLUMNS)] + ["\t".join(format_value(row[k]) for k in COLUMNS) for row in rows]
+def format_row(row: dict, columns=COLUMNS) -> str:
+    """One line of a result (or memory) file; text columns as they are."""
+    return "\t".join(row[k] if isinstance(row[k], str) else format_value(row[k]) for k in columns)
+
+
+# -- who wrote which rows ----------------------------------------------------------------------
+
+def index_ranges(indices) -> list[list[int]]:
+    """Sorted indices as ``[lo, hi)`` ranges of consecutive ones."""
+    ranges: list[list[int]] = []
+    for i in sorted(int(i) for i in indices):
+        if ranges and ranges[-1][1] == i:
+            ranges[-1][1] = i + 1
+        elif not ranges or ranges[-1][1] < i:
+            ranges.append([i, i + 1])
+    return ranges
+
+
+def provenance_parts(meta: dict, indices=None) -> list[dict]:
+    """The sessions that wrote a result file, oldest first: each a provenance record (device,
+    versions, commit, ...) with ``rows``, the ``[lo, hi)`` ranges of idx it set out to write. A
+    sidecar from before parts existed has one, its ``provenance``, for every row (``indices``,
+    the file's rows, turn that into ranges; without them ``rows`` is None)."""
+    if isinstance(meta.get("parts"), list):
+        return [dict(part) for part in meta["parts"]]
+    prov = meta.get("provenance")
+    if not isinstance(prov, dict):
+        return []
+    return [dict(prov, rows=None if indices is None else index_ranges(indices))]
+
+
+def with_parts(meta: dict, parts: list[dict], indices=None) -> dict:
+    """``meta`` with ``parts`` appended to its writing sessions (``indices``: its rows so far)."""
+    return dict(meta, parts=provenance_parts(meta, indices) + parts)
+
+
+def row_writers(meta: dict, indices) -> dict[int, dict]:
+    """The session that wrote each row (the latest part that set out to write it)."""
+    writers = {}
+    for part in provenance_parts(meta, indices):
+        for i in indices:
+            if part["rows"] is None or any(lo <= i < hi for lo, hi in part["rows"]):
+                writers[i] = part
+    return writers
+
+
+def write_rows(out: Path, rows: list[dict], columns=COLUMNS) -> None:
+    """Write a whole result (or memory) file atomically; missing ``ADDED`` columns get their default."""
+    lines = ["\t".join(columns)] + [format_row({**ADDED, **row}, columns) for row in rows]
     write_atomic(out, [("\n".join(lines) + "\n").encode()])
+
+
+def upgrade(out: Path, columns=COLUMNS, read=read_rows) -> None:
+    """Rewrite a file written before a column of ``ADDED`` existed with today's header (its old
+    rows get the default), so that rows can be appended to it; its writer calls this under its lock."""
+    out = Path(out)
+    if not out.exists() or out.stat().st_size == 0:
+        return
+    with open(out, encoding="utf-8", errors="replace") as f:
+        header = tuple(h.strip() for h in f.readline().rstrip("\n").split("\t"))
+    if header != tuple(columns):
+        rows = read(out, repair=True)
+        write_rows(out, list(rows.values()) if isinstance(rows, dict) else rows, columns)

@@ -19,10 +19,9 @@ an interrupted sweep is picked up by the next one, and a shard whose rows are al
 already is never run.
 
 Order. A certification whose search starts from another run (``init``) waits for the rows it
-starts from, shard by shard; a memory pass waits for its whole certification. A study variant
-whose search diverges is recorded as diverged (``notes``, as ``claims.run_study`` did), and so
-are the runs that start from it; any other error fails its run (and blocks its dependants)
-while the rest goes on.
+starts from, shard by shard; a memory pass waits for its whole certification. An image whose
+search diverges is a row like any other (``search`` says ``diverged@ITER``); an error fails its
+run (and blocks its dependants) while the rest goes on.
 
 Engines (``Inline``: this process, one shard after another; ``Local``: a pool of processes on
 this machine, processes x threads <= cores; ``rddrs.cluster.RayEngine``: Ray tasks) only run
@@ -32,7 +31,6 @@ engine ran it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -45,9 +43,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from rddrs import RDDRSError
-from rddrs.files import ensure_dir, exclusive, one_line, write_atomic
+from rddrs.files import ensure_dir, exclusive, one_line
 from rddrs.methods import NAMES, method as method_record
-from rddrs.results import model_path, read_rows, read_sidecar, result_path, sidecar_path, traces_dir, write_rows
+from rddrs.results import model_path, read_rows, read_sidecar, result_path, sidecar_path, traces_dir
 
 CERTIFY, MEMORY = "certify", "memory"
 
@@ -58,8 +56,8 @@ class RunSpec:
 
     ``ranges``: the test images ``[lo, hi)`` the file must hold (a certification); ``init``:
     the result file its search starts from (``--init``); ``source``: the certification a memory
-    pass reads; ``notes``: where a diverged search is recorded (study variants); ``groups``:
-    which parts of the book read the file. Paths are kept as given (absolute ones travel to
+    pass reads; ``groups``: which parts of the book read the file; ``priority``: shards of runs
+    with a smaller one start first (``execute``). Paths are kept as given (absolute ones travel to
     other machines of a cluster).
     """
 
@@ -80,8 +78,8 @@ class RunSpec:
     n: int | None = None
     alpha: float | None = None
     probabilities: bool = False
-    notes: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
+    priority: int = 0
     data: str = "data"
     inputs_per_batch: int | None = None
     batch_size: int = 2000
@@ -146,7 +144,7 @@ _RUN_FIELDS = ("kind", "method", "sigma", "preset", "model", "seed", "device", "
 
 def combine(specs: Iterable[RunSpec]) -> list[RunSpec]:
     """One spec per output file, in first-seen order: specs of the same file must be the same
-    run; their image ranges, notes and groups are joined."""
+    run; their image ranges and groups are joined, and the smaller priority is kept."""
     by_out: dict[str, RunSpec] = {}
     for spec in specs:
         key = str(Path(spec.out))
@@ -156,8 +154,7 @@ def combine(specs: Iterable[RunSpec]) -> list[RunSpec]:
         old = by_out[key]
         if differ := [f for f in _RUN_FIELDS if getattr(old, f) != getattr(spec, f)]:
             raise RDDRSError(f"two different runs want the file {spec.out} ({', '.join(differ)} differ)")
-        by_out[key] = replace(old, ranges=old.ranges + spec.ranges,
-                              notes=old.notes + tuple(n for n in spec.notes if n not in old.notes),
+        by_out[key] = replace(old, ranges=old.ranges + spec.ranges, priority=min(old.priority, spec.priority),
                               groups=old.groups + tuple(g for g in spec.groups if g not in old.groups))
     return list(by_out.values())
 
@@ -281,17 +278,6 @@ class Task:
         return f"{self.spec.describe().rsplit(', images', 1)[0]}, images {self.lo}..{self.hi - 1}"
 
 
-def diverged_message(spec: RunSpec) -> str | None:
-    """The message of a recorded divergence of the run, if any of its notes exists."""
-    for note in spec.notes:
-        if Path(note).exists():
-            try:
-                return json.loads(Path(note).read_text())["message"]
-            except (OSError, ValueError, KeyError, TypeError):
-                return f"recorded as diverged in {note}"
-    return None
-
-
 def missing(spec: RunSpec) -> list[int]:
     """The test images a certification still lacks in its file, or for a memory pass the rows of
     its source that the pass has not written (the pass needs a source with rows: ``[-1]`` until
@@ -307,26 +293,29 @@ def missing(spec: RunSpec) -> list[int]:
 
 
 def complete(specs: Iterable[RunSpec]) -> bool:
-    """Whether every run's file is there in full (or its search is recorded as diverged)."""
-    return all(diverged_message(s) is not None or not missing(s) for s in specs)
+    """Whether every run's file is there in full."""
+    return all(not missing(s) for s in specs)
+
+
+def _batch(spec: RunSpec) -> int:
+    """The run's inputs per batch (a shard is a whole number of them)."""
+    from rddrs.experiments import default_inputs_per_batch
+
+    return spec.inputs_per_batch or default_inputs_per_batch(spec.settings())
 
 
 def _shard_size(spec: RunSpec, size: int | None) -> int:
     """``size`` rounded down to a multiple of the run's inputs per batch (at least one batch)."""
-    from rddrs.experiments import default_inputs_per_batch
-
     if size is None:
         return 1 << 62
-    batch = spec.inputs_per_batch or default_inputs_per_batch(spec.settings())
+    batch = _batch(spec)
     return max(batch, size // batch * batch)
 
 
 def plan(spec: RunSpec, shard_size: int | None = None, *, check: bool = True) -> list[Task]:
-    """The tasks that complete ``spec``: none if it is complete or recorded as diverged; one
-    memory pass; or shards of the missing images, reusing the shard files of an earlier sweep
-    that fit. ``check``: refuse a file written with other settings."""
-    if diverged_message(spec) is not None:
-        return []
+    """The tasks that complete ``spec``: none if it is complete; one memory pass; or shards of
+    the missing images, reusing the shard files of an earlier sweep that fit. ``check``: refuse
+    a file written with other settings."""
     if spec.kind == MEMORY:
         return [Task(spec)] if missing(spec) else []
     out = Path(spec.out)
@@ -385,42 +374,20 @@ def _remove_stale_shards(spec: RunSpec) -> None:
             _remove_shard(path)
 
 
-def merge_shard(task: Task) -> int:
-    """Join a complete shard into its run's file (under the file's lock) and remove it; returns
-    the rows added. As ``rddrs merge``: the shard's settings must be the file's, no row may be
-    there twice, and the shard must hold every image of its range."""
-    from rddrs.experiments import normalised, settings_differ
+def merge_shard(task: Task, partial: bool = False) -> int:
+    """Join a complete shard into its run's file (under the file's lock, with the checks of
+    ``experiments.add_rows``) and remove it; returns the rows added. ``partial``: a shard that
+    was stopped, whose rows (whole batches) are joined all the same."""
+    from rddrs.experiments import add_rows
 
     out, shard = Path(task.spec.out), task.path
     with exclusive(out):
         part = read_rows(shard)
-        if lacking := [i for i in range(task.lo, task.hi) if i not in part]:
+        if not partial and (lacking := [i for i in range(task.lo, task.hi) if i not in part]):
             raise RDDRSError(f"{shard} lacks idx {lacking[0]} ({len(lacking)} rows): the shard is not complete")
-        side = read_sidecar(shard)
-        rows = read_rows(out)
-        if rows:
-            if diff := settings_differ(normalised(read_sidecar(out)["settings"]), normalised(side["settings"])):
-                raise RDDRSError(f"{shard} and {out} were run with different settings ({', '.join(diff)} differ)")
-        if overlap := sorted(set(part) & set(rows)):
-            raise RDDRSError(f"{shard} overlaps {out.name} (idx {overlap[0]}, {len(overlap)} rows); "
-                             f"remove one of them")
-        ensure_dir(out.parent)
-        if traces_dir(shard).is_dir():  # linked (or copied) before the rows, so no row lacks its trace
-            merged = traces_dir(out)
-            merged.mkdir(exist_ok=True)
-            for trace in traces_dir(shard).glob("*.npz"):
-                target = merged / trace.name
-                target.unlink(missing_ok=True)
-                try:
-                    os.link(trace, target)
-                except OSError:
-                    shutil.copyfile(trace, target)
-        rows.update(part)
-        if not sidecar_path(out).exists():
-            write_atomic(sidecar_path(out), [json.dumps(side, indent=2).encode()])
-        write_rows(out, [rows[i] for i in sorted(rows)])
+        added = add_rows(out, part, read_sidecar(shard), traces_dir(shard), str(shard)) if part else 0
         _remove_shard(shard)
-    return len(part)
+    return added
 
 
 # -- what an engine runs ------------------------------------------------------------------------
@@ -441,9 +408,7 @@ def _test_set(data: str):
 
 def run_task(task: Task, threads: int | None = None) -> dict:
     """Compute one task where it is called (a worker of any engine) and say how it went:
-    ``{"status": "done" | "diverged" | "error", "message": ..., "pid": ...}``."""
-    from rddrs.optimize import SearchDiverged
-
+    ``{"status": "done" | "error", "message": ..., "pid": ...}``."""
     if threads:
         import torch
 
@@ -465,8 +430,6 @@ def run_task(task: Task, threads: int | None = None) -> dict:
             model = _model(settings.model, settings.device, settings.probabilities)
             run_certification(settings, model, images[task.lo: task.hi], labels[task.lo: task.hi], task.lo,
                               task.path, spec.inputs_per_batch, spec.batch_size, progress=False)
-    except SearchDiverged as err:
-        return {"status": "diverged", "message": str(err), "pid": os.getpid()}
     except RDDRSError as err:
         return {"status": "error", "message": str(err), "pid": os.getpid()}
     return {"status": "done", "pid": os.getpid()}
@@ -596,21 +559,22 @@ class Local:
 
 @dataclass
 class Report:
-    """What a sweep did: runs complete before, shards computed, runs diverged or failed."""
+    """What a sweep did: runs complete before, shards computed, shards left for a later sweep
+    (its time was up), runs failed."""
 
     runs: int = 0
     complete_before: int = 0
     shards: int = 0
     done: int = 0
-    diverged: dict[str, str] = field(default_factory=dict)
+    left: int = 0
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     def summary(self) -> str:
         text = (f"{self.runs} runs: {self.complete_before} complete before, {self.done} of {self.shards} "
                 f"shards computed in {self.seconds:.1f} s")
-        if self.diverged:
-            text += f", {len(self.diverged)} diverged"
+        if self.left:
+            text += f", {self.left} left for the next sweep (time was up)"
         if self.failed:
             text += f", {len(self.failed)} failed"
         return text
@@ -656,138 +620,214 @@ def sweep_lock(results: str | Path):
 
 
 def execute(specs: Iterable[RunSpec], engine=None, *, shard_size: int | None = None, results: str | Path | None = None,
-            progress: bool = False, poll: float = 0.5) -> Report:
+            progress: bool = False, poll: float = 0.5, until: float | None = None) -> Report:
     """Compute every run of ``specs`` that is missing or incomplete (``engine``: ``Inline()``
-    unless given), in dependency order, merging shards as they complete. ``results``: the
-    directory whose sweep lock is held meanwhile (one sweep at a time). Returns the report;
-    runs that failed are in ``report.failed`` (nothing is raised for them)."""
+    unless given), merging shards as they complete. ``results``: the directory whose sweep lock
+    is held meanwhile (one sweep at a time). Returns the report; runs that failed are in
+    ``report.failed`` (nothing is raised for them).
+
+    Shards start in the order of ``(spec.priority, first image, depth in the chain of starts)``,
+    each once the rows it starts from are there: the most urgent runs advance together, chunk
+    by chunk. With ``until`` (seconds from now) no shard starts that would not end in time (it
+    is shortened to the whole batches that fit, at the pace measured so far or in its file's
+    ``seconds``); at the deadline the shards still running are stopped and their finished
+    batches merged, and what is left is reported, for the same call to continue later."""
     engine = engine or Inline()
     specs = with_dependencies(list(specs))
+    if until is not None and not until > 0:
+        raise RDDRSError(f"the time limit must be > 0 seconds, got {until}")
+    deadline = None if until is None else time.monotonic() + until
     if results is None:
-        return _execute(specs, engine, shard_size, progress, poll)
+        return _Sweep(specs, engine, shard_size, deadline).run(progress, poll)
     ensure_dir(Path(results))
     with sweep_lock(results):
-        return _execute(specs, engine, shard_size, progress, poll)
+        return _Sweep(specs, engine, shard_size, deadline).run(progress, poll)
 
 
-def _execute(specs: list[RunSpec], engine, shard_size, progress, poll) -> Report:
-    tic = time.perf_counter()
-    report = Report(runs=len(specs))
-    by_out = {str(Path(s.out)): s for s in specs}
-    pending: dict[str, list[Task]] = {}
-    state: dict[str, str] = {}  # out -> "done" | "pending" | "diverged" | "failed"
-    for spec in specs:
-        key = str(Path(spec.out))
-        message = diverged_message(spec)
-        if message is not None:
-            state[key] = "diverged"
-            report.diverged[key] = message
-            continue
-        try:
-            tasks = plan(spec, shard_size)
-        except RDDRSError as err:
-            state[key], report.failed[key] = "failed", str(err)
-            continue
-        if spec.kind == MEMORY and not tasks and state.get(str(Path(spec.source))) == "pending":
-            tasks = [Task(spec)]  # its certification grows: the pass continues after it
-        if tasks:
-            pending[key], state[key] = tasks, "pending"
-            report.shards += len(tasks)
-        else:
-            state[key] = "done"
-            report.complete_before += 1
-    available: dict[str, set[int]] = {}
+def _key(path) -> str:
+    return str(Path(path))
 
-    def rows_of(out: str) -> set[int]:
-        if out not in available:
-            available[out] = set(read_rows(out))
-        return available[out]
 
-    def ready(task: Task) -> str:
-        """"go", "wait", or why it cannot run ("diverged:..."/"failed:...")."""
+PENDING, DONE, FAILED = "pending", "done", "failed"
+
+
+class _Sweep:
+    """One sweep's state: each run's state, the tasks waiting (in start order), running and left
+    for later, the rows of the files that others start from, and the pace of each run."""
+
+    def __init__(self, specs: list[RunSpec], engine, shard_size: int | None, deadline: float | None):
+        self.by_out = {_key(s.out): s for s in specs}
+        self.engine, self.deadline = engine, deadline
+        self.report = Report(runs=len(specs))
+        self.state: dict[str, str] = {}
+        self.queue: list[Task] = []
+        self.running: dict[tuple, tuple[Task, float]] = {}  # task key -> (task, start time)
+        self.left: list[Task] = []
+        self.failed_shards = 0
+        self._rows: dict[str, set[int]] = {}
+        self.pace: dict[str, float] = {}  # seconds per image, measured in this sweep
+        depth: dict[str, int] = {}
+        for spec in specs:  # in dependency order
+            key, dep = _key(spec.out), spec.depends
+            depth[key] = depth.get(_key(dep), -1) + 1 if dep is not None else 0
+            try:
+                tasks = plan(spec, shard_size)
+            except RDDRSError as err:
+                self.state[key], self.report.failed[key] = FAILED, str(err)
+                continue
+            if spec.kind == MEMORY and not tasks and self.state.get(_key(spec.source)) == PENDING:
+                tasks = [Task(spec)]  # its certification grows: the pass continues after it
+            self.state[key] = PENDING if tasks else DONE
+            self.queue += tasks
+            self.report.shards += len(tasks)
+            self.report.complete_before += not tasks
+        self.queue.sort(key=lambda t: (t.spec.priority, t.lo, depth[_key(t.spec.out)]))
+
+    # -- what can start ------------------------------------------------------------------------
+    def rows_of(self, out: str) -> set[int]:
+        if out not in self._rows:
+            self._rows[out] = set(read_rows(out))
+        return self._rows[out]
+
+    def blocked(self, task: Task) -> str | None:
+        """Why ``task`` cannot start now: "wait" for rows to come, a message if they never will,
+        None if it can."""
         dep = task.spec.depends
         if dep is None:
-            return "go"
-        key = str(Path(dep))
-        if state.get(key) in ("diverged", "failed"):
-            return state[key]
-        if task.spec.kind == MEMORY:
-            return "go" if state.get(key, "done") == "done" else "wait"
-        if key in by_out and state[key] == "done":
-            return "go"
-        return "go" if all(i in rows_of(key) for i in range(task.lo, task.hi)) else "wait"
+            return None
+        key = _key(dep)
+        if self.state.get(key) == FAILED:
+            return f"the run it reads, {Path(key).name}, failed: {self.report.failed[key]}"
+        if task.spec.kind == MEMORY or (key in self.by_out and self.state[key] == DONE):
+            return None if self.state.get(key, DONE) == DONE else "wait"
+        return None if all(i in self.rows_of(key) for i in range(task.lo, task.hi)) else "wait"
 
-    running: list[Task] = []
-    bar = _Progress(report.shards, progress)
-    failed_shards = 0
+    def seconds_per_image(self, spec: RunSpec) -> float | None:
+        """The run's pace: measured in this sweep, else the mean ``seconds`` of its rows."""
+        key = _key(spec.out)
+        if key not in self.pace and spec.kind == CERTIFY:
+            rows = read_rows(spec.out)
+            if rows:
+                self.pace[key] = sum(r["seconds"] for r in rows.values()) / len(rows)
+        return self.pace.get(key)
 
-    def finish(key: str, status: str, message: str) -> None:
-        """Mark a run diverged or failed, drop its pending shards, and its dependants' in turn."""
-        nonlocal failed_shards
-        state[key] = status
-        (report.diverged if status == "diverged" else report.failed)[key] = message
-        if status == "diverged":
-            for note in by_out[key].notes:
-                write_atomic(Path(note), [json.dumps({"message": message}, indent=2).encode()])
-        failed_shards += len(pending.pop(key, []))
-        for other, spec in by_out.items():
-            if spec.depends is not None and str(Path(spec.depends)) == key and state.get(other) == "pending":
-                finish(other, status, message if status == "diverged"
-                       else f"the run it reads, {Path(key).name}, failed: {message}")
+    def fitted(self, task: Task) -> Task | None:
+        """``task``, shortened to the whole batches that end before the deadline (None: not even
+        one); a shard resumed from an earlier sweep starts whole or not at all."""
+        if self.deadline is None or task.spec.kind == MEMORY:
+            return task
+        left = self.deadline - time.monotonic()
+        pace = self.seconds_per_image(task.spec)
+        if pace is None:
+            return task if left > 0 else None
+        if pace * (task.hi - task.lo) <= left:
+            return task
+        if task.path.exists():
+            return None
+        batch = _batch(task.spec)
+        fits = int(left / pace) // batch * batch
+        return Task(task.spec, task.lo, task.lo + fits) if fits > 0 else None
 
-    try:
-        while pending or running:
-            for key in list(pending):
-                for task in list(pending.get(key, [])):
-                    if len(running) >= engine.capacity:
-                        break
-                    verdict = ready(task)
-                    if verdict == "go":
-                        pending[key].remove(task)
-                        running.append(task)
-                        engine.submit(task)
-                    elif verdict in ("diverged", "failed") and key in pending:
-                        dep = str(Path(task.spec.depends))
-                        finish(key, verdict, report.diverged.get(dep) if verdict == "diverged"
-                               else f"the run it reads, {Path(dep).name}, failed: {report.failed.get(dep)}")
-                        break
-                if key in pending and not pending[key]:
-                    pending.pop(key)  # all its shards started
-            left = sum(len(v) for v in pending.values())
-            bar.update(report.done, len(running), failed_shards, left)
-            if not running:
-                if pending:  # nothing can start: their starts will never come
-                    for key in list(pending):
-                        finish(key, "failed", "the rows it starts from were never computed")
-                break
-            for task, result in engine.wait(poll):
-                running.remove(task)
-                key = str(Path(task.spec.out))
-                if state.get(key) != "pending":
-                    continue  # its run already diverged or failed
-                if result["status"] == "done":
-                    try:
-                        if task.spec.kind == CERTIFY:
-                            merge_shard(task)
-                            rows_of(key).update(range(task.lo, task.hi))
-                    except RDDRSError as err:
-                        failed_shards += 1
-                        finish(key, "failed", str(err))
-                        continue
-                    report.done += 1
-                    if key not in pending and not any(str(Path(t.spec.out)) == key for t in running):
-                        state[key] = "done"
-                        if task.spec.kind == CERTIFY:
-                            _remove_stale_shards(task.spec)
-                else:
-                    failed_shards += 1
-                    finish(key, "diverged" if result["status"] == "diverged" else "failed", result["message"])
-            bar.update(report.done, len(running), failed_shards, sum(len(v) for v in pending.values()))
-    except BaseException:
-        engine.close(cancel=True)
+    def start_ready(self) -> None:
+        for task in list(self.queue):
+            if len(self.running) >= self.engine.capacity:
+                return
+            key = _key(task.spec.out)
+            if self.state.get(key) != PENDING:
+                self.queue.remove(task)
+                continue
+            why = self.blocked(task)
+            if why == "wait":
+                continue
+            self.queue.remove(task)
+            if why is not None:
+                self.fail(key, why)
+                continue
+            fitted = self.fitted(task)
+            if fitted is None or fitted.hi < task.hi:
+                self.left.append(task if fitted is None else Task(task.spec, fitted.hi, task.hi))
+            if fitted is not None:
+                self.running[fitted.key] = (fitted, time.monotonic())
+                self.engine.submit(fitted)
+
+    # -- what happens -------------------------------------------------------------------------
+    def fail(self, key: str, message: str) -> None:
+        """Mark a run failed, drop its waiting shards, and fail the runs that read it in turn."""
+        self.state[key] = FAILED
+        self.report.failed[key] = message
+        dropped = [t for t in self.queue if _key(t.spec.out) == key]
+        self.queue = [t for t in self.queue if _key(t.spec.out) != key]
+        self.failed_shards += len(dropped)
+        for other, spec in self.by_out.items():
+            if spec.depends is not None and _key(spec.depends) == key and self.state.get(other) == PENDING:
+                self.fail(other, f"the run it reads, {Path(key).name}, failed: {message}")
+
+    def finished(self, task: Task, result: dict) -> None:
+        _, started = self.running.pop(task.key)
+        key = _key(task.spec.out)
+        if self.state.get(key) != PENDING:
+            return  # its run already failed
+        if result["status"] != "done":
+            self.failed_shards += 1
+            self.fail(key, result["message"])
+            return
+        try:
+            if task.spec.kind == CERTIFY:
+                merge_shard(task)
+                self.rows_of(key).update(range(task.lo, task.hi))
+                self.pace[key] = (time.monotonic() - started) / (task.hi - task.lo)
+        except RDDRSError as err:
+            self.failed_shards += 1
+            self.fail(key, str(err))
+            return
+        self.report.done += 1
+        if not any(_key(t.spec.out) == key for t in self.queue + self.left + [t for t, _ in self.running.values()]):
+            self.state[key] = DONE
+            if task.spec.kind == CERTIFY:
+                _remove_stale_shards(task.spec)
+
+    def stop_at_deadline(self) -> None:
+        """Stop the shards still running and merge the batches they finished."""
+        self.engine.close(cancel=True)
+        for task, _ in list(self.running.values()):
+            if task.spec.kind == CERTIFY and self.state.get(_key(task.spec.out)) == PENDING:
+                merge_shard(task, partial=True)
+            self.left.append(task)
+        self.running.clear()
+
+    def run(self, progress: bool, poll: float) -> Report:
+        tic = time.perf_counter()
+        bar = _Progress(self.report.shards, progress)
+
+        def show():
+            bar.update(self.report.done, len(self.running), self.failed_shards, len(self.queue) + len(self.left))
+
+        try:
+            while self.queue or self.running:
+                self.start_ready()
+                show()
+                if not self.running:
+                    for task in self.queue:  # nothing can start: their starts will never come
+                        if self.deadline is not None:
+                            self.left.append(task)
+                        elif self.state.get(_key(task.spec.out)) == PENDING:
+                            self.fail(_key(task.spec.out), "the rows it starts from were never computed")
+                    self.queue = []
+                    break
+                timeout = poll if self.deadline is None else max(0.0, min(poll, self.deadline - time.monotonic()))
+                for task, result in self.engine.wait(timeout):
+                    self.finished(task, result)
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    self.stop_at_deadline()
+                    self.left += self.queue
+                    self.queue = []
+                show()
+        except BaseException:
+            self.engine.close(cancel=True)
+            bar.close()
+            raise
+        self.engine.close()
         bar.close()
-        raise
-    engine.close()
-    bar.close()
-    report.seconds = time.perf_counter() - tic
-    return report
+        self.report.left = len(self.left)
+        self.report.seconds = time.perf_counter() - tic
+        return self.report
