@@ -22,7 +22,7 @@ MATHJAX_VERSION ?= 3.2.2
 MATHJAX_DIR := _mathjax/_static/mathjax
 MATHJAX   := $(MATHJAX_DIR)/tex-chtml.js
 
-.PHONY: help venv data train test mathjax book notebooks results clean
+.PHONY: help venv data train test mathjax book notebooks results gpu-session clean
 
 # Chapters: light ones run in seconds and keep their executed notebook (book/NAME.ipynb, committed)
 # for nbval; heavy ones take a preset and are re-executed with papermill by `make results`.
@@ -51,8 +51,12 @@ SIGMAS ?= 0.12 0.25 0.50
 train: $(INSTALLED) $(MNIST)  ## retrain the models in data/models/ (sigma 0.12 0.25 0.50; CPU: a few minutes each, up to ~10 when busy)
 	for s in $(SIGMAS); do $(BIN)/rddrs train --sigma $$s --device $(DEVICE) || exit 1; done
 
-test: $(INSTALLED) $(MNIST) $(MATHJAX)  ## run the whole test suite
-	$(BIN)/python -m pytest
+# nbval checks the light chapters' executed notebooks: every cell must run, and the cells tagged
+# nbval-check-output must print what is stored
+NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with book/nbval_sanitize.cfg
+
+test: $(INSTALLED) $(MNIST) $(MATHJAX)  ## run the whole test suite (the chapters' notebooks too)
+	$(BIN)/python -m pytest $(NBVAL)
 
 $(MATHJAX):
 	@command -v npm >/dev/null || { echo "npm is needed to fetch MathJax (apt-get install npm)" >&2; exit 1; }
@@ -88,6 +92,23 @@ results: $(INSTALLED) $(MNIST)  ## re-execute the heavy chapters (CHAPTERS, defa
 
 book: $(INSTALLED) $(MNIST) $(MATHJAX)  ## build the HTML book into _build/html (preset PRESET, default cpu)
 	$(BIN)/jupyter-book build -W -n --keep-going .
+
+# A short session on a bare GPU machine: a Python with torch (2.11 or later), numpy, scipy and pytest,
+# no install, no network, data/MNIST/raw/t10k-* and data/models copied there. The CUDA tests, the GPU
+# benchmark, then the paper preset's sweep (the figure2 group first) until UNTIL seconds after the
+# session started; its new rows are packed into GPU_OUT/rows.tar.gz, logs beside it. Land the rows
+# here with `rddrs land GPU_OUT/rows.tar.gz`, then commit results/paper.
+GPU_OUT ?= gpu-session
+UNTIL   ?= 480
+SWEEP_GROUPS ?= figure2
+gpu-session:  ## on a bare GPU machine: CUDA tests, benchmark, paper sweep until UNTIL s, rows packed (no venv)
+	@start=$$(date +%s); mkdir -p $(GPU_OUT); export PYTHONPATH=src PYTHONUNBUFFERED=1; \
+	$(PYTHON) -m pytest -p no:cacheprovider -q tests/test_cuda.py 2>&1 | tee $(GPU_OUT)/tests.log; \
+	$(PYTHON) benchmarks/bench_core.py --device cuda --sections 1,2 --samples 20000 --inputs 1,13 \
+	  --batch-size 20000 --cert-samples 100000 2>&1 | tee $(GPU_OUT)/bench.log; \
+	left=$$(( $(UNTIL) - $$(date +%s) + start )); echo "sweep for $$left s"; \
+	$(PYTHON) -m rddrs sweep --preset paper --device cuda --groups $(SWEEP_GROUPS) --until $$left --quiet \
+	  --pack $(GPU_OUT)/rows.tar.gz 2>&1 | tee $(GPU_OUT)/sweep.log
 
 clean:  ## remove build output and caches (keeps .venv and data)
 	rm -rf _build .pytest_cache

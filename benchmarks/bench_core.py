@@ -121,7 +121,7 @@ def search_step(model, device, args):
     print(f"\n2. RDDRS search step (eigh of one 784x784: {eigh_s * 1e3:.0f} ms)")
     print("   samples  inputs  s/input/iter  network  linear algebra+noise  memory peak (MB)")
     for samples in args.samples:
-        for b in (1, 8, 32):
+        for b in args.inputs:
             xb = torch.rand(b, 1, 28, 28, device=device)
             law = Isotropic(torch.full((b,), 0.25, device=device), d).as_full()
             eps = torch.randn(b, samples, d, device=device)
@@ -194,6 +194,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=lambda t: [int(v) for v in t.split(",")], default=[500, 2000],
                         help="gradient samples per input of section 2 (default 500,2000)")
+    parser.add_argument("--inputs", type=lambda t: [int(v) for v in t.split(",")], default=[1, 8, 32],
+                        help="inputs searched at once in section 2 (default 1,8,32)")
     parser.add_argument("--batch-size", type=int, default=2000, help="noisy images per forward pass")
     parser.add_argument("--cert-samples", type=int, default=20_000, help="certification samples per input")
     parser.add_argument("--sections", default="1,2,3", help="which sections to run (default 1,2,3)")

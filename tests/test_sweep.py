@@ -7,6 +7,7 @@ shut it down at the end."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -324,3 +325,114 @@ def test_help_is_immediate_and_imports_neither_torch_nor_ray():
                           env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
     assert proc.returncode == 0, proc.stderr
     assert "--engine {local,ray}" in proc.stdout and float(proc.stderr.split()[-1]) < 1.0
+
+
+# -- order, time limit, archives ----------------------------------------------------------------
+
+def test_shards_start_by_priority_then_chunk_then_start_order(tmp_path):
+    """A short session advances the most urgent runs together, chunk by chunk: the Inline engine
+    runs the shards in the order the driver starts them."""
+    ddrs, rddrs = specs_for(tmp_path, count=4)
+    urgent = [replace(ddrs, priority=0), replace(rddrs, priority=0)]
+    later = replace(specs_for(tmp_path, methods=("rs",), count=4)[0], priority=5)
+    started = []
+
+    class Recording(runs.Inline):
+        def submit(self, task):
+            started.append((Path(task.spec.out).name, task.lo))
+            super().submit(task)
+
+    report = runs.execute([later, *urgent], Recording(), shard_size=2)
+    assert not report.failed
+    assert started == [("ddrs_sigma0.25.tsv", 0), ("rddrs_sigma0.25.tsv", 0), ("ddrs_sigma0.25.tsv", 2),
+                       ("rddrs_sigma0.25.tsv", 2), ("rs_sigma0.25.tsv", 0), ("rs_sigma0.25.tsv", 2)]
+
+
+def test_no_shard_starts_after_the_time_limit_and_bad_limits_are_refused(tmp_path):
+    specs = specs_for(tmp_path, count=4)
+    report = runs.execute(specs, shard_size=2, until=1e-9)
+    assert report.done == 0 and report.left == report.shards == 4 and not report.failed
+    assert "4 left for the next sweep" in report.summary()
+    assert not any(Path(s.out).exists() for s in specs)
+    with pytest.raises(RDDRSError, match="time limit must be > 0"):
+        runs.execute(specs, until=0)
+    again = runs.execute(specs, shard_size=2, until=3600)
+    assert again.done == 4 and again.left == 0
+
+
+def test_a_sweep_stopped_by_its_time_limit_lands_its_finished_batches(tmp_path):
+    """The CLI with --until: the shard still running at the deadline is stopped, the batches it
+    finished are merged (no shard file stays behind), the sweep exits 0, and the same command
+    without a limit computes the rest; the rows are those of an uninterrupted run."""
+    results = tmp_path / "res"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    command = [*sweep_command(results), "--shard-size", "8"]
+    stopped = subprocess.run([*command, "--until", "12", "--pack", str(tmp_path / "rows.tar.gz")], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "left for the next sweep" in stopped.stdout
+    out = result_path(results, "rddrs", 0.25)
+    first = read_rows(out)
+    assert len(first) < 8
+    assert not list(results.rglob("*.shards"))
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert sorted(read_rows(out)) == list(range(8))
+    reference = specs_for(tmp_path / "reference", count=8)
+    runs.execute(reference)
+    assert without_time(out) == without_time(reference[1].out)
+
+
+def test_pack_and_land_move_new_rows_and_refuse_other_presets_and_models(tmp_path, capsys):
+    from rddrs.archive import pack
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    base = ["sweep", "--preset", "smoke", "--groups", "standard", "--methods", "rs", "--sigmas", "0.25",
+            "--data", str(DATA), "--models", str(MODELS), "--quiet", "--processes", "1"]
+    assert main([*base, "--results", str(here), "--count", "2"]) == 0
+    import shutil
+
+    shutil.copytree(here, there)  # the copy a GPU session starts from
+    archive = tmp_path / "rows.tar.gz"
+    assert main([*base, "--results", str(there), "--count", "4", "--pack", str(archive)]) == 0
+    assert "packed 1 files (4 rows)" in capsys.readouterr().out
+    assert main(["land", str(archive), "--results", str(here), "--models", str(MODELS)]) == 0
+    assert "landed 2 new rows in 1 files" in capsys.readouterr().out
+    assert sorted(read_rows(result_path(here, "rs", 0.25))) == [0, 1, 2, 3]
+    assert main(["land", str(archive), "--results", str(here), "--models", str(MODELS)]) == 0  # again: nothing new
+    assert "landed 0 new rows" in capsys.readouterr().out
+    meta = json.loads((here / "rs_sigma0.25.tsv.json").read_text())
+    assert [part["rows"] for part in meta["parts"]] == [[[0, 2]], [[2, 4]]]
+    # another preset's results, another model, an archive that is no archive: one line, nothing written
+    other = tmp_path / "cpu"
+    other.mkdir()
+    (other / "x.tsv.json").write_text(json.dumps({"settings": {"preset": "cpu"}}))
+    fake_models = tmp_path / "models"
+    fake_models.mkdir()
+    (fake_models / "mnist_cnn_sigma0.25.pt").write_bytes(b"other weights")
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(b"not an archive")
+    for args, message in ((["--results", str(other), "--models", str(MODELS)], "holds rows of preset smoke"),
+                          (["--results", str(tmp_path / "new"), "--models", str(fake_models)], "another model"),
+                          (["--results", str(here)], "no such archive")):
+        target = archive if message != "no such archive" else tmp_path / "missing.tar.gz"
+        assert main(["land", str(target), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    assert main(["land", str(junk), "--results", str(here)]) == 2
+    assert "is not an archive of rddrs rows" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in other.iterdir()) == ["x.tsv.json"]
+    with pytest.raises(RDDRSError, match="not under the results directory"):
+        pack([result_path(here, "rs", 0.25)], there, tmp_path / "x.tar.gz", "smoke")
+
+
+def test_a_gpu_sweep_on_a_machine_without_one_is_refused_in_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["sweep", "--preset", "smoke", "--device", "cuda", "--results", str(tmp_path), "--groups",
+                 "standard", "--methods", "rs", "--data", str(DATA), "--models", str(MODELS)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "CUDA is not available" in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+    assert main(["sweep", "--preset", "smoke", "--until", "-5", "--results", str(tmp_path)]) == 2
+    assert "--until must be" in capsys.readouterr().err

@@ -166,6 +166,10 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         raise RDDRSError(f"--until must be a number of seconds > 0, got {args.until:g}")
     results = Path(args.results or Path("results") / args.preset).resolve()
     device = args.device or ("cuda" if args.gpus_per_task > 0 else "cpu")
+    if not args.list:
+        from rddrs.models import resolve_device
+
+        resolve_device(device)  # a GPU asked for where there is none: one line, before anything is written
     if device.startswith("cuda") and args.gpus_per_task == 0:
         args.gpus_per_task = 1  # a certification shard on the GPU holds one
     specs = registry.runs(args.preset, results, sigmas=args.sigmas, methods=args.methods, count=args.count,

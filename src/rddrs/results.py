@@ -181,7 +181,7 @@ def provenance_parts(meta: dict, indices=None) -> list[dict]:
     if isinstance(meta.get("parts"), list):
         return [dict(part) for part in meta["parts"]]
     prov = meta.get("provenance")
-    if not isinstance(prov, dict):
+    if not isinstance(prov, dict) or (indices is not None and not len(indices)):
         return []
     return [dict(prov, rows=None if indices is None else index_ranges(indices))]
 
