@@ -94,21 +94,28 @@ book: $(INSTALLED) $(MNIST) $(MATHJAX)  ## build the HTML book into _build/html 
 	$(BIN)/jupyter-book build -W -n --keep-going .
 
 # A short session on a bare GPU machine: a Python with torch (2.11 or later), numpy, scipy and pytest,
-# no install, no network, data/MNIST/raw/t10k-* and data/models copied there. The CUDA tests, the GPU
-# benchmark, then the paper preset's sweep (the figure2 group first) until UNTIL seconds after the
-# session started; its new rows are packed into GPU_OUT/rows.tar.gz, logs beside it. Land the rows
-# here with `rddrs land GPU_OUT/rows.tar.gz`, then commit results/paper.
+# no install, no network, data/MNIST/raw/t10k-* and data/models copied there (set RDDRS_SOURCE_COMMIT
+# to the commit copied, for the rows' provenance). The CUDA tests, the GPU benchmark, the mechanism
+# study's runs (until MECHANISM_UNTIL) and measures (until MEASURE_UNTIL), then the paper preset's
+# sweep of the figure2 group until UNTIL, all in seconds after the session started; what it wrote
+# under results/paper is packed into GPU_OUT/rows.tar.gz, logs beside it. Land it here with
+# `rddrs land GPU_OUT/rows.tar.gz`.
 GPU_OUT ?= gpu-session
-UNTIL   ?= 480
-SWEEP_GROUPS ?= figure2
-gpu-session:  ## on a bare GPU machine: CUDA tests, benchmark, paper sweep until UNTIL s, rows packed (no venv)
+UNTIL   ?= 530
+MECHANISM_UNTIL ?= 300
+MEASURE_UNTIL ?= 440
+gpu-session:  ## on a bare GPU machine: CUDA tests, benchmark, mechanism, paper sweep until UNTIL s, rows packed (no venv)
 	@start=$$(date +%s); mkdir -p $(GPU_OUT); export PYTHONPATH=src PYTHONUNBUFFERED=1; \
+	left() { t=$$(( $$1 - $$(date +%s) + start )); echo $$(( t > 1 ? t : 1 )); }; \
+	sweep="$(PYTHON) -m rddrs sweep --preset paper --device cuda --quiet"; \
 	$(PYTHON) -m pytest -p no:cacheprovider -q tests/test_cuda.py 2>&1 | tee $(GPU_OUT)/tests.log; \
-	$(PYTHON) benchmarks/bench_core.py --device cuda --sections 1,2 --samples 20000 --inputs 1,13 \
+	timeout 90 $(PYTHON) benchmarks/bench_core.py --device cuda --sections 1,2 --samples 20000 --inputs 1,13 \
 	  --batch-size 20000 --cert-samples 100000 2>&1 | tee $(GPU_OUT)/bench.log; \
-	left=$$(( $(UNTIL) - $$(date +%s) + start )); echo "sweep for $$left s"; \
-	$(PYTHON) -m rddrs sweep --preset paper --device cuda --groups $(SWEEP_GROUPS) --until $$left --quiet \
-	  --pack $(GPU_OUT)/rows.tar.gz 2>&1 | tee $(GPU_OUT)/sweep.log
+	$$sweep --groups mechanism --until $$(left $(MECHANISM_UNTIL)) 2>&1 | tee $(GPU_OUT)/mechanism.log; \
+	timeout $$(left $(MEASURE_UNTIL)) $(PYTHON) -m rddrs mechanism --preset paper --device cuda 2>&1 \
+	  | tee -a $(GPU_OUT)/mechanism.log; \
+	$$sweep --groups figure2 --until $$(left $(UNTIL)) 2>&1 | tee $(GPU_OUT)/sweep.log; \
+	$(PYTHON) -m rddrs pack --preset paper --since $$start --out $(GPU_OUT)/rows.tar.gz
 
 clean:  ## remove build output and caches (keeps .venv and data)
 	rm -rf _build .pytest_cache

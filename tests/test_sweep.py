@@ -367,8 +367,7 @@ def test_a_sweep_stopped_by_its_time_limit_lands_its_finished_batches(tmp_path):
     results = tmp_path / "res"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     command = [*sweep_command(results), "--shard-size", "8"]
-    stopped = subprocess.run([*command, "--until", "12", "--pack", str(tmp_path / "rows.tar.gz")], env=env,
-                             capture_output=True, text=True, timeout=600)
+    stopped = subprocess.run([*command, "--until", "12"], env=env, capture_output=True, text=True, timeout=600)
     assert stopped.returncode == 0, stopped.stderr
     assert "left for the next sweep" in stopped.stdout
     out = result_path(results, "rddrs", 0.25)
@@ -394,11 +393,17 @@ def test_pack_and_land_move_new_rows_and_refuse_other_presets_and_models(tmp_pat
 
     shutil.copytree(here, there)  # the copy a GPU session starts from
     archive = tmp_path / "rows.tar.gz"
-    assert main([*base, "--results", str(there), "--count", "4", "--pack", str(archive)]) == 0
-    assert "packed 1 files (4 rows)" in capsys.readouterr().out
+    start = time.time()
+    time.sleep(0.05)
+    assert main([*base, "--results", str(there), "--count", "4"]) == 0
+    (there / "claims").mkdir()
+    (there / "claims" / "measured.json").write_text('{"a": 1}')  # a cached measurement
+    assert main(["pack", "--preset", "smoke", "--since", str(start), "--results", str(there), "--out", str(archive)]) == 0
+    assert "packed 1 result files (4 rows) and 1 measurements" in capsys.readouterr().out
     assert main(["land", str(archive), "--results", str(here), "--models", str(MODELS)]) == 0
     assert "landed 2 new rows in 1 files" in capsys.readouterr().out
     assert sorted(read_rows(result_path(here, "rs", 0.25))) == [0, 1, 2, 3]
+    assert (here / "claims" / "measured.json").read_text() == '{"a": 1}' 
     assert main(["land", str(archive), "--results", str(here), "--models", str(MODELS)]) == 0  # again: nothing new
     assert "landed 0 new rows" in capsys.readouterr().out
     meta = json.loads((here / "rs_sigma0.25.tsv.json").read_text())
@@ -422,6 +427,9 @@ def test_pack_and_land_move_new_rows_and_refuse_other_presets_and_models(tmp_pat
     assert main(["land", str(junk), "--results", str(here)]) == 2
     assert "is not an archive of rddrs rows" in capsys.readouterr().err
     assert not (tmp_path / "new").exists() and sorted(p.name for p in other.iterdir()) == ["x.tsv.json"]
+    (here / "claims" / "measured.json").write_text('{"a": 2}')  # another measurement of the same name
+    assert main(["land", str(archive), "--results", str(here), "--models", str(MODELS)]) == 2
+    assert "exists here with other content" in capsys.readouterr().err
     with pytest.raises(RDDRSError, match="not under the results directory"):
         pack([result_path(here, "rs", 0.25)], there, tmp_path / "x.tar.gz", "smoke")
 

@@ -160,7 +160,6 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from rddrs import registry, runs
-    from rddrs.results import read_rows
 
     if args.until is not None and not args.until > 0:
         raise RDDRSError(f"--until must be a number of seconds > 0, got {args.until:g}")
@@ -190,18 +189,11 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
             raise RDDRSError("--address joins a Ray cluster: use it with --engine ray")
         engine = runs.Local(args.processes, threads=args.cpus_per_task, gpus=args.gpus_per_task, device=device,
                             retries=args.retries)
-    before = {s.out: len(read_rows(s.out)) for s in specs if s.kind == runs.CERTIFY}
     report = runs.execute(specs, engine, shard_size=args.shard_size, results=results, progress=not args.quiet,
                           until=args.until)
     for out, message in report.failed.items():
         print(f"failed: {Path(out).relative_to(results)}: {message}", file=sys.stderr)
     print(f"{report.summary()}; results in {results}")
-    if args.pack:
-        from rddrs.archive import pack
-
-        grown = [out for out, n in before.items() if len(read_rows(out)) > n]
-        rows = pack(grown, results, args.pack, args.preset)
-        print(f"packed {len(grown)} files ({rows} rows) into {args.pack}; land them with `rddrs land {args.pack}`")
     if report.failed:
         raise RDDRSError(f"{len(report.failed)} of {report.runs} runs failed (listed above); run the same "
                          "command again to retry them")
@@ -250,12 +242,32 @@ def _add_sweep(sub) -> None:
                    help="start no shard that would not end within SECONDS (at the pace measured so far); "
                         "at that time stop, merge every finished batch and exit 0: the same command "
                         "continues later")
-    p.add_argument("--pack", metavar="ARCHIVE",
-                   help="then pack the result files this sweep added rows to into ARCHIVE (.tar.gz), for "
-                        "`rddrs land` on another machine")
     p.add_argument("--list", action="store_true", help="list the runs and their state; compute nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_sweep)
+
+
+def _cmd_pack(args: argparse.Namespace) -> None:
+    from rddrs.archive import pack, written_since
+
+    results = Path(args.results or Path("results") / args.preset)
+    files, extras = written_since(results, args.since)
+    rows = pack(files, results, args.out, args.preset, extras)
+    print(f"packed {len(files)} result files ({rows} rows) and {len(extras)} measurements into {args.out}; "
+          f"land them with `rddrs land {args.out}`")
+
+
+def _cmd_mechanism(args: argparse.Namespace) -> None:
+    from rddrs import mechanism
+    from rddrs.models import resolve_device
+
+    device = str(resolve_device(args.device))
+    results = Path(args.results or Path("results") / args.preset)
+    common = dict(device=device, data=args.data, models=args.models, seed=args.seed)
+    rows = mechanism.measures(args.preset, results, **common)
+    refuted = mechanism.refutations(args.preset, results, **common)
+    print(f"{len(rows)} laws measured, {sum(r['refuted'] for r in refuted)} of {len(refuted)} certificates "
+          f"refuted; in {results / 'claims' / 'mechanism'}")
 
 
 def _cmd_land(args: argparse.Namespace) -> None:
@@ -264,13 +276,46 @@ def _cmd_land(args: argparse.Namespace) -> None:
     print(land_message(land(Path(args.archive), args.results, args.models)))
 
 
+def _add_mechanism(sub) -> None:
+    from rddrs.presets import PRESETS
+
+    p = sub.add_parser("mechanism", help="measure the laws behind the headline and test their certificates",
+                       description="For the runs of the mechanism study (compute them first: `rddrs sweep "
+                                   "--groups mechanism`), measure each law S_x (spectrum, its smoothed "
+                                   "classifier at other images, its largest axes, its noise split) and look "
+                                   "for points inside each certified ball where the whole pipeline certifies "
+                                   "another class. Writes measures.json and refutations.json beside the runs.")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--results", help="results directory (default: results/PRESET)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="data", help="data directory (default: data)")
+    p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
+    p.set_defaults(run=_cmd_mechanism)
+
+
+def _add_pack(sub) -> None:
+    from rddrs.presets import PRESETS
+
+    p = sub.add_parser("pack", help="pack what a session wrote under a results directory, for `rddrs land`",
+                       description="Pack the result files (rows and sidecars, no traces) and the cached "
+                                   "measurements written under RESULTS after --since into one archive, which "
+                                   "`rddrs land` adds to the results of another machine.")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--since", type=float, required=True, metavar="EPOCH",
+                   help="pack what was written after this time (seconds since the epoch, `date +%%s`)")
+    p.add_argument("--out", required=True, metavar="ARCHIVE", help="the archive to write (.tar.gz)")
+    p.add_argument("--results", help="results directory (default: results/PRESET)")
+    p.set_defaults(run=_cmd_pack)
+
+
 def _add_land(sub) -> None:
-    p = sub.add_parser("land", help="add the rows of a sweep's archive to the results here",
-                       description="Add the rows packed by `rddrs sweep --pack` (on another machine, a GPU "
+    p = sub.add_parser("land", help="add the rows of an archive of `rddrs pack` to the results here",
+                       description="Add the rows packed by `rddrs pack` (on another machine, a GPU "
                                    "session say) to the result files of RESULTS, recording which session "
                                    "wrote them. Everything is checked before anything is written: the "
                                    "preset, the models' hashes, the runs' settings, rows already here.")
-    p.add_argument("archive", metavar="ARCHIVE", help="the .tar.gz of rddrs sweep --pack")
+    p.add_argument("archive", metavar="ARCHIVE", help="the .tar.gz of rddrs pack")
     p.add_argument("--results", help="results directory (default: results/PRESET of the archive)")
     p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
     p.set_defaults(run=_cmd_land)
@@ -297,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_certify(sub)
     _add_memory(sub)
     _add_sweep(sub)
+    _add_mechanism(sub)
+    _add_pack(sub)
     _add_land(sub)
     curves = sub.add_parser("curves", help="certified-accuracy curves and tables from result files",
                             description="Draw certified accuracy against proxy and l2 radius (one panel "

@@ -61,11 +61,14 @@ def _git(*cmd: str) -> str | None:
 
 
 def provenance(device) -> dict:
-    """Versions, device, threads, host, git commit (and whether the tree was dirty), time."""
+    """Versions, device, threads, host, git commit (and whether the tree was dirty), time. Where
+    the code runs from a copy without git (a bare GPU machine), ``RDDRS_SOURCE_COMMIT`` names the
+    commit it was copied from (its dirtiness is then unknown)."""
     import torch
 
     commit = _git("rev-parse", "HEAD") or None
     status = _git("status", "--porcelain") if commit else None
+    commit = commit or os.environ.get("RDDRS_SOURCE_COMMIT") or None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {"versions": {"rddrs": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "device": f"{device} ({name})", "threads": torch.get_num_threads(), "host": platform.node(),

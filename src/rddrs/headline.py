@@ -66,21 +66,28 @@ class Budget:
     gradient_sizes: tuple[int, ...]
     gradient_reference: int
     gradient_repeats: int
+    mechanism_count: int = 2            # images of the mechanism study (0..count-1)
+    mechanism_votes: int = 64           # draws per point of its smoothed classifiers' votes
+    refutation_steps: int = 3           # PGD steps and draws per step of its refutation attack
+    refutation_samples: int = 16
 
 
 BUDGETS = {
     "smoke": Budget(count=2, tuning=(2, 2), best_count=2,
                     frontier={"ddrs": ((5, 8), (10, 16)), "ancer": ((3, 8), (5, 16)), "rddrs": ((3, 16), (5, 32))},
-                    gradient_images=1, gradient_sizes=(16, 64), gradient_reference=1024, gradient_repeats=2),
+                    gradient_images=1, gradient_sizes=(16, 64), gradient_reference=1024, gradient_repeats=2,
+                    mechanism_count=2, mechanism_votes=64, refutation_steps=3, refutation_samples=16),
     "cpu": Budget(count=20, tuning=(20, 8), best_count=30,
                   frontier={"ddrs": ((75, 32), (150, 64), (300, 128)),
                             "ancer": ((25, 32), (50, 64), (100, 128), (200, 256)),
                             "rddrs": ((15, 250), (30, 500), (60, 1000))},
                   gradient_images=4, gradient_sizes=(250, 1000, 4000, 20_000), gradient_reference=200_000,
-                  gradient_repeats=8),
+                  gradient_repeats=8, mechanism_count=4, mechanism_votes=500, refutation_steps=10,
+                  refutation_samples=64),
     "paper": Budget(count=10, tuning=(10, 4), best_count=10, frontier={},
                     gradient_images=4, gradient_sizes=(1000, 4000, 20_000), gradient_reference=200_000,
-                    gradient_repeats=8),
+                    gradient_repeats=8, mechanism_count=20, mechanism_votes=2000, refutation_steps=20,
+                    refutation_samples=128),
 }
 
 #: step-size candidates per (method, step rule), as Search overrides, for the tuning study
@@ -263,6 +270,24 @@ def scaled_to(preset: str, variant: Variant) -> Variant:
                    start=variant.start, tier=variant.tier)
 
 
+def _capped_ddrs(preset: str) -> Variant:
+    """DDRS' best variant of the cpu preset's grid (capped, plain ascent) at ``preset``'s path length."""
+    best = scaled_to(preset, variants_study("cpu").variant(BEST["ddrs"]))
+    return Variant("ddrs_capped", "ddrs", best.search)
+
+
+def mechanism_study(preset: str) -> Study:
+    """The laws behind the headline, kept with their traces on the preset's first
+    ``mechanism_count`` test images: RS, the authors' pipeline (``PIPELINE``) with ANCER also at
+    their script's step size, the capped DDRS, and RDDRS' best variant with the ANCER run it
+    starts from (``rddrs.mechanism`` measures them)."""
+    best = [scaled_to(preset, v) for v in _best_chain("rddrs") if v.method != "ddrs"]
+    ddrs, ancer, rddrs = PIPELINE
+    lr1 = Variant("ancer_clamped_lr1", "ancer", {"objective": "clamped", "lr": 1.0}, start="ddrs_clamped")
+    return Study("mechanism", BUDGETS[preset].mechanism_count, digests=False,
+                 variants=(Variant("rs", "rs"), ddrs, ancer, lr1, rddrs, _capped_ddrs(preset), *best))
+
+
 def figure2_study(preset: str, sigma: float) -> Study:
     """The paper's Figure 2 at ``sigma`` on the preset's whole test set (``paper`` only; empty
     elsewhere): RS, the authors' pipeline (``PIPELINE``) and the capped DDRS at the cpu preset's
@@ -270,7 +295,7 @@ def figure2_study(preset: str, sigma: float) -> Study:
     the cpu preset's grid (chosen there), its step size scaled to the same path length."""
     if preset != "paper":
         return Study(figure2_name(sigma), 1, (), digests=False)
-    capped = Variant("ddrs_capped", "ddrs", {"objective": "capped", "lr": 1e-3})
+    capped = _capped_ddrs(preset)
     best = []
     for method in ("ancer", "rddrs"):
         for variant in _best_chain(method):

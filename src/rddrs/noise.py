@@ -110,6 +110,10 @@ class Smoothing:
     def _extra(self) -> dict:
         return {}
 
+    def to(self, device) -> "Smoothing":
+        """The same laws on ``device``."""
+        return self.with_param(self.param.to(device))
+
     def where(self, mask: Tensor, other: "Smoothing") -> "Smoothing":
         """Per input, this law where ``mask`` (B,) holds and ``other``'s elsewhere."""
         return self.with_param(torch.where(self.expand(mask), self.param, other.param))

@@ -9,10 +9,13 @@ claims      the variants of chapter 7's studies (``claims.studies``)  chapter 7
 headline    the headline studies (``rddrs.headline``)              the headline chapter
 figure2     the paper's Figure 2 at its own settings               the headline chapter
             (``headline.figure2_study``, ``paper`` preset only)
+mechanism   the laws behind the headline, with their traces        the headline chapter
+            (``headline.mechanism_study``; ``rddrs.mechanism``)
 ==========  =====================================================  ========================
 
 A sweep starts the figure2 group first, at sigma 0.25, then 0.5, then 0.12, its lower tier
-after the rest at each sigma, chunk by chunk (``runs.execute``); the other groups come after.
+after the rest at each sigma, chunk by chunk (``runs.execute``), the mechanism study's images
+with the first chunk; the other groups come after.
 
 ``runs(preset, results)`` lists them; ``rddrs sweep`` computes the missing ones (on this
 machine or a Ray cluster) and the chapters call ``ensure`` on their groups, which computes
@@ -33,7 +36,7 @@ from rddrs.methods import NAMES
 from rddrs.methods import method as method_record
 from rddrs.presets import preset as preset_record
 
-GROUPS = ("standard", "memory", "claims", "headline", "figure2")
+GROUPS = ("standard", "memory", "claims", "headline", "figure2", "mechanism")
 #: the sweep priority of the groups other than figure2 (figure2's: 10 per sigma, in headline.FIGURE2_SIGMAS order)
 LATER = 100
 #: the training sigmas of the paper's classifiers
@@ -89,6 +92,10 @@ def _studies(preset: str, count: int | None, groups: tuple[str, ...]):
             study = headline.figure2_study(preset, sigma)
             if study.variants:
                 yield (study if count is None else replace(study, count=count)), sigma, "figure2", 10 * rank
+    if "mechanism" in groups:
+        from rddrs import headline
+
+        yield headline.mechanism_study(preset), headline.SIGMA, "mechanism", 0
     if "claims" in groups:
         from rddrs import claims
 

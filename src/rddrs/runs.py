@@ -45,7 +45,8 @@ from pathlib import Path
 from rddrs import RDDRSError
 from rddrs.files import ensure_dir, exclusive, one_line
 from rddrs.methods import NAMES, method as method_record
-from rddrs.results import model_path, read_rows, read_sidecar, result_path, sidecar_path, traces_dir
+from rddrs.results import (model_path, read_rows, read_sidecar, result_path, row_writers, sidecar_path,
+                           traces_dir)
 
 CERTIFY, MEMORY = "certify", "memory"
 
@@ -703,12 +704,17 @@ class _Sweep:
         return None if all(i in self.rows_of(key) for i in range(task.lo, task.hi)) else "wait"
 
     def seconds_per_image(self, spec: RunSpec) -> float | None:
-        """The run's pace: measured in this sweep, else the mean ``seconds`` of its rows."""
+        """The run's pace: measured in this sweep, else the mean ``seconds`` of the rows its file
+        got from sessions on this kind of device (a GPU's rows say little about a CPU's pace)."""
         key = _key(spec.out)
         if key not in self.pace and spec.kind == CERTIFY:
             rows = read_rows(spec.out)
             if rows:
-                self.pace[key] = sum(r["seconds"] for r in rows.values()) / len(rows)
+                kind = spec.device.split(":")[0]
+                writers = row_writers(read_sidecar(spec.out), rows)
+                seconds = [r["seconds"] for i, r in rows.items() if str(writers.get(i, {}).get("device", "")).startswith(kind)]
+                if seconds:
+                    self.pace[key] = sum(seconds) / len(seconds)
         return self.pace.get(key)
 
     def fitted(self, task: Task) -> Task | None:

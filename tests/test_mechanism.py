@@ -1,0 +1,134 @@
+"""The mechanism measures against closed forms, and the study end to end at the smoke preset."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from rddrs import claims, headline, mechanism, spd
+from rddrs.claims import Study, Variant
+from rddrs.noise import Diagonal, FullSPD, Isotropic
+from rddrs.validity import LinearClassifier
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+DATA, MODELS = ROOT / "data", ROOT / "data" / "models"
+D = 12
+
+
+class Constant(torch.nn.Module):
+    """Every input gets class ``cls`` (of 10)."""
+
+    def __init__(self, cls: int):
+        super().__init__()
+        self.cls = cls
+
+    def forward(self, z):
+        return torch.nn.functional.one_hot(torch.full((len(z),), self.cls), 10).to(z) * 5.0
+
+
+def test_spectrum_and_axes_of_known_laws():
+    w = torch.tensor([0.3, 0.5, 2.0, 20.0, 200.0, 1.0, 0.7, 0.9, 1.5, 0.4, 0.6, 0.8], dtype=torch.float64)
+    q = spd.random_orthogonal(D, seed=3)
+    law = FullSPD(((q * w) @ q.T)[None].float())
+    s = mechanism.spectrum(law)
+    assert (s["above_1"], s["above_10"], s["above_100"]) == (4, 2, 1)
+    assert s["largest"] == pytest.approx(200.0, rel=1e-5) and s["smallest"] == pytest.approx(0.3, rel=1e-4)
+    scale, axes = mechanism.top_axes(law, 2)
+    np.testing.assert_allclose(scale, [200.0, 20.0], rtol=1e-5)
+    for v, k in zip(axes, (4, 3)):  # the eigenvectors of the two largest scales, up to sign
+        assert abs(float(v @ q[:, k])) == pytest.approx(1.0, abs=1e-4)
+    theta = Diagonal(w[None].float())
+    scale, axes = mechanism.top_axes(theta, 3)
+    np.testing.assert_allclose(scale, [200.0, 20.0, 2.0], rtol=1e-6)
+    assert [int(v.argmax()) for v in axes] == [4, 3, 2]
+    assert mechanism.top_axes(Isotropic(torch.tensor([0.5]), D), 2) is None
+    assert mechanism.spectrum(Isotropic(torch.tensor([0.5]), D))["above_1"] == 0
+
+
+def test_the_margin_gradient_of_a_linear_classifier_is_its_normal():
+    w = torch.randn(D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = LinearClassifier(w, 0.3)
+    x = torch.randn(1, D, dtype=torch.float64)
+    torch.testing.assert_close(mechanism.margin_gradient(model, x, 1), w)
+    torch.testing.assert_close(mechanism.margin_gradient(model, x, 0), -w)
+
+
+def test_a_constant_classifier_is_constant_under_any_law():
+    model = Constant(3)
+    law = Isotropic(torch.tensor([0.4]), 784)
+    x = torch.rand(1, 1, 28, 28)
+    others = torch.rand(6, 1, 28, 28)
+    other_labels = np.array([0, 1, 2, 4, 5, 3])
+    own = mechanism.constancy(model, x, 3, law, others, other_labels, 50, 0, 7)
+    assert own["others"] == 5 and own["wins"] == own["share_own_class"] == own["black"] == own["noise"] == 1.0
+    assert own["their_own_class"] == 0.0
+    other = mechanism.constancy(model, x, 5, law, others, other_labels, 50, 0, 7)
+    assert other["others"] == 5 and other["wins"] == other["share_own_class"] == other["at_x"] == 0.0
+
+
+def test_the_split_of_a_linear_classifier_has_its_closed_form():
+    """Noise along axes orthogonal to w never moves the score; along the others the share of the
+    class is Phi(score / ||S w||)."""
+    g = torch.Generator().manual_seed(1)
+    q = spd.random_orthogonal(D, seed=5)
+    w_vec = q[:, 0] * 0.8 + q[:, 1] * 0.6      # the normal lies in the span of the two small axes
+    scales = torch.tensor([0.3, 0.5] + [30.0] * (D - 2), dtype=torch.float64)
+    law = FullSPD(((q * scales) @ q.T)[None].float())
+    model = LinearClassifier(w_vec.float(), 0.0)
+    x = (0.2 * w_vec + 0.01 * torch.randn(D, generator=g, dtype=torch.float64)).float()[None]
+    out = mechanism.split(model, x, 1, law, 40_000, 0, 3)
+    score = float(model.score(x)[0])
+    small = (q[:, :2] * scales[:2]) @ q[:, :2].T
+    exact = stats.norm.cdf(score / float(torch.linalg.norm(small @ w_vec)))
+    assert out["scales_above"] == D - 2 and out["above"] == 1.0
+    assert out["at_most"] == pytest.approx(exact, abs=0.01)
+    assert out["isotropic_smallest"] == pytest.approx(stats.norm.cdf(score / (0.3 * float(w_vec.norm()))), abs=0.01)
+
+
+def test_refutation_refutes_an_inflated_certificate_and_not_a_fixed_law_one():
+    """RS' pipeline does not depend on the input: a point inside its exact region keeps its class.
+    A radius three times the exact distance to the boundary is refuted: the attack crosses the
+    boundary, where the pipeline certifies the other class."""
+    d = 784
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(d, generator=g) / d ** 0.5
+    model = LinearClassifier(w, 0.0)
+    x = torch.rand(4, d, generator=g)
+    x = x + ((1.0 - model.score(x)) / w.dot(w))[:, None] * w  # w.x = 1: distance 1 / ||w|| from the boundary
+    labels = np.ones(4, dtype=int)
+    exact = 1.0 / float(w.norm())
+    study = Study("t", 4, (Variant("rs", "rs"),))
+    law = Isotropic(torch.full((4,), 0.25), d)
+    model_file = MODELS / "mnist_cnn_sigma0.25.pt"
+    common = dict(study=study, variant=study.variant("rs"), sigma=0.25, preset="smoke", model_file=model_file,
+                  steps=5, samples=16, check=400)
+    inside = mechanism.refutation(model, x, labels, [0, 1, 2, 3], np.full(4, 0.25), np.full(4, 0.9 * exact), law,
+                                  **common)
+    assert not any(r["refuted"] for r in inside) and all(r["fixed_law_share"] > 0.5 for r in inside)
+    assert all(r["distance"] <= 0.9 * exact * 0.999 * (1 + 1e-5) for r in inside)
+    beyond = mechanism.refutation(model, x, labels, [0, 1, 2, 3], np.full(4, 0.25), np.full(4, 3 * exact), law,
+                                  **common)
+    assert all(r["refuted"] and r["predict"] == 0 for r in beyond)
+    assert all(r["fixed_law_class"] == 0 for r in beyond)  # the same law held fixed says so too
+
+
+def test_the_mechanism_study_at_the_smoke_preset(tmp_path):
+    study = headline.mechanism_study("smoke")
+    results = tmp_path / "results"
+    runs = claims.run_study(study, headline.SIGMA, "smoke", results, data=DATA, models=MODELS)
+    assert set(runs) == {v.name for v in study.variants}
+    rows = mechanism.measures("smoke", results, data=DATA, models=MODELS)
+    assert len(rows) == len(study.variants) * study.count
+    for row in rows:
+        c = row["constancy"]
+        assert 0 <= c["share_own_class"] <= 1 and 0 <= c["wins"] <= 1 and c["others"] == 27
+        assert (row["axes"] is None) == (row["method"] in ("rs", "ddrs"))
+        assert row["spectrum"]["smallest"] <= row["spectrum"]["largest"]
+    assert (results / "claims" / "mechanism" / "measures.json").exists()
+    refuted = mechanism.refutations("smoke", results, data=DATA, models=MODELS)
+    assert {r["variant"] for r in refuted} <= {v.name for v in study.variants}
+    for r in refuted:
+        assert r["distance"] <= r["radius"] * (1 + 1e-5) and isinstance(r["refuted"], bool)
