@@ -62,13 +62,14 @@ def _git(*cmd: str) -> str | None:
 
 def provenance(device) -> dict:
     """Versions, device, threads, host, git commit (and whether the tree was dirty), time. Where
-    the code runs from a copy without git (a bare GPU machine), ``RDDRS_SOURCE_COMMIT`` names the
-    commit it was copied from (its dirtiness is then unknown)."""
+    the code runs from a copy of the repository (a bare GPU machine), ``RDDRS_SOURCE_COMMIT``
+    names the commit it was copied from and wins over what git says there (such a copy can carry
+    another checkout's history); its dirtiness is then unknown."""
     import torch
 
-    commit = _git("rev-parse", "HEAD") or None
-    status = _git("status", "--porcelain") if commit else None
-    commit = commit or os.environ.get("RDDRS_SOURCE_COMMIT") or None
+    declared = os.environ.get("RDDRS_SOURCE_COMMIT") or None
+    commit = declared or _git("rev-parse", "HEAD") or None
+    status = _git("status", "--porcelain") if commit and not declared else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {"versions": {"rddrs": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "device": f"{device} ({name})", "threads": torch.get_num_threads(), "host": platform.node(),
