@@ -444,3 +444,13 @@ def test_a_gpu_sweep_on_a_machine_without_one_is_refused_in_one_line(tmp_path, c
     assert not any(tmp_path.iterdir())
     assert main(["sweep", "--preset", "smoke", "--until", "-5", "--results", str(tmp_path)]) == 2
     assert "--until must be" in capsys.readouterr().err
+
+
+def test_a_study_alone_holds_its_own_images_of_the_standard_runs_it_shares(tmp_path):
+    """The mechanism group alone: its RS variant is the standard RS file, but only on its images
+    (a GPU session once computed 600 RS images it did not ask for)."""
+    specs = registry.runs("smoke", tmp_path, groups=["mechanism"], data=DATA, models=MODELS)
+    rs = next(s for s in specs if s.out == str(result_path(tmp_path, "rs", 0.25)))
+    assert rs.indices() == [0, 1]
+    both = registry.runs("smoke", tmp_path, groups=["mechanism", "standard"], data=DATA, models=MODELS)
+    assert next(s for s in both if s.out == rs.out).indices() == [0, 1, 2, 3]

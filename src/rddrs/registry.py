@@ -64,6 +64,8 @@ def runs(preset: str, results: str | Path | None = None, *, sigmas: Iterable[flo
     common = dict(seed=seed, device=device, data=data, models=models)
     pool: list[runs_module.RunSpec] = []
     for sigma in SIGMAS + tuple(s for s in sigmas if s not in SIGMAS):
+        if not {"standard", "memory"} & set(groups):
+            break  # a study's variant that is a standard run holds its own images only
         standard = [replace(s, priority=LATER) for s in
                     runs_module.standard_specs(sigma, preset, results, count=count, **common)]
         pool += standard + [replace(runs_module.memory_spec(s), priority=LATER) for s in standard]
