@@ -366,18 +366,18 @@ def test_a_sweep_stopped_by_its_time_limit_lands_its_finished_batches(tmp_path):
     without a limit computes the rest; the rows are those of an uninterrupted run."""
     results = tmp_path / "res"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-    command = [*sweep_command(results), "--shard-size", "8"]
-    stopped = subprocess.run([*command, "--until", "12"], env=env, capture_output=True, text=True, timeout=600)
+    command = [*sweep_command(results), "--shard-size", "8", "--count", "24"]  # the last --count wins
+    stopped = subprocess.run([*command, "--until", "6"], env=env, capture_output=True, text=True, timeout=600)
     assert stopped.returncode == 0, stopped.stderr
     assert "left for the next sweep" in stopped.stdout
     out = result_path(results, "rddrs", 0.25)
     first = read_rows(out)
-    assert len(first) < 8
+    assert len(first) < 24
     assert not list(results.rglob("*.shards"))
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
-    assert sorted(read_rows(out)) == list(range(8))
-    reference = specs_for(tmp_path / "reference", count=8)
+    assert sorted(read_rows(out)) == list(range(24))
+    reference = specs_for(tmp_path / "reference", count=24)
     runs.execute(reference)
     assert without_time(out) == without_time(reference[1].out)
 
