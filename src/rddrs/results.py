@@ -147,7 +147,7 @@ def read_rows(out: Path, repair: bool = False) -> dict[int, dict]:
     """Complete rows of an rddrs result file by idx (``read_table``; none if there is no file).
     ``repair``: cut a half-written last line off the file (its writer, resuming, does)."""
     out = Path(out)
-    if not out.exists():
+    if not out.exists() or out.stat().st_size == 0:  # an empty file is a run whose writer is writing its header
         return {}
     header, rows = read_table(out, REQUIRED, repair)
     if tuple(header[: len(REQUIRED)]) != REQUIRED:
