@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
-from rddrs import allocator
-from rddrs.certify import sample_counts
-from rddrs.models import MnistCNN
-from rddrs.noise import Isotropic, NoiseSource
-from rddrs.optimize import objective_and_gradient
+from rddrs.core.certify import sample_counts
+from rddrs.core.noise import Isotropic, NoiseSource
+from rddrs.core.optimize import objective_and_gradient
+from rddrs.pipeline import allocator
+from rddrs.pipeline.models import MnistCNN
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,18 +147,19 @@ t0 = time.perf_counter()
 import torch
 t1 = time.perf_counter()
 from rddrs.cli import build_parser
-from rddrs.experiments import make_settings, certify_mnist  # noqa: F401
-from rddrs.certify import certify  # noqa: F401
+from rddrs.pipeline.settings import make_settings  # noqa: F401
+from rddrs.pipeline.runs import certify_mnist
+from rddrs.core.certify import certify  # noqa: F401
 t2 = time.perf_counter()
 from pathlib import Path
-from rddrs.data import load_mnist
-from rddrs.models import load_model
+from rddrs.pipeline.data import load_mnist
+from rddrs.pipeline.models import load_model
 images, _ = load_mnist(Path(sys.argv[2]), train=False)
 t3 = time.perf_counter()
 load_model(sys.argv[1])
 t4 = time.perf_counter()
 make_settings("rs", 0.25, sys.argv[1], "paper")  # the sidecar's settings: the model's checksum
-from rddrs.files import provenance
+from rddrs.pipeline.files import provenance
 provenance(torch.device("cpu"))
 t5 = time.perf_counter()
 print(json.dumps({"torch": t1 - t0, "rddrs": t2 - t1, "data": t3 - t2, "model": t4 - t3, "sidecar": t5 - t4}))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rddrs import RDDRSError
-from rddrs.noise import Diagonal, FullSPD, Isotropic
+from rddrs.core.noise import Diagonal, FullSPD, Isotropic
 
 F64 = torch.float64
 FAMILIES = ["isotropic", "diagonal", "full"]

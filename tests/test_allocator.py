@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rddrs.results import read_rows
+from rddrs.pipeline.results import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,9 +19,9 @@ import torch
 from helpers import F64, FAMILIES, generator, raises_one_line, scale_matrix, smoothing
 from scipy import stats
 
-from rddrs.attack import attack, check_region, smoothed_loss
-from rddrs.certify import ABSTAIN, certify
-from rddrs.validity import LinearClassifier
+from rddrs.core.certify import ABSTAIN, certify
+from rddrs.studies.attack import attack, check_region, smoothed_loss
+from rddrs.studies.validity import LinearClassifier
 
 torch.set_num_threads(1)
 

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_book import toc_files
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,8 +21,8 @@ import torch
 from scipy import special, stats
 
 from rddrs import RDDRSError
-from rddrs.certify import ABSTAIN, certify, predict
-from rddrs.noise import Diagonal, FullSPD, Isotropic
+from rddrs.core.certify import ABSTAIN, certify, predict
+from rddrs.core.noise import Diagonal, FullSPD, Isotropic
 
 torch.set_num_threads(1)
 

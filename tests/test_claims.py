@@ -9,10 +9,15 @@ import pytest
 import torch
 from scipy.optimize import minimize_scalar
 
-from rddrs import RDDRSError, analysis, claims, experiments, spd
-from rddrs.models import MnistCNN
-from rddrs.noise import Diagonal, FullSPD, Isotropic, NoiseSource
-from rddrs.optimize import Search, find_smoothing, objective_and_gradient, search
+import rddrs.pipeline.runs
+from rddrs import RDDRSError
+from rddrs.core import spd
+from rddrs.core.noise import Diagonal, FullSPD, Isotropic, NoiseSource
+from rddrs.core.optimize import find_smoothing, objective_and_gradient, search
+from rddrs.core.presets import Search
+from rddrs.pipeline.models import MnistCNN
+from rddrs.pipeline.results import model_path, read_rows, result_path, traces_dir
+from rddrs.studies import analysis, claims
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +35,7 @@ def _documented_stream(seed: int, stage: int, index: int, rows: int, d: int, *ex
 
 def test_antithetic_draws_are_exact_pairs_from_half_the_stream():
     d, m = 5, 12
-    u = experiments.random_rotation(d, 3)
+    u = spd.random_orthogonal(d, seed=3)
     for rotation in (None, u):
         src = NoiseSource(4, NoiseSource.OPTIMIZE, rotation=rotation)
         eps = src.draw([2, 9], m, d, F64, antithetic=True)
@@ -180,7 +185,7 @@ def test_isotropy_split_is_invariant_and_matches_brute_force_distances():
     d = 6
     g = torch.Generator().manual_seed(0)
     w = torch.exp(torch.randn(3, d, generator=g, dtype=F64))
-    q = torch.stack([experiments.random_rotation(d, s) for s in range(3)])
+    q = torch.stack([spd.random_orthogonal(d, seed=s) for s in range(3)])
     c = spd.from_eig(w, q)  # Q diag(w) Q^T
     start = np.array([0.5, 1.0, 2.0])
     from_matrices, from_eigenvalues = claims.isotropy_split(c, start), claims.isotropy_split(w, start)
@@ -251,7 +256,7 @@ def models(tmp_path_factory):
     depend on training)."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("models")
-    torch.save({"state_dict": MnistCNN().state_dict(), "arch": "MnistCNN"}, experiments.model_path(0.25, folder))
+    torch.save({"state_dict": MnistCNN().state_dict(), "arch": "MnistCNN"}, model_path(0.25, folder))
     return folder
 
 
@@ -274,22 +279,22 @@ def test_driver_writes_resumes_and_summarises(models, tmp_path, monkeypatch):
     results = tmp_path / "results"
     runs = claims.run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
     # the floored variant is the preset's own: the standard run, with its DDRS start beside it
-    assert runs["floor"].path == experiments.result_path(results, "rddrs", 0.25)
+    assert runs["floor"].path == result_path(results, "rddrs", 0.25)
     assert runs["no_floor"].path == results / "claims" / "floor" / "no_floor.tsv"
-    assert experiments.result_path(results, "ddrs", 0.25).exists()
+    assert result_path(results, "ddrs", 0.25).exists()
     for name, run in runs.items():
-        assert sorted(experiments.read_rows(run.path)) == [0, 1]
+        assert sorted(read_rows(run.path)) == [0, 1]
         assert (results / "claims" / "floor" / f"{name}.digest.npz").exists()
         assert run.spectrum.shape == (2, 784) and run.trace.shape == (2, 5)
         np.testing.assert_allclose(run.spectrum[:, 0], run.results.sigma_min, rtol=1e-5)
-    ddrs = experiments.read_rows(experiments.result_path(results, "ddrs", 0.25))
+    ddrs = read_rows(result_path(results, "ddrs", 0.25))
     np.testing.assert_allclose(runs["floor"].sigma_star, [ddrs[i]["sigma_min"] for i in (0, 1)])
     assert (runs["floor"].spectrum[:, 0] >= runs["floor"].sigma_star * (1 - 1e-5)).all()
 
     # resuming computes nothing, and the digests alone suffice once the traces are gone
-    monkeypatch.setattr(experiments, "find_smoothing", lambda *a, **k: pytest.fail("recomputed a row"))
+    monkeypatch.setattr(rddrs.pipeline.runs, "find_smoothing", lambda *a, **k: pytest.fail("recomputed a row"))
     for run in runs.values():
-        for trace in experiments.traces_dir(run.path).glob("*.npz"):
+        for trace in traces_dir(run.path).glob("*.npz"):
             trace.unlink()
     again = claims.run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
     for name in runs:
@@ -315,8 +320,8 @@ def test_a_diverging_variant_is_read_with_its_rows_and_counted(models, tmp_path,
     runs = claims.run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
     assert runs["ddrs_wild"].results.diverged == 2 and runs["rddrs_after"].results.diverged == 0
     assert list(runs["rs"].results.search) == ["-", "-"]
-    assert runs["rs"].path == experiments.result_path(results, "rs", 0.25)
+    assert runs["rs"].path == result_path(results, "rs", 0.25)
     assert not list((results / "claims" / "wild").glob("*.diverged.json"))
-    monkeypatch.setattr(experiments, "find_smoothing", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(rddrs.pipeline.runs, "find_smoothing", lambda *a, **k: pytest.fail("recomputed"))
     again = claims.run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
     assert again["ddrs_wild"].results.diverged == 2

@@ -10,10 +10,10 @@ import pytest
 import torch
 from scipy import stats
 
-from rddrs.certify import ABSTAIN, certify
-from rddrs.optimize import find_smoothing
-from rddrs.presets import PRESETS
-from rddrs.validity import LinearClassifier
+from rddrs.core.certify import ABSTAIN, certify
+from rddrs.core.optimize import find_smoothing
+from rddrs.core.presets import PRESETS
+from rddrs.studies.validity import LinearClassifier
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -51,15 +51,17 @@ def test_every_method_certifies_a_linear_classifier_within_its_exact_region_on_c
 
 @pytest.fixture(scope="module")
 def mnist():
-    from rddrs.data import load_mnist
+    from rddrs.pipeline.data import load_mnist
 
     return load_mnist(DATA, train=False)
 
 
 @pytest.mark.parametrize("method", ["rs", "ddrs", "ancer", "rddrs"])
 def test_batching_does_not_change_a_runs_rows_on_cuda(mnist, tmp_path, method):
-    from rddrs.experiments import make_settings, read_rows, run_certification
-    from rddrs.models import load_model
+    from rddrs.pipeline.models import load_model
+    from rddrs.pipeline.results import read_rows
+    from rddrs.pipeline.runs import run_certification
+    from rddrs.pipeline.settings import make_settings
 
     images, labels = mnist
     settings = make_settings(method, 0.25, MODELS / "mnist_cnn_sigma0.25.pt", "smoke", device="cuda")
@@ -78,7 +80,7 @@ def test_batching_does_not_change_a_runs_rows_on_cuda(mnist, tmp_path, method):
 
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])
 def test_both_model_formats_load_on_cuda_and_agree_with_the_cpu(mnist, suffix):
-    from rddrs.models import load_model
+    from rddrs.pipeline.models import load_model
 
     images = mnist[0][:16]
     path = MODELS / f"mnist_cnn_sigma0.25{suffix}"

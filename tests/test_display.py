@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from rddrs import RDDRSError, display, spd
-from rddrs.methods import METHODS
+from rddrs import RDDRSError
+from rddrs.core import spd
+from rddrs.core.methods import METHODS
+from rddrs.studies import display
 
 
 class _Cells(HTMLParser):
@@ -247,7 +249,7 @@ def test_planar_matrix_has_the_given_axes():
 
 def test_analysis_tables_go_through_display():
     # the Markdown table of rddrs curves and the book's HTML table are one table
-    from rddrs import analysis
+    from rddrs.studies import analysis
 
     rows = [{"sigma": 0.25, "method": "rddrs", "n": 4, "kind": "l2", "radii": np.array([0.0, 0.5]),
              "accuracy": np.array([0.75, 0.5]), "acr": 0.41, "seconds": 12.0}]

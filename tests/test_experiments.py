@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+import rddrs.pipeline.runs
 from rddrs.cli import main
-from rddrs.experiments import COLUMNS, read_rows
-from rddrs.models import MnistCNN
+from rddrs.pipeline.models import MnistCNN
+from rddrs.pipeline.results import COLUMNS, read_rows
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,30 +197,31 @@ def test_exported_program_certifies_like_its_checkpoint(tmp_path, method):
 
 
 def test_standard_runs_compute_what_is_missing_and_nothing_else(checkpoint, tmp_path, monkeypatch):
-    from rddrs import experiments
+    from rddrs.pipeline import sweep
+    from rddrs.pipeline.results import sidecar_path
 
     models = tmp_path / "models"
     models.mkdir()
     (models / "mnist_cnn_sigma0.25.pt").write_bytes(checkpoint.read_bytes())
-    outs = experiments.standard_runs(0.25, "smoke", tmp_path / "res", count=2, data=DATA, models=models,
+    outs = sweep.standard_runs(0.25, "smoke", tmp_path / "res", count=2, data=DATA, models=models,
                                      progress=False)
     assert sorted(outs) == sorted(["rs", "ddrs", "ancer", "rddrs"])
     ddrs = read_rows(outs["ddrs"])
     for method in ("ancer", "rddrs"):  # started from DDRS' sigma_x*, which is their floor
-        side = json.loads(experiments.sidecar_path(outs[method]).read_text())["settings"]
+        side = json.loads(sidecar_path(outs[method]).read_text())["settings"]
         assert side["init"] == "ddrs_sigma0.25.tsv"
         for i, row in read_rows(outs[method]).items():
             assert row["sigma_min"] >= ddrs[i]["sigma_min"] * (1 - 1e-6)
     calls = []
-    monkeypatch.setattr(experiments, "find_smoothing", lambda *a, **k: calls.append(a))
-    again = experiments.standard_runs(0.25, "smoke", tmp_path / "res", count=2, data=DATA, models=models,
+    monkeypatch.setattr(rddrs.pipeline.runs, "find_smoothing", lambda *a, **k: calls.append(a))
+    again = sweep.standard_runs(0.25, "smoke", tmp_path / "res", count=2, data=DATA, models=models,
                                       progress=False)
     assert again == outs and calls == []
 
 
 def test_make_settings_errors(checkpoint):
     from rddrs import RDDRSError
-    from rddrs.experiments import make_settings
+    from rddrs.pipeline.settings import make_settings
 
     for kwargs, message in [(dict(method="pgd"), "unknown method"), (dict(sigma=0.0), "sigma must be > 0"),
                             (dict(alpha=1.5), "alpha must lie in"), (dict(preset="huge"), "unknown preset"),
@@ -264,7 +266,7 @@ def test_rddrs_from_ancer_with_no_steps_certifies_ancers_ellipsoid(checkpoint, t
 
 
 def test_search_options_reach_the_sidecar(checkpoint, tmp_path):
-    from rddrs.stats import gap_cap
+    from rddrs.core.stats import gap_cap
 
     out = tmp_path / "ancer.tsv"
     assert certify(checkpoint, out, "ancer", "--count", "1", "--iterations", "3", "--samples", "8", "--lr", "0.5",
@@ -401,8 +403,8 @@ class Recorder(torch.nn.Module):
 def test_one_certify_call_never_reuses_a_selection_draw_for_estimation(family):
     """The model records its inputs: within one CERTIFY call, no noise vector of the n0 selection
     draws is among the n estimation draws (exact rows, recovered as S^-1 (y - x))."""
-    from rddrs.certify import certify as cohen
-    from rddrs.noise import FullSPD, Isotropic
+    from rddrs.core.certify import certify as cohen
+    from rddrs.core.noise import FullSPD, Isotropic
 
     torch.manual_seed(0)
     x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
@@ -484,10 +486,10 @@ def test_a_diverging_image_is_a_row_certified_with_its_last_finite_law(tmp_path)
     the run still ends (exit 0) with every row; those rows say diverged@ITER and hold the certificate
     of the last finite law (the trace's param), and the other images' rows are those of a run
     without the diverging ones. Old rows without the column read as ok; RS rows say -."""
-    from rddrs.certify import certify as certify_law
-    from rddrs.data import load_mnist
-    from rddrs.models import load_model
-    from rddrs.noise import FullSPD
+    from rddrs.core.certify import certify as certify_law
+    from rddrs.core.noise import FullSPD
+    from rddrs.pipeline.data import load_mnist
+    from rddrs.pipeline.models import load_model
 
     model_file = ROOT / "data" / "models" / "mnist_cnn_sigma0.25.pt"
     wild = ["--objective", "clamped", "--max-step", "0", "--lr", "25", "--samples", "32"]

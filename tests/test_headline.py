@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from rddrs import experiments, headline
-from rddrs.methods import METHODS
-from rddrs.models import MnistCNN
-from rddrs.noise import Isotropic
+from rddrs.core import presets
+from rddrs.core.methods import METHODS
+from rddrs.pipeline.models import MnistCNN
+from rddrs.pipeline.settings import make_settings
+from rddrs.studies import headline
 
 torch.set_num_threads(1)
 
@@ -32,7 +33,7 @@ def test_every_variant_is_a_valid_run(checkpoint, preset, name):
     names = [v.name for v in study.variants]
     assert len(names) == len(set(names)), "variant names must be unique (they name the files)"
     for variant in study.variants:
-        experiments.make_settings(variant.method, 0.25, checkpoint, preset, search=variant.search or None)
+        make_settings(variant.method, 0.25, checkpoint, preset, search=variant.search or None)
         if variant.start is not None:
             start = study.variant(variant.start)
             assert start.method in METHODS[variant.method].starts
@@ -59,7 +60,7 @@ def test_the_diagonal_study_differs_from_rddrs_best_only_by_the_restriction():
 
 def test_evaluations_count_the_start_too():
     study = headline.variants_study("cpu")
-    cpu = experiments.PRESETS["cpu"].search
+    cpu = presets.PRESETS["cpu"].search
     ddrs = cpu["ddrs"].iterations * cpu["ddrs"].samples
     assert headline.evaluations(study, study.variant("ddrs_soft_sgd"), "cpu") == ddrs
     rddrs = cpu["rddrs"].iterations * cpu["rddrs"].samples
@@ -119,5 +120,5 @@ def test_the_pipeline_parts_change_one_part_of_the_authors_pipeline_each(checkpo
         differ = {k for k in written.search.keys() | variant.search.keys()
                   if written.search.get(k) != variant.search.get(k)}
         assert variant.start == written.start and len(differ) == 1, (variant.name, differ)
-        experiments.make_settings("rddrs", 0.25, checkpoint, "paper", search=variant.search)
+        make_settings("rddrs", 0.25, checkpoint, "paper", search=variant.search)
     assert not headline.pipeline_parts_study("cpu").variants and not headline.pipeline_parts_study("smoke").variants

@@ -7,10 +7,11 @@ import pytest
 import torch
 from scipy import stats
 
-from rddrs import claims, headline, mechanism, spd
-from rddrs.claims import Study, Variant
-from rddrs.noise import Diagonal, FullSPD, Isotropic
-from rddrs.validity import LinearClassifier
+from rddrs.core import spd
+from rddrs.core.noise import Diagonal, FullSPD, Isotropic
+from rddrs.studies import claims, headline, mechanism
+from rddrs.studies.claims import Study, Variant
+from rddrs.studies.validity import LinearClassifier
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]

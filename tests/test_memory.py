@@ -18,26 +18,12 @@ import torch
 
 from rddrs import RDDRSError
 from rddrs.cli import main
-from rddrs.experiments import COLUMNS, random_rotation, traces_dir, write_rows
-from rddrs.memory import (
-    ABSTAIN,
-    KEPT,
-    MEMORY_COLUMNS,
-    RELABELLED,
-    SHRUNK,
-    TOUCH_TOLERANCE,
-    Memory,
-    Regions,
-    apply_memory,
-    contains,
-    disjoint,
-    largest_contained_radius,
-    largest_disjoint_radius,
-    memory_path,
-    read_memory_rows,
-    separation,
-)
-from rddrs.noise import Diagonal, FullSPD, Isotropic
+from rddrs.core.noise import Diagonal, FullSPD, Isotropic
+from rddrs.core.regions import (ABSTAIN, KEPT, RELABELLED, SHRUNK, TOUCH_TOLERANCE, Memory, Regions, contains, disjoint,
+                                largest_contained_radius, largest_disjoint_radius, separation)
+from rddrs.core.spd import random_orthogonal
+from rddrs.pipeline.memory import MEMORY_COLUMNS, apply_memory, memory_path, read_memory_rows
+from rddrs.pipeline.results import COLUMNS, traces_dir, write_rows
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -489,7 +475,7 @@ def test_apply_memory_rotates_the_images_as_the_run_did(tmp_path):
     the pass on it equals the pass on an unrotated file whose images are U x."""
     d, n = 3, 20
     xs, laws, gaps, labels = _random_sequence("full", n, d, seed=6)
-    u = random_rotation(d, 5)
+    u = random_orthogonal(d, seed=5)
     turned = _result_file(tmp_path, "rddrs", xs, laws.param, gaps, labels, labels, rotate=5, name="turned")
     plain = _result_file(tmp_path, "rddrs", xs, laws.param, gaps, labels, labels, name="plain")
     images = (xs @ u).reshape(n, 1, d)  # U^T x: the run's inputs before it turned them
@@ -533,7 +519,7 @@ def test_apply_memory_errors(tmp_path):
 def test_cli_memory_on_a_smoke_run(tmp_path, capsys):
     from pathlib import Path
 
-    from rddrs.models import MnistCNN
+    from rddrs.pipeline.models import MnistCNN
 
     data = Path(__file__).resolve().parents[1] / "data"
     torch.manual_seed(0)

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from rddrs import RDDRSError
-from rddrs.data import load_mnist
-from rddrs.models import ExportedModel, LogOutputs, MnistCNN, load_model
-from rddrs.train import save
+from rddrs.pipeline.data import load_mnist
+from rddrs.pipeline.models import ExportedModel, LogOutputs, MnistCNN, load_model
+from rddrs.pipeline.train import save
 
 torch.set_num_threads(1)
 

@@ -11,13 +11,13 @@ orthogonal basis, ``torch.linalg`` eigenvalues, autograd and finite differences.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from rddrs import RDDRSError, spd
-from rddrs.certify import sample_counts
-from rddrs.noise import Diagonal, FullSPD, Isotropic, NoiseSource, noisy_outputs
+from rddrs import RDDRSError
+from rddrs.core import spd
+from rddrs.core.certify import sample_counts
+from rddrs.core.noise import Diagonal, FullSPD, Isotropic, NoiseSource, noisy_outputs
 
 torch.set_num_threads(1)
 

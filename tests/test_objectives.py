@@ -6,15 +6,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import F64, generator, raises_one_line, scale_matrix
 from scipy import special, stats
 
-from rddrs import objectives
-from rddrs.methods import METHODS
-from rddrs.noise import Diagonal, FullSPD, Isotropic, NoiseSource
-from rddrs.optimize import objective_and_gradient, search
-from rddrs.presets import Search
-from rddrs.stats import class_means, gap_cap
-from helpers import F64, generator, raises_one_line, scale_matrix
+from rddrs.core import objectives
+from rddrs.core.methods import METHODS
+from rddrs.core.noise import Diagonal, FullSPD, Isotropic, NoiseSource
+from rddrs.core.optimize import objective_and_gradient, search
+from rddrs.core.presets import Search
+from rddrs.core.stats import class_means, gap_cap
 
 torch.set_num_threads(1)
 
@@ -128,7 +128,7 @@ def test_capped_gradient_matches_finite_differences(family):
         v = torch.randn(2, D, generator=gen, dtype=F64)
         move = lambda h: Diagonal(law.param + h * v)
     else:
-        from rddrs import spd
+        from rddrs.core import spd
         c = torch.stack([scale_matrix("full", D, 4), scale_matrix("full", D, 5)]) * 0.4
         law = FullSPD(c)
         v = spd.sym(torch.randn(2, D, D, generator=gen, dtype=F64))

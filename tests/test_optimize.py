@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from rddrs import RDDRSError, spd
-from rddrs.certify import certify
-from rddrs.experiments import random_rotation
-from rddrs.noise import Diagonal, FullSPD, Isotropic
-from rddrs.optimize import ANCER, DDRS, RDDRS, Search, find_smoothing, objective_and_gradient, search
+from rddrs import RDDRSError
+from rddrs.core import spd
+from rddrs.core.certify import certify
+from rddrs.core.noise import Diagonal, FullSPD, Isotropic
+from rddrs.core.optimize import find_smoothing, objective_and_gradient, search
+from rddrs.core.presets import ANCER, DDRS, RDDRS, Search
+from rddrs.core.spd import random_orthogonal
 
 torch.set_num_threads(1)
 
@@ -82,7 +84,7 @@ SMALL = {"ddrs": Search(40, 400, 2e-2, scale=0.5, keep_best_every=10),
 @pytest.mark.parametrize("method", ["rs", "ddrs", "rddrs"])
 def test_rotation_invariance(method):
     """(f(U^T .), U x) with noise U Z (common random numbers) gives the same certificate."""
-    u = random_rotation(D, seed=6)
+    u = random_orthogonal(D, seed=6)
     idx = list(range(len(X)))
     plain, _ = find_smoothing(method, MODEL, X, idx, 0.3, seed=7, settings=SMALL)
     turned, _ = find_smoothing(method, _rotated(MODEL, u), X @ u.T, idx, 0.3, seed=7, settings=SMALL, rotation=u)
@@ -98,7 +100,7 @@ def test_rotation_invariance(method):
 
 
 def test_ancer_is_not_rotation_invariant():
-    u = random_rotation(D, seed=6)
+    u = random_orthogonal(D, seed=6)
     idx = list(range(len(X)))
     plain, _ = find_smoothing("ancer", MODEL, X, idx, 0.3, seed=7, settings=SMALL)
     turned, _ = find_smoothing("ancer", _rotated(MODEL, u), X @ u.T, idx, 0.3, seed=7, settings=SMALL, rotation=u)
@@ -352,7 +354,7 @@ def test_a_non_finite_law_is_refused():
 @pytest.mark.parametrize("control_variate", [False, True])
 @pytest.mark.parametrize("family", ["isotropic", "diagonal", "full"])
 def test_chunked_gradient_equals_the_gradient_of_all_draws_at_once(family, control_variate):
-    from rddrs import objectives
+    from rddrs.core import objectives
 
     law = {"isotropic": Isotropic(torch.tensor([0.3, 0.4, 0.5], dtype=torch.float64), D),
            "diagonal": Diagonal(0.2 + 0.3 * torch.rand(3, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)),
@@ -386,7 +388,7 @@ def test_a_diagonal_only_search_keeps_C_diagonal_and_steps_by_the_exponential_ma
     lr, idx = 0.5, [0, 1, 2]
     settings = replace(SMALL["rddrs"], iterations=1, lr=lr, max_step=None, diagonal=True)
     found = search(MODEL, X, Diagonal(THETA).as_full(), idx, settings, lower=0.1, seed=3)
-    from rddrs.noise import NoiseSource
+    from rddrs.core.noise import NoiseSource
 
     eps = NoiseSource(3, NoiseSource.OPTIMIZE).draw(idx, settings.samples, D, X.dtype)
     _, grad = objective_and_gradient(MODEL, X, Diagonal(THETA), eps, settings.kappa)

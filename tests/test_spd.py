@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from rddrs import RDDRSError, spd
+from rddrs import RDDRSError
+from rddrs.core import spd
 
 # MKL's threaded eigensolver collapses when the two cores are shared with another process.
 torch.set_num_threads(1)

@@ -10,10 +10,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
-from rddrs import spd, steps
-from rddrs.noise import Diagonal, FullSPD, Isotropic
 from helpers import F64, generator, raises_one_line, scale_matrix
+
+from rddrs.core import spd, steps
+from rddrs.core.noise import Diagonal, FullSPD, Isotropic
 
 torch.set_num_threads(1)
 

@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rddrs import RDDRSError, claims, registry, runs
+from rddrs import RDDRSError
 from rddrs.cli import main
-from rddrs.results import read_rows, result_path, traces_dir
+from rddrs.pipeline import engines, sweep
+from rddrs.pipeline.results import read_rows, result_path, traces_dir
+from rddrs.studies import claims, registry
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +38,7 @@ def without_time(path):
 
 def specs_for(results, methods=("ddrs", "rddrs"), count=4, inputs_per_batch=1):
     """The standard runs of ``methods`` at sigma 0.25 (smoke), batching ``inputs_per_batch`` images."""
-    specs = runs.standard_specs(0.25, "smoke", results, methods=methods, count=count, data=DATA, models=MODELS)
+    specs = sweep.standard_specs(0.25, "smoke", results, methods=methods, count=count, data=DATA, models=MODELS)
     return [replace(s, inputs_per_batch=inputs_per_batch) for s in specs]
 
 
@@ -55,8 +57,8 @@ def test_the_committed_cpu_results_are_complete_for_the_chapters():
     """Every file chapters 6 to 8 read at the cpu preset is found complete: nothing to compute."""
     specs = registry.runs("cpu", ROOT / "results" / "cpu", groups=["standard", "memory", "claims"], data=DATA,
                           models=MODELS)
-    assert len(specs) > 40 and runs.complete(specs)
-    assert all(runs.plan(s, 25) == [] for s in specs)
+    assert len(specs) > 40 and sweep.complete(specs)
+    assert all(sweep.plan(s, 25) == [] for s in specs)
     assert {state for _, state in registry.status(specs)} == {"complete"}
 
 
@@ -105,8 +107,8 @@ def test_registry_filters_keep_what_the_runs_start_from(tmp_path):
 def test_two_different_runs_for_one_file_are_refused(tmp_path):
     a = specs_for(tmp_path, methods=("rs",))[0]
     with pytest.raises(RDDRSError, match="two different runs want the file"):
-        runs.combine([a, replace(a, seed=1)])
-    joined = runs.combine([a, replace(a, ranges=((6, 9),))])
+        sweep.combine([a, replace(a, seed=1)])
+    joined = sweep.combine([a, replace(a, ranges=((6, 9),))])
     assert len(joined) == 1 and joined[0].ranges == ((0, 4), (6, 9))
 
 
@@ -114,36 +116,36 @@ def test_two_different_runs_for_one_file_are_refused(tmp_path):
 
 def test_shards_cover_only_missing_images_and_resume_earlier_shards(tmp_path):
     spec = replace(specs_for(tmp_path, methods=("rs",), count=10, inputs_per_batch=2)[0])
-    assert [(t.lo, t.hi) for t in runs.plan(spec, 4)] == [(0, 4), (4, 8), (8, 10)]
-    assert [(t.lo, t.hi) for t in runs.plan(spec, 5)] == [(0, 4), (4, 8), (8, 10)]  # 5 -> 4: whole batches
-    runs.execute([replace(spec, ranges=((0, 3),))], shard_size=4)  # the file holds 0..2 now
+    assert [(t.lo, t.hi) for t in sweep.plan(spec, 4)] == [(0, 4), (4, 8), (8, 10)]
+    assert [(t.lo, t.hi) for t in sweep.plan(spec, 5)] == [(0, 4), (4, 8), (8, 10)]  # 5 -> 4: whole batches
+    sweep.execute([replace(spec, ranges=((0, 3),))], shard_size=4)  # the file holds 0..2 now
     assert sorted(read_rows(spec.out)) == [0, 1, 2]
-    assert [(t.lo, t.hi) for t in runs.plan(spec, 4)] == [(3, 4), (4, 8), (8, 10)]
+    assert [(t.lo, t.hi) for t in sweep.plan(spec, 4)] == [(3, 4), (4, 8), (8, 10)]
     # a shard file left by a stopped sweep is resumed as it is, even of another shard size
-    stale = runs.Task(spec, 4, 10)
-    assert runs.run_task(runs.Task(spec, 4, 6))["status"] == "done"  # as if 4..9 stopped after two rows
-    os.replace(runs.Task(spec, 4, 6).path, stale.path)
-    os.replace(runs.Task(spec, 4, 6).path.with_name("4-6.tsv.json"), stale.path.with_name("4-10.tsv.json"))
-    assert [(t.lo, t.hi) for t in runs.plan(spec, 4)] == [(3, 4), (4, 10)]
-    report = runs.execute([spec], shard_size=4)
+    stale = sweep.Task(spec, 4, 10)
+    assert sweep.run_task(sweep.Task(spec, 4, 6))["status"] == "done"  # as if 4..9 stopped after two rows
+    os.replace(sweep.Task(spec, 4, 6).path, stale.path)
+    os.replace(sweep.Task(spec, 4, 6).path.with_name("4-6.tsv.json"), stale.path.with_name("4-10.tsv.json"))
+    assert [(t.lo, t.hi) for t in sweep.plan(spec, 4)] == [(3, 4), (4, 10)]
+    report = sweep.execute([spec], shard_size=4)
     assert report.done == 2 and sorted(read_rows(spec.out)) == list(range(10))
-    assert not runs.shards_dir(spec.out).exists()  # merged and removed
-    assert runs.plan(spec, 4) == [] and runs.execute([spec]).shards == 0
+    assert not sweep.shards_dir(spec.out).exists()  # merged and removed
+    assert sweep.plan(spec, 4) == [] and sweep.execute([spec]).shards == 0
 
 
 def test_a_merge_refuses_other_settings_and_rows_twice(tmp_path):
     spec = specs_for(tmp_path, methods=("rs",), count=4, inputs_per_batch=2)[0]
-    runs.execute([replace(spec, ranges=((0, 2),))])
+    sweep.execute([replace(spec, ranges=((0, 2),))])
     other = replace(spec, n=300)
-    assert runs.run_task(runs.Task(other, 2, 4))["status"] == "done"
+    assert sweep.run_task(sweep.Task(other, 2, 4))["status"] == "done"
     with pytest.raises(RDDRSError, match="different settings"):
-        runs.merge_shard(runs.Task(other, 2, 4))
+        sweep.merge_shard(sweep.Task(other, 2, 4))
     with pytest.raises(RDDRSError, match="other settings"):  # planning the sweep refuses the file too
-        runs.plan(other, 2)
-    again = runs.Task(spec, 0, 2)
-    assert runs.run_task(again)["status"] == "done"
+        sweep.plan(other, 2)
+    again = sweep.Task(spec, 0, 2)
+    assert sweep.run_task(again)["status"] == "done"
     with pytest.raises(RDDRSError, match="overlaps"):
-        runs.merge_shard(again)
+        sweep.merge_shard(again)
     assert sorted(read_rows(spec.out)) == [0, 1]
 
 
@@ -153,18 +155,18 @@ def test_a_diverging_search_is_rows_and_what_starts_from_it_goes_on(tmp_path):
     ddrs, rddrs = specs_for(tmp_path, count=2)
     wild = replace(ddrs, out=str(tmp_path / "wild.tsv"), search={"lr": 1e30, "max_step": 0})
     after = replace(rddrs, out=str(tmp_path / "after.tsv"), init=wild.out)
-    report = runs.execute([after, wild])
+    report = sweep.execute([after, wild])
     assert not report.failed and report.done == report.shards == 2
     assert [(r["search"], r["sigma_min"]) for r in read_rows(wild.out).values()] == [("diverged@1", 0.25)] * 2
     assert [r["search"] for r in read_rows(after.out).values()] == ["ok"] * 2
-    assert runs.complete([wild, after]) and runs.execute([after, wild]).shards == 0
+    assert sweep.complete([wild, after]) and sweep.execute([after, wild]).shards == 0
 
 
 def test_a_failed_run_fails_what_starts_from_it_and_the_rest_goes_on(tmp_path):
     ddrs, rddrs = specs_for(tmp_path, count=2)
     rs = specs_for(tmp_path, methods=("rs",), count=2)[0]
     broken = replace(ddrs, model=str(tmp_path / "missing.pt"))
-    report = runs.execute([rddrs, broken, rs])
+    report = sweep.execute([rddrs, broken, rs])
     assert "no such file" in report.failed[ddrs.out]
     assert "the run it reads, ddrs_sigma0.25.tsv, failed" in report.failed[rddrs.out]
     assert sorted(read_rows(rs.out)) == [0, 1] and not Path(rddrs.out).exists()
@@ -183,17 +185,17 @@ def plain_runs(folder: Path) -> dict[str, Path]:
 
 
 def test_local_and_ray_sweeps_and_one_plain_certify_give_the_same_files(tmp_path, ray_cluster):
-    from rddrs.cluster import RayEngine
+    from rddrs.pipeline.cluster import RayEngine
 
     plain = plain_runs(tmp_path / "plain")
-    for name, engine in (("local", runs.Local(processes=2)), ("ray", RayEngine())):
+    for name, engine in (("local", engines.Local(processes=2)), ("ray", RayEngine())):
         specs = specs_for(tmp_path / name)
-        report = runs.execute(specs, engine, shard_size=2, results=tmp_path / name)
+        report = sweep.execute(specs, engine, shard_size=2, results=tmp_path / name)
         assert report.shards == report.done == 4 and not report.failed, report
         for spec in specs:
             assert without_time(spec.out) == without_time(plain[spec.method]), (name, spec.method)
             assert sorted(p.name for p in traces_dir(Path(spec.out)).iterdir()) == [f"{i}.npz" for i in range(4)]
-            assert not runs.shards_dir(spec.out).exists()
+            assert not sweep.shards_dir(spec.out).exists()
 
 
 # -- nothing lost: a killed worker, a stopped driver ----------------------------------------------
@@ -219,19 +221,19 @@ def test_a_worker_killed_mid_shard_is_restarted_and_resumes(tmp_path, engine_nam
     again, it resumes from its flushed rows (they keep their timings), and the merged file is that
     of an uninterrupted run."""
     ddrs, rddrs = specs_for(tmp_path / "killed", count=8)
-    runs.execute([ddrs])  # the start, computed first
+    sweep.execute([ddrs])  # the start, computed first
     reference = specs_for(tmp_path / "reference", count=8)
-    runs.execute(reference)
+    sweep.execute(reference)
     if engine_name == "ray":
         request.getfixturevalue("ray_cluster")
-        from rddrs.cluster import RayEngine
+        from rddrs.pipeline.cluster import RayEngine
 
         engine = RayEngine()
     else:
-        engine = runs.Local(processes=1)
-    shard = runs.Task(rddrs, 0, 8).path
+        engine = engines.Local(processes=1)
+    shard = sweep.Task(rddrs, 0, 8).path
     outcome = {}
-    driver = threading.Thread(target=lambda: outcome.update(report=runs.execute([rddrs], engine, shard_size=8)))
+    driver = threading.Thread(target=lambda: outcome.update(report=sweep.execute([rddrs], engine, shard_size=8)))
     driver.start()
     deadline, killed = time.time() + 240, None
     while time.time() < deadline and killed is None and driver.is_alive():
@@ -280,7 +282,7 @@ def test_a_stopped_sweep_computes_only_what_is_missing(tmp_path):
     assert sorted(final) == list(range(8))
     assert all(final[i]["seconds"] == first[i]["seconds"] for i in first)  # merged rows are not recomputed
     reference = specs_for(tmp_path / "reference", count=8)
-    runs.execute(reference)
+    sweep.execute(reference)
     assert without_time(out) == without_time(reference[1].out)
 
 
@@ -337,12 +339,12 @@ def test_shards_start_by_priority_then_chunk_then_start_order(tmp_path):
     later = replace(specs_for(tmp_path, methods=("rs",), count=4)[0], priority=5)
     started = []
 
-    class Recording(runs.Inline):
+    class Recording(sweep.Inline):
         def submit(self, task):
             started.append((Path(task.spec.out).name, task.lo))
             super().submit(task)
 
-    report = runs.execute([later, *urgent], Recording(), shard_size=2)
+    report = sweep.execute([later, *urgent], Recording(), shard_size=2)
     assert not report.failed
     assert started == [("ddrs_sigma0.25.tsv", 0), ("rddrs_sigma0.25.tsv", 0), ("ddrs_sigma0.25.tsv", 2),
                        ("rddrs_sigma0.25.tsv", 2), ("rs_sigma0.25.tsv", 0), ("rs_sigma0.25.tsv", 2)]
@@ -350,13 +352,13 @@ def test_shards_start_by_priority_then_chunk_then_start_order(tmp_path):
 
 def test_no_shard_starts_after_the_time_limit_and_bad_limits_are_refused(tmp_path):
     specs = specs_for(tmp_path, count=4)
-    report = runs.execute(specs, shard_size=2, until=1e-9)
+    report = sweep.execute(specs, shard_size=2, until=1e-9)
     assert report.done == 0 and report.left == report.shards == 4 and not report.failed
     assert "4 left for the next sweep" in report.summary()
     assert not any(Path(s.out).exists() for s in specs)
     with pytest.raises(RDDRSError, match="time limit must be > 0"):
-        runs.execute(specs, until=0)
-    again = runs.execute(specs, shard_size=2, until=3600)
+        sweep.execute(specs, until=0)
+    again = sweep.execute(specs, shard_size=2, until=3600)
     assert again.done == 4 and again.left == 0
 
 
@@ -378,12 +380,12 @@ def test_a_sweep_stopped_by_its_time_limit_lands_its_finished_batches(tmp_path):
     assert again.returncode == 0, again.stderr
     assert sorted(read_rows(out)) == list(range(24))
     reference = specs_for(tmp_path / "reference", count=24)
-    runs.execute(reference)
+    sweep.execute(reference)
     assert without_time(out) == without_time(reference[1].out)
 
 
 def test_pack_and_land_move_new_rows_and_refuse_other_presets_and_models(tmp_path, capsys):
-    from rddrs.archive import pack
+    from rddrs.pipeline.archive import pack
 
     here, there = tmp_path / "here", tmp_path / "there"
     base = ["sweep", "--preset", "smoke", "--groups", "standard", "--methods", "rs", "--sigmas", "0.25",

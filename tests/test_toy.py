@@ -10,9 +10,10 @@ import pytest
 import torch
 from matplotlib.colors import to_hex
 
-from rddrs import RDDRSError, toy
-from rddrs.analysis import METHOD_COLORS, METHOD_LABELS
-from rddrs.optimize import Search
+from rddrs import RDDRSError
+from rddrs.core.presets import Search
+from rddrs.studies import toy
+from rddrs.studies.analysis import METHOD_COLORS, METHOD_LABELS
 
 torch.set_num_threads(1)
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from rddrs import RDDRSError
-from rddrs import models, train
-from rddrs.data import load_mnist
-from rddrs.models import load_model
+from rddrs.pipeline import models, train
+from rddrs.pipeline.data import load_mnist
+from rddrs.pipeline.models import load_model
 
 torch.set_num_threads(1)
 

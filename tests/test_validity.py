@@ -23,15 +23,9 @@ import torch
 from helpers import F64, FAMILIES, generator, raises_one_line, scale_matrix, smoothing
 from scipy import special, stats
 
-from rddrs.certify import certify
-from rddrs.noise import NoiseSource
-from rddrs.validity import (
-    CheckNoise,
-    LinearClassifier,
-    coverage,
-    smoothed_probability,
-    two_sided_interval,
-)
+from rddrs.core.certify import certify
+from rddrs.core.noise import NoiseSource
+from rddrs.studies.validity import CheckNoise, LinearClassifier, coverage, smoothed_probability, two_sided_interval
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,7 @@ on the affine-invariant manifold).
 
 from importlib.metadata import PackageNotFoundError, version
 
-from rddrs import allocator
+from rddrs.pipeline import allocator
 
 allocator.tune()  # large CPU buffers stay in the process; RDDRS_TUNE_MALLOC=0 switches it off
 

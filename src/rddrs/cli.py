@@ -22,15 +22,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
-    from rddrs.data import fetch_mnist
+    from rddrs.pipeline.data import fetch_mnist
 
     raw = fetch_mnist(Path(args.root))
     print(f"MNIST ready in {raw}")
 
 
 def _cmd_certify(args: argparse.Namespace) -> None:
-    from rddrs.experiments import certify_mnist, make_settings
-    from rddrs.models import resolve_device
+    from rddrs.pipeline.models import resolve_device
+    from rddrs.pipeline.runs import certify_mnist
+    from rddrs.pipeline.settings import make_settings
 
     search = {k: getattr(args, k) for k in SEARCH_OPTIONS if getattr(args, k) is not None}
     settings = make_settings(args.method, args.sigma, args.model, args.preset, seed=args.seed,
@@ -41,7 +42,7 @@ def _cmd_certify(args: argparse.Namespace) -> None:
                         args.batch_size, progress=not args.quiet)
     print(f"results in {out}")
     if args.memory:
-        from rddrs.data import load_mnist
+        from rddrs.pipeline.data import load_mnist
 
         _memory_pass(out, load_mnist(Path(args.data), train=False)[0], not args.quiet)
 
@@ -49,7 +50,7 @@ def _cmd_certify(args: argparse.Namespace) -> None:
 def _memory_pass(out: Path, images, progress: bool) -> None:
     from collections import Counter
 
-    from rddrs.memory import apply_memory, read_memory_rows
+    from rddrs.pipeline.memory import apply_memory, read_memory_rows
 
     path = apply_memory(out, images, 0, progress=progress)
     counts = Counter(row["memory"] for row in read_memory_rows(path))
@@ -57,7 +58,7 @@ def _memory_pass(out: Path, images, progress: bool) -> None:
 
 
 def _cmd_memory(args: argparse.Namespace) -> None:
-    from rddrs.data import load_mnist
+    from rddrs.pipeline.data import load_mnist
 
     out = Path(args.out)
     if not out.is_file():
@@ -67,7 +68,7 @@ def _cmd_memory(args: argparse.Namespace) -> None:
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
-    from rddrs.experiments import merge
+    from rddrs.pipeline.runs import merge
 
     rows = merge([Path(p) for p in args.shards], Path(args.out), overwrite=args.replace)
     print(f"merged {len(args.shards)} shards, {rows} rows, into {args.out}")
@@ -85,8 +86,8 @@ SEARCH_OPTIONS = ("iterations", "samples", "lr", "kappa", "max_step", "objective
 
 
 def _add_certify(sub) -> None:
-    from rddrs.methods import NAMES as METHODS
-    from rddrs.presets import OBJECTIVES, PRESETS, STEPS
+    from rddrs.core.methods import NAMES as METHODS
+    from rddrs.core.presets import OBJECTIVES, PRESETS, STEPS
 
     p = sub.add_parser("certify", help="certify a slice of the MNIST test set with one method",
                        description="Certify test images start..start+count-1 with RS, DDRS, ANCER or RDDRS "
@@ -159,14 +160,15 @@ def _add_memory(sub) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from rddrs import registry, runs
+    from rddrs.pipeline import engines, sweep
+    from rddrs.studies import registry
 
     if args.until is not None and not args.until > 0:
         raise RDDRSError(f"--until must be a number of seconds > 0, got {args.until:g}")
     results = Path(args.results or Path("results") / args.preset).resolve()
     device = args.device or ("cuda" if args.gpus_per_task > 0 else "cpu")
     if not args.list:
-        from rddrs.models import resolve_device
+        from rddrs.pipeline.models import resolve_device
 
         resolve_device(device)  # a GPU asked for where there is none: one line, before anything is written
     if device.startswith("cuda") and args.gpus_per_task == 0:
@@ -181,16 +183,16 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
             print(f"{state:>28}  {Path(spec.out).relative_to(results)}  ({spec.describe()})")
         return
     if args.engine == "ray":
-        from rddrs.cluster import RayEngine
+        from rddrs.pipeline.cluster import RayEngine
 
         engine = RayEngine(args.address, cpus=args.cpus_per_task, gpus=args.gpus_per_task, retries=args.retries)
     else:
         if args.address:
             raise RDDRSError("--address joins a Ray cluster: use it with --engine ray")
-        engine = runs.Local(args.processes, threads=args.cpus_per_task, gpus=args.gpus_per_task, device=device,
-                            retries=args.retries)
-    report = runs.execute(specs, engine, shard_size=args.shard_size, results=results, progress=not args.quiet,
-                          until=args.until)
+        engine = engines.Local(args.processes, threads=args.cpus_per_task, gpus=args.gpus_per_task, device=device,
+                               retries=args.retries)
+    report = sweep.execute(specs, engine, shard_size=args.shard_size, results=results, progress=not args.quiet,
+                           until=args.until)
     for out, message in report.failed.items():
         print(f"failed: {Path(out).relative_to(results)}: {message}", file=sys.stderr)
     print(f"{report.summary()}; results in {results}")
@@ -200,9 +202,9 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def _add_sweep(sub) -> None:
-    from rddrs.methods import NAMES as METHODS
-    from rddrs.presets import PRESETS
-    from rddrs.registry import GROUPS, SIGMAS
+    from rddrs.core.methods import NAMES as METHODS
+    from rddrs.core.presets import PRESETS
+    from rddrs.studies.registry import GROUPS, SIGMAS
 
     p = sub.add_parser("sweep", help="compute every run a preset needs, in shards, here or on a Ray cluster",
                        description="Compute every run of the preset's registry (the standard runs, their "
@@ -248,7 +250,7 @@ def _add_sweep(sub) -> None:
 
 
 def _cmd_pack(args: argparse.Namespace) -> None:
-    from rddrs.archive import pack, written_since
+    from rddrs.pipeline.archive import pack, written_since
 
     results = Path(args.results or Path("results") / args.preset)
     files, extras = written_since(results, args.since)
@@ -258,8 +260,8 @@ def _cmd_pack(args: argparse.Namespace) -> None:
 
 
 def _cmd_mechanism(args: argparse.Namespace) -> None:
-    from rddrs import mechanism
-    from rddrs.models import resolve_device
+    from rddrs.pipeline.models import resolve_device
+    from rddrs.studies import mechanism
 
     device = str(resolve_device(args.device))
     results = Path(args.results or Path("results") / args.preset)
@@ -271,13 +273,13 @@ def _cmd_mechanism(args: argparse.Namespace) -> None:
 
 
 def _cmd_land(args: argparse.Namespace) -> None:
-    from rddrs.archive import land, land_message
+    from rddrs.pipeline.archive import land, land_message
 
     print(land_message(land(Path(args.archive), args.results, args.models)))
 
 
 def _add_mechanism(sub) -> None:
-    from rddrs.presets import PRESETS
+    from rddrs.core.presets import PRESETS
 
     p = sub.add_parser("mechanism", help="measure the laws behind the headline and test their certificates",
                        description="For the runs of the mechanism study (compute them first: `rddrs sweep "
@@ -295,7 +297,7 @@ def _add_mechanism(sub) -> None:
 
 
 def _add_pack(sub) -> None:
-    from rddrs.presets import PRESETS
+    from rddrs.core.presets import PRESETS
 
     p = sub.add_parser("pack", help="pack what a session wrote under a results directory, for `rddrs land`",
                        description="Pack the result files (rows and sidecars, no traces) and the cached "
@@ -332,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "Existing raw files are used as they are.")
     data.add_argument("--root", default="data", help="data directory (default: data)")
     data.set_defaults(run=_cmd_data)
-    from rddrs import analysis, train
+    from rddrs.pipeline import train
+    from rddrs.studies import analysis
 
     trainer = sub.add_parser("train", help="train the base CNN on MNIST with Gaussian augmentation",
                              description="Train the paper's CNN on the 60000 MNIST training images with "

@@ -1,0 +1,151 @@
+"""The settings of a search and the scales of a run (presets), as plain data.
+
+A ``Search`` says how one method chooses each input's smoothing law (``rddrs.core.optimize``); a
+``Preset`` says how large a run is: certification samples, level, test images, and one search
+per method. Both are written into every result file's sidecar (``dataclasses.asdict``), so a
+run can be resumed, compared and reproduced. This module imports nothing heavy, so the command
+line can offer the presets before torch is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from rddrs import RDDRSError
+
+OBJECTIVES = ("soft", "clamped", "capped")
+STEPS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class Search:
+    """Settings of one per-input search: maximise ``H = scale * R * (P + kappa K)`` for
+    ``iterations`` steps of the rule ``step`` with step size ``lr``, drawing ``samples`` noise
+    vectors per step; with ``keep_best_every``, keep the best iterate at every that many steps
+    instead of the last one.
+
+    * ``objective``: which soft certificate R is maximised (``rddrs.core.objectives``): ``soft``
+      (no clamp), ``clamped`` (the authors' code) or ``capped`` (the soft one limited smoothly
+      at ``cap``, the largest gap the run's certification can give; set from n and alpha by
+      ``settings.make_settings``).
+    * ``step``: ``sgd`` (``S <- Exp_S(lr grad H)``) or ``adam`` (Adam in the family's geometry;
+      Riemannian Adam for a full S), see ``rddrs.core.steps``.
+    * ``max_step`` bounds each step: no scale of S changes by more than a factor
+      ``exp(max_step)`` (full S: whitened spectral norm, ``spd.exp``) or ``1 + max_step``
+      (sigma, theta). It is our safeguard, not the papers': with few samples the Monte Carlo
+      gradient is noisy, and a fixed-size Riemannian step ``C grad C`` grows with C, so an
+      unbounded RDDRS ascent can run away along one direction (seen at 500 samples, lr 1).
+
+    Options for studying the search (defaults: the papers' behaviour):
+
+    * ``floor``: ANCER and RDDRS keep every scale of S above sigma_x*. With False only the
+      positivity guard ``optimize.DDRS_FLOOR`` remains.
+    * ``antithetic``: the ``samples`` draws of each step are ``samples / 2`` antithetic pairs
+      ``(eps, -eps)``; the Monte Carlo means stay unbiased, and their odd-order noise cancels.
+    * ``control_variate``: subtract from the gradient estimate its value at the clean input,
+      ``grad psi(x) (sum_i eps_i)^T``, whose mean is 0 since ``E[eps] = 0``.
+    * ``repeat``: which independent replicate of the optimisation noise to draw (0: the usual
+      stream); the certification noise and sigma_x* do not change with it.
+    * ``diagonal`` (RDDRS only): keep C diagonal. The Riemannian gradient is projected on the
+      diagonal matrices, which at a diagonal C is its diagonal (the metric makes the diagonal
+      and off-diagonal parts orthogonal), and they are totally geodesic, so ``Exp_C`` keeps C
+      diagonal. It removes RDDRS' off-diagonal freedom and keeps everything else: geometry,
+      step rule, draws.
+    """
+
+    iterations: int
+    samples: int
+    lr: float
+    kappa: float = 0.0
+    scale: float = 1.0
+    step: str = "sgd"
+    objective: str = "soft"
+    cap: float | None = None
+    keep_best_every: int | None = None
+    max_step: float | None = None
+    floor: bool = True
+    antithetic: bool = False
+    control_variate: bool = False
+    repeat: int = 0
+    diagonal: bool = False
+
+    def __post_init__(self):
+        if self.iterations < 0 or self.samples < 1:
+            raise RDDRSError(f"a search needs iterations >= 0 and samples >= 1, got {self.iterations}, {self.samples}")
+        if not self.lr > 0:
+            raise RDDRSError(f"learning rate must be > 0, got {self.lr}")
+        if self.kappa < 0:
+            raise RDDRSError(f"kappa must be >= 0, got {self.kappa}")
+        if self.step not in STEPS:
+            raise RDDRSError(f"unknown step rule {self.step!r}; expected one of {', '.join(STEPS)}")
+        if self.objective not in OBJECTIVES:
+            raise RDDRSError(f"unknown objective {self.objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        if (self.objective == "capped") != (self.cap is not None):
+            raise RDDRSError("the capped objective needs its cap (and only it has one): "
+                             f"objective {self.objective!r}, cap {self.cap}")
+        if self.cap is not None and not self.cap > 0:
+            raise RDDRSError(f"the cap of the capped objective must be > 0, got {self.cap}")
+        if self.max_step is not None and not self.max_step > 0:
+            raise RDDRSError(f"max_step must be > 0 (or None), got {self.max_step}")
+        if self.antithetic and self.samples % 2:
+            raise RDDRSError(f"antithetic pairs need an even number of samples, got {self.samples}")
+        if int(self.repeat) != self.repeat or self.repeat < 0:
+            raise RDDRSError(f"repeat must be an integer >= 0, got {self.repeat}")
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> "Search":
+        """A search from its sidecar record; records written before an option existed ran with
+        that option's default, and the boolean ``adam`` of older files is the step rule."""
+        stored = dict(stored)
+        if "adam" in stored:
+            stored["step"] = "adam" if stored.pop("adam") else "sgd"
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(stored) - known):
+            raise RDDRSError(f"unknown search setting(s) {', '.join(unknown)}")
+        return cls(**stored)
+
+    def record(self) -> dict:
+        """The JSON record of the sidecar."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Scale of a run: certification samples, level, test images, and the searches."""
+
+    n0: int
+    n: int
+    alpha: float
+    count: int
+    search: dict = field(default_factory=dict)
+
+
+# The papers' settings (RDDRS paper, Section 4); ANCER's code also ran lr 1, ours keeps 0.04.
+DDRS = Search(iterations=1500, samples=100, lr=1e-4, scale=0.5, keep_best_every=100)
+ANCER = Search(iterations=100, samples=100, lr=0.04, kappa=2.0, step="adam")
+RDDRS = Search(iterations=100, samples=20_000, lr=1.0, kappa=1e-6)
+
+#: Bound on each RDDRS step in every preset (see ``Search.max_step``): no direction of C
+#: stretches by more than 10 % per step.
+RDDRS_MAX_STEP = 0.1
+
+# cpu keeps the DDRS and ANCER path lengths (iterations x step) close to the paper's.
+PRESETS = {
+    "smoke": Preset(n0=10, n=200, alpha=0.01, count=4, search={
+        "ddrs": Search(10, 16, 1e-3, scale=0.5, keep_best_every=5),
+        "ancer": Search(5, 16, 0.04, kappa=2.0, step="adam"),
+        "rddrs": Search(5, 32, 1.0, kappa=1e-6, max_step=RDDRS_MAX_STEP)}),
+    "cpu": Preset(n0=100, n=10_000, alpha=0.001, count=100, search={
+        "ddrs": Search(150, 64, 1e-3, scale=0.5, keep_best_every=25),
+        "ancer": Search(50, 64, 0.08, kappa=2.0, step="adam"),
+        "rddrs": Search(30, 500, 1.0, kappa=1e-6, max_step=RDDRS_MAX_STEP)}),
+    "paper": Preset(n0=100, n=100_000, alpha=0.001, count=10_000, search={
+        "ddrs": DDRS, "ancer": ANCER, "rddrs": replace(RDDRS, max_step=RDDRS_MAX_STEP)}),
+}
+
+
+def preset(name: str) -> Preset:
+    """The preset ``name``, or a one-line error naming the known ones."""
+    if name not in PRESETS:
+        raise RDDRSError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    return PRESETS[name]

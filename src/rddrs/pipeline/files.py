@@ -1,0 +1,113 @@
+"""What the pipeline writes: atomic files, one-line error texts, and provenance records."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import secrets
+import subprocess
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from rddrs import RDDRSError, __version__
+from rddrs.pipeline import allocator
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: message`` of an exception, on one line."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def ensure_dir(folder: Path) -> Path:
+    """``folder``, created with its parents if missing, or a one-line error saying why not."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RDDRSError(f"cannot write into {folder}: the directory cannot be created ({one_line(err)}); "
+                         "choose a writable place") from None
+    return folder
+
+
+def write_atomic(path: Path, chunks: list[bytes]) -> None:
+    """Write ``path`` under a temporary name in its directory, then rename it into place,
+    so that a reader (or a killed writer) never sees half a file."""
+    ensure_dir(path.parent)
+    tmp = None
+    try:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+        with open(tmp, "xb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException as err:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise RDDRSError(f"cannot write {path} ({one_line(err)}); check that the "
+                             f"directory is writable and has free space") from None
+        raise
+
+
+def _git(*cmd: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=20,
+                              cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def provenance(device) -> dict:
+    """Versions, device, threads, host, git commit (and whether the tree was dirty), time. Where
+    the code runs from a copy of the repository (a bare GPU machine), ``RDDRS_SOURCE_COMMIT``
+    names the commit it was copied from and wins over what git says there (such a copy can carry
+    another checkout's history); its dirtiness is then unknown."""
+    import torch
+
+    declared = os.environ.get("RDDRS_SOURCE_COMMIT") or None
+    commit = declared or _git("rev-parse", "HEAD") or None
+    status = _git("status", "--porcelain") if commit and not declared else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"versions": {"rddrs": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "device": f"{device} ({name})", "threads": torch.get_num_threads(), "host": platform.node(),
+            "malloc_tuning": allocator.status(),
+            "git_commit": commit, "git_dirty": None if status is None else bool(status),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def cached_json(path: str | Path, compute):
+    """The JSON value stored at ``path``; if there is none, ``compute()``'s, stored atomically."""
+    import json
+
+    path = Path(path)
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    write_atomic(path, [json.dumps(value, indent=2).encode()])
+    return value
+
+
+@contextmanager
+def exclusive(path: Path):
+    """Hold an exclusive lock on ``path`` (through ``path.lock`` beside it) while writing it, so
+    that a second process appending to the same file fails at once instead of mixing rows."""
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    ensure_dir(path.parent)
+    try:
+        handle = open(lock, "w")
+    except OSError as err:
+        raise RDDRSError(f"cannot write in {path.parent} ({one_line(err)}); choose a writable place") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RDDRSError(f"{path} is being written by another process; wait for it or use another file") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)

@@ -1,0 +1,327 @@
+"""Resumable certification runs over a slice of the MNIST test set.
+
+A run certifies test images ``start .. start+count-1`` with one method and writes one
+tab-separated row per image, appended and flushed as soon as its batch is done, plus a JSON
+sidecar (``FILE.json``) that records the settings and provenance, and one ``.npz`` of
+objective traces and the final smoothing parameter per image (``FILE.traces/IDX.npz``,
+key ``param``: sigma, theta or C in float32). Re-running the same command continues
+where it stopped: complete rows are kept, a half-written last row is dropped, and a settings
+mismatch is an error. Every shard is an independent, idempotent command, so shards of the
+test set can run in parallel processes or machines and be joined by ``merge``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rddrs import RDDRSError
+from rddrs.core.certify import certify
+from rddrs.core.methods import PARAM_AXES, method as method_record
+from rddrs.core.noise import Smoothing, from_param
+from rddrs.core.optimize import find_smoothing
+from rddrs.core.presets import PRESETS, Search
+from rddrs.core.spd import random_orthogonal
+from rddrs.pipeline.files import ensure_dir, exclusive, provenance, write_atomic
+from rddrs.pipeline.results import (COLUMNS, format_row, index_ranges, provenance_parts, read_rows, read_sidecar,
+                                    search_status, sidecar_path, traces_dir, upgrade, with_parts, write_rows)
+from rddrs.pipeline.settings import (RunSettings, check_or_write_sidecar, default_inputs_per_batch, normalised,
+                                     settings_differ)
+
+
+class Rotated(torch.nn.Module):
+    """``z -> f(U^T z)`` for inputs of any shape (flattened for the rotation)."""
+
+    def __init__(self, model, rotation: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("rotation", rotation)
+
+    def forward(self, z):
+        return self.model((z.flatten(1) @ self.rotation).reshape(z.shape))
+
+
+def _open_for_append(out: Path, resumed: bool):
+    f = open(out, "a")
+    if not resumed:
+        f.write("\t".join(COLUMNS) + "\n")
+        f.flush()
+    return f
+
+
+def certify_mnist(settings: RunSettings, out: str | Path, start: int = 0, count: int | None = None,
+                  data: str | Path = "data", inputs_per_batch: int | None = None, batch_size: int = 2000,
+                  progress: bool = True) -> Path:
+    """Certify MNIST test images ``start .. start+count-1`` (count: the preset's) into ``out``."""
+    from rddrs.pipeline.data import load_mnist
+    from rddrs.pipeline.models import load_model, resolve_device
+
+    images, labels = load_mnist(Path(data), train=False)
+    if not 0 <= start < len(images):
+        raise RDDRSError(f"start {start} is outside the test set (0..{len(images) - 1})")
+    count = min(PRESETS[settings.preset].count, len(images) - start) if count is None else count
+    if count < 1 or start + count > len(images):
+        raise RDDRSError(f"test images {start}..{start + count - 1} reach outside the test set "
+                         f"(0..{len(images) - 1}); choose --start and --count inside it")
+    stop = start + count
+    model = load_model(settings.model, device=resolve_device(settings.device), probabilities=settings.probabilities)
+    return run_certification(settings, model, images[start:stop], labels[start:stop], start, Path(out),
+                             inputs_per_batch, batch_size, progress)
+
+
+@dataclass
+class Start:
+    """Where each image's search starts, read from a finished run (``--init``): sigma_x* per
+    idx, and for an ANCER run also theta per idx (RDDRS then starts at C = diag(theta))."""
+
+    sigma_star: dict[int, float]
+    theta: dict[int, np.ndarray] | None = None
+
+    def batch(self, idx: list[int], like: torch.Tensor) -> dict:
+        """``find_smoothing``'s start arguments for the images ``idx``."""
+        star = torch.tensor([self.sigma_star[i] for i in idx], dtype=like.dtype, device=like.device)
+        if self.theta is None:
+            return {"sigma_star": star}
+        theta = torch.from_numpy(np.stack([self.theta[i] for i in idx])).to(like)
+        return {"sigma_star": star, "theta": theta}
+
+
+def load_init(path: Path, run: RunSettings, indices: list[int]) -> Start:
+    """The start of ``run``'s images ``indices`` from the result file ``path``: a DDRS run of
+    the same sigma, model, seed and rotation (sigma_x* from its rows), or, for RDDRS, such an
+    ANCER run (theta and sigma_x* from its traces)."""
+    if not path.exists() or not sidecar_path(path).exists():
+        raise RDDRSError(f"--init {path}: no such result file (with its .json sidecar)")
+    settings = read_sidecar(path)["settings"]
+    allowed = method_record(run.method).starts
+    if settings["method"] not in allowed or settings["sigma"] != run.sigma:
+        raise RDDRSError(f"--init {path} holds {settings['method']} at sigma={settings['sigma']}; "
+                         f"{run.method} starts from {' or '.join(allowed)} at sigma={run.sigma}")
+    if differ := [k for k in ("model_sha256", "seed", "rotate") if settings[k] != getattr(run, k)]:
+        raise RDDRSError(f"--init {path} was run with another {', '.join(differ)}")
+    rows = read_rows(path)
+    if missing := [i for i in indices if i not in rows]:
+        raise RDDRSError(f"--init {path} has no row for idx {missing[0]} (and {len(missing) - 1} more)")
+    if method_record(settings["method"]).family == "isotropic":  # sigma_x* is the row's sigma
+        return Start({i: rows[i]["sigma_min"] for i in indices})
+    d = run_dimension(path, indices[0])
+    theta = {i: trace_param(path, i, settings["method"], d) for i in indices}
+    return Start({i: float(trace_value(path, i, "sigma_star")) for i in indices}, theta)
+
+
+def run_certification(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor,
+                      start: int, out: Path, inputs_per_batch: int | None = None, batch_size: int = 10_000,
+                      progress: bool = True) -> Path:
+    """Certify ``images`` (test indices ``start, start+1, ...``) into ``out``, resuming; a second
+    process writing the same ``out`` meanwhile is refused. ``inputs_per_batch`` defaults to
+    ``default_inputs_per_batch``."""
+    inputs_per_batch = inputs_per_batch or default_inputs_per_batch(settings)
+    with exclusive(out):
+        return _certify_into(settings, model, images, labels, start, out, inputs_per_batch, batch_size, progress)
+
+
+def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor,
+                  start: int, out: Path, inputs_per_batch: int, batch_size: int, progress: bool) -> Path:
+    device = torch.device(settings.device)
+    here = provenance(device)
+    resumed = check_or_write_sidecar(out, settings, {"provenance": here})
+    upgrade(out)  # a file of an older rddrs gets today's columns before rows are added
+    done = read_rows(out, repair=True)
+    todo = [i for i in range(start, start + len(images)) if i not in done]
+    if todo:  # this session's part: the rows it sets out to write, and where
+        write_atomic(sidecar_path(out), [json.dumps(with_parts(read_sidecar(out), [dict(
+            here, rows=index_ranges(todo))], done), indent=2).encode()])
+    init = load_init(Path(settings.init), settings, todo) if settings.init and todo else None
+    rotation = random_orthogonal(images[0].numel(), seed=settings.rotate) if settings.rotate is not None else None
+    noise_rotation = None
+    if rotation is not None:  # common random numbers: the draws are U eps, the original run's turned
+        model = Rotated(model, rotation.to(device, images.dtype))
+        noise_rotation = rotation.to(device, images.dtype)
+    searches = {k: Search.from_dict(v) for k, v in settings.search.items()}
+    traces = traces_dir(out)
+    if method_record(settings.method).searched:
+        traces.mkdir(exist_ok=True)
+    bar = tqdm(total=len(images), initial=len(images) - len(todo), disable=not progress, unit="image",
+               desc=f"{settings.method} sigma={settings.sigma}")
+    with _open_for_append(out, resumed) as f:
+        for lo in range(0, len(todo), inputs_per_batch):
+            idx = todo[lo: lo + inputs_per_batch]
+            x = images[[i - start for i in idx]].to(device)
+            if rotation is not None:
+                x = (x.flatten(1) @ rotation.to(x).T).reshape(x.shape)
+            tic = time.perf_counter()
+            start_args = {} if init is None else init.batch(idx, x)
+            law, trace = find_smoothing(settings.method, model, x, idx, settings.sigma, settings.seed,
+                                        searches, rotation=noise_rotation, **start_args)
+            cert = certify(model, x, law, idx, settings.n0, settings.n, settings.alpha, settings.seed, batch_size,
+                           rotation=noise_rotation)
+            seconds = (time.perf_counter() - tic) / len(idx)
+            sigma_min, sigma_proxy, sigma_max = law.min_scale(), law.proxy(), law.max_scale()
+            stopped = trace.get(f"{settings.method}_diverged_at")  # None for RS, which has no search
+            for j, i in enumerate(idx):
+                if trace:
+                    np.savez(traces / f"{i}.npz", param=law.param[j].float().cpu().numpy(),
+                             **{k: v[j] for k, v in trace.items()})
+                label = int(labels[i - start])
+                row = dict(zip(COLUMNS, (
+                    i, label, int(cert.predict[j]), int(cert.predict[j] == label), cert.gap[j], cert.radius[j],
+                    cert.proxy_radius[j], float(sigma_min[j]), float(sigma_proxy[j]), float(sigma_max[j]),
+                    cert.p_lower[j], seconds, search_status(None if stopped is None else stopped[j]))))
+                f.write(format_row(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def trace_value(out: Path, idx: int, key: str) -> np.ndarray:
+    """The array ``key`` of image ``idx``'s trace in the run ``out``, or a one-line error."""
+    path = traces_dir(Path(out)) / f"{idx}.npz"
+    if not path.exists():
+        raise RDDRSError(f"{path}: missing trace of image {idx} (the traces are not committed: recompute "
+                         f"{Path(out).name} on this machine, after moving it away)")
+    with np.load(path) as trace:
+        if key not in trace:
+            raise RDDRSError(f"{path} holds no {key!r} (written by an older rddrs); recompute {Path(out).name}")
+        return trace[key]
+
+
+def trace_param(out: Path, idx: int, method: str, d: int) -> np.ndarray:
+    """The final parameter of image ``idx`` in the run ``out``: theta (d,) or C (d, d), float64."""
+    shape = (d,) * PARAM_AXES[method_record(method).family]
+    param = trace_value(out, idx, "param").astype(np.float64)
+    if param.shape != shape:
+        raise RDDRSError(f"{traces_dir(Path(out)) / f'{idx}.npz'}: param has shape {param.shape}, {method} needs {shape}")
+    return param
+
+
+def run_dimension(out: Path, idx: int) -> int:
+    """The input dimension d of a searched run, from the final parameter of one image."""
+    return int(trace_value(out, idx, "param").shape[-1])
+
+
+def load_smoothing(out: str | Path, indices, d: int, dtype: torch.dtype = torch.float64) -> Smoothing:
+    """The smoothing laws a run certified images ``indices`` with: sigma from the rows (RS,
+    DDRS), theta or C from the traces (ANCER, RDDRS)."""
+    out = Path(out)
+    method = read_sidecar(out)["settings"]["method"]
+    family = method_record(method).family
+    if family == "isotropic":
+        rows = read_rows(out)
+        return from_param(family, torch.tensor([rows[i]["sigma_min"] for i in indices], dtype=dtype), d, check=False)
+    params = torch.from_numpy(np.stack([trace_param(out, i, method, d) for i in indices])).to(dtype)
+    return from_param(family, params, d, check=False)
+
+
+def check_rows(out: Path, rows: dict[int, dict], meta: dict, source: str, same_rows: bool = False) -> list[int]:
+    """The idx of ``rows`` that ``add_rows`` would add to ``out``, or a one-line error: the
+    settings of ``meta`` (a sidecar record) must be ``out``'s, and an idx already in ``out`` is
+    refused (``same_rows``: accepted when its row is the same, which is then left as it is)."""
+    kept = read_rows(out)
+    if kept:
+        have = read_sidecar(out)
+        if diff := settings_differ(normalised(have["settings"]), normalised(meta["settings"])):
+            raise RDDRSError(f"{source} and {out} were run with different settings ({', '.join(diff)} differ)")
+    overlap = sorted(set(rows) & set(kept))
+    if overlap and not same_rows:
+        raise RDDRSError(f"{source} overlaps {out.name} (idx {overlap[0]}, {len(overlap)} rows); remove one of them")
+    if changed := [i for i in overlap if _comparable_row(rows[i]) != _comparable_row(kept[i])]:
+        raise RDDRSError(f"{source} has another row for idx {changed[0]} than {out.name} "
+                         f"({len(changed)} rows differ); it is not the same run")
+    return sorted(set(rows) - set(kept))
+
+
+def add_rows(out: Path, rows: dict[int, dict], meta: dict, traces: Path | None, source: str,
+             same_rows: bool = False) -> int:
+    """Add ``rows`` of the run described by the sidecar record ``meta`` to the result file ``out``
+    (the caller holds ``out``'s lock), after the checks of ``check_rows``: the traces of the new
+    rows are linked beside ``out``, and ``meta``'s writing sessions of those rows join ``out``'s.
+    Returns the number of rows added; ``source`` names them in errors."""
+    new = check_rows(out, rows, meta, source, same_rows)
+    if not new:
+        return 0
+    kept = read_rows(out)
+    have = read_sidecar(out) if kept else {k: v for k, v in meta.items() if k not in ("parts", "merged_from")}
+    ensure_dir(out.parent)
+    if traces is not None and traces.is_dir():  # before the rows, so that no row lacks its trace
+        merged = traces_dir(out)
+        merged.mkdir(exist_ok=True)
+        for i in new:
+            trace, target = traces / f"{i}.npz", merged / f"{i}.npz"
+            if trace.exists():
+                target.unlink(missing_ok=True)
+                try:
+                    os.link(trace, target)
+                except OSError:
+                    shutil.copyfile(trace, target)
+    parts = []
+    for part in provenance_parts(meta, rows):
+        mine = [i for i in new if part["rows"] is None or any(lo <= i < hi for lo, hi in part["rows"])]
+        if mine:
+            parts.append(dict(part, rows=index_ranges(mine)))
+    write_atomic(sidecar_path(out), [json.dumps(with_parts(have, parts, kept), indent=2).encode()])
+    write_rows(out, [{**kept, **rows}[i] for i in sorted(set(kept) | set(new))])
+    return len(new)
+
+
+def _comparable_row(row: dict) -> dict:
+    """A row without its timing (a landed copy of a row is the same row)."""
+    return {k: v for k, v in row.items() if k != "seconds"}
+
+
+def merge(shards: list[Path], out: Path, overwrite: bool = False) -> int:
+    """Join shard result files of one run into ``out``; returns the number of rows.
+
+    The shards must share their settings, must not overlap, must cover a contiguous range of
+    test indices, and none may be being written (its lock held). ``out`` must not exist, unless
+    ``overwrite`` (and even then no process may be writing it). Traces are linked beside ``out``.
+    """
+    if not shards:
+        raise RDDRSError("merge needs at least one shard")
+    out = Path(out)
+    if any(Path(shard).resolve() == out.resolve() for shard in shards):
+        raise RDDRSError(f"{out} is one of the shards; merge into another file")
+    for shard in shards:
+        if not shard.exists() or not sidecar_path(shard).exists():
+            raise RDDRSError(f"{shard}: no such result file (with its .json sidecar)")
+    if not overwrite and (out.exists() or sidecar_path(out).exists()):
+        raise RDDRSError(f"{out} exists; merge into a new file, or pass --replace to overwrite it")
+    with contextlib.ExitStack() as held:
+        held.enter_context(exclusive(out))
+        for shard in shards:
+            held.enter_context(exclusive(shard))
+        sides = [read_sidecar(shard) for shard in shards]
+        first = normalised(sides[0]["settings"])
+        for shard, side in zip(shards[1:], sides[1:]):
+            if diff := settings_differ(normalised(side["settings"]), first):
+                raise RDDRSError(f"{shard} and {shards[0]} were run with different settings ({', '.join(diff)} differ)")
+        parts: dict[Path, dict] = {}
+        seen: dict[int, Path] = {}
+        for shard in shards:
+            parts[shard] = read_rows(shard)
+            if overlap := sorted(set(parts[shard]) & set(seen)):
+                raise RDDRSError(f"{shard} overlaps another shard (idx {overlap[0]}, {len(overlap)} rows)")
+            seen.update(dict.fromkeys(parts[shard], shard))
+        if not seen:
+            raise RDDRSError("the shards hold no rows")
+        lo, hi = min(seen), max(seen)
+        if missing := [i for i in range(lo, hi + 1) if i not in seen]:
+            raise RDDRSError(f"the shards miss idx {missing[0]} ({len(missing)} rows missing in {lo}..{hi})")
+        for stale in (out, sidecar_path(out)):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(traces_dir(out), ignore_errors=True)
+        for shard, side in zip(shards, sides):
+            add_rows(out, parts[shard], side, traces_dir(shard), str(shard))
+        write_atomic(sidecar_path(out), [json.dumps(dict(read_sidecar(out), merged_from=[str(s) for s in shards]),
+                                                    indent=2).encode()])
+    return len(seen)

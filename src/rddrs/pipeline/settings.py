@@ -1,0 +1,156 @@
+"""The settings of a certification run: what determines its rows (``RunSettings``), how they are
+made from a preset and overrides (``make_settings``), compared with a sidecar when a run is
+resumed, and how many images a run searches at once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from rddrs import RDDRSError
+from rddrs.core.methods import method as method_record
+from rddrs.core.presets import Search, preset as preset_record
+from rddrs.core.stats import gap_cap
+from rddrs.pipeline.files import write_atomic
+from rddrs.pipeline.results import read_sidecar, sidecar_path
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything that determines a run's numbers (compared when a run is resumed)."""
+
+    method: str
+    sigma: float
+    preset: str
+    model: str
+    model_sha256: str
+    n0: int
+    n: int
+    alpha: float
+    seed: int
+    device: str
+    rotate: int | None
+    probabilities: bool
+    search: dict
+    init: str | None = None
+
+    def comparable(self) -> dict:
+        """The settings whose change would mix incompatible rows in one file. The device is not
+        one of them: a run may go on on another machine (its rows are as valid, its draws
+        others), and the sidecar records which session, on which device, wrote which rows."""
+        d = asdict(self)
+        d.pop("model")  # the same weights may live at another path
+        d.pop("device")
+        d["init"] = _file_name(self.init)  # so may the DDRS run; load_init checks what matters
+        return json.loads(json.dumps(d))
+
+
+def _file_name(path: str | None) -> str | None:
+    return None if path is None else Path(path).name
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def normalised(stored: dict) -> dict:
+    """Settings as recorded in a sidecar, in the form ``RunSettings.comparable`` gives: the init
+    file by name, and each search with the defaults of options added after it was written."""
+    stored = dict(stored)
+    stored.pop("device", None)  # recorded by sidecars written before a run could change machines
+    stored["init"] = _file_name(stored.get("init"))
+    # a search recorded before a Search option existed ran with that option's default
+    stored["search"] = {k: Search.from_dict(v).record() for k, v in stored.get("search", {}).items()}
+    return stored
+
+
+def settings_differ(a: dict, b: dict) -> list[str]:
+    """The names of the settings in which two normalised records differ."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def check_settings(out: Path, settings: RunSettings) -> None:
+    """A one-line error unless the existing run ``out`` was written with ``settings``."""
+    if diff := settings_differ(normalised(read_sidecar(out)["settings"]), settings.comparable()):
+        raise RDDRSError(f"{out} was written with other settings ({', '.join(diff)} differ); "
+                         "use another --out or the same settings")
+
+
+def check_or_write_sidecar(out: Path, settings: RunSettings, extra: dict) -> bool:
+    """Write the sidecar of a new run, or check an existing one; True if resuming."""
+    side = sidecar_path(out)
+    if out.exists() and out.stat().st_size > 0:
+        if not side.exists():
+            raise RDDRSError(f"{out} exists without its sidecar {side.name}; move it away or remove it")
+        check_settings(out, settings)
+        return True
+    write_atomic(side, [json.dumps({"settings": settings.comparable(), "model": settings.model, **extra},
+                                   indent=2).encode()])
+    return False
+
+
+def make_settings(method: str, sigma: float, model: str | Path, preset: str = "cpu", *, seed: int = 0,
+                  device: str = "cpu", rotate: int | None = None, init: str | Path | None = None,
+                  probabilities: bool = False, n0: int | None = None, n: int | None = None,
+                  alpha: float | None = None, search: dict | None = None) -> RunSettings:
+    """The settings of one run: the preset's values unless given. ``search`` overrides fields
+    of ``method``'s search (e.g. ``{"kappa": 1.0, "step": "adam"}``; ``max_step=0`` turns the
+    bound off); a ``capped`` objective gets the cap of this run's n and alpha."""
+    record = method_record(method)
+    chosen = preset_record(preset)
+    if not sigma > 0:
+        raise RDDRSError(f"sigma must be > 0, got {sigma}")
+    if init is not None and not record.starts:
+        raise RDDRSError(f"init (a result file to start from) applies to method ancer or rddrs only, not {method}")
+    model = Path(model)
+    if not model.is_file():
+        raise RDDRSError(f"model {model}: no such file")
+    n0, n = n0 or chosen.n0, n or chosen.n
+    alpha = chosen.alpha if alpha is None else alpha
+    if not 0 < alpha < 1:
+        raise RDDRSError(f"alpha must lie in (0, 1), got {alpha}")
+    if n0 < 1 or n < 1:
+        raise RDDRSError(f"n0 and n must be >= 1, got {n0}, {n}")
+    overrides = dict(search or {})
+    if overrides and not record.searched:
+        raise RDDRSError(f"{record.label} has no search to override")
+    if overrides.get("diagonal") and record.family != "full":
+        raise RDDRSError(f"a diagonal-only search restricts RDDRS' full C; {record.label}'s is not full")
+    if overrides.get("max_step") == 0:
+        overrides["max_step"] = None
+    if record.searched:  # the capped objective is capped at this run's own r_max
+        capped = overrides.get("objective", chosen.search[method].objective) == "capped"
+        overrides["cap"] = gap_cap(n, alpha) if capped else None
+    own = replace(chosen.search[method], **overrides) if record.searched else None
+    searches = {k: (own if k == method else v).record() for k, v in chosen.search.items()
+                if k == method or (record.searched and k == record.base)}
+    return RunSettings(
+        method=method, sigma=float(sigma), preset=preset, model=str(model), model_sha256=sha256_of(model),
+        n0=n0, n=n, alpha=alpha, seed=seed, device=str(device), rotate=rotate, probabilities=probabilities,
+        search=searches, init=None if init is None else str(init))
+
+
+#: noisy images one search iteration should hold (inputs x samples), by device type: on 2 CPU
+#: cores the time per input falls up to about 16k images (bench_core section 2: at 500 samples
+#: 0.28 s at 1 input, 0.19 s at 32; at 2000 samples 0.34 s at 1 and 8 inputs alike); on a GPU
+#: the bound is memory (about 0.2 MB per image for forward and backward of the CNN).
+SEARCH_IMAGES = {"cpu": 16_384, "cuda": 262_144}
+
+
+MAX_INPUTS_PER_BATCH = 32
+
+
+def default_inputs_per_batch(settings: RunSettings) -> int:
+    """Images searched (and certified) at once: ``SEARCH_IMAGES // samples`` of the run's
+    largest search, between 1 and ``MAX_INPUTS_PER_BATCH`` (32 for RS)."""
+    samples = max((v["samples"] for v in settings.search.values()), default=1)
+    budget = SEARCH_IMAGES.get(torch.device(settings.device).type, SEARCH_IMAGES["cpu"])
+    return max(1, min(MAX_INPUTS_PER_BATCH, budget // samples))

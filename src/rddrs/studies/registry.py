@@ -1,0 +1,139 @@
+"""What a preset needs: every result file that the heavy chapters read, as run specifications.
+
+==========  =====================================================  ========================
+group       runs                                                   read by
+==========  =====================================================  ========================
+standard    the four methods at each sigma (``sweep.standard_specs``)  chapters 6 and 8
+memory      the memory pass over each standard run                 chapter 8
+claims      the variants of chapter 7's studies (``claims.studies``)  chapter 7
+headline    the headline studies (``rddrs.studies.headline``)              the headline chapter
+figure2     the paper's Figure 2 at its own settings               the headline chapter
+            (``headline.figure2_study``, ``paper`` preset only)
+mechanism   the laws behind the headline, with their traces        the headline chapter
+            (``headline.mechanism_study``; ``rddrs.studies.mechanism``)
+==========  =====================================================  ========================
+
+A sweep starts the figure2 group first, at sigma 0.25, then 0.5, then 0.12, its lower tier
+after the rest at each sigma, chunk by chunk (``sweep.execute``), the mechanism study's images
+with the first chunk; the other groups come after.
+
+``runs(preset, results)`` lists them; ``rddrs sweep`` computes the missing ones (on this
+machine or a Ray cluster) and the chapters call ``ensure`` on their groups, which computes
+nothing when everything is there. Filters (sigmas, methods, groups) keep what they name and
+the runs it starts from. This module imports nothing heavy; the studies are read when the
+list is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+from rddrs import RDDRSError
+from rddrs.core.methods import NAMES, method as method_record
+from rddrs.core.presets import preset as preset_record
+from rddrs.pipeline import sweep
+
+GROUPS = ("standard", "memory", "claims", "headline", "figure2", "mechanism")
+#: the sweep priority of the groups other than figure2 (figure2's: 10 per sigma, in headline.FIGURE2_SIGMAS order)
+LATER = 100
+#: the training sigmas of the paper's classifiers
+SIGMAS = (0.12, 0.25, 0.5)
+#: the classifier chapter 7's studies use
+STUDY_SIGMA = 0.25
+
+
+def runs(preset: str, results: str | Path | None = None, *, sigmas: Iterable[float] = SIGMAS,
+         methods: Iterable[str] = NAMES, count: int | None = None, groups: Iterable[str] = GROUPS,
+         seed: int = 0, device: str = "cpu", data: str | Path = "data",
+         models: str | Path = "data/models") -> list[sweep.RunSpec]:
+    """Every run ``preset`` needs in ``results`` (default ``results/PRESET``), in an order where
+    each comes after the run it starts from. ``count`` overrides the number of test images of the
+    standard runs and of chapter 7's studies (the headline studies keep their budgets);
+    ``sigmas``, ``methods`` and ``groups`` keep only the runs they name, with what those start from.
+    The figure2 group's runs hold the whole test set unless ``count`` says otherwise."""
+    preset_record(preset)
+    results = Path("results") / preset if results is None else Path(results)
+    sigmas = tuple(float(s) for s in sigmas)
+    methods = tuple(method_record(m).name for m in methods)
+    groups = tuple(groups)
+    if unknown := [g for g in groups if g not in GROUPS]:
+        raise RDDRSError(f"unknown group {unknown[0]!r}; expected some of {', '.join(GROUPS)}")
+    common = dict(seed=seed, device=device, data=data, models=models)
+    pool: list[sweep.RunSpec] = []
+    for sigma in SIGMAS + tuple(s for s in sigmas if s not in SIGMAS):
+        if not {"standard", "memory"} & set(groups):
+            break  # a study's variant that is a standard run holds its own images only
+        standard = [replace(s, priority=LATER) for s in
+                    sweep.standard_specs(sigma, preset, results, count=count, **common)]
+        pool += standard + [replace(sweep.memory_spec(s), priority=LATER) for s in standard]
+    for study, sigma, group, priority in _studies(preset, count, groups):
+        from rddrs.studies import claims
+
+        pool += list(claims.study_specs(study, sigma, preset, results, groups=(group,), priority=priority,
+                                        **common).values())
+    pool = sweep.combine(pool)
+    by_out = {str(Path(s.out)): s for s in pool}
+
+    def keeps(spec: sweep.RunSpec) -> bool:
+        named = by_out[str(Path(spec.source))] if spec.kind == sweep.MEMORY else spec
+        return (bool(set(spec.groups) & set(groups)) and named.method in methods
+                and any(abs(named.sigma - s) < 1e-9 for s in sigmas))
+
+    return sweep.with_dependencies(sweep.closure([s for s in pool if keeps(s)], pool))
+
+
+def _studies(preset: str, count: int | None, groups: tuple[str, ...]):
+    """(study, sigma, group, sweep priority) of the studies of the chosen groups."""
+    if "figure2" in groups:
+        from rddrs.studies import headline
+
+        for rank, sigma in enumerate(headline.FIGURE2_SIGMAS):
+            study = headline.figure2_study(preset, sigma)
+            if study.variants:
+                yield (study if count is None else replace(study, count=count)), sigma, "figure2", 10 * rank
+    if "mechanism" in groups:
+        from rddrs.studies import headline
+
+        yield headline.mechanism_study(preset), headline.SIGMA, "mechanism", 0
+    if "claims" in groups:
+        from rddrs.studies import claims
+
+        for study in claims.studies(preset, count).values():
+            yield study, STUDY_SIGMA, "claims", LATER
+    if "headline" in groups:
+        from rddrs.studies import headline
+
+        for make in (headline.tuning_study, headline.variants_study, headline.step_size_study,
+                     headline.frontier_study, headline.diagonal_study, headline.clamped_study,
+                     headline.pipeline_parts_study):
+            study = make(preset)
+            if study.variants:
+                yield study, headline.SIGMA, "headline", LATER
+        for sigma in headline.SIGMAS:
+            study = headline.best_study(preset, sigma)
+            if study.variants:
+                yield study, sigma, "headline", LATER
+
+
+def ensure(specs: list[sweep.RunSpec], results: str | Path, progress: bool = False) -> list[sweep.RunSpec]:
+    """Compute in this process whatever ``specs`` lack (nothing, when all is there: a sweep did
+    it), then return them; the first run that failed is a one-line error."""
+    if not sweep.complete(specs):
+        sweep.execute(specs, results=results, progress=progress).check()
+    return specs
+
+
+def status(specs: Iterable[sweep.RunSpec]) -> list[tuple[sweep.RunSpec, str]]:
+    """Each run with its state on disk: complete, or how many images it lacks."""
+    rows = []
+    for spec in specs:
+        lacking = sweep.missing(spec)
+        if not lacking:
+            rows.append((spec, "complete"))
+        elif spec.kind == sweep.MEMORY:
+            rows.append((spec, "missing" if lacking == [-1] else f"{len(lacking)} rows to go"))
+        else:
+            rows.append((spec, f"{len(lacking)} of {len(spec.indices())} images missing"))
+    return rows
