@@ -27,7 +27,7 @@ MATHJAX   := $(MATHJAX_DIR)/tex-chtml.js
 # Chapters: light ones run in seconds and keep their executed notebook (book/NAME.ipynb, committed)
 # for nbval; heavy ones take a preset and are re-executed with papermill by `make results`.
 LIGHT_CHAPTERS := intro smoothing spd_metric gradient rotation cost
-HEAVY_CHAPTERS := mnist claims soundness
+HEAVY_CHAPTERS := headline mnist budget claims soundness
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'

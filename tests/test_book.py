@@ -53,7 +53,7 @@ def test_toc_lists_the_planned_chapters():
     assert files[-1] == "book/references"
     for name in files:
         assert (ROOT / f"{name}.md").is_file(), f"{name}.md is in _toc.yml but does not exist"
-    assert len(chapter_files()) == 9, chapter_files()
+    assert len(chapter_files()) == 11, chapter_files()
 
 
 BIB = ROOT / "book" / "references.bib"

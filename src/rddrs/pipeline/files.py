@@ -79,6 +79,13 @@ def provenance(device) -> dict:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def recorded(device: str, rows) -> dict:
+    """Rows of a measurement with the provenance of their making (device, versions, commit, time)."""
+    import torch
+
+    return {"provenance": provenance(torch.device(device)), "rows": rows}
+
+
 def cached_json(path: str | Path, compute):
     """The JSON value stored at ``path``; if there is none, ``compute()``'s, stored atomically."""
     import json

@@ -100,13 +100,13 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
 
     path = memory_path(out)
     with exclusive(path):  # one writer at a time
-        upgrade(path, MEMORY_COLUMNS, read_memory_rows)  # a pass of an older rddrs gets today's columns
         done = read_memory_rows(path, repair=True)
         if len(done) > len(ordered) or any(old[k] != new[k] for old, new in zip(done, ordered)
                                            for k in ("idx", "label", "p_lower", "sigma_min")):
             raise RDDRSError(f"{path} does not match the rows of {out.name}; remove it to start again")
         if len(done) == len(ordered):  # complete: nothing to rebuild (the traces need not exist)
             return path
+        upgrade(path, MEMORY_COLUMNS, read_memory_rows)  # a pass of an older rddrs gets today's columns
         memory = Memory(load=read if family == "full" else None)
         for row in done:
             if row["memory"] != ABSTAIN:

@@ -134,10 +134,10 @@ def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: to
     device = torch.device(settings.device)
     here = provenance(device)
     resumed = check_or_write_sidecar(out, settings, {"provenance": here})
-    upgrade(out)  # a file of an older rddrs gets today's columns before rows are added
     done = read_rows(out, repair=True)
     todo = [i for i in range(start, start + len(images)) if i not in done]
     if todo:  # this session's part: the rows it sets out to write, and where
+        upgrade(out)  # a file of an older rddrs gets today's columns before rows are added
         write_atomic(sidecar_path(out), [json.dumps(with_parts(read_sidecar(out), [dict(
             here, rows=index_ranges(todo))], done), indent=2).encode()])
     init = load_init(Path(settings.init), settings, todo) if settings.init and todo else None

@@ -43,7 +43,7 @@ KIND_LABELS = {
     "l2": "ℓ2 radius",
 }
 # axis labels in mathtext, short enough for a third of the page (the captions say more)
-_AXIS_LABELS = {
+AXIS_LABELS = {
     "proxy": "proxy radius",
     "l2": "$\\ell_2$ radius",
 }
@@ -343,7 +343,7 @@ def curves_figure(groups, kind: str = "proxy", path=None):
             ax.set_xlim(0.0, x_max)
             ax.set_ylim(0.0, 1.0)
             ax.set_title(f"σ = {sigma:g}")
-            ax.set_xlabel(_AXIS_LABELS[kind])
+            ax.set_xlabel(AXIS_LABELS[kind])
             ax.grid(True)
             ax.set_axisbelow(True)
         for row in range(nrows):

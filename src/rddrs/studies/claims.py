@@ -493,7 +493,7 @@ def curves_figure(runs: dict[str, VariantRun], title: str = ""):
                 x, y = analysis.certified_accuracy_curve(run.results, kind)
                 ax.step(x, y, where="pre", label=name, linewidth=1.8, color=styles[name]["color"],
                         linestyle=styles[name]["linestyle"])
-            ax.set(xlabel=analysis._AXIS_LABELS[kind], ylabel="certified accuracy", ylim=(0, 1.02))
+            ax.set(xlabel=analysis.AXIS_LABELS[kind], ylabel="certified accuracy", ylim=(0, 1.02))
             ax.grid(True)
         axes[1].set_ylabel("")
         if title:

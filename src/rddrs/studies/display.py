@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from rddrs import RDDRSError
+from rddrs.pipeline.results import provenance_parts
 from rddrs.core.methods import METHODS as _METHODS
 
 # -- figures ----------------------------------------------------------------------------------
@@ -242,6 +243,17 @@ def format_number(value, spec: Format = None, decimals: int | None = 3) -> str:
     return value if isinstance(value, Raw) else str(value)
 
 
+def signed(value: float, se: float | None = None) -> str:
+    """A signed difference, and its standard error if given, to a precision that shows them: two
+    significant digits of the error (of the value when there is none), never "-0.000"."""
+    scale = se if se is not None and math.isfinite(se) and se > 0 else abs(value)
+    decimals = 2 if not scale else min(8, max(2, 1 - math.floor(math.log10(scale))))
+    text = f"{value:+.{decimals}f}"
+    if float(text) == 0:
+        text = text[1:]
+    return text if se is None or not math.isfinite(se) else f"{text} ± {se:.{decimals}f}"
+
+
 class Table:
     """A table with a caption, shown as HTML in a notebook and as fixed-width text elsewhere.
 
@@ -410,30 +422,35 @@ def results_provenance(results_dir) -> dict:
             continue
         info["files"] += 1
         settings = meta.get("settings") if isinstance(meta.get("settings"), dict) else meta
-        prov = meta.get("provenance") if isinstance(meta.get("provenance"), dict) else {}
         if settings.get("preset"):
             info["presets"].add(str(settings["preset"]))
-        if prov.get("device"):
-            threads = info["machines"].setdefault(str(prov["device"]), set())
-            if isinstance(prov.get("threads"), int):
-                threads.add(prov["threads"])
-        versions = prov.get("versions") or {}
-        if versions:
-            info["versions"].add(", ".join(f"{k} {versions[k]}" for k in ("rddrs", "torch") if k in versions))
-        if prov.get("git_commit"):
-            info["commits"].add(str(prov["git_commit"])[:7])
-            info["dirty"] |= bool(prov.get("git_dirty"))
-        else:
-            info["uncommitted"] += 1
-        day = str(prov.get("created", ""))[:10]
-        if day:
-            info["first"] = min(info["first"] or day, day)
-            info["last"] = max(info["last"] or day, day)
+        for prov in provenance_parts(meta) or [{}]:  # every session that wrote rows of the file
+            _add_session(info, prov)
     if info["files"]:
         logged = _git(folder, "log", "-1", "--format=%h %cs", "--", ".")
         if logged:
             info["stored"] = tuple(logged.split(" ", 1))
     return info
+
+
+def _add_session(info: dict, prov: dict) -> None:
+    """Add one writing session's device, versions, commit and date to ``results_provenance``'s info."""
+    if prov.get("device"):
+        threads = info["machines"].setdefault(str(prov["device"]), set())
+        if isinstance(prov.get("threads"), int):
+            threads.add(prov["threads"])
+    versions = prov.get("versions") or {}
+    if versions:
+        info["versions"].add(", ".join(f"{k} {versions[k]}" for k in ("rddrs", "torch") if k in versions))
+    if prov.get("git_commit"):
+        info["commits"].add(str(prov["git_commit"])[:7])
+        info["dirty"] |= bool(prov.get("git_dirty"))
+    else:
+        info["uncommitted"] += 1
+    day = str(prov.get("created", ""))[:10]
+    if day:
+        info["first"] = min(info["first"] or day, day)
+        info["last"] = max(info["last"] or day, day)
 
 
 def _code(text: str) -> str:

@@ -291,20 +291,19 @@ def mechanism_study(preset: str) -> Study:
 
 
 def figure2_study(preset: str, sigma: float) -> Study:
-    """The paper's Figure 2 at ``sigma`` on the preset's whole test set (``paper`` only; empty
-    elsewhere): RS, the authors' pipeline (``PIPELINE``) and the capped DDRS at the cpu preset's
-    tuned path length (lr 1e-3 over 1500 steps), then, in tier 1, each method's best variant of
-    the cpu preset's grid (chosen there), its step size scaled to the same path length."""
-    if preset != "paper":
-        return Study(figure2_name(sigma), 1, (), digests=False)
+    """The paper's Figure 2 at ``sigma`` on the paper preset's whole test set (another preset's
+    headline images elsewhere, for the chapter's smaller runs): RS, the authors' pipeline
+    (``PIPELINE``) and the capped DDRS at the cpu preset's tuned path length (lr 1e-3 over 1500
+    steps), then, in tier 1, each method's best variant of the cpu preset's grid (chosen there),
+    its step size scaled to the same path length."""
     capped = _capped_ddrs(preset)
     best = []
     for method in ("ancer", "rddrs"):
         for variant in _best_chain(method):
             if variant.method != "ddrs" and variant.name not in {v.name for v in best}:
                 best.append(replace(scaled_to(preset, variant), tier=1))
-    return Study(figure2_name(sigma), preset_record(preset).count, digests=False,
-                 variants=(Variant("rs", "rs"), *PIPELINE, capped, *best))
+    count = preset_record(preset).count if preset == "paper" else BUDGETS[preset].count
+    return Study(figure2_name(sigma), count, digests=False, variants=(Variant("rs", "rs"), *PIPELINE, capped, *best))
 
 
 # -- measures ------------------------------------------------------------------------------

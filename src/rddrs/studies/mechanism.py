@@ -287,22 +287,16 @@ def measures(preset: str, results, *, device: str = "cpu", data="data", models="
     """``measure`` over the runs of ``headline.mechanism_study`` (complete, with their traces:
     compute them first, e.g. with ``rddrs sweep --groups mechanism``), cached in
     ``RESULTS/claims/mechanism/measures.json``."""
-    from rddrs.pipeline.files import cached_json
+    from rddrs.pipeline.files import cached_json, recorded
     from rddrs.studies.headline import BUDGETS
 
     def compute():
         _, runs, images, labels, model, _ = _setup(preset, results, device, data, models)
-        return _recorded(device, measure(runs, images, labels, model, samples=BUDGETS[preset].mechanism_votes,
+        return recorded(device, measure(runs, images, labels, model, samples=BUDGETS[preset].mechanism_votes,
                                          seed=seed, device=device))
 
     return cached_json(Path(results) / "claims" / "mechanism" / "measures.json", compute)["rows"]
 
-
-def _recorded(device: str, rows: list[dict]) -> dict:
-    """Rows of a measurement with the provenance of their making (device, versions, commit, time)."""
-    from rddrs.pipeline.files import provenance
-
-    return {"provenance": provenance(torch.device(device)), "rows": rows}
 
 
 #: the variants whose certificates are tested as guarantees about their pipeline, in this order
@@ -311,12 +305,13 @@ REFUTED = ("rddrs_clamped", "ancer_clamped", "ddrs_clamped", "ddrs_capped")
 
 
 def refutations(preset: str, results, *, device: str = "cpu", data="data", models="data/models",
-                seed: int = 0) -> list[dict]:
+                seed: int = 0, compute: bool = True) -> list[dict]:
     """``refutation`` of every certificate (correct, radius > 0) of the variants ``REFUTED`` and of
     RDDRS' best variant on the mechanism study's images, the attack at the clamped DDRS' sigma_x*;
     kept in ``RESULTS/claims/mechanism/refutations.json`` variant by variant, so that a stopped
-    computation keeps the variants it finished and the next call does the others."""
-    from rddrs.pipeline.files import write_atomic
+    computation keeps the variants it finished and the next call does the others (``compute``:
+    False, only read those)."""
+    from rddrs.pipeline.files import recorded, write_atomic
     from rddrs.studies.headline import BUDGETS, SIGMA
 
     budget = BUDGETS[preset]
@@ -328,7 +323,7 @@ def refutations(preset: str, results, *, device: str = "cpu", data="data", model
     names = [*REFUTED, *[v.name for v in mechanism_study(preset).variants
                          if v.method == "rddrs" and v.name not in REFUTED]]
     for name in names:
-        if name in stored["variants"]:
+        if name in stored["variants"] or not compute:
             continue
         if study is None:
             study, runs, images, labels, model, model_file = _setup(preset, results, device, data, models)
@@ -344,6 +339,6 @@ def refutations(preset: str, results, *, device: str = "cpu", data="data", model
                               np.array([star[i] for i in idx]), res.radius[keep], laws, study, study.variant(name),
                               SIGMA, preset, model_file, seed=seed, steps=budget.refutation_steps,
                               samples=budget.refutation_samples, check=budget.mechanism_votes * 5)
-        stored["variants"][name] = _recorded(device, rows)
+        stored["variants"][name] = recorded(device, rows)
         write_atomic(path, [json.dumps(stored, indent=2).encode()])
     return [row for entry in stored["variants"].values() for row in entry["rows"]]

@@ -86,7 +86,7 @@ def runs(preset: str, results: str | Path | None = None, *, sigmas: Iterable[flo
 
 def _studies(preset: str, count: int | None, groups: tuple[str, ...]):
     """(study, sigma, group, sweep priority) of the studies of the chosen groups."""
-    if "figure2" in groups:
+    if "figure2" in groups and preset == "paper":  # the smaller presets run it in the chapter
         from rddrs.studies import headline
 
         for rank, sigma in enumerate(headline.FIGURE2_SIGMAS):
