@@ -61,7 +61,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rs", "RS", "isotropic", False, None, (), None, None, "#0072B2", ":"),
     Method("ddrs", "DDRS", "isotropic", True, "sgd", (), None,
            Clamp(0.02, 0.98, "autograd", "PLabarbarie/RDDRS code/dds.py (ddsmoothing's own: 0.001, 0.999)"),
-           "#E69F00", "-."),
+           "#CC79A7", "-."),
     Method("ancer", "ANCER", "diagonal", True, "adam", ("ddrs",), "ddrs",
            Clamp(0.001, 0.999, "autograd", "ddsmoothing L2Certificate.compute_proxy_gap"), "#009E73", "--"),
     Method("rddrs", "RDDRS", "full", True, "sgd", ("ddrs", "ancer"), "ddrs",

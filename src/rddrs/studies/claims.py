@@ -38,6 +38,7 @@ from rddrs.pipeline import sweep
 from rddrs.pipeline.results import model_path, read_rows, result_path, traces_dir
 from rddrs.pipeline.settings import make_settings
 from rddrs.studies import analysis, display
+from rddrs.studies.labels import label
 
 #: seed of the random orthogonal matrix of the rotation study
 ROTATE = 1
@@ -491,7 +492,7 @@ def curves_figure(runs: dict[str, VariantRun], title: str = ""):
         for ax, kind in zip(axes, analysis.KINDS):
             for name, run in runs.items():
                 x, y = analysis.certified_accuracy_curve(run.results, kind)
-                ax.step(x, y, where="pre", label=name, linewidth=1.8, color=styles[name]["color"],
+                ax.step(x, y, where="pre", label=label(run.variant), linewidth=1.8, color=styles[name]["color"],
                         linestyle=styles[name]["linestyle"])
             ax.set(xlabel=analysis.AXIS_LABELS[kind], ylabel="certified accuracy", ylim=(0, 1.02))
             ax.grid(True)
@@ -512,13 +513,13 @@ def traces_figure(runs: dict[str, VariantRun]):
             q1, q2, q3 = np.percentile(run.trace, [25, 50, 75], axis=0)
             steps = np.arange(1, run.trace.shape[1] + 1)
             color = styles[name]["color"]
-            left.plot(steps, q2, label=name, color=color, linestyle=styles[name]["linestyle"])
+            left.plot(steps, q2, label=label(run.variant), color=color, linestyle=styles[name]["linestyle"])
             left.fill_between(steps, q1, q3, color=color, alpha=0.2)
             right.plot(run.results.idx, run.spectrum[:, 0] / run.sigma_star, styles[name]["marker"],
-                       color=color, label=name)
+                       color=color, label=label(run.variant))
         left.set(xlabel="iteration", ylabel="objective H (median, IQR)")
         right.axhline(1.0, color="0.5", linewidth=0.8)
-        right.set(xlabel="test image", ylabel="λ_min(C) / σ*_x")
+        right.set(xlabel="test image", ylabel=r"$\lambda_{\min}(C) \,/\, \sigma^*_x$")
         right.xaxis.get_major_locator().set_params(integer=True)
         left.legend()
     return fig
@@ -560,13 +561,14 @@ def isotropy_figure(runs: dict[str, VariantRun]):
                   for name, run in runs.items()}
         for name, split in splits.items():
             ax.plot(split["total"], split["anisotropic"], styles[name]["marker"], color=styles[name]["color"],
-                    label=name, alpha=0.8)
+                    label=label(runs[name].variant), alpha=0.8)
         moved = np.concatenate([split["total"] for split in splits.values()])
         moved = moved[moved > 0]
         if moved.size:
             ax.plot([moved.min(), moved.max()], [moved.min(), moved.max()], color="0.5", linewidth=0.8,
                     label="all anisotropic")
-        ax.set(xscale="log", yscale="log", xlabel="dist(S, σ*_x I)", ylabel="dist(S, nearest t I)")
+        ax.set(xscale="log", yscale="log", xlabel=r"$\mathrm{dist}(S, \sigma^*_x I)$",
+               ylabel=r"$\min_t \mathrm{dist}(S, t I)$")
         ax.grid(True)
         ax.legend()
     return fig

@@ -44,7 +44,7 @@ PAGE_WIDTH = 6.5
 #: smallest font size in a figure, in points (as drawn; shown at ~1.04x on the page)
 MIN_FONT = 9.0
 #: colours for curves that are not one of the four methods (Okabe-Ito colours no method uses)
-OTHER_COLORS = ("#000000", "#CC79A7", "#56B4E9", "#7F7F7F", "#F0E442")
+OTHER_COLORS = ("#000000", "#E69F00", "#56B4E9", "#7F7F7F", "#F0E442")
 #: the book's matplotlib style
 STYLE = {
     "figure.figsize": (PAGE_WIDTH, 3.0),

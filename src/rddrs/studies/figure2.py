@@ -107,7 +107,7 @@ def curves_figure(runs: dict[str, analysis.Results], labels: dict[str, str], sty
             ax.grid(True)
         axes[0][0].set_ylabel("certified accuracy")
         fig.legend(list(handles.values()), [labels[n] for n in handles], loc="outside upper center",
-                   ncol=3, frameon=False)
+                   ncol=min(3, len(handles)), frameon=False)
     return fig
 
 

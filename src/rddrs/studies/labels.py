@@ -8,7 +8,6 @@ words of ``WORDS``; the authors' pipeline has names of its own (``PIPELINE``).
 from __future__ import annotations
 
 from rddrs.core.methods import method as method_record
-from rddrs.studies.claims import Study, Variant
 
 #: the vocabulary of the labels
 WORDS = {"soft": "soft", "clamped": "clamped", "capped": "capped",
@@ -30,8 +29,8 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def label(variant: Variant, study: Study | None = None, brief: bool = False) -> str:
-    """What ``variant`` is, in words: its method, then what differs from the preset's search
+def label(variant, study=None, brief: bool = False) -> str:
+    """What ``variant`` (a ``claims.Variant``, of the ``claims.Study`` ``study``) is, in words: its method, then what differs from the preset's search
     (objective, step rule and size, bound, budget, kappa, floor, draws, rotation, restriction),
     then where its search starts (another variant of ``study``). ``brief``: without step sizes
     and bounds."""
@@ -48,7 +47,7 @@ def label(variant: Variant, study: Study | None = None, brief: bool = False) -> 
     return text
 
 
-def _parts(variant: Variant, brief: bool) -> list[str]:
+def _parts(variant, brief: bool) -> list[str]:
     record = method_record(variant.method)
     s = variant.search
     parts = []
@@ -76,3 +75,22 @@ def _parts(variant: Variant, brief: bool) -> list[str]:
     if variant.rotate is not None:
         parts.append("rotated inputs")
     return parts
+
+
+#: the authors' pipeline in a few words, for legends and narrow tables
+SHORT = {"ddrs_clamped": "DDRS (authors')", "ancer_clamped": "ANCER (authors')",
+         "ancer_clamped_lr1": "ANCER (authors', step 1)", "rddrs_clamped": "RDDRS (authors')",
+         "rddrs_clamped_bounded": "RDDRS (authors', our bound)", "rddrs_soft_unbounded": "RDDRS (no clamp)"}
+
+
+def short(variant, study=None) -> str:
+    """``label`` in a few words, for legends and narrow tables: the method, its objective, and
+    the method its search starts from."""
+    if variant.name in SHORT:
+        return SHORT[variant.name]
+    text = method_record(variant.method).label
+    if "objective" in variant.search:
+        text += f", {WORDS[variant.search['objective']]}"
+    if variant.start is not None and study is not None and study.variant(variant.start).method != "ddrs":
+        text += f", from {method_record(study.variant(variant.start).method).label}"
+    return text
