@@ -216,14 +216,39 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
             raise RDDRSError("--address joins a Ray cluster: use it with --engine ray")
         engine = engines.Local(args.processes, threads=args.cpus_per_task, gpus=args.gpus_per_task, device=device,
                                retries=args.retries)
-    report = sweep.execute(specs, engine, shard_size=args.shard_size, results=results, progress=not args.quiet,
-                           until=args.until)
+    with _stop_on_sigterm():
+        report = sweep.execute(specs, engine, shard_size=args.shard_size, results=results, progress=not args.quiet,
+                               until=args.until)
     for out, message in report.failed.items():
         print(f"failed: {Path(out).relative_to(results)}: {message}", file=sys.stderr)
     print(f"{report.summary()}; results in {results}")
     if report.failed:
-        raise RDDRSError(f"{len(report.failed)} of {report.runs} runs failed (listed above); run the same "
-                         "command again to retry them")
+        retry = len(report.retry)
+        hint = ("" if not retry else "; run the same command again to retry them" if retry == len(report.failed)
+                else f"; run the same command again to retry the {retry} whose worker died or whose file was busy")
+        raise RDDRSError(f"{len(report.failed)} of {report.runs} runs failed (listed above){hint}")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the sweep stops the same way: its workers are ended,
+    its finished rows kept and its locks released."""
+
+
+@contextmanager
+def _stop_on_sigterm():
+    """SIGTERM raises ``_Terminated`` meanwhile (where signals can be handled: the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _add_sweep(sub) -> None:
@@ -390,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     except RDDRSError as err:
         print(f"rddrs {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print(f"rddrs {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"rddrs {args.command}: interrupted", file=sys.stderr)
         return 130
