@@ -1,7 +1,14 @@
-"""Shared by the tests: random scale matrices of each family (built without the library), and
-the check that an error is an ``RDDRSError`` with a one-line message."""
+"""Shared by the tests: random scale matrices of each family (built without the library), the
+check that an error is an ``RDDRSError`` with a one-line message, and what bad-input tests of the
+command line need (snapshots of files, commands that file permissions bind)."""
 
 from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +18,7 @@ from rddrs.core.noise import Diagonal, FullSPD, Isotropic
 
 F64 = torch.float64
 FAMILIES = ["isotropic", "diagonal", "full"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def generator(seed: int) -> torch.Generator:
@@ -47,3 +55,41 @@ def raises_one_line(fn, *args, **kwargs) -> str:
     msg = str(err.value)
     assert msg and "\n" not in msg
     return msg
+
+
+def snapshot(*paths) -> dict:
+    """The bytes and modification time of each file at or under ``paths`` (absent ones left out):
+    equal snapshots before and after a command mean it left those files untouched."""
+    files = []
+    for path in map(Path, paths):
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+
+
+def exit_status(main, args: list[str]) -> int:
+    """What ``main(args)`` exits with: its return value, or the status of argparse's SystemExit."""
+    try:
+        return main(args)
+    except SystemExit as stop:
+        return stop.code
+
+
+#: the capabilities that let root ignore file permissions (linux/capability.h), and the prctl
+#: option that drops one from a process and what it executes
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, PR_CAPBSET_DROP = 1, 2, 24
+
+
+def _without_overrides() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def run_bound_by_permissions(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    """``rddrs ARGS`` in a subprocess that file permissions bind as they bind any user: when the
+    tests run as root, whom they do not bind, the subprocess runs without the capabilities that
+    override them (Linux), as a plain owner of its files."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    return subprocess.run([sys.executable, "-m", "rddrs", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, preexec_fn=_without_overrides if os.geteuid() == 0 else None)

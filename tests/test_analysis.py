@@ -14,6 +14,7 @@ import struct
 import numpy as np
 import pytest
 
+from helpers import run_bound_by_permissions
 from rddrs import RDDRSError
 from rddrs.studies import analysis
 from rddrs.studies.analysis import (METHOD_COLORS, METHOD_LABELS, average_certified_radius, certified_accuracy,
@@ -393,3 +394,29 @@ def test_sidecar_keys_nested_in_settings(tmp_path):
          "provenance": {}}), encoding="utf-8")
     res = read_results(path)
     assert (res.method, res.sigma, res.preset) == ("rddrs", 0.12, "smoke")
+
+
+def test_cli_says_when_it_leaves_out_half_a_row(tmp_path, capsys):
+    path = write_results(tmp_path / "a.tsv")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("5\t2\t2\t1\t0.5")  # a run writing its next row
+    analysis.run(make_cli_parser().parse_args([str(path), "--out", str(tmp_path / "out"), "--kind", "proxy"]))
+    captured = capsys.readouterr()
+    assert captured.err == f"note: {path} ends in half a row (its run is still writing it, or was stopped); " \
+                           "that row is left out\n"
+    assert "| 0.25 | RS | 5 |" in captured.out  # the five complete rows
+    write_results(path)
+    analysis.run(make_cli_parser().parse_args([str(path), "--out", str(tmp_path / "out"), "--kind", "proxy"]))
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_into_a_read_only_directory_is_one_line(tmp_path):
+    path = write_results(tmp_path / "a.tsv")
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    proc = run_bound_by_permissions(["curves", path, "--out", out], tmp_path)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"rddrs curves: error: cannot write {out}/") and "PermissionError" in err
+    assert not any(out.iterdir())

@@ -399,6 +399,21 @@ def test_shape_mismatches():
     _raises_one_line(certify, model, x[0], sm, [0, 1], 10, 100, 0.05, seed=0)  # no batch axis
 
 
+@pytest.mark.parametrize("wrap, message", [
+    (lambda z, out: torch.where((z < 0).any(-1, keepdim=True), float("nan"), out), "NaN or infinite outputs on noisy"),
+    (lambda z, out: out[:, 1], "it must give N x K scores of K >= 2 classes"),
+    (lambda z, out: out[:, :1], "it must give N x K scores of K >= 2 classes"),
+], ids=["nan-under-noise", "1-d", "one-class"])
+def test_a_model_with_unusable_outputs_gets_no_certificate(wrap, message):
+    """A NaN is the largest value to argmax and one output is always class 0: either would
+    certify that class with the largest radius n allows."""
+    model, x, sm = _good()
+    x = x.abs() + 1  # the clean inputs are positive, some noisy copies are not
+    assert torch.isfinite(wrap(x, model(x))).all()
+    msg = _raises_one_line(certify, lambda z: wrap(z, model(z)), x, sm, [0, 1], 10, 100, 0.05, seed=0)
+    assert message in msg
+
+
 @pytest.mark.parametrize("make", [
     lambda: Isotropic(torch.tensor([0.5, 0.0]), 4),
     lambda: Isotropic(torch.tensor([0.5, -0.2]), 4),

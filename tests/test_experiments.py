@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import pytest
 import torch
 
 import rddrs.pipeline.runs
+from helpers import exit_status, run_bound_by_permissions, snapshot
 from rddrs.cli import main
 from rddrs.pipeline.models import MnistCNN
-from rddrs.pipeline.results import COLUMNS, read_rows
+from rddrs.pipeline.results import COLUMNS, read_rows, sidecar_path, traces_dir
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -530,3 +532,182 @@ def test_a_file_without_the_search_column_reads_as_ok_and_resumes(checkpoint, tm
     assert certify(checkpoint, out, "ddrs", "--count", "3") == 0  # resumed: the header gains the column
     assert out.read_text().splitlines()[0].split("\t") == list(COLUMNS)
     assert [r["search"] for r in read_rows(out).values()] == ["ok"] * 3
+
+
+# -- refused commands write nothing and change nothing ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs(checkpoint, tmp_path_factory):
+    """Finished runs to merge and to merge into: RS shards of images 0..1 and 2..3, and an RDDRS
+    run of images 0..1 (with its traces)."""
+    folder = tmp_path_factory.mktemp("runs")
+    assert certify(checkpoint, folder / "a.tsv", "rs", "--start", "0", "--count", "2") == 0
+    assert certify(checkpoint, folder / "b.tsv", "rs", "--start", "2", "--count", "2") == 0
+    assert certify(checkpoint, folder / "run.tsv", "rddrs", "--count", "2") == 0
+    return folder
+
+
+def copy_of(runs, tmp_path):
+    shutil.copytree(runs, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def result_files(out):
+    """A result file, its sidecar and its traces."""
+    return out, sidecar_path(out), traces_dir(out)
+
+
+def test_a_merge_into_a_run_being_written_is_refused_and_the_run_goes_on(checkpoint, runs, tmp_path, capsys):
+    """The issue's case: merging RS shards into the OUT of an RDDRS certify while it runs, with or
+    without --replace, is refused, and the certify ends with its own rows, sidecar and traces."""
+    folder = copy_of(runs, tmp_path)
+    out = folder / "live.tsv"
+    cmd = [sys.executable, "-m", "rddrs", "certify", "--method", "rddrs", "--sigma", "0.25", "--model",
+           str(checkpoint), "--preset", "smoke", "--data", str(DATA), "--count", "6", "--inputs-per-batch", "1",
+           "--quiet", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not read_rows(out):
+        time.sleep(0.02)
+    for replace in ([], ["--replace"]):
+        assert main(["merge", str(folder / "a.tsv"), str(folder / "b.tsv"), "--out", str(out), *replace]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "live.tsv is being written by another process" in err and len(err.splitlines()) == 1
+    assert proc.poll() is None, "the run ended before the merges were tried"
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert sorted(read_rows(out)) == list(range(6))
+    assert json.loads(sidecar_path(out).read_text())["settings"]["method"] == "rddrs"
+    assert "merged_from" not in json.loads(sidecar_path(out).read_text())
+    assert sorted(p.name for p in traces_dir(out).iterdir()) == [f"{i}.npz" for i in range(6)]
+
+
+def test_a_merge_into_a_finished_run_needs_replace(runs, tmp_path, capsys):
+    folder = copy_of(runs, tmp_path)
+    out = folder / "run.tsv"
+    shards = [str(folder / "a.tsv"), str(folder / "b.tsv")]
+    before = snapshot(*result_files(out))
+    assert main(["merge", *shards, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "run.tsv exists" in err and "--replace" in err and len(err.splitlines()) == 1
+    assert snapshot(*result_files(out)) == before
+    assert main(["merge", *shards, "--out", str(out), "--replace"]) == 0  # asked for: the RS rows replace it
+    assert sorted(read_rows(out)) == [0, 1, 2, 3] and not traces_dir(out).exists()
+    assert json.loads(sidecar_path(out).read_text())["settings"]["method"] == "rs"
+
+
+def test_a_merge_of_a_shard_being_written_is_refused(runs, tmp_path, capsys):
+    import fcntl
+
+    folder = copy_of(runs, tmp_path)
+    a, b, merged = folder / "a.tsv", folder / "b.tsv", folder / "merged.tsv"
+    before = snapshot(a, sidecar_path(a), b, sidecar_path(b))
+    with open(folder / "b.tsv.lock", "w") as held:  # as the certify writing it holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["merge", str(a), str(b), "--out", str(merged)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "b.tsv is being written by another process" in err and len(err.splitlines()) == 1
+    assert snapshot(a, sidecar_path(a), b, sidecar_path(b)) == before
+    assert not any(p.exists() for p in result_files(merged)) and not (folder / "merged.tsv.lock").exists()
+
+
+@pytest.mark.parametrize("command", ["certify", "merge --replace"])
+def test_a_plain_file_where_the_traces_go_is_refused(checkpoint, runs, tmp_path, capsys, command):
+    folder = copy_of(runs, tmp_path)
+    out = folder / "x.tsv"
+    traces_dir(out).write_text("not a folder")
+    before = snapshot(folder)
+    if command == "certify":
+        assert certify(checkpoint, out, "ddrs", "--count", "1") == 2
+    else:
+        assert main(["merge", str(folder / "a.tsv"), str(folder / "b.tsv"), "--out", str(out), "--replace"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "x.tsv.traces exists and is not a directory" in err and len(err.splitlines()) == 1
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("method, option, value, message", [
+    ("rs", "--seed", "-1", "argument --seed: must be an integer >= 0, got -1"),
+    ("rs", "--rotate", "-1", "argument --rotate: must be an integer >= 0, got -1"),
+    ("rs", "--sigma", "inf", "sigma must be > 0 and finite, got inf"),
+    ("rs", "--sigma", "nan", "sigma must be > 0 and finite, got nan"),
+    ("rs", "--alpha", "nan", "alpha must lie in (0, 1), got nan"),
+    ("rddrs", "--kappa", "nan", "kappa must be finite and >= 0, got nan"),
+    ("rddrs", "--kappa", "inf", "kappa must be finite and >= 0, got inf"),
+    ("rddrs", "--lr", "inf", "learning rate must be finite and > 0, got inf"),
+    ("rddrs", "--max-step", "inf", "max_step must be finite and > 0"),
+])
+def test_a_bad_option_is_refused_before_anything_is_written(checkpoint, tmp_path, capsys, method, option, value,
+                                                            message):
+    out = tmp_path / "x.tsv"
+    args = ["certify", "--method", method, "--sigma", "0.25", "--model", str(checkpoint), "--out", str(out),
+            "--preset", "smoke", "--data", str(DATA), "--quiet", "--count", "1"]
+    assert exit_status(main, args + [option, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+    assert main(args) == 0  # so the corrected command goes ahead
+
+
+def exported(module, path):
+    """``module`` saved as a torch.export program for MNIST batches of any size."""
+    batch = torch.export.Dim("batch", min=1)
+    torch.export.save(torch.export.export(module.eval(), (torch.zeros(2, 1, 28, 28),), dynamic_shapes=({0: batch},)),
+                      path)
+    return path
+
+
+class NaNs(torch.nn.Module):
+    def forward(self, x):
+        return x.flatten(1)[:, :10] * float("nan")
+
+
+class OneOutput(torch.nn.Module):
+    def forward(self, x):
+        return x.flatten(1).sum(1)
+
+
+def five_classes(path):
+    torch.save({"state_dict": MnistCNN(5).state_dict(), "arch": "MnistCNN", "arch_kwargs": {"num_classes": 5}}, path)
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda folder: exported(NaNs(), folder / "nan.pt2"), "nan.pt2 gives NaN or infinite outputs on test images"),
+    (lambda folder: exported(OneOutput(), folder / "one.pt2"), "one.pt2 gives outputs of shape 1 for 1 image;"),
+    (lambda folder: five_classes(folder / "five.pt"), "five.pt gives outputs of shape 1 x 5 for 1 image;"),
+], ids=["nan", "1-d", "5-classes"])
+def test_a_model_with_unusable_outputs_is_refused_before_anything_is_written(tmp_path, capsys, make, message):
+    """A NaN model would predict class 0 with the largest certificate n allows on every image."""
+    model = make(tmp_path)
+    out = tmp_path / "x.tsv"
+    assert certify(model, out, "rs", "--count", "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert sorted(tmp_path.iterdir()) == [model]
+
+
+def test_a_resumed_file_with_a_row_outside_the_test_set_is_refused(checkpoint, tmp_path, capsys):
+    out = tmp_path / "rs.tsv"
+    assert certify(checkpoint, out, "rs", "--count", "2") == 0
+    last = out.read_text().splitlines()[-1]
+    with open(out, "a") as f:
+        f.write("20000" + last[last.index("\t"):] + "\n")
+    before = snapshot(tmp_path)
+    assert certify(checkpoint, out, "rs", "--count", "3") == 2
+    err = capsys.readouterr().err.strip()
+    assert "rs.tsv holds a row for idx 20000, outside the test set (0..9999)" in err and len(err.splitlines()) == 1
+    assert snapshot(tmp_path) == before
+
+
+def test_resuming_into_a_file_that_cannot_be_written_is_one_line(checkpoint, tmp_path):
+    out = tmp_path / "rs.tsv"
+    assert certify(checkpoint, out, "rs", "--count", "2") == 0
+    out.chmod(0o444)
+    before = snapshot(tmp_path)
+    proc = run_bound_by_permissions(["certify", "--method", "rs", "--sigma", "0.25", "--model", checkpoint, "--out",
+                                     out, "--preset", "smoke", "--data", DATA, "--quiet", "--count", "3"], tmp_path)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"rddrs certify: error: cannot write {out} (PermissionError:")
+    assert snapshot(tmp_path) == before  # the sidecar too: the session's part is not recorded

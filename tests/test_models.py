@@ -11,8 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import raises_one_line
 from rddrs import RDDRSError
 from rddrs.pipeline.data import load_mnist
+from rddrs.pipeline.files import one_line
 from rddrs.pipeline.models import ExportedModel, LogOutputs, MnistCNN, load_model
 from rddrs.pipeline.train import save
 
@@ -193,7 +195,7 @@ class NotATensor:
     (lambda d: write_bytes(d / "text.pt", b"not a model\n" * 10), "cannot read"),
     (lambda d: torch_saved(d / "list.pt", [1, 2, 3]), "not a checkpoint"),
     (lambda d: torch_saved(d / "object.pt", {"state_dict": {}, "x": NotATensor()}),
-     "cannot read"),  # weights_only refuses arbitrary objects
+     "is a pickled .*NotATensor, not a checkpoint"),  # weights_only refuses arbitrary objects
     (lambda d: torch_saved(d / "arch.pt", {"state_dict": MnistCNN().state_dict(),
                                            "arch": "ResNet50"}), "unknown architecture"),
     (lambda d: torch_saved(d / "shape.pt", {"state_dict": nn.Linear(3, 2).state_dict(),
@@ -204,6 +206,21 @@ def test_bad_files_raise_one_line_errors(make, match, tmp_path):
     with pytest.raises(RDDRSError, match=match) as err:
         load_model(path)
     assert "\n" not in str(err.value)
+
+
+def test_a_pickled_model_gets_a_short_clean_line(tmp_path):
+    """torch.load's refusal of a pickled module runs to 1200 characters with terminal codes."""
+    msg = raises_one_line(load_model, torch_saved(tmp_path / "whole.pt", MnistCNN()))
+    assert "whole.pt is a pickled rddrs.pipeline.models.MnistCNN, not a checkpoint" in msg
+    assert len(msg) < 300 and msg.isprintable()
+
+
+def test_one_line_drops_terminal_codes_and_clips():
+    err = RuntimeError("\x1b[1mdo this\x1b[0m only\n\tif you\x07 trust it " + "x" * 500)
+    text = one_line(err, 100)
+    assert text.startswith("RuntimeError: do this only if you trust it xx") and text.endswith("...")
+    assert len(text) == len("RuntimeError: ") + 100 and text.isprintable()
+    assert one_line(err) == "RuntimeError: do this only if you trust it " + "x" * 500
 
 
 def test_damaged_program_raises(saved, tmp_path):

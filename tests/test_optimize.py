@@ -191,6 +191,14 @@ def test_paper_settings():
     (dict(iterations=10, samples=0, lr=0.1), "samples"),
     (dict(iterations=10, samples=10, lr=0.0), "learning rate"),
     (dict(iterations=10, samples=10, lr=0.1, kappa=-1.0), "kappa"),
+    (dict(iterations=10, samples=10, lr=float("inf")), "learning rate must be finite"),
+    (dict(iterations=10, samples=10, lr=float("nan")), "learning rate must be finite"),
+    (dict(iterations=10, samples=10, lr=0.1, kappa=float("nan")), "kappa must be finite"),
+    (dict(iterations=10, samples=10, lr=0.1, kappa=float("inf")), "kappa must be finite"),
+    (dict(iterations=10, samples=10, lr=0.1, max_step=float("inf")), "max_step must be finite"),
+    (dict(iterations=10, samples=10, lr=0.1, scale=float("nan")), "scale must be finite"),
+    (dict(iterations=10, samples=10, lr=0.1, keep_best_every=0), "keep_best_every"),
+    (dict(iterations=2.5, samples=10, lr=0.1), "integers"),
 ])
 def test_bad_search_settings(kwargs, message):
     with pytest.raises(RDDRSError, match=message):

@@ -286,6 +286,67 @@ def test_a_stopped_sweep_computes_only_what_is_missing(tmp_path):
     assert without_time(out) == without_time(reference[1].out)
 
 
+def pool_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    pool = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                pool.append(int(proc.name))
+        except OSError:  # ended meanwhile
+            continue
+    return pool
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` is there and has not ended (a zombie that no one reaps has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "term"])
+def test_the_pool_ends_with_its_driver(tmp_path, stop):
+    """Kill the sweep's driver while its worker computes a shard (kill -9, or SIGTERM, which stops
+    it cleanly): a few seconds later no process of its pool (the worker, the resource tracker)
+    is left."""
+    results = tmp_path / "res"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.Popen(sweep_command(results), env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not any(
+                read_rows(shard) for shard in results.glob("*.shards/*.tsv")):
+            time.sleep(0.05)
+        pool = pool_of(proc.pid)
+        assert proc.poll() is None and any(b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in pool)
+        os.kill(proc.pid, stop)
+        status = proc.wait(timeout=60)
+        if stop == signal.SIGTERM:
+            assert status == 128 + signal.SIGTERM and "rddrs sweep: terminated" in proc.stderr.read()
+        deadline = time.time() + 10
+        while time.time() < deadline and any(running(pid) for pid in pool):
+            time.sleep(0.1)
+        assert not [pid for pid in pool if running(pid)], "processes of the pool outlived their driver"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the session
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def test_a_failure_that_a_retry_cannot_mend_is_not_offered_one(tmp_path, capsys):
+    assert main(["sweep", "--preset", "smoke", "--results", str(tmp_path / "res"), "--groups", "standard",
+                 "--methods", "rs", "--sigmas", "0.25", "--count", "2", "--data", str(DATA), "--models",
+                 str(tmp_path / "no-models"), "--quiet", "--processes", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("failed: rs_sigma0.25.tsv: model ") and err[0].endswith("no such file")
+    assert err[1:] == ["rddrs sweep: error: 1 of 1 runs failed (listed above)"]
+
+
 def test_two_sweeps_on_one_directory_are_refused(tmp_path, capsys):
     results = tmp_path / "res"
     results.mkdir()
@@ -305,6 +366,7 @@ def test_two_sweeps_on_one_directory_are_refused(tmp_path, capsys):
         assert main(args) == 2
         captured = capsys.readouterr()
         assert "being written by another process" in captured.err and "1 failed" in captured.out
+        assert captured.err.endswith("1 of 1 runs failed (listed above); run the same command again to retry them\n")
         assert not out.exists()
     assert main(args) == 0 and sorted(read_rows(out)) == [0, 1]
 

@@ -8,7 +8,11 @@ curves); torch is imported when a subcommand runs, so that every ``--help`` is i
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from rddrs import RDDRSError, __version__
@@ -81,6 +85,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _natural_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _natural_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 #: the options of `rddrs certify` that override fields of the method's Search
 SEARCH_OPTIONS = ("iterations", "samples", "lr", "kappa", "max_step", "objective", "step", "diagonal")
 
@@ -103,9 +128,9 @@ def _add_certify(sub) -> None:
     p.add_argument("--n0", type=_positive_int, help="selection samples")
     p.add_argument("--n", type=_positive_int, help="estimation samples")
     p.add_argument("--alpha", type=float, help="failure probability of each certificate, in (0, 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_natural_int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--rotate", type=int, metavar="SEED",
+    p.add_argument("--rotate", type=_natural_int, metavar="SEED",
                    help="compose inputs and model with a random orthogonal matrix of this seed")
     p.add_argument("--init", help="start from this finished run: a DDRS file gives sigma_x* (ancer, rddrs), "
                                   "an ANCER file gives C = diag(theta) with its floor (rddrs)")
@@ -191,14 +216,39 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
             raise RDDRSError("--address joins a Ray cluster: use it with --engine ray")
         engine = engines.Local(args.processes, threads=args.cpus_per_task, gpus=args.gpus_per_task, device=device,
                                retries=args.retries)
-    report = sweep.execute(specs, engine, shard_size=args.shard_size, results=results, progress=not args.quiet,
-                           until=args.until)
+    with _stop_on_sigterm():
+        report = sweep.execute(specs, engine, shard_size=args.shard_size, results=results, progress=not args.quiet,
+                               until=args.until)
     for out, message in report.failed.items():
         print(f"failed: {Path(out).relative_to(results)}: {message}", file=sys.stderr)
     print(f"{report.summary()}; results in {results}")
     if report.failed:
-        raise RDDRSError(f"{len(report.failed)} of {report.runs} runs failed (listed above); run the same "
-                         "command again to retry them")
+        retry = len(report.retry)
+        hint = ("" if not retry else "; run the same command again to retry them" if retry == len(report.failed)
+                else f"; run the same command again to retry the {retry} whose worker died or whose file was busy")
+        raise RDDRSError(f"{len(report.failed)} of {report.runs} runs failed (listed above){hint}")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the sweep stops the same way: its workers are ended,
+    its finished rows kept and its locks released."""
+
+
+@contextmanager
+def _stop_on_sigterm():
+    """SIGTERM raises ``_Terminated`` meanwhile (where signals can be handled: the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _add_sweep(sub) -> None:
@@ -213,7 +263,7 @@ def _add_sweep(sub) -> None:
                                    "start from each other, and merge the shards into the files the chapters "
                                    "read. Stop it at any time: the same command continues where it stopped.")
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    p.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS), metavar="S",
+    p.add_argument("--sigmas", type=_positive_float, nargs="+", default=list(SIGMAS), metavar="S",
                    help="training sigmas (default: 0.12 0.25 0.5)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="M",
                    help=f"methods ({', '.join(METHODS)}; default: all); the runs they start from are added")
@@ -228,16 +278,16 @@ def _add_sweep(sub) -> None:
                    help="local: processes on this machine (processes x threads <= cores); ray: Ray tasks "
                         "(default: local)")
     p.add_argument("--address", help="Ray cluster to join (e.g. auto on a node of it; default: start a local one)")
-    p.add_argument("--gpus-per-task", type=float, default=0, metavar="G", help="GPUs per shard (default 0)")
+    p.add_argument("--gpus-per-task", type=_natural_float, default=0, metavar="G", help="GPUs per shard (default 0)")
     p.add_argument("--cpus-per-task", type=_positive_int, default=1, metavar="C",
                    help="CPU cores (torch threads) per shard (default 1)")
     p.add_argument("--processes", type=_positive_int, help="local engine: at most this many processes")
     p.add_argument("--inputs-per-batch", type=_positive_int,
                    help="images searched at once (default: as rddrs certify); shards are multiples of it")
-    p.add_argument("--retries", type=int, default=3, help="restarts of a shard whose worker died (default 3)")
+    p.add_argument("--retries", type=_natural_int, default=3, help="restarts of a shard whose worker died (default 3)")
     p.add_argument("--results", help="results directory (default: results/PRESET)")
     p.add_argument("--device", help="cpu or cuda (default: cuda with --gpus-per-task, else cpu)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_natural_int, default=0)
     p.add_argument("--data", default="data", help="data directory (default: data)")
     p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
     p.add_argument("--until", type=float, metavar="SECONDS",
@@ -290,7 +340,7 @@ def _add_mechanism(sub) -> None:
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--results", help="results directory (default: results/PRESET)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_natural_int, default=0)
     p.add_argument("--data", default="data", help="data directory (default: data)")
     p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
     p.set_defaults(run=_cmd_mechanism)
@@ -350,7 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_land(sub)
     curves = sub.add_parser("curves", help="certified-accuracy curves and tables from result files",
                             description="Draw certified accuracy against proxy and l2 radius (one panel "
-                                        "per sigma, one line per method) and write tables as CSV and Markdown.")
+                                        "per sigma, one line per method) and write tables as CSV and Markdown. "
+                                        "A result file that ends in half a row (its run is still writing it) "
+                                        "is read without that row, and a note says so.")
     analysis.add_arguments(curves)
     curves.set_defaults(run=analysis.run)
     return parser
@@ -363,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     except RDDRSError as err:
         print(f"rddrs {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print(f"rddrs {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"rddrs {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -49,10 +49,12 @@ def sample_counts(model, x: Tensor, smoothing: Smoothing, indices, num: int, noi
                   batch_size: int = 10_000) -> Tensor:
     """Class counts (B, K) of the base classifier on ``num`` noisy copies of each input.
 
-    At most ``batch_size`` noisy copies are on the device at once.
+    At most ``batch_size`` noisy copies are on the device at once. A model output that is NaN
+    or infinite is a one-line error: it would count as a vote (argmax takes NaN for the largest).
     """
     check_inputs(x, smoothing, indices)
     counts = None
+    nonfinite = torch.zeros((), dtype=torch.long, device=x.device)  # summed on the device: no sync per pass
     group = max(1, min(len(indices), batch_size))
     for lo in range(0, len(indices), group):
         sel = slice(lo, lo + group)
@@ -65,7 +67,17 @@ def sample_counts(model, x: Tensor, smoothing: Smoothing, indices, num: int, noi
             if counts is None:
                 counts = torch.zeros(len(indices), out.shape[-1], dtype=torch.long, device=x.device)
             counts[sel] += torch.nn.functional.one_hot(out.argmax(-1), counts.shape[1]).sum(1)
+            nonfinite += (~torch.isfinite(out)).sum()
+    if nonfinite.item():
+        raise RDDRSError(f"the model gave {int(nonfinite)} NaN or infinite outputs on noisy copies of inputs "
+                         f"{_shown(indices)}: it cannot be certified")
     return counts
+
+
+def _shown(indices) -> str:
+    """The first few ``indices``, for a message."""
+    indices = [int(i) for i in indices]
+    return ", ".join(map(str, indices[:3])) + (f" and {len(indices) - 3} more" if len(indices) > 3 else "")
 
 
 def predict(model, x: Tensor, smoothing: Smoothing, indices, n: int, alpha: float, seed: int,

@@ -466,8 +466,13 @@ def check_inputs(x: Tensor, smoothing: Smoothing, indices) -> None:
 
 
 def noisy_outputs(model, x: Tensor, smoothing: Smoothing, eps: Tensor) -> Tensor:
-    """Model outputs (B, m, K) on the noisy copies ``x + S eps`` of each input (eps: (B, m, d))."""
+    """Model outputs (B, m, K) on the noisy copies ``x + S eps`` of each input (eps: (B, m, d)); a
+    model whose outputs are not (B m, K) scores of K >= 2 classes is a one-line error."""
     b, m, _ = eps.shape
     noisy = smoothing.scale_noise(eps, offset=x.reshape(b, 1, -1))
     out = model(noisy.reshape(b * m, *x.shape[1:]))
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != b * m or out.shape[1] < 2:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise RDDRSError(f"the model gave outputs {shape} for {b * m} inputs; it must give N x K scores of "
+                         f"K >= 2 classes")
     return out.reshape(b, m, -1)

@@ -9,12 +9,23 @@ line can offer the presets before torch is loaded.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from rddrs import RDDRSError
 
 OBJECTIVES = ("soft", "clamped", "capped")
 STEPS = ("sgd", "adam")
+
+
+def _finite(value) -> bool:
+    """Whether ``value`` is a real number other than NaN and +-inf."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value) -> bool:
+    """Whether ``value`` is a whole number (an int, or a float without a fraction)."""
+    return _finite(value) and int(value) == value
 
 
 @dataclass(frozen=True)
@@ -70,12 +81,17 @@ class Search:
     diagonal: bool = False
 
     def __post_init__(self):
-        if self.iterations < 0 or self.samples < 1:
-            raise RDDRSError(f"a search needs iterations >= 0 and samples >= 1, got {self.iterations}, {self.samples}")
-        if not self.lr > 0:
-            raise RDDRSError(f"learning rate must be > 0, got {self.lr}")
-        if self.kappa < 0:
-            raise RDDRSError(f"kappa must be >= 0, got {self.kappa}")
+        if not (_integer(self.iterations) and _integer(self.samples) and self.iterations >= 0 and self.samples >= 1):
+            raise RDDRSError(f"a search needs integers iterations >= 0 and samples >= 1, got {self.iterations}, "
+                             f"{self.samples}")
+        if not (_finite(self.lr) and self.lr > 0):
+            raise RDDRSError(f"learning rate must be finite and > 0, got {self.lr}")
+        if not (_finite(self.kappa) and self.kappa >= 0):
+            raise RDDRSError(f"kappa must be finite and >= 0, got {self.kappa}")
+        if not (_finite(self.scale) and self.scale > 0):
+            raise RDDRSError(f"the objective's scale must be finite and > 0, got {self.scale}")
+        if self.keep_best_every is not None and not (_integer(self.keep_best_every) and self.keep_best_every >= 1):
+            raise RDDRSError(f"keep_best_every must be an integer >= 1 (or None), got {self.keep_best_every}")
         if self.step not in STEPS:
             raise RDDRSError(f"unknown step rule {self.step!r}; expected one of {', '.join(STEPS)}")
         if self.objective not in OBJECTIVES:
@@ -83,13 +99,13 @@ class Search:
         if (self.objective == "capped") != (self.cap is not None):
             raise RDDRSError("the capped objective needs its cap (and only it has one): "
                              f"objective {self.objective!r}, cap {self.cap}")
-        if self.cap is not None and not self.cap > 0:
-            raise RDDRSError(f"the cap of the capped objective must be > 0, got {self.cap}")
-        if self.max_step is not None and not self.max_step > 0:
-            raise RDDRSError(f"max_step must be > 0 (or None), got {self.max_step}")
+        if self.cap is not None and not (_finite(self.cap) and self.cap > 0):
+            raise RDDRSError(f"the cap of the capped objective must be finite and > 0, got {self.cap}")
+        if self.max_step is not None and not (_finite(self.max_step) and self.max_step > 0):
+            raise RDDRSError(f"max_step must be finite and > 0 (or None), got {self.max_step}")
         if self.antithetic and self.samples % 2:
             raise RDDRSError(f"antithetic pairs need an even number of samples, got {self.samples}")
-        if int(self.repeat) != self.repeat or self.repeat < 0:
+        if not (_integer(self.repeat) and self.repeat >= 0):
             raise RDDRSError(f"repeat must be an integer >= 0, got {self.repeat}")
 
     @classmethod

@@ -94,7 +94,8 @@ class RayEngine:
             try:
                 results.append((task, ray.get(ref)))
             except ray.exceptions.RayError as err:  # retries exhausted, or an error inside the task
-                results.append((task, {"status": "error", "message": one_line(err)[:500]}))
+                died = not isinstance(err, ray.exceptions.RayTaskError)  # its worker or node, not the task
+                results.append((task, {"status": "error", "message": one_line(err, 500), "retry": died}))
         return results
 
     def close(self, cancel: bool = False) -> None:

@@ -6,6 +6,8 @@ Each only calls ``run_task``, so a shard's rows do not depend on the engine."""
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from concurrent import futures
 from concurrent.futures.process import BrokenProcessPool
 
@@ -13,8 +15,28 @@ from rddrs import RDDRSError
 from rddrs.pipeline.files import one_line
 from rddrs.pipeline.sweep import Task, run_task
 
+#: prctl's option that has the kernel signal a process when its parent ends (linux/prctl.h)
+PR_SET_PDEATHSIG = 1
 
-def _init_worker(threads: int, gpus) -> None:
+
+def end_with_parent(parent: int) -> None:
+    """Have the kernel kill this process (SIGKILL) when its parent ``parent`` ends, however it
+    ends (kill -9 included), and end it now if the parent has ended already. Linux only (prctl);
+    the signal comes when the parent's thread that started this process ends, so a pool must be
+    used by the thread that started it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it ended before prctl: init (or a subreaper) adopted this process
+        os._exit(1)
+
+
+def _init_worker(threads: int, gpus, parent: int, started, stopping) -> None:
+    end_with_parent(parent)
+    started.put(os.getpid())
+    if stopping.is_set():  # the pool was cancelled while this worker started: it takes no task
+        os._exit(0)
     if gpus is not None:  # before CUDA starts in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus.get()
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -35,7 +57,9 @@ class Local:
     """Tasks in a pool of processes on this machine: ``processes`` (default: cores // threads,
     so that processes x threads <= cores; on a GPU one process per ``gpus`` GPUs). A worker that
     dies (killed, out of memory) takes the pool with it: the pool is rebuilt and its tasks are
-    started again, up to ``retries`` times each; they resume from their flushed rows."""
+    started again, up to ``retries`` times each; they resume from their flushed rows. The workers
+    end with this process, even when it is killed (``end_with_parent``); each reports its pid
+    when it starts, so that ``close(cancel=True)`` can stop the ones running tasks."""
 
     name = "local"
 
@@ -57,18 +81,25 @@ class Local:
         self._running: dict[futures.Future, Task] = {}
         self._tries: dict[tuple, int] = {}
         self._pool = None
+        self._pids: list[int] = []
 
     def _start(self):
         import multiprocessing
+        from multiprocessing.managers import SyncManager
 
         context = multiprocessing.get_context("spawn")
         queue = None
         if self.groups is not None:
-            queue = context.Manager().Queue()
+            manager = SyncManager(ctx=context)
+            manager.start(end_with_parent, (os.getpid(),))
+            queue = manager.Queue()
             for group in self.groups[: self.capacity]:
                 queue.put(group)
+        self._started, self._stopping = context.SimpleQueue(), context.Event()
         self._pool = futures.ProcessPoolExecutor(self.capacity, mp_context=context, initializer=_init_worker,
-                                                 initargs=(self.threads, queue))
+                                                 initargs=(self.threads, queue, os.getpid(), self._started,
+                                                           self._stopping))
+        self._pids = []
 
     def submit(self, task: Task) -> None:
         if self._pool is None:
@@ -95,16 +126,28 @@ class Local:
             self._pool = None
             for task in broken:
                 if self._tries.get(task.key, 0) > self.retries:
-                    results.append((task, {"status": "error",
+                    results.append((task, {"status": "error", "retry": True,
                                            "message": f"its worker died {self._tries[task.key]} time(s)"}))
                 else:
                     self.submit(task)
         return results
 
+    def workers(self) -> list[int]:
+        """The pids of the pool's workers that have started (they report themselves)."""
+        while self._pool is not None and not self._started.empty():
+            self._pids.append(self._started.get())
+        return list(self._pids)
+
     def close(self, cancel: bool = False) -> None:
+        """Shut the pool down: after its tasks end, or, with ``cancel``, at once (its workers are
+        terminated; a worker still starting takes no task)."""
         if self._pool is not None:
             if cancel:
-                for process in list(getattr(self._pool, "_processes", {}).values()):
-                    process.terminate()
+                self._stopping.set()  # before reading the pids: a worker reports, then looks
+                for pid in self.workers():
+                    try:
+                        os.kill(pid, signal.SIGTERM)
+                    except ProcessLookupError:  # reaped already (it died)
+                        pass
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

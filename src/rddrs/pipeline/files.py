@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import platform
+import re
 import secrets
 import subprocess
 from contextlib import contextmanager
@@ -15,10 +16,23 @@ from rddrs import RDDRSError, __version__
 from rddrs.pipeline import allocator
 
 
-def one_line(err: BaseException) -> str:
-    """``Type: message`` of an exception, on one line."""
-    text = " ".join(str(err).split())
+#: terminal escape sequences (colours, cursor moves) and the other control characters
+_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def one_line(err: BaseException, limit: int | None = None) -> str:
+    """``Type: message`` of an exception, on one line, without terminal escape codes or other
+    control characters; a message longer than ``limit`` characters is cut there (ending in ...)."""
+    text = _CONTROL.sub("", " ".join(_ESCAPE.sub("", str(err)).split()))
+    if limit is not None and len(text) > limit:
+        text = text[: max(0, limit - 3)].rstrip() + "..."
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+class Busy(RDDRSError):
+    """A file is being written by another process (``exclusive``): the same command can
+    succeed once that process has ended."""
 
 
 def ensure_dir(folder: Path) -> Path:
@@ -113,7 +127,7 @@ def exclusive(path: Path):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RDDRSError(f"{path} is being written by another process; wait for it or use another file") from None
+            raise Busy(f"{path} is being written by another process; wait for it or use another file") from None
         try:
             yield
         finally:

@@ -19,6 +19,7 @@ Which format a file is in is read from its content, not from its suffix.
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -146,6 +147,28 @@ def _is_export_archive(path: Path) -> bool:
 
 #: what every model must take: a batch of MNIST images
 INPUT_SHAPE = (1, 28, 28)
+#: and what it must give for each: one logit (or probability) per MNIST class
+CLASSES = 10
+
+
+def check_outputs(model: nn.Module, x: Tensor, name: str | Path, classes: int = CLASSES) -> None:
+    """A one-line error unless ``model`` (read from ``name``) maps the images ``x`` to an
+    ``N x classes`` tensor of finite numbers: a model with other outputs would certify wrongly
+    (a NaN is the largest value to argmax, a single output always class 0)."""
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as err:  # whatever the model raises, the file is not usable
+        raise RDDRSError(f"{name} does not run on {len(x)} test images ({one_line(err, 200)})") from None
+    if not isinstance(out, Tensor):
+        raise RDDRSError(f"{name} returns a {type(out).__name__}, not a tensor of N x {classes} logits")
+    if out.ndim != 2 or out.shape[0] != len(x) or out.shape[1] != classes:
+        shape = " x ".join(map(str, out.shape)) or "a scalar"
+        raise RDDRSError(f"{name} gives outputs of shape {shape} for {len(x)} image{'s' * (len(x) != 1)}; rddrs "
+                         f"needs N x {classes} (one logit per MNIST class)")
+    if not torch.isfinite(out).all():
+        raise RDDRSError(f"{name} gives NaN or infinite outputs on test images; its certificates would be "
+                         f"meaningless: check the model")
 
 
 def _load_program(path: Path, device: torch.device) -> nn.Module:
@@ -154,7 +177,7 @@ def _load_program(path: Path, device: torch.device) -> nn.Module:
         program = exported.module()
     except Exception as err:  # any failure to deserialise means an unusable file
         raise RDDRSError(f"cannot load {path} as a torch.export program "
-                         f"({one_line(err)})") from None
+                         f"({one_line(err, 200)})") from None
     expects = _program_inputs(exported)
     wanted = "N x " + " x ".join(map(str, INPUT_SHAPE))
     if len(expects) != 1 or len(expects[0]) != 1 + len(INPUT_SHAPE) or any(
@@ -168,7 +191,7 @@ def _load_program(path: Path, device: torch.device) -> nn.Module:
             model(torch.zeros(2, *INPUT_SHAPE, device=device))
     except Exception as err:
         raise RDDRSError(f"{path} does not run on a batch of 2 x {' x '.join(map(str, INPUT_SHAPE))} images "
-                         f"({one_line(err)[:200]}); rddrs gives it {wanted} images in [0, 1], with a dynamic "
+                         f"({one_line(err, 200)}); rddrs gives it {wanted} images in [0, 1], with a dynamic "
                          f"batch dimension N") from None
     return model
 
@@ -185,12 +208,20 @@ def _program_inputs(exported) -> list[tuple]:
     return shapes
 
 
+#: how torch.load(weights_only=True) names the class of a pickled object it refuses
+_PICKLED_OBJECT = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
 def _load_checkpoint(path: Path, device: torch.device) -> nn.Module:
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # unpickling errors come in many types
+        if unsafe := _PICKLED_OBJECT.search(str(err)):
+            raise RDDRSError(f"{path} is a pickled {unsafe[1]}, not a checkpoint: rddrs loads weights only, it "
+                             f"runs no pickled code; save {{'state_dict': model.state_dict(), 'arch': ...}} "
+                             f"or export the model with torch.export (.pt2)") from None
         raise RDDRSError(f"cannot read {path} as a checkpoint or torch.export program "
-                         f"({one_line(err)})") from None
+                         f"({one_line(err, 200)})") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         state, arch, kwargs = ckpt["state_dict"], ckpt.get("arch"), ckpt.get("arch_kwargs")
     elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
@@ -208,7 +239,7 @@ def _load_checkpoint(path: Path, device: torch.device) -> nn.Module:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as err:
         raise RDDRSError(f"{path}: weights do not fit architecture {arch} "
-                         f"({one_line(err)[:300]})") from None
+                         f"({one_line(err, 300)})") from None
     # channels-last convolution weights: about twice the CPU throughput for this small CNN
     return model.to(device, memory_format=torch.channels_last)
 

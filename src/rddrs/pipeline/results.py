@@ -95,6 +95,15 @@ def complete_lines(path: Path, repair: bool = False) -> list[str]:
     return text.splitlines()
 
 
+def ends_mid_line(path: Path) -> bool:
+    """Whether ``path`` ends in half a line, which ``complete_lines`` leaves out."""
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            return False
+        f.seek(-1, 2)
+        return f.read(1) != b"\n"
+
+
 def read_table(path: Path, required=COLUMNS, repair: bool = False) -> tuple[list[str], list[tuple[int, dict]]]:
     """The one reader of result and memory files: the header and every complete row with its line
     number (the header is line 1). The header may hold the columns in any order and others

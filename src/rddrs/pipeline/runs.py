@@ -31,11 +31,12 @@ from rddrs.core.noise import Smoothing, from_param
 from rddrs.core.optimize import find_smoothing
 from rddrs.core.presets import PRESETS, Search
 from rddrs.core.spd import random_orthogonal
-from rddrs.pipeline.files import ensure_dir, exclusive, provenance, write_atomic
+from rddrs.pipeline.files import ensure_dir, exclusive, one_line, provenance, write_atomic
+from rddrs.pipeline.models import check_outputs, load_model, resolve_device
 from rddrs.pipeline.results import (COLUMNS, format_row, index_ranges, provenance_parts, read_rows, read_sidecar,
                                     search_status, sidecar_path, traces_dir, upgrade, with_parts, write_rows)
-from rddrs.pipeline.settings import (RunSettings, check_or_write_sidecar, default_inputs_per_batch, normalised,
-                                     settings_differ)
+from rddrs.pipeline.settings import (RunSettings, default_inputs_per_batch, normalised, resuming, settings_differ,
+                                     write_sidecar)
 
 
 class Rotated(torch.nn.Module):
@@ -50,12 +51,13 @@ class Rotated(torch.nn.Module):
         return self.model((z.flatten(1) @ self.rotation).reshape(z.shape))
 
 
-def _open_for_append(out: Path, resumed: bool):
-    f = open(out, "a")
-    if not resumed:
-        f.write("\t".join(COLUMNS) + "\n")
-        f.flush()
-    return f
+def _check_writable(out: Path) -> None:
+    """A one-line error unless rows can be appended to ``out`` (created empty if missing)."""
+    try:
+        with open(out, "a"):
+            pass
+    except OSError as err:
+        raise RDDRSError(f"cannot write {out} ({one_line(err)}); make it writable or choose another --out") from None
 
 
 def certify_mnist(settings: RunSettings, out: str | Path, start: int = 0, count: int | None = None,
@@ -63,7 +65,6 @@ def certify_mnist(settings: RunSettings, out: str | Path, start: int = 0, count:
                   progress: bool = True) -> Path:
     """Certify MNIST test images ``start .. start+count-1`` (count: the preset's) into ``out``."""
     from rddrs.pipeline.data import load_mnist
-    from rddrs.pipeline.models import load_model, resolve_device
 
     images, labels = load_mnist(Path(data), train=False)
     if not 0 <= start < len(images):
@@ -75,7 +76,7 @@ def certify_mnist(settings: RunSettings, out: str | Path, start: int = 0, count:
     stop = start + count
     model = load_model(settings.model, device=resolve_device(settings.device), probabilities=settings.probabilities)
     return run_certification(settings, model, images[start:stop], labels[start:stop], start, Path(out),
-                             inputs_per_batch, batch_size, progress)
+                             inputs_per_batch, batch_size, progress, test_size=len(images))
 
 
 @dataclass
@@ -120,67 +121,90 @@ def load_init(path: Path, run: RunSettings, indices: list[int]) -> Start:
 
 def run_certification(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor,
                       start: int, out: Path, inputs_per_batch: int | None = None, batch_size: int = 10_000,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, test_size: int | None = None) -> Path:
     """Certify ``images`` (test indices ``start, start+1, ...``) into ``out``, resuming; a second
     process writing the same ``out`` meanwhile is refused. ``inputs_per_batch`` defaults to
-    ``default_inputs_per_batch``."""
+    ``default_inputs_per_batch``; ``test_size``: the images of the whole test set, outside which
+    ``out`` may hold no row. The model's outputs on the first batch and everything ``out`` holds
+    are checked before anything is written."""
     inputs_per_batch = inputs_per_batch or default_inputs_per_batch(settings)
+    check_outputs(model, images[:inputs_per_batch].to(settings.device), settings.model)
     with exclusive(out):
-        return _certify_into(settings, model, images, labels, start, out, inputs_per_batch, batch_size, progress)
+        return _certify_into(settings, model, images, labels, start, out, inputs_per_batch, batch_size, progress,
+                             test_size)
 
 
-def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor,
-                  start: int, out: Path, inputs_per_batch: int, batch_size: int, progress: bool) -> Path:
+def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor, start: int,
+                  out: Path, inputs_per_batch: int, batch_size: int, progress: bool, test_size: int | None) -> Path:
     device = torch.device(settings.device)
-    here = provenance(device)
-    resumed = check_or_write_sidecar(out, settings, {"provenance": here})
-    done = read_rows(out, repair=True)
+    resumed = resuming(out, settings)
+    done = read_rows(out)
+    if test_size is not None and (outside := [i for i in done if not 0 <= i < test_size]):
+        raise RDDRSError(f"{out} holds a row for idx {outside[0]}, outside the test set (0..{test_size - 1}); "
+                         "it is not a run on this test set: use another --out")
     todo = [i for i in range(start, start + len(images)) if i not in done]
-    if todo:  # this session's part: the rows it sets out to write, and where
-        upgrade(out)  # a file of an older rddrs gets today's columns before rows are added
-        write_atomic(sidecar_path(out), [json.dumps(with_parts(read_sidecar(out), [dict(
-            here, rows=index_ranges(todo))], done), indent=2).encode()])
-    init = load_init(Path(settings.init), settings, todo) if settings.init and todo else None
+    if not todo:  # complete: nothing to write
+        return out
+    init = load_init(Path(settings.init), settings, todo) if settings.init else None
+    searches = {k: Search.from_dict(v) for k, v in settings.search.items()}
+    traces = traces_dir(out) if method_record(settings.method).searched else None
+    if traces is not None and traces.exists() and not traces.is_dir():
+        raise RDDRSError(f"{traces} exists and is not a directory (it is where the run's traces go); move it away")
+    _check_writable(out)
+    # checked: from here on the run writes
+    here = provenance(device)
+    if not resumed:
+        write_sidecar(out, settings, {"provenance": here})
+    upgrade(out)  # a file of an older rddrs gets today's columns before rows are added
+    read_rows(out, repair=True)  # a half-written last row (a killed writer's) is cut off
+    part = dict(here, rows=index_ranges(todo))  # this session's part: the rows it sets out to write, and where
+    write_atomic(sidecar_path(out), [json.dumps(with_parts(read_sidecar(out), [part], done), indent=2).encode()])
+    if traces is not None:
+        ensure_dir(traces)
     rotation = random_orthogonal(images[0].numel(), seed=settings.rotate) if settings.rotate is not None else None
     noise_rotation = None
     if rotation is not None:  # common random numbers: the draws are U eps, the original run's turned
         model = Rotated(model, rotation.to(device, images.dtype))
         noise_rotation = rotation.to(device, images.dtype)
-    searches = {k: Search.from_dict(v) for k, v in settings.search.items()}
-    traces = traces_dir(out)
-    if method_record(settings.method).searched:
-        traces.mkdir(exist_ok=True)
     bar = tqdm(total=len(images), initial=len(images) - len(todo), disable=not progress, unit="image",
                desc=f"{settings.method} sigma={settings.sigma}")
-    with _open_for_append(out, resumed) as f:
-        for lo in range(0, len(todo), inputs_per_batch):
-            idx = todo[lo: lo + inputs_per_batch]
-            x = images[[i - start for i in idx]].to(device)
-            if rotation is not None:
-                x = (x.flatten(1) @ rotation.to(x).T).reshape(x.shape)
-            tic = time.perf_counter()
-            start_args = {} if init is None else init.batch(idx, x)
-            law, trace = find_smoothing(settings.method, model, x, idx, settings.sigma, settings.seed,
-                                        searches, rotation=noise_rotation, **start_args)
-            cert = certify(model, x, law, idx, settings.n0, settings.n, settings.alpha, settings.seed, batch_size,
-                           rotation=noise_rotation)
-            seconds = (time.perf_counter() - tic) / len(idx)
-            sigma_min, sigma_proxy, sigma_max = law.min_scale(), law.proxy(), law.max_scale()
-            stopped = trace.get(f"{settings.method}_diverged_at")  # None for RS, which has no search
-            for j, i in enumerate(idx):
-                if trace:
-                    np.savez(traces / f"{i}.npz", param=law.param[j].float().cpu().numpy(),
-                             **{k: v[j] for k, v in trace.items()})
-                label = int(labels[i - start])
-                row = dict(zip(COLUMNS, (
-                    i, label, int(cert.predict[j]), int(cert.predict[j] == label), cert.gap[j], cert.radius[j],
-                    cert.proxy_radius[j], float(sigma_min[j]), float(sigma_proxy[j]), float(sigma_max[j]),
-                    cert.p_lower[j], seconds, search_status(None if stopped is None else stopped[j]))))
-                f.write(format_row(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(idx))
-    bar.close()
+    try:
+        with open(out, "a") as f:
+            if not resumed:
+                f.write("\t".join(COLUMNS) + "\n")
+                f.flush()
+            for lo in range(0, len(todo), inputs_per_batch):
+                idx = todo[lo: lo + inputs_per_batch]
+                x = images[[i - start for i in idx]].to(device)
+                if rotation is not None:
+                    x = (x.flatten(1) @ rotation.to(x).T).reshape(x.shape)
+                tic = time.perf_counter()
+                start_args = {} if init is None else init.batch(idx, x)
+                law, trace = find_smoothing(settings.method, model, x, idx, settings.sigma, settings.seed,
+                                            searches, rotation=noise_rotation, **start_args)
+                cert = certify(model, x, law, idx, settings.n0, settings.n, settings.alpha, settings.seed,
+                               batch_size, rotation=noise_rotation)
+                seconds = (time.perf_counter() - tic) / len(idx)
+                sigma_min, sigma_proxy, sigma_max = law.min_scale(), law.proxy(), law.max_scale()
+                stopped = trace.get(f"{settings.method}_diverged_at")  # None for RS, which has no search
+                for j, i in enumerate(idx):
+                    if trace:
+                        np.savez(traces / f"{i}.npz", param=law.param[j].float().cpu().numpy(),
+                                 **{k: v[j] for k, v in trace.items()})
+                    label = int(labels[i - start])
+                    row = dict(zip(COLUMNS, (
+                        i, label, int(cert.predict[j]), int(cert.predict[j] == label), cert.gap[j], cert.radius[j],
+                        cert.proxy_radius[j], float(sigma_min[j]), float(sigma_proxy[j]), float(sigma_max[j]),
+                        cert.p_lower[j], seconds, search_status(None if stopped is None else stopped[j]))))
+                    f.write(format_row(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(len(idx))
+    except OSError as err:  # a disk that filled up, a file removed meanwhile
+        raise RDDRSError(f"cannot write {out} ({one_line(err)}); the rows written so far are kept: make it "
+                         "writable, then run the same command again to go on") from None
+    finally:
+        bar.close()
     return out
 
 
@@ -254,8 +278,7 @@ def add_rows(out: Path, rows: dict[int, dict], meta: dict, traces: Path | None, 
     have = read_sidecar(out) if kept else {k: v for k, v in meta.items() if k not in ("parts", "merged_from")}
     ensure_dir(out.parent)
     if traces is not None and traces.is_dir():  # before the rows, so that no row lacks its trace
-        merged = traces_dir(out)
-        merged.mkdir(exist_ok=True)
+        merged = ensure_dir(traces_dir(out))
         for i in new:
             trace, target = traces / f"{i}.npz", merged / f"{i}.npz"
             if trace.exists():
@@ -283,8 +306,10 @@ def merge(shards: list[Path], out: Path, overwrite: bool = False) -> int:
     """Join shard result files of one run into ``out``; returns the number of rows.
 
     The shards must share their settings, must not overlap, must cover a contiguous range of
-    test indices, and none may be being written (its lock held). ``out`` must not exist, unless
-    ``overwrite`` (and even then no process may be writing it). Traces are linked beside ``out``.
+    test indices, and none may be being written (its lock held). ``out`` (its rows, sidecar or
+    traces) must not exist, unless ``overwrite``, and no process may be writing it. Everything is
+    checked, under the shards' locks and then ``out``'s, before anything is written. Traces are
+    linked beside ``out``.
     """
     if not shards:
         raise RDDRSError("merge needs at least one shard")
@@ -294,10 +319,7 @@ def merge(shards: list[Path], out: Path, overwrite: bool = False) -> int:
     for shard in shards:
         if not shard.exists() or not sidecar_path(shard).exists():
             raise RDDRSError(f"{shard}: no such result file (with its .json sidecar)")
-    if not overwrite and (out.exists() or sidecar_path(out).exists()):
-        raise RDDRSError(f"{out} exists; merge into a new file, or pass --replace to overwrite it")
     with contextlib.ExitStack() as held:
-        held.enter_context(exclusive(out))
         for shard in shards:
             held.enter_context(exclusive(shard))
         sides = [read_sidecar(shard) for shard in shards]
@@ -317,9 +339,15 @@ def merge(shards: list[Path], out: Path, overwrite: bool = False) -> int:
         lo, hi = min(seen), max(seen)
         if missing := [i for i in range(lo, hi + 1) if i not in seen]:
             raise RDDRSError(f"the shards miss idx {missing[0]} ({len(missing)} rows missing in {lo}..{hi})")
+        held.enter_context(exclusive(out))
+        traces = traces_dir(out)
+        if not overwrite and (there := [p for p in (out, sidecar_path(out), traces) if p.exists()]):
+            raise RDDRSError(f"{there[0]} exists; merge into a new file, or pass --replace to overwrite it")
+        if traces.exists() and not traces.is_dir():
+            raise RDDRSError(f"{traces} exists and is not a directory (it is where the traces go); move it away")
         for stale in (out, sidecar_path(out)):
             stale.unlink(missing_ok=True)
-        shutil.rmtree(traces_dir(out), ignore_errors=True)
+        shutil.rmtree(traces, ignore_errors=True)
         for shard, side in zip(shards, sides):
             add_rows(out, parts[shard], side, traces_dir(shard), str(shard))
         write_atomic(sidecar_path(out), [json.dumps(dict(read_sidecar(out), merged_from=[str(s) for s in shards]),

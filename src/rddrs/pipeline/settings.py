@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -84,17 +86,28 @@ def check_settings(out: Path, settings: RunSettings) -> None:
                          "use another --out or the same settings")
 
 
-def check_or_write_sidecar(out: Path, settings: RunSettings, extra: dict) -> bool:
-    """Write the sidecar of a new run, or check an existing one; True if resuming."""
+def resuming(out: Path, settings: RunSettings) -> bool:
+    """Whether ``out`` holds a run to resume, which must have been written with ``settings`` (else
+    a one-line error); writes nothing."""
+    if out.is_dir():
+        raise RDDRSError(f"{out} is a directory; the output is a result file (.tsv)")
+    if not (out.exists() and out.stat().st_size > 0):
+        return False
     side = sidecar_path(out)
-    if out.exists() and out.stat().st_size > 0:
-        if not side.exists():
-            raise RDDRSError(f"{out} exists without its sidecar {side.name}; move it away or remove it")
-        check_settings(out, settings)
-        return True
-    write_atomic(side, [json.dumps({"settings": settings.comparable(), "model": settings.model, **extra},
-                                   indent=2).encode()])
-    return False
+    if not side.exists():
+        raise RDDRSError(f"{out} exists without its sidecar {side.name}; move it away or remove it")
+    check_settings(out, settings)
+    return True
+
+
+def write_sidecar(out: Path, settings: RunSettings, extra: dict) -> None:
+    """Write the sidecar of a new run: its settings, its model's path and ``extra``."""
+    write_atomic(sidecar_path(out), [json.dumps({"settings": settings.comparable(), "model": settings.model,
+                                                 **extra}, indent=2).encode()])
+
+
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def make_settings(method: str, sigma: float, model: str | Path, preset: str = "cpu", *, seed: int = 0,
@@ -106,8 +119,12 @@ def make_settings(method: str, sigma: float, model: str | Path, preset: str = "c
     bound off); a ``capped`` objective gets the cap of this run's n and alpha."""
     record = method_record(method)
     chosen = preset_record(preset)
-    if not sigma > 0:
-        raise RDDRSError(f"sigma must be > 0, got {sigma}")
+    if not (isinstance(sigma, numbers.Real) and math.isfinite(sigma) and sigma > 0):
+        raise RDDRSError(f"sigma must be > 0 and finite, got {sigma}")
+    if not (_whole(seed) and seed >= 0):
+        raise RDDRSError(f"seed must be an integer >= 0, got {seed}")
+    if rotate is not None and not (_whole(rotate) and 0 <= rotate < 2**63):
+        raise RDDRSError(f"rotate (the rotation's seed) must be an integer in 0..2^63-1, got {rotate}")
     if init is not None and not record.starts:
         raise RDDRSError(f"init (a result file to start from) applies to method ancer or rddrs only, not {method}")
     model = Path(model)
@@ -134,7 +151,8 @@ def make_settings(method: str, sigma: float, model: str | Path, preset: str = "c
                 if k == method or (record.searched and k == record.base)}
     return RunSettings(
         method=method, sigma=float(sigma), preset=preset, model=str(model), model_sha256=sha256_of(model),
-        n0=n0, n=n, alpha=alpha, seed=seed, device=str(device), rotate=rotate, probabilities=probabilities,
+        n0=n0, n=n, alpha=alpha, seed=int(seed), device=str(device),
+        rotate=None if rotate is None else int(rotate), probabilities=probabilities,
         search=searches, init=None if init is None else str(init))
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from rddrs import RDDRSError
 from rddrs.core.methods import NAMES, method as method_record
-from rddrs.pipeline.files import ensure_dir, exclusive
+from rddrs.pipeline.files import Busy, ensure_dir, exclusive
 from rddrs.pipeline.results import (model_path, read_rows, read_sidecar, result_path, row_writers, sidecar_path,
                                     traces_dir)
 
@@ -413,7 +413,8 @@ def _test_set(data: str):
 
 def run_task(task: Task, threads: int | None = None) -> dict:
     """Compute one task where it is called (a worker of any engine) and say how it went:
-    ``{"status": "done" | "error", "message": ..., "pid": ...}``."""
+    ``{"status": "done" | "error", "message": ..., "retry": ..., "pid": ...}``; ``retry``: whether
+    the same task can succeed later (its file was being written by another process)."""
     if threads:
         import torch
 
@@ -434,9 +435,10 @@ def run_task(task: Task, threads: int | None = None) -> dict:
                                  f"(0..{len(images) - 1})")
             model = _model(settings.model, settings.device, settings.probabilities)
             run_certification(settings, model, images[task.lo: task.hi], labels[task.lo: task.hi], task.lo,
-                              task.path, spec.inputs_per_batch, spec.batch_size, progress=False)
+                              task.path, spec.inputs_per_batch, spec.batch_size, progress=False,
+                              test_size=len(images))
     except RDDRSError as err:
-        return {"status": "error", "message": str(err), "pid": os.getpid()}
+        return {"status": "error", "message": str(err), "retry": isinstance(err, Busy), "pid": os.getpid()}
     return {"status": "done", "pid": os.getpid()}
 
 
@@ -465,7 +467,8 @@ class Inline:
 @dataclass
 class Report:
     """What a sweep did: runs complete before, shards computed, shards left for a later sweep
-    (its time was up), runs failed."""
+    (its time was up), runs failed (and of those, the ones that the same sweep run again can
+    complete: a worker died, a file was being written by another process)."""
 
     runs: int = 0
     complete_before: int = 0
@@ -473,6 +476,7 @@ class Report:
     done: int = 0
     left: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+    retry: set[str] = field(default_factory=set)
     seconds: float = 0.0
 
     def check(self) -> "Report":
@@ -515,18 +519,17 @@ class _Progress:
 
 def sweep_lock(results: str | Path):
     """The lock of one results directory: one sweep (or chapter computing runs) at a time."""
-    from contextlib import contextmanager
+    from contextlib import ExitStack, contextmanager
 
     @contextmanager
     def held():
-        try:
-            with exclusive(Path(results) / ".sweep"):
-                yield
-        except RDDRSError as err:
-            if "being written by another process" not in str(err):
-                raise
-            raise RDDRSError(f"another sweep is computing runs in {results}; wait for it to end "
-                             f"(the runs it leaves missing can then be computed)") from None
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(exclusive(Path(results) / ".sweep"))
+            except Busy:
+                raise Busy(f"another sweep is computing runs in {results}; wait for it to end "
+                           f"(the runs it leaves missing can then be computed)") from None
+            yield
 
     return held()
 
@@ -585,7 +588,7 @@ class _Sweep:
             try:
                 tasks = plan(spec, shard_size)
             except RDDRSError as err:
-                self.state[key], self.report.failed[key] = FAILED, str(err)
+                self.fail(key, str(err), isinstance(err, Busy))
                 continue
             if spec.kind == MEMORY and not tasks and self.state.get(_key(spec.source)) == PENDING:
                 tasks = [Task(spec)]  # its certification grows: the pass continues after it
@@ -657,8 +660,8 @@ class _Sweep:
             if why == "wait":
                 continue
             self.queue.remove(task)
-            if why is not None:
-                self.fail(key, why)
+            if why is not None:  # the run it reads failed
+                self.fail(key, why, _key(task.spec.depends) in self.report.retry)
                 continue
             fitted = self.fitted(task)
             if fitted is None or fitted.hi < task.hi:
@@ -668,16 +671,19 @@ class _Sweep:
                 self.engine.submit(fitted)
 
     # -- what happens -------------------------------------------------------------------------
-    def fail(self, key: str, message: str) -> None:
-        """Mark a run failed, drop its waiting shards, and fail the runs that read it in turn."""
+    def fail(self, key: str, message: str, retry: bool = False) -> None:
+        """Mark a run failed (``retry``: the same sweep can complete it later), drop its waiting
+        shards, and fail the runs that read it in turn."""
         self.state[key] = FAILED
         self.report.failed[key] = message
+        if retry:
+            self.report.retry.add(key)
         dropped = [t for t in self.queue if _key(t.spec.out) == key]
         self.queue = [t for t in self.queue if _key(t.spec.out) != key]
         self.failed_shards += len(dropped)
         for other, spec in self.by_out.items():
             if spec.depends is not None and _key(spec.depends) == key and self.state.get(other) == PENDING:
-                self.fail(other, f"the run it reads, {Path(key).name}, failed: {message}")
+                self.fail(other, f"the run it reads, {Path(key).name}, failed: {message}", retry)
 
     def finished(self, task: Task, result: dict) -> None:
         _, started = self.running.pop(task.key)
@@ -686,7 +692,7 @@ class _Sweep:
             return  # its run already failed
         if result["status"] != "done":
             self.failed_shards += 1
-            self.fail(key, result["message"])
+            self.fail(key, result["message"], result.get("retry", False))
             return
         try:
             if task.spec.kind == CERTIFY:
@@ -695,7 +701,7 @@ class _Sweep:
                 self.pace[key] = (time.monotonic() - started) / (task.hi - task.lo)
         except RDDRSError as err:
             self.failed_shards += 1
-            self.fail(key, str(err))
+            self.fail(key, str(err), isinstance(err, Busy))
             return
         self.report.done += 1
         if not any(_key(t.spec.out) == key for t in self.queue + self.left + [t for t, _ in self.running.values()]):

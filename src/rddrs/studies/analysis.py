@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,8 @@ import numpy as np
 from rddrs import RDDRSError
 from rddrs.core.methods import (METHODS as _RECORDS,  # also the order in which they are drawn and tabulated
                                 NAMES as METHODS)
-from rddrs.pipeline.results import read_table, sidecar_path as _sidecar_path
+from rddrs.pipeline.files import ensure_dir, one_line, write_atomic
+from rddrs.pipeline.results import ends_mid_line, read_table, sidecar_path as _sidecar_path
 
 # one colour and one dash pattern per method (``rddrs.core.methods``), the same in every figure
 METHOD_LABELS = {m.name: m.label for m in _RECORDS.values()}
@@ -83,6 +85,7 @@ class Results:
     sigma: float | None = None
     preset: str | None = None
     has_sidecar: bool = False
+    partial: bool = False  # the file ends in half a row (its run still writing, or stopped), left out
 
     def __post_init__(self):
         if self.search is None:
@@ -142,7 +145,8 @@ def read_results(path, method: str | None = None, sigma: float | None = None) ->
     keys); if the sidecar names a different value it is an error. Every row is checked: integers where integers are
     due, ``correct`` in {0, 1} and equal to ``predict == label``, ``predict`` >= -1, unique
     ``idx``, finite non-negative radii on correct rows. Problems raise :class:`RDDRSError`
-    naming the file and the line (the header is line 1).
+    naming the file and the line (the header is line 1). A last line without its line end is
+    half a row (its run still writing, or stopped): it is left out, and ``partial`` says so.
     """
     path = Path(path)
     if not path.is_file():
@@ -155,7 +159,7 @@ def read_results(path, method: str | None = None, sigma: float | None = None) ->
                            dtype=np.int64 if name in _INT_COLUMNS else np.float64)
             for name in REQUIRED_COLUMNS}
     cols["search"] = np.array([r.get("search", "ok") for r in rows], dtype=object)
-    res = Results(path=path, **cols)
+    res = Results(path=path, **cols, partial=ends_mid_line(path))
 
     meta = _read_sidecar(path)
     res.has_sidecar = meta is not None
@@ -353,8 +357,11 @@ def curves_figure(groups, kind: str = "proxy", path=None):
                    ncol=len(ordered), frameon=False)
         if path is not None:
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=display.STYLE["savefig.dpi"])
+            ensure_dir(path.parent)
+            try:
+                fig.savefig(path, dpi=display.STYLE["savefig.dpi"])
+            except OSError as err:
+                raise RDDRSError(f"cannot write {path} ({one_line(err)}); choose a writable place") from None
     return fig
 
 
@@ -432,9 +439,7 @@ def table_markdown(rows: list[dict]) -> str:
 def write_tables(rows: list[dict], csv_path, md_path) -> None:
     """Write the table as CSV to ``csv_path`` and as Markdown to ``md_path``."""
     for p, text in ((csv_path, table_csv(rows)), (md_path, table_markdown(rows))):
-        p = Path(p)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text, encoding="utf-8")
+        write_atomic(Path(p), [text.encode("utf-8")])
 
 
 # --------------------------------------------------------------------------- command line
@@ -473,7 +478,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """``rddrs curves``: write certified_accuracy_{kind}.png and table_{kind}.{csv,md} in --out
-    for each requested kind, and print the Markdown tables."""
+    for each requested kind, and print the Markdown tables. A result file that ends in half a
+    row (its run is writing it) is read without that row, and a note on stderr says so."""
     radii = parse_radii(args.radii) if isinstance(args.radii, str) else tuple(args.radii)
     kinds = KINDS if args.kind == "both" else (_check_kind(args.kind),)
     results = [read_results(p, method=args.method, sigma=args.sigma) for p in args.results]
@@ -481,7 +487,11 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise RDDRSError(f"--out {out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
+    for res in results:
+        if res.partial:
+            print(f"note: {res.path} ends in half a row (its run is still writing it, or was stopped); "
+                  f"that row is left out", file=sys.stderr)
     written = []
     for kind in kinds:
         fig_path = out / f"certified_accuracy_{kind}.png"
