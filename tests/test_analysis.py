@@ -13,8 +13,8 @@ import struct
 
 import numpy as np
 import pytest
-
 from helpers import run_bound_by_permissions
+
 from rddrs import RDDRSError
 from rddrs.studies import analysis
 from rddrs.studies.analysis import (METHOD_COLORS, METHOD_LABELS, average_certified_radius, certified_accuracy,

@@ -55,3 +55,13 @@ def test_the_ordering_the_overview_states_holds(answer):
     assert max(acr, key=lambda n: acr[n]["l2"][0]) == "rddrs_clamped"
     assert max(acr, key=lambda n: acr[n]["proxy"][0]) == "rddrs_clamped"
     assert refuted["rddrs_clamped"] > refuted["ancer_clamped"] > refuted["ddrs_clamped"] > 0
+
+
+def test_the_readme_states_what_survives_the_memory():
+    passes = mechanism.memories("paper", PAPER, **COMMON)  # read from memory.json
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    rd, an = passes["rddrs_clamped"], passes["ancer_clamped"]
+    assert rd["statuses"]["kept"] == rd["images"] == 20 and rd["intruders"] == an["intruders"] == 0
+    assert f"keeps all {rd['images']} RDDRS certificates (l2 ACR {rd['after']['l2']:.3f}, against ANCER's " \
+           f"{an['after']['l2']:.3f}" in readme
+    assert f"none of the {rd['test_images']:,} test images".replace(",", " ") in readme

@@ -152,6 +152,17 @@ def test_visible_code_fits_the_page(name):
     assert not long, f"{name}.md: {len(long)} visible line(s) over {CODE_WIDTH} characters, e.g. {long[0]!r}"
 
 
+#: the prose one page may hold (characters of its markdown cells), so a reader finds its point
+PROSE_LIMIT = 25_000
+
+
+@pytest.mark.parametrize("name", chapter_lists()["LIGHT"] + chapter_lists()["HEAVY"])
+def test_no_page_holds_more_prose_than_a_reader_takes_in(name):
+    jupytext = pytest.importorskip("jupytext")
+    prose = sum(len(c.source) for c in jupytext.read(ROOT / "book" / f"{name}.md").cells if c.cell_type == "markdown")
+    assert 1000 < prose <= PROSE_LIMIT, f"{name}.md holds {prose} characters of prose"
+
+
 def test_heavy_chapters_fold_their_code_and_check_what_they_state():
     """Heavy chapters show prose, figures and tables with every code cell folded, and assert the
     facts they state (no error is caught and printed instead)."""

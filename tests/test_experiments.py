@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import exit_status, run_bound_by_permissions, snapshot
 
 import rddrs.pipeline.runs
-from helpers import exit_status, run_bound_by_permissions, snapshot
 from rddrs.cli import main
 from rddrs.pipeline.models import MnistCNN
 from rddrs.pipeline.results import COLUMNS, read_rows, sidecar_path, traces_dir

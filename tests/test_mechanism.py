@@ -1,10 +1,13 @@
 """The mechanism measures against closed forms, and the study end to end at the smoke preset."""
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import raises_one_line
 from scipy import stats
 
 from rddrs.core import spd
@@ -133,3 +136,31 @@ def test_the_mechanism_study_at_the_smoke_preset(tmp_path):
     assert {r["variant"] for r in refuted} <= {v.name for v in study.variants}
     for r in refuted:
         assert r["distance"] <= r["radius"] * (1 + 1e-5) and isinstance(r["refuted"], bool)
+    passes = mechanism.memories("smoke", results, data=DATA, models=MODELS)
+    assert set(passes) == {v.name for v in study.variants} and (results / "claims" / "mechanism" / "memory.json").exists()
+    for name, entry in passes.items():
+        assert sum(entry["statuses"].values()) == entry["images"] >= study.count
+        assert entry["after"]["l2"] <= entry["before"]["l2"] + 1e-12 and entry["devices"] == ["cpu (x86_64)"]
+        assert len(entry["nearest_other"]) <= entry["images"] and entry["intruders"] >= 0 and not entry["rerun"]
+        assert entry["test_images"] == 10_000
+
+
+def test_memory_passes_read_the_laws_of_a_rerun_where_the_traces_were_not_kept(tmp_path):
+    study = headline.mechanism_study("smoke")
+    results, rerun = tmp_path / "results", tmp_path / "rerun"
+    claims.run_study(study, headline.SIGMA, "smoke", results, data=DATA, models=MODELS)
+    folder = results / "claims" / "mechanism"
+    name = next(v.name for v in study.variants if v.method == "rddrs")
+    shutil.copytree(folder, rerun)
+    shutil.rmtree(folder / f"{name}.tsv.traces")  # as a GPU session's runs are landed: without traces
+    passes = mechanism.memories("smoke", results, data=DATA, models=MODELS, laws_from=rerun)
+    assert passes[name]["source"] == str((rerun / f"{name}.tsv").resolve()) and passes[name]["rerun"]
+    assert passes["ddrs_clamped"]["source"] == "claims/mechanism/ddrs_clamped.tsv"  # its own rows suffice
+    (folder / "memory.json").unlink()
+    assert name not in mechanism.memories("smoke", results, data=DATA, models=MODELS)  # no laws: no pass
+    (folder / "memory.json").unlink()
+    meta = json.loads((rerun / f"{name}.tsv.json").read_text())
+    meta["settings"]["seed"] = 7
+    (rerun / f"{name}.tsv.json").write_text(json.dumps(meta))
+    assert "other settings" in raises_one_line(mechanism.memories, "smoke", results, data=DATA, models=MODELS,
+                                               laws_from=rerun)

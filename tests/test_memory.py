@@ -15,15 +15,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import raises_one_line
 
 from rddrs import RDDRSError
 from rddrs.cli import main
 from rddrs.core.noise import Diagonal, FullSPD, Isotropic
-from rddrs.core.regions import (ABSTAIN, KEPT, RELABELLED, SHRUNK, TOUCH_TOLERANCE, Memory, Regions, contains, disjoint,
+from rddrs.core.regions import (KEPT, RELABELLED, SHRUNK, TOUCH_TOLERANCE, Memory, Regions, contains, disjoint, gauges,
                                 largest_contained_radius, largest_disjoint_radius, separation)
 from rddrs.core.spd import random_orthogonal
-from rddrs.pipeline.memory import MEMORY_COLUMNS, apply_memory, memory_path, read_memory_rows
-from rddrs.pipeline.results import COLUMNS, traces_dir, write_rows
+from rddrs.pipeline.memory import ABSTAINED, MEMORY_COLUMNS, apply_memory, memory_path, read_memory_rows
+from rddrs.pipeline.results import COLUMNS, read_rows, traces_dir, write_rows
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -376,6 +377,24 @@ def test_memory_is_invariant_under_rotation():
         assert (a.label, a.status) == (b.label, b.status) and a.gap == pytest.approx(b.gap, rel=1e-8)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_gauges_say_what_contains_says_for_many_points(kind):
+    d, n = 4, 6
+    xs, laws, gaps, _ = _random_sequence(kind, n, d, seed=11)
+    gaps[2] = 0  # an empty region holds no point
+    stored = Regions(xs, laws, gaps)
+    gen = torch.Generator().manual_seed(12)
+    points = torch.cat([xs + 0.3 * torch.randn(n, d, generator=gen, dtype=F64), 4 * torch.rand(40, d, generator=gen)])
+    got = gauges(stored, points.float())
+    assert got.shape == (n, len(points)) and (got < 1).any() and not (got < 1).all() and torch.isinf(got[2]).all()
+    assert torch.equal(got < 1, torch.stack([contains(stored, p) for p in points.float()], dim=1))
+    for j in (0, 5):  # against the definition, with an explicit inverse
+        want = (torch.linalg.inv(laws.matrix()[j]) @ (points.float().double() - xs[j]).T).norm(dim=0) / gaps[j]
+        assert torch.allclose(got[j], want, rtol=1e-9)
+    assert gauges(stored, points[:0]).shape == (n, 0)
+    assert "features" in raises_one_line(gauges, stored, points[:, :3])
+
+
 def test_memory_with_loaded_parameters_matches_kept_ones():
     d, n = 3, 25
     xs, laws, gaps, labels = _random_sequence("full", n, d, seed=4)
@@ -432,7 +451,7 @@ def test_apply_memory_on_the_hand_made_sequence(tmp_path):
     path = apply_memory(out, images, 0, progress=False)
     assert path == memory_path(out) and path.read_text().splitlines()[0].split("\t") == list(MEMORY_COLUMNS)
     rows = read_memory_rows(path)
-    assert [r["memory"] for r in rows] == [row[4][2] for row in HAND_MADE] + [ABSTAIN]
+    assert [r["memory"] for r in rows] == [row[4][2] for row in HAND_MADE] + [ABSTAINED]
     assert [r["predict"] for r in rows] == [row[4][0] for row in HAND_MADE] + [-1]
     for r, (*_, (_, want_gap, status)) in zip(rows, HAND_MADE):
         assert r["gap"] == pytest.approx(want_gap, rel=1e-6)  # images are float32
@@ -453,7 +472,7 @@ def test_apply_memory_resumes_after_a_kill(tmp_path, method):
     path = apply_memory(out, images, 0, progress=False)
     whole = path.read_text()
     statuses = [r["memory"] for r in read_memory_rows(path)]
-    assert {KEPT, SHRUNK, RELABELLED, ABSTAIN} <= set(statuses)
+    assert {KEPT, SHRUNK, RELABELLED, ABSTAINED} <= set(statuses)
     lines = whole.splitlines(keepends=True)
     path.write_text("".join(lines[:13]) + lines[13][:20])  # killed while writing the 13th row
     assert apply_memory(out, images, 0, progress=False) == path
@@ -464,7 +483,7 @@ def test_apply_memory_resumes_after_a_kill(tmp_path, method):
     # the same rows processed by a fresh memory agree with the file (rows follow the memory)
     memory = Memory()
     for i, r in enumerate(read_memory_rows(path)):
-        if r["memory"] != ABSTAIN:
+        if r["memory"] != ABSTAINED:
             dec = memory.admit(images[i].double(), laws[i:i + 1].with_param(laws.param[i:i + 1].float().double()),
                                float(gaps[i]), int(labels[i]))
             assert (dec.label, dec.gap, dec.status) == (r["predict"], r["gap"], r["memory"])
@@ -534,7 +553,7 @@ def test_cli_memory_on_a_smoke_run(tmp_path, capsys):
     first = path.read_text()
     rows = read_memory_rows(path)
     assert [r["idx"] for r in rows] == [0, 1, 2]
-    assert all(r["memory"] in (KEPT, SHRUNK, RELABELLED, ABSTAIN) for r in rows)
+    assert all(r["memory"] in (KEPT, SHRUNK, RELABELLED, ABSTAINED) for r in rows)
     assert main(["memory", str(out), "--data", str(data), "--quiet"]) == 0  # already done: unchanged
     assert path.read_text() == first
     path.unlink()
@@ -560,3 +579,35 @@ def test_a_second_memory_pass_on_the_same_file_is_refused(tmp_path):
         with pytest.raises(RDDRSError, match="being written by another process"):
             apply_memory(out, images, 0, progress=False)
     assert len(read_memory_rows(apply_memory(out, images, 0, progress=False))) == len(HAND_MADE)
+
+
+def test_survival_counts_what_the_memory_leaves(tmp_path):
+    from rddrs.studies.mechanism import survival
+
+    xs = torch.tensor([row[0] for row in HAND_MADE] + [HAND_MADE[0][0]], dtype=F64)
+    sigmas = torch.tensor([row[1] for row in HAND_MADE] + [1.0], dtype=F64)
+    gaps = torch.tensor([row[2] for row in HAND_MADE] + [1.0], dtype=F64)
+    run_labels = [0, 1, 1, 2, 1, 0, 0]
+    out = _result_file(tmp_path, "ddrs", xs, sigmas, gaps, [row[3] for row in HAND_MADE] + [0], run_labels,
+                       abstain=(6,))
+    # the test set: the run's 7 images, then 3 others (one of class 3 inside regions of class 0)
+    images = torch.cat([xs, torch.tensor([[0.0, 0.5], [0.0, 5.2], [9.0, 9.0]], dtype=F64)]).float()
+    labels = torch.tensor(run_labels + [3, 2, 1])
+    got = survival(out, images.reshape(-1, 1, 1, 2), labels)
+    assert got["images"] == 7
+    assert got["statuses"] == {KEPT: 3, SHRUNK: 2, RELABELLED: 1, ABSTAINED: 1}
+    before, after = read_rows(out), read_memory_rows(memory_path(out))
+    for when, rows in (("before", list(before.values())), ("after", after)):
+        for kind, column in (("l2", "radius"), ("proxy", "proxy_radius")):
+            assert got[when][kind] == pytest.approx(np.mean([r[column] * r["correct"] for r in rows]))
+    assert got["after"]["l2"] < got["before"]["l2"]  # shrunk and relabelled certificates count less
+    # by hand: each region {c + sigma u : |u| < gap} after the memory, and the other points of other classes in it
+    inside = np.array([[np.linalg.norm(images[p].double().numpy() - xs[r["idx"]].numpy()) < r["gap"] * r["sigma_min"]
+                        and int(labels[p]) != r["predict"] and p != r["idx"] for p in range(len(images))]
+                       for r in after if r["memory"] != ABSTAINED])
+    assert got["intruders"] == inside.any(0).sum() >= 2  # the class-3 point and image 2 (relabelled to 0)
+    assert got["regions_with_intruders"] == inside.any(1).sum()
+    kept = [r for r in after if r["memory"] != ABSTAINED]
+    assert got["nearest_other"][0] == pytest.approx(min(
+        np.linalg.norm(images[p].double().numpy() - xs[0].numpy()) / kept[0]["gap"]
+        for p in range(len(images)) if int(labels[p]) != kept[0]["predict"]), rel=1e-6)

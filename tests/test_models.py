@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import raises_one_line
 from torch import nn
 
-from helpers import raises_one_line
 from rddrs import RDDRSError
 from rddrs.pipeline.data import load_mnist
 from rddrs.pipeline.files import one_line

@@ -311,15 +311,19 @@ def _cmd_pack(args: argparse.Namespace) -> None:
 
 def _cmd_mechanism(args: argparse.Namespace) -> None:
     from rddrs.pipeline.models import resolve_device
-    from rddrs.studies import mechanism
+    from rddrs.studies import headline, mechanism
 
     device = str(resolve_device(args.device))
     results = Path(args.results or Path("results") / args.preset)
     common = dict(device=device, data=args.data, models=args.models, seed=args.seed)
     rows = mechanism.measures(args.preset, results, **common)
     refuted = mechanism.refutations(args.preset, results, **common)
+    passes = mechanism.memories(args.preset, results, data=args.data, models=args.models, laws_from=args.laws_from,
+                                progress=not args.quiet)
     print(f"{len(rows)} laws measured, {sum(r['refuted'] for r in refuted)} of {len(refuted)} certificates "
-          f"refuted; in {results / 'claims' / 'mechanism'}")
+          f"refuted, memory passes over {len(passes)} runs; in {results / 'claims' / 'mechanism'}")
+    if untested := sorted({v.name for v in headline.mechanism_study(args.preset).variants} - set(passes)):
+        print(f"no laws here (traces not kept), so no memory pass or refutation: {', '.join(untested)}")
 
 
 def _cmd_land(args: argparse.Namespace) -> None:
@@ -336,13 +340,18 @@ def _add_mechanism(sub) -> None:
                                    "--groups mechanism`), measure each law S_x (spectrum, its smoothed "
                                    "classifier at other images, its largest axes, its noise split) and look "
                                    "for points inside each certified ball where the whole pipeline certifies "
-                                   "another class. Writes measures.json and refutations.json beside the runs.")
+                                   "another class, then run the memory pass over each run whose laws are here. "
+                                   "Writes measures.json, refutations.json and memory.json beside the runs.")
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--results", help="results directory (default: results/PRESET)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--seed", type=_natural_int, default=0)
     p.add_argument("--data", default="data", help="data directory (default: data)")
     p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
+    p.add_argument("--laws-from", metavar="DIR",
+                   help="reruns of some of the study's runs with their traces (DIR/NAME.tsv, the same settings), "
+                        "for the memory pass over runs whose own traces were not kept")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_mechanism)
 
 

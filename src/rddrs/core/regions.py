@@ -54,7 +54,8 @@ from rddrs import RDDRSError
 from rddrs.core import spd
 from rddrs.core.noise import Smoothing
 
-KEPT, SHRUNK, RELABELLED, ABSTAIN = "kept", "shrunk", "relabelled", "abstain"
+#: what the memory makes of a certificate (``Decision.status``)
+KEPT, SHRUNK, RELABELLED = "kept", "shrunk", "relabelled"
 
 
 #: Shrunk and relabelled radii are reduced by this relative amount, so that rounding errors
@@ -255,6 +256,20 @@ def contains(stored: Regions, x: Tensor) -> Tensor:
         raise RDDRSError(f"x has {x.numel()} features, the stored regions d={stored.laws.dim}")
     offset = (x - stored.centres.double())[..., None]
     return _inv_scale(_float64(stored.laws), offset).squeeze(-1).norm(dim=-1) < stored.gaps.double()
+
+
+def gauges(stored: Regions, points: Tensor) -> Tensor:
+    """Each point's gauge in each stored region, ``||S_j^-1 (p - c_j)|| / r_j`` ((N, P), float64;
+    below 1 inside the open region, infinite for an empty one): one solve with S_j per region."""
+    points = torch.as_tensor(points).double().flatten(1)  # (P, d)
+    if points.shape[1] != stored.laws.dim:
+        raise RDDRSError(f"the points have {points.shape[1]} features, the stored regions d={stored.laws.dim}")
+    laws, rows = _float64(stored.laws), []
+    for j in range(len(stored)):
+        offsets = (points - stored.centres[j].double()).T[None]  # (1, d, P)
+        norms = _inv_scale(laws.with_param(laws.param[j: j + 1]), offsets)[0].norm(dim=0)
+        rows.append(norms / stored.gaps[j] if stored.gaps[j] > 0 else torch.full_like(norms, torch.inf))
+    return torch.stack(rows) if rows else torch.zeros(0, len(points), dtype=torch.float64)
 
 
 def largest_disjoint_radius(x: Tensor, law: Smoothing, stored: Regions) -> Tensor:

@@ -15,7 +15,6 @@ from pathlib import Path
 from rddrs import RDDRSError, __version__
 from rddrs.pipeline import allocator
 
-
 #: terminal escape sequences (colours, cursor moves) and the other control characters
 _ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

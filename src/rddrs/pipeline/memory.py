@@ -14,15 +14,18 @@ from torch import Tensor
 from tqdm import tqdm
 
 from rddrs import RDDRSError
+from rddrs.core.certify import ABSTAIN
 from rddrs.core.methods import METHODS, method as method_record
 from rddrs.core.noise import Smoothing, from_param
-from rddrs.core.regions import ABSTAIN, TOUCH_TOLERANCE, Memory
+from rddrs.core.regions import TOUCH_TOLERANCE, Memory
 from rddrs.core.spd import random_orthogonal
 from rddrs.pipeline.files import exclusive, write_atomic
 from rddrs.pipeline.results import COLUMNS, REQUIRED, format_row, read_rows, read_table, sidecar_path, upgrade
 from rddrs.pipeline.runs import trace_param
 
 MEMORY_COLUMNS = COLUMNS + ("memory",)
+#: the memory status of a row CERTIFY abstained on (it has no region)
+ABSTAINED = "abstain"
 
 
 def memory_path(out: Path) -> Path:
@@ -109,7 +112,7 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
         upgrade(path, MEMORY_COLUMNS, read_memory_rows)  # a pass of an older rddrs gets today's columns
         memory = Memory(load=read if family == "full" else None)
         for row in done:
-            if row["memory"] != ABSTAIN:
+            if row["memory"] != ABSTAINED:
                 memory.store(*region(row), row["gap"], row["predict"], key=row["idx"])
         write_atomic(sidecar_path(path), [json.dumps(dict(meta, memory={
             "source": out.name, "order": "ascending idx", "touch_tolerance": TOUCH_TOLERANCE}), indent=2).encode()])
@@ -119,8 +122,8 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
             if fresh:
                 f.write("\t".join(MEMORY_COLUMNS) + "\n")
             for row in ordered[len(done):]:
-                row = dict(row, memory=ABSTAIN)
-                if row["predict"] != -1:
+                row = dict(row, memory=ABSTAINED)
+                if row["predict"] != ABSTAIN:
                     decision = memory.admit(*region(row), row["gap"], row["predict"], key=row["idx"])
                     row.update(predict=decision.label, correct=int(decision.label == row["label"]), gap=decision.gap,
                                radius=decision.gap * row["sigma_min"], proxy_radius=decision.gap * row["sigma_proxy"],

@@ -32,8 +32,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from rddrs import RDDRSError
-from rddrs.pipeline.results import provenance_parts
 from rddrs.core.methods import METHODS as _METHODS
+from rddrs.pipeline.results import provenance_parts
 
 # -- figures ----------------------------------------------------------------------------------
 

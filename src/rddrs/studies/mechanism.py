@@ -42,7 +42,7 @@ from rddrs.core.methods import method as method_record
 from rddrs.core.noise import Diagonal, FullSPD, Isotropic, Smoothing
 from rddrs.core.optimize import find_smoothing
 from rddrs.core.presets import Search, preset as preset_record
-from rddrs.pipeline.results import model_path
+from rddrs.pipeline.results import model_path, read_rows, read_sidecar, traces_dir
 from rddrs.pipeline.runs import load_smoothing
 from rddrs.pipeline.settings import make_settings
 from rddrs.studies.attack import attack
@@ -310,15 +310,13 @@ def refutations(preset: str, results, *, device: str = "cpu", data="data", model
     RDDRS' best variant on the mechanism study's images, the attack at the clamped DDRS' sigma_x*;
     kept in ``RESULTS/claims/mechanism/refutations.json`` variant by variant, so that a stopped
     computation keeps the variants it finished and the next call does the others (``compute``:
-    False, only read those)."""
+    False, only read those); a variant whose laws are not here (``laws_kept``) is left out."""
     from rddrs.pipeline.files import recorded, write_atomic
-    from rddrs.studies.headline import BUDGETS, SIGMA
+    from rddrs.studies.headline import BUDGETS, SIGMA, mechanism_study
 
     budget = BUDGETS[preset]
     path = Path(results) / "claims" / "mechanism" / "refutations.json"
     stored = json.loads(path.read_text()) if path.exists() else {"variants": {}}
-    from rddrs.studies.headline import mechanism_study
-
     study = None
     names = [*REFUTED, *[v.name for v in mechanism_study(preset).variants
                          if v.method == "rddrs" and v.name not in REFUTED]]
@@ -332,6 +330,8 @@ def refutations(preset: str, results, *, device: str = "cpu", data="data", model
         res = runs[name].results
         keep = np.flatnonzero((res.correct == 1) & (res.radius > 0))
         idx = res.idx[keep].tolist()
+        if idx and not laws_kept(runs[name].path):  # e.g. a GPU session's run, landed without its traces
+            continue
         rows = []
         if idx:
             laws = load_smoothing(runs[name].path, idx, images[0].numel(), torch.float32).to(device)
@@ -342,3 +342,95 @@ def refutations(preset: str, results, *, device: str = "cpu", data="data", model
         stored["variants"][name] = recorded(device, rows)
         write_atomic(path, [json.dumps(stored, indent=2).encode()])
     return [row for entry in stored["variants"].values() for row in entry["rows"]]
+
+
+# -- what survives the memory --------------------------------------------------------------
+
+def laws_kept(path) -> bool:
+    """Whether the laws a run certified with are here: in its rows (RS, DDRS) or in its traces."""
+    return method_record(read_sidecar(path)["settings"]["method"]).family == "isotropic" or \
+        traces_dir(Path(path)).is_dir()
+
+
+def survival(path, images: Tensor, labels: Tensor, progress: bool = False) -> dict:
+    """The memory pass over the run ``path`` (``rddrs.pipeline.memory``) and what it leaves: how
+    many certificates it kept, shrank, relabelled or found abstained; the l2 and proxy ACR before
+    and after it; and, over all of ``images``, the test images of another class than a region's
+    that lie in a region it keeps (``intruders``: such an image, arriving after the region's
+    centre, gets the region's class from the memory; the centre itself is not counted) and, per
+    region, the gauge of the nearest of them (``nearest_other``: 1 on the region's boundary, the
+    factor by which its gap would have to grow to take one in)."""
+    from rddrs.core.regions import KEPT, RELABELLED, SHRUNK, Regions, gauges
+    from rddrs.pipeline.memory import ABSTAINED, apply_memory, read_memory_rows
+
+    path = Path(path)
+    if read_sidecar(path)["settings"].get("rotate") is not None:
+        raise RDDRSError(f"{path} is a rotated run: its regions live in the rotated coordinates")
+    after = read_memory_rows(apply_memory(path, images, 0, progress=progress))
+    before = list(read_rows(path).values())
+    stored = [r for r in after if r["memory"] != ABSTAINED and r["gap"] > 0]
+    idx = [r["idx"] for r in stored]
+    gauge = torch.zeros(0, len(images), dtype=torch.float64)
+    if idx:
+        regions = Regions(images[idx].flatten(1).double(), load_smoothing(path, idx, images[0].numel()),
+                          torch.tensor([r["gap"] for r in stored], dtype=torch.float64))
+        other = labels[None, :] != torch.tensor([r["predict"] for r in stored])[:, None]
+        other[range(len(idx)), idx] = False  # a region's own centre is no other image
+        gauge = torch.where(other, gauges(regions, images), torch.inf)
+
+    def acr(rows, column):
+        return float(np.mean([r[column] * r["correct"] for r in rows]))
+
+    statuses = [r["memory"] for r in after]
+    return {"images": len(after), "test_images": len(images),
+            "statuses": {s: statuses.count(s) for s in (KEPT, SHRUNK, RELABELLED, ABSTAINED)},
+            "before": {"l2": acr(before, "radius"), "proxy": acr(before, "proxy_radius")},
+            "after": {"l2": acr(after, "radius"), "proxy": acr(after, "proxy_radius")},
+            "intruders": int((gauge < 1).any(0).sum()), "regions_with_intruders": int((gauge < 1).any(1).sum()),
+            "nearest_other": gauge.min(1).values.tolist()}
+
+
+def memories(preset: str, results, *, data="data", models="data/models", laws_from=None,
+             progress: bool = False) -> dict:
+    """``survival`` of each run of ``headline.mechanism_study`` whose laws are here (the rows of an
+    isotropic run, the traces of the others), cached in ``RESULTS/claims/mechanism/memory.json``.
+    ``laws_from``: a folder of reruns with their traces (``NAME.tsv``: the same settings, on the
+    study's images, run on another machine) that stand in for runs whose own traces were not kept;
+    each entry names the file it read, whether it is such a rerun, and the machines that wrote its
+    rows."""
+    from rddrs.pipeline.data import load_mnist
+    from rddrs.pipeline.files import cached_json
+    from rddrs.pipeline.settings import normalised
+    from rddrs.studies.claims import study_specs
+    from rddrs.studies.headline import SIGMA, mechanism_study
+
+    results = Path(results)
+
+    def usable(path: Path, own: Path) -> bool:
+        if not path.exists() or not set(read_rows(own)) <= set(read_rows(path)):
+            return False
+        if normalised(read_sidecar(path)["settings"]) != normalised(read_sidecar(own)["settings"]):
+            raise RDDRSError(f"{path} was run with other settings than {own}")
+        return laws_kept(path)
+
+    def machines(path: Path) -> list[str]:
+        meta = read_sidecar(path)
+        return sorted({part["device"] for part in meta.get("parts", [meta.get("provenance", {})]) if "device" in part})
+
+    def compute():
+        images, labels = load_mnist(Path(data), train=False)
+        study = mechanism_study(preset)
+        specs = study_specs(study, SIGMA, preset, results, data=data, models=models)
+        entries = {}
+        for variant in study.variants:
+            own = Path(specs[variant.name].out)
+            found = [p for p in (own, laws_from and Path(laws_from) / own.name) if p and usable(p, own)]
+            if found:
+                source = found[0].resolve()
+                entries[variant.name] = {
+                    "source": str(source.relative_to(results.resolve()) if source.is_relative_to(results.resolve())
+                                  else source), "rerun": found[0] != own, "devices": machines(found[0]),
+                    **survival(found[0], images, labels, progress)}
+        return {"order": "ascending idx", "variants": entries}
+
+    return cached_json(results / "claims" / "mechanism" / "memory.json", compute)["variants"]
