@@ -53,7 +53,7 @@ def test_antithetic_draws_are_exact_pairs_from_half_the_stream():
 
 def test_default_stream_is_the_documented_key_and_repeat_gives_another():
     d, m = 3, 10
-    stage = NoiseSource._STAGES[NoiseSource.OPTIMIZE]
+    stage = NoiseSource.STAGES[NoiseSource.OPTIMIZE]
     for repeat, extra in ((0, ()), (2, (2,))):
         got = NoiseSource(7, NoiseSource.OPTIMIZE, repeat=repeat).draw([5], m, d, F64)[0]
         torch.testing.assert_close(got, _documented_stream(7, stage, 5, m, d, *extra), rtol=0, atol=0)
@@ -74,7 +74,7 @@ def test_defaults_keep_the_searches_of_before():
     x = torch.tensor([[0.3, -0.2, 0.1, 0.4], [0.0, 0.5, -0.3, 0.2]], dtype=F64)
     init = Isotropic(torch.tensor([0.3, 0.4], dtype=F64), 4).as_full()
     found = search(model, x, init, [11, 12], s, 0.3, seed=5)
-    stage = NoiseSource._STAGES[NoiseSource.OPTIMIZE]
+    stage = NoiseSource.STAGES[NoiseSource.OPTIMIZE]
     eps = torch.stack([_documented_stream(5, stage, i, 16, 4) for i in (11, 12)])
     first, _ = objective_and_gradient(model, x, init.floor(0.3), eps, kappa=0.5)
     np.testing.assert_allclose(found.trace[:, 0], first.numpy(), rtol=1e-12)

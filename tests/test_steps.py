@@ -124,3 +124,11 @@ def test_bounded_transport_follows_the_shortened_step():
 
 def test_unknown_rule_is_a_one_line_error():
     assert "step rule" in raises_one_line(steps.make, "rmsprop", 0.1)
+
+
+def test_every_step_name_a_search_may_give_has_its_rule():
+    from rddrs.core.presets import STEPS
+
+    assert tuple(steps.RULES) == STEPS
+    assert all(isinstance(steps.make(name, 0.1), steps.RULES[name]) for name in STEPS)
+    assert "unknown step rule" in raises_one_line(steps.make, "momentum", 0.1)

@@ -258,7 +258,7 @@ def _add_sweep(sub) -> None:
 
     p = sub.add_parser("sweep", help="compute every run a preset needs, in shards, here or on a Ray cluster",
                        description="Compute every run of the preset's registry (the standard runs, their "
-                                   "memory passes, chapter 7's and the headline studies) that is missing or "
+                                   "memory passes, the claims and headline studies) that is missing or "
                                    "incomplete, as shards of --shard-size test images, in the order the runs "
                                    "start from each other, and merge the shards into the files the chapters "
                                    "read. Stop it at any time: the same command continues where it stopped.")
@@ -270,7 +270,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS), metavar="G",
                    help=f"parts of the registry ({', '.join(GROUPS)}; default: all)")
     p.add_argument("--count", type=_positive_int,
-                   help="test images of the standard runs and of chapter 7's studies (default: the preset's)")
+                   help="test images of the standard runs and of the claims studies (default: the preset's)")
     p.add_argument("--shard-size", type=_positive_int, default=50, metavar="K",
                    help="test images per shard (default 50; rounded down to a multiple of the run's "
                         "inputs per batch)")

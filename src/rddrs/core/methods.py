@@ -29,6 +29,9 @@ from dataclasses import dataclass
 
 from rddrs import RDDRSError
 
+#: the families of smoothing laws S: sigma I, diag(theta), a full SPD matrix C
+ISOTROPIC, DIAGONAL, FULL = "isotropic", "diagonal", "full"
+
 
 @dataclass(frozen=True)
 class Clamp:
@@ -47,7 +50,7 @@ class Method:
 
     name: str
     label: str
-    family: str               # "isotropic", "diagonal" or "full"
+    family: str               # ISOTROPIC, DIAGONAL or FULL
     searched: bool
     paper_step: str | None    # the step rule of the method's paper ("sgd" or "adam")
     starts: tuple[str, ...]   # methods whose result file can start its search (--init)
@@ -58,18 +61,18 @@ class Method:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("rs", "RS", "isotropic", False, None, (), None, None, "#0072B2", ":"),
-    Method("ddrs", "DDRS", "isotropic", True, "sgd", (), None,
+    Method("rs", "RS", ISOTROPIC, False, None, (), None, None, "#0072B2", ":"),
+    Method("ddrs", "DDRS", ISOTROPIC, True, "sgd", (), None,
            Clamp(0.02, 0.98, "autograd", "PLabarbarie/RDDRS code/dds.py (ddsmoothing's own: 0.001, 0.999)"),
            "#CC79A7", "-."),
-    Method("ancer", "ANCER", "diagonal", True, "adam", ("ddrs",), "ddrs",
+    Method("ancer", "ANCER", DIAGONAL, True, "adam", ("ddrs",), "ddrs",
            Clamp(0.001, 0.999, "autograd", "ddsmoothing L2Certificate.compute_proxy_gap"), "#009E73", "--"),
-    Method("rddrs", "RDDRS", "full", True, "sgd", ("ddrs", "ancer"), "ddrs",
+    Method("rddrs", "RDDRS", FULL, True, "sgd", ("ddrs", "ancer"), "ddrs",
            Clamp(0.001, 0.999, "clamped", "PLabarbarie/RDDRS code/riemannian.py inv_Phi"), "#D55E00", "-"),
 )}
 
 #: axes of each family's parameter per input: sigma (), theta (d,), C (d, d)
-PARAM_AXES: dict[str, int] = {"isotropic": 0, "diagonal": 1, "full": 2}
+PARAM_AXES: dict[str, int] = {ISOTROPIC: 0, DIAGONAL: 1, FULL: 2}
 
 #: the method names in the order they are run, drawn and tabulated
 NAMES: tuple[str, ...] = tuple(METHODS)

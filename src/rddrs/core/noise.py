@@ -24,6 +24,7 @@ onto ``S >= lower``.
 from __future__ import annotations
 
 from functools import cached_property
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from torch import Tensor
 
 from rddrs import RDDRSError
 from rddrs.core import spd
+from rddrs.core.methods import DIAGONAL, FULL, ISOTROPIC
 
 
 def _per_input(lower: Tensor | float, batch: int, like: Tensor) -> Tensor:
@@ -174,7 +176,7 @@ class Smoothing:
 class Isotropic(Smoothing):
     """``S = sigma I_d`` (RS and DDRS)."""
 
-    family = "isotropic"
+    family = ISOTROPIC
 
     def __init__(self, sigma: Tensor, dim: int, check: bool = True):
         self.param = _checked_scales(sigma, "sigma", 1, "(B,)") if check else sigma
@@ -215,7 +217,7 @@ class Isotropic(Smoothing):
 class Diagonal(Smoothing):
     """``S = diag(theta)`` (ANCER)."""
 
-    family = "diagonal"
+    family = DIAGONAL
 
     def __init__(self, theta: Tensor, check: bool = True):
         self.param = _checked_scales(theta, "theta", 2, "(B, d)") if check else theta
@@ -256,7 +258,7 @@ class FullSPD(Smoothing):
     ``tr(C^-1 U C^-1 V)`` and tangent vectors move between points by parallel transport.
     """
 
-    family = "full"
+    family = FULL
 
     def __init__(self, c: Tensor, eig: tuple[Tensor, Tensor] | None = None, check: bool = True):
         c = torch.as_tensor(c)
@@ -367,15 +369,16 @@ class NoiseSource:
     """
 
     OPTIMIZE, SELECT, ESTIMATE = "optimize", "select", "estimate"
-    _STAGES = {OPTIMIZE: 0, SELECT: 1, ESTIMATE: 2}
+    #: the stages and their key words; a subclass may add stages of its own (with new words)
+    STAGES: ClassVar[dict[str, int]] = {OPTIMIZE: 0, SELECT: 1, ESTIMATE: 2}
 
     #: rows are generated in blocks of this many, so a stream does not depend on chunking
     BLOCK = 1024
 
     def __init__(self, seed: int, stage: str, device: torch.device | str = "cpu",
                  rotation: Tensor | None = None, repeat: int = 0):
-        if stage not in self._STAGES:
-            raise RDDRSError(f"unknown noise stage {stage!r}; expected one of {sorted(self._STAGES)}")
+        if stage not in self.STAGES:
+            raise RDDRSError(f"unknown noise stage {stage!r}; expected one of {sorted(self.STAGES)}")
         if int(repeat) != repeat or repeat < 0:
             raise RDDRSError(f"noise repeat must be an integer >= 0, got {repeat}")
         self.seed, self.stage, self.device, self.repeat = int(seed), stage, torch.device(device), int(repeat)
@@ -385,7 +388,7 @@ class NoiseSource:
 
     def _generator(self, index: int) -> torch.Generator:
         if index not in self._generators:
-            words = [self.seed, self._STAGES[self.stage], int(index)] + ([self.repeat] if self.repeat else [])
+            words = [self.seed, self.STAGES[self.stage], int(index)] + ([self.repeat] if self.repeat else [])
             key = np.random.SeedSequence(words)
             gen = torch.Generator(device=self.device)
             gen.manual_seed(int(key.generate_state(1, np.uint64)[0] >> np.uint64(1)))
@@ -446,7 +449,7 @@ def from_param(family: str, param: Tensor, dim: int, check: bool = True) -> Smoo
     """The laws of ``family`` with parameters ``param``: sigma (B,), theta (B, d) or C (B, d, d)."""
     if family not in FAMILIES:
         raise RDDRSError(f"unknown smoothing family {family!r}; expected one of {', '.join(FAMILIES)}")
-    if family == "isotropic":
+    if family == ISOTROPIC:
         return Isotropic(param, dim, check=check)
     return FAMILIES[family](param, check=check)
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from rddrs import RDDRSError
 from rddrs.core import objectives, spd, steps
-from rddrs.core.methods import method as method_record
+from rddrs.core.methods import DIAGONAL, FULL, method as method_record
 from rddrs.core.noise import Diagonal, Isotropic, NoiseSource, Smoothing, check_inputs, noisy_outputs
 from rddrs.core.presets import ANCER, DDRS, RDDRS, Search
 
@@ -152,7 +152,7 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
     law; the others go on, and ``diverged_at`` says which stopped at which iteration.
     """
     check_inputs(x, init, indices)
-    if settings.diagonal and init.family != "full":
+    if settings.diagonal and init.family != FULL:
         raise RDDRSError(f"a diagonal-only search restricts RDDRS' full C; the {init.family} family is diagonal already")
     noise = NoiseSource(seed, NoiseSource.OPTIMIZE, x.device, rotation, repeat=settings.repeat)
     objective = objectives.build(settings.objective, init.family, settings.cap)
@@ -232,7 +232,7 @@ def find_smoothing(method: str, model, x: Tensor, indices, sigma: float, seed: i
     record = method_record(method)
     if not sigma > 0:
         raise RDDRSError(f"sigma must be > 0, got {sigma}")
-    if theta is not None and (record.family != "full" or sigma_star is None):
+    if theta is not None and (record.family != FULL or sigma_star is None):
         raise RDDRSError("a diagonal start (theta of an ANCER run, with its sigma_x*) serves RDDRS only")
     settings = {**PAPER_SEARCHES, **(settings or {})}
     d = x[0].numel()
@@ -251,7 +251,7 @@ def find_smoothing(method: str, model, x: Tensor, indices, sigma: float, seed: i
     if theta is not None:
         init = Diagonal(torch.as_tensor(theta, dtype=x.dtype, device=x.device)).as_full()
     else:
-        init = star.as_diagonal() if record.family == "diagonal" else star.as_full()
+        init = {DIAGONAL: star.as_diagonal, FULL: star.as_full}[record.family]()  # searched from sigma_x* I
     lower = star.param if settings[method].floor else DDRS_FLOOR
     found = search(model, x, init, indices, settings[method], lower, seed, rotation, progress)
     traces.update(_traces(method, found))

@@ -52,6 +52,7 @@ from torch import Tensor
 
 from rddrs import RDDRSError
 from rddrs.core import spd
+from rddrs.core.methods import FULL, ISOTROPIC
 from rddrs.core.noise import Smoothing
 
 #: what the memory makes of a certificate (``Decision.status``)
@@ -110,12 +111,12 @@ def _query(x: Tensor, law: Smoothing, stored: Regions) -> tuple[Tensor, Smoothin
 
 def _full(law: Smoothing) -> bool:
     """Whether S is a dense matrix (the full family) rather than a diagonal one."""
-    return law.family == "full"
+    return law.family == FULL
 
 
 def _diagonal(law: Smoothing) -> Tensor:
     """The diagonal of S (B, d) for the isotropic and diagonal families."""
-    return law.param[:, None].expand(-1, law.dim) if law.family == "isotropic" else law.param
+    return law.param[:, None].expand(-1, law.dim) if law.family == ISOTROPIC else law.param
 
 
 def _inv_scale(law: Smoothing, m: Tensor) -> Tensor:
@@ -134,10 +135,10 @@ def _pair_geometry(x: Tensor, law: Smoothing, stored: Regions) -> tuple[Tensor, 
     if not _full(law) and not _full(laws):
         s, s2 = _diagonal(law), _diagonal(laws)
         return (offset / s) ** 2, r2 * (s2 / s) ** 2
-    if law.family == "isotropic":  # Phi: the stored eigenbases
+    if law.family == ISOTROPIC:  # Phi: the stored eigenbases
         w2, v2 = laws.eig
         return ((offset[:, None, :] @ v2).squeeze(1) / law.param) ** 2, r2 * (w2 / law.param) ** 2
-    if laws.family == "isotropic":  # Phi: the query's eigenbasis
+    if laws.family == ISOTROPIC:  # Phi: the query's eigenbasis
         w, v = law.eig
         return (offset @ v[0] / w) ** 2, r2 * (laws.param[:, None] / w) ** 2
     t = _inv_scale(law, laws.matrix())

@@ -53,6 +53,8 @@ class Adam:
         return moved
 
 
+#: the rule of each name a ``presets.Search`` may give (``presets.STEPS``, kept there without torch
+#: so that the command line offers the names before torch loads; a test ties the two)
 RULES = {"sgd": SGD, "adam": Adam}
 
 

@@ -65,10 +65,12 @@ def write_atomic(path: Path, chunks: list[bytes]) -> None:
         raise
 
 
-def _git(*cmd: str) -> str | None:
+def git(*args: str, cwd: str | Path | None = None) -> str | None:
+    """What ``git ARGS`` prints in ``cwd`` (default: this package's checkout), stripped; None
+    where git is missing or fails (not a repository)."""
     try:
-        proc = subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=20,
-                              cwd=Path(__file__).resolve().parent)
+        proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=20,
+                              cwd=cwd or Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
@@ -82,8 +84,8 @@ def provenance(device) -> dict:
     import torch
 
     declared = os.environ.get("RDDRS_SOURCE_COMMIT") or None
-    commit = declared or _git("rev-parse", "HEAD") or None
-    status = _git("status", "--porcelain") if commit and not declared else None
+    commit = declared or git("rev-parse", "HEAD") or None
+    status = git("status", "--porcelain") if commit and not declared else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {"versions": {"rddrs": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "device": f"{device} ({name})", "threads": torch.get_num_threads(), "host": platform.node(),

@@ -15,22 +15,18 @@ from tqdm import tqdm
 
 from rddrs import RDDRSError
 from rddrs.core.certify import ABSTAIN
-from rddrs.core.methods import METHODS, method as method_record
+from rddrs.core.methods import FULL, ISOTROPIC, METHODS, method as method_record
 from rddrs.core.noise import Smoothing, from_param
 from rddrs.core.regions import TOUCH_TOLERANCE, Memory
 from rddrs.core.spd import random_orthogonal
 from rddrs.pipeline.files import exclusive, write_atomic
-from rddrs.pipeline.results import COLUMNS, REQUIRED, format_row, read_rows, read_table, sidecar_path, upgrade
+from rddrs.pipeline.results import (COLUMNS, REQUIRED, format_row, memory_path, read_rows, read_table, sidecar_path,
+                                    upgrade)
 from rddrs.pipeline.runs import trace_param
 
 MEMORY_COLUMNS = COLUMNS + ("memory",)
 #: the memory status of a row CERTIFY abstained on (it has no region)
 ABSTAINED = "abstain"
-
-
-def memory_path(out: Path) -> Path:
-    """Where the memory pass over the result file ``out`` writes its rows: ``OUT.memory.tsv``."""
-    return out.with_name(out.name + ".memory.tsv")
 
 
 def read_memory_rows(path: Path, repair: bool = False) -> list[dict]:
@@ -52,7 +48,7 @@ def _trace_reader(out: Path, method: str, d: int) -> Callable[[int], Tensor]:
     def read(idx: int) -> Tensor:
         return torch.from_numpy(trace_param(out, idx, method, d))
 
-    return lru_cache(maxsize=32)(read) if method_record(method).family == "full" else read
+    return lru_cache(maxsize=32)(read) if method_record(method).family == FULL else read
 
 
 def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = True) -> Path:
@@ -93,7 +89,7 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
     rotation = random_orthogonal(d, seed=rotate) if rotate is not None else None
     family = method_record(method).family
     # the isotropic families' sigma is in the row; theta and C are in the traces
-    read = None if family == "isotropic" else _trace_reader(out, method, d)
+    read = None if family == ISOTROPIC else _trace_reader(out, method, d)
 
     def region(row: dict) -> tuple[Tensor, Smoothing]:
         """Centre and batch-1 law of a row's region."""
@@ -110,7 +106,7 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
         if len(done) == len(ordered):  # complete: nothing to rebuild (the traces need not exist)
             return path
         upgrade(path, MEMORY_COLUMNS, read_memory_rows)  # a pass of an older rddrs gets today's columns
-        memory = Memory(load=read if family == "full" else None)
+        memory = Memory(load=read if family == FULL else None)
         for row in done:
             if row["memory"] != ABSTAINED:
                 memory.store(*region(row), row["gap"], row["predict"], key=row["idx"])

@@ -40,6 +40,11 @@ def sidecar_path(out: Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
+def memory_path(out: Path) -> Path:
+    """Where the memory pass over the result file ``out`` writes its rows: ``OUT.memory.tsv``."""
+    return out.with_name(out.name + ".memory.tsv")
+
+
 def traces_dir(out: Path) -> Path:
     return out.with_name(out.name + ".traces")
 

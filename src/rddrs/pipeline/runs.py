@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from rddrs import RDDRSError
 from rddrs.core.certify import certify
-from rddrs.core.methods import PARAM_AXES, method as method_record
+from rddrs.core.methods import ISOTROPIC, PARAM_AXES, method as method_record
 from rddrs.core.noise import Smoothing, from_param
 from rddrs.core.optimize import find_smoothing
 from rddrs.core.presets import PRESETS, Search
@@ -112,7 +112,7 @@ def load_init(path: Path, run: RunSettings, indices: list[int]) -> Start:
     rows = read_rows(path)
     if missing := [i for i in indices if i not in rows]:
         raise RDDRSError(f"--init {path} has no row for idx {missing[0]} (and {len(missing) - 1} more)")
-    if method_record(settings["method"]).family == "isotropic":  # sigma_x* is the row's sigma
+    if method_record(settings["method"]).family == ISOTROPIC:  # sigma_x* is the row's sigma
         return Start({i: rows[i]["sigma_min"] for i in indices})
     d = run_dimension(path, indices[0])
     theta = {i: trace_param(path, i, settings["method"], d) for i in indices}
@@ -240,7 +240,7 @@ def load_smoothing(out: str | Path, indices, d: int, dtype: torch.dtype = torch.
     out = Path(out)
     method = read_sidecar(out)["settings"]["method"]
     family = method_record(method).family
-    if family == "isotropic":
+    if family == ISOTROPIC:
         rows = read_rows(out)
         return from_param(family, torch.tensor([rows[i]["sigma_min"] for i in indices], dtype=dtype), d, check=False)
     params = torch.from_numpy(np.stack([trace_param(out, i, method, d) for i in indices])).to(dtype)

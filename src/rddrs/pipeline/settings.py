@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from rddrs import RDDRSError
-from rddrs.core.methods import method as method_record
+from rddrs.core.methods import FULL, method as method_record
 from rddrs.core.presets import Search, preset as preset_record
 from rddrs.core.stats import gap_cap
 from rddrs.pipeline.files import write_atomic
@@ -139,7 +139,7 @@ def make_settings(method: str, sigma: float, model: str | Path, preset: str = "c
     overrides = dict(search or {})
     if overrides and not record.searched:
         raise RDDRSError(f"{record.label} has no search to override")
-    if overrides.get("diagonal") and record.family != "full":
+    if overrides.get("diagonal") and record.family != FULL:
         raise RDDRSError(f"a diagonal-only search restricts RDDRS' full C; {record.label}'s is not full")
     if overrides.get("max_step") == 0:
         overrides["max_step"] = None

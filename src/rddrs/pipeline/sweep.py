@@ -43,8 +43,8 @@ from pathlib import Path
 from rddrs import RDDRSError
 from rddrs.core.methods import NAMES, method as method_record
 from rddrs.pipeline.files import Busy, ensure_dir, exclusive
-from rddrs.pipeline.results import (model_path, read_rows, read_sidecar, result_path, row_writers, sidecar_path,
-                                    traces_dir)
+from rddrs.pipeline.results import (memory_path, model_path, read_rows, read_sidecar, result_path, row_writers,
+                                    sidecar_path, traces_dir)
 
 CERTIFY, MEMORY = "certify", "memory"
 
@@ -100,7 +100,7 @@ class RunSpec:
         return [i for lo, hi in self.ranges for i in range(lo, hi)]
 
     def settings(self):
-        """``settings.RunSettings`` of a certification (the model file is hashed once)."""
+        """``settings.RunSettings`` of a certification (hashing the model file)."""
         from rddrs.pipeline.settings import make_settings
 
         if self.kind != CERTIFY:
@@ -246,7 +246,7 @@ def standard_runs(sigma: float, preset: str, results: str | Path, *, device: str
 def memory_spec(source: RunSpec, groups: tuple[str, ...] = ("memory",)) -> RunSpec:
     """The memory pass over the certification ``source`` (``OUT.memory.tsv``)."""
     from_out = Path(source.out)
-    return RunSpec(str(from_out.with_name(from_out.name + ".memory.tsv")), kind=MEMORY, source=source.out,
+    return RunSpec(str(memory_path(from_out)), kind=MEMORY, source=source.out,
                    device="cpu", groups=groups, data=source.data)
 
 

@@ -32,7 +32,7 @@ from rddrs import RDDRSError
 from rddrs.core.methods import (METHODS as _RECORDS,  # also the order in which they are drawn and tabulated
                                 NAMES as METHODS)
 from rddrs.pipeline.files import ensure_dir, one_line, write_atomic
-from rddrs.pipeline.results import ends_mid_line, read_table, sidecar_path as _sidecar_path
+from rddrs.pipeline.results import INT_COLUMNS, REQUIRED, ends_mid_line, read_table, sidecar_path as _sidecar_path
 
 # one colour and one dash pattern per method (``rddrs.core.methods``), the same in every figure
 METHOD_LABELS = {m.name: m.label for m in _RECORDS.values()}
@@ -53,12 +53,11 @@ KIND_COLUMNS = {"proxy": "proxy_radius", "l2": "radius"}
 
 DEFAULT_RADII = tuple(0.5 * k for k in range(9))  # 0, 0.5, ..., 4.0
 
-REQUIRED_COLUMNS = ("idx", "label", "predict", "correct", "gap", "radius", "proxy_radius",
-                    "sigma_min", "seconds")
-#: the per-row arrays of ``Results``: the required columns and the search status (``ok`` in
-#: files written before the column existed)
-ROW_FIELDS = REQUIRED_COLUMNS + ("search",)
-_INT_COLUMNS = ("idx", "label", "predict", "correct")
+#: the columns of a result file (``results.REQUIRED``) that ``Results`` holds as numeric arrays
+ARRAY_COLUMNS = tuple(c for c in REQUIRED if c not in ("sigma_proxy", "sigma_max", "p_lower"))
+#: the per-row arrays of ``Results``: those and the search status (``ok`` in files written
+#: before the column existed)
+ROW_FIELDS = ARRAY_COLUMNS + ("search",)
 
 
 @dataclass
@@ -156,8 +155,8 @@ def read_results(path, method: str | None = None, sigma: float | None = None) ->
         raise RDDRSError(f"{path}: no result rows below the header")
 
     cols = {name: np.array([r[name] for r in rows],
-                           dtype=np.int64 if name in _INT_COLUMNS else np.float64)
-            for name in REQUIRED_COLUMNS}
+                           dtype=np.int64 if name in INT_COLUMNS else np.float64)
+            for name in ARRAY_COLUMNS}
     cols["search"] = np.array([r.get("search", "ok") for r in rows], dtype=object)
     res = Results(path=path, **cols, partial=ends_mid_line(path))
 
@@ -196,7 +195,7 @@ def read_results(path, method: str | None = None, sigma: float | None = None) ->
 def _checked_rows(path: Path):
     """The rows of ``results.read_table`` (the reader that resuming runs use too), each checked
     for what the statistics assume."""
-    for line, row in read_table(path, REQUIRED_COLUMNS)[1]:
+    for line, row in read_table(path, ARRAY_COLUMNS)[1]:
         where = f"{path} line {line}"
         if row["correct"] not in (0, 1):
             raise RDDRSError(f"{where}: column 'correct' must be 0 or 1, got {row['correct']}")

@@ -4,7 +4,7 @@ A study is a list of named variants (a method, overrides of its ``Search``, a ro
 certified on the same first ``count`` test images by ``run_certification``, each
 into ``RESULTS/claims/STUDY/VARIANT.tsv`` (resumable, cached by preset through RESULTS). A
 variant whose settings are the preset's own is the standard run ``RESULTS/METHOD_sigmaS.tsv``
-of chapter 6, which is read rather than recomputed. ANCER and RDDRS variants start from the
+of the mnist chapter, which is read rather than recomputed. ANCER and RDDRS variants start from the
 DDRS variant of their study with the same rotation (the standard DDRS run when unrotated).
 
 Beside each variant the driver keeps a digest, ``VARIANT.digest.npz``, small enough to commit
@@ -31,7 +31,7 @@ import torch
 
 from rddrs import RDDRSError
 from rddrs.core import presets, spd
-from rddrs.core.methods import NAMES as METHODS, method as method_record
+from rddrs.core.methods import ISOTROPIC, NAMES as METHODS, method as method_record
 from rddrs.core.noise import FullSPD, Isotropic
 from rddrs.core.optimize import objective_and_gradient
 from rddrs.pipeline import sweep
@@ -279,7 +279,7 @@ def _digest(variant: Variant, path: Path, init: Path | None, results: analysis.R
         with np.load(folder / f"{i}.npz") as stored:
             traces.append(stored[variant.method])
             stars.append(float(stored["sigma_star"]) if "sigma_star" in stored else math.nan)
-            if record.family == "isotropic":  # S = sigma I: its row has sigma
+            if record.family == ISOTROPIC:  # S = sigma I: its row has sigma
                 spectra.append(np.array([sigma]))
                 continue
             if "param" not in stored:

@@ -27,12 +27,12 @@ import json
 import math
 import numbers
 import re
-import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from rddrs import RDDRSError
 from rddrs.core.methods import METHODS as _METHODS
+from rddrs.pipeline.files import git
 from rddrs.pipeline.results import provenance_parts
 
 # -- figures ----------------------------------------------------------------------------------
@@ -371,11 +371,6 @@ class Table:
                 f"<thead>{spans}<tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}</div>")
 
 
-def markdown_table(columns: Sequence[str], rows: Sequence[Sequence], **kwargs) -> str:
-    """:meth:`Table.markdown` of a table without caption."""
-    return Table(columns, rows, caption="-", **kwargs).markdown()
-
-
 # -- where the numbers come from ----------------------------------------------------------------
 
 class Note:
@@ -392,15 +387,6 @@ class Note:
         body = "".join(f"<p>{Table._html(p)}</p>" for p in self.paragraphs)
         return (f'<div class="admonition note rddrs-provenance"><p class="admonition-title">'
                 f"{html.escape(self.title)}</p>{body}</div>")
-
-
-def _git(folder: Path, *args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
-                             timeout=20, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def results_provenance(results_dir) -> dict:
@@ -427,7 +413,7 @@ def results_provenance(results_dir) -> dict:
         for prov in provenance_parts(meta) or [{}]:  # every session that wrote rows of the file
             _add_session(info, prov)
     if info["files"]:
-        logged = _git(folder, "log", "-1", "--format=%h %cs", "--", ".")
+        logged = git("log", "-1", "--format=%h %cs", "--", ".", cwd=folder)
         if logged:
             info["stored"] = tuple(logged.split(" ", 1))
     return info

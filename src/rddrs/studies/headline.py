@@ -103,7 +103,7 @@ CANDIDATES = {
     ("rddrs", "adam"): ({"lr": 0.3, "max_step": 0}, {"lr": 1.0, "max_step": 0}, {"lr": 3.0, "max_step": 0}),
 }
 
-#: the chosen candidate of each pair (the tuning study's largest proxy ACR; chapter 7 checks it)
+#: the chosen candidate of each pair (the tuning study's largest proxy ACR; the budget chapter checks it)
 STEP_SIZES = {
     ("ddrs", "sgd"): {"lr": 1e-2},
     ("ddrs", "adam"): {"lr": 3e-2},
@@ -117,7 +117,7 @@ STEP_SIZES = {
 FROM_ANCER = (("soft", "sgd", "ancer_soft_adam"), ("soft", "adam", "ancer_soft_adam"),
               ("capped", "adam", "ancer_soft_adam"), ("capped", "adam", "ancer_capped_adam"))
 
-#: each method's best variant in the variants study (largest proxy ACR; chapter 7 checks it)
+#: each method's best variant in the variants study (largest proxy ACR; the budget chapter checks it)
 BEST = {"ddrs": "ddrs_capped_sgd", "ancer": "ancer_soft_adam", "rddrs": "rddrs_capped_adam_from_ancer_capped_adam"}
 
 

@@ -7,7 +7,7 @@ words of ``WORDS``; the authors' pipeline has names of its own (``PIPELINE``).
 
 from __future__ import annotations
 
-from rddrs.core.methods import method as method_record
+from rddrs.core.methods import FULL, method as method_record
 
 #: the vocabulary of the labels
 WORDS = {"soft": "soft", "clamped": "clamped", "capped": "capped",
@@ -54,7 +54,7 @@ def _parts(variant, brief: bool) -> list[str]:
     if "objective" in s:
         parts.append(WORDS[s["objective"]])
     if "step" in s:
-        rule = "riemannian adam" if s["step"] == "adam" and record.family == "full" else s["step"]
+        rule = "riemannian adam" if s["step"] == "adam" and record.family == FULL else s["step"]
         parts.append(WORDS[rule])
     if "lr" in s and not brief:
         parts.append(f"step {_number(s['lr'])}")

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from rddrs import RDDRSError
 from rddrs.core.certify import ABSTAIN, certify
-from rddrs.core.methods import method as method_record
+from rddrs.core.methods import DIAGONAL, FULL, ISOTROPIC, method as method_record
 from rddrs.core.noise import Diagonal, FullSPD, Isotropic, Smoothing
 from rddrs.core.optimize import find_smoothing
 from rddrs.core.presets import Search, preset as preset_record
@@ -82,9 +82,9 @@ def shares(model, points: Tensor, law: Smoothing, samples: int, seed: int, key: 
 
 def scales(law: Smoothing) -> np.ndarray:
     """The scales of S, ascending: the eigenvalues of C, theta sorted, or sigma d times."""
-    if law.family == "full":
+    if law.family == FULL:
         return torch.linalg.eigvalsh(law.param[0].double()).cpu().numpy()
-    if law.family == "diagonal":
+    if law.family == DIAGONAL:
         return np.sort(law.param[0].double().cpu().numpy())
     return np.full(law.dim, float(law.param[0]))
 
@@ -98,9 +98,9 @@ def spectrum(law: Smoothing) -> dict:
 
 def top_axes(law: Smoothing, k: int) -> tuple[np.ndarray, Tensor] | None:
     """The k largest scales and their unit axes (k, d); None for isotropic noise (no axis)."""
-    if law.family == "isotropic":
+    if law.family == ISOTROPIC:
         return None
-    if law.family == "diagonal":
+    if law.family == DIAGONAL:
         theta = law.param[0].double()
         order = theta.argsort(descending=True)[:k]
         return theta[order].cpu().numpy(), torch.eye(law.dim, dtype=torch.float64, device=theta.device)[order]
@@ -147,9 +147,9 @@ def split(model, x: Tensor, label: int, law: Smoothing, samples: int, seed: int,
           threshold: float = 1.0) -> dict | None:
     """x's share of the votes under S's axes above ``threshold`` alone, under those at most it
     alone, and under isotropic noise at S's smallest scale (None for isotropic noise)."""
-    if law.family == "isotropic":
+    if law.family == ISOTROPIC:
         return None
-    if law.family == "diagonal":
+    if law.family == DIAGONAL:
         theta = law.param
         big, small = Diagonal(theta * (theta > threshold), check=False), Diagonal(theta * (theta <= threshold), check=False)
     else:
@@ -348,7 +348,7 @@ def refutations(preset: str, results, *, device: str = "cpu", data="data", model
 
 def laws_kept(path) -> bool:
     """Whether the laws a run certified with are here: in its rows (RS, DDRS) or in its traces."""
-    return method_record(read_sidecar(path)["settings"]["method"]).family == "isotropic" or \
+    return method_record(read_sidecar(path)["settings"]["method"]).family == ISOTROPIC or \
         traces_dir(Path(path)).is_dir()
 
 

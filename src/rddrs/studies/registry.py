@@ -1,17 +1,19 @@
 """What a preset needs: every result file that the heavy chapters read, as run specifications.
 
-==========  =====================================================  ========================
-group       runs                                                   read by
-==========  =====================================================  ========================
-standard    the four methods at each sigma (``sweep.standard_specs``)  chapters 6 and 8
-memory      the memory pass over each standard run                 chapter 8
-claims      the variants of chapter 7's studies (``claims.studies``)  chapter 7
-headline    the headline studies (``rddrs.studies.headline``)              the headline chapter
-figure2     the paper's Figure 2 at its own settings               the headline chapter
+==========  ====================================================  ==========================
+group       runs                                                  read by the chapter
+==========  ====================================================  ==========================
+standard    the four methods at each sigma                        mnist, budget, soundness
+            (``sweep.standard_specs``)
+memory      the memory pass over each standard run                soundness
+claims      the variants of the claims studies (``claims.studies``)  claims
+headline    the studies of a smaller budget                       budget
+            (``rddrs.studies.headline``)
+figure2     the paper's Figure 2 at its own settings              headline
             (``headline.figure2_study``, ``paper`` preset only)
-mechanism   the laws behind the headline, with their traces        the headline chapter
+mechanism   the laws behind the headline, with their traces       headline
             (``headline.mechanism_study``; ``rddrs.studies.mechanism``)
-==========  =====================================================  ========================
+==========  ====================================================  ==========================
 
 A sweep starts the figure2 group first, at sigma 0.25, then 0.5, then 0.12, its lower tier
 after the rest at each sigma, chunk by chunk (``sweep.execute``), the mechanism study's images
@@ -40,7 +42,7 @@ GROUPS = ("standard", "memory", "claims", "headline", "figure2", "mechanism")
 LATER = 100
 #: the training sigmas of the paper's classifiers
 SIGMAS = (0.12, 0.25, 0.5)
-#: the classifier chapter 7's studies use
+#: the classifier the claims and budget studies use
 STUDY_SIGMA = 0.25
 
 
@@ -50,7 +52,7 @@ def runs(preset: str, results: str | Path | None = None, *, sigmas: Iterable[flo
          models: str | Path = "data/models") -> list[sweep.RunSpec]:
     """Every run ``preset`` needs in ``results`` (default ``results/PRESET``), in an order where
     each comes after the run it starts from. ``count`` overrides the number of test images of the
-    standard runs and of chapter 7's studies (the headline studies keep their budgets);
+    standard runs and of the claims studies (the headline studies keep their budgets);
     ``sigmas``, ``methods`` and ``groups`` keep only the runs they name, with what those start from.
     The figure2 group's runs hold the whole test set unless ``count`` says otherwise."""
     preset_record(preset)

@@ -36,7 +36,7 @@ class CheckNoise(NoiseSource):
     """``NoiseSource`` with the stages of the checks, disjoint from those of the method."""
 
     ATTACK, VALIDATE = "attack", "validate"
-    _STAGES: ClassVar[dict[str, int]] = {**NoiseSource._STAGES, ATTACK: 3, VALIDATE: 4}
+    STAGES: ClassVar[dict[str, int]] = {**NoiseSource.STAGES, ATTACK: 3, VALIDATE: 4}
 
 
 def two_sided_interval(k, n, alpha: float) -> tuple[np.ndarray, np.ndarray]:
