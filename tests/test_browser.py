@@ -230,3 +230,42 @@ def test_the_book_holds_tables_and_figures(browser, html):
     assert counts["book/claims"][0] >= 7, counts["book/claims"]
     assert counts["book/soundness"][0] >= 4, counts["book/soundness"]
     assert tables >= 25 and images >= 15, counts
+
+
+# In each theme, the contrast of every table's caption and cells with what is behind them (the
+# first ancestor with a background): WCAG's ratio of relative luminances.
+CONTRAST = r"""
+const theme = arguments[0];
+document.documentElement.dataset.theme = theme;
+document.documentElement.dataset.mode = theme;
+function rgb(text) { return text.match(/[\d.]+/g).map(Number); }
+function luminance(c) {
+  const [r, g, b] = c.slice(0, 3).map(v => v / 255).map(v => v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4);
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+}
+function behind(el) {
+  for (; el; el = el.parentElement) {
+    const c = rgb(getComputedStyle(el).backgroundColor);
+    if (c.length < 4 || c[3] > 0) return c;
+  }
+  return rgb(getComputedStyle(document.body).backgroundColor);
+}
+const low = [];
+for (const el of document.querySelectorAll("article.bd-article table caption, article.bd-article table td")) {
+  if (!el.textContent.trim()) continue;
+  const a = luminance(rgb(getComputedStyle(el).color)), b = luminance(behind(el));
+  const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+  if (ratio < 4.5) low.push(`${el.tagName.toLowerCase()} ${ratio.toFixed(1)}: ${el.textContent.trim().slice(0, 50)}`);
+}
+return low;
+"""
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_tables_read_in_both_themes(browser, html, theme):
+    low = {}
+    for name in toc_files():
+        browser.get((html / f"{name}.html").as_uri())
+        if found := browser.execute_script(CONTRAST, theme):
+            low[name] = found[:3]
+    assert not low, f"table text below a 4.5 contrast ratio in the {theme} theme: {low}"
