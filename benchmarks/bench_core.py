@@ -152,9 +152,9 @@ from rddrs.pipeline.runs import certify_mnist
 from rddrs.core.certify import certify  # noqa: F401
 t2 = time.perf_counter()
 from pathlib import Path
-from rddrs.pipeline.data import load_mnist
+from rddrs.pipeline.data import load_dataset
 from rddrs.pipeline.models import load_model
-images, _ = load_mnist(Path(sys.argv[2]), train=False)
+images, _ = load_dataset(Path(sys.argv[2]), train=False)
 t3 = time.perf_counter()
 load_model(sys.argv[1])
 t4 = time.perf_counter()
