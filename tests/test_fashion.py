@@ -398,3 +398,27 @@ def test_a_run_resumed_on_another_dataset_is_refused(bare_model, data_root, tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "was run with another dataset" in err
     assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------- the committed Fashion-MNIST model
+
+
+def test_the_committed_fashion_model_is_trained_with_the_recipe_and_accurate(data_root):
+    from rddrs.pipeline.models import load_model
+    from rddrs.pipeline.train import DEFAULTS
+
+    pt = model_path(0.25, ROOT / "data" / "models", "fashion-mnist")
+    meta = json.loads(pt.with_suffix(".json").read_text())
+    assert meta["dataset"] == "fashion-mnist" and meta["arch"] == "MnistCNN"
+    assert {k: meta["settings"][k] for k in DEFAULTS} == DEFAULTS and meta["settings"]["max_batches"] is None
+    assert meta["settings"]["sigma"] == 0.25
+    for path in (pt, pt.with_suffix(".pt2")):
+        assert meta["files"][path.name] == {"bytes": path.stat().st_size,
+                                            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    images, labels = load_dataset(data_root, "fashion-mnist", train=False)
+    x, y = images[:1000], labels[:1000]
+    with torch.no_grad():
+        logits, program = load_model(pt)(x), load_model(pt.with_suffix(".pt2"))(x)
+    torch.testing.assert_close(program, logits, atol=1e-5, rtol=0)
+    assert (logits.argmax(1) == y).float().mean().item() >= 0.85
+    assert meta["clean_test_accuracy"] >= 0.85 and meta["noisy_test_accuracy"] >= 0.84
