@@ -148,7 +148,7 @@ import torch
 t1 = time.perf_counter()
 from rddrs.cli import build_parser
 from rddrs.pipeline.settings import make_settings  # noqa: F401
-from rddrs.pipeline.runs import certify_mnist
+from rddrs.pipeline.runs import certify_dataset  # noqa: F401
 from rddrs.core.certify import certify  # noqa: F401
 t2 = time.perf_counter()
 from pathlib import Path
