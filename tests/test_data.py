@@ -528,6 +528,7 @@ def test_real_mnist(real_root, train, counts):
 def test_real_raw_files_are_the_official_ones(real_root):
     raw = real_root / "MNIST" / "raw"
     assert {name: sha256_file(raw / name) for name in RAW_FILES} == OFFICIAL_RAW_SHA256
+    assert data.MNIST.raw_sha256 == OFFICIAL_RAW_SHA256  # the dataset's record
 
 
 def test_real_cached_pickle_digest(real_root):

@@ -310,6 +310,9 @@ def test_a_model_records_its_dataset(fashion_model, bare_model):
     assert "dataset" not in json.loads(MNIST_MODEL.with_suffix(".json").read_text())  # an old record ...
     assert trained_on(MNIST_MODEL) == "mnist"  # ... reads as mnist
     assert trained_on(bare_model) is None
+    foreign = bare_model.with_name("foreign.pt2")
+    foreign.with_suffix(".json").write_text('{"description": "a record of someone else\'s"}')
+    assert trained_on(foreign) is None
 
 
 def test_a_model_of_another_dataset_is_one_line(fashion_model, data_root, tmp_path, capsys):

@@ -155,8 +155,9 @@ CLASSES = len(MNIST.classes)
 
 def trained_on(path: str | Path) -> str | None:
     """The dataset the model ``path`` was trained on, from its record ``X.json`` (written by ``rddrs
-    train``; a record from before datasets were recorded says mnist), or None for a model without a
-    record (a torch.export program from elsewhere); a record that cannot be read is a one-line error."""
+    train``, naming the architecture; a record from before datasets were recorded says mnist), or
+    None for a model without such a record (a torch.export program from elsewhere); a record that
+    cannot be read is a one-line error."""
     record = Path(path).with_suffix(".json")
     if not record.is_file():
         return None
@@ -164,8 +165,9 @@ def trained_on(path: str | Path) -> str | None:
         meta = json.loads(record.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RDDRSError(f"cannot read the record {record} of the model {path} ({one_line(err)})") from None
-    name = meta.get("dataset", MNIST.name) if isinstance(meta, dict) else MNIST.name
-    return str(name)
+    if not (isinstance(meta, dict) and "arch" in meta):
+        return None  # not a record of ours
+    return str(meta.get("dataset", MNIST.name))
 
 
 def check_outputs(model: nn.Module, x: Tensor, name: str | Path, classes: int = CLASSES) -> None:
