@@ -269,6 +269,14 @@ def test_valid_raw_files_are_used_as_they_are(data_root, capsys):
     assert snapshot(raw) == before
 
 
+def test_the_raw_layout_is_torchvisions(data_root):
+    from torchvision.datasets import FashionMNIST
+
+    theirs = FashionMNIST(root=str(data_root), train=False, download=False)
+    images, labels = load_dataset(data_root, "fashion-mnist", train=False)
+    assert torch.equal(theirs.targets, labels) and torch.equal(theirs.data.unsqueeze(1).float() / 255, images)
+
+
 @pytest.mark.parametrize("train, n", [(True, 60000), (False, 10000)])
 def test_fashion_mnist_loads_with_ten_balanced_classes(data_root, train, n):
     images, labels = load_dataset(data_root, "fashion-mnist", train=train)

@@ -5,9 +5,10 @@ Every time a training image ``x`` is seen it is replaced by ``x + sigma * eps`` 
 inputs that randomized smoothing will feed it.
 
 Recipe (the defaults, used for the models in ``data/models/``): ``MnistCNN`` on the 60000
-training images of the dataset (``--dataset``: MNIST, or Fashion-MNIST), cross-entropy loss, Adam (betas 0.9/0.999, no weight decay) with
-batch size 256 and learning rate 2e-3 decayed along a cosine to 0 over all steps, 20 epochs.
-This reaches about 99% clean test accuracy on MNIST at sigma = 0.12 in a few minutes on 2 CPU cores.
+training images of the dataset (``--dataset``: MNIST, or Fashion-MNIST), cross-entropy loss,
+Adam (betas 0.9/0.999, no weight decay) with batch size 256 and learning rate 2e-3 decayed along
+a cosine to 0 over all steps, 20 epochs. This reaches about 99% clean test accuracy on MNIST at
+sigma = 0.12, and 87% on Fashion-MNIST at sigma = 0.25, in a few minutes on 2 CPU cores.
 
 Reproducibility: the weights' initialisation, the order of the images and the noise all
 come from ``--seed`` (noise and order from a CPU generator, so they do not depend on the
