@@ -17,6 +17,11 @@ export OMP_NUM_THREADS ?= 2
 
 INSTALLED := $(VENV)/.installed
 MNIST     := data/MNIST/raw/t10k-labels-idx1-ubyte
+# make data DATASET=fashion-mnist: Fashion-MNIST from Debian's package dataset-fashion-mnist
+# (installed with apt-get where it is missing), into data/FashionMNIST/raw
+DATASET   ?= mnist
+FASHION   := data/FashionMNIST/raw/t10k-labels-idx1-ubyte
+FASHION_PACKAGE := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 # MathJax 3 from the npm registry, unpacked where _config.yml's html_extra_path finds it
 MATHJAX_VERSION ?= 3.2.2
 MATHJAX_DIR := _mathjax/_static/mathjax
@@ -43,13 +48,23 @@ venv: $(INSTALLED)  ## create .venv and install rddrs with its book, test and cl
 $(MNIST): | $(INSTALLED)
 	$(BIN)/rddrs data --root data
 
-data: $(MNIST)  ## fetch MNIST into data/MNIST/raw (torchvision layout), checksum-verified
+$(FASHION_PACKAGE):
+	@if [ "$$(id -u)" -eq 0 ]; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist; }; \
+	else echo "Fashion-MNIST comes from Debian's package dataset-fashion-mnist: install it with" \
+	  "\`apt-get install dataset-fashion-mnist\` (as root)" >&2; exit 1; fi
+
+$(FASHION): | $(FASHION_PACKAGE) $(INSTALLED)
+	$(BIN)/rddrs data --root data --dataset fashion-mnist
+
+data: $(if $(filter fashion-mnist,$(DATASET)),$(FASHION),$(MNIST))  ## fetch MNIST (DATASET=fashion-mnist: Fashion-MNIST, from Debian's package) into data/ (torchvision layout), checksum-verified
 
 # the three base classifiers of the paper (Gaussian augmentation at each sigma), with the
-# recipe of rddrs.train's defaults; each writes data/models/mnist_cnn_sigmaS.{pt,pt2,json}
+# recipe of rddrs.train's defaults; each writes data/models/DATASET_cnn_sigmaS.{pt,pt2,json}
 SIGMAS ?= 0.12 0.25 0.50
-train: $(INSTALLED) $(MNIST)  ## retrain the models in data/models/ (sigma 0.12 0.25 0.50; CPU: a few minutes each, up to ~10 when busy)
-	for s in $(SIGMAS); do $(BIN)/rddrs train --sigma $$s --device $(DEVICE) || exit 1; done
+train: $(INSTALLED) data  ## retrain the models in data/models/ (sigma 0.12 0.25 0.50, DATASET; CPU: a few minutes each, up to ~10 when busy)
+	for s in $(SIGMAS); do $(BIN)/rddrs train --dataset $(DATASET) --sigma $$s --device $(DEVICE) || exit 1; done
 
 # nbval checks the light chapters' executed notebooks: every cell must run, and the cells tagged
 # nbval-check-output must print what is stored

@@ -148,13 +148,13 @@ import torch
 t1 = time.perf_counter()
 from rddrs.cli import build_parser
 from rddrs.pipeline.settings import make_settings  # noqa: F401
-from rddrs.pipeline.runs import certify_mnist
+from rddrs.pipeline.runs import certify_dataset  # noqa: F401
 from rddrs.core.certify import certify  # noqa: F401
 t2 = time.perf_counter()
 from pathlib import Path
-from rddrs.pipeline.data import load_mnist
+from rddrs.pipeline.data import load_dataset
 from rddrs.pipeline.models import load_model
-images, _ = load_mnist(Path(sys.argv[2]), train=False)
+images, _ = load_dataset(Path(sys.argv[2]), train=False)
 t3 = time.perf_counter()
 load_model(sys.argv[1])
 t4 = time.perf_counter()

@@ -51,9 +51,9 @@ def test_every_method_certifies_a_linear_classifier_within_its_exact_region_on_c
 
 @pytest.fixture(scope="module")
 def mnist():
-    from rddrs.pipeline.data import load_mnist
+    from rddrs.pipeline.data import load_dataset
 
-    return load_mnist(DATA, train=False)
+    return load_dataset(DATA, train=False)
 
 
 @pytest.mark.parametrize("method", ["rs", "ddrs", "ancer", "rddrs"])

@@ -20,7 +20,7 @@ from torchvision.datasets import MNIST
 
 from rddrs import RDDRSError
 from rddrs.pipeline import data
-from rddrs.pipeline.data import (MEMBER, RAW_FILES, SHA256, extract_pickle, fetch_mnist, load_mnist,
+from rddrs.pipeline.data import (MEMBER, RAW_FILES, SHA256, extract_pickle, fetch_mnist, load_dataset,
                                  write_raw_from_pickle)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -398,8 +398,8 @@ def test_fetch_reuses_valid_raw_files_without_download(full_size_root, no_downlo
 
 
 @pytest.mark.parametrize("train, n", [(True, 60000), (False, 10000)])
-def test_load_mnist_scales_like_to_tensor(full_size_root, train, n):
-    images, labels = load_mnist(full_size_root, train=train)
+def test_load_dataset_scales_like_to_tensor(full_size_root, train, n):
+    images, labels = load_dataset(full_size_root, train=train)
     assert images.shape == (n, 1, 28, 28) and images.dtype == torch.float32
     assert labels.shape == (n,) and labels.dtype == torch.int64
     expected = torch.from_numpy((np.arange(n * 784) % 251).astype(np.uint8)).reshape(n, 1, 28, 28)
@@ -438,7 +438,7 @@ def test_invalid_existing_raw_file_is_reported_not_overwritten(tmp_path, no_down
     assert bad.read_bytes() == content
 
 
-def test_load_mnist_rejects_invalid_files(full_size_root, tmp_path):
+def test_load_dataset_rejects_invalid_files(full_size_root, tmp_path):
     root = tmp_path / "copy"
     (root / "MNIST" / "raw").mkdir(parents=True)
     for name in RAW_FILES:
@@ -447,18 +447,18 @@ def test_load_mnist_rejects_invalid_files(full_size_root, tmp_path):
     bad.unlink()
     bad.write_bytes(struct.pack(">2i", 2049, 10000) + bytes(9999) + b"\x0c")
     with pytest.raises(RDDRSError) as excinfo:
-        load_mnist(root, train=False)
+        load_dataset(root, train=False)
     assert "outside 0..9" in one_line(excinfo)
 
 
 @pytest.mark.parametrize("present", [[], RAW_FILES[:2]])
-def test_load_mnist_without_data_says_how_to_get_it(tmp_path, present):
+def test_load_dataset_without_data_says_how_to_get_it(tmp_path, present):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name in present:
         (raw / name).write_bytes(b"")
     with pytest.raises(RDDRSError) as excinfo:
-        load_mnist(tmp_path, train=True)
+        load_dataset(tmp_path, train=True)
     message = one_line(excinfo)
     assert "rddrs data" in message and "make data" in message
 
@@ -516,7 +516,7 @@ def real_root():
 
 @pytest.mark.parametrize("train, counts", [(True, TRAIN_COUNTS), (False, TEST_COUNTS)])
 def test_real_mnist(real_root, train, counts):
-    images, labels = load_mnist(real_root, train=train)
+    images, labels = load_dataset(real_root, train=train)
     n = sum(counts)
     assert images.shape == (n, 1, 28, 28) and images.dtype == torch.float32
     assert labels.shape == (n,) and labels.dtype == torch.int64
@@ -528,6 +528,7 @@ def test_real_mnist(real_root, train, counts):
 def test_real_raw_files_are_the_official_ones(real_root):
     raw = real_root / "MNIST" / "raw"
     assert {name: sha256_file(raw / name) for name in RAW_FILES} == OFFICIAL_RAW_SHA256
+    assert data.MNIST.raw_sha256 == OFFICIAL_RAW_SHA256  # the dataset's record
 
 
 def test_real_cached_pickle_digest(real_root):

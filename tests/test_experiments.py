@@ -490,7 +490,7 @@ def test_a_diverging_image_is_a_row_certified_with_its_last_finite_law(tmp_path)
     without the diverging ones. Old rows without the column read as ok; RS rows say -."""
     from rddrs.core.certify import certify as certify_law
     from rddrs.core.noise import FullSPD
-    from rddrs.pipeline.data import load_mnist
+    from rddrs.pipeline.data import load_dataset
     from rddrs.pipeline.models import load_model
 
     model_file = ROOT / "data" / "models" / "mnist_cnn_sigma0.25.pt"
@@ -502,7 +502,7 @@ def test_a_diverging_image_is_a_row_certified_with_its_last_finite_law(tmp_path)
     diverged = [i for i, r in rows.items() if r["search"].startswith("diverged@")]
     calm = [i for i, r in rows.items() if r["search"] == "ok"]
     assert diverged and calm and len(diverged) + len(calm) == 4
-    images, labels = load_mnist(DATA, train=False)
+    images, labels = load_dataset(DATA, train=False)
     model = load_model(model_file)
     for i in diverged:
         with np.load(tmp_path / "wild.tsv.traces" / f"{i}.npz") as trace:

@@ -13,7 +13,7 @@ from helpers import raises_one_line
 from torch import nn
 
 from rddrs import RDDRSError
-from rddrs.pipeline.data import load_mnist
+from rddrs.pipeline.data import load_dataset
 from rddrs.pipeline.files import one_line
 from rddrs.pipeline.models import ExportedModel, LogOutputs, MnistCNN, load_model
 from rddrs.pipeline.train import save
@@ -43,7 +43,7 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def test_images():
-    x, y = load_mnist(REPO / "data", train=False)
+    x, y = load_dataset(REPO / "data", train=False)
     return x[:1000], y[:1000]
 
 

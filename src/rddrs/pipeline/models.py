@@ -2,7 +2,7 @@
 
 ``MnistCNN`` is the paper's base classifier: two 5x5 convolutions with 16 and 32 channels,
 each followed by ReLU and 2x2 max-pooling, then one linear layer to 10 logits. Input:
-N x 1 x 28 x 28 images in [0, 1].
+N x 1 x 28 x 28 images in [0, 1] (MNIST or Fashion-MNIST).
 
 ``load_model`` turns a file into a frozen classifier ``N x 1 x 28 x 28 -> N x 10 logits``
 (eval mode, parameters without gradients, input gradients flowing). It reads two formats:
@@ -13,7 +13,8 @@ N x 1 x 28 x 28 images in [0, 1].
 - any ``torch.export`` program (``.pt2``, written by ``torch.export.save``), which loads with
   ``torch.export.load(X).module()`` without the model's Python class.
 
-Which format a file is in is read from its content, not from its suffix.
+Which format a file is in is read from its content, not from its suffix. ``trained_on`` reads
+the dataset a model was trained on from its record ``X.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from rddrs import RDDRSError
+from rddrs.pipeline.data import MNIST
 from rddrs.pipeline.files import one_line
 
 
@@ -145,10 +147,27 @@ def _is_export_archive(path: Path) -> bool:
         return False
 
 
-#: what every model must take: a batch of MNIST images
-INPUT_SHAPE = (1, 28, 28)
-#: and what it must give for each: one logit (or probability) per MNIST class
-CLASSES = 10
+#: what every model must take: a batch of images of the datasets (all 1 x 28 x 28)
+INPUT_SHAPE = MNIST.input_shape
+#: and what it must give for each: one logit (or probability) per class (10 in every dataset)
+CLASSES = len(MNIST.classes)
+
+
+def trained_on(path: str | Path) -> str | None:
+    """The dataset the model ``path`` was trained on, from its record ``X.json`` (written by ``rddrs
+    train``, naming the architecture; a record from before datasets were recorded says mnist), or
+    None for a model without such a record (a torch.export program from elsewhere); a record that
+    cannot be read is a one-line error."""
+    record = Path(path).with_suffix(".json")
+    if not record.is_file():
+        return None
+    try:
+        meta = json.loads(record.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RDDRSError(f"cannot read the record {record} of the model {path} ({one_line(err)})") from None
+    if not (isinstance(meta, dict) and "arch" in meta):
+        return None  # not a record of ours
+    return str(meta.get("dataset", MNIST.name))
 
 
 def check_outputs(model: nn.Module, x: Tensor, name: str | Path, classes: int = CLASSES) -> None:
@@ -165,7 +184,7 @@ def check_outputs(model: nn.Module, x: Tensor, name: str | Path, classes: int = 
     if out.ndim != 2 or out.shape[0] != len(x) or out.shape[1] != classes:
         shape = " x ".join(map(str, out.shape)) or "a scalar"
         raise RDDRSError(f"{name} gives outputs of shape {shape} for {len(x)} image{'s' * (len(x) != 1)}; rddrs "
-                         f"needs N x {classes} (one logit per MNIST class)")
+                         f"needs N x {classes} (one logit per class)")
     if not torch.isfinite(out).all():
         raise RDDRSError(f"{name} gives NaN or infinite outputs on test images; its certificates would be "
                          f"meaningless: check the model")

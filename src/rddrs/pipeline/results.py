@@ -54,9 +54,18 @@ def result_path(results: str | Path, method: str, sigma: float) -> Path:
     return Path(results) / f"{method}_sigma{sigma:.2f}.tsv"
 
 
-def model_path(sigma: float, models: str | Path = "data/models") -> Path:
-    """The base classifier trained at ``sigma`` (``make train``)."""
-    return Path(models) / f"mnist_cnn_sigma{sigma:.2f}.pt"
+def dataset_folder(results: str | Path, dataset: str = "mnist") -> Path:
+    """Where the runs on ``dataset`` live in a preset's results folder: the folder itself for MNIST
+    (the layout of the committed results), its sub-folder named after the dataset for another
+    (``results/cpu/fashion-mnist/rs_sigma0.25.tsv``)."""
+    return Path(results) if dataset == "mnist" else Path(results) / dataset
+
+
+def model_path(sigma: float, models: str | Path = "data/models", dataset: str = "mnist") -> Path:
+    """The base classifier trained on ``dataset`` at ``sigma``: where ``rddrs train`` writes it by
+    default and where the runs of a preset look for it (``data/models/mnist_cnn_sigma0.25.pt``,
+    ``data/models/fashion-mnist_cnn_sigma0.25.pt``)."""
+    return Path(models) / f"{dataset}_cnn_sigma{sigma:.2f}.pt"
 
 
 def read_sidecar(out: Path) -> dict:

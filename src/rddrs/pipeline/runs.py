@@ -1,4 +1,4 @@
-"""Resumable certification runs over a slice of the MNIST test set.
+"""Resumable certification runs over a slice of a dataset's test set (MNIST or Fashion-MNIST).
 
 A run certifies test images ``start .. start+count-1`` with one method and writes one
 tab-separated row per image, appended and flushed as soon as its batch is done, plus a JSON
@@ -31,12 +31,13 @@ from rddrs.core.noise import Smoothing, from_param
 from rddrs.core.optimize import find_smoothing
 from rddrs.core.presets import PRESETS, Search
 from rddrs.core.spd import random_orthogonal
+from rddrs.pipeline.data import dataset, load_dataset
 from rddrs.pipeline.files import ensure_dir, exclusive, one_line, provenance, write_atomic
 from rddrs.pipeline.models import check_outputs, load_model, resolve_device
 from rddrs.pipeline.results import (COLUMNS, format_row, index_ranges, provenance_parts, read_rows, read_sidecar,
                                     search_status, sidecar_path, traces_dir, upgrade, with_parts, write_rows)
-from rddrs.pipeline.settings import (RunSettings, default_inputs_per_batch, normalised, resuming, settings_differ,
-                                     write_sidecar)
+from rddrs.pipeline.settings import (RunSettings, default_inputs_per_batch, normalised, resuming, run_dataset,
+                                     settings_differ, write_sidecar)
 
 
 class Rotated(torch.nn.Module):
@@ -60,13 +61,12 @@ def _check_writable(out: Path) -> None:
         raise RDDRSError(f"cannot write {out} ({one_line(err)}); make it writable or choose another --out") from None
 
 
-def certify_mnist(settings: RunSettings, out: str | Path, start: int = 0, count: int | None = None,
-                  data: str | Path = "data", inputs_per_batch: int | None = None, batch_size: int = 2000,
-                  progress: bool = True) -> Path:
-    """Certify MNIST test images ``start .. start+count-1`` (count: the preset's) into ``out``."""
-    from rddrs.pipeline.data import load_mnist
-
-    images, labels = load_mnist(Path(data), train=False)
+def certify_dataset(settings: RunSettings, out: str | Path, start: int = 0, count: int | None = None,
+                    data: str | Path = "data", inputs_per_batch: int | None = None, batch_size: int = 2000,
+                    progress: bool = True) -> Path:
+    """Certify the test images ``start .. start+count-1`` (count: the preset's) of the run's dataset
+    (``settings.dataset``, read from ``data``) into ``out``."""
+    images, labels = load_dataset(Path(data), settings.dataset, train=False)
     if not 0 <= start < len(images):
         raise RDDRSError(f"start {start} is outside the test set (0..{len(images) - 1})")
     count = min(PRESETS[settings.preset].count, len(images) - start) if count is None else count
@@ -98,7 +98,7 @@ class Start:
 
 def load_init(path: Path, run: RunSettings, indices: list[int]) -> Start:
     """The start of ``run``'s images ``indices`` from the result file ``path``: a DDRS run of
-    the same sigma, model, seed and rotation (sigma_x* from its rows), or, for RDDRS, such an
+    the same sigma, model, seed, rotation and dataset (sigma_x* from its rows), or, for RDDRS, such an
     ANCER run (theta and sigma_x* from its traces)."""
     if not path.exists() or not sidecar_path(path).exists():
         raise RDDRSError(f"--init {path}: no such result file (with its .json sidecar)")
@@ -107,7 +107,10 @@ def load_init(path: Path, run: RunSettings, indices: list[int]) -> Start:
     if settings["method"] not in allowed or settings["sigma"] != run.sigma:
         raise RDDRSError(f"--init {path} holds {settings['method']} at sigma={settings['sigma']}; "
                          f"{run.method} starts from {' or '.join(allowed)} at sigma={run.sigma}")
-    if differ := [k for k in ("model_sha256", "seed", "rotate") if settings[k] != getattr(run, k)]:
+    differ = [k for k in ("model_sha256", "seed", "rotate") if settings[k] != getattr(run, k)]
+    if run_dataset(settings) != run.dataset:
+        differ.append("dataset")
+    if differ:
         raise RDDRSError(f"--init {path} was run with another {', '.join(differ)}")
     rows = read_rows(path)
     if missing := [i for i in indices if i not in rows]:
@@ -128,7 +131,8 @@ def run_certification(settings: RunSettings, model, images: torch.Tensor, labels
     ``out`` may hold no row. The model's outputs on the first batch and everything ``out`` holds
     are checked before anything is written."""
     inputs_per_batch = inputs_per_batch or default_inputs_per_batch(settings)
-    check_outputs(model, images[:inputs_per_batch].to(settings.device), settings.model)
+    check_outputs(model, images[:inputs_per_batch].to(settings.device), settings.model,
+                  len(dataset(settings.dataset).classes))
     with exclusive(out):
         return _certify_into(settings, model, images, labels, start, out, inputs_per_batch, batch_size, progress,
                              test_size)

@@ -17,7 +17,9 @@ from rddrs import RDDRSError
 from rddrs.core.methods import FULL, method as method_record
 from rddrs.core.presets import Search, preset as preset_record
 from rddrs.core.stats import gap_cap
+from rddrs.pipeline.data import MNIST, dataset as dataset_record
 from rddrs.pipeline.files import write_atomic
+from rddrs.pipeline.models import trained_on
 from rddrs.pipeline.results import read_sidecar, sidecar_path
 
 
@@ -39,15 +41,20 @@ class RunSettings:
     probabilities: bool
     search: dict
     init: str | None = None
+    dataset: str = "mnist"
 
     def comparable(self) -> dict:
         """The settings whose change would mix incompatible rows in one file. The device is not
         one of them: a run may go on on another machine (its rows are as valid, its draws
-        others), and the sidecar records which session, on which device, wrote which rows."""
+        others), and the sidecar records which session, on which device, wrote which rows. The
+        dataset is recorded when it is not MNIST (``"dataset": "fashion-mnist"``), so that the
+        settings of MNIST runs read as they did before datasets were recorded."""
         d = asdict(self)
         d.pop("model")  # the same weights may live at another path
         d.pop("device")
         d["init"] = _file_name(self.init)  # so may the DDRS run; load_init checks what matters
+        if d["dataset"] == MNIST.name:
+            d.pop("dataset")
         return json.loads(json.dumps(d))
 
 
@@ -65,13 +72,21 @@ def sha256_of(path: Path) -> str:
 
 def normalised(stored: dict) -> dict:
     """Settings as recorded in a sidecar, in the form ``RunSettings.comparable`` gives: the init
-    file by name, and each search with the defaults of options added after it was written."""
+    file by name, the dataset only when it is not MNIST (a sidecar without one is a run on MNIST),
+    and each search with the defaults of options added after it was written."""
     stored = dict(stored)
     stored.pop("device", None)  # recorded by sidecars written before a run could change machines
+    if stored.get("dataset") == MNIST.name:
+        stored.pop("dataset")
     stored["init"] = _file_name(stored.get("init"))
     # a search recorded before a Search option existed ran with that option's default
     stored["search"] = {k: Search.from_dict(v).record() for k, v in stored.get("search", {}).items()}
     return stored
+
+
+def run_dataset(stored: dict) -> str:
+    """The dataset of a run, from the settings its sidecar records (MNIST when none is named)."""
+    return str(stored.get("dataset", MNIST.name))
 
 
 def settings_differ(a: dict, b: dict) -> list[str]:
@@ -113,11 +128,14 @@ def _whole(value) -> bool:
 def make_settings(method: str, sigma: float, model: str | Path, preset: str = "cpu", *, seed: int = 0,
                   device: str = "cpu", rotate: int | None = None, init: str | Path | None = None,
                   probabilities: bool = False, n0: int | None = None, n: int | None = None,
-                  alpha: float | None = None, search: dict | None = None) -> RunSettings:
+                  alpha: float | None = None, search: dict | None = None, dataset: str = "mnist") -> RunSettings:
     """The settings of one run: the preset's values unless given. ``search`` overrides fields
     of ``method``'s search (e.g. ``{"kappa": 1.0, "step": "adam"}``; ``max_step=0`` turns the
-    bound off); a ``capped`` objective gets the cap of this run's n and alpha."""
+    bound off); a ``capped`` objective gets the cap of this run's n and alpha. ``dataset``: whose
+    test images the run certifies; a model whose record says it was trained on another dataset
+    is refused."""
     record = method_record(method)
+    dataset = dataset_record(dataset).name
     chosen = preset_record(preset)
     if not (isinstance(sigma, numbers.Real) and math.isfinite(sigma) and sigma > 0):
         raise RDDRSError(f"sigma must be > 0 and finite, got {sigma}")
@@ -130,6 +148,9 @@ def make_settings(method: str, sigma: float, model: str | Path, preset: str = "c
     model = Path(model)
     if not model.is_file():
         raise RDDRSError(f"model {model}: no such file")
+    if (trained := trained_on(model)) is not None and trained != dataset:
+        raise RDDRSError(f"model {model} was trained on {trained}, and this run certifies {dataset} images: "
+                         f"use a model trained on {dataset} (or --dataset {trained})")
     n0, n = n0 or chosen.n0, n or chosen.n
     alpha = chosen.alpha if alpha is None else alpha
     if not 0 < alpha < 1:
@@ -153,7 +174,7 @@ def make_settings(method: str, sigma: float, model: str | Path, preset: str = "c
         method=method, sigma=float(sigma), preset=preset, model=str(model), model_sha256=sha256_of(model),
         n0=n0, n=n, alpha=alpha, seed=int(seed), device=str(device),
         rotate=None if rotate is None else int(rotate), probabilities=probabilities,
-        search=searches, init=None if init is None else str(init))
+        search=searches, init=None if init is None else str(init), dataset=dataset)
 
 
 #: noisy images one search iteration should hold (inputs x samples), by device type: on 2 CPU

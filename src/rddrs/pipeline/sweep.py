@@ -53,7 +53,7 @@ CERTIFY, MEMORY = "certify", "memory"
 class RunSpec:
     """One output file and everything that determines it.
 
-    ``ranges``: the test images ``[lo, hi)`` the file must hold (a certification); ``init``:
+    ``ranges``: the test images ``[lo, hi)`` of ``dataset`` the file must hold (a certification); ``init``:
     the result file its search starts from (``--init``); ``source``: the certification a memory
     pass reads; ``groups``: which parts of the book read the file; ``priority``: shards of runs
     with a smaller one start first (``execute``). Paths are kept as given (absolute ones travel to
@@ -82,6 +82,7 @@ class RunSpec:
     data: str = "data"
     inputs_per_batch: int | None = None
     batch_size: int = 2000
+    dataset: str = "mnist"
 
     def __post_init__(self):
         if self.kind not in (CERTIFY, MEMORY):
@@ -107,7 +108,7 @@ class RunSpec:
             raise RDDRSError(f"{self.out} is a memory pass, not a certification")
         return make_settings(self.method, self.sigma, self.model, self.preset, seed=self.seed, device=self.device,
                              rotate=self.rotate, init=self.init, probabilities=self.probabilities, n0=self.n0,
-                             n=self.n, alpha=self.alpha, search=dict(self.search) or None)
+                             n=self.n, alpha=self.alpha, search=dict(self.search) or None, dataset=self.dataset)
 
     def describe(self) -> str:
         """One line: the run and its file."""
@@ -115,7 +116,8 @@ class RunSpec:
             return f"memory pass over {Path(self.source).name}"
         what = f"{method_record(self.method).label} sigma={self.sigma:g}"
         extra = ", ".join([f"{k}={v}" for k, v in sorted(self.search.items())]
-                          + ([f"rotate={self.rotate}"] if self.rotate is not None else []))
+                          + ([f"rotate={self.rotate}"] if self.rotate is not None else [])
+                          + ([f"dataset={self.dataset}"] if self.dataset != "mnist" else []))
         return f"{what}{f' ({extra})' if extra else ''}, images {_ranges_text(self.ranges)}"
 
 
@@ -138,7 +140,7 @@ def _ranges_text(ranges) -> str:
 
 #: the fields whose equality makes two specs the same run (the others are merged)
 _RUN_FIELDS = ("kind", "method", "sigma", "preset", "model", "seed", "device", "rotate", "search", "init",
-               "source", "n0", "n", "alpha", "probabilities")
+               "source", "n0", "n", "alpha", "probabilities", "dataset")
 
 
 def combine(specs: Iterable[RunSpec]) -> list[RunSpec]:
@@ -206,16 +208,19 @@ def closure(wanted: Iterable[RunSpec], pool: Iterable[RunSpec]) -> list[RunSpec]
 
 def standard_specs(sigma: float, preset: str, results: str | Path, *, methods: Iterable[str] = NAMES,
                    count: int | None = None, seed: int = 0, device: str = "cpu", data: str | Path = "data",
-                   models: str | Path = "data/models", groups: tuple[str, ...] = ("standard",)) -> list[RunSpec]:
+                   models: str | Path = "data/models", groups: tuple[str, ...] = ("standard",),
+                   dataset: str = "mnist") -> list[RunSpec]:
     """The paper's runs at one sigma (``RESULTS/METHOD_sigmaS.tsv``) on test images
-    ``0..count-1`` (count: the preset's): RS, DDRS, and ANCER and RDDRS started from DDRS'
-    sigma_x* (its result file). The base run a method needs is added when ``methods`` omits it."""
+    ``0..count-1`` (count: the preset's) of ``dataset``, with its model at sigma (``model_path``):
+    RS, DDRS, and ANCER and RDDRS started from DDRS' sigma_x* (its result file). The base run a
+    method needs is added when ``methods`` omits it. ``results``: the folder of the dataset's runs
+    (``results.dataset_folder``)."""
     from rddrs.core.presets import preset as preset_record
 
     count = preset_record(preset).count if count is None else int(count)
     if count < 1:
         raise RDDRSError(f"count must be >= 1, got {count}")
-    model = model_path(sigma, models)
+    model = model_path(sigma, models, dataset)
     wanted = list(methods)
     for name in list(wanted):
         base = method_record(name).base
@@ -229,7 +234,7 @@ def standard_specs(sigma: float, preset: str, results: str | Path, *, methods: I
         specs.append(RunSpec(str(result_path(results, name, sigma)), method=name, sigma=float(sigma), preset=preset,
                              model=str(model), ranges=((0, count),), seed=seed, device=device,
                              init=None if base is None else str(result_path(results, base, sigma)),
-                             groups=groups, data=str(data)))
+                             groups=groups, data=str(data), dataset=dataset))
     return specs
 
 
@@ -247,7 +252,7 @@ def memory_spec(source: RunSpec, groups: tuple[str, ...] = ("memory",)) -> RunSp
     """The memory pass over the certification ``source`` (``OUT.memory.tsv``)."""
     from_out = Path(source.out)
     return RunSpec(str(memory_path(from_out)), kind=MEMORY, source=source.out,
-                   device="cpu", groups=groups, data=source.data)
+                   device="cpu", groups=groups, data=source.data, dataset=source.dataset)
 
 
 def shards_dir(out: str | Path) -> Path:
@@ -405,10 +410,10 @@ def _model(path: str, device: str, probabilities: bool):
 
 
 @lru_cache(maxsize=2)
-def _test_set(data: str):
-    from rddrs.pipeline.data import load_mnist
+def _test_set(data: str, dataset: str):
+    from rddrs.pipeline.data import load_dataset
 
-    return load_mnist(Path(data), train=False)
+    return load_dataset(Path(data), dataset, train=False)
 
 
 def run_task(task: Task, threads: int | None = None) -> dict:
@@ -424,12 +429,12 @@ def run_task(task: Task, threads: int | None = None) -> dict:
         if spec.kind == MEMORY:
             from rddrs.pipeline.memory import apply_memory
 
-            apply_memory(Path(spec.source), _test_set(spec.data)[0], 0, progress=False)
+            apply_memory(Path(spec.source), _test_set(spec.data, spec.dataset)[0], 0, progress=False)
         else:
             from rddrs.pipeline.runs import run_certification
 
             settings = spec.settings()
-            images, labels = _test_set(spec.data)
+            images, labels = _test_set(spec.data, spec.dataset)
             if task.hi > len(images):
                 raise RDDRSError(f"test images {task.lo}..{task.hi - 1} reach outside the test set "
                                  f"(0..{len(images) - 1})")

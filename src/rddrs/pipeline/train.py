@@ -5,9 +5,10 @@ Every time a training image ``x`` is seen it is replaced by ``x + sigma * eps`` 
 inputs that randomized smoothing will feed it.
 
 Recipe (the defaults, used for the models in ``data/models/``): ``MnistCNN`` on the 60000
-MNIST training images, cross-entropy loss, Adam (betas 0.9/0.999, no weight decay) with
-batch size 256 and learning rate 2e-3 decayed along a cosine to 0 over all steps, 20 epochs.
-This reaches about 99% clean test accuracy at sigma = 0.12 in a few minutes on 2 CPU cores.
+training images of the dataset (``--dataset``: MNIST, or Fashion-MNIST), cross-entropy loss,
+Adam (betas 0.9/0.999, no weight decay) with batch size 256 and learning rate 2e-3 decayed along
+a cosine to 0 over all steps, 20 epochs. This reaches about 99% clean test accuracy on MNIST at
+sigma = 0.12, and 87% on Fashion-MNIST at sigma = 0.25, in a few minutes on 2 CPU cores.
 
 Reproducibility: the weights' initialisation, the order of the images and the noise all
 come from ``--seed`` (noise and order from a CPU generator, so they do not depend on the
@@ -18,8 +19,9 @@ plus one Gaussian draw at sigma, from a CPU generator seeded with ``--seed``) ar
 Outputs, each written under a temporary name and renamed into place, sidecar last:
 ``X.pt`` (``{"state_dict", "arch": "MnistCNN", "arch_kwargs", "settings"}``, loadable with
 ``torch.load(X, weights_only=True)``), ``X.pt2`` (a ``torch.export`` program with a dynamic
-batch dimension, N x 1 x 28 x 28 in [0, 1] -> N x 10 logits) and ``X.json`` (settings,
-per-epoch log, test accuracies, versions, git commit, device, timings, file checksums).
+batch dimension, N x 1 x 28 x 28 in [0, 1] -> N x 10 logits) and ``X.json`` (the dataset, settings,
+per-epoch log, test accuracies, versions, git commit, device, timings, file checksums). ``X`` is
+``results.model_path`` unless ``--out`` says otherwise: ``data/models/DATASET_cnn_sigmaS.pt``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rddrs import RDDRSError
+from rddrs.pipeline.data import NAMES as DATASETS
 from rddrs.pipeline.files import provenance, write_atomic
+from rddrs.pipeline.results import model_path
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that `rddrs train --help` starts fast
     import torch
@@ -44,10 +48,6 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that `rddrs train --
 ARCH = "MnistCNN"
 DEFAULTS = {"epochs": 20, "batch_size": 256, "lr": 2e-3, "seed": 0}
 EVAL_BATCH = 1000
-
-
-def default_out(sigma: float) -> Path:
-    return Path("data") / "models" / f"mnist_cnn_sigma{sigma:.2f}.pt"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,11 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"],
                         help=f"seed of initialisation, order and noise "
                              f"(default: {DEFAULTS['seed']})")
+    parser.add_argument("--dataset", choices=DATASETS, default="mnist",
+                        help="the training and test images (default: mnist)")
     parser.add_argument("--data", default="data",
-                        help="data directory holding MNIST/raw (default: data)")
+                        help="data directory holding the dataset's raw folder (default: data)")
     parser.add_argument("--out", default=None,
                         help="checkpoint path X.pt; X.json and X.pt2 are written beside it "
-                             "(default: data/models/mnist_cnn_sigma{SIGMA:.2f}.pt)")
+                             "(default: data/models/DATASET_cnn_sigma{SIGMA:.2f}.pt)")
     parser.add_argument("--max-batches", type=int, default=None,
                         help="stop each epoch after this many batches (smoke tests)")
     parser.add_argument("--device", default="cpu",
@@ -82,28 +84,28 @@ def run(args: argparse.Namespace) -> None:
     """Train, evaluate and save one model as described by the parsed options."""
     import torch
 
-    from rddrs.pipeline.data import load_mnist
+    from rddrs.pipeline.data import dataset, load_dataset
     from rddrs.pipeline.models import resolve_device
 
     settings = _check_settings(args)
+    record = dataset(getattr(args, "dataset", "mnist"))
     device = resolve_device(args.device)
-    out = Path(args.out) if args.out else default_out(settings["sigma"])
+    out = Path(args.out) if args.out else model_path(settings["sigma"], dataset=record.name)
     if out.suffix != ".pt":
         raise RDDRSError(f"--out must end in .pt (X.json and X.pt2 are written beside it), "
                          f"got {out}")
     data = Path(args.data)
     if not data.is_dir():
-        raise RDDRSError(f"data directory {data} does not exist; run `rddrs data --root "
-                         f"{data}` (or `make data`)")
+        raise RDDRSError(f"data directory {data} does not exist; run {record.fetch_command(data)}")
     threads = getattr(args, "threads", None)
     if threads is not None:
         if threads < 1:
             raise RDDRSError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
 
-    train_x, train_y = load_mnist(data, train=True)
-    test_x, test_y = load_mnist(data, train=False)
-    print(f"training {ARCH} at sigma={settings['sigma']:g} on {len(train_x)} images, "
+    train_x, train_y = load_dataset(data, record.name, train=True)
+    test_x, test_y = load_dataset(data, record.name, train=False)
+    print(f"training {ARCH} at sigma={settings['sigma']:g} on {len(train_x)} {record.title} images, "
           f"{settings['epochs']} epochs, device {device}, {torch.get_num_threads()} threads",
           flush=True)
 
@@ -121,6 +123,7 @@ def run(args: argparse.Namespace) -> None:
           flush=True)
 
     meta = {
+        "dataset": record.name,
         "arch": ARCH,
         "arch_kwargs": {"num_classes": 10},
         "input": "N x 1 x 28 x 28 float32 in [0, 1]",

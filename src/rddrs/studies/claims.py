@@ -175,13 +175,14 @@ def _start_of(study: Study, variant: Variant) -> Variant:
 
 def study_specs(study: Study, sigma: float, preset: str, results: str | Path, *, device: str = "cpu",
                 seed: int = 0, data: str | Path = "data", models: str | Path = "data/models",
-                groups: tuple[str, ...] = ("claims",), priority: int = 0) -> dict[str, sweep.RunSpec]:
+                groups: tuple[str, ...] = ("claims",), priority: int = 0,
+                dataset: str = "mnist") -> dict[str, sweep.RunSpec]:
     """The run of every variant of ``study`` (and of the starts it needs that are not variants),
     by variant name: ``RESULTS/claims/STUDY/VARIANT.tsv`` on the study's images, or the
     standard run ``RESULTS/METHOD_sigmaS.tsv`` for a variant with the preset's own settings.
     A run's priority in a sweep is ``priority`` plus its variant's tier (a start's: its
-    dependant's)."""
-    model_file = model_path(sigma, models)
+    dependant's). ``dataset``: whose test images and model (``RESULTS``: the folder of its runs)."""
+    model_file = model_path(sigma, models, dataset)
     folder = study_dir(results, study)
     images = ((study.first, study.first + study.count),)
     specs: dict[str, sweep.RunSpec] = {}
@@ -192,10 +193,11 @@ def study_specs(study: Study, sigma: float, preset: str, results: str | Path, *,
         record = method_record(variant.method)
         init = spec_of(_start_of(study, variant), tier).out if record.starts else None
         settings = make_settings(variant.method, sigma, model_file, preset, seed=seed, device=device,
-                                             rotate=variant.rotate, init=init, search=variant.search or None)
+                                             rotate=variant.rotate, init=init, search=variant.search or None,
+                                             dataset=dataset)
         standard = make_settings(
             variant.method, sigma, model_file, preset, seed=seed, device=device,
-            init=result_path(results, record.base, sigma) if init is not None else None)
+            init=result_path(results, record.base, sigma) if init is not None else None, dataset=dataset)
         is_standard = variant.rotate is None and settings.comparable() == standard.comparable()
         out = result_path(results, variant.method, sigma) if is_standard else folder / f"{variant.name}.tsv"
         specs[variant.name] = sweep.RunSpec(
@@ -203,7 +205,7 @@ def study_specs(study: Study, sigma: float, preset: str, results: str | Path, *,
             ranges=images, seed=seed, device=device, rotate=variant.rotate,
             search={} if is_standard else dict(variant.search),  # the standard run's overrides change nothing
             init=None if init is None else str(init), groups=groups, data=str(data),
-            priority=priority + tier)
+            priority=priority + tier, dataset=dataset)
         return specs[variant.name]
 
     for variant in sorted(study.variants, key=lambda v: v.tier):  # a start shared by tiers takes the first

@@ -121,14 +121,14 @@ def device_check(path, indices, *, n: int = 100_000, alpha: float = 0.001, seed:
 
     from rddrs.core.certify import certify
     from rddrs.core.noise import Isotropic
-    from rddrs.pipeline.data import load_mnist
+    from rddrs.pipeline.data import load_dataset
     from rddrs.pipeline.files import recorded
     from rddrs.pipeline.models import load_model, resolve_device
 
     rows = read_rows(path)
     meta = read_sidecar(path)
     settings = meta["settings"]
-    images, _ = load_mnist(Path(data), train=False)
+    images, _ = load_dataset(Path(data), train=False)
     model = load_model(Path(models) / Path(meta["model"]).name, device=resolve_device(device))
     indices = [int(i) for i in indices]
     sigma = torch.tensor([rows[i]["sigma_min"] for i in indices])

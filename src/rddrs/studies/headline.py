@@ -435,10 +435,10 @@ def diagonal_split(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, sa
 def _at_sigma_star(preset: str, results: str | Path, device: str, data: str | Path, models: str | Path):
     """The model, the preset's first ``gradient_images`` test images and their sigma_x* (its
     standard DDRS run), and RDDRS' kappa: where the gradient measures are taken."""
-    from rddrs.pipeline.data import load_mnist
+    from rddrs.pipeline.data import load_dataset
     from rddrs.pipeline.models import load_model, resolve_device
 
-    images, _ = load_mnist(Path(data), train=False)
+    images, _ = load_dataset(Path(data), train=False)
     count = BUDGETS[preset].gradient_images
     rows = read_rows(result_path(results, "ddrs", SIGMA))
     missing = [i for i in range(count) if i not in rows]

@@ -270,14 +270,14 @@ def measure(runs: dict, images: Tensor, labels: Tensor, model, *, samples: int, 
 
 
 def _setup(preset: str, results, device: str, data, models):
-    from rddrs.pipeline.data import load_mnist
+    from rddrs.pipeline.data import load_dataset
     from rddrs.pipeline.models import load_model, resolve_device
     from rddrs.studies import claims, headline
 
     study = headline.mechanism_study(preset)
     runs = claims.run_study(study, headline.SIGMA, preset, results, device=device, data=data, models=models,
                             compute=False)
-    images, labels = load_mnist(Path(data), train=False)
+    images, labels = load_dataset(Path(data), train=False)
     model_file = model_path(headline.SIGMA, models)
     return study, runs, images, labels, load_model(model_file, device=resolve_device(device)), model_file
 
@@ -398,7 +398,7 @@ def memories(preset: str, results, *, data="data", models="data/models", laws_fr
     study's images, run on another machine) that stand in for runs whose own traces were not kept;
     each entry names the file it read, whether it is such a rerun, and the machines that wrote its
     rows."""
-    from rddrs.pipeline.data import load_mnist
+    from rddrs.pipeline.data import load_dataset
     from rddrs.pipeline.files import cached_json
     from rddrs.pipeline.settings import normalised
     from rddrs.studies.claims import study_specs
@@ -418,7 +418,7 @@ def memories(preset: str, results, *, data="data", models="data/models", laws_fr
         return sorted({part["device"] for part in meta.get("parts", [meta.get("provenance", {})]) if "device" in part})
 
     def compute():
-        images, labels = load_mnist(Path(data), train=False)
+        images, labels = load_dataset(Path(data), train=False)
         study = mechanism_study(preset)
         specs = study_specs(study, SIGMA, preset, results, data=data, models=models)
         entries = {}

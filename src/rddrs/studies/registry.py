@@ -19,7 +19,8 @@ A sweep starts the figure2 group first, at sigma 0.25, then 0.5, then 0.12, its 
 after the rest at each sigma, chunk by chunk (``sweep.execute``), the mechanism study's images
 with the first chunk; the other groups come after.
 
-``runs(preset, results)`` lists them; ``rddrs sweep`` computes the missing ones (on this
+``runs(preset, results)`` lists them (``dataset``: the runs on another dataset than MNIST live in
+the sub-folder ``RESULTS/DATASET/``, with their dataset's models); ``rddrs sweep`` computes the missing ones (on this
 machine or a Ray cluster) and the chapters call ``ensure`` on their groups, which computes
 nothing when everything is there. Filters (sigmas, methods, groups) keep what they name and
 the runs it starts from. This module imports nothing heavy; the studies are read when the
@@ -36,6 +37,8 @@ from rddrs import RDDRSError
 from rddrs.core.methods import NAMES, method as method_record
 from rddrs.core.presets import preset as preset_record
 from rddrs.pipeline import sweep
+from rddrs.pipeline.data import dataset as dataset_record
+from rddrs.pipeline.results import dataset_folder
 
 GROUPS = ("standard", "memory", "claims", "headline", "figure2", "mechanism")
 #: the sweep priority of the groups other than figure2 (figure2's: 10 per sigma, in headline.FIGURE2_SIGMAS order)
@@ -49,20 +52,23 @@ STUDY_SIGMA = 0.25
 def runs(preset: str, results: str | Path | None = None, *, sigmas: Iterable[float] = SIGMAS,
          methods: Iterable[str] = NAMES, count: int | None = None, groups: Iterable[str] = GROUPS,
          seed: int = 0, device: str = "cpu", data: str | Path = "data",
-         models: str | Path = "data/models") -> list[sweep.RunSpec]:
-    """Every run ``preset`` needs in ``results`` (default ``results/PRESET``), in an order where
-    each comes after the run it starts from. ``count`` overrides the number of test images of the
-    standard runs and of the claims studies (the headline studies keep their budgets);
+         models: str | Path = "data/models", dataset: str = "mnist") -> list[sweep.RunSpec]:
+    """Every run ``preset`` needs in ``results`` (default ``results/PRESET``) on ``dataset``'s test
+    images with its models (``results.dataset_folder``: for another dataset than MNIST the files
+    are those of the same runs in ``results/DATASET/``), in an order where each comes after the run
+    it starts from. ``count`` overrides the number of test images of the standard runs and of the
+    claims studies (the headline studies keep their budgets);
     ``sigmas``, ``methods`` and ``groups`` keep only the runs they name, with what those start from.
     The figure2 group's runs hold the whole test set unless ``count`` says otherwise."""
     preset_record(preset)
-    results = Path("results") / preset if results is None else Path(results)
+    dataset = dataset_record(dataset).name
+    results = dataset_folder(Path("results") / preset if results is None else Path(results), dataset)
     sigmas = tuple(float(s) for s in sigmas)
     methods = tuple(method_record(m).name for m in methods)
     groups = tuple(groups)
     if unknown := [g for g in groups if g not in GROUPS]:
         raise RDDRSError(f"unknown group {unknown[0]!r}; expected some of {', '.join(GROUPS)}")
-    common = dict(seed=seed, device=device, data=data, models=models)
+    common = dict(seed=seed, device=device, data=data, models=models, dataset=dataset)
     pool: list[sweep.RunSpec] = []
     for sigma in SIGMAS + tuple(s for s in sigmas if s not in SIGMAS):
         if not {"standard", "memory"} & set(groups):
