@@ -23,7 +23,7 @@ import json
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +99,12 @@ class Results:
     def diverged(self) -> int:
         """Number of inputs whose search stopped because a step overflowed (``diverged@ITER``)."""
         return int(sum(str(s).startswith("diverged") for s in self.search))
+
+    def subset(self, keep) -> "Results":
+        """The rows at the positions ``keep``, in ascending idx (the sidecar and names kept)."""
+        keep = np.asarray(keep)
+        keep = keep[np.argsort(self.idx[keep])]
+        return replace(self, **{name: getattr(self, name)[keep] for name in ROW_FIELDS})
 
     def radii(self, kind: str = "proxy") -> np.ndarray:
         """Certified radius of each input: ``proxy_radius`` for ``proxy``, ``radius`` for ``l2``."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -241,8 +241,7 @@ def _study_images(res: analysis.Results, study: Study) -> analysis.Results:
     keep = np.flatnonzero((res.idx >= study.first) & (res.idx < study.first + study.count))
     if len(keep) != study.count:
         raise RDDRSError(f"{res.path} has {len(keep)} of the test images {study.first}..{study.first + study.count - 1}")
-    keep = keep[np.argsort(res.idx[keep])]
-    return replace(res, **{name: getattr(res, name)[keep] for name in analysis.ROW_FIELDS})
+    return res.subset(keep)
 
 
 def _read(variant: Variant, path: Path, init: Path | None, folder: Path, study: Study) -> VariantRun:

@@ -17,7 +17,6 @@ comparison is paired image by image.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +40,7 @@ def read(results, sigma: float, *, preset: str = "paper", names=PAIRED, data="da
     if len(found) < len(names):
         raise RDDRSError(f"{results} has no rows of {', '.join(sorted(set(names) - set(found)))} at sigma {sigma:g}")
     common = sorted(set.intersection(*(set(res.idx.tolist()) for res in found.values())))
-    out = {}
-    for name, res in found.items():
-        keep = np.flatnonzero(np.isin(res.idx, common))
-        keep = keep[np.argsort(res.idx[keep])]
-        out[name] = replace(res, **{field: getattr(res, field)[keep] for field in analysis.ROW_FIELDS})
-    return out
+    return {name: res.subset(np.flatnonzero(np.isin(res.idx, common))) for name, res in found.items()}
 
 
 def writers(path) -> dict[tuple[str, str], int]:

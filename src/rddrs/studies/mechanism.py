@@ -42,7 +42,7 @@ from rddrs.core.methods import DIAGONAL, FULL, ISOTROPIC, method as method_recor
 from rddrs.core.noise import Diagonal, FullSPD, Isotropic, Smoothing
 from rddrs.core.optimize import find_smoothing
 from rddrs.core.presets import Search, preset as preset_record
-from rddrs.pipeline.results import model_path, read_rows, read_sidecar, traces_dir
+from rddrs.pipeline.results import model_path, provenance_parts, read_rows, read_sidecar, traces_dir
 from rddrs.pipeline.runs import load_smoothing
 from rddrs.pipeline.settings import make_settings
 from rddrs.studies.attack import attack
@@ -413,10 +413,6 @@ def memories(preset: str, results, *, data="data", models="data/models", laws_fr
             raise RDDRSError(f"{path} was run with other settings than {own}")
         return laws_kept(path)
 
-    def machines(path: Path) -> list[str]:
-        meta = read_sidecar(path)
-        return sorted({part["device"] for part in meta.get("parts", [meta.get("provenance", {})]) if "device" in part})
-
     def compute():
         images, labels = load_dataset(Path(data), train=False)
         study = mechanism_study(preset)
@@ -424,13 +420,15 @@ def memories(preset: str, results, *, data="data", models="data/models", laws_fr
         entries = {}
         for variant in study.variants:
             own = Path(specs[variant.name].out)
-            found = [p for p in (own, laws_from and Path(laws_from) / own.name) if p and usable(p, own)]
+            candidates = (own, Path(laws_from) / own.name) if laws_from else (own,)
+            found = next((p for p in candidates if usable(p, own)), None)
             if found:
-                source = found[0].resolve()
+                source = found.resolve()
+                devices = {part["device"] for part in provenance_parts(read_sidecar(found)) if "device" in part}
                 entries[variant.name] = {
                     "source": str(source.relative_to(results.resolve()) if source.is_relative_to(results.resolve())
-                                  else source), "rerun": found[0] != own, "devices": machines(found[0]),
-                    **survival(found[0], images, labels, progress)}
+                                  else source), "rerun": found != own, "devices": sorted(devices),
+                    **survival(found, images, labels, progress)}
         return {"order": "ascending idx", "variants": entries}
 
     return cached_json(results / "claims" / "mechanism" / "memory.json", compute)["variants"]
