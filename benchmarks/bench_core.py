@@ -10,12 +10,19 @@ run, and where the CPU time went (user vs kernel) in each section.
 3. One whole ``rddrs certify`` process (RS, one image, the paper's n = 10^5), split into
    start-up (imports, model, data, sidecar) and sampling (the row's ``seconds``), with the
    start-up's parts timed in a process of their own.
+4. Anatomy of the RDDRS step on the states of a real search (the cpu preset's RDDRS search of
+   test image 0 with the trained sigma = 0.25 model, from C = 0.25 I): the time of the gradient
+   (draws, network, products), of the exponential map and of the floor, each eigendecomposition
+   timed apart, and ``torch.linalg.matrix_exp`` of the same clamped whitened step, the primitive
+   an eigh-free exponential map would use (timed without the spectral radius that the clamp
+   needs, so in its favour); with how often the floor and the step bound bind, which decides
+   whether a step can skip an eigendecomposition.
 
 Each section reports its user and system CPU time: system time is the kernel's (page faults,
 zeroing, mmap/munmap), which ``rddrs.allocator`` keeps small. ``RDDRS_TUNE_MALLOC=0 python
 benchmarks/bench_core.py`` measures without it.
 
-Usage: python benchmarks/bench_core.py [--device cuda] [--threads 2] [--sections 1,2,3]
+Usage: python benchmarks/bench_core.py [--device cuda] [--threads 2] [--sections 1,2,3,4]
 Untrained weights in sections 1-2: speed does not depend on them.
 """
 
@@ -34,11 +41,14 @@ from pathlib import Path
 
 import torch
 
+from rddrs.core import spd
 from rddrs.core.certify import sample_counts
 from rddrs.core.noise import Isotropic, NoiseSource
 from rddrs.core.optimize import objective_and_gradient
+from rddrs.core.presets import preset
 from rddrs.pipeline import allocator
-from rddrs.pipeline.models import MnistCNN
+from rddrs.pipeline.data import load_dataset
+from rddrs.pipeline.models import MnistCNN, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,6 +199,66 @@ def whole_process(args):
     print("   start-up parts, timed apart: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
 
 
+def _timed(fn, device):
+    """fn's result and its wall time in ms (one call)."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, (time.perf_counter() - start) * 1e3
+
+
+def step_anatomy(device):
+    settings = preset("cpu").search["rddrs"]
+    model = load_model(ROOT / "data/models/mnist_cnn_sigma0.25.pt2", device)
+    x = load_dataset(ROOT / "data", train=False)[0][:1].to(device)
+    lower, d = 0.25, x[0].numel()
+    law = Isotropic(torch.full((1,), lower, device=device), d).as_full()
+    noise = NoiseSource(0, NoiseSource.OPTIMIZE, device)
+    print(f"\n4. anatomy of the RDDRS step: cpu preset ({settings.iterations} steps, {settings.samples} samples, "
+          f"lr {settings.lr}, max_step {settings.max_step}), test image 0, from C = {lower} I (ms, median)")
+    parts = {k: [] for k in ("gradient", "exp", "exp_eigh", "matrix_exp", "floor", "floor_eigh")}
+    below, stretch = [], []
+    for _ in range(settings.iterations):
+        eps = noise.draw([0], settings.samples, d, x.dtype)
+        (_, grad), ms = _timed(lambda: objective_and_gradient(model, x, law, eps, settings.kappa), device)
+        parts["gradient"].append(ms)
+        moved, ms = _timed(lambda: law.step(settings.lr * grad, settings.max_step), device)
+        parts["exp"].append(ms)
+        w, v = law.eig  # the whitened step, as spd.exp forms it, and its spectral radius
+        root = w.sqrt()
+        white = spd.sym(v.mT @ (settings.lr * grad) @ v / (root[..., :, None] * root[..., None, :]))
+        radius = torch.linalg.eigvalsh(white).abs().amax().item()
+        stretch.append(radius / settings.max_step)
+        parts["exp_eigh"].append(_timed(lambda: spd.eigh(white), device)[1])
+        clamped = white * min(1.0, settings.max_step / radius)
+        parts["matrix_exp"].append(_timed(lambda: torch.linalg.matrix_exp(clamped), device)[1])
+        parts["floor_eigh"].append(_timed(lambda: spd.eigh(moved.param), device)[1])
+        law, ms = _timed(lambda: moved.floor(lower), device)
+        parts["floor"].append(ms)
+        below.append(int((moved.eig[0] < lower).sum()))
+    med = {k: float(torch.tensor(v).median()) for k, v in parts.items()}
+    step = med["gradient"] + med["exp"] + med["floor"]
+    images = (x.reshape(1, 1, d) + lower * eps).reshape(-1, *x.shape[1:]).requires_grad_(True)
+
+    def network():
+        torch.autograd.grad(torch.log_softmax(model(images), -1)[:, 0].sum(), images)
+
+    net = best_time(network, device, 3) * 1e3
+    bound = sum(n > 0 for n in below)
+    print(f"   step {step:.0f} = gradient {med['gradient']:.0f} (network alone {net:.0f}) + exponential map "
+          f"{med['exp']:.0f} (its eigh {med['exp_eigh']:.0f}) + floor {med['floor']:.0f} "
+          f"(its eigh {med['floor_eigh']:.0f})")
+    print(f"   matrix_exp of the same clamped step: {med['matrix_exp']:.0f} (ratio to the exp's eigh "
+          f"{med['matrix_exp'] / med['exp_eigh']:.2f})")
+    print(f"   floor binds in {bound}/{len(below)} steps ({min(below)}-{max(below)} eigenvalues below it); "
+          f"step bound binds in {sum(r > 1 for r in stretch)}/{len(stretch)} (whitened spectral radius "
+          f"{min(stretch):.0f}-{max(stretch):.0f} x max_step)")
+    print(f"   speed-up of the step if matrix_exp replaced the exp's eigh: "
+          f"{step / (step - med['exp_eigh'] + med['matrix_exp']):.2f}; if the exponential map cost nothing: "
+          f"{step / (step - med['exp']):.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -199,7 +269,7 @@ def main():
                         help="inputs searched at once in section 2 (default 1,8,32)")
     parser.add_argument("--batch-size", type=int, default=2000, help="noisy images per forward pass")
     parser.add_argument("--cert-samples", type=int, default=20_000, help="certification samples per input")
-    parser.add_argument("--sections", default="1,2,3", help="which sections to run (default 1,2,3)")
+    parser.add_argument("--sections", default="1,2,3,4", help="which sections to run (default 1,2,3,4)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -208,7 +278,7 @@ def main():
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"malloc tuning {allocator.status()}")
     sections = {"1": lambda: throughput(model, device, args), "2": lambda: search_step(model, device, args),
-                "3": lambda: whole_process(args)}
+                "3": lambda: whole_process(args), "4": lambda: step_anatomy(device)}
     for key in args.sections.split(","):
         with cpu_split(f"section {key}"):
             sections[key]()
