@@ -1,5 +1,8 @@
 """The environment files say what the Makefile installs (conda cannot run here, so parse them)."""
 
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -48,3 +51,18 @@ def test_the_browser_test_and_the_bibliography_are_installed():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "apt-get install" in ci and "chromium-driver" in ci and "(chromium)" in ci
     assert ci.rstrip().endswith("make test")
+
+
+def test_a_source_tree_that_is_not_installed_reports_the_version_of_its_pyproject(tmp_path):
+    """On a bare machine running from ``PYTHONPATH=src`` the rows' provenance names the source's
+    version, not ``0+unknown``."""
+    shutil.copytree(ROOT / "src" / "rddrs", tmp_path / "src" / "rddrs",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    code = "import sys; sys.path.insert(0, 'src'); import rddrs; print(rddrs.__version__)"
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    expected = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert out.stdout.strip() == f"{expected}+source"
+    (tmp_path / "pyproject.toml").unlink()
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0+unknown"

@@ -5,16 +5,29 @@ sigma), ANCER (per-input diagonal scale) and RDDRS (per-input SPD scale matrix o
 on the affine-invariant manifold).
 """
 
+import tomllib
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from rddrs.pipeline import allocator
 
 allocator.tune()  # large CPU buffers stay in the process; RDDRS_TUNE_MALLOC=0 switches it off
 
+
+def _source_version() -> str:
+    """The version in the source tree's pyproject.toml, marked ``+source`` (a tree run from
+    ``PYTHONPATH=src`` without being installed, as on a bare GPU machine); ``0+unknown`` without one."""
+    try:
+        with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
+            return f"{tomllib.load(f)['project']['version']}+source"
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "0+unknown"
+
+
 try:
     __version__ = version("rddrs")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0+unknown"
+except PackageNotFoundError:
+    __version__ = _source_version()
 
 
 class RDDRSError(ValueError):
