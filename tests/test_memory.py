@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import raises_one_line
+from helpers import raises_one_line, run_bound_by_permissions
 
 from rddrs import RDDRSError
 from rddrs.cli import main
@@ -562,6 +562,16 @@ def test_cli_memory_on_a_smoke_run(tmp_path, capsys):
     assert main(["memory", str(tmp_path / "none.tsv"), "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip()
     assert "no such result file" in err and len(err.splitlines()) == 1
+    path.unlink()
+    tmp_path.chmod(0o555)  # a folder that cannot take the memory's file: one line, nothing written
+    try:
+        proc = run_bound_by_permissions(["memory", out, "--data", data, "--quiet"], tmp_path)
+    finally:
+        tmp_path.chmod(0o755)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"rddrs memory: error: cannot write in {tmp_path} (PermissionError")
+    assert not path.exists()
 
 
 def test_a_second_memory_pass_on_the_same_file_is_refused(tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_bound_by_permissions
 
 from rddrs import RDDRSError
 from rddrs.cli import main
@@ -444,6 +445,26 @@ def test_a_sweep_stopped_by_its_time_limit_lands_its_finished_batches(tmp_path):
     reference = specs_for(tmp_path / "reference", count=24)
     sweep.execute(reference)
     assert without_time(out) == without_time(reference[1].out)
+
+
+def test_pack_and_land_into_read_only_places_are_one_line_and_write_nothing(tmp_path):
+    here, closed = tmp_path / "here", tmp_path / "closed"
+    assert main(["sweep", "--preset", "smoke", "--groups", "standard", "--methods", "rs", "--sigmas", "0.25",
+                 "--data", str(DATA), "--models", str(MODELS), "--quiet", "--processes", "1", "--results", str(here),
+                 "--count", "1"]) == 0
+    archive = tmp_path / "rows.tar.gz"
+    assert main(["pack", "--preset", "smoke", "--since", "0", "--results", str(here), "--out", str(archive)]) == 0
+    closed.mkdir()
+    closed.chmod(0o555)
+    for args, message in ((["pack", "--preset", "smoke", "--since", "0", "--results", here, "--out", closed / "a.tar.gz"],
+                           f"cannot write the archive {closed}/a.tar.gz (PermissionError"),
+                          (["land", archive, "--results", closed, "--models", MODELS],
+                           f"cannot write in {closed} (PermissionError")):
+        proc = run_bound_by_permissions(args, tmp_path)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+        assert message in err
+        assert not any(closed.iterdir())
 
 
 def test_pack_and_land_move_new_rows_and_refuse_other_presets_and_models(tmp_path, capsys):
