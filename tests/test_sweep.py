@@ -426,15 +426,17 @@ def test_no_shard_starts_after_the_time_limit_and_bad_limits_are_refused(tmp_pat
 
 
 def test_a_sweep_stopped_by_its_time_limit_lands_its_finished_batches(tmp_path):
-    """The CLI with --until: the shard still running at the deadline is stopped, the batches it
-    finished are merged (no shard file stays behind), the sweep exits 0, and the same command
-    without a limit computes the rest; the rows are those of an uninterrupted run."""
+    """The CLI with --until: the shard still running at the deadline is stopped (with no warning of
+    a leaked semaphore), the batches it finished are merged (no shard file stays behind), the sweep
+    exits 0, and the same command without a limit computes the rest; the rows are those of an
+    uninterrupted run."""
     results = tmp_path / "res"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     command = [*sweep_command(results), "--shard-size", "8", "--count", "24"]  # the last --count wins
     stopped = subprocess.run([*command, "--until", "6"], env=env, capture_output=True, text=True, timeout=600)
     assert stopped.returncode == 0, stopped.stderr
     assert "left for the next sweep" in stopped.stdout
+    assert "leaked" not in stopped.stderr  # the stopped worker left no semaphore behind
     out = result_path(results, "rddrs", 0.25)
     first = read_rows(out)
     assert len(first) < 24

@@ -40,9 +40,15 @@ def _init_worker(threads: int, gpus, parent: int, started, stopping) -> None:
     if gpus is not None:  # before CUDA starts in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus.get()
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    import threading
+
     import torch
+    from tqdm import tqdm
 
     torch.set_num_threads(threads)
+    # tqdm's default lock is a multiprocessing lock, a named semaphore: a worker stopped at the
+    # deadline would leave it to the resource tracker, which warns of a leak at exit
+    tqdm.set_lock(threading.RLock())
 
 
 def cores() -> int:
