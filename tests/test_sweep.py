@@ -458,8 +458,8 @@ def test_pack_and_land_into_read_only_places_are_one_line_and_write_nothing(tmp_
     assert main(["pack", "--preset", "smoke", "--since", "0", "--results", str(here), "--out", str(archive)]) == 0
     closed.mkdir()
     closed.chmod(0o555)
-    for args, message in ((["pack", "--preset", "smoke", "--since", "0", "--results", here, "--out", closed / "a.tar.gz"],
-                           f"cannot write the archive {closed}/a.tar.gz (PermissionError"),
+    pack = ["pack", "--preset", "smoke", "--since", "0", "--results", here, "--out", closed / "a.tar.gz"]
+    for args, message in ((pack, f"cannot write the archive {closed}/a.tar.gz (PermissionError"),
                           (["land", archive, "--results", closed, "--models", MODELS],
                            f"cannot write in {closed} (PermissionError")):
         proc = run_bound_by_permissions(args, tmp_path)
