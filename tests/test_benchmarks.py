@@ -1,0 +1,33 @@
+"""The benchmark runs: at toy sizes its sections print their measurements, and what section 4
+reports about a real search is consistent (it keeps the script from rotting between releases)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_core_runs_its_sections_at_toy_sizes():
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_core.py"), "--sections", "1,2,4",
+                           "--samples", "16", "--inputs", "1", "--cert-samples", "200", "--batch-size", "100"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    ratios = [float(r) for r in re.findall(r"ratio (\d+\.\d+)", out)]
+    assert len(ratios) == 3 and all(0 < r < 2 for r in ratios), out
+    assert re.search(r"^\s+16\s+1\s+\d+\.\d+", out, re.M), out  # section 2's row
+    binds = re.search(r"floor binds in (\d+)/30 steps \((\d+)-(\d+) eigenvalues below it\); step bound binds in "
+                      r"(\d+)/30", out)
+    assert binds, out
+    floor, low, high, bound = map(int, binds.groups())
+    assert 0 <= floor <= 30 and 0 <= low <= high <= 784 and 0 <= bound <= 30
+    speedups = re.search(r"replaced the exp's eigh: (\d+\.\d+); if the exponential map cost nothing: (\d+\.\d+)", out)
+    assert speedups and 0.5 < float(speedups[1]) <= float(speedups[2]) + 0.05, out
+    parts = re.search(r"step (\d+) = gradient (\d+) \(network alone (\d+)\) \+ exponential map (\d+) .* \+ floor (\d+)",
+                      out)
+    step, grad, _, exp, floor_ms = map(int, parts.groups())
+    assert abs(step - (grad + exp + floor_ms)) <= 2
