@@ -99,12 +99,15 @@ class RayEngine:
         return results
 
     def close(self, cancel: bool = False) -> None:
-        if cancel:
+        """Forget the tasks; with ``cancel``, kill their workers first and wait (a minute at most)
+        until they are gone, so that no cancelled task writes after its shard is merged."""
+        if cancel and self._refs:
             for ref in list(self._refs):
                 try:
                     self.ray.cancel(ref, force=True)
                 except Exception:  # already finished or gone
                     pass
+            self.ray.wait(list(self._refs), num_returns=len(self._refs), timeout=60)
         self._refs.clear()
         if self.started:
             self.ray.shutdown()
