@@ -10,8 +10,9 @@ run, and where the CPU time went (user vs kernel) in each section.
 3. One whole ``rddrs certify`` process (RS, one image, the paper's n = 10^5), split into
    start-up (imports, model, data, sidecar) and sampling (the row's ``seconds``), with the
    start-up's parts timed in a process of their own.
-4. Anatomy of the RDDRS step on the states of a real search (the cpu preset's RDDRS search of
-   test image 0 with the trained sigma = 0.25 model, from C = 0.25 I): the time of the gradient
+4. Anatomy of the RDDRS step on the states of a real search (a preset's RDDRS search of test
+   image 0 with the trained sigma = 0.25 model, from C = 0.25 I; ``--anatomy-preset``, default
+   cpu, or paper: 100 steps at 20 000 samples, minutes on a CPU): the time of the gradient
    (draws, network, products), of the exponential map and of the floor, each eigendecomposition
    timed apart, and ``torch.linalg.matrix_exp`` of the same clamped whitened step, the primitive
    an eigh-free exponential map would use (timed without the spectral radius that the clamp
@@ -23,6 +24,7 @@ zeroing, mmap/munmap), which ``rddrs.allocator`` keeps small. ``RDDRS_TUNE_MALLO
 benchmarks/bench_core.py`` measures without it.
 
 Usage: python benchmarks/bench_core.py [--device cuda] [--threads 2] [--sections 1,2,3,4]
+       [--anatomy-preset cpu]
 Untrained weights in sections 1-2: speed does not depend on them.
 """
 
@@ -208,14 +210,14 @@ def _timed(fn, device):
     return out, (time.perf_counter() - start) * 1e3
 
 
-def step_anatomy(device):
-    settings = preset("cpu").search["rddrs"]
+def step_anatomy(device, name):
+    settings = preset(name).search["rddrs"]
     model = load_model(ROOT / "data/models/mnist_cnn_sigma0.25.pt2", device)
     x = load_dataset(ROOT / "data", train=False)[0][:1].to(device)
     lower, d = 0.25, x[0].numel()
     law = Isotropic(torch.full((1,), lower, device=device), d).as_full()
     noise = NoiseSource(0, NoiseSource.OPTIMIZE, device)
-    print(f"\n4. anatomy of the RDDRS step: cpu preset ({settings.iterations} steps, {settings.samples} samples, "
+    print(f"\n4. anatomy of the RDDRS step: {name} preset ({settings.iterations} steps, {settings.samples} samples, "
           f"lr {settings.lr}, max_step {settings.max_step}), test image 0, from C = {lower} I (ms, median)")
     parts = {k: [] for k in ("gradient", "exp", "exp_eigh", "matrix_exp", "floor", "floor_eigh")}
     below, stretch = [], []
@@ -270,6 +272,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=2000, help="noisy images per forward pass")
     parser.add_argument("--cert-samples", type=int, default=20_000, help="certification samples per input")
     parser.add_argument("--sections", default="1,2,3,4", help="which sections to run (default 1,2,3,4)")
+    parser.add_argument("--anatomy-preset", default="cpu", help="the preset whose RDDRS search section 4 "
+                        "follows (default cpu; paper: 100 steps at 20 000 samples)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -278,7 +282,7 @@ def main():
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"malloc tuning {allocator.status()}")
     sections = {"1": lambda: throughput(model, device, args), "2": lambda: search_step(model, device, args),
-                "3": lambda: whole_process(args), "4": lambda: step_anatomy(device)}
+                "3": lambda: whole_process(args), "4": lambda: step_anatomy(device, args.anatomy_preset)}
     for key in args.sections.split(","):
         with cpu_split(f"section {key}"):
             sections[key]()

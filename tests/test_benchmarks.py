@@ -1,5 +1,6 @@
 """The benchmark runs: at toy sizes its sections print their measurements, and what section 4
-reports about a real search is consistent (it keeps the script from rotting between releases)."""
+reports about a real search (the smoke preset's) is consistent (it keeps the script from rotting
+between releases)."""
 
 import os
 import re
@@ -13,18 +14,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_core_runs_its_sections_at_toy_sizes():
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT / "src"))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_core.py"), "--sections", "1,2,4",
-                           "--samples", "16", "--inputs", "1", "--cert-samples", "200", "--batch-size", "100"],
+                           "--samples", "16", "--inputs", "1", "--cert-samples", "200", "--batch-size", "100",
+                           "--anatomy-preset", "smoke"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     ratios = [float(r) for r in re.findall(r"ratio (\d+\.\d+)", out)]
     assert len(ratios) == 3 and all(0 < r < 2 for r in ratios), out
     assert re.search(r"^\s+16\s+1\s+\d+\.\d+", out, re.M), out  # section 2's row
-    binds = re.search(r"floor binds in (\d+)/30 steps \((\d+)-(\d+) eigenvalues below it\); step bound binds in "
-                      r"(\d+)/30", out)
+    assert "anatomy of the RDDRS step: smoke preset (5 steps, 32 samples" in out, out
+    binds = re.search(r"floor binds in (\d+)/5 steps \((\d+)-(\d+) eigenvalues below it\); step bound binds in "
+                      r"(\d+)/5", out)
     assert binds, out
     floor, low, high, bound = map(int, binds.groups())
-    assert 0 <= floor <= 30 and 0 <= low <= high <= 784 and 0 <= bound <= 30
+    assert 0 <= floor <= 5 and 0 <= low <= high <= 784 and 0 <= bound <= 5
     speedups = re.search(r"replaced the exp's eigh: (\d+\.\d+); if the exponential map cost nothing: (\d+\.\d+)", out)
     assert speedups and 0.5 < float(speedups[1]) <= float(speedups[2]) + 0.05, out
     parts = re.search(r"step (\d+) = gradient (\d+) \(network alone (\d+)\) \+ exponential map (\d+) .* \+ floor (\d+)",
