@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rddrs.core.presets import preset
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,12 +24,13 @@ def test_bench_core_runs_its_sections_at_toy_sizes():
     ratios = [float(r) for r in re.findall(r"ratio (\d+\.\d+)", out)]
     assert len(ratios) == 3 and all(0 < r < 2 for r in ratios), out
     assert re.search(r"^\s+16\s+1\s+\d+\.\d+", out, re.M), out  # section 2's row
-    assert "anatomy of the RDDRS step: smoke preset (5 steps, 32 samples" in out, out
-    binds = re.search(r"floor binds in (\d+)/5 steps \((\d+)-(\d+) eigenvalues below it\); step bound binds in "
-                      r"(\d+)/5", out)
+    smoke = preset("smoke").search["rddrs"]
+    assert f"anatomy of the RDDRS step: smoke preset ({smoke.iterations} steps, {smoke.samples} samples" in out, out
+    binds = re.search(rf"floor binds in (\d+)/{smoke.iterations} steps \((\d+)-(\d+) eigenvalues below it\); "
+                      rf"step bound binds in (\d+)/{smoke.iterations}", out)
     assert binds, out
     floor, low, high, bound = map(int, binds.groups())
-    assert 0 <= floor <= 5 and 0 <= low <= high <= 784 and 0 <= bound <= 5
+    assert 0 <= floor <= smoke.iterations and 0 <= low <= high <= 784 and 0 <= bound <= smoke.iterations
     speedups = re.search(r"replaced the exp's eigh: (\d+\.\d+); if the exponential map cost nothing: (\d+\.\d+)", out)
     assert speedups and 0.5 < float(speedups[1]) <= float(speedups[2]) + 0.05, out
     parts = re.search(r"step (\d+) = gradient (\d+) \(network alone (\d+)\) \+ exponential map (\d+) .* \+ floor (\d+)",
