@@ -27,7 +27,7 @@ MATHJAX_VERSION ?= 3.2.2
 MATHJAX_DIR := _mathjax/_static/mathjax
 MATHJAX   := $(MATHJAX_DIR)/tex-chtml.js
 
-.PHONY: help venv data train test mathjax book notebooks results gpu-session clean
+.PHONY: help venv data train test mathjax book notebooks results fill gpu-session clean
 
 # Chapters: light ones run in seconds and keep their executed notebook (book/NAME.ipynb, committed)
 # for nbval; heavy ones take a preset and are re-executed with papermill by `make results`.
@@ -131,6 +131,18 @@ gpu-session:  ## on a bare GPU machine: CUDA tests, benchmark, mechanism, paper 
 	  | tee -a $(GPU_OUT)/mechanism.log; \
 	$$sweep --groups figure2 --until $$(left $(UNTIL)) 2>&1 | tee $(GPU_OUT)/sweep.log; \
 	$(PYTHON) -m rddrs pack --preset paper --since $$start --out $(GPU_OUT)/rows.tar.gz
+
+# The paper fill (rddrs fill): Figure 2's sigma 0.5 and 0.12 panels at the paper preset, image by
+# image (all five paired methods), alternating the sigmas, until DEADLINE (HH:MM today, or an ISO
+# date and time), at the lowest CPU priority on FILL_THREADS threads, committing each image's rows.
+# Start it in the background (`make fill DEADLINE=17:30 &`); the same command resumes from the rows on disk.
+DEADLINE ?=
+FILL_THREADS ?= 1
+FILL_SIGMAS ?= 0.5 0.12
+fill: $(INSTALLED) $(MNIST)  ## the paper fill: sigma 0.5 and 0.12 of Figure 2 image by image until DEADLINE (HH:MM), nice 19
+	@test -n "$(DEADLINE)" || { echo "make fill needs DEADLINE=HH:MM (or an ISO date and time)" >&2; exit 2; }
+	OMP_NUM_THREADS=$(FILL_THREADS) nice -n 19 $(BIN)/rddrs fill --until "$(DEADLINE)" --threads $(FILL_THREADS) \
+	  --sigmas $(FILL_SIGMAS) --commit
 
 clean:  ## remove build output and caches (keeps .venv and data)
 	rm -rf _build .pytest_cache

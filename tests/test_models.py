@@ -117,7 +117,7 @@ def test_format_is_read_from_the_content_not_the_suffix(saved, tmp_path):
     swapped_checkpoint.write_bytes(out.read_bytes())
     x = torch.rand(2, 1, 28, 28)
     assert isinstance(load_model(swapped_program), ExportedModel)
-    assert isinstance(load_model(swapped_checkpoint), MnistCNN)
+    assert isinstance(load_model(swapped_checkpoint).model, MnistCNN)  # inside fastnet.FastCNN
     for path in (swapped_program, swapped_checkpoint):
         with torch.no_grad():
             torch.testing.assert_close(load_model(path)(x), original(x))

@@ -341,6 +341,39 @@ def _cmd_land(args: argparse.Namespace) -> None:
     print(land_message(land(Path(args.archive), args.results, args.models)))
 
 
+def _cmd_fill(args: argparse.Namespace) -> None:
+    from rddrs.studies import fill
+
+    deadline = fill.parse_deadline(args.until)
+    results = Path(args.results or Path("results") / fill.PRESET)
+    with _stop_on_sigterm():
+        report = fill.fill(results, deadline, sigmas=args.sigmas, threads=args.threads, commit=args.commit,
+                           data=args.data, models=args.models, log=lambda line: print(line, flush=True))
+    print(f"{report.summary()}; results in {results}")
+
+
+def _add_fill(sub) -> None:
+    from rddrs.studies import fill
+
+    p = sub.add_parser("fill", help="compute Figure 2's missing panels image by image until a deadline",
+                       description="Run the paper preset's figure2 group for each --sigmas, one test image at "
+                                   "a time with all five paired methods (RS, the authors' clamped DDRS, ANCER "
+                                   "and RDDRS, the capped DDRS) before the next, alternating the sigmas, in the "
+                                   "order of sigma 0.25's rows, then the rest of the test set. No image starts "
+                                   "that would end after --until; a killed fill loses no finished row and the "
+                                   "same command continues. Run it at low priority: `make fill`.")
+    p.add_argument("--until", required=True, metavar="TIME",
+                   help="deadline: HH:MM (today, local time) or an ISO date and time")
+    p.add_argument("--sigmas", type=_positive_float, nargs="+", default=list(fill.SIGMAS), metavar="S",
+                   help="training sigmas, alternated (default: 0.5 0.12)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    p.add_argument("--commit", action="store_true", help="commit each image's rows to the repository holding them")
+    p.add_argument("--results", help="results directory (default: results/paper)")
+    p.add_argument("--data", default="data", help="data directory (default: data)")
+    p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
+    p.set_defaults(run=_cmd_fill)
+
+
 def _add_mechanism(sub) -> None:
     from rddrs.core.presets import PRESETS
 
@@ -394,6 +427,9 @@ def _add_land(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rddrs", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"rddrs {__version__}")
+    parser.add_argument("--autograd-network", action="store_true",
+                        help="compute the CNN's forward and input gradient with autograd instead of the fast "
+                             "kernels (the same as RDDRS_FAST_NETWORK=0; the sidecar records which path ran)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     from rddrs.pipeline.data import NAMES as DATASETS
@@ -419,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_certify(sub)
     _add_memory(sub)
     _add_sweep(sub)
+    _add_fill(sub)
     _add_mechanism(sub)
     _add_pack(sub)
     _add_land(sub)
@@ -434,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.autograd_network:
+        import os
+
+        os.environ["RDDRS_FAST_NETWORK"] = "0"  # sweep workers inherit it
     try:
         args.run(args)
     except RDDRSError as err:

@@ -76,8 +76,19 @@ def git(*args: str, cwd: str | Path | None = None) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
+def processor_name() -> str:
+    """The CPU's model name as the kernel reports it (``platform.machine()`` where it does not)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def provenance(device) -> dict:
-    """Versions, device, threads, host, git commit (and whether the tree was dirty), time. Where
+    """Versions, device, processor, threads, host, git commit (and whether the tree was dirty), time. Where
     the code runs from a copy of the repository (a bare GPU machine), ``RDDRS_SOURCE_COMMIT``
     names the commit it was copied from and wins over what git says there (such a copy can carry
     another checkout's history); its dirtiness is then unknown."""
@@ -88,7 +99,8 @@ def provenance(device) -> dict:
     status = git("status", "--porcelain") if commit and not declared else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {"versions": {"rddrs": __version__, "torch": torch.__version__, "python": platform.python_version()},
-            "device": f"{device} ({name})", "threads": torch.get_num_threads(), "host": platform.node(),
+            "device": f"{device} ({name})", "processor": processor_name(), "threads": torch.get_num_threads(),
+            "host": platform.node(),
             "malloc_tuning": allocator.status(),
             "git_commit": commit, "git_dirty": None if status is None else bool(status),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

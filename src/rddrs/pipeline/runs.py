@@ -32,6 +32,7 @@ from rddrs.core.optimize import find_smoothing
 from rddrs.core.presets import PRESETS, Search
 from rddrs.core.spd import random_orthogonal
 from rddrs.pipeline.data import dataset, load_dataset
+from rddrs.pipeline.fastnet import network_path
 from rddrs.pipeline.files import ensure_dir, exclusive, one_line, provenance, write_atomic
 from rddrs.pipeline.models import check_outputs, load_model, resolve_device
 from rddrs.pipeline.results import (COLUMNS, format_row, index_ranges, provenance_parts, read_rows, read_sidecar,
@@ -156,7 +157,7 @@ def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: to
         raise RDDRSError(f"{traces} exists and is not a directory (it is where the run's traces go); move it away")
     _check_writable(out)
     # checked: from here on the run writes
-    here = provenance(device)
+    here = {**provenance(device), "network": network_path(model)}
     if not resumed:
         write_sidecar(out, settings, {"provenance": here})
     upgrade(out)  # a file of an older rddrs gets today's columns before rows are added

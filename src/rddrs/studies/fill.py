@@ -1,0 +1,160 @@
+"""The paper fill: Figure 2's missing panels computed image by image in a machine's idle time.
+
+``fill`` runs the figure2 group at the paper preset for some training sigmas (default 0.5 and
+0.12), one test image at a time with every paired variant of that image (``figure2.PAIRED``: RS,
+the authors' clamped DDRS, ANCER and RDDRS, and the capped DDRS) done before the next image,
+alternating the sigmas, in ``order``: first the images of sigma 0.25's paired rows, ascending,
+then the rest of the test set. It holds the results folder's sweep lock throughout (a second
+fill or sweep there is refused in one line), starts no image that its files' pace says would end
+after the deadline, and, with ``commit``, commits each image's rows to the repository that holds
+them. Rows are flushed as their batches end and a run resumes from its shard, so a fill killed at
+any moment loses no finished row and the same command continues from the rows on disk. The laws'
+traces (``OUT.traces/``) stay beside the rows for the memory pass; git ignores them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+from rddrs import RDDRSError
+from rddrs.pipeline import sweep
+from rddrs.pipeline.files import git
+from rddrs.pipeline.results import model_path, read_rows
+from rddrs.studies.claims import study_specs
+from rddrs.studies.figure2 import PAIRED, pace
+from rddrs.studies.headline import figure2_study
+
+#: the panels the fill computes by default (sigma 0.25's rows came first)
+SIGMAS = (0.5, 0.12)
+#: the panel whose images set the order
+LEAD_SIGMA = 0.25
+PRESET = "paper"
+
+
+def parse_deadline(text: str, now: datetime | None = None) -> datetime:
+    """A deadline given as ``HH:MM`` (today, local time) or an ISO date and time; it must lie in
+    the future."""
+    now = now or datetime.now()
+    try:
+        if len(text) <= 5 and ":" in text:
+            hour, minute = (int(part) for part in text.split(":"))
+            when = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        else:
+            when = datetime.fromisoformat(text)
+    except ValueError:
+        raise RDDRSError(f"cannot read the deadline {text!r}; give HH:MM (today) or an ISO date and time") from None
+    if when.tzinfo is not None:
+        when = when.astimezone().replace(tzinfo=None)
+    if when <= now:
+        raise RDDRSError(f"the deadline {when:%Y-%m-%d %H:%M} has passed; give a time to come")
+    return when
+
+
+def specs(results: str | Path, sigma: float, index: int, *, data="data", models="data/models",
+          device: str = "cpu") -> list[sweep.RunSpec]:
+    """The paired variants' runs of one test image at ``sigma`` (with the starts they read)."""
+    study = figure2_study(PRESET, sigma)
+    every = study_specs(study, sigma, PRESET, results, data=data, models=models, device=device,
+                        groups=("figure2",))
+    wanted = sweep.closure([every[name] for name in PAIRED], every.values())
+    return [replace(spec, ranges=((index, index + 1),)) for spec in wanted]
+
+
+def order(results: str | Path, test_size: int, *, data="data", models="data/models") -> list[int]:
+    """Test indices: those of sigma 0.25's paired rows ascending (the images every panel shares
+    first), then the rest of the test set ascending."""
+    study = study_specs(figure2_study(PRESET, LEAD_SIGMA), LEAD_SIGMA, PRESET, results, data=data, models=models)
+    lead = [set(read_rows(study[name].out)) for name in PAIRED]
+    first = sorted(set.intersection(*lead)) if lead else []
+    first = [i for i in first if i < test_size]
+    taken = set(first)
+    return first + [i for i in range(test_size) if i not in taken]
+
+
+def estimate(runs: list[sweep.RunSpec], lead: list[sweep.RunSpec]) -> float:
+    """Seconds one image of ``runs`` takes on a CPU: the mean of each run's CPU rows, or of the
+    same variant's rows at sigma 0.25 where the run has none yet (0 where neither has)."""
+    total = 0.0
+    for spec, other in zip(runs, lead):
+        seen = pace(spec.out).get("cpu") if Path(spec.out).exists() else None
+        if seen is None and Path(other.out).exists():
+            seen = pace(other.out).get("cpu")
+        total += seen or 0.0
+    return total
+
+
+@dataclass
+class Report:
+    """What a fill did: images completed per sigma, seconds each took, and why it stopped."""
+
+    images: dict[float, list[int]] = field(default_factory=dict)
+    seconds: dict[float, list[float]] = field(default_factory=dict)
+    stopped: str = ""
+
+    def summary(self) -> str:
+        done = ", ".join(f"sigma {s:g}: {len(v)} images" + (f" ({sum(self.seconds[s]) / len(v):.0f} s each)"
+                                                            if v else "")
+                         for s, v in self.images.items())
+        return f"{done or 'nothing computed'}; {self.stopped}"
+
+
+def commit_rows(runs: list[sweep.RunSpec], message: str, tries: int = 5) -> bool:
+    """Commit the result files (and sidecars) of ``runs`` to the repository that holds them,
+    nothing else; False where they are in none or git stays busy."""
+    files = [p for spec in runs for p in (Path(spec.out), Path(spec.out + ".json")) if p.exists()]
+    if not files:
+        return False
+    where = files[0].resolve().parent
+    if git("rev-parse", "--show-toplevel", cwd=where) is None:
+        return False
+    names = [str(p.resolve()) for p in files]
+    for attempt in range(tries):
+        if git("add", "--", *names, cwd=where) is not None and (
+                git("diff", "--cached", "--quiet", "--", *names, cwd=where) is not None
+                or git("commit", "--quiet", "-m", message, "--", *names, cwd=where) is not None):
+            return True
+        time.sleep(2 * (attempt + 1))  # another git command holds the index
+    return False
+
+
+def fill(results: str | Path, deadline: datetime, *, sigmas=SIGMAS, threads: int = 1, commit: bool = False,
+         data="data", models="data/models", log=print) -> Report:
+    """Compute the paired runs of ``sigmas`` image by image until ``deadline`` (see the module)."""
+    from rddrs.pipeline.data import load_dataset
+
+    results = Path(results)
+    sigmas = tuple(float(s) for s in sigmas)
+    for sigma in sigmas:
+        if not model_path(sigma, models).exists():
+            raise RDDRSError(f"no model for sigma {sigma:g}: {model_path(sigma, models)} is missing")
+    test_size = len(load_dataset(Path(data), train=False)[1])
+    report = Report(images={s: [] for s in sigmas}, seconds={s: [] for s in sigmas})
+    engine = sweep.Inline(threads)
+    with sweep.sweep_lock(results):
+        for index in order(results, test_size, data=data, models=models):
+            for sigma in sigmas:
+                runs = specs(results, sigma, index, data=data, models=models)
+                if sweep.complete(runs):
+                    continue
+                left = (deadline - datetime.now()).total_seconds()
+                need = estimate(runs, specs(results, LEAD_SIGMA, index, data=data, models=models))
+                if left <= need:
+                    report.stopped = f"stopped before image {index} at sigma {sigma:g} (needs about {need:.0f} s, " \
+                                     f"{max(left, 0):.0f} s left before the deadline)"
+                    return report
+                started = time.monotonic()
+                done = sweep.execute(runs, engine).check()
+                if not sweep.complete(runs):
+                    report.stopped = f"image {index} at sigma {sigma:g} is incomplete ({done.summary()})"
+                    return report
+                seconds = time.monotonic() - started
+                report.images[sigma].append(index)
+                report.seconds[sigma].append(seconds)
+                committed = commit and commit_rows(runs, f"Paper fill: test image {index} at sigma {sigma:g}, "
+                                                         f"five methods ({seconds:.0f} s, {threads} thread(s))")
+                log(f"sigma {sigma:g}, image {index}: {seconds:.0f} s" + (", committed" if committed else ""))
+    report.stopped = "every test image is done"
+    return report
