@@ -19,13 +19,22 @@ run, and where the CPU time went (user vs kernel) in each section.
    needs, so in its favour); with how often the floor and the step bound bind, which decides
    whether a step can skip an eigendecomposition.
 
+5. The network (``rddrs.pipeline.fastnet``): the GEMM peak of this many threads (torch.mm of two
+   4096 x 4096 matrices, the floor), and the trained CNN's forward and forward + input gradient
+   over ``--draws`` noisy images (default 20 000, the paper's) on both paths, autograd (the path of
+   commit 6de0fd1 and before) and fast, in GFLOP/s counted as autograd's dense work (FlopCounterMode)
+   and as a share of the peak; then the paper preset's RDDRS step (gradient at 20 000 draws,
+   exponential map, floor) on both paths, side by side.
+
 Each section reports its user and system CPU time: system time is the kernel's (page faults,
 zeroing, mmap/munmap), which ``rddrs.allocator`` keeps small. ``RDDRS_TUNE_MALLOC=0 python
 benchmarks/bench_core.py`` measures without it.
 
-Usage: python benchmarks/bench_core.py [--device cuda] [--threads 2] [--sections 1,2,3,4]
-       [--anatomy-preset cpu]
-Untrained weights in sections 1-2: speed does not depend on them.
+Usage: python benchmarks/bench_core.py [--device cuda] [--threads 2] [--sections 1,2,3,4,5]
+       [--anatomy-preset cpu] [--draws 20000]
+Untrained weights in sections 1-2: speed does not depend on them. Every section runs the network
+of the file users run (the ``.pt`` checkpoint, through ``load_model``: the fast path unless
+``RDDRS_FAST_NETWORK=0``).
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from rddrs.core.certify import sample_counts
 from rddrs.core.noise import Isotropic, NoiseSource
 from rddrs.core.optimize import objective_and_gradient
 from rddrs.core.presets import preset
-from rddrs.pipeline import allocator
+from rddrs.pipeline import allocator, fastnet
 from rddrs.pipeline.data import load_dataset
 from rddrs.pipeline.models import MnistCNN, load_model
 
@@ -179,7 +188,7 @@ print(json.dumps({"torch": t1 - t0, "rddrs": t2 - t1, "data": t3 - t2, "model": 
 
 
 def whole_process(args):
-    model = ROOT / "data/models/mnist_cnn_sigma0.25.pt2"
+    model = ROOT / "data/models/mnist_cnn_sigma0.25.pt"
     data = ROOT / "data"
     print(f"\n3. one `rddrs certify --method rs` process: one image, n = 100000, {model.name}")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -212,7 +221,7 @@ def _timed(fn, device):
 
 def step_anatomy(device, name):
     settings = preset(name).search["rddrs"]
-    model = load_model(ROOT / "data/models/mnist_cnn_sigma0.25.pt2", device)
+    model = load_model(ROOT / "data/models/mnist_cnn_sigma0.25.pt", device)
     x = load_dataset(ROOT / "data", train=False)[0][:1].to(device)
     lower, d = 0.25, x[0].numel()
     law = Isotropic(torch.full((1,), lower, device=device), d).as_full()
@@ -261,6 +270,65 @@ def step_anatomy(device, name):
           f"{step / (step - med['exp']):.2f}")
 
 
+def _flops(model, x) -> tuple[float, float]:
+    """Autograd's dense FLOPs per image: forward, and forward + input gradient."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = x[:8].clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as forward:
+        with torch.no_grad():
+            model(x[:8])
+    with FlopCounterMode(display=False) as both:
+        model(images).sum().backward()
+    return forward.get_total_flops() / 8, both.get_total_flops() / 8
+
+
+def network_speed(device, args):
+    loaded = load_model(ROOT / "data/models/mnist_cnn_sigma0.25.pt", device)
+    paths = {"autograd": getattr(loaded, "model", loaded), "fast": fastnet.fast(getattr(loaded, "model", loaded))}
+    if fastnet.network_path(paths["fast"]) != fastnet.FAST:
+        del paths["fast"]
+    n = args.draws
+    a = torch.randn(4096, 4096, device=device)
+    peak = 2 * 4096 ** 3 / best_time(lambda: a @ a, device, repeat=5) / 1e9
+    image = load_dataset(ROOT / "data", train=False)[0][:1].to(device)
+    x = image + 0.25 * torch.randn(n, 1, 28, 28, device=device)
+    forward, both = _flops(paths["autograd"], x)
+    print(f"\n5. the network, {n} draws of test image 0, {torch.get_num_threads()} thread(s): GEMM peak "
+          f"{peak:.0f} GFLOP/s (the floor); autograd's work {forward / 1e6:.2f} MFLOP forward, {both / 1e6:.2f} "
+          f"forward + input gradient, per image")
+    print("   path       forward GFLOP/s (of peak)   forward + input gradient GFLOP/s (of peak)")
+    speeds = {}
+    for name, model in paths.items():
+        with torch.no_grad():
+            fwd = n * forward / best_time(lambda: model(x), device, repeat=3) / 1e9
+
+        def gradient():
+            xx = x.clone().requires_grad_(True)
+            torch.autograd.grad(torch.log_softmax(model(xx), -1)[:, 7].sum(), xx)
+
+        grad = n * both / best_time(gradient, device, repeat=3) / 1e9
+        speeds[name] = (fwd, grad)
+        print(f"   {name:9s}  {fwd:7.1f} ({fwd / peak:4.0%})               {grad:7.1f} ({grad / peak:4.0%})")
+    if "fast" in speeds:
+        print(f"   fast / autograd: forward {speeds['fast'][0] / speeds['autograd'][0]:.2f}x, forward + input "
+              f"gradient {speeds['fast'][1] / speeds['autograd'][1]:.2f}x")
+    settings = preset("paper").search["rddrs"]
+    steps = {}
+    for name, model in paths.items():
+        law = Isotropic(torch.full((1,), 0.25, device=device), image[0].numel()).as_full()
+        eps = NoiseSource(0, NoiseSource.OPTIMIZE, device).draw([0], settings.samples, image[0].numel(), image.dtype)
+
+        def step():
+            _, grad = objective_and_gradient(model, image, law, eps, settings.kappa)
+            law.step(settings.lr * grad, settings.max_step).floor(0.25).eig
+
+        steps[name] = best_time(step, device, repeat=3)
+    print(f"   paper preset RDDRS step ({settings.samples} draws, one image): " + ", ".join(
+        f"{name} {seconds * 1e3:.0f} ms" for name, seconds in steps.items())
+        + (f"; fast / autograd {steps['autograd'] / steps['fast']:.2f}x" if "fast" in steps else ""))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -271,18 +339,21 @@ def main():
                         help="inputs searched at once in section 2 (default 1,8,32)")
     parser.add_argument("--batch-size", type=int, default=2000, help="noisy images per forward pass")
     parser.add_argument("--cert-samples", type=int, default=20_000, help="certification samples per input")
-    parser.add_argument("--sections", default="1,2,3,4", help="which sections to run (default 1,2,3,4)")
+    parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run (default 1,2,3,4,5)")
+    parser.add_argument("--draws", type=int, default=20_000, help="noisy images of section 5 (default 20000)")
     parser.add_argument("--anatomy-preset", default="cpu", help="the preset whose RDDRS search section 4 "
                         "follows (default cpu; paper: 100 steps at 20 000 samples)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = MnistCNN().to(device, memory_format=torch.channels_last).eval().requires_grad_(False)  # as load_model
+    model = fastnet.fast(MnistCNN().to(device, memory_format=torch.channels_last).eval().requires_grad_(False))
+    print(f"network path of sections 1-2: {fastnet.network_path(model)} (RDDRS_FAST_NETWORK=0: autograd)")
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"malloc tuning {allocator.status()}")
     sections = {"1": lambda: throughput(model, device, args), "2": lambda: search_step(model, device, args),
-                "3": lambda: whole_process(args), "4": lambda: step_anatomy(device, args.anatomy_preset)}
+                "3": lambda: whole_process(args), "4": lambda: step_anatomy(device, args.anatomy_preset),
+                "5": lambda: network_speed(device, args)}
     for key in args.sections.split(","):
         with cpu_split(f"section {key}"):
             sections[key]()

@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_core_runs_its_sections_at_toy_sizes():
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT / "src"))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_core.py"), "--sections", "1,2,4",
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_core.py"), "--sections", "1,2,4,5",
                            "--samples", "16", "--inputs", "1", "--cert-samples", "200", "--batch-size", "100",
-                           "--anatomy-preset", "smoke"],
+                           "--anatomy-preset", "smoke", "--draws", "64"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -37,3 +37,10 @@ def test_bench_core_runs_its_sections_at_toy_sizes():
                       out)
     step, grad, _, exp, floor_ms = map(int, parts.groups())
     assert abs(step - (grad + exp + floor_ms)) <= 2
+    # section 5: both network paths, with autograd's dense work per image and shares of the GEMM peak
+    assert "network path of sections 1-2: fast" in out, out
+    assert re.search(r"GEMM peak \d+ GFLOP/s \(the floor\); autograd's work 2\.11 MFLOP forward, 4\.22 forward", out), out
+    rows = set(re.findall(r"^\s+(autograd|fast)\s+\d+\.\d+ \(\s*\d+%\)\s+\d+\.\d+ \(\s*\d+%\)", out, re.M))
+    assert sorted(rows) == ["autograd", "fast"], out
+    assert re.search(r"paper preset RDDRS step \(20000 draws, one image\): autograd \d+ ms, fast \d+ ms; "
+                     r"fast / autograd \d+\.\d+x", out), out

