@@ -345,14 +345,16 @@ def _cmd_fill(args: argparse.Namespace) -> None:
     from rddrs.studies import fill
 
     deadline = fill.parse_deadline(args.until)
-    results = Path(args.results or Path("results") / fill.PRESET)
+    results = Path(args.results or Path("results") / args.preset)
     with _stop_on_sigterm():
         report = fill.fill(results, deadline, sigmas=args.sigmas, threads=args.threads, commit=args.commit,
-                           data=args.data, models=args.models, log=lambda line: print(line, flush=True))
+                           images=args.images, preset=args.preset, data=args.data, models=args.models,
+                           log=lambda line: print(line, flush=True))
     print(f"{report.summary()}; results in {results}")
 
 
 def _add_fill(sub) -> None:
+    from rddrs.core.presets import PRESETS
     from rddrs.studies import fill
 
     p = sub.add_parser("fill", help="compute Figure 2's missing panels image by image until a deadline",
@@ -368,7 +370,11 @@ def _add_fill(sub) -> None:
                    help="training sigmas, alternated (default: 0.5 0.12)")
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
     p.add_argument("--commit", action="store_true", help="commit each image's rows to the repository holding them")
-    p.add_argument("--results", help="results directory (default: results/paper)")
+    p.add_argument("--images", type=_positive_int, metavar="K",
+                   help="stop after K more test images of each sigma (default: only the deadline stops it)")
+    p.add_argument("--preset", default=fill.PRESET, choices=sorted(PRESETS),
+                   help="the preset of the rows (default: paper, Figure 2's own settings)")
+    p.add_argument("--results", help="results directory (default: results/PRESET)")
     p.add_argument("--data", default="data", help="data directory (default: data)")
     p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
     p.set_defaults(run=_cmd_fill)

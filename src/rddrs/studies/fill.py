@@ -31,6 +31,7 @@ from rddrs.studies.headline import figure2_study
 SIGMAS = (0.5, 0.12)
 #: the panel whose images set the order
 LEAD_SIGMA = 0.25
+#: the preset of Figure 2's rows (another one serves tests)
 PRESET = "paper"
 
 
@@ -53,22 +54,21 @@ def parse_deadline(text: str, now: datetime | None = None) -> datetime:
     return when
 
 
-def specs(results: str | Path, sigma: float, index: int, *, data="data", models="data/models",
-          device: str = "cpu") -> list[sweep.RunSpec]:
+def specs(results: str | Path, sigma: float, index: int, *, preset: str = PRESET, data="data",
+          models="data/models") -> list[sweep.RunSpec]:
     """The paired variants' runs of one test image at ``sigma`` (with the starts they read)."""
-    study = figure2_study(PRESET, sigma)
-    every = study_specs(study, sigma, PRESET, results, data=data, models=models, device=device,
+    every = study_specs(figure2_study(preset, sigma), sigma, preset, results, data=data, models=models,
                         groups=("figure2",))
     wanted = sweep.closure([every[name] for name in PAIRED], every.values())
     return [replace(spec, ranges=((index, index + 1),)) for spec in wanted]
 
 
-def order(results: str | Path, test_size: int, *, data="data", models="data/models") -> list[int]:
+def order(results: str | Path, test_size: int, *, preset: str = PRESET, data="data",
+          models="data/models") -> list[int]:
     """Test indices: those of sigma 0.25's paired rows ascending (the images every panel shares
     first), then the rest of the test set ascending."""
-    study = study_specs(figure2_study(PRESET, LEAD_SIGMA), LEAD_SIGMA, PRESET, results, data=data, models=models)
-    lead = [set(read_rows(study[name].out)) for name in PAIRED]
-    first = sorted(set.intersection(*lead)) if lead else []
+    study = study_specs(figure2_study(preset, LEAD_SIGMA), LEAD_SIGMA, preset, results, data=data, models=models)
+    first = sorted(set.intersection(*(set(read_rows(study[name].out)) for name in PAIRED)))
     first = [i for i in first if i < test_size]
     taken = set(first)
     return first + [i for i in range(test_size) if i not in taken]
@@ -121,8 +121,9 @@ def commit_rows(runs: list[sweep.RunSpec], message: str, tries: int = 5) -> bool
 
 
 def fill(results: str | Path, deadline: datetime, *, sigmas=SIGMAS, threads: int = 1, commit: bool = False,
-         data="data", models="data/models", log=print) -> Report:
-    """Compute the paired runs of ``sigmas`` image by image until ``deadline`` (see the module)."""
+         images: int | None = None, preset: str = PRESET, data="data", models="data/models", log=print) -> Report:
+    """Compute the paired runs of ``sigmas`` image by image until ``deadline`` (see the module), or
+    until ``images`` test images of each sigma have been computed by this call."""
     from rddrs.pipeline.data import load_dataset
 
     results = Path(results)
@@ -133,14 +134,20 @@ def fill(results: str | Path, deadline: datetime, *, sigmas=SIGMAS, threads: int
     test_size = len(load_dataset(Path(data), train=False)[1])
     report = Report(images={s: [] for s in sigmas}, seconds={s: [] for s in sigmas})
     engine = sweep.Inline(threads)
+    where = dict(preset=preset, data=data, models=models)
     with sweep.sweep_lock(results):
-        for index in order(results, test_size, data=data, models=models):
+        for index in order(results, test_size, **where):
             for sigma in sigmas:
-                runs = specs(results, sigma, index, data=data, models=models)
+                runs = specs(results, sigma, index, **where)
                 if sweep.complete(runs):
                     continue
+                if images is not None and len(report.images[sigma]) >= images:
+                    if all(len(done) >= images for done in report.images.values()):
+                        report.stopped = f"{images} images per sigma computed"
+                        return report
+                    continue
                 left = (deadline - datetime.now()).total_seconds()
-                need = estimate(runs, specs(results, LEAD_SIGMA, index, data=data, models=models))
+                need = estimate(runs, specs(results, LEAD_SIGMA, index, **where))
                 if left <= need:
                     report.stopped = f"stopped before image {index} at sigma {sigma:g} (needs about {need:.0f} s, " \
                                      f"{max(left, 0):.0f} s left before the deadline)"
@@ -153,8 +160,8 @@ def fill(results: str | Path, deadline: datetime, *, sigmas=SIGMAS, threads: int
                 seconds = time.monotonic() - started
                 report.images[sigma].append(index)
                 report.seconds[sigma].append(seconds)
-                committed = commit and commit_rows(runs, f"Paper fill: test image {index} at sigma {sigma:g}, "
-                                                         f"five methods ({seconds:.0f} s, {threads} thread(s))")
+                committed = commit and commit_rows(runs, f"Figure 2 fill, {preset} preset: test image {index} at sigma "
+                                                         f"{sigma:g}, five methods ({seconds:.0f} s, {threads} thread(s))")
                 log(f"sigma {sigma:g}, image {index}: {seconds:.0f} s" + (", committed" if committed else ""))
     report.stopped = "every test image is done"
     return report
