@@ -170,3 +170,34 @@ def test_bad_inputs():
     assert "step" in raises_one_line(attack, net, x, sm, [0, 1], 1.0, step=0.0)
     raises_one_line(attack, net, x[:1], sm, [0], 1.0)  # one input, two laws
     assert "cls" in raises_one_line(check_region, net, x, sm, [0, 3], 1.0, steps=0, check_samples=10)
+
+
+def test_an_attack_kept_to_the_box_finds_images_as_damaging_as_a_feasible_point():
+    """With box=(0, 1) every point is an image inside the ball; on a linear classifier it moves the
+    score at least as far as the closed-form optimum clipped into both sets (a feasible point);
+    without the box the same attack leaves [0, 1]."""
+    d, sigma = 8, 0.5
+    gen = generator(7)
+    w = torch.randn(d, generator=gen, dtype=F64)
+    model = LinearClassifier(w, 0.3)
+    x = 0.2 + 0.6 * torch.rand(3, d, generator=gen, dtype=F64)
+    law = smoothing("isotropic", torch.eye(d, dtype=F64) * sigma, 3)
+    cls = (model.score(x) > 0).long()
+    r = torch.tensor([1.0, 2.0, 4.0], dtype=F64)
+    free = attack(model, x, law, cls, r, steps=40, samples=16, seed=2)
+    boxed = attack(model, x, law, cls, r, steps=40, samples=16, seed=2, box=(0.0, 1.0))
+    assert ((free < 0) | (free > 1)).any()
+    assert ((boxed >= 0) & (boxed <= 1)).all()
+    assert ((boxed - x).norm(dim=1) <= sigma * r * (1 + 1e-9)).all()
+    sign = 2.0 * cls.double() - 1
+    best = model.worst_point(x, law, r).clamp(0, 1)  # clipped, then pulled into the ball towards x
+    shrink = torch.clamp(sigma * r / (best - x).norm(dim=1), max=1.0)
+    feasible = x + shrink[:, None] * (best - x)
+    assert (sign * model.score(boxed) <= sign * model.score(feasible) + 1e-3).all()
+
+
+def test_a_box_takes_an_isotropic_law_and_inputs_inside_it():
+    model, x, sm, cls, _ = _linear_case("diagonal", 8, [1.0])
+    assert "isotropic" in raises_one_line(attack, model, x, sm, cls, 1.0, box=(0.0, 1.0))
+    model, x, sm, cls, _ = _linear_case("isotropic", 8, [1.0])
+    assert "must lie in the box" in raises_one_line(attack, model, x * 0 + 2.0, sm, cls, 1.0, box=(0.0, 1.0))

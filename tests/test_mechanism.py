@@ -100,8 +100,9 @@ def test_refutation_refutes_an_inflated_certificate_and_not_a_fixed_law_one():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(d, generator=g) / d ** 0.5
     model = LinearClassifier(w, 0.0)
-    x = torch.rand(4, d, generator=g)
+    x = 0.25 + 0.5 * torch.rand(4, d, generator=g)
     x = x + ((1.0 - model.score(x)) / w.dot(w))[:, None] * w  # w.x = 1: distance 1 / ||w|| from the boundary
+    assert ((x > 0) & (x < 1)).all()  # images: the attack keeps its points in [0, 1]
     labels = np.ones(4, dtype=int)
     exact = 1.0 / float(w.norm())
     study = Study("t", 4, (Variant("rs", "rs"),))
@@ -116,6 +117,7 @@ def test_refutation_refutes_an_inflated_certificate_and_not_a_fixed_law_one():
     beyond = mechanism.refutation(model, x, labels, [0, 1, 2, 3], np.full(4, 0.25), np.full(4, 3 * exact), law,
                                   **common)
     assert all(r["refuted"] and r["predict"] == 0 for r in beyond)
+    assert all(r["box"] == [0.0, 1.0] and 0 <= r["point_range"][0] <= r["point_range"][1] <= 1 for r in beyond)
     assert all(r["fixed_law_class"] == 0 for r in beyond)  # the same law held fixed says so too
 
 

@@ -8,7 +8,10 @@ looks for a counter-example: it maximises the loss of the smoothed soft classifi
 
 over the ball ``||u|| <= r`` (the ellipsoid parametrised by u, so the projection is onto a
 ball). Each of the K steps moves u by ``step * r`` along its normalised Monte Carlo gradient
-(m fresh draws, from the ``attack`` check stream), then projects back onto the ball.
+(m fresh draws, from the ``attack`` check stream), then projects back onto the ball. With
+``box=(lo, hi)`` (isotropic laws) the points must also be images, ``lo <= x + sigma u <= hi``:
+each step clips the point to the box, then pulls it back into the ball along the segment
+towards x, which stays in both (x lies in the box, and both sets are convex).
 ``check_region`` then estimates ``P[c]`` at the point found with many independent draws and
 calls the certificate refuted when a one-sided exact test rejects ``P[c] >= 1/2``.
 
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor
 
 from rddrs import RDDRSError
-from rddrs.core.noise import Smoothing, check_inputs, noisy_outputs
+from rddrs.core.noise import Isotropic, Smoothing, check_inputs, noisy_outputs
 from rddrs.core.stats import clopper_pearson_lower
 from rddrs.studies.validity import CheckNoise, class_indices, smoothed_probability
 
@@ -57,12 +60,22 @@ def _project(u: Tensor, r: Tensor) -> Tensor:
     return u * torch.where(norm > r, r / norm, torch.ones_like(norm))[:, None]
 
 
+def _into_box(x: Tensor, sigma: Tensor, u: Tensor, r: Tensor, box: tuple[float, float]) -> Tensor:
+    """u moved so that ``x + sigma u`` lies in the box and ``||u|| <= r``: the point clipped to the
+    box, then its u shortened towards 0 (x itself is in the box)."""
+    flat = x.reshape(len(x), -1)
+    clipped = (flat + sigma[:, None] * u).clamp(*box)
+    return _project((clipped - flat) / sigma[:, None], r)
+
+
 def attack(model, x: Tensor, smoothing: Smoothing, cls, r, steps: int = 20, samples: int = 64,
-           step: float | None = None, seed: int = 0, indices=None) -> Tensor:
+           step: float | None = None, seed: int = 0, indices=None,
+           box: tuple[float, float] | None = None) -> Tensor:
     """Points ``x + S u``, ``||u|| <= r``, that maximise the smoothed loss of class ``cls``.
 
     ``r`` is a number or one per input; ``step`` is the step length as a fraction of r
     (default ``2.5 / steps``: the path can cross the ball and come back). Starts at u = 0.
+    ``box``: the points must lie in ``[lo, hi]^d`` too (an isotropic law, x inside the box).
     Memory grows with ``B * samples`` (one autograd graph per step).
     """
     indices = list(range(len(x))) if indices is None else indices
@@ -73,6 +86,11 @@ def attack(model, x: Tensor, smoothing: Smoothing, cls, r, steps: int = 20, samp
     if not step > 0:
         raise RDDRSError(f"step must be > 0, got {step}")
     r = _radii(r, x)
+    if box is not None:
+        if smoothing.family != Isotropic.family:
+            raise RDDRSError(f"an attack kept to a box takes an isotropic law, not a {smoothing.family} one")
+        if not (box[0] < box[1] and ((x >= box[0]) & (x <= box[1])).all()):
+            raise RDDRSError(f"the inputs must lie in the box [{box[0]:g}, {box[1]:g}] the points are kept to")
     cls = torch.as_tensor(class_indices(cls, len(x)), device=x.device)
     noise = CheckNoise(seed, CheckNoise.ATTACK, x.device)
     u = torch.zeros(len(x), smoothing.dim, dtype=x.dtype, device=x.device)
@@ -83,6 +101,8 @@ def attack(model, x: Tensor, smoothing: Smoothing, cls, r, steps: int = 20, samp
             (grad,) = torch.autograd.grad(smoothed_loss(model, x, smoothing, cls, u, eps).sum(), u)
             direction = grad / grad.norm(dim=1, keepdim=True).clamp_min(torch.finfo(grad.dtype).tiny)
             u = _project(u.detach() + (step * r)[:, None] * direction, r)
+            if box is not None:
+                u = _into_box(x, smoothing.param, u, r, box)
     return smoothing.scale_noise(u[:, None, :], offset=x.reshape(len(x), 1, -1)).reshape(x.shape)
 
 

@@ -214,12 +214,16 @@ def pipeline(model, x: Tensor, keys: list[int], study: Study, variant: Variant, 
     return law, cert
 
 
+#: the attacked points are images: each pixel in [0, 1] (refutations stored before this rule have no "box")
+BOX = (0.0, 1.0)
+
+
 def refutation(model, x: Tensor, labels: np.ndarray, indices: list[int], sigma_star: np.ndarray,
                radius: np.ndarray, laws: Smoothing, study: Study, variant: Variant, sigma: float, preset: str,
                model_file: Path, *, seed: int = 0, steps: int = 20, samples: int = 128, check: int = 10_000,
                inside: float = 0.999, chunk: int = 10) -> list[dict]:
     """For each image (certified with l2 radius ``radius`` > 0 by the variant, with the law
-    ``laws[j]``), look for a point inside that ball where the variant's whole pipeline certifies
+    ``laws[j]``), look for a point inside that ball and in ``BOX`` where the variant's whole pipeline certifies
     another class (see the module), ``chunk`` images at a time, and test there the law certified
     at x, held fixed."""
     rows = []
@@ -228,7 +232,7 @@ def refutation(model, x: Tensor, labels: np.ndarray, indices: list[int], sigma_s
         xs, ys, keys = x[part], labels[part], indices[part]
         iso = Isotropic(torch.as_tensor(sigma_star[part], dtype=x.dtype, device=x.device), x[0].numel())
         r = torch.as_tensor(inside * radius[part] / sigma_star[part], dtype=x.dtype, device=x.device)
-        points = attack(model, xs, iso, torch.as_tensor(ys), r, steps, samples, seed=seed, indices=keys)
+        points = attack(model, xs, iso, torch.as_tensor(ys), r, steps, samples, seed=seed, indices=keys, box=BOX)
         _, cert = pipeline(model, points, [k + SHIFT for k in keys], study, variant, sigma, preset, model_file, seed)
         for j, idx in enumerate(keys):
             fixed = shares(model, points[j: j + 1], laws[lo + j: lo + j + 1], check, seed, idx + SHIFT)[0]
@@ -237,7 +241,8 @@ def refutation(model, x: Tensor, labels: np.ndarray, indices: list[int], sigma_s
                          "distance": float((points[j] - xs[j]).double().norm()), "predict": predict,
                          "abstain": predict == ABSTAIN, "refuted": predict not in (label, ABSTAIN),
                          "gap": float(cert.gap[j]), "l2_radius": float(cert.radius[j]),
-                         "fixed_law_share": float(fixed[label]), "fixed_law_class": int(fixed.argmax())})
+                         "fixed_law_share": float(fixed[label]), "fixed_law_class": int(fixed.argmax()),
+                         "box": list(BOX), "point_range": [float(points[j].min()), float(points[j].max())]})
     return rows
 
 
