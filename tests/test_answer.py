@@ -65,3 +65,34 @@ def test_the_readme_states_what_survives_the_memory():
     assert f"keeps all {rd['images']} RDDRS certificates (l2 ACR {rd['after']['l2']:.3f}, against ANCER's " \
            f"{an['after']['l2']:.3f}" in readme
     assert f"none of the {rd['test_images']:,} test images".replace(",", " ") in readme
+
+
+def test_the_readme_states_the_coverage_before_any_number():
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    found = " ".join(readme.split("## What the book finds", 1)[1].split())
+    coverage = found.split("**At the paper's own settings", 1)[0]
+    runs = figure2.read(PAPER, headline.SIGMA, **COMMON)
+    stated = (f"sigma = 0.25 on {runs['rs'].n} of the 10 000 test images (indices "
+              f"{figure2.coverage(runs['rs'].idx)})")
+    assert stated in coverage and not re.search(r"\d\.\d{3}", coverage)  # the extent, and no ACR before it
+    panels = figure2.panels(PAPER, **COMMON)
+    least = int(re.search(r"at least (\d+) of each", coverage)[1])
+    assert all(s in panels and panels[s]["rs"].n >= least for s in (0.5, 0.12))  # the fill only adds rows
+
+
+def test_the_readme_states_the_mechanism_of_the_measures():
+    rd = [r for r in mechanism.measures("paper", PAPER, **COMMON) if r["variant"] == "rddrs_clamped"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    above1 = [r["spectrum"]["above_1"] for r in rd]
+    assert (f"a median of {np.median(above1):.0f} of its 784 scales exceed 1 pixel unit (from {min(above1)} to "
+            f"{max(above1)} over the images; a median of {np.median([r['spectrum']['above_10'] for r in rd]):.0f} "
+            f"exceed 10)") in readme
+    from rddrs.pipeline.data import load_dataset
+
+    norm = float(load_dataset(COMMON["data"], train=False)[0].flatten(1).norm(dim=1).mean())
+    largest = np.median([r["spectrum"]["largest"] for r in rd])
+    assert f"l2 norm of an average test image ({norm:.1f})" in readme and 5 < largest / norm < 20  # "about ten times"
+    small = np.mean([r["split"]["at_most"] for r in rd])
+    whole = np.mean([r["constancy"]["at_x"] for r in rd])
+    assert f"with the small axes alone x's class gets {small:.3f} of the votes, with the whole law {whole:.3f}" in readme
+    assert "directions the network ignores" not in readme

@@ -427,7 +427,8 @@ def _add_session(info: dict, prov: dict) -> None:
             threads.add(prov["threads"])
     versions = prov.get("versions") or {}
     if versions:
-        info["versions"].add(", ".join(f"{k} {versions[k]}" for k in ("rddrs", "torch") if k in versions))
+        named = {**versions, "rddrs": "of an unrecorded version"} if versions.get("rddrs") == "0+unknown" else versions
+        info["versions"].add(", ".join(f"{k} {named[k]}" for k in ("rddrs", "torch") if k in named))
     if prov.get("git_commit"):
         info["commits"].add(str(prov["git_commit"])[:7])
         info["dirty"] |= bool(prov.get("git_dirty"))

@@ -6,6 +6,8 @@ in short GPU sessions; its files hold whatever images have been computed, from C
 sigma, every variant's rows on the images that all the compared variants have, so that every
 comparison is paired image by image.
 
+* ``panels``: ``read`` at every training sigma that has paired rows (Figure 2's panels);
+* ``coverage``: which test images a panel holds, in words;
 * ``writers``: rows per (device, commit) of each file;
 * ``pace``: seconds per image of each variant on each kind of device;
 * ``band``: a bootstrap band over images around a certified-accuracy curve;
@@ -22,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from rddrs import RDDRSError
-from rddrs.pipeline.results import read_rows, read_sidecar, row_writers
+from rddrs.pipeline.results import index_ranges, read_rows, read_sidecar, row_writers
 from rddrs.studies import analysis
 from rddrs.studies.claims import study_specs
-from rddrs.studies.headline import figure2_study
+from rddrs.studies.headline import FIGURE2_SIGMAS, figure2_study
 
 #: the variants every paired comparison needs (RS, the authors' pipeline, the capped DDRS)
 PAIRED = ("rs", "ddrs_clamped", "ancer_clamped", "rddrs_clamped", "ddrs_capped")
@@ -41,6 +43,26 @@ def read(results, sigma: float, *, preset: str = "paper", names=PAIRED, data="da
         raise RDDRSError(f"{results} has no rows of {', '.join(sorted(set(names) - set(found)))} at sigma {sigma:g}")
     common = sorted(set.intersection(*(set(res.idx.tolist()) for res in found.values())))
     return {name: res.subset(np.flatnonzero(np.isin(res.idx, common))) for name, res in found.items()}
+
+
+def panels(results, *, preset: str = "paper", sigmas=FIGURE2_SIGMAS, names=PAIRED, data="data",
+           models="data/models") -> dict[float, dict[str, analysis.Results]]:
+    """``read`` at each of ``sigmas`` (ascending) whose variants all have rows on common images."""
+    out = {}
+    for sigma in sorted(sigmas):
+        try:
+            runs = read(results, sigma, preset=preset, names=names, data=data, models=models)
+        except RDDRSError:
+            continue
+        if runs[names[0]].n:
+            out[sigma] = runs
+    return out
+
+
+def coverage(idx) -> str:
+    """Test indices in words: ``0-90 and 335-360``."""
+    parts = [f"{lo}" if hi - lo == 1 else f"{lo}-{hi - 1}" for lo, hi in index_ranges(idx)]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def writers(path) -> dict[tuple[str, str], int]:
@@ -77,29 +99,31 @@ def band(res: analysis.Results, kind: str, radii, draws: int = 2000, level: floa
     return np.quantile(curves, tail, axis=0), np.quantile(curves, 1 - tail, axis=0)
 
 
-def curves_figure(runs: dict[str, analysis.Results], labels: dict[str, str], styles: dict[str, dict],
-                  kinds=("proxy", "l2"), draws: int = 2000):
-    """Certified accuracy against the proxy and the l2 radius, one line per variant with its
-    90 % bootstrap band over the images."""
+def curves_figure(panels: dict[float, dict[str, analysis.Results]], labels: dict[str, str],
+                  styles: dict[str, dict], kinds=("proxy", "l2"), draws: int = 2000):
+    """Figure 2: one row of panels per training sigma, certified accuracy against the proxy and
+    the l2 radius, one line per variant with its 90 % bootstrap band over the row's images."""
     from rddrs.studies import display
 
     with display.style_context():
-        fig, axes = display.new_figure(1, len(kinds), height=3.0, sharey=True, squeeze=False)
+        fig, axes = display.new_figure(len(panels), len(kinds), height=2.6 * len(panels) + 0.6, squeeze=False)
         handles = {}
-        for ax, kind in zip(axes[0], kinds):
-            top = max(float(analysis.certified_radius(res, kind).max(initial=0.0)) for res in runs.values())
-            grid = np.linspace(0.0, 1.05 * top, 300)
-            for name, res in runs.items():
-                x, y = analysis.certified_accuracy_curve(res, kind, r_max=1.05 * top)
-                style = styles[name]
-                (line,) = ax.step(x, y, where="pre", linewidth=1.8, color=style["color"],
-                                  linestyle=style["linestyle"], label=labels[name])
-                lo, hi = band(res, kind, grid, draws)
-                ax.fill_between(grid, lo, hi, step="pre", color=style["color"], alpha=0.15, linewidth=0)
-                handles.setdefault(name, line)
-            ax.set(xlim=(0, 1.05 * top), ylim=(0, 1.0), xlabel=analysis.AXIS_LABELS[kind])
-            ax.grid(True)
-        axes[0][0].set_ylabel("certified accuracy")
+        for row, (sigma, runs) in zip(axes, panels.items()):
+            for ax, kind in zip(row, kinds):
+                top = max(float(analysis.certified_radius(res, kind).max(initial=0.0)) for res in runs.values())
+                grid = np.linspace(0.0, 1.05 * top, 300)
+                for name, res in runs.items():
+                    x, y = analysis.certified_accuracy_curve(res, kind, r_max=1.05 * top)
+                    style = styles[name]
+                    (line,) = ax.step(x, y, where="pre", linewidth=1.8, color=style["color"],
+                                      linestyle=style["linestyle"], label=labels[name])
+                    lo, hi = band(res, kind, grid, draws)
+                    ax.fill_between(grid, lo, hi, step="pre", color=style["color"], alpha=0.15, linewidth=0)
+                    handles.setdefault(name, line)
+                ax.set(xlim=(0, 1.05 * top), ylim=(0, 1.0), xlabel=analysis.AXIS_LABELS[kind])
+                ax.set_title(f"$\\sigma = {sigma:g}$, {runs[next(iter(runs))].n} images", fontsize="medium")
+                ax.grid(True)
+            row[0].set_ylabel("certified accuracy")
         fig.legend(list(handles.values()), [labels[n] for n in handles], loc="outside upper center",
                    ncol=min(3, len(handles)), frameon=False)
     return fig
