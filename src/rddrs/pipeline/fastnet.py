@@ -13,7 +13,7 @@ forward stays with oneDNN. The maths is autograd's; only the order of float32 ad
 ``fast(model)`` wraps a recognised float32 CPU model in ``FastCNN``, an autograd-aware drop-in;
 any other model is returned as it is. ``RDDRS_FAST_NETWORK=0`` (``rddrs --autograd-network``)
 turns the fast path off. The extension is compiled with the machine's C++ compiler at first use
-(``torch.utils.cpp_extension``, ninja) and cached per processor; where that fails the model keeps
+(``torch.utils.cpp_extension``, ninja) and cached per checkout and processor; where that fails the model keeps
 the autograd path and one line says why, once.
 """
 
@@ -58,7 +58,9 @@ def _processor() -> str:
 def extension():
     """The compiled kernels, or None (with one warning) where they cannot be built here."""
     source = Path(__file__).with_name("fastnet.cpp")
-    digest = hashlib.sha256(source.read_bytes() + _processor().encode() + torch.__version__.encode()).hexdigest()
+    # one build per source, checkout (ninja rebuilds when the source's path changes), processor and torch
+    digest = hashlib.sha256(source.read_bytes() + str(source.resolve()).encode() + _processor().encode()
+                            + torch.__version__.encode()).hexdigest()
     try:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # no CUDA notes on a CPU build
         from torch.utils import cpp_extension
@@ -68,7 +70,7 @@ def extension():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return cpp_extension.load(name=f"rddrs_fastnet_{digest[:12]}", sources=[str(source)],
-                                      extra_cflags=["-O3", "-march=native"], verbose=False)
+                                      extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
     except Exception as err:  # no compiler, no ninja, a failed build: the autograd path serves
         first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
         print(f"rddrs: the fast network could not be built ({first}); using autograd", file=sys.stderr)
