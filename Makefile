@@ -70,7 +70,11 @@ train: $(INSTALLED) data  ## retrain the models in data/models/ (sigma 0.12 0.25
 # nbval-check-output must print what is stored
 NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with book/nbval_sanitize.cfg
 
+# the Fashion-MNIST tests read Debian's package dataset-fashion-mnist: installed as `make data
+# DATASET=fashion-mnist` does (as root, with apt-get); where that cannot be, they are skipped
 test: $(INSTALLED) $(MNIST) $(MATHJAX)  ## run the whole test suite (the chapters' notebooks too)
+	@$(MAKE) --no-print-directory $(FASHION_PACKAGE) || echo "note: without Debian's package" \
+	  "dataset-fashion-mnist the tests that read Fashion-MNIST are skipped" >&2
 	$(BIN)/python -m pytest $(NBVAL)
 
 $(MATHJAX):

@@ -11,11 +11,13 @@ import struct
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import snapshot
 from torchvision.datasets import MNIST
 
 from rddrs import RDDRSError
@@ -389,10 +391,14 @@ def full_size_root(tmp_path_factory):
     return root
 
 
-def test_fetch_reuses_valid_raw_files_without_download(full_size_root, no_download):
+def test_fetch_reuses_valid_raw_files_without_download(full_size_root, no_download, monkeypatch):
     raw = full_size_root / "MNIST" / "raw"
     before = {name: (raw / name).stat().st_mtime_ns for name in RAW_FILES}
-    assert fetch_mnist(full_size_root) == raw
+    with pytest.raises(RDDRSError) as excinfo:  # valid layout, but not the recorded files
+        fetch_mnist(full_size_root)
+    assert "is not the MNIST file: its SHA-256 is" in one_line(excinfo)
+    monkeypatch.setattr(data, "MNIST", replace(data.MNIST, raw_sha256={n: sha256_file(raw / n) for n in RAW_FILES}))
+    assert fetch_mnist(full_size_root) == raw  # with these files recorded, they are used as they are
     assert {name: (raw / name).stat().st_mtime_ns for name in RAW_FILES} == before
     assert not (full_size_root / "cache").exists()
 
@@ -483,11 +489,6 @@ def test_cli_corrupt_cached_pickle_is_one_stderr_line(tmp_path):
     assert files_in(tmp_path / "MNIST" / "raw") == []
 
 
-def test_cli_reuses_valid_raw_files(full_size_root):
-    proc = rddrs("data", "--root", str(full_size_root))
-    assert proc.returncode == 0, proc.stderr
-    assert str(full_size_root / "MNIST" / "raw") in proc.stdout
-    assert not (full_size_root / "cache").exists()
 
 
 @pytest.mark.parametrize("args", [["--help"], ["data", "--help"]])
@@ -529,6 +530,15 @@ def test_real_raw_files_are_the_official_ones(real_root):
     raw = real_root / "MNIST" / "raw"
     assert {name: sha256_file(raw / name) for name in RAW_FILES} == OFFICIAL_RAW_SHA256
     assert data.MNIST.raw_sha256 == OFFICIAL_RAW_SHA256  # the dataset's record
+
+
+def test_cli_reuses_the_real_raw_files(real_root, tmp_path):
+    (tmp_path / "MNIST").symlink_to(real_root / "MNIST")
+    before = snapshot(real_root / "MNIST" / "raw")
+    proc = rddrs("data", "--root", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert str(tmp_path / "MNIST" / "raw") in proc.stdout
+    assert not (tmp_path / "cache").exists() and snapshot(real_root / "MNIST" / "raw") == before
 
 
 def test_real_cached_pickle_digest(real_root):

@@ -225,7 +225,8 @@ def test_make_settings_errors(checkpoint):
     from rddrs import RDDRSError
     from rddrs.pipeline.settings import make_settings
 
-    for kwargs, message in [(dict(method="pgd"), "unknown method"), (dict(sigma=0.0), "sigma must be > 0"),
+    for kwargs, message in [(dict(method="pgd"), "unknown method"),
+                            (dict(sigma=0.0), r"sigma must lie in \[1e-06, 1000\]"),
                             (dict(alpha=1.5), "alpha must lie in"), (dict(preset="huge"), "unknown preset"),
                             (dict(method="rs", search={"lr": 1.0}), "RS has no search"),
                             (dict(method="ddrs", init="x.tsv"), "applies to method ancer or rddrs"),
@@ -629,8 +630,9 @@ def test_a_plain_file_where_the_traces_go_is_refused(checkpoint, runs, tmp_path,
 @pytest.mark.parametrize("method, option, value, message", [
     ("rs", "--seed", "-1", "argument --seed: must be an integer >= 0, got -1"),
     ("rs", "--rotate", "-1", "argument --rotate: must be an integer >= 0, got -1"),
-    ("rs", "--sigma", "inf", "sigma must be > 0 and finite, got inf"),
-    ("rs", "--sigma", "nan", "sigma must be > 0 and finite, got nan"),
+    ("rs", "--sigma", "inf", "sigma must lie in [1e-06, 1000] (images are in [0, 1], the network computes in "
+                             "float32), got inf"),
+    ("rs", "--sigma", "nan", "sigma must lie in [1e-06, 1000]"),
     ("rs", "--alpha", "nan", "alpha must lie in (0, 1), got nan"),
     ("rddrs", "--kappa", "nan", "kappa must be finite and >= 0, got nan"),
     ("rddrs", "--kappa", "inf", "kappa must be finite and >= 0, got inf"),

@@ -189,8 +189,8 @@ class NotATensor:
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda d: d / "missing.pt", "not found"),
-    (lambda d: d, "not a file"),
+    (lambda d: d / "missing.pt", "no such file"),
+    (lambda d: d, "is a directory, not a regular file"),
     (lambda d: write_bytes(d / "empty.pt", b""), "cannot read"),
     (lambda d: write_bytes(d / "text.pt", b"not a model\n" * 10), "cannot read"),
     (lambda d: torch_saved(d / "list.pt", [1, 2, 3]), "not a checkpoint"),

@@ -240,7 +240,7 @@ def test_cli_reports_one_line_and_exits_2(capsys):
 
     assert main(["train", "--sigma", "-1"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--sigma must be" in err
+    assert err.count("\n") == 1 and "--sigma must lie in [1e-06, 1000], got -1.0" in err
 
 
 def test_model_path_names_dataset_and_sigma_with_two_decimals():

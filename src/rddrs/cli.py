@@ -48,15 +48,15 @@ def _cmd_certify(args: argparse.Namespace) -> None:
     if args.memory:
         from rddrs.pipeline.data import load_dataset
 
-        _memory_pass(out, load_dataset(Path(args.data), settings.dataset, train=False)[0], not args.quiet)
+        _memory_pass(out, *load_dataset(Path(args.data), settings.dataset, train=False), not args.quiet)
 
 
-def _memory_pass(out: Path, images, progress: bool) -> None:
+def _memory_pass(out: Path, images, labels, progress: bool) -> None:
     from collections import Counter
 
     from rddrs.pipeline.memory import apply_memory, read_memory_rows
 
-    path = apply_memory(out, images, 0, progress=progress)
+    path = apply_memory(out, images, 0, progress=progress, labels=labels)
     counts = Counter(row["memory"] for row in read_memory_rows(path))
     print(f"memory: {', '.join(f'{n} {status}' for status, n in sorted(counts.items()))}; results in {path}")
 
@@ -69,8 +69,8 @@ def _cmd_memory(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if not out.is_file():
         raise RDDRSError(f"{out}: no such result file")
-    images, _ = load_dataset(Path(args.data), run_dataset(read_sidecar(out)["settings"]), train=False)
-    _memory_pass(out, images, not args.quiet)
+    images, labels = load_dataset(Path(args.data), run_dataset(read_sidecar(out)["settings"]), train=False)
+    _memory_pass(out, images, labels, not args.quiet)
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
@@ -80,32 +80,72 @@ def _cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged {len(args.shards)} shards, {rows} rows, into {args.out}")
 
 
+def _number(kind: type, text: str):
+    """``kind(text)`` for a number written plainly: Python's int and float also read ``0_25`` (as 25)."""
+    if "_" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain number (no underscores)")
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(int, text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
     return value
 
 
 def _natural_int(text: str) -> int:
-    value = int(text)
+    value = _number(int, text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(float, text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
 def _natural_float(text: str) -> float:
-    value = float(text)
+    value = _number(float, text)
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+def _threads(text: str) -> int:
+    from rddrs.pipeline.train import MAX_THREADS
+
+    value = _positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {text}")
+    return value
+
+
+def _batch(text: str) -> int:
+    from rddrs.core.presets import MAX_BATCH
+
+    value = _positive_int(text)
+    if value > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_BATCH:,} noisy images (more would not fit in "
+                                         f"memory), got {text}")
+    return value
+
+
+def _plain_numbers(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``parser`` and its subcommands read with ``type=int`` or ``float`` reads plain
+    numbers only (``_number``)."""
+    for action in parser._actions:
+        if action.type in (int, float):
+            kind = action.type
+            action.type = lambda text, kind=kind: _number(kind, text)
+        for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+            _plain_numbers(sub)
 
 
 #: the options of `rddrs certify` that override fields of the method's Search
@@ -154,7 +194,7 @@ def _add_certify(sub) -> None:
     p.add_argument("--inputs-per-batch", type=_positive_int,
                    help="images searched at once (default: about 16k noisy images per search step on a "
                         "CPU, 262k on a GPU, at most 32 images)")
-    p.add_argument("--batch-size", type=_positive_int, default=2000,
+    p.add_argument("--batch-size", type=_batch, default=2000,
                    help="noisy images per forward pass (default 2000; larger helps on a GPU)")
     p.add_argument("--dataset", choices=DATASETS, default="mnist",
                    help="whose test images (default: mnist); the model must have been trained on it")
@@ -195,6 +235,10 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 
     if args.until is not None and not args.until > 0:
         raise RDDRSError(f"--until must be a number of seconds > 0, got {args.until:g}")
+    from rddrs.pipeline.data import TEST_SIZE
+
+    if args.count is not None and args.count > TEST_SIZE:
+        raise RDDRSError(f"--count {args.count} is more than the {TEST_SIZE} images of the test set")
     results = Path(args.results or Path("results") / args.preset).resolve()
     device = args.device or ("cuda" if args.gpus_per_task > 0 else "cpu")
     if not args.list:
@@ -285,9 +329,9 @@ def _add_sweep(sub) -> None:
                         "(default: local)")
     p.add_argument("--address", help="Ray cluster to join (e.g. auto on a node of it; default: start a local one)")
     p.add_argument("--gpus-per-task", type=_natural_float, default=0, metavar="G", help="GPUs per shard (default 0)")
-    p.add_argument("--cpus-per-task", type=_positive_int, default=1, metavar="C",
+    p.add_argument("--cpus-per-task", type=_threads, default=1, metavar="C",
                    help="CPU cores (torch threads) per shard (default 1)")
-    p.add_argument("--processes", type=_positive_int, help="local engine: at most this many processes")
+    p.add_argument("--processes", type=_threads, help="local engine: at most this many processes")
     p.add_argument("--inputs-per-batch", type=_positive_int,
                    help="images searched at once (default: as rddrs certify); shards are multiples of it")
     p.add_argument("--retries", type=_natural_int, default=3, help="restarts of a shard whose worker died (default 3)")
@@ -323,6 +367,7 @@ def _cmd_mechanism(args: argparse.Namespace) -> None:
     from rddrs.studies import headline, mechanism
 
     device = str(resolve_device(args.device))
+    mechanism.check_laws_from(args.laws_from)
     results = Path(args.results or Path("results") / args.preset)
     common = dict(device=device, data=args.data, models=args.models, seed=args.seed)
     rows = mechanism.measures(args.preset, results, **common)
@@ -368,7 +413,7 @@ def _add_fill(sub) -> None:
                    help="deadline: HH:MM (today, local time) or an ISO date and time")
     p.add_argument("--sigmas", type=_positive_float, nargs="+", default=list(fill.SIGMAS), metavar="S",
                    help="training sigmas, alternated (default: 0.5 0.12)")
-    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=_threads, default=1, help="torch threads (default 1)")
     p.add_argument("--commit", action="store_true", help="commit each image's rows to the repository holding them")
     p.add_argument("--images", type=_positive_int, metavar="K",
                    help="stop after K more test images of each sigma (default: only the deadline stops it)")
@@ -422,8 +467,9 @@ def _add_land(sub) -> None:
     p = sub.add_parser("land", help="add the rows of an archive of `rddrs pack` to the results here",
                        description="Add the rows packed by `rddrs pack` (on another machine, a GPU "
                                    "session say) to the result files of RESULTS, recording which session "
-                                   "wrote them. Everything is checked before anything is written: the "
-                                   "preset, the models' hashes, the runs' settings, rows already here.")
+                                   "wrote them. Everything is checked before anything is written: that the "
+                                   "archive writes only plain files under RESULTS, the preset, the rows and "
+                                   "settings, the models' hashes, rows already here.")
     p.add_argument("archive", metavar="ARCHIVE", help="the .tar.gz of rddrs pack")
     p.add_argument("--results", help="results directory (default: results/PRESET of the archive)")
     p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
@@ -472,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "is read without that row, and a note says so.")
     analysis.add_arguments(curves)
     curves.set_defaults(run=analysis.run)
+    _plain_numbers(parser)
     return parser
 
 

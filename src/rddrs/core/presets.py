@@ -17,6 +17,17 @@ from rddrs import RDDRSError
 OBJECTIVES = ("soft", "clamped", "capped")
 STEPS = ("sgd", "adam")
 
+#: the largest numbers a run may ask for, beyond which it could not fit in memory or finish: the
+#: certification samples n0 and n of each image (the paper's n is 10^5), the draws of one search
+#: step (held in memory at once; the paper's RDDRS takes 20000), the steps of a search (the
+#: paper's DDRS takes 1500) and the noisy images of one forward pass
+MAX_SAMPLES = 10**9
+MAX_SEARCH_SAMPLES = 10**6
+MAX_ITERATIONS = 10**6
+MAX_BATCH = 10**6
+#: the noise levels a run may start from: images lie in [0, 1], and the network computes in float32
+SIGMA_RANGE = (1e-6, 1e3)
+
 
 def _finite(value) -> bool:
     """Whether ``value`` is a real number other than NaN and +-inf."""
@@ -84,6 +95,10 @@ class Search:
         if not (_integer(self.iterations) and _integer(self.samples) and self.iterations >= 0 and self.samples >= 1):
             raise RDDRSError(f"a search needs integers iterations >= 0 and samples >= 1, got {self.iterations}, "
                              f"{self.samples}")
+        if self.iterations > MAX_ITERATIONS or self.samples > MAX_SEARCH_SAMPLES:
+            raise RDDRSError(f"a search takes at most {MAX_ITERATIONS:,} iterations of at most {MAX_SEARCH_SAMPLES:,} "
+                             f"samples (more would not fit in memory or finish), got {self.iterations:,} and "
+                             f"{self.samples:,}")
         if not (_finite(self.lr) and self.lr > 0):
             raise RDDRSError(f"learning rate must be finite and > 0, got {self.lr}")
         if not (_finite(self.kappa) and self.kappa >= 0):

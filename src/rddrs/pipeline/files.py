@@ -34,6 +34,20 @@ class Busy(RDDRSError):
     succeed once that process has ended."""
 
 
+def regular_file(path: Path, what: str) -> Path:
+    """``path`` if it is a regular file (or a link to one), else a one-line error naming ``what``
+    it should be and what it is: missing, a directory, a device such as /dev/null, a FIFO."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise RDDRSError(f"{what} {path}: no such file")
+    kind = ("a directory" if path.is_dir() else "a FIFO" if path.is_fifo() else
+            "a device" if path.is_char_device() or path.is_block_device() else "a socket" if path.is_socket() else
+            "something else")
+    raise RDDRSError(f"{what} {path} is {kind}, not a regular file")
+
+
 def ensure_dir(folder: Path) -> Path:
     """``folder``, created with its parents if missing, or a one-line error saying why not."""
     folder = Path(folder)
@@ -113,13 +127,30 @@ def recorded(device: str, rows) -> dict:
     return {"provenance": provenance(torch.device(device)), "rows": rows}
 
 
-def cached_json(path: str | Path, compute):
-    """The JSON value stored at ``path``; if there is none, ``compute()``'s, stored atomically."""
+def read_json(path: str | Path, keys: dict[str, type] | None = None):
+    """The JSON value stored at ``path``, which (``keys``) must be an object holding each key with a
+    value of its type; a one-line error naming the file otherwise."""
+    import json
+
+    fix = "move it away to compute it again"
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RDDRSError(f"{path} cannot be read as JSON ({one_line(err)}); {fix}") from None
+    if keys and not (isinstance(value, dict) and all(isinstance(value.get(k), t) for k, t in keys.items())):
+        wanted = ", ".join(f"{k!r} ({t.__name__})" for k, t in keys.items())
+        raise RDDRSError(f"{path} is not what rddrs stores there (an object with {wanted}); {fix}")
+    return value
+
+
+def cached_json(path: str | Path, compute, keys: dict[str, type] | None = None):
+    """The JSON value stored at ``path`` (``read_json``, with ``keys``); if there is none,
+    ``compute()``'s, stored atomically."""
     import json
 
     path = Path(path)
     if path.exists():
-        return json.loads(path.read_text())
+        return read_json(path, keys)
     value = compute()
     write_atomic(path, [json.dumps(value, indent=2).encode()])
     return value

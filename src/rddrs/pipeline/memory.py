@@ -20,8 +20,8 @@ from rddrs.core.noise import Smoothing, from_param
 from rddrs.core.regions import TOUCH_TOLERANCE, Memory
 from rddrs.core.spd import random_orthogonal
 from rddrs.pipeline.files import exclusive, write_atomic
-from rddrs.pipeline.results import (COLUMNS, REQUIRED, format_row, memory_path, read_rows, read_table, sidecar_path,
-                                    upgrade)
+from rddrs.pipeline.results import (COLUMNS, REQUIRED, check_labels, format_row, memory_path, read_rows, read_table,
+                                    sidecar_path, upgrade)
 from rddrs.pipeline.runs import trace_param
 
 MEMORY_COLUMNS = COLUMNS + ("memory",)
@@ -51,17 +51,21 @@ def _trace_reader(out: Path, method: str, d: int) -> Callable[[int], Tensor]:
     return lru_cache(maxsize=32)(read) if method_record(method).family == FULL else read
 
 
-def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = True) -> Path:
+def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = True,
+                 labels: Tensor | None = None) -> Path:
     """Run the memory over the result file ``out`` in ascending idx; write ``OUT.memory.tsv``.
 
-    ``images[i - start]`` is test image i (rotated as the run was, if it used ``--rotate``).
+    ``images[i - start]`` is test image i (rotated as the run was, if it used ``--rotate``), and
+    ``labels[i - start]`` (if given) its label, which its row must hold.
     Each row's S: ``sigma_min`` of the row for RS and DDRS (it is sigma), ``param`` of its
     trace for ANCER (theta) and RDDRS (C, read only when needed). The output has
     ``results.COLUMNS`` plus ``memory`` (kept, shrunk, relabelled or abstain);
     ``predict``, ``correct``, ``gap`` and the radii (``gap * sigma_min``, ``gap * sigma_proxy``)
     follow the memory, the other columns (``p_lower`` of the originally predicted class
     included) are copied. Rows are appended and flushed one by one; a rerun rebuilds the
-    memory from the rows already written and continues, so a killed pass loses nothing.
+    memory from the rows already written and continues, so a killed pass loses nothing. Before
+    anything is written, every row's law is checked (``noise.from_param``'s checks): a sound pass certifies from
+    valid covariances only.
     """
     out = Path(out)
     side = sidecar_path(out)
@@ -84,6 +88,8 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
     if lo < start or hi >= start + len(images):
         raise RDDRSError(f"{out} has idx {lo}..{hi}, outside the images {start}..{start + len(images) - 1}")
     ordered = [rows[i] for i in range(lo, hi + 1)]
+    if labels is not None:
+        check_labels(rows, labels, str(out), start)
     d = images[0].numel()
     rotate = meta["settings"].get("rotate")
     rotation = random_orthogonal(d, seed=rotate) if rotate is not None else None
@@ -91,11 +97,19 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
     # the isotropic families' sigma is in the row; theta and C are in the traces
     read = None if family == ISOTROPIC else _trace_reader(out, method, d)
 
+    checked = set()  # the idx whose law was found valid
+
     def region(row: dict) -> tuple[Tensor, Smoothing]:
         """Centre and batch-1 law of a row's region."""
         x = images[row["idx"] - start].reshape(-1).double()
         param = torch.tensor([row["sigma_min"]], dtype=torch.float64) if read is None else read(row["idx"])[None]
-        return (x if rotation is None else rotation @ x), from_param(family, param, d, check=False)
+        try:
+            law = from_param(family, param, d, check=row["idx"] not in checked)
+        except RDDRSError as err:
+            raise RDDRSError(f"{out}: the law of idx {row['idx']} is not a valid covariance ({err}); the memory "
+                             "certifies from valid laws only") from None
+        checked.add(row["idx"])
+        return (x if rotation is None else rotation @ x), law
 
     path = memory_path(out)
     with exclusive(path):  # one writer at a time
@@ -105,6 +119,8 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
             raise RDDRSError(f"{path} does not match the rows of {out.name}; remove it to start again")
         if len(done) == len(ordered):  # complete: nothing to rebuild (the traces need not exist)
             return path
+        for row in ordered:  # checked: from here on the pass writes
+            region(row)
         upgrade(path, MEMORY_COLUMNS, read_memory_rows)  # a pass of an older rddrs gets today's columns
         memory = Memory(load=read if family == FULL else None)
         for row in done:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from rddrs import RDDRSError
 from rddrs.pipeline.data import MNIST
 from rddrs.pipeline.fastnet import fast
-from rddrs.pipeline.files import one_line
+from rddrs.pipeline.files import one_line, regular_file
 
 
 class MnistCNN(nn.Module):
@@ -124,11 +124,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     wrapped to return their logarithm (see ``LogOutputs``). Any problem with the file
     raises a one-line ``RDDRSError``.
     """
-    path = Path(path)
-    if not path.exists():
-        raise RDDRSError(f"model not found: {path}")
-    if not path.is_file():
-        raise RDDRSError(f"model path {path} is not a file")
+    path = regular_file(Path(path), "model")
     dev = resolve_device(device)
     if _is_export_archive(path):
         model = _load_program(path, dev)
@@ -176,7 +172,7 @@ def trained_on(path: str | Path) -> str | None:
 
 def check_outputs(model: nn.Module, x: Tensor, name: str | Path, classes: int = CLASSES) -> None:
     """A one-line error unless ``model`` (read from ``name``) maps the images ``x`` to an
-    ``N x classes`` tensor of finite numbers: a model with other outputs would certify wrongly
+    ``N x classes`` tensor of finite floating-point numbers: a model with other outputs would certify wrongly
     (a NaN is the largest value to argmax, a single output always class 0)."""
     try:
         with torch.no_grad():
@@ -189,6 +185,9 @@ def check_outputs(model: nn.Module, x: Tensor, name: str | Path, classes: int = 
         shape = " x ".join(map(str, out.shape)) or "a scalar"
         raise RDDRSError(f"{name} gives outputs of shape {shape} for {len(x)} image{'s' * (len(x) != 1)}; rddrs "
                          f"needs N x {classes} (one logit per class)")
+    if not out.is_floating_point():
+        raise RDDRSError(f"{name} gives outputs of type {str(out.dtype).removeprefix('torch.')}; rddrs needs "
+                         f"floating-point logits (the searches take their gradients)")
     if not torch.isfinite(out).all():
         raise RDDRSError(f"{name} gives NaN or infinite outputs on test images; its certificates would be "
                          f"meaningless: check the model")

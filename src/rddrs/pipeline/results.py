@@ -9,6 +9,7 @@ final smoothing parameter; not committed). This module imports nothing heavy.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -176,6 +177,47 @@ def read_rows(out: Path, repair: bool = False) -> dict[int, dict]:
     if tuple(header[: len(REQUIRED)]) != REQUIRED:
         raise RDDRSError(f"{out} is not an rddrs result file (its header is not {' '.join(COLUMNS)})")
     return {row["idx"]: row for _, row in rows}
+
+
+def row_problem(row: dict, test_size: int, classes: int) -> str | None:
+    """What makes ``row`` one that no run writes, or None: an idx outside the test set (0..test_size-1),
+    a label or prediction that is no class (or -1, abstain, for the prediction), ``correct`` that
+    does not say whether they agree, a gap, radius or time that is not finite and >= 0, a scale
+    that is not finite and > 0, a ``p_lower`` outside [0, 1]."""
+    if not 0 <= row["idx"] < test_size:
+        return f"idx {row['idx']} is outside the test set (0..{test_size - 1})"
+    if not 0 <= row["label"] < classes:
+        return f"label {row['label']} is no class (0..{classes - 1})"
+    if not -1 <= row["predict"] < classes:
+        return f"predict {row['predict']} is no class nor -1 (abstain)"
+    if row["correct"] != int(row["predict"] == row["label"]):
+        return f"correct is {row['correct']} with predict {row['predict']} and label {row['label']}"
+    for column in ("gap", "radius", "proxy_radius", "seconds"):
+        if not (math.isfinite(row[column]) and row[column] >= 0):
+            return f"{column} {row[column]!r} is not a finite number >= 0"
+    for column in ("sigma_min", "sigma_proxy", "sigma_max"):
+        if not (math.isfinite(row[column]) and row[column] > 0):
+            return f"{column} {row[column]!r} is not a finite scale > 0"
+    if not 0 <= row["p_lower"] <= 1:
+        return f"p_lower {row['p_lower']!r} is not a probability"
+    return None
+
+
+def check_values(rows: dict[int, dict], where: str, test_size: int, classes: int) -> None:
+    """A one-line error naming ``where`` and the first row that no run writes (``row_problem``)."""
+    for i, row in sorted(rows.items()):
+        if problem := row_problem(row, test_size, classes):
+            raise RDDRSError(f"{where}: the row of idx {i} cannot be a run's: {problem}")
+
+
+def check_labels(rows: dict[int, dict], labels, where: str, start: int = 0) -> None:
+    """A one-line error unless each row's label is its test image's: ``labels[idx - start]``."""
+    inside = [i for i in sorted(rows) if 0 <= i - start < len(labels)]
+    if wrong := [i for i in inside if rows[i]["label"] != int(labels[i - start])]:
+        i = wrong[0]
+        raise RDDRSError(f"{where}: the row of idx {i} says label {rows[i]['label']}, the test set "
+                         f"{int(labels[i - start])} ({len(wrong)} rows differ); the file was changed or is of another "
+                         "test set")
 
 
 def format_row(row: dict, columns=COLUMNS) -> str:

@@ -13,10 +13,13 @@ test set can run in parallel processes or machines and be joined by ``merge``.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +38,9 @@ from rddrs.pipeline.data import dataset, load_dataset
 from rddrs.pipeline.fastnet import network_path
 from rddrs.pipeline.files import ensure_dir, exclusive, one_line, provenance, write_atomic
 from rddrs.pipeline.models import check_outputs, load_model, resolve_device
-from rddrs.pipeline.results import (COLUMNS, format_row, index_ranges, provenance_parts, read_rows, read_sidecar,
-                                    search_status, sidecar_path, traces_dir, upgrade, with_parts, write_rows)
+from rddrs.pipeline.results import (COLUMNS, check_labels, format_row, index_ranges, provenance_parts, read_rows,
+                                    read_sidecar, search_status, sidecar_path, traces_dir, upgrade, with_parts,
+                                    write_rows)
 from rddrs.pipeline.settings import (RunSettings, default_inputs_per_batch, normalised, resuming, run_dataset,
                                      settings_differ, write_sidecar)
 
@@ -77,7 +81,7 @@ def certify_dataset(settings: RunSettings, out: str | Path, start: int = 0, coun
     stop = start + count
     model = load_model(settings.model, device=resolve_device(settings.device), probabilities=settings.probabilities)
     return run_certification(settings, model, images[start:stop], labels[start:stop], start, Path(out),
-                             inputs_per_batch, batch_size, progress, test_size=len(images))
+                             inputs_per_batch, batch_size, progress, test_labels=labels)
 
 
 @dataclass
@@ -125,28 +129,32 @@ def load_init(path: Path, run: RunSettings, indices: list[int]) -> Start:
 
 def run_certification(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor,
                       start: int, out: Path, inputs_per_batch: int | None = None, batch_size: int = 10_000,
-                      progress: bool = True, test_size: int | None = None) -> Path:
+                      progress: bool = True, test_labels: torch.Tensor | None = None) -> Path:
     """Certify ``images`` (test indices ``start, start+1, ...``) into ``out``, resuming; a second
     process writing the same ``out`` meanwhile is refused. ``inputs_per_batch`` defaults to
-    ``default_inputs_per_batch``; ``test_size``: the images of the whole test set, outside which
-    ``out`` may hold no row. The model's outputs on the first batch and everything ``out`` holds
-    are checked before anything is written."""
+    ``default_inputs_per_batch``; ``test_labels``: the labels of the whole test set, outside which
+    ``out`` may hold no row, and which its rows must hold. The model's outputs on the first batch
+    and everything ``out`` holds are checked before anything is written. A new run (or one with no
+    row yet) that fails before its first row leaves no file behind."""
     inputs_per_batch = inputs_per_batch or default_inputs_per_batch(settings)
     check_outputs(model, images[:inputs_per_batch].to(settings.device), settings.model,
                   len(dataset(settings.dataset).classes))
     with exclusive(out):
         return _certify_into(settings, model, images, labels, start, out, inputs_per_batch, batch_size, progress,
-                             test_size)
+                             test_labels)
 
 
 def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor, start: int,
-                  out: Path, inputs_per_batch: int, batch_size: int, progress: bool, test_size: int | None) -> Path:
+                  out: Path, inputs_per_batch: int, batch_size: int, progress: bool,
+                  test_labels: torch.Tensor | None) -> Path:
     device = torch.device(settings.device)
     resumed = resuming(out, settings)
     done = read_rows(out)
-    if test_size is not None and (outside := [i for i in done if not 0 <= i < test_size]):
-        raise RDDRSError(f"{out} holds a row for idx {outside[0]}, outside the test set (0..{test_size - 1}); "
-                         "it is not a run on this test set: use another --out")
+    if test_labels is not None:
+        if outside := [i for i in done if not 0 <= i < len(test_labels)]:
+            raise RDDRSError(f"{out} holds a row for idx {outside[0]}, outside the test set "
+                             f"(0..{len(test_labels) - 1}); it is not a run on this test set: use another --out")
+        check_labels(done, test_labels, str(out))
     todo = [i for i in range(start, start + len(images)) if i not in done]
     if not todo:  # complete: nothing to write
         return out
@@ -155,61 +163,74 @@ def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: to
     traces = traces_dir(out) if method_record(settings.method).searched else None
     if traces is not None and traces.exists() and not traces.is_dir():
         raise RDDRSError(f"{traces} exists and is not a directory (it is where the run's traces go); move it away")
-    _check_writable(out)
-    # checked: from here on the run writes
-    here = {**provenance(device), "network": network_path(model)}
-    if not resumed:
-        write_sidecar(out, settings, {"provenance": here})
-    upgrade(out)  # a file of an older rddrs gets today's columns before rows are added
-    read_rows(out, repair=True)  # a half-written last row (a killed writer's) is cut off
-    part = dict(here, rows=index_ranges(todo))  # this session's part: the rows it sets out to write, and where
-    write_atomic(sidecar_path(out), [json.dumps(with_parts(read_sidecar(out), [part], done), indent=2).encode()])
-    if traces is not None:
-        ensure_dir(traces)
-    rotation = random_orthogonal(images[0].numel(), seed=settings.rotate) if settings.rotate is not None else None
-    noise_rotation = None
-    if rotation is not None:  # common random numbers: the draws are U eps, the original run's turned
-        model = Rotated(model, rotation.to(device, images.dtype))
-        noise_rotation = rotation.to(device, images.dtype)
-    bar = tqdm(total=len(images), initial=len(images) - len(todo), disable=not progress, unit="image",
-               desc=f"{settings.method} sigma={settings.sigma}")
+    fresh_traces = traces is not None and not traces.exists()
+    written = 0
     try:
-        with open(out, "a") as f:
-            if not resumed:
-                f.write("\t".join(COLUMNS) + "\n")
-                f.flush()
-            for lo in range(0, len(todo), inputs_per_batch):
-                idx = todo[lo: lo + inputs_per_batch]
-                x = images[[i - start for i in idx]].to(device)
-                if rotation is not None:
-                    x = (x.flatten(1) @ rotation.to(x).T).reshape(x.shape)
-                tic = time.perf_counter()
-                start_args = {} if init is None else init.batch(idx, x)
-                law, trace = find_smoothing(settings.method, model, x, idx, settings.sigma, settings.seed,
-                                            searches, rotation=noise_rotation, **start_args)
-                cert = certify(model, x, law, idx, settings.n0, settings.n, settings.alpha, settings.seed,
-                               batch_size, rotation=noise_rotation)
-                seconds = (time.perf_counter() - tic) / len(idx)
-                sigma_min, sigma_proxy, sigma_max = law.min_scale(), law.proxy(), law.max_scale()
-                stopped = trace.get(f"{settings.method}_diverged_at")  # None for RS, which has no search
-                for j, i in enumerate(idx):
-                    if trace:
-                        np.savez(traces / f"{i}.npz", param=law.param[j].float().cpu().numpy(),
-                                 **{k: v[j] for k, v in trace.items()})
-                    label = int(labels[i - start])
-                    row = dict(zip(COLUMNS, (
-                        i, label, int(cert.predict[j]), int(cert.predict[j] == label), cert.gap[j], cert.radius[j],
-                        cert.proxy_radius[j], float(sigma_min[j]), float(sigma_proxy[j]), float(sigma_max[j]),
-                        cert.p_lower[j], seconds, search_status(None if stopped is None else stopped[j]))))
-                    f.write(format_row(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                bar.update(len(idx))
-    except OSError as err:  # a disk that filled up, a file removed meanwhile
-        raise RDDRSError(f"cannot write {out} ({one_line(err)}); the rows written so far are kept: make it "
-                         "writable, then run the same command again to go on") from None
-    finally:
-        bar.close()
+        _check_writable(out)
+        # checked: from here on the run writes
+        here = {**provenance(device), "network": network_path(model)}
+        if not resumed:
+            write_sidecar(out, settings, {"provenance": here})
+        upgrade(out)  # a file of an older rddrs gets today's columns before rows are added
+        read_rows(out, repair=True)  # a half-written last row (a killed writer's) is cut off
+        part = dict(here, rows=index_ranges(todo))  # this session's part: the rows it sets out to write, and where
+        write_atomic(sidecar_path(out), [json.dumps(with_parts(read_sidecar(out), [part], done), indent=2).encode()])
+        if traces is not None:
+            ensure_dir(traces)
+        rotation = random_orthogonal(images[0].numel(), seed=settings.rotate) if settings.rotate is not None else None
+        noise_rotation = None
+        if rotation is not None:  # common random numbers: the draws are U eps, the original run's turned
+            model = Rotated(model, rotation.to(device, images.dtype))
+            noise_rotation = rotation.to(device, images.dtype)
+        bar = tqdm(total=len(images), initial=len(images) - len(todo), disable=not progress, unit="image",
+                   desc=f"{settings.method} sigma={settings.sigma}")
+        try:
+            with open(out, "a" if resumed else "w") as f:
+                if not resumed:
+                    f.write("\t".join(COLUMNS) + "\n")
+                    f.flush()
+                for lo in range(0, len(todo), inputs_per_batch):
+                    idx = todo[lo: lo + inputs_per_batch]
+                    x = images[[i - start for i in idx]].to(device)
+                    if rotation is not None:
+                        x = (x.flatten(1) @ rotation.to(x).T).reshape(x.shape)
+                    tic = time.perf_counter()
+                    start_args = {} if init is None else init.batch(idx, x)
+                    law, trace = find_smoothing(settings.method, model, x, idx, settings.sigma, settings.seed,
+                                                searches, rotation=noise_rotation, **start_args)
+                    cert = certify(model, x, law, idx, settings.n0, settings.n, settings.alpha, settings.seed,
+                                   batch_size, rotation=noise_rotation)
+                    seconds = (time.perf_counter() - tic) / len(idx)
+                    sigma_min, sigma_proxy, sigma_max = law.min_scale(), law.proxy(), law.max_scale()
+                    stopped = trace.get(f"{settings.method}_diverged_at")  # None for RS, which has no search
+                    for j, i in enumerate(idx):
+                        if trace:  # written whole or not at all (a full disk leaves no truncated trace)
+                            arrays = io.BytesIO()
+                            np.savez(arrays, param=law.param[j].float().cpu().numpy(),
+                                     **{k: v[j] for k, v in trace.items()})
+                            write_atomic(traces / f"{i}.npz", [arrays.getvalue()])
+                        label = int(labels[i - start])
+                        row = dict(zip(COLUMNS, (
+                            i, label, int(cert.predict[j]), int(cert.predict[j] == label), cert.gap[j], cert.radius[j],
+                            cert.proxy_radius[j], float(sigma_min[j]), float(sigma_proxy[j]), float(sigma_max[j]),
+                            cert.p_lower[j], seconds, search_status(None if stopped is None else stopped[j]))))
+                        f.write(format_row(row) + "\n")
+                        written += 1
+                    f.flush()
+                    os.fsync(f.fileno())
+                    bar.update(len(idx))
+        except OSError as err:  # a disk that filled up, a file removed meanwhile
+            raise RDDRSError(f"cannot write {out} ({one_line(err)}); the rows written so far are kept: make it "
+                             "writable, then run the same command again to go on") from None
+        finally:
+            bar.close()
+    except BaseException:
+        if not resumed and not written:  # a new run that wrote no row leaves nothing behind
+            for path in (out, sidecar_path(out)):
+                path.unlink(missing_ok=True)
+            if fresh_traces:
+                shutil.rmtree(traces, ignore_errors=True)
+        raise
     return out
 
 
@@ -219,19 +240,28 @@ def trace_value(out: Path, idx: int, key: str) -> np.ndarray:
     if not path.exists():
         raise RDDRSError(f"{path}: missing trace of image {idx} (the traces are not committed: recompute "
                          f"{Path(out).name} on this machine, after moving it away)")
-    with np.load(path) as trace:
-        if key not in trace:
-            raise RDDRSError(f"{path} holds no {key!r} (written by an older rddrs); recompute {Path(out).name}")
-        return trace[key]
+    try:
+        trace = np.load(path, allow_pickle=False)
+        if not isinstance(trace, np.lib.npyio.NpzFile):
+            raise ValueError("an array, not an .npz of arrays")
+        with trace:
+            value = trace[key] if key in trace else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise RDDRSError(f"{path} is not a readable trace ({one_line(err, 200)}); recompute {Path(out).name} "
+                         "after moving it away") from None
+    if value is None:
+        raise RDDRSError(f"{path} holds no {key!r} (written by an older rddrs); recompute {Path(out).name}")
+    return value
 
 
 def trace_param(out: Path, idx: int, method: str, d: int) -> np.ndarray:
     """The final parameter of image ``idx`` in the run ``out``: theta (d,) or C (d, d), float64."""
     shape = (d,) * PARAM_AXES[method_record(method).family]
-    param = trace_value(out, idx, "param").astype(np.float64)
-    if param.shape != shape:
-        raise RDDRSError(f"{traces_dir(Path(out)) / f'{idx}.npz'}: param has shape {param.shape}, {method} needs {shape}")
-    return param
+    param = trace_value(out, idx, "param")
+    if not np.issubdtype(param.dtype, np.number) or param.shape != shape:
+        raise RDDRSError(f"{traces_dir(Path(out)) / f'{idx}.npz'}: param is a {param.dtype} array of shape "
+                         f"{param.shape}, {method} needs numbers of shape {shape}")
+    return param.astype(np.float64)
 
 
 def run_dimension(out: Path, idx: int) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import numbers
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -15,12 +14,12 @@ import torch
 
 from rddrs import RDDRSError
 from rddrs.core.methods import FULL, method as method_record
-from rddrs.core.presets import Search, preset as preset_record
+from rddrs.core.presets import MAX_SAMPLES, SIGMA_RANGE, Search, preset as preset_record
 from rddrs.core.stats import gap_cap
 from rddrs.pipeline.data import MNIST, dataset as dataset_record
-from rddrs.pipeline.files import write_atomic
+from rddrs.pipeline.files import one_line, regular_file, write_atomic
 from rddrs.pipeline.models import trained_on
-from rddrs.pipeline.results import read_sidecar, sidecar_path
+from rddrs.pipeline.results import read_rows, read_sidecar, sidecar_path
 
 
 @dataclass(frozen=True)
@@ -63,10 +62,14 @@ def _file_name(path: str | None) -> str | None:
 
 
 def sha256_of(path: Path) -> str:
+    """The SHA-256 of the file ``path``, or a one-line error saying why it cannot be read."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as err:
+        raise RDDRSError(f"cannot read {path} ({one_line(err)})") from None
     return h.hexdigest()
 
 
@@ -102,8 +105,8 @@ def check_settings(out: Path, settings: RunSettings) -> None:
 
 
 def resuming(out: Path, settings: RunSettings) -> bool:
-    """Whether ``out`` holds a run to resume, which must have been written with ``settings`` (else
-    a one-line error); writes nothing."""
+    """Whether ``out`` holds rows of a run to resume, which must have been written with ``settings``
+    (else a one-line error); writes nothing."""
     if out.is_dir():
         raise RDDRSError(f"{out} is a directory; the output is a result file (.tsv)")
     if not (out.exists() and out.stat().st_size > 0):
@@ -111,6 +114,8 @@ def resuming(out: Path, settings: RunSettings) -> bool:
     side = sidecar_path(out)
     if not side.exists():
         raise RDDRSError(f"{out} exists without its sidecar {side.name}; move it away or remove it")
+    if not read_rows(out):  # a header without rows (a run that failed at once): nothing to resume
+        return False
     check_settings(out, settings)
     return True
 
@@ -119,6 +124,45 @@ def write_sidecar(out: Path, settings: RunSettings, extra: dict) -> None:
     """Write the sidecar of a new run: its settings, its model's path and ``extra``."""
     write_atomic(sidecar_path(out), [json.dumps({"settings": settings.comparable(), "model": settings.model,
                                                  **extra}, indent=2).encode()])
+
+
+def check_sigma(sigma) -> None:
+    """A one-line error unless ``sigma`` is a noise level in ``SIGMA_RANGE``."""
+    lo, hi = SIGMA_RANGE
+    if not (isinstance(sigma, numbers.Real) and not isinstance(sigma, bool) and lo <= sigma <= hi):
+        raise RDDRSError(f"sigma must lie in [{lo:g}, {hi:g}] (images are in [0, 1], the network computes in "
+                         f"float32), got {sigma}")
+
+
+def check_stored(stored: dict, where: str) -> None:
+    """A one-line error naming ``where`` unless the settings a sidecar records could be a run's: a
+    known method, preset and dataset, a sigma that ``make_settings`` takes, n0 and n in
+    1..MAX_SAMPLES, alpha in (0, 1), a seed >= 0 and searches that are searches."""
+    from rddrs.core.methods import METHODS
+    from rddrs.core.presets import PRESETS
+    from rddrs.pipeline.data import DATASETS
+
+    try:
+        if stored.get("method") not in METHODS:
+            raise RDDRSError(f"unknown method {stored.get('method')!r}")
+        if stored.get("preset") not in PRESETS:
+            raise RDDRSError(f"unknown preset {stored.get('preset')!r}")
+        if run_dataset(stored) not in DATASETS:
+            raise RDDRSError(f"unknown dataset {run_dataset(stored)!r}")
+        check_sigma(stored.get("sigma"))
+        n0, n, alpha, seed = (stored.get(k) for k in ("n0", "n", "alpha", "seed"))
+        if not (_whole(n0) and _whole(n) and 1 <= n0 <= MAX_SAMPLES and 1 <= n <= MAX_SAMPLES):
+            raise RDDRSError(f"n0 and n must be integers in 1..{MAX_SAMPLES:,}, got {n0}, {n}")
+        if not (isinstance(alpha, float) and 0 < alpha < 1):
+            raise RDDRSError(f"alpha must lie in (0, 1), got {alpha}")
+        if not (_whole(seed) and seed >= 0):
+            raise RDDRSError(f"seed must be an integer >= 0, got {seed}")
+        if not isinstance(stored.get("search"), dict):
+            raise RDDRSError("no search record")
+        for record in stored["search"].values():
+            Search.from_dict(record)
+    except (RDDRSError, TypeError, AttributeError) as err:
+        raise RDDRSError(f"{where}: its settings cannot be a run's ({err})") from None
 
 
 def _whole(value) -> bool:
@@ -137,17 +181,14 @@ def make_settings(method: str, sigma: float, model: str | Path, preset: str = "c
     record = method_record(method)
     dataset = dataset_record(dataset).name
     chosen = preset_record(preset)
-    if not (isinstance(sigma, numbers.Real) and math.isfinite(sigma) and sigma > 0):
-        raise RDDRSError(f"sigma must be > 0 and finite, got {sigma}")
+    check_sigma(sigma)
     if not (_whole(seed) and seed >= 0):
         raise RDDRSError(f"seed must be an integer >= 0, got {seed}")
     if rotate is not None and not (_whole(rotate) and 0 <= rotate < 2**63):
         raise RDDRSError(f"rotate (the rotation's seed) must be an integer in 0..2^63-1, got {rotate}")
     if init is not None and not record.starts:
         raise RDDRSError(f"init (a result file to start from) applies to method ancer or rddrs only, not {method}")
-    model = Path(model)
-    if not model.is_file():
-        raise RDDRSError(f"model {model}: no such file")
+    model = regular_file(Path(model), "model")
     if (trained := trained_on(model)) is not None and trained != dataset:
         raise RDDRSError(f"model {model} was trained on {trained}, and this run certifies {dataset} images: "
                          f"use a model trained on {dataset} (or --dataset {trained})")
@@ -155,8 +196,9 @@ def make_settings(method: str, sigma: float, model: str | Path, preset: str = "c
     alpha = chosen.alpha if alpha is None else alpha
     if not 0 < alpha < 1:
         raise RDDRSError(f"alpha must lie in (0, 1), got {alpha}")
-    if n0 < 1 or n < 1:
-        raise RDDRSError(f"n0 and n must be >= 1, got {n0}, {n}")
+    if not (_whole(n0) and _whole(n) and 1 <= n0 <= MAX_SAMPLES and 1 <= n <= MAX_SAMPLES):
+        raise RDDRSError(f"n0 and n must be integers in 1..{MAX_SAMPLES:,} (more samples per image would not "
+                         f"finish), got {n0}, {n}")
     overrides = dict(search or {})
     if overrides and not record.searched:
         raise RDDRSError(f"{record.label} has no search to override")

@@ -429,7 +429,8 @@ def run_task(task: Task, threads: int | None = None) -> dict:
         if spec.kind == MEMORY:
             from rddrs.pipeline.memory import apply_memory
 
-            apply_memory(Path(spec.source), _test_set(spec.data, spec.dataset)[0], 0, progress=False)
+            images, labels = _test_set(spec.data, spec.dataset)
+            apply_memory(Path(spec.source), images, 0, progress=False, labels=labels)
         else:
             from rddrs.pipeline.runs import run_certification
 
@@ -441,7 +442,7 @@ def run_task(task: Task, threads: int | None = None) -> dict:
             model = _model(settings.model, settings.device, settings.probabilities)
             run_certification(settings, model, images[task.lo: task.hi], labels[task.lo: task.hi], task.lo,
                               task.path, spec.inputs_per_batch, spec.batch_size, progress=False,
-                              test_size=len(images))
+                              test_labels=labels)
     except RDDRSError as err:
         return {"status": "error", "message": str(err), "retry": isinstance(err, Busy), "pid": os.getpid()}
     return {"status": "done", "pid": os.getpid()}

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rddrs import RDDRSError
-from rddrs.pipeline.data import NAMES as DATASETS
+from rddrs.core.presets import SIGMA_RANGE
+from rddrs.pipeline.data import NAMES as DATASETS, SPLITS
 from rddrs.pipeline.files import provenance, write_atomic
 from rddrs.pipeline.results import model_path
 
@@ -48,6 +49,11 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that `rddrs train --
 ARCH = "MnistCNN"
 DEFAULTS = {"epochs": 20, "batch_size": 256, "lr": 2e-3, "seed": 0}
 EVAL_BATCH = 1000
+#: the most epochs a training may run (ours take 20; each takes minutes on a CPU), the most torch
+#: threads a command may ask for, and the training images (the largest batch)
+MAX_EPOCHS = 1000
+MAX_THREADS = 1024
+TRAIN_SIZE = SPLITS["train"][2]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,8 +105,8 @@ def run(args: argparse.Namespace) -> None:
         raise RDDRSError(f"data directory {data} does not exist; run {record.fetch_command(data)}")
     threads = getattr(args, "threads", None)
     if threads is not None:
-        if threads < 1:
-            raise RDDRSError(f"--threads must be >= 1, got {threads}")
+        if not 1 <= threads <= MAX_THREADS:
+            raise RDDRSError(f"--threads must lie in 1..{MAX_THREADS}, got {threads}")
         torch.set_num_threads(threads)
 
     train_x, train_y = load_dataset(data, record.name, train=True)
@@ -271,12 +277,13 @@ def save(model: nn.Module, meta: dict, out: Path) -> None:
 
 def _check_settings(args: argparse.Namespace) -> dict:
     sigma = args.sigma
-    if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
-        raise RDDRSError(f"--sigma must be a finite number > 0, got {sigma}")
-    for name in ("epochs", "batch_size"):
+    lo, hi = SIGMA_RANGE
+    if not (isinstance(sigma, int | float) and lo <= sigma <= hi):
+        raise RDDRSError(f"--sigma must lie in [{lo:g}, {hi:g}], got {sigma}")
+    for name, most in (("epochs", MAX_EPOCHS), ("batch_size", TRAIN_SIZE)):
         value = getattr(args, name)
-        if not (isinstance(value, int) and value >= 1):
-            raise RDDRSError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
+        if not (isinstance(value, int) and 1 <= value <= most):
+            raise RDDRSError(f"--{name.replace('_', '-')} must be an integer in 1..{most}, got {value}")
     if not (isinstance(args.lr, int | float) and math.isfinite(args.lr) and args.lr > 0):
         raise RDDRSError(f"--lr must be a finite number > 0, got {args.lr}")
     max_batches = getattr(args, "max_batches", None)

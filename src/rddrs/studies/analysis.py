@@ -19,6 +19,7 @@ abstention is never correct). The average certified radius is ACR = (1/n) * sum_
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
@@ -31,7 +32,8 @@ import numpy as np
 from rddrs import RDDRSError
 from rddrs.core.methods import (METHODS as _RECORDS,  # also the order in which they are drawn and tabulated
                                 NAMES as METHODS)
-from rddrs.pipeline.files import ensure_dir, one_line, write_atomic
+from rddrs.pipeline.data import MNIST, TEST_SIZE
+from rddrs.pipeline.files import ensure_dir, write_atomic
 from rddrs.pipeline.results import INT_COLUMNS, REQUIRED, ends_mid_line, read_table, sidecar_path as _sidecar_path
 
 # one colour and one dash pattern per method (``rddrs.core.methods``), the same in every figure
@@ -54,6 +56,8 @@ KIND_COLUMNS = {"proxy": "proxy_radius", "l2": "radius"}
 DEFAULT_RADII = tuple(0.5 * k for k in range(9))  # 0, 0.5, ..., 4.0
 
 #: the columns of a result file (``results.REQUIRED``) that ``Results`` holds as numeric arrays
+#: the classes of every dataset here
+CLASSES = len(MNIST.classes)
 ARRAY_COLUMNS = tuple(c for c in REQUIRED if c not in ("sigma_proxy", "sigma_max", "p_lower"))
 #: the per-row arrays of ``Results``: those and the search status (``ok`` in files written
 #: before the column existed)
@@ -147,10 +151,11 @@ def read_results(path, method: str | None = None, sigma: float | None = None) ->
 
     The sidecar's ``method``, ``sigma`` and ``preset`` are read at its top level or inside its
     ``settings`` object. ``method`` and ``sigma`` stand in for a missing sidecar (or missing
-    keys); if the sidecar names a different value it is an error. Every row is checked: integers where integers are
-    due, ``correct`` in {0, 1} and equal to ``predict == label``, ``predict`` >= -1, unique
-    ``idx``, finite non-negative radii on correct rows. Problems raise :class:`RDDRSError`
-    naming the file and the line (the header is line 1). A last line without its line end is
+    keys); if the sidecar names a different value it is an error. Every row is checked: integers
+    where integers are due, ``idx`` in the test set, ``label`` a class, ``correct`` in {0, 1} and
+    equal to ``predict == label``, ``predict`` a class or -1, unique ``idx``, finite non-negative
+    radii on correct rows. Problems raise :class:`RDDRSError` naming the file and the line (the
+    header is line 1). A last line without its line end is
     half a row (its run still writing, or stopped): it is left out, and ``partial`` says so.
     """
     path = Path(path)
@@ -203,6 +208,11 @@ def _checked_rows(path: Path):
     for what the statistics assume."""
     for line, row in read_table(path, ARRAY_COLUMNS)[1]:
         where = f"{path} line {line}"
+        if not 0 <= row["idx"] < TEST_SIZE:
+            raise RDDRSError(f"{where}: idx {row['idx']} is outside the test set (0..{TEST_SIZE - 1})")
+        if not (0 <= row["label"] < CLASSES and row["predict"] < CLASSES):
+            raise RDDRSError(f"{where}: label {row['label']} or predict {row['predict']} is no class "
+                             f"(0..{CLASSES - 1})")
         if row["correct"] not in (0, 1):
             raise RDDRSError(f"{where}: column 'correct' must be 0 or 1, got {row['correct']}")
         if row["predict"] < -1:
@@ -360,13 +370,11 @@ def curves_figure(groups, kind: str = "proxy", path=None):
         ordered = [handles[m] for m in METHODS if m in handles]
         fig.legend(ordered, [h.get_label() for h in ordered], loc="outside upper center",
                    ncol=len(ordered), frameon=False)
-        if path is not None:
+        if path is not None:  # drawn in memory, then written whole: a full disk leaves no empty image
             path = Path(path)
-            ensure_dir(path.parent)
-            try:
-                fig.savefig(path, dpi=display.STYLE["savefig.dpi"])
-            except OSError as err:
-                raise RDDRSError(f"cannot write {path} ({one_line(err)}); choose a writable place") from None
+            image = io.BytesIO()
+            fig.savefig(image, format=path.suffix.lstrip(".") or "png", dpi=display.STYLE["savefig.dpi"])
+            write_atomic(path, [image.getvalue()])
     return fig
 
 

@@ -300,7 +300,16 @@ def measures(preset: str, results, *, device: str = "cpu", data="data", models="
         return recorded(device, measure(runs, images, labels, model, samples=BUDGETS[preset].mechanism_votes,
                                          seed=seed, device=device))
 
-    return cached_json(Path(results) / "claims" / "mechanism" / "measures.json", compute)["rows"]
+    path = Path(results) / "claims" / "mechanism" / "measures.json"
+    return _checked(path, cached_json(path, compute, {"rows": list})["rows"], ("variant", "idx"))
+
+
+def _checked(path: Path, rows, keys: tuple[str, ...]) -> list[dict]:
+    """``rows``, read from ``path``, if each is an object with ``keys``; a one-line error otherwise."""
+    if not (isinstance(rows, list) and all(isinstance(r, dict) and all(k in r for k in keys) for r in rows)):
+        raise RDDRSError(f"{path} holds rows that are not objects with {', '.join(keys)}; move it away to "
+                         "compute it again")
+    return rows
 
 
 
@@ -316,12 +325,14 @@ def refutations(preset: str, results, *, device: str = "cpu", data="data", model
     kept in ``RESULTS/claims/mechanism/refutations.json`` variant by variant, so that a stopped
     computation keeps the variants it finished and the next call does the others (``compute``:
     False, only read those); a variant whose laws are not here (``laws_kept``) is left out."""
-    from rddrs.pipeline.files import recorded, write_atomic
+    from rddrs.pipeline.files import read_json, recorded, write_atomic
     from rddrs.studies.headline import BUDGETS, SIGMA, mechanism_study
 
     budget = BUDGETS[preset]
     path = Path(results) / "claims" / "mechanism" / "refutations.json"
-    stored = json.loads(path.read_text()) if path.exists() else {"variants": {}}
+    stored = read_json(path, {"variants": dict}) if path.exists() else {"variants": {}}
+    for entry in stored["variants"].values():
+        _checked(path, entry.get("rows") if isinstance(entry, dict) else None, ("idx", "refuted"))
     study = None
     names = [*REFUTED, *[v.name for v in mechanism_study(preset).variants
                          if v.method == "rddrs" and v.name not in REFUTED]]
@@ -371,7 +382,7 @@ def survival(path, images: Tensor, labels: Tensor, progress: bool = False) -> di
     path = Path(path)
     if read_sidecar(path)["settings"].get("rotate") is not None:
         raise RDDRSError(f"{path} is a rotated run: its regions live in the rotated coordinates")
-    after = read_memory_rows(apply_memory(path, images, 0, progress=progress))
+    after = read_memory_rows(apply_memory(path, images, 0, progress=progress, labels=labels))
     before = list(read_rows(path).values())
     stored = [r for r in after if r["memory"] != ABSTAINED and r["gap"] > 0]
     idx = [r["idx"] for r in stored]
@@ -395,6 +406,13 @@ def survival(path, images: Tensor, labels: Tensor, progress: bool = False) -> di
             "nearest_other": gauge.min(1).values.tolist()}
 
 
+def check_laws_from(laws_from) -> None:
+    """A one-line error unless ``laws_from`` is None or a folder holding result files with sidecars."""
+    if laws_from is not None and not any(Path(laws_from).glob("*.tsv.json")):
+        raise RDDRSError(f"--laws-from {laws_from}: " + ("no result files (NAME.tsv with its sidecar) there"
+                         if Path(laws_from).is_dir() else "no such directory"))
+
+
 def memories(preset: str, results, *, data="data", models="data/models", laws_from=None,
              progress: bool = False) -> dict:
     """``survival`` of each run of ``headline.mechanism_study`` whose laws are here (the rows of an
@@ -410,6 +428,7 @@ def memories(preset: str, results, *, data="data", models="data/models", laws_fr
     from rddrs.studies.headline import SIGMA, mechanism_study
 
     results = Path(results)
+    check_laws_from(laws_from)
 
     def usable(path: Path, own: Path) -> bool:
         if not path.exists() or not set(read_rows(own)) <= set(read_rows(path)):
@@ -436,4 +455,8 @@ def memories(preset: str, results, *, data="data", models="data/models", laws_fr
                     **survival(found, images, labels, progress)}
         return {"order": "ascending idx", "variants": entries}
 
-    return cached_json(results / "claims" / "mechanism" / "memory.json", compute)["variants"]
+    path = results / "claims" / "mechanism" / "memory.json"
+    variants = cached_json(path, compute, {"variants": dict})["variants"]
+    if not all(isinstance(entry, dict) for entry in variants.values()):
+        raise RDDRSError(f"{path} holds variants that are not objects; move it away to compute it again")
+    return variants
