@@ -261,3 +261,8 @@ def test_analysis_tables_go_through_display():
     # a certified accuracy is a count over n: as many decimals as every count needs
     rows[0]["n"] = 1000
     assert analysis.accuracy_table(rows).cells[0][3] == "0.750"
+    # with errors=True each ACR carries its standard error, and the column still reads as numbers
+    rows[0]["acr_se"] = 0.0312
+    with_errors = analysis.accuracy_table(rows, errors=True)
+    assert with_errors.columns[-2] == "ACR ± s.e." and with_errors.cells[0][-2] == "0.410 ± 0.031"
+    assert with_errors.numeric[-2]
