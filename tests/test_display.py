@@ -266,3 +266,29 @@ def test_analysis_tables_go_through_display():
     with_errors = analysis.accuracy_table(rows, errors=True)
     assert with_errors.columns[-2] == "ACR ± s.e." and with_errors.cells[0][-2] == "0.410 ± 0.031"
     assert with_errors.numeric[-2]
+
+
+def test_captions_typeset_their_plain_text_maths():
+    """Captions, headers and notes show exponents and indices as such, never as ^ and _."""
+    t = display.typeset
+    assert t("an image lies in [0, 1]^784") == "an image lies in [0, 1]<sup>784</sup>"
+    assert t("det(S)^(1/d) and 10^4") == "det(S)<sup>1/d</sup> and 10<sup>4</sup>"
+    assert t("from σ*_x I, p_A and λ_min") == "from σ*<sub>x</sub> I, p<sub>A</sub> and λ<sub>min</sub>"
+    assert t("the ℓ2 radius, max_step = 0.1") == "the ℓ<sub>2</sub> radius, max_step = 0.1"
+    assert t("a < b & c") == "a &lt; b &amp; c" and t(display.Raw("<b>x_1</b>")) == "<b>x_1</b>"
+    table = display.Table(["p_A", "note"], [[0.5, "+0.1 ± 0.2"], [0.7, "a long note that wraps over lines"]],
+                          caption="Values at σ*_x")
+    page = table._repr_html_()
+    assert "<caption>Values at σ*<sub>x</sub></caption>" in page and ">p<sub>A</sub></th>" in page
+    assert 'class="text nb"' in page and 'class="text wrap"' in page
+    assert "σ*_x" in repr(table)  # the text form stays plain
+
+
+def test_a_source_tree_version_is_said_in_words(tmp_path):
+    import json
+
+    meta = {"settings": {"preset": "paper"}, "provenance": {"device": "cuda", "threads": 1, "created": "2026-12-01",
+                                                            "versions": {"rddrs": "0+unknown", "torch": "2.11"}}}
+    (tmp_path / "a.tsv.json").write_text(json.dumps(meta))
+    info = display.results_provenance(tmp_path)
+    assert info["versions"] == {"rddrs from an uninstalled source tree, torch 2.11"}

@@ -208,6 +208,24 @@ def _plain(value: str) -> str:
     return html.unescape(_TAGS.sub("", value)) if isinstance(value, Raw) else value
 
 
+_SUPERSCRIPT = re.compile(r"\^\(([^()]+)\)|\^(−?-?[\w.]+)")
+_SUBSCRIPT = re.compile(r"(?<![\w*])([A-Za-zα-ωΑ-Ωℓ]\*?)_(\{[^}]+\}|\w+)")
+_ELL = re.compile(r"ℓ([12∞])(?![\d.])")
+
+
+def typeset(text: str) -> str:
+    """Plain-text maths of a caption, a header or a note as HTML (escaped): ``10^4``, ``[0, 1]^784``
+    and ``det(S)^(1/d)`` with superscripts, ``σ*_x``, ``p_A`` and ``λ_min`` with subscripts (one
+    letter, possibly starred, before the underscore, so that names such as ``max_step`` stay),
+    ``ℓ2`` as ℓ with a subscript 2. :class:`Raw` HTML is returned as it is."""
+    if isinstance(text, Raw):
+        return str(text)
+    out = html.escape(str(text))
+    out = _SUPERSCRIPT.sub(lambda m: f"<sup>{m.group(1) or m.group(2)}</sup>", out)
+    out = _SUBSCRIPT.sub(lambda m: f"{m.group(1)}<sub>{m.group(2).strip('{}')}</sub>", out)
+    return _ELL.sub(r"ℓ<sub>\1</sub>", out)
+
+
 def auto_decimals(values: Sequence[float]) -> int | None:
     """Decimals that give the largest value of a column three significant digits (0 to 4), or
     ``None`` when the column needs exponents (all non-zero values below 1e-3)."""
@@ -350,24 +368,34 @@ class Table:
     def _html(value: str) -> str:
         return str(value) if isinstance(value, Raw) else html.escape(str(value))
 
+    #: text cells longer than this wrap, with a minimum width (a narrow column of long text would
+    #: otherwise be one word a line); shorter ones, and cells that read as numbers, never break
+    WRAP_AT = 24
+
     def _repr_html_(self) -> str:
-        def cell(tag, value, num):
+        def cell(tag, value, num, header=False):
             kind, side = ("num", "right") if num else ("text", "left")
-            return f'<{tag} class="{kind}" style="text-align: {side}">{self._html(value)}</{tag}>'
+            text = _plain(value)
+            if not num and not header and (_reads_as_number(text) if text.strip() else False):
+                kind += " nb"
+            elif not num and not header and len(text) > self.WRAP_AT:
+                kind += " wrap"
+            shown = typeset(value) if header else self._html(value)
+            return f'<{tag} class="{kind}" style="text-align: {side}">{shown}</{tag}>'
 
         spans = ""
         if self.spans:
             spans = "<tr>" + "".join(
-                f'<th class="span" colspan="{n}">{self._html(label)}</th>' if label else f'<th colspan="{n}"></th>'
+                f'<th class="span" colspan="{n}">{typeset(label)}</th>' if label else f'<th colspan="{n}"></th>'
                 for label, n in self.spans) + "</tr>"
-        head = "".join(cell("th", c, num) for c, num in zip(self.columns, self.numeric))
+        head = "".join(cell("th", c, num, header=True) for c, num in zip(self.columns, self.numeric))
         group = ' class="group"'
         body = "".join(
             f"<tr{group if start else ''}>" + "".join(cell("td", c, num) for c, num in zip(row, self.numeric))
             + "</tr>" for row, start in zip(self.shown, self.starts))
-        notes = f'<p class="rddrs-table-notes">{self._html(self.notes)}</p>' if self.notes else ""
+        notes = f'<p class="rddrs-table-notes">{typeset(self.notes)}</p>' if self.notes else ""
         return (f'<div class="rddrs-table-wrapper"><table class="rddrs-table">'
-                f"<caption>{self._html(self.caption)}</caption>"
+                f"<caption>{typeset(self.caption)}</caption>"
                 f"<thead>{spans}<tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}</div>")
 
 
@@ -425,8 +453,10 @@ def _add_session(info: dict, prov: dict) -> None:
         threads = info["machines"].setdefault(str(prov["device"]), set())
         if isinstance(prov.get("threads"), int):
             threads.add(prov["threads"])
-    versions = prov.get("versions") or {}
+    versions = dict(prov.get("versions") or {})
     if versions:
+        if str(versions.get("rddrs", "")).startswith("0+"):  # rddrs.__version__ of a source tree run uninstalled
+            versions["rddrs"] = "from an uninstalled source tree"
         info["versions"].add(", ".join(f"{k} {versions[k]}" for k in ("rddrs", "torch") if k in versions))
     if prov.get("git_commit"):
         info["commits"].add(str(prov["git_commit"])[:7])
