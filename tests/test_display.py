@@ -292,3 +292,9 @@ def test_a_source_tree_version_is_said_in_words(tmp_path):
     (tmp_path / "a.tsv.json").write_text(json.dumps(meta))
     info = display.results_provenance(tmp_path)
     assert info["versions"] == {"rddrs from an uninstalled source tree, torch 2.11"}
+
+
+def test_the_provenance_note_says_where_the_executed_notebook_lands(tmp_path):
+    note = display.provenance_note(tmp_path, "smoke", "make results PRESET=smoke CHAPTERS=mnist")._repr_html_()
+    assert "<code>results/smoke/notebooks/mnist.ipynb</code>" in note and "jupyter nbconvert" in note
+    assert "notebooks" not in display.provenance_note(tmp_path, "paper", "make gpu-session")._repr_html_()

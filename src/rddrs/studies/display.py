@@ -505,6 +505,12 @@ def provenance_note(results_dir, preset: str, rerun: str) -> Note:
             commit += f"; the files were committed in {_code(info['stored'][0])} ({info['stored'][1]})"
         first = Raw(f"Preset {presets}: {info['files']} result files in {_code(shown)}, computed "
                     f"{dates or 'at an unrecorded date'} on {machines} with {versions}. {commit}.")
-    again = Raw(f"Re-run with {_code(rerun)}; runs resume from the rows already written, so only "
-                f"missing results are computed.")
-    return Note("Where the numbers on this page come from", [first, again])
+    again = (f"Re-run with {_code(rerun)}; runs resume from the rows already written, so only "
+             f"missing results are computed.")
+    chapter = re.search(r"\bmake results\b.*\bCHAPTERS=(\w+)", rerun)
+    preset_run = re.search(r"\bPRESET=(\w+)", rerun)
+    if chapter:  # make results writes the executed notebook beside the results
+        where = f"results/{preset_run.group(1) if preset_run else 'cpu'}/notebooks/{chapter.group(1)}.ipynb"
+        again += (f" It writes this page as an executed notebook to {_code(where)}; open it with "
+                  f"{_code('jupyter lab')}, or make it a web page with {_code('jupyter nbconvert --to html')}.")
+    return Note("Where the numbers on this page come from", [first, Raw(again)])
