@@ -298,3 +298,10 @@ def test_the_provenance_note_says_where_the_executed_notebook_lands(tmp_path):
     note = display.provenance_note(tmp_path, "smoke", "make results PRESET=smoke CHAPTERS=mnist")._repr_html_()
     assert "<code>results/smoke/notebooks/mnist.ipynb</code>" in note and "jupyter nbconvert" in note
     assert "notebooks" not in display.provenance_note(tmp_path, "paper", "make gpu-session")._repr_html_()
+
+
+def test_a_dash_for_a_missing_value_keeps_a_column_of_numbers_right_aligned():
+    table = display.Table(["training", "ACR"], [["Gaussian", display.Raw("1.558")], ["RS, ours", "–"]],
+                          caption="ACR at σ = 0.5; a dash: not run.")
+    assert table.numeric == [False, True]
+    assert not display.Table(["a"], [["–"]], caption="Only dashes.").numeric[0]

@@ -208,6 +208,8 @@ def _plain(value: str) -> str:
     return html.unescape(_TAGS.sub("", value)) if isinstance(value, Raw) else value
 
 
+#: what a cell holds where it has no value: it does not make a column of numbers a column of text
+_MISSING = {"–", "-", "—", ""}
 _SUPERSCRIPT = re.compile(r"\^\(([^()]+)\)|\^(−?-?[\w.]+)")
 _SUBSCRIPT = re.compile(r"(?<![\w*])([A-Za-zα-ωΑ-Ωℓ]\*?)_(\{[^}]+\}|\w+)")
 _ELL = re.compile(r"ℓ([12∞])(?![\d.])")
@@ -279,7 +281,8 @@ class Table:
     numeric column gets one precision: ``formats[header]`` (a format spec such as ``".2f"``
     or a function) if given, otherwise three significant digits for its largest value
     (:func:`auto_decimals`). A column whose cells are all numbers, or strings that read as
-    numbers ("0.52 / 0.48", "+0.012 ± 0.004"), is right-aligned; others are left-aligned.
+    numbers ("0.52 / 0.48", "+0.012 ± 0.004"), or a dash where there is no value, is right-aligned;
+    others are left-aligned.
 
     ``spans`` puts a header row above the columns: ``(label, number of columns)`` pairs that
     cover all columns (an empty label leaves its columns without). ``merge`` names leading
@@ -315,7 +318,8 @@ class Table:
                 self.cells[i][j] = format_number(value, formats.get(name), decimals)
             self.numeric.append(bool(values) and all(
                 value is None or _is_number(value) or _reads_as_number(_plain(str(value)))
-                for value in values) and not all(isinstance(value, Raw) for value in values))
+                or _plain(str(value)).strip() in _MISSING for value in values)
+                and any(_is_number(value) or _reads_as_number(_plain(str(value))) for value in values))
         # merged leading columns: a group starts where any of them changes
         width = len(merge)
         if list(merge) != self.columns[:width]:
