@@ -275,6 +275,7 @@ def test_captions_typeset_their_plain_text_maths():
     assert t("det(S)^(1/d) and 10^4") == "det(S)<sup>1/d</sup> and 10<sup>4</sup>"
     assert t("from σ*_x I, p_A and λ_min") == "from σ*<sub>x</sub> I, p<sub>A</sub> and λ<sub>min</sub>"
     assert t("the ℓ2 radius, max_step = 0.1") == "the ℓ<sub>2</sub> radius, max_step = 0.1"
+    assert t("n0 + n, x1, q1 / q3, x86_64") == "n<sub>0</sub> + n, x<sub>1</sub>, q1 / q3, x86_64"
     assert t("a < b & c") == "a &lt; b &amp; c" and t(display.Raw("<b>x_1</b>")) == "<b>x_1</b>"
     table = display.Table(["p_A", "note"], [[0.5, "+0.1 ± 0.2"], [0.7, "a long note that wraps over lines"]],
                           caption="Values at σ*_x")

@@ -213,18 +213,21 @@ _MISSING = {"–", "-", "—", ""}
 _SUPERSCRIPT = re.compile(r"\^\(([^()]+)\)|\^(−?-?[\w.]+)")
 _SUBSCRIPT = re.compile(r"(?<![\w*])([A-Za-zα-ωΑ-Ωℓ]\*?)_(\{[^}]+\}|\w+)")
 _ELL = re.compile(r"ℓ([12∞])(?![\d.])")
+_INDEX = re.compile(r"(?<![\w.])([nx])(\d)(?![\w.])")  # n0, x1: a count or a coordinate with its index
 
 
 def typeset(text: str) -> str:
     """Plain-text maths of a caption, a header or a note as HTML (escaped): ``10^4``, ``[0, 1]^784``
     and ``det(S)^(1/d)`` with superscripts, ``σ*_x``, ``p_A`` and ``λ_min`` with subscripts (one
     letter, possibly starred, before the underscore, so that names such as ``max_step`` stay),
-    ``ℓ2`` as ℓ with a subscript 2. :class:`Raw` HTML is returned as it is."""
+    ``ℓ2`` as ℓ with a subscript 2, ``n0`` and ``x1`` with their index. :class:`Raw` HTML is returned as it
+    is."""
     if isinstance(text, Raw):
         return str(text)
     out = html.escape(str(text))
     out = _SUPERSCRIPT.sub(lambda m: f"<sup>{m.group(1) or m.group(2)}</sup>", out)
     out = _SUBSCRIPT.sub(lambda m: f"{m.group(1)}<sub>{m.group(2).strip('{}')}</sub>", out)
+    out = _INDEX.sub(r"\1<sub>\2</sub>", out)
     return _ELL.sub(r"ℓ<sub>\1</sub>", out)
 
 
