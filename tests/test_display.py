@@ -271,7 +271,8 @@ def test_analysis_tables_go_through_display():
 def test_captions_typeset_their_plain_text_maths():
     """Captions, headers and notes show exponents and indices as such, never as ^ and _."""
     t = display.typeset
-    assert t("an image lies in [0, 1]^784") == "an image lies in [0, 1]<sup>784</sup>"
+    assert t("an image lies in [0, 1]^784.") == "an image lies in [0, 1]<sup>784</sup>."
+    assert t("10^-6 and 2^0.5, e^x") == "10<sup>-6</sup> and 2<sup>0.5</sup>, e<sup>x</sup>"
     assert t("det(S)^(1/d) and 10^4") == "det(S)<sup>1/d</sup> and 10<sup>4</sup>"
     assert t("from σ*_x I, p_A and λ_min") == "from σ*<sub>x</sub> I, p<sub>A</sub> and λ<sub>min</sub>"
     assert t("the ℓ2 radius, max_step = 0.1") == "the ℓ<sub>2</sub> radius, max_step = 0.1"

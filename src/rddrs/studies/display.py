@@ -210,7 +210,7 @@ def _plain(value: str) -> str:
 
 #: what a cell holds where it has no value: it does not make a column of numbers a column of text
 _MISSING = {"–", "-", "—", ""}
-_SUPERSCRIPT = re.compile(r"\^\(([^()]+)\)|\^(−?-?[\w.]+)")
+_SUPERSCRIPT = re.compile(r"\^\(([^()]+)\)|\^([−-]?\d+(?:\.\d+)?|\w+)")
 _SUBSCRIPT = re.compile(r"(?<![\w*])([A-Za-zα-ωΑ-Ωℓ]\*?)_(\{[^}]+\}|\w+)")
 _ELL = re.compile(r"ℓ([12∞])(?![\d.])")
 _INDEX = re.compile(r"(?<![\w.])([nx])(\d)(?![\w.])")  # n0, x1: a count or a coordinate with its index
