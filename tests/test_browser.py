@@ -188,7 +188,8 @@ def test_the_number_checks_read_headings_and_references_as_a_reader_would():
     """What the page test calls a doubled number or a bare section reference (no browser needed)."""
     assert _own_number("1. Objectives, step rules and starts") and _own_number("2) Step sizes")
     assert not _own_number("The weight κ of the smallest eigenvalue") and not _own_number("2026 results")
-    assert _bare_sections(["at equal budget (section 5)", "sections 1 to 6: 8 test images"]) == ["section 5", "sections 1"]
+    found = _bare_sections(["at equal budget (section 5)", "sections 1 to 6: 8 test images"])
+    assert found == ["section 5", "sections 1"]
     assert _bare_sections(["as section 8.6 shows, and as in section 7.3."]) == []
     assert _bare_sections(["measured in section 5."]) == ["section 5"]
 
@@ -354,9 +355,11 @@ ready.then(() => (window.MathJax && MathJax.startup && MathJax.startup.promise) 
   for (const table of article.querySelectorAll("table")) {
     if (!visible(table)) continue;
     const b = box(table), [left, right] = edges(b);
-    const beyond = Math.max(...[...table.rows].flatMap(tr => [...tr.cells]).map(c => c.getBoundingClientRect().right)) - right;
+    const cells = [...table.rows].flatMap(tr => [...tr.cells]);
+    const beyond = Math.max(...cells.map(c => c.getBoundingClientRect().right)) - right;
     if (beyond > 1 && (wide || !shows(b)))
-      clipped.push(`table ${Math.round(beyond)} px beyond its box${wide ? "" : " without a visible scroll"}: ${say(table)}`);
+      clipped.push(`table ${Math.round(beyond)} px beyond its box${wide ? "" : " without a visible scroll"}: `
+                   + say(table));
     const notes = table.parentElement.querySelector(":scope > .rddrs-table-notes");
     for (const text of [table.caption, notes]) {
       if (!text || !text.textContent.trim()) continue;
@@ -369,9 +372,11 @@ ready.then(() => (window.MathJax && MathJax.startup && MathJax.startup.promise) 
     if (!visible(img) || !img.naturalWidth) continue;
     const intended = parseFloat(img.getAttribute("width") || img.style.width || "0") || img.naturalWidth;
     if (img.clientWidth < 0.9 * intended)
-      small.push(`image shown at ${Math.round(100 * img.clientWidth / intended)} % of its ${intended} px: ${img.src.slice(-60)}`);
+      small.push(`image shown at ${Math.round(100 * img.clientWidth / intended)} % of its ${intended} px: `
+                 + img.src.slice(-60));
     const b = box(img), [, right] = edges(b), beyond = img.getBoundingClientRect().right - right;
-    if (beyond > 1 && !shows(b)) clipped.push(`image ${Math.round(beyond)} px beyond its box without a visible scroll: ${img.src.slice(-60)}`);
+    if (beyond > 1 && !shows(b))
+      clipped.push(`image ${Math.round(beyond)} px beyond its box without a visible scroll: ${img.src.slice(-60)}`);
   }
   done({low, clipped, cut, small, pageWidth: document.documentElement.scrollWidth, width: W,
         height: document.documentElement.scrollHeight});
