@@ -98,7 +98,7 @@ notebooks: $(addprefix book/,$(addsuffix .ipynb,$(LIGHT_CHAPTERS)))  ## re-execu
 # result files already in results/$(PRESET), so an interrupted run continues where it stopped
 # CHAPTERS=mnist (or claims, soundness) re-executes one heavy chapter only
 CHAPTERS ?= $(HEAVY_CHAPTERS)
-results: $(INSTALLED) $(MNIST)  ## re-execute the heavy chapters (CHAPTERS, default all) at PRESET (cpu|smoke|paper) on DEVICE into results/PRESET (ENGINE=local|ray: sweep first)
+results: $(INSTALLED) $(MNIST)  ## re-execute the heavy chapters (CHAPTERS, default all) at PRESET (cpu|smoke|paper) on DEVICE into results/PRESET (ENGINE=local|ray: sweep first); executed notebooks: results/PRESET/notebooks/*.ipynb (jupyter lab)
 	mkdir -p results/$(PRESET)/notebooks
 	$(if $(ENGINE),$(BIN)/rddrs sweep --preset $(PRESET) --device $(DEVICE) --engine $(ENGINE) \
 	  $(if $(COUNT),--count $(COUNT)) $(SWEEP_ARGS),)
@@ -109,7 +109,14 @@ results: $(INSTALLED) $(MNIST)  ## re-execute the heavy chapters (CHAPTERS, defa
 	    $(if $(COUNT),-p count $(COUNT)) || exit 1; \
 	done
 
-book: $(INSTALLED) $(MNIST) $(MATHJAX)  ## build the HTML book into _build/html (preset PRESET, default cpu)
+# The book's pages are the chapters at their default parameters: the committed results of the cpu
+# preset (and results/paper for the headline chapter). Another preset's pages are the notebooks that
+# `make results PRESET=...` executes into results/PRESET/notebooks; PRESET does not change the book.
+book: $(INSTALLED) $(MNIST) $(MATHJAX)  ## build the HTML book into _build/html from the committed results (not PRESET: see make results)
+	@if [ "$(PRESET)" != cpu ]; then \
+	  echo "make book builds the pages of the committed results; PRESET=$(PRESET) does not apply. Run" \
+	    "make results PRESET=$(PRESET) and open results/$(PRESET)/notebooks/CHAPTER.ipynb" \
+	    "(jupyter lab, or jupyter nbconvert --to html)." >&2; exit 2; fi
 	$(BIN)/jupyter-book build -W -n --keep-going .
 
 # A short session on a bare GPU machine: a Python with torch (2.11 or later), numpy, scipy and pytest,

@@ -175,6 +175,7 @@ def test_table_numbers_match_certified_accuracy(tmp_path):
         expected = [np.sum((res.correct == 1) & (rad >= r)) / 60 for r in radii]
         np.testing.assert_allclose(row["accuracy"], expected)
         assert row["acr"] == pytest.approx(np.sum(rad * res.correct) / 60)
+        assert row["acr_se"] == pytest.approx(np.std(rad * (res.correct == 1), ddof=1) / np.sqrt(60))
         assert row["seconds"] == pytest.approx(np.mean(res.seconds))
 
 

@@ -261,3 +261,49 @@ def test_analysis_tables_go_through_display():
     # a certified accuracy is a count over n: as many decimals as every count needs
     rows[0]["n"] = 1000
     assert analysis.accuracy_table(rows).cells[0][3] == "0.750"
+    # with errors=True each ACR carries its standard error, and the column still reads as numbers
+    rows[0]["acr_se"] = 0.0312
+    with_errors = analysis.accuracy_table(rows, errors=True)
+    assert with_errors.columns[-2] == "ACR ± s.e." and with_errors.cells[0][-2] == "0.410 ± 0.031"
+    assert with_errors.numeric[-2]
+
+
+def test_captions_typeset_their_plain_text_maths():
+    """Captions, headers and notes show exponents and indices as such, never as ^ and _."""
+    t = display.typeset
+    assert t("an image lies in [0, 1]^784.") == "an image lies in [0, 1]<sup>784</sup>."
+    assert t("10^-6 and 2^0.5, e^x") == "10<sup>-6</sup> and 2<sup>0.5</sup>, e<sup>x</sup>"
+    assert t("det(S)^(1/d) and 10^4") == "det(S)<sup>1/d</sup> and 10<sup>4</sup>"
+    assert t("from σ*_x I, p_A and λ_min") == "from σ*<sub>x</sub> I, p<sub>A</sub> and λ<sub>min</sub>"
+    assert t("the ℓ2 radius, max_step = 0.1") == "the ℓ<sub>2</sub> radius, max_step = 0.1"
+    assert t("n0 + n, x1, q1 / q3, x86_64") == "n<sub>0</sub> + n, x<sub>1</sub>, q1 / q3, x86_64"
+    assert t("a < b & c") == "a &lt; b &amp; c" and t(display.Raw("<b>x_1</b>")) == "<b>x_1</b>"
+    table = display.Table(["p_A", "note"], [[0.5, "+0.1 ± 0.2"], [0.7, "a long note that wraps over lines"]],
+                          caption="Values at σ*_x")
+    page = table._repr_html_()
+    assert "<caption>Values at σ*<sub>x</sub></caption>" in page and ">p<sub>A</sub></th>" in page
+    assert 'class="text nb"' in page and 'class="text wrap"' in page
+    assert "σ*_x" in repr(table)  # the text form stays plain
+
+
+def test_a_source_tree_version_is_said_in_words(tmp_path):
+    import json
+
+    meta = {"settings": {"preset": "paper"}, "provenance": {"device": "cuda", "threads": 1, "created": "2026-12-01",
+                                                            "versions": {"rddrs": "0+unknown", "torch": "2.11"}}}
+    (tmp_path / "a.tsv.json").write_text(json.dumps(meta))
+    info = display.results_provenance(tmp_path)
+    assert info["versions"] == {"rddrs from an uninstalled source tree, torch 2.11"}
+
+
+def test_the_provenance_note_says_where_the_executed_notebook_lands(tmp_path):
+    note = display.provenance_note(tmp_path, "smoke", "make results PRESET=smoke CHAPTERS=mnist")._repr_html_()
+    assert "<code>results/smoke/notebooks/mnist.ipynb</code>" in note and "jupyter nbconvert" in note
+    assert "notebooks" not in display.provenance_note(tmp_path, "paper", "make gpu-session")._repr_html_()
+
+
+def test_a_dash_for_a_missing_value_keeps_a_column_of_numbers_right_aligned():
+    table = display.Table(["training", "ACR"], [["Gaussian", display.Raw("1.558")], ["RS, ours", "–"]],
+                          caption="ACR at σ = 0.5; a dash: not run.")
+    assert table.numeric == [False, True]
+    assert not display.Table(["a"], [["–"]], caption="Only dashes.").numeric[0]

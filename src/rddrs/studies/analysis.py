@@ -383,16 +383,19 @@ def table(groups, radii: Sequence[float] = DEFAULT_RADII, kind: str = "proxy") -
     """One row per (sigma, method): n, CA at each radius, ACR and mean seconds per input.
 
     Rows are dicts with keys ``sigma, method, n, radii`` (the radii), ``accuracy`` (array of
-    CA(r)), ``acr``, ``seconds`` and ``kind``; sorted by sigma, then rs, ddrs, ancer, rddrs.
+    CA(r)), ``acr``, ``acr_se`` (the ACR's standard error over the inputs, NaN for one input),
+    ``seconds`` and ``kind``; sorted by sigma, then rs, ddrs, ancer, rddrs.
     """
     _check_kind(kind)
     radii = np.asarray(list(radii), dtype=np.float64)
     rows = []
     for (sigma, method), res in group_results(groups).items():
+        certified = certified_radius(res, kind)  # 0 where wrong or abstained, as in the ACR
+        se = float(certified.std(ddof=1) / math.sqrt(res.n)) if res.n > 1 else math.nan
         rows.append({
             "sigma": res.sigma, "method": method, "n": res.n, "kind": kind,
             "radii": radii, "accuracy": certified_accuracy(res, radii, kind),
-            "acr": average_certified_radius(res, kind), "seconds": float(np.mean(res.seconds)),
+            "acr": average_certified_radius(res, kind), "acr_se": se, "seconds": float(np.mean(res.seconds)),
         })
     return rows
 
@@ -415,22 +418,25 @@ def table_csv(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def accuracy_table(rows: list[dict], caption: str | None = None, *, counts: bool = True):
+def accuracy_table(rows: list[dict], caption: str | None = None, *, counts: bool = True, errors: bool = False):
     """The rows of :func:`table` as a :class:`rddrs.studies.display.Table`: sigma, method, n, CA at
     each radius (under one spanning header), ACR and seconds per input; sigma written once
     per group. A certified accuracy is a count over n inputs, so it gets the decimals that
     show every count (2 for n <= 100, 3 up to 1000, ...); ACR gets 3. ``counts=False`` leaves out n and the seconds
-    (for a page that states them elsewhere)."""
+    (for a page that states them elsewhere); ``errors=True`` writes each ACR with its standard error
+    over the inputs ("0.512 ± 0.031")."""
     from rddrs.studies import display
 
     radii = _radii_of(rows)
     kind = rows[0].get("kind", "proxy")
     ca = [f"{r:g}" for r in radii]
-    lead, tail = (["σ", "method", "n"], ["ACR", "s / input"]) if counts else (["σ", "method"], ["ACR"])
+    acr = "ACR ± s.e." if errors else "ACR"
+    lead, tail = (["σ", "method", "n"], [acr, "s / input"]) if counts else (["σ", "method"], [acr])
     body = []
     for row in rows:
         start = [row["sigma"], METHOD_LABELS[row["method"]]] + ([row["n"]] if counts else [])
-        end = [row["acr"]] + ([row["seconds"]] if counts else [])
+        value = f"{row['acr']:.3f} ± {row['acr_se']:.3f}" if errors else row["acr"]
+        end = [value] + ([row["seconds"]] if counts else [])
         body.append([*start, *row["accuracy"], *end])
     if caption is None:
         caption = (f"Certified accuracy at {KIND_LABELS[kind]} r, average certified radius (ACR) "

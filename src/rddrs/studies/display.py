@@ -208,6 +208,29 @@ def _plain(value: str) -> str:
     return html.unescape(_TAGS.sub("", value)) if isinstance(value, Raw) else value
 
 
+#: what a cell holds where it has no value: it does not make a column of numbers a column of text
+_MISSING = {"–", "-", "—", ""}
+_SUPERSCRIPT = re.compile(r"\^\(([^()]+)\)|\^([−-]?\d+(?:\.\d+)?|\w+)")
+_SUBSCRIPT = re.compile(r"(?<![\w*])([A-Za-zα-ωΑ-Ωℓ]\*?)_(\{[^}]+\}|\w+)")
+_ELL = re.compile(r"ℓ([12∞])(?![\d.])")
+_INDEX = re.compile(r"(?<![\w.])([nx])(\d)(?![\w.])")  # n0, x1: a count or a coordinate with its index
+
+
+def typeset(text: str) -> str:
+    """Plain-text maths of a caption, a header or a note as HTML (escaped): ``10^4``, ``[0, 1]^784``
+    and ``det(S)^(1/d)`` with superscripts, ``σ*_x``, ``p_A`` and ``λ_min`` with subscripts (one
+    letter, possibly starred, before the underscore, so that names such as ``max_step`` stay),
+    ``ℓ2`` as ℓ with a subscript 2, ``n0`` and ``x1`` with their index. :class:`Raw` HTML is returned as it
+    is."""
+    if isinstance(text, Raw):
+        return str(text)
+    out = html.escape(str(text))
+    out = _SUPERSCRIPT.sub(lambda m: f"<sup>{m.group(1) or m.group(2)}</sup>", out)
+    out = _SUBSCRIPT.sub(lambda m: f"{m.group(1)}<sub>{m.group(2).strip('{}')}</sub>", out)
+    out = _INDEX.sub(r"\1<sub>\2</sub>", out)
+    return _ELL.sub(r"ℓ<sub>\1</sub>", out)
+
+
 def auto_decimals(values: Sequence[float]) -> int | None:
     """Decimals that give the largest value of a column three significant digits (0 to 4), or
     ``None`` when the column needs exponents (all non-zero values below 1e-3)."""
@@ -261,7 +284,8 @@ class Table:
     numeric column gets one precision: ``formats[header]`` (a format spec such as ``".2f"``
     or a function) if given, otherwise three significant digits for its largest value
     (:func:`auto_decimals`). A column whose cells are all numbers, or strings that read as
-    numbers ("0.52 / 0.48", "+0.012 ± 0.004"), is right-aligned; others are left-aligned.
+    numbers ("0.52 / 0.48", "+0.012 ± 0.004"), or a dash where there is no value, is right-aligned;
+    others are left-aligned.
 
     ``spans`` puts a header row above the columns: ``(label, number of columns)`` pairs that
     cover all columns (an empty label leaves its columns without). ``merge`` names leading
@@ -297,7 +321,8 @@ class Table:
                 self.cells[i][j] = format_number(value, formats.get(name), decimals)
             self.numeric.append(bool(values) and all(
                 value is None or _is_number(value) or _reads_as_number(_plain(str(value)))
-                for value in values) and not all(isinstance(value, Raw) for value in values))
+                or _plain(str(value)).strip() in _MISSING for value in values)
+                and any(_is_number(value) or _reads_as_number(_plain(str(value))) for value in values))
         # merged leading columns: a group starts where any of them changes
         width = len(merge)
         if list(merge) != self.columns[:width]:
@@ -350,24 +375,34 @@ class Table:
     def _html(value: str) -> str:
         return str(value) if isinstance(value, Raw) else html.escape(str(value))
 
+    #: text cells longer than this wrap, with a minimum width (a narrow column of long text would
+    #: otherwise be one word a line); shorter ones, and cells that read as numbers, never break
+    WRAP_AT = 24
+
     def _repr_html_(self) -> str:
-        def cell(tag, value, num):
+        def cell(tag, value, num, header=False):
             kind, side = ("num", "right") if num else ("text", "left")
-            return f'<{tag} class="{kind}" style="text-align: {side}">{self._html(value)}</{tag}>'
+            text = _plain(value)
+            if not num and not header and (_reads_as_number(text) if text.strip() else False):
+                kind += " nb"
+            elif not num and not header and len(text) > self.WRAP_AT:
+                kind += " wrap"
+            shown = typeset(value) if header else self._html(value)
+            return f'<{tag} class="{kind}" style="text-align: {side}">{shown}</{tag}>'
 
         spans = ""
         if self.spans:
             spans = "<tr>" + "".join(
-                f'<th class="span" colspan="{n}">{self._html(label)}</th>' if label else f'<th colspan="{n}"></th>'
+                f'<th class="span" colspan="{n}">{typeset(label)}</th>' if label else f'<th colspan="{n}"></th>'
                 for label, n in self.spans) + "</tr>"
-        head = "".join(cell("th", c, num) for c, num in zip(self.columns, self.numeric))
+        head = "".join(cell("th", c, num, header=True) for c, num in zip(self.columns, self.numeric))
         group = ' class="group"'
         body = "".join(
             f"<tr{group if start else ''}>" + "".join(cell("td", c, num) for c, num in zip(row, self.numeric))
             + "</tr>" for row, start in zip(self.shown, self.starts))
-        notes = f'<p class="rddrs-table-notes">{self._html(self.notes)}</p>' if self.notes else ""
+        notes = f'<p class="rddrs-table-notes">{typeset(self.notes)}</p>' if self.notes else ""
         return (f'<div class="rddrs-table-wrapper"><table class="rddrs-table">'
-                f"<caption>{self._html(self.caption)}</caption>"
+                f"<caption>{typeset(self.caption)}</caption>"
                 f"<thead>{spans}<tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}</div>")
 
 
@@ -425,10 +460,11 @@ def _add_session(info: dict, prov: dict) -> None:
         threads = info["machines"].setdefault(str(prov["device"]), set())
         if isinstance(prov.get("threads"), int):
             threads.add(prov["threads"])
-    versions = prov.get("versions") or {}
+    versions = dict(prov.get("versions") or {})
     if versions:
-        named = {**versions, "rddrs": "of an unrecorded version"} if versions.get("rddrs") == "0+unknown" else versions
-        info["versions"].add(", ".join(f"{k} {named[k]}" for k in ("rddrs", "torch") if k in named))
+        if str(versions.get("rddrs", "")).startswith("0+"):  # rddrs.__version__ of a source tree run uninstalled
+            versions = {**versions, "rddrs": "from an uninstalled source tree"}
+        info["versions"].add(", ".join(f"{k} {versions[k]}" for k in ("rddrs", "torch") if k in versions))
     if prov.get("git_commit"):
         info["commits"].add(str(prov["git_commit"])[:7])
         info["dirty"] |= bool(prov.get("git_dirty"))
@@ -476,6 +512,12 @@ def provenance_note(results_dir, preset: str, rerun: str) -> Note:
             commit += f"; the files were committed in {_code(info['stored'][0])} ({info['stored'][1]})"
         first = Raw(f"Preset {presets}: {info['files']} result files in {_code(shown)}, computed "
                     f"{dates or 'at an unrecorded date'} on {machines} with {versions}. {commit}.")
-    again = Raw(f"Re-run with {_code(rerun)}; runs resume from the rows already written, so only "
-                f"missing results are computed.")
-    return Note("Where the numbers on this page come from", [first, again])
+    again = (f"Re-run with {_code(rerun)}; runs resume from the rows already written, so only "
+             f"missing results are computed.")
+    chapter = re.search(r"\bmake results\b.*\bCHAPTERS=(\w+)", rerun)
+    preset_run = re.search(r"\bPRESET=(\w+)", rerun)
+    if chapter:  # make results writes the executed notebook beside the results
+        where = f"results/{preset_run.group(1) if preset_run else 'cpu'}/notebooks/{chapter.group(1)}.ipynb"
+        again += (f" It writes this page as an executed notebook to {_code(where)}; open it with "
+                  f"{_code('jupyter lab')}, or make it a web page with {_code('jupyter nbconvert --to html')}.")
+    return Note("Where the numbers on this page come from", [first, Raw(again)])

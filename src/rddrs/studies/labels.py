@@ -61,8 +61,12 @@ def _parts(variant, brief: bool) -> list[str]:
         parts.append(f"step {_number(s['lr'])}")
     if "max_step" in s and not brief:
         parts.append("unbounded" if not s["max_step"] else f"bound {_number(s['max_step'])}")
-    if "iterations" in s or "samples" in s:
-        parts.append(f"{s.get('iterations', '·')} steps × {s.get('samples', '·')} draws")
+    if "iterations" in s and "samples" in s:
+        parts.append(f"{s['iterations']} steps × {s['samples']} draws")
+    elif "iterations" in s:  # the preset's draws per step
+        parts.append(f"{s['iterations']} steps")
+    elif "samples" in s:  # the preset's number of steps
+        parts.append(f"{s['samples']} draws per step")
     if "kappa" in s:
         parts.append(f"κ = {_number(s['kappa'])}")
     if s.get("floor") is False:
