@@ -20,12 +20,11 @@ from datetime import datetime
 from pathlib import Path
 
 from rddrs import RDDRSError
-from rddrs.pipeline import sweep
 from rddrs.pipeline.files import git
 from rddrs.pipeline.results import model_path, read_rows
-from rddrs.studies.claims import study_specs
-from rddrs.studies.figure2 import PAIRED, pace
-from rddrs.studies.headline import figure2_study
+
+# the studies (and torch) are imported where they are used, so that the command line's parser
+# reads this module's defaults without them
 
 #: the panels the fill computes by default (sigma 0.25's rows came first)
 SIGMAS = (0.5, 0.12)
@@ -55,8 +54,14 @@ def parse_deadline(text: str, now: datetime | None = None) -> datetime:
 
 
 def specs(results: str | Path, sigma: float, index: int, *, preset: str = PRESET, data="data",
-          models="data/models") -> list[sweep.RunSpec]:
-    """The paired variants' runs of one test image at ``sigma`` (with the starts they read)."""
+          models="data/models") -> list:
+    """The paired variants' runs (``sweep.RunSpec``) of one test image at ``sigma`` (with the starts
+    they read)."""
+    from rddrs.pipeline import sweep
+    from rddrs.studies.claims import study_specs
+    from rddrs.studies.figure2 import PAIRED
+    from rddrs.studies.headline import figure2_study
+
     every = study_specs(figure2_study(preset, sigma), sigma, preset, results, data=data, models=models,
                         groups=("figure2",))
     wanted = sweep.closure([every[name] for name in PAIRED], every.values())
@@ -67,6 +72,10 @@ def order(results: str | Path, test_size: int, *, preset: str = PRESET, data="da
           models="data/models") -> list[int]:
     """Test indices: those of sigma 0.25's paired rows ascending (the images every panel shares
     first), then the rest of the test set ascending."""
+    from rddrs.studies.claims import study_specs
+    from rddrs.studies.figure2 import PAIRED
+    from rddrs.studies.headline import figure2_study
+
     study = study_specs(figure2_study(preset, LEAD_SIGMA), LEAD_SIGMA, preset, results, data=data, models=models)
     first = sorted(set.intersection(*(set(read_rows(study[name].out)) for name in PAIRED)))
     first = [i for i in first if i < test_size]
@@ -74,9 +83,11 @@ def order(results: str | Path, test_size: int, *, preset: str = PRESET, data="da
     return first + [i for i in range(test_size) if i not in taken]
 
 
-def estimate(runs: list[sweep.RunSpec], lead: list[sweep.RunSpec]) -> float:
+def estimate(runs: list, lead: list) -> float:
     """Seconds one image of ``runs`` takes on a CPU: the mean of each run's CPU rows, or of the
     same variant's rows at sigma 0.25 where the run has none yet (0 where neither has)."""
+    from rddrs.studies.figure2 import pace
+
     total = 0.0
     for spec, other in zip(runs, lead):
         seen = pace(spec.out).get("cpu") if Path(spec.out).exists() else None
@@ -101,7 +112,7 @@ class Report:
         return f"{done or 'nothing computed'}; {self.stopped}"
 
 
-def commit_rows(runs: list[sweep.RunSpec], message: str, tries: int = 5) -> bool:
+def commit_rows(runs: list, message: str, tries: int = 5) -> bool:
     """Commit the result files (and sidecars) of ``runs`` to the repository that holds them,
     nothing else; False where they are in none or git stays busy."""
     files = [p for spec in runs for p in (Path(spec.out), Path(spec.out + ".json")) if p.exists()]
@@ -124,6 +135,7 @@ def fill(results: str | Path, deadline: datetime, *, sigmas=SIGMAS, threads: int
          images: int | None = None, preset: str = PRESET, data="data", models="data/models", log=print) -> Report:
     """Compute the paired runs of ``sigmas`` image by image until ``deadline`` (see the module), or
     until ``images`` test images of each sigma have been computed by this call."""
+    from rddrs.pipeline import sweep
     from rddrs.pipeline.data import load_dataset
 
     results = Path(results)
