@@ -147,10 +147,15 @@ def fill(results: str | Path, deadline: datetime, *, sigmas=SIGMAS, threads: int
     report = Report(images={s: [] for s in sigmas}, seconds={s: [] for s in sigmas})
     engine = sweep.Inline(threads)
     where = dict(preset=preset, data=data, models=models)
+    base = {sigma: specs(results, sigma, 0, **where) for sigma in (*sigmas, LEAD_SIGMA)}  # settings hashed once
+
+    def at(runs: list, index: int) -> list:
+        return [replace(spec, ranges=((index, index + 1),)) for spec in runs]
+
     with sweep.sweep_lock(results):
         for index in order(results, test_size, **where):
             for sigma in sigmas:
-                runs = specs(results, sigma, index, **where)
+                runs = at(base[sigma], index)
                 if sweep.complete(runs):
                     continue
                 if images is not None and len(report.images[sigma]) >= images:
@@ -159,7 +164,7 @@ def fill(results: str | Path, deadline: datetime, *, sigmas=SIGMAS, threads: int
                         return report
                     continue
                 left = (deadline - datetime.now()).total_seconds()
-                need = estimate(runs, specs(results, LEAD_SIGMA, index, **where))
+                need = estimate(runs, at(base[LEAD_SIGMA], index))
                 if left <= need:
                     report.stopped = f"stopped before image {index} at sigma {sigma:g} (needs about {need:.0f} s, " \
                                      f"{max(left, 0):.0f} s left before the deadline)"
