@@ -17,8 +17,17 @@ from helpers import run_bound_by_permissions
 
 from rddrs import RDDRSError
 from rddrs.studies import analysis
-from rddrs.studies.analysis import (METHOD_COLORS, METHOD_LABELS, average_certified_radius, certified_accuracy,
-                                    curves_figure, group_results, read_results, table, write_tables)
+from rddrs.studies.analysis import (
+    METHOD_COLORS,
+    METHOD_LABELS,
+    average_certified_radius,
+    certified_accuracy,
+    curves_figure,
+    group_results,
+    read_results,
+    table,
+    write_tables,
+)
 from rddrs.studies.display import check_legible
 
 HEADER = "idx\tlabel\tpredict\tcorrect\tgap\tradius\tproxy_radius\tsigma_min\tseconds"

@@ -17,7 +17,8 @@ from rddrs.core.optimize import find_smoothing, objective_and_gradient, search
 from rddrs.core.presets import Search
 from rddrs.pipeline.models import MnistCNN
 from rddrs.pipeline.results import model_path, read_rows, result_path, traces_dir
-from rddrs.studies import analysis, claims
+from rddrs.studies import analysis, budgets, claims
+from rddrs.studies.study import Study, Variant, VariantRun, run_study
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +211,7 @@ def _fake_run(name, method, proxy, correct, search=None, trace=None, seconds=1.0
                            predict=np.where(correct == 1, 0, -1), correct=correct, gap=proxy, radius=0.5 * proxy,
                            proxy_radius=proxy, sigma_min=np.full(n, 0.25), seconds=np.full(n, seconds))
     trace = np.zeros((n, 3)) if trace is None else np.asarray(trace, dtype=float)
-    return claims.VariantRun(claims.Variant(name, method, search or {}), Path(f"{name}.tsv"), res,
+    return VariantRun(Variant(name, method, search or {}), Path(f"{name}.tsv"), res,
                              {"spectrum": np.full((n, 2), 0.25, dtype=np.float32), "trace": trace,
                               "sigma_star": np.full(n, 0.25)})
 
@@ -262,7 +263,7 @@ def models(tmp_path_factory):
 
 def test_studies_follow_the_budget():
     found = claims.studies("cpu")
-    budget = claims.BUDGETS["cpu"]
+    budget = budgets.of("cpu").claims
     assert set(found) == {"rotation", "kappa", "floor", "samples", "isotropy"}
     assert len(found["kappa"].variants) == len(budget.kappas)
     assert len(found["samples"].variants) == len(budget.sample_sizes) * 2 * budget.repeats
@@ -277,7 +278,7 @@ def test_studies_follow_the_budget():
 def test_driver_writes_resumes_and_summarises(models, tmp_path, monkeypatch):
     study = claims.studies("smoke", count=2)["floor"]
     results = tmp_path / "results"
-    runs = claims.run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
+    runs = run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
     # the floored variant is the preset's own: the standard run, with its DDRS start beside it
     assert runs["floor"].path == result_path(results, "rddrs", 0.25)
     assert runs["no_floor"].path == results / "claims" / "floor" / "no_floor.tsv"
@@ -296,7 +297,7 @@ def test_driver_writes_resumes_and_summarises(models, tmp_path, monkeypatch):
     for run in runs.values():
         for trace in traces_dir(run.path).glob("*.npz"):
             trace.unlink()
-    again = claims.run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
+    again = run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
     for name in runs:
         np.testing.assert_array_equal(again[name].spectrum, runs[name].spectrum)
         np.testing.assert_array_equal(again[name].results.proxy_radius, runs[name].results.proxy_radius)
@@ -313,15 +314,15 @@ def test_a_diverging_variant_is_read_with_its_rows_and_counted(models, tmp_path,
     """A search that overflows on every image still gives rows (certified with the last finite
     law), counted by ``results.diverged``; the variant that starts from it is computed; a rerun
     computes nothing."""
-    study = claims.Study("wild", 2, (claims.Variant("ddrs_wild", "ddrs", {"lr": 1e30, "max_step": 0}),
-                                     claims.Variant("rddrs_after", "rddrs", start="ddrs_wild"),
-                                     claims.Variant("rs", "rs")))
+    study = Study("wild", 2, (Variant("ddrs_wild", "ddrs", {"lr": 1e30, "max_step": 0}),
+                                     Variant("rddrs_after", "rddrs", start="ddrs_wild"),
+                                     Variant("rs", "rs")))
     results = tmp_path / "results"
-    runs = claims.run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
+    runs = run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
     assert runs["ddrs_wild"].results.diverged == 2 and runs["rddrs_after"].results.diverged == 0
     assert list(runs["rs"].results.search) == ["-", "-"]
     assert runs["rs"].path == result_path(results, "rs", 0.25)
     assert not list((results / "claims" / "wild").glob("*.diverged.json"))
     monkeypatch.setattr(rddrs.pipeline.runs, "find_smoothing", lambda *a, **k: pytest.fail("recomputed"))
-    again = claims.run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
+    again = run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
     assert again["ddrs_wild"].results.diverged == 2

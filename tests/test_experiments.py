@@ -199,14 +199,19 @@ def test_exported_program_certifies_like_its_checkpoint(tmp_path, method):
 
 
 def test_standard_runs_compute_what_is_missing_and_nothing_else(checkpoint, tmp_path, monkeypatch):
-    from rddrs.pipeline import sweep
+    from rddrs.pipeline import runspec, sweep
     from rddrs.pipeline.results import sidecar_path
 
     models = tmp_path / "models"
     models.mkdir()
     (models / "mnist_cnn_sigma0.25.pt").write_bytes(checkpoint.read_bytes())
-    outs = sweep.standard_runs(0.25, "smoke", tmp_path / "res", count=2, data=DATA, models=models,
-                                     progress=False)
+
+    def standard_runs():
+        wanted = runspec.standard_specs(0.25, "smoke", tmp_path / "res", count=2, data=DATA, models=models)
+        sweep.execute(wanted, results=tmp_path / "res").check()
+        return {spec.method: Path(spec.out) for spec in wanted}
+
+    outs = standard_runs()
     assert sorted(outs) == sorted(["rs", "ddrs", "ancer", "rddrs"])
     ddrs = read_rows(outs["ddrs"])
     for method in ("ancer", "rddrs"):  # started from DDRS' sigma_x*, which is their floor
@@ -216,8 +221,7 @@ def test_standard_runs_compute_what_is_missing_and_nothing_else(checkpoint, tmp_
             assert row["sigma_min"] >= ddrs[i]["sigma_min"] * (1 - 1e-6)
     calls = []
     monkeypatch.setattr(rddrs.pipeline.runs, "find_smoothing", lambda *a, **k: calls.append(a))
-    again = sweep.standard_runs(0.25, "smoke", tmp_path / "res", count=2, data=DATA, models=models,
-                                      progress=False)
+    again = standard_runs()
     assert again == outs and calls == []
 
 

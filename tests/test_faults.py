@@ -514,11 +514,11 @@ def test_mnist_files_in_the_fashion_mnist_folder_are_refused(tmp_path, capsys):
 
 def mechanism_results(tmp_path: Path, broken: str, content: str) -> Path:
     """A results folder whose cached measurements are valid up to ``broken``, which holds ``content``."""
-    from rddrs.studies import headline, mechanism
+    from rddrs.studies import headline
 
     folder = tmp_path / "results"
     (folder / "claims" / "mechanism").mkdir(parents=True)
-    names = [*mechanism.REFUTED, *[v.name for v in headline.mechanism_study("smoke").variants if v.method == "rddrs"]]
+    names = [*headline.REFUTED, *[v.name for v in headline.mechanism_study("smoke").variants if v.method == "rddrs"]]
     valid = {"measures.json": {"rows": []}, "refutations.json": {"variants": {n: {"rows": []} for n in names}},
              "memory.json": {"variants": {}}}
     for name in ("measures.json", "refutations.json", "memory.json"):

@@ -13,14 +13,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from helpers import snapshot
 
 from rddrs import RDDRSError
 from rddrs.pipeline.files import exclusive
 from rddrs.pipeline.results import COLUMNS, read_rows, read_sidecar, write_rows
 from rddrs.studies import fill
-from rddrs.studies.figure2 import PAIRED
-
-from helpers import snapshot
+from rddrs.studies.headline import PAIRED
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--data", str(ROOT / "data"), "--models", str(ROOT / "data" / "models")]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from rddrs.studies.claims import Study, Variant
 from rddrs.studies.labels import label
+from rddrs.studies.study import Study, Variant
 
 
 @pytest.mark.parametrize("search, words", [

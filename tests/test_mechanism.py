@@ -10,10 +10,10 @@ import torch
 from helpers import raises_one_line
 from scipy import stats
 
-from rddrs.core import spd
+from rddrs.core import presets, spd
 from rddrs.core.noise import Diagonal, FullSPD, Isotropic
-from rddrs.studies import claims, headline, mechanism
-from rddrs.studies.claims import Study, Variant
+from rddrs.studies import headline, mechanism
+from rddrs.studies.study import Study, Variant, run_study
 from rddrs.studies.validity import LinearClassifier
 
 torch.set_num_threads(1)
@@ -124,9 +124,9 @@ def test_refutation_refutes_an_inflated_certificate_and_not_a_fixed_law_one():
 def test_the_mechanism_study_at_the_smoke_preset(tmp_path):
     study = headline.mechanism_study("smoke")
     results = tmp_path / "results"
-    runs = claims.run_study(study, headline.SIGMA, "smoke", results, data=DATA, models=MODELS)
+    runs = run_study(study, presets.STUDY_SIGMA, "smoke", results, data=DATA, models=MODELS)
     assert set(runs) == {v.name for v in study.variants}
-    rows = mechanism.measures("smoke", results, data=DATA, models=MODELS)
+    rows = headline.measures("smoke", results, data=DATA, models=MODELS)
     assert len(rows) == len(study.variants) * study.count
     for row in rows:
         c = row["constancy"]
@@ -134,11 +134,11 @@ def test_the_mechanism_study_at_the_smoke_preset(tmp_path):
         assert (row["axes"] is None) == (row["method"] in ("rs", "ddrs"))
         assert row["spectrum"]["smallest"] <= row["spectrum"]["largest"]
     assert (results / "claims" / "mechanism" / "measures.json").exists()
-    refuted = mechanism.refutations("smoke", results, data=DATA, models=MODELS)
+    refuted = headline.refutations("smoke", results, data=DATA, models=MODELS)
     assert {r["variant"] for r in refuted} <= {v.name for v in study.variants}
     for r in refuted:
         assert r["distance"] <= r["radius"] * (1 + 1e-5) and isinstance(r["refuted"], bool)
-    passes = mechanism.memories("smoke", results, data=DATA, models=MODELS)
+    passes = headline.memories("smoke", results, data=DATA, models=MODELS)
     assert set(passes) == {v.name for v in study.variants} and (results / "claims" / "mechanism" / "memory.json").exists()
     for name, entry in passes.items():
         assert sum(entry["statuses"].values()) == entry["images"] >= study.count
@@ -150,19 +150,19 @@ def test_the_mechanism_study_at_the_smoke_preset(tmp_path):
 def test_memory_passes_read_the_laws_of_a_rerun_where_the_traces_were_not_kept(tmp_path):
     study = headline.mechanism_study("smoke")
     results, rerun = tmp_path / "results", tmp_path / "rerun"
-    claims.run_study(study, headline.SIGMA, "smoke", results, data=DATA, models=MODELS)
+    run_study(study, presets.STUDY_SIGMA, "smoke", results, data=DATA, models=MODELS)
     folder = results / "claims" / "mechanism"
     name = next(v.name for v in study.variants if v.method == "rddrs")
     shutil.copytree(folder, rerun)
     shutil.rmtree(folder / f"{name}.tsv.traces")  # as a GPU session's runs are landed: without traces
-    passes = mechanism.memories("smoke", results, data=DATA, models=MODELS, laws_from=rerun)
+    passes = headline.memories("smoke", results, data=DATA, models=MODELS, laws_from=rerun)
     assert passes[name]["source"] == str((rerun / f"{name}.tsv").resolve()) and passes[name]["rerun"]
     assert passes["ddrs_clamped"]["source"] == "claims/mechanism/ddrs_clamped.tsv"  # its own rows suffice
     (folder / "memory.json").unlink()
-    assert name not in mechanism.memories("smoke", results, data=DATA, models=MODELS)  # no laws: no pass
+    assert name not in headline.memories("smoke", results, data=DATA, models=MODELS)  # no laws: no pass
     (folder / "memory.json").unlink()
     meta = json.loads((rerun / f"{name}.tsv.json").read_text())
     meta["settings"]["seed"] = 7
     (rerun / f"{name}.tsv.json").write_text(json.dumps(meta))
-    assert "other settings" in raises_one_line(mechanism.memories, "smoke", results, data=DATA, models=MODELS,
+    assert "other settings" in raises_one_line(headline.memories, "smoke", results, data=DATA, models=MODELS,
                                                laws_from=rerun)

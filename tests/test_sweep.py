@@ -23,9 +23,11 @@ from helpers import run_bound_by_permissions
 
 from rddrs import RDDRSError
 from rddrs.cli import main
-from rddrs.pipeline import engines, sweep
+from rddrs.core import presets
+from rddrs.pipeline import engines, runspec, shards, sweep
 from rddrs.pipeline.results import read_rows, result_path, traces_dir
 from rddrs.studies import claims, registry
+from rddrs.studies.study import study_specs
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +41,7 @@ def without_time(path):
 
 def specs_for(results, methods=("ddrs", "rddrs"), count=4, inputs_per_batch=1):
     """The standard runs of ``methods`` at sigma 0.25 (smoke), batching ``inputs_per_batch`` images."""
-    specs = sweep.standard_specs(0.25, "smoke", results, methods=methods, count=count, data=DATA, models=MODELS)
+    specs = runspec.standard_specs(0.25, "smoke", results, methods=methods, count=count, data=DATA, models=MODELS)
     return [replace(s, inputs_per_batch=inputs_per_batch) for s in specs]
 
 
@@ -58,8 +60,8 @@ def test_the_committed_cpu_results_are_complete_for_the_chapters():
     """Every file chapters 6 to 8 read at the cpu preset is found complete: nothing to compute."""
     specs = registry.runs("cpu", ROOT / "results" / "cpu", groups=["standard", "memory", "claims"], data=DATA,
                           models=MODELS)
-    assert len(specs) > 40 and sweep.complete(specs)
-    assert all(sweep.plan(s, 25) == [] for s in specs)
+    assert len(specs) > 40 and shards.complete(specs)
+    assert all(shards.plan(s, 25) == [] for s in specs)
     assert {state for _, state in registry.status(specs)} == {"complete"}
 
 
@@ -72,17 +74,17 @@ def test_registry_lists_each_file_once_after_what_it_starts_from(tmp_path):
         if spec.depends is not None:
             assert position[spec.depends] < position[spec.out], spec.out
     by_out = {s.out: s for s in specs}
-    for sigma in registry.SIGMAS:
+    for sigma in presets.SIGMAS:
         for method in ("ancer", "rddrs"):
             spec = by_out[str(result_path(tmp_path, method, sigma))]
             assert spec.init == str(result_path(tmp_path, "ddrs", sigma))
         memory = by_out[str(result_path(tmp_path, "rddrs", sigma)) + ".memory.tsv"]
         assert memory.kind == "memory" and memory.source == str(result_path(tmp_path, "rddrs", sigma))
-    # the studies' variants, with the file paths of claims.run_study
+    # the studies' variants, with the file paths of run_study
     floor = claims.studies("smoke")["floor"]
     assert str(tmp_path / "claims" / "floor" / "no_floor.tsv") in by_out
     # the variant with the preset's own settings is the standard run
-    assert claims.study_specs(floor, 0.25, "smoke", tmp_path, data=DATA, models=MODELS)["floor"].out == \
+    assert study_specs(floor, 0.25, "smoke", tmp_path, data=DATA, models=MODELS)["floor"].out == \
         str(result_path(tmp_path, "rddrs", 0.25))
     assert any("/claims/tuning/" in o for o in outs) and any("/claims/best_sigma0.12/" in o for o in outs)
     # a start holds every image of the runs that start from it
@@ -108,8 +110,8 @@ def test_registry_filters_keep_what_the_runs_start_from(tmp_path):
 def test_two_different_runs_for_one_file_are_refused(tmp_path):
     a = specs_for(tmp_path, methods=("rs",))[0]
     with pytest.raises(RDDRSError, match="two different runs want the file"):
-        sweep.combine([a, replace(a, seed=1)])
-    joined = sweep.combine([a, replace(a, ranges=((6, 9),))])
+        runspec.combine([a, replace(a, seed=1)])
+    joined = runspec.combine([a, replace(a, ranges=((6, 9),))])
     assert len(joined) == 1 and joined[0].ranges == ((0, 4), (6, 9))
 
 
@@ -117,36 +119,36 @@ def test_two_different_runs_for_one_file_are_refused(tmp_path):
 
 def test_shards_cover_only_missing_images_and_resume_earlier_shards(tmp_path):
     spec = replace(specs_for(tmp_path, methods=("rs",), count=10, inputs_per_batch=2)[0])
-    assert [(t.lo, t.hi) for t in sweep.plan(spec, 4)] == [(0, 4), (4, 8), (8, 10)]
-    assert [(t.lo, t.hi) for t in sweep.plan(spec, 5)] == [(0, 4), (4, 8), (8, 10)]  # 5 -> 4: whole batches
+    assert [(t.lo, t.hi) for t in shards.plan(spec, 4)] == [(0, 4), (4, 8), (8, 10)]
+    assert [(t.lo, t.hi) for t in shards.plan(spec, 5)] == [(0, 4), (4, 8), (8, 10)]  # 5 -> 4: whole batches
     sweep.execute([replace(spec, ranges=((0, 3),))], shard_size=4)  # the file holds 0..2 now
     assert sorted(read_rows(spec.out)) == [0, 1, 2]
-    assert [(t.lo, t.hi) for t in sweep.plan(spec, 4)] == [(3, 4), (4, 8), (8, 10)]
+    assert [(t.lo, t.hi) for t in shards.plan(spec, 4)] == [(3, 4), (4, 8), (8, 10)]
     # a shard file left by a stopped sweep is resumed as it is, even of another shard size
-    stale = sweep.Task(spec, 4, 10)
-    assert sweep.run_task(sweep.Task(spec, 4, 6))["status"] == "done"  # as if 4..9 stopped after two rows
-    os.replace(sweep.Task(spec, 4, 6).path, stale.path)
-    os.replace(sweep.Task(spec, 4, 6).path.with_name("4-6.tsv.json"), stale.path.with_name("4-10.tsv.json"))
-    assert [(t.lo, t.hi) for t in sweep.plan(spec, 4)] == [(3, 4), (4, 10)]
+    stale = shards.Task(spec, 4, 10)
+    assert engines.run_task(shards.Task(spec, 4, 6))["status"] == "done"  # as if 4..9 stopped after two rows
+    os.replace(shards.Task(spec, 4, 6).path, stale.path)
+    os.replace(shards.Task(spec, 4, 6).path.with_name("4-6.tsv.json"), stale.path.with_name("4-10.tsv.json"))
+    assert [(t.lo, t.hi) for t in shards.plan(spec, 4)] == [(3, 4), (4, 10)]
     report = sweep.execute([spec], shard_size=4)
     assert report.done == 2 and sorted(read_rows(spec.out)) == list(range(10))
-    assert not sweep.shards_dir(spec.out).exists()  # merged and removed
-    assert sweep.plan(spec, 4) == [] and sweep.execute([spec]).shards == 0
+    assert not shards.shards_dir(spec.out).exists()  # merged and removed
+    assert shards.plan(spec, 4) == [] and sweep.execute([spec]).shards == 0
 
 
 def test_a_merge_refuses_other_settings_and_rows_twice(tmp_path):
     spec = specs_for(tmp_path, methods=("rs",), count=4, inputs_per_batch=2)[0]
     sweep.execute([replace(spec, ranges=((0, 2),))])
     other = replace(spec, n=300)
-    assert sweep.run_task(sweep.Task(other, 2, 4))["status"] == "done"
+    assert engines.run_task(shards.Task(other, 2, 4))["status"] == "done"
     with pytest.raises(RDDRSError, match="different settings"):
-        sweep.merge_shard(sweep.Task(other, 2, 4))
+        shards.merge_shard(shards.Task(other, 2, 4))
     with pytest.raises(RDDRSError, match="other settings"):  # planning the sweep refuses the file too
-        sweep.plan(other, 2)
-    again = sweep.Task(spec, 0, 2)
-    assert sweep.run_task(again)["status"] == "done"
+        shards.plan(other, 2)
+    again = shards.Task(spec, 0, 2)
+    assert engines.run_task(again)["status"] == "done"
     with pytest.raises(RDDRSError, match="overlaps"):
-        sweep.merge_shard(again)
+        shards.merge_shard(again)
     assert sorted(read_rows(spec.out)) == [0, 1]
 
 
@@ -160,7 +162,7 @@ def test_a_diverging_search_is_rows_and_what_starts_from_it_goes_on(tmp_path):
     assert not report.failed and report.done == report.shards == 2
     assert [(r["search"], r["sigma_min"]) for r in read_rows(wild.out).values()] == [("diverged@1", 0.25)] * 2
     assert [r["search"] for r in read_rows(after.out).values()] == ["ok"] * 2
-    assert sweep.complete([wild, after]) and sweep.execute([after, wild]).shards == 0
+    assert shards.complete([wild, after]) and sweep.execute([after, wild]).shards == 0
 
 
 def test_a_failed_run_fails_what_starts_from_it_and_the_rest_goes_on(tmp_path):
@@ -196,7 +198,7 @@ def test_local_and_ray_sweeps_and_one_plain_certify_give_the_same_files(tmp_path
         for spec in specs:
             assert without_time(spec.out) == without_time(plain[spec.method]), (name, spec.method)
             assert sorted(p.name for p in traces_dir(Path(spec.out)).iterdir()) == [f"{i}.npz" for i in range(4)]
-            assert not sweep.shards_dir(spec.out).exists()
+            assert not shards.shards_dir(spec.out).exists()
 
 
 # -- nothing lost: a killed worker, a stopped driver ----------------------------------------------
@@ -232,7 +234,7 @@ def test_a_worker_killed_mid_shard_is_restarted_and_resumes(tmp_path, engine_nam
         engine = RayEngine()
     else:
         engine = engines.Local(processes=1)
-    shard = sweep.Task(rddrs, 0, 8).path
+    shard = shards.Task(rddrs, 0, 8).path
     outcome = {}
     driver = threading.Thread(target=lambda: outcome.update(report=sweep.execute([rddrs], engine, shard_size=8)))
     driver.start()
@@ -424,7 +426,7 @@ def test_shards_start_by_priority_then_chunk_then_start_order(tmp_path):
     later = replace(specs_for(tmp_path, methods=("rs",), count=4)[0], priority=5)
     started = []
 
-    class Recording(sweep.Inline):
+    class Recording(engines.Inline):
         def submit(self, task):
             started.append((Path(task.spec.out).name, task.lo))
             super().submit(task)
@@ -513,7 +515,7 @@ def test_pack_and_land_move_new_rows_and_refuse_other_presets_and_models(tmp_pat
     assert main(["land", str(archive), "--results", str(here), "--models", str(MODELS)]) == 0
     assert "landed 2 new rows in 1 files" in capsys.readouterr().out
     assert sorted(read_rows(result_path(here, "rs", 0.25))) == [0, 1, 2, 3]
-    assert (here / "claims" / "measured.json").read_text() == '{"a": 1}' 
+    assert (here / "claims" / "measured.json").read_text() == '{"a": 1}'
     assert main(["land", str(archive), "--results", str(here), "--models", str(MODELS)]) == 0  # again: nothing new
     assert "landed 0 new rows" in capsys.readouterr().out
     meta = json.loads((here / "rs_sigma0.25.tsv.json").read_text())

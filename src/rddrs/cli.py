@@ -302,9 +302,9 @@ def _stop_on_sigterm():
 
 def _add_sweep(sub) -> None:
     from rddrs.core.methods import NAMES as METHODS
-    from rddrs.core.presets import PRESETS
+    from rddrs.core.presets import PRESETS, SIGMAS
     from rddrs.pipeline.data import NAMES as DATASETS
-    from rddrs.studies.registry import GROUPS, SIGMAS
+    from rddrs.studies.registry import GROUPS
 
     p = sub.add_parser("sweep", help="compute every run a preset needs, in shards, here or on a Ray cluster",
                        description="Compute every run of the preset's registry (the standard runs, their "
@@ -364,15 +364,15 @@ def _cmd_pack(args: argparse.Namespace) -> None:
 
 def _cmd_mechanism(args: argparse.Namespace) -> None:
     from rddrs.pipeline.models import resolve_device
-    from rddrs.studies import headline, mechanism
+    from rddrs.studies import headline
 
     device = str(resolve_device(args.device))
-    mechanism.check_laws_from(args.laws_from)
+    headline.check_laws_from(args.laws_from)
     results = Path(args.results or Path("results") / args.preset)
     common = dict(device=device, data=args.data, models=args.models, seed=args.seed)
-    rows = mechanism.measures(args.preset, results, **common)
-    refuted = mechanism.refutations(args.preset, results, **common)
-    passes = mechanism.memories(args.preset, results, data=args.data, models=args.models, laws_from=args.laws_from,
+    rows = headline.measures(args.preset, results, **common)
+    refuted = headline.refutations(args.preset, results, **common)
+    passes = headline.memories(args.preset, results, data=args.data, models=args.models, laws_from=args.laws_from,
                                 progress=not args.quiet)
     print(f"{len(rows)} laws measured, {sum(r['refuted'] for r in refuted)} of {len(refuted)} certificates "
           f"refuted, memory passes over {len(passes)} runs; in {results / 'claims' / 'mechanism'}")
@@ -523,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rddrs.pipeline import allocator
+
+    allocator.tune()  # large CPU buffers stay in the process; RDDRS_TUNE_MALLOC=0 switches it off
     args = build_parser().parse_args(argv)
     if args.autograd_network:
         import os

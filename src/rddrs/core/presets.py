@@ -14,6 +14,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from rddrs import RDDRSError
 
+#: the training and certification sigmas of the paper's three classifiers (Figure 2's panels)
+SIGMAS = (0.12, 0.25, 0.5)
+#: the classifier of the studies that run at one sigma (chapters 5, 7 and 8)
+STUDY_SIGMA = 0.25
+
 OBJECTIVES = ("soft", "clamped", "capped")
 STEPS = ("sgd", "adam")
 

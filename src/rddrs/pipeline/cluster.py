@@ -2,7 +2,7 @@
 
 ``RayEngine`` joins a running Ray cluster (``address``, e.g. ``"auto"`` on a node of one, or
 the one this process already started), or starts a local one. Every shard is a call of
-``sweep.run_task`` as a Ray task with ``num_cpus``/``num_gpus`` and ``max_retries``: when the
+``engines.run_task`` as a Ray task with ``num_cpus``/``num_gpus`` and ``max_retries``: when the
 worker process running it dies (killed, lost node), Ray starts the task again, and the shard
 resumes from the rows it had flushed. The driver (``sweep.execute``) merges what comes back.
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 import time
 
 from rddrs import RDDRSError
-from rddrs.pipeline.engines import cores
+from rddrs.pipeline.engines import cores, run_task
 from rddrs.pipeline.files import one_line
-from rddrs.pipeline.sweep import Task, run_task
+from rddrs.pipeline.shards import Task
 
 #: object store of a local cluster started here: shards return a few numbers, not arrays
 LOCAL_OBJECT_STORE = 300 * 2**20

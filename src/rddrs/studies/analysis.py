@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from rddrs import RDDRSError
-from rddrs.core.methods import (METHODS as _RECORDS,  # also the order in which they are drawn and tabulated
-                                NAMES as METHODS)
+from rddrs.core.methods import (  # also the order in which they are drawn and tabulated
+    METHODS as _RECORDS,
+    NAMES as METHODS,
+)
 from rddrs.pipeline.data import MNIST, TEST_SIZE
 from rddrs.pipeline.files import ensure_dir, write_atomic
 from rddrs.pipeline.results import INT_COLUMNS, REQUIRED, ends_mid_line, read_table, sidecar_path as _sidecar_path

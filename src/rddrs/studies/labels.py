@@ -30,7 +30,7 @@ def _number(value: float) -> str:
 
 
 def label(variant, study=None, brief: bool = False) -> str:
-    """What ``variant`` (a ``claims.Variant`` of the ``claims.Study`` ``study``) is, in words: its
+    """What ``variant`` (a ``study.Variant`` of the ``study.Study`` ``study``) is, in words: its
     method, then what differs from the preset's search (objective, step rule and size, bound,
     budget, kappa, floor, draws, rotation, restriction),
     then where its search starts (another variant of ``study``). ``brief``: without step sizes

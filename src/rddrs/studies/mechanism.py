@@ -29,7 +29,6 @@ pipeline at x' the method's streams keyed by ``idx + SHIFT``: independent of the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +41,11 @@ from rddrs.core.methods import DIAGONAL, FULL, ISOTROPIC, method as method_recor
 from rddrs.core.noise import Diagonal, FullSPD, Isotropic, Smoothing
 from rddrs.core.optimize import find_smoothing
 from rddrs.core.presets import Search, preset as preset_record
-from rddrs.pipeline.results import model_path, provenance_parts, read_rows, read_sidecar, traces_dir
+from rddrs.pipeline.results import read_rows, read_sidecar
 from rddrs.pipeline.runs import load_smoothing
 from rddrs.pipeline.settings import make_settings
 from rddrs.studies.attack import attack
-from rddrs.studies.claims import Study, Variant, _start_of
+from rddrs.studies.study import Study, Variant, start_of
 from rddrs.studies.validity import smoothed_probability
 
 #: the pool of other test images: the first POOL_PER_CLASS images of each class from POOL_FIRST on
@@ -190,7 +189,7 @@ def chain(study: Study, variant: Variant) -> list[Variant]:
     """The variants a variant's search starts from, first one first, and the variant itself."""
     links = [variant]
     while method_record(links[0].method).base is not None:
-        links.insert(0, _start_of(study, links[0]))
+        links.insert(0, start_of(study, links[0]))
     return links
 
 
@@ -251,7 +250,7 @@ def refutation(model, x: Tensor, labels: np.ndarray, indices: list[int], sigma_s
 def measure(runs: dict, images: Tensor, labels: Tensor, model, *, samples: int, seed: int = 0,
             device: str = "cpu", k: int = 5) -> list[dict]:
     """Spectrum, constancy, axes and split of every variant's law at each of its images
-    (``runs``: ``claims.run_study``'s variants; ``images``/``labels``: the whole test set)."""
+    (``runs``: ``study.run_study``'s variants; ``images``/``labels``: the whole test set)."""
     others_idx = pool(labels)
     others = images[others_idx].to(device)
     other_labels = labels[others_idx].numpy()
@@ -272,100 +271,6 @@ def measure(runs: dict, images: Tensor, labels: Tensor, model, *, samples: int, 
                          "axes": axes(model, x, label, law, means, k),
                          "split": split(model, x, label, law, samples, seed, idx)})
     return rows
-
-
-def _setup(preset: str, results, device: str, data, models):
-    from rddrs.pipeline.data import load_dataset
-    from rddrs.pipeline.models import load_model, resolve_device
-    from rddrs.studies import claims, headline
-
-    study = headline.mechanism_study(preset)
-    runs = claims.run_study(study, headline.SIGMA, preset, results, device=device, data=data, models=models,
-                            compute=False)
-    images, labels = load_dataset(Path(data), train=False)
-    model_file = model_path(headline.SIGMA, models)
-    return study, runs, images, labels, load_model(model_file, device=resolve_device(device)), model_file
-
-
-def measures(preset: str, results, *, device: str = "cpu", data="data", models="data/models",
-             seed: int = 0) -> list[dict]:
-    """``measure`` over the runs of ``headline.mechanism_study`` (complete, with their traces:
-    compute them first, e.g. with ``rddrs sweep --groups mechanism``), cached in
-    ``RESULTS/claims/mechanism/measures.json``."""
-    from rddrs.pipeline.files import cached_json, recorded
-    from rddrs.studies.headline import BUDGETS
-
-    def compute():
-        _, runs, images, labels, model, _ = _setup(preset, results, device, data, models)
-        return recorded(device, measure(runs, images, labels, model, samples=BUDGETS[preset].mechanism_votes,
-                                         seed=seed, device=device))
-
-    path = Path(results) / "claims" / "mechanism" / "measures.json"
-    return _checked(path, cached_json(path, compute, {"rows": list})["rows"], ("variant", "idx"))
-
-
-def _checked(path: Path, rows, keys: tuple[str, ...]) -> list[dict]:
-    """``rows``, read from ``path``, if each is an object with ``keys``; a one-line error otherwise."""
-    if not (isinstance(rows, list) and all(isinstance(r, dict) and all(k in r for k in keys) for r in rows)):
-        raise RDDRSError(f"{path} holds rows that are not objects with {', '.join(keys)}; move it away to "
-                         "compute it again")
-    return rows
-
-
-
-#: the variants whose certificates are tested as guarantees about their pipeline, in this order
-#: (then RDDRS' best variant)
-REFUTED = ("rddrs_clamped", "ancer_clamped", "ddrs_clamped", "ddrs_capped")
-
-
-def refutations(preset: str, results, *, device: str = "cpu", data="data", models="data/models",
-                seed: int = 0, compute: bool = True) -> list[dict]:
-    """``refutation`` of every certificate (correct, radius > 0) of the variants ``REFUTED`` and of
-    RDDRS' best variant on the mechanism study's images, the attack at the clamped DDRS' sigma_x*;
-    kept in ``RESULTS/claims/mechanism/refutations.json`` variant by variant, so that a stopped
-    computation keeps the variants it finished and the next call does the others (``compute``:
-    False, only read those); a variant whose laws are not here (``laws_kept``) is left out."""
-    from rddrs.pipeline.files import read_json, recorded, write_atomic
-    from rddrs.studies.headline import BUDGETS, SIGMA, mechanism_study
-
-    budget = BUDGETS[preset]
-    path = Path(results) / "claims" / "mechanism" / "refutations.json"
-    stored = read_json(path, {"variants": dict}) if path.exists() else {"variants": {}}
-    for entry in stored["variants"].values():
-        _checked(path, entry.get("rows") if isinstance(entry, dict) else None, ("idx", "refuted"))
-    study = None
-    names = [*REFUTED, *[v.name for v in mechanism_study(preset).variants
-                         if v.method == "rddrs" and v.name not in REFUTED]]
-    for name in names:
-        if name in stored["variants"] or not compute:
-            continue
-        if study is None:
-            study, runs, images, labels, model, model_file = _setup(preset, results, device, data, models)
-            start = runs["ddrs_clamped"].results
-            star = dict(zip(start.idx.tolist(), start.sigma_min.tolist()))
-        res = runs[name].results
-        keep = np.flatnonzero((res.correct == 1) & (res.radius > 0))
-        idx = res.idx[keep].tolist()
-        if idx and not laws_kept(runs[name].path):  # e.g. a GPU session's run, landed without its traces
-            continue
-        rows = []
-        if idx:
-            laws = load_smoothing(runs[name].path, idx, images[0].numel(), torch.float32).to(device)
-            rows = refutation(model, images[idx].to(device), labels[idx].numpy(), idx,
-                              np.array([star[i] for i in idx]), res.radius[keep], laws, study, study.variant(name),
-                              SIGMA, preset, model_file, seed=seed, steps=budget.refutation_steps,
-                              samples=budget.refutation_samples, check=budget.mechanism_votes * 5)
-        stored["variants"][name] = recorded(device, rows)
-        write_atomic(path, [json.dumps(stored, indent=2).encode()])
-    return [row for entry in stored["variants"].values() for row in entry["rows"]]
-
-
-# -- what survives the memory --------------------------------------------------------------
-
-def laws_kept(path) -> bool:
-    """Whether the laws a run certified with are here: in its rows (RS, DDRS) or in its traces."""
-    return method_record(read_sidecar(path)["settings"]["method"]).family == ISOTROPIC or \
-        traces_dir(Path(path)).is_dir()
 
 
 def survival(path, images: Tensor, labels: Tensor, progress: bool = False) -> dict:
@@ -404,59 +309,3 @@ def survival(path, images: Tensor, labels: Tensor, progress: bool = False) -> di
             "after": {"l2": acr(after, "radius"), "proxy": acr(after, "proxy_radius")},
             "intruders": int((gauge < 1).any(0).sum()), "regions_with_intruders": int((gauge < 1).any(1).sum()),
             "nearest_other": gauge.min(1).values.tolist()}
-
-
-def check_laws_from(laws_from) -> None:
-    """A one-line error unless ``laws_from`` is None or a folder holding result files with sidecars."""
-    if laws_from is not None and not any(Path(laws_from).glob("*.tsv.json")):
-        raise RDDRSError(f"--laws-from {laws_from}: " + ("no result files (NAME.tsv with its sidecar) there"
-                         if Path(laws_from).is_dir() else "no such directory"))
-
-
-def memories(preset: str, results, *, data="data", models="data/models", laws_from=None,
-             progress: bool = False) -> dict:
-    """``survival`` of each run of ``headline.mechanism_study`` whose laws are here (the rows of an
-    isotropic run, the traces of the others), cached in ``RESULTS/claims/mechanism/memory.json``.
-    ``laws_from``: a folder of reruns with their traces (``NAME.tsv``: the same settings, on the
-    study's images, run on another machine) that stand in for runs whose own traces were not kept;
-    each entry names the file it read, whether it is such a rerun, and the machines that wrote its
-    rows."""
-    from rddrs.pipeline.data import load_dataset
-    from rddrs.pipeline.files import cached_json
-    from rddrs.pipeline.settings import normalised
-    from rddrs.studies.claims import study_specs
-    from rddrs.studies.headline import SIGMA, mechanism_study
-
-    results = Path(results)
-    check_laws_from(laws_from)
-
-    def usable(path: Path, own: Path) -> bool:
-        if not path.exists() or not set(read_rows(own)) <= set(read_rows(path)):
-            return False
-        if normalised(read_sidecar(path)["settings"]) != normalised(read_sidecar(own)["settings"]):
-            raise RDDRSError(f"{path} was run with other settings than {own}")
-        return laws_kept(path)
-
-    def compute():
-        images, labels = load_dataset(Path(data), train=False)
-        study = mechanism_study(preset)
-        specs = study_specs(study, SIGMA, preset, results, data=data, models=models)
-        entries = {}
-        for variant in study.variants:
-            own = Path(specs[variant.name].out)
-            candidates = (own, Path(laws_from) / own.name) if laws_from else (own,)
-            found = next((p for p in candidates if usable(p, own)), None)
-            if found:
-                source = found.resolve()
-                devices = {part["device"] for part in provenance_parts(read_sidecar(found)) if "device" in part}
-                entries[variant.name] = {
-                    "source": str(source.relative_to(results.resolve()) if source.is_relative_to(results.resolve())
-                                  else source), "rerun": found != own, "devices": sorted(devices),
-                    **survival(found, images, labels, progress)}
-        return {"order": "ascending idx", "variants": entries}
-
-    path = results / "claims" / "mechanism" / "memory.json"
-    variants = cached_json(path, compute, {"variants": dict})["variants"]
-    if not all(isinstance(entry, dict) for entry in variants.values()):
-        raise RDDRSError(f"{path} holds variants that are not objects; move it away to compute it again")
-    return variants
