@@ -80,21 +80,28 @@ class Search:
       step rule, draws.
     """
 
-    iterations: int
-    samples: int
-    lr: float
-    kappa: float = 0.0
+    # a field with a help text is also an option of ``rddrs certify`` (``SEARCH_OPTIONS``)
+    iterations: int = field(metadata={"help": "search iterations of --method"})
+    samples: int = field(metadata={"help": "search samples per iteration of --method"})
+    lr: float = field(metadata={"help": "search step size of --method"})
+    kappa: float = field(default=0.0, metadata={"help": "weight of the smallest-scale term of --method"})
     scale: float = 1.0
-    step: str = "sgd"
-    objective: str = "soft"
+    step: str = field(default="sgd", metadata={
+        "help": "step rule of the search: sgd or adam (Riemannian Adam for rddrs); default: the method's paper "
+                "(adam for ancer, sgd otherwise)", "choices": STEPS})
+    objective: str = field(default="soft", metadata={
+        "help": "soft certificate the search maximises: soft (default, no clamp), clamped (the authors' code), "
+                "capped (limited at the cap of this run's n and alpha)", "choices": OBJECTIVES})
     cap: float | None = None
     keep_best_every: int | None = None
-    max_step: float | None = None
+    max_step: float | None = field(default=None, metadata={
+        "help": "bound on each search step of --method (0: none)"})
     floor: bool = True
     antithetic: bool = False
     control_variate: bool = False
     repeat: int = 0
-    diagonal: bool = False
+    diagonal: bool = field(default=False, metadata={
+        "help": "rddrs only: keep C diagonal (the Riemannian search without off-diagonal freedom)"})
 
     def __post_init__(self):
         if not (_integer(self.iterations) and _integer(self.samples) and self.iterations >= 0 and self.samples >= 1):
@@ -143,6 +150,10 @@ class Search:
     def record(self) -> dict:
         """The JSON record of the sidecar."""
         return asdict(self)
+
+
+#: the Search fields that ``rddrs certify`` takes as options (those with a help text)
+SEARCH_OPTIONS = tuple(f.name for f in fields(Search) if "help" in f.metadata)
 
 
 @dataclass(frozen=True)

@@ -12,50 +12,43 @@ start from, ``closure`` adds those; ``standard_specs`` and ``memory_spec`` are t
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from rddrs import RDDRSError
 from rddrs.core.methods import NAMES, method as method_record
 from rddrs.pipeline.results import memory_path, model_path, result_path
+from rddrs.pipeline.settings import RunRequest, RunSettings, request_fields, resolve
 
 CERTIFY, MEMORY = "certify", "memory"
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """One output file and everything that determines it.
+class RunSpec(RunRequest):
+    """One output file and everything that determines it: a ``RunRequest`` (for a certification)
+    and where its rows go.
 
-    ``ranges``: the test images ``[lo, hi)`` of ``dataset`` the file must hold (a certification); ``init``:
-    the result file its search starts from (``--init``); ``source``: the certification a memory
-    pass reads; ``groups``: which parts of the book read the file; ``priority``: shards of runs
+    ``ranges``: the test images ``[lo, hi)`` of ``dataset`` the file must hold (a certification);
+    ``init``: the result file its search starts from (``--init``); ``source``: the certification a
+    memory pass reads; ``groups``: which parts of the book read the file; ``priority``: shards of runs
     with a smaller one start first (``execute``). Paths are kept as given (absolute ones travel to
     other machines of a cluster).
     """
 
     out: str
     kind: str = CERTIFY
-    method: str | None = None
-    sigma: float | None = None
-    preset: str | None = None
-    model: str | None = None
     ranges: tuple[tuple[int, int], ...] = ()
-    seed: int = 0
-    device: str = "cpu"
-    rotate: int | None = None
-    search: dict = field(default_factory=dict)
-    init: str | None = None
     source: str | None = None
-    n0: int | None = None
-    n: int | None = None
-    alpha: float | None = None
-    probabilities: bool = False
     groups: tuple[str, ...] = ()
     priority: int = 0
     data: str = "data"
     inputs_per_batch: int | None = None
     batch_size: int = 2000
-    dataset: str = "mnist"
+
+    @classmethod
+    def of(cls, request: RunRequest, out: str | Path, **where) -> "RunSpec":
+        """The run ``request`` asks for, into the file ``out`` (``where``: the other fields, e.g. ``ranges``)."""
+        return cls(str(out), **request_fields(request), **where)
 
     def __post_init__(self):
         if self.kind not in (CERTIFY, MEMORY):
@@ -73,15 +66,11 @@ class RunSpec:
         """The test images the file must hold, ascending."""
         return [i for lo, hi in self.ranges for i in range(lo, hi)]
 
-    def settings(self):
-        """``settings.RunSettings`` of a certification (hashing the model file)."""
-        from rddrs.pipeline.settings import make_settings
-
+    def settings(self) -> RunSettings:
+        """The ``RunSettings`` of a certification (hashing the model file)."""
         if self.kind != CERTIFY:
             raise RDDRSError(f"{self.out} is a memory pass, not a certification")
-        return make_settings(self.method, self.sigma, self.model, self.preset, seed=self.seed, device=self.device,
-                             rotate=self.rotate, init=self.init, probabilities=self.probabilities, n0=self.n0,
-                             n=self.n, alpha=self.alpha, search=dict(self.search) or None, dataset=self.dataset)
+        return resolve(self.request())
 
     def describe(self) -> str:
         """One line: the run and its file."""
@@ -111,9 +100,9 @@ def _ranges_text(ranges) -> str:
     return ", ".join(f"{lo}..{hi - 1}" for lo, hi in ranges) or "none"
 
 
-#: the fields whose equality makes two specs the same run (the others are merged)
-_RUN_FIELDS = ("kind", "method", "sigma", "preset", "model", "seed", "device", "rotate", "search", "init",
-               "source", "n0", "n", "alpha", "probabilities", "dataset")
+#: the fields whose equality makes two specs the same run (the others are merged): the request's and
+#: what the file is
+_RUN_FIELDS = ("kind", "source", *(f.name for f in fields(RunRequest)))
 
 
 def combine(specs: Iterable[RunSpec]) -> list[RunSpec]:

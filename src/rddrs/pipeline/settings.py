@@ -1,46 +1,79 @@
-"""The settings of a certification run: what determines its rows (``RunSettings``), how they are
-made from a preset and overrides (``make_settings``), compared with a sidecar when a run is
-resumed, and how many images a run searches at once."""
+"""The settings of a certification run, in one record: what a run asks for (``RunRequest``: the
+command line's options, a ``RunSpec``'s settings, a study variant's), what determines its rows
+once the preset fills in the rest (``resolve`` -> ``RunSettings``, written in the sidecar),
+compared with a sidecar when a run is resumed; and how many images a run searches at once.
+Importing it loads no torch (the command line builds its options from ``RunRequest``)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import numbers
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-
-import torch
 
 from rddrs import RDDRSError
 from rddrs.core.methods import FULL, method as method_record
 from rddrs.core.presets import MAX_SAMPLES, SIGMA_RANGE, Search, preset as preset_record
-from rddrs.core.stats import gap_cap
 from rddrs.pipeline.data import MNIST, dataset as dataset_record
 from rddrs.pipeline.files import one_line, regular_file, write_atomic
-from rddrs.pipeline.models import trained_on
 from rddrs.pipeline.results import read_rows, read_sidecar, sidecar_path
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    """Everything that determines a run's numbers (compared when a run is resumed)."""
+def _option(help: str, **argparse) -> dict:
+    """The metadata of a run setting: the help (and argparse options) of its ``rddrs certify`` option."""
+    return {"help": help, **argparse}
 
-    method: str
-    sigma: float
-    preset: str
-    model: str
+
+@dataclass(frozen=True, kw_only=True)
+class RunRequest:
+    """The one list of a run's settings, as asked for: a method at a noise level, a model, a preset,
+    and the values that override the preset's (None: the preset's). ``rddrs certify`` has one option
+    per field (from the metadata; ``search`` is one option per ``Search`` field, see
+    ``presets.SEARCH_OPTIONS``), a ``RunSpec`` is a request with its output file and images, a
+    study's variants are requests, and ``settings.resolve`` makes of one the ``RunSettings`` that a
+    result file's sidecar records. A new setting is one field here (and its use)."""
+
+    method: str | None = field(default=None, metadata=_option("the method", required=True))
+    sigma: float | None = field(default=None, metadata=_option("RS noise level / the searches' start",
+                                                               required=True))
+    preset: str | None = field(default=None, metadata=_option("scale (default: cpu)"))
+    model: str | None = field(default=None, metadata=_option("checkpoint (.pt) or torch.export program (.pt2)",
+                                                             required=True))
+    seed: int = field(default=0, metadata=_option("seed of every noise stream (default 0)"))
+    device: str = field(default="cpu", metadata=_option("cpu, cuda, cuda:1 ..."))
+    rotate: int | None = field(default=None, metadata=_option(
+        "compose inputs and model with a random orthogonal matrix of this seed", metavar="SEED"))
+    init: str | None = field(default=None, metadata=_option(
+        "start from this finished run: a DDRS file gives sigma_x* (ancer, rddrs), an ANCER file gives "
+        "C = diag(theta) with its floor (rddrs)"))
+    probabilities: bool = field(default=False, metadata=_option(
+        "the model outputs probabilities, not logits"))
+    n0: int | None = field(default=None, metadata=_option("selection samples"))
+    n: int | None = field(default=None, metadata=_option("estimation samples"))
+    alpha: float | None = field(default=None, metadata=_option(
+        "failure probability of each certificate, in (0, 1)"))
+    search: dict = field(default_factory=dict, metadata=_option("overrides of the method's Search"))
+    dataset: str = field(default="mnist", metadata=_option(
+        "whose test images (default: mnist); the model must have been trained on it"))
+
+    def request(self) -> "RunRequest":
+        """The settings alone (of a ``RunSpec``, without its file and images)."""
+        return RunRequest(**request_fields(self))
+
+
+def request_fields(request: RunRequest) -> dict:
+    """The fields of a request (or of a ``RunSpec``, which holds one) by name."""
+    return {f.name: getattr(request, f.name) for f in fields(RunRequest)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings(RunRequest):
+    """Everything that determines a run's numbers (compared when a run is resumed): a ``RunRequest``
+    resolved by ``resolve``, every value the preset's where the request left it open (``search``: the
+    whole record of each search the run makes), with the SHA-256 of the model's file."""
+
     model_sha256: str
-    n0: int
-    n: int
-    alpha: float
-    seed: int
-    device: str
-    rotate: int | None
-    probabilities: bool
-    search: dict
-    init: str | None = None
-    dataset: str = "mnist"
 
     def comparable(self) -> dict:
         """The settings whose change would mix incompatible rows in one file. The device is not
@@ -169,17 +202,25 @@ def _whole(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def make_settings(method: str, sigma: float, model: str | Path, preset: str = "cpu", *, seed: int = 0,
-                  device: str = "cpu", rotate: int | None = None, init: str | Path | None = None,
-                  probabilities: bool = False, n0: int | None = None, n: int | None = None,
-                  alpha: float | None = None, search: dict | None = None, dataset: str = "mnist") -> RunSettings:
-    """The settings of one run: the preset's values unless given. ``search`` overrides fields
-    of ``method``'s search (e.g. ``{"kappa": 1.0, "step": "adam"}``; ``max_step=0`` turns the
-    bound off); a ``capped`` objective gets the cap of this run's n and alpha. ``dataset``: whose
-    test images the run certifies; a model whose record says it was trained on another dataset
-    is refused."""
+def make_settings(method: str, sigma: float, model: str | Path, preset: str = "cpu", **options) -> RunSettings:
+    """``resolve`` of the request for ``method`` at ``sigma`` with ``model`` and ``preset``; ``options``:
+    the other ``RunRequest`` fields (``search`` overrides fields of the method's ``Search``)."""
+    return resolve(RunRequest(method=method, sigma=sigma, model=str(model), preset=preset, **options))
+
+
+def resolve(request: RunRequest) -> RunSettings:
+    """The settings of the run ``request`` asks for: the preset's values where it gives none.
+    ``search`` overrides fields of the method's search (e.g. ``{"kappa": 1.0, "step": "adam"}``;
+    ``max_step=0`` turns the bound off); a ``capped`` objective gets the cap of this run's n and
+    alpha. ``dataset``: whose test images the run certifies; a model whose record says it was
+    trained on another dataset is refused. Every problem is a one-line error."""
+    from rddrs.core.stats import gap_cap
+    from rddrs.pipeline.models import trained_on
+
+    method, sigma, seed, rotate, init = request.method, request.sigma, request.seed, request.rotate, request.init
     record = method_record(method)
-    dataset = dataset_record(dataset).name
+    dataset = dataset_record(request.dataset).name
+    preset = request.preset or "cpu"
     chosen = preset_record(preset)
     check_sigma(sigma)
     if not (_whole(seed) and seed >= 0):
@@ -188,18 +229,20 @@ def make_settings(method: str, sigma: float, model: str | Path, preset: str = "c
         raise RDDRSError(f"rotate (the rotation's seed) must be an integer in 0..2^63-1, got {rotate}")
     if init is not None and not record.starts:
         raise RDDRSError(f"init (a result file to start from) applies to method ancer or rddrs only, not {method}")
-    model = regular_file(Path(model), "model")
+    if request.model is None:
+        raise RDDRSError("a run needs a model")
+    model = regular_file(Path(request.model), "model")
     if (trained := trained_on(model)) is not None and trained != dataset:
         raise RDDRSError(f"model {model} was trained on {trained}, and this run certifies {dataset} images: "
                          f"use a model trained on {dataset} (or --dataset {trained})")
-    n0, n = n0 or chosen.n0, n or chosen.n
-    alpha = chosen.alpha if alpha is None else alpha
+    n0, n = request.n0 or chosen.n0, request.n or chosen.n
+    alpha = chosen.alpha if request.alpha is None else request.alpha
     if not 0 < alpha < 1:
         raise RDDRSError(f"alpha must lie in (0, 1), got {alpha}")
     if not (_whole(n0) and _whole(n) and 1 <= n0 <= MAX_SAMPLES and 1 <= n <= MAX_SAMPLES):
         raise RDDRSError(f"n0 and n must be integers in 1..{MAX_SAMPLES:,} (more samples per image would not "
                          f"finish), got {n0}, {n}")
-    overrides = dict(search or {})
+    overrides = dict(request.search or {})
     if overrides and not record.searched:
         raise RDDRSError(f"{record.label} has no search to override")
     if overrides.get("diagonal") and record.family != FULL:
@@ -214,8 +257,8 @@ def make_settings(method: str, sigma: float, model: str | Path, preset: str = "c
                 if k == method or (record.searched and k == record.base)}
     return RunSettings(
         method=method, sigma=float(sigma), preset=preset, model=str(model), model_sha256=sha256_of(model),
-        n0=n0, n=n, alpha=alpha, seed=int(seed), device=str(device),
-        rotate=None if rotate is None else int(rotate), probabilities=probabilities,
+        n0=n0, n=n, alpha=alpha, seed=int(seed), device=str(request.device),
+        rotate=None if rotate is None else int(rotate), probabilities=request.probabilities,
         search=searches, init=None if init is None else str(init), dataset=dataset)
 
 
@@ -233,5 +276,5 @@ def default_inputs_per_batch(settings: RunSettings) -> int:
     """Images searched (and certified) at once: ``SEARCH_IMAGES // samples`` of the run's
     largest search, between 1 and ``MAX_INPUTS_PER_BATCH`` (32 for RS)."""
     samples = max((v["samples"] for v in settings.search.values()), default=1)
-    budget = SEARCH_IMAGES.get(torch.device(settings.device).type, SEARCH_IMAGES["cpu"])
+    budget = SEARCH_IMAGES.get(str(settings.device).split(":")[0], SEARCH_IMAGES["cpu"])
     return max(1, min(MAX_INPUTS_PER_BATCH, budget // samples))

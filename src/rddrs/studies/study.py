@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -34,7 +34,8 @@ from rddrs.core import spd
 from rddrs.core.methods import ISOTROPIC, method as method_record
 from rddrs.pipeline import runspec, shards, sweep
 from rddrs.pipeline.results import model_path, read_rows, result_path, traces_dir
-from rddrs.pipeline.settings import make_settings
+from rddrs.pipeline.runspec import RunRequest, RunSpec
+from rddrs.pipeline.settings import resolve
 from rddrs.studies import analysis
 
 
@@ -124,7 +125,7 @@ def start_of(study: Study, variant: Variant) -> Variant:
 def study_specs(study: Study, sigma: float, preset: str, results: str | Path, *, device: str = "cpu",
                 seed: int = 0, data: str | Path = "data", models: str | Path = "data/models",
                 groups: tuple[str, ...] = ("claims",), priority: int = 0,
-                dataset: str = "mnist") -> dict[str, runspec.RunSpec]:
+                dataset: str = "mnist") -> dict[str, RunSpec]:
     """The run of every variant of ``study`` (and of the starts it needs that are not variants),
     by variant name: ``RESULTS/claims/STUDY/VARIANT.tsv`` on the study's images, or the
     standard run ``RESULTS/METHOD_sigmaS.tsv`` for a variant with the preset's own settings.
@@ -133,27 +134,23 @@ def study_specs(study: Study, sigma: float, preset: str, results: str | Path, *,
     model_file = model_path(sigma, models, dataset)
     folder = study_dir(results, study)
     images = ((study.first, study.first + study.count),)
-    specs: dict[str, runspec.RunSpec] = {}
+    specs: dict[str, RunSpec] = {}
 
-    def spec_of(variant: Variant, tier: int) -> runspec.RunSpec:
+    def spec_of(variant: Variant, tier: int) -> RunSpec:
         if variant.name in specs:
             return specs[variant.name]
         record = method_record(variant.method)
         init = spec_of(start_of(study, variant), tier).out if record.starts else None
-        settings = make_settings(variant.method, sigma, model_file, preset, seed=seed, device=device,
-                                             rotate=variant.rotate, init=init, search=variant.search or None,
-                                             dataset=dataset)
-        standard = make_settings(
-            variant.method, sigma, model_file, preset, seed=seed, device=device,
-            init=result_path(results, record.base, sigma) if init is not None else None, dataset=dataset)
-        is_standard = variant.rotate is None and settings.comparable() == standard.comparable()
+        request = RunRequest(method=variant.method, sigma=float(sigma), preset=preset, model=str(model_file),
+                             seed=seed, device=device, rotate=variant.rotate, init=init,
+                             search=dict(variant.search), dataset=dataset)
+        standard = replace(request, rotate=None, search={},
+                           init=str(result_path(results, record.base, sigma)) if init is not None else None)
+        is_standard = variant.rotate is None and resolve(request).comparable() == resolve(standard).comparable()
         out = result_path(results, variant.method, sigma) if is_standard else folder / f"{variant.name}.tsv"
-        specs[variant.name] = runspec.RunSpec(
-            str(out), method=variant.method, sigma=float(sigma), preset=preset, model=str(model_file),
-            ranges=images, seed=seed, device=device, rotate=variant.rotate,
-            search={} if is_standard else dict(variant.search),  # the standard run's overrides change nothing
-            init=None if init is None else str(init), groups=groups, data=str(data),
-            priority=priority + tier, dataset=dataset)
+        specs[variant.name] = RunSpec.of(
+            replace(request, search={}) if is_standard else request,  # the standard run's overrides change nothing
+            out, ranges=images, groups=groups, data=str(data), priority=priority + tier)
         return specs[variant.name]
 
     for variant in sorted(study.variants, key=lambda v: v.tier):  # a start shared by tiers takes the first
@@ -188,7 +185,8 @@ def run_study(study: Study, sigma: float, preset: str, results: str | Path, *, d
 def _study_images(res: analysis.Results, study: Study) -> analysis.Results:
     keep = np.flatnonzero((res.idx >= study.first) & (res.idx < study.first + study.count))
     if len(keep) != study.count:
-        raise RDDRSError(f"{res.path} has {len(keep)} of the test images {study.first}..{study.first + study.count - 1}")
+        last = study.first + study.count - 1
+        raise RDDRSError(f"{res.path} has {len(keep)} of the test images {study.first}..{last}")
     return res.subset(keep)
 
 
