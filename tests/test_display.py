@@ -289,10 +289,12 @@ def test_captions_typeset_their_plain_text_maths():
 def test_a_source_tree_version_is_said_in_words(tmp_path):
     import json
 
+    from rddrs.pipeline.provenance import results_provenance
+
     meta = {"settings": {"preset": "paper"}, "provenance": {"device": "cuda", "threads": 1, "created": "2026-12-01",
                                                             "versions": {"rddrs": "0+unknown", "torch": "2.11"}}}
     (tmp_path / "a.tsv.json").write_text(json.dumps(meta))
-    info = display.results_provenance(tmp_path)
+    info = results_provenance(tmp_path)
     assert info["versions"] == {"rddrs from an uninstalled source tree, torch 2.11"}
 
 

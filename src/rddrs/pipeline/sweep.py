@@ -43,8 +43,9 @@ from pathlib import Path
 from rddrs import RDDRSError
 from rddrs.core.methods import NAMES, method as method_record
 from rddrs.pipeline.files import Busy, ensure_dir, exclusive
-from rddrs.pipeline.results import (memory_path, model_path, read_rows, read_sidecar, result_path, row_writers,
-                                    sidecar_path, traces_dir)
+from rddrs.pipeline.provenance import row_writers
+from rddrs.pipeline.results import (memory_path, model_path, read_rows, read_sidecar, result_path, sidecar_path,
+                                    traces_dir)
 
 CERTIFY, MEMORY = "certify", "memory"
 

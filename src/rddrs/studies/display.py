@@ -14,7 +14,8 @@ Everything a chapter shows goes through here, so that the pages look alike and c
   curves that are not methods take :data:`OTHER_COLORS`, which no method uses, and variants of
   one method take shades of its colour (:func:`variant_styles`).
 * :func:`provenance_note` says which preset, machine, versions and commit produced the result
-  files a page reads, and the command that recomputes them.
+  files a page reads (as :func:`rddrs.pipeline.provenance.results_provenance` collects them),
+  and the command that recomputes them.
 
 Only numpy and the standard library are imported at module level; matplotlib, IPython and
 myst_nb are imported by the functions that need them.
@@ -23,7 +24,6 @@ myst_nb are imported by the functions that need them.
 from __future__ import annotations
 
 import html
-import json
 import math
 import numbers
 import re
@@ -32,8 +32,7 @@ from pathlib import Path
 
 from rddrs import RDDRSError
 from rddrs.core.methods import METHODS as _METHODS
-from rddrs.pipeline.files import git
-from rddrs.pipeline.results import provenance_parts
+from rddrs.pipeline.provenance import results_provenance
 
 # -- figures ----------------------------------------------------------------------------------
 
@@ -422,58 +421,6 @@ class Note:
         body = "".join(f"<p>{Table._html(p)}</p>" for p in self.paragraphs)
         return (f'<div class="admonition note rddrs-provenance"><p class="admonition-title">'
                 f"{html.escape(self.title)}</p>{body}</div>")
-
-
-def results_provenance(results_dir) -> dict:
-    """What the sidecars of the result files under ``results_dir`` say about their making:
-    ``files``; ``presets``; ``machines`` (device -> set of thread counts); ``versions``
-    ("rddrs X, torch Y"); ``commits`` recorded by the runs, ``dirty`` (some runs had uncommitted
-    changes) and ``uncommitted`` (runs that recorded no commit); ``first``/``last`` creation
-    dates; ``stored``: the commit that last changed the folder in git (hash, date), if tracked."""
-    folder = Path(results_dir)
-    sidecars = sorted(folder.rglob("*.tsv.json")) if folder.is_dir() else []
-    info = {"files": 0, "presets": set(), "machines": {}, "versions": set(), "commits": set(),
-            "dirty": False, "uncommitted": 0, "first": None, "last": None, "stored": None}
-    for side in sidecars:
-        try:
-            meta = json.loads(side.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(meta, dict):
-            continue
-        info["files"] += 1
-        settings = meta.get("settings") if isinstance(meta.get("settings"), dict) else meta
-        if settings.get("preset"):
-            info["presets"].add(str(settings["preset"]))
-        for prov in provenance_parts(meta) or [{}]:  # every session that wrote rows of the file
-            _add_session(info, prov)
-    if info["files"]:
-        logged = git("log", "-1", "--format=%h %cs", "--", ".", cwd=folder)
-        if logged:
-            info["stored"] = tuple(logged.split(" ", 1))
-    return info
-
-
-def _add_session(info: dict, prov: dict) -> None:
-    """Add one writing session's device, versions, commit and date to ``results_provenance``'s info."""
-    if prov.get("device"):
-        threads = info["machines"].setdefault(str(prov["device"]), set())
-        if isinstance(prov.get("threads"), int):
-            threads.add(prov["threads"])
-    versions = dict(prov.get("versions") or {})
-    if versions:
-        if str(versions.get("rddrs", "")).startswith("0+"):  # rddrs.__version__ of a source tree run uninstalled
-            versions = {**versions, "rddrs": "from an uninstalled source tree"}
-        info["versions"].add(", ".join(f"{k} {versions[k]}" for k in ("rddrs", "torch") if k in versions))
-    if prov.get("git_commit"):
-        info["commits"].add(str(prov["git_commit"])[:7])
-        info["dirty"] |= bool(prov.get("git_dirty"))
-    else:
-        info["uncommitted"] += 1
-    day = str(prov.get("created", ""))[:10]
-    if day:
-        info["first"] = min(info["first"] or day, day)
-        info["last"] = max(info["last"] or day, day)
 
 
 def _code(text: str) -> str:

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from rddrs import RDDRSError
-from rddrs.pipeline.results import index_ranges, read_rows, read_sidecar, row_writers
+from rddrs.pipeline.provenance import index_ranges, row_writers
+from rddrs.pipeline.results import read_rows, read_sidecar
 from rddrs.studies import analysis
 from rddrs.studies.claims import study_specs
 from rddrs.studies.headline import FIGURE2_SIGMAS, figure2_study
@@ -140,7 +141,7 @@ def device_check(path, indices, *, n: int = 100_000, alpha: float = 0.001, seed:
     from rddrs.core.certify import certify
     from rddrs.core.noise import Isotropic
     from rddrs.pipeline.data import load_dataset
-    from rddrs.pipeline.files import recorded
+    from rddrs.pipeline.provenance import recorded
     from rddrs.pipeline.models import load_model, resolve_device
 
     rows = read_rows(path)

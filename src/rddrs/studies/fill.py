@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from rddrs import RDDRSError
-from rddrs.pipeline.files import git
+from rddrs.pipeline.provenance import git
 from rddrs.pipeline.results import model_path, read_rows
 
 # the studies (and torch) are imported where they are used, so that the command line's parser

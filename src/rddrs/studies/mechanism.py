@@ -42,7 +42,8 @@ from rddrs.core.methods import DIAGONAL, FULL, ISOTROPIC, method as method_recor
 from rddrs.core.noise import Diagonal, FullSPD, Isotropic, Smoothing
 from rddrs.core.optimize import find_smoothing
 from rddrs.core.presets import Search, preset as preset_record
-from rddrs.pipeline.results import model_path, provenance_parts, read_rows, read_sidecar, traces_dir
+from rddrs.pipeline.provenance import provenance_parts
+from rddrs.pipeline.results import model_path, read_rows, read_sidecar, traces_dir
 from rddrs.pipeline.runs import load_smoothing
 from rddrs.pipeline.settings import make_settings
 from rddrs.studies.attack import attack
@@ -292,7 +293,8 @@ def measures(preset: str, results, *, device: str = "cpu", data="data", models="
     """``measure`` over the runs of ``headline.mechanism_study`` (complete, with their traces:
     compute them first, e.g. with ``rddrs sweep --groups mechanism``), cached in
     ``RESULTS/claims/mechanism/measures.json``."""
-    from rddrs.pipeline.files import cached_json, recorded
+    from rddrs.pipeline.files import cached_json
+    from rddrs.pipeline.provenance import recorded
     from rddrs.studies.headline import BUDGETS
 
     def compute():
@@ -325,7 +327,8 @@ def refutations(preset: str, results, *, device: str = "cpu", data="data", model
     kept in ``RESULTS/claims/mechanism/refutations.json`` variant by variant, so that a stopped
     computation keeps the variants it finished and the next call does the others (``compute``:
     False, only read those); a variant whose laws are not here (``laws_kept``) is left out."""
-    from rddrs.pipeline.files import read_json, recorded, write_atomic
+    from rddrs.pipeline.files import read_json, write_atomic
+    from rddrs.pipeline.provenance import recorded
     from rddrs.studies.headline import BUDGETS, SIGMA, mechanism_study
 
     budget = BUDGETS[preset]
