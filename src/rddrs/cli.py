@@ -1,8 +1,9 @@
 """The `rddrs` command line: one subcommand per step of the pipeline.
 
 Every user error ends in one line on stderr and a non-zero exit status, never a traceback.
-The parser reads only light modules (methods, presets, the argument lists of train and
-curves); torch is imported when a subcommand runs, so that every ``--help`` is immediate.
+The parser reads only light modules (methods, presets, the argument list of train, the
+default radii of curves); torch is imported when a subcommand runs, so that every ``--help`` is
+immediate.
 """
 
 from __future__ import annotations
@@ -476,6 +477,78 @@ def _add_land(sub) -> None:
     p.set_defaults(run=_cmd_land)
 
 
+def _parse_radii(text: str) -> tuple[float, ...]:
+    """``"0,0.5,1"`` -> (0.0, 0.5, 1.0); radii must be finite and >= 0."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            r = float(part)
+        except ValueError:
+            raise RDDRSError(f"--radii: {part!r} is not a number (expected e.g. 0,0.5,1)") from None
+        if not math.isfinite(r) or r < 0:
+            raise RDDRSError(f"--radii: {part!r} is not a finite radius >= 0")
+        out.append(r)
+    return tuple(out)
+
+
+def _cmd_curves(args: argparse.Namespace) -> None:
+    """``rddrs curves``: write certified_accuracy_{kind}.png and table_{kind}.{csv,md} in --out
+    for each requested kind, and print the Markdown tables. A result file that ends in half a
+    row (its run is writing it) is read without that row, and a note on stderr says so."""
+    from rddrs.pipeline.files import ensure_dir
+    from rddrs.studies import analysis
+
+    radii = _parse_radii(args.radii) if isinstance(args.radii, str) else tuple(args.radii)
+    kinds = analysis.KINDS if args.kind == "both" else (args.kind,)
+    results = [analysis.read_results(p, method=args.method, sigma=args.sigma) for p in args.results]
+    groups = analysis.group_results(results)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise RDDRSError(f"--out {out}: exists and is not a directory")
+    ensure_dir(out)
+    for res in results:
+        if res.partial:
+            print(f"note: {res.path} ends in half a row (its run is still writing it, or was stopped); "
+                  f"that row is left out", file=sys.stderr)
+    written = []
+    for kind in kinds:
+        fig_path = out / f"certified_accuracy_{kind}.png"
+        analysis.curves_figure(groups, kind, fig_path)
+        rows = analysis.table(groups, radii, kind)
+        csv_path, md_path = out / f"table_{kind}.csv", out / f"table_{kind}.md"
+        analysis.write_tables(rows, csv_path, md_path)
+        written += [fig_path, csv_path, md_path]
+        print(f"Certified accuracy against the {analysis.KIND_LABELS[kind]}:\n")
+        print(analysis.table_markdown(rows))
+    print(f"wrote {', '.join(p.name for p in written)} to {out}")
+
+
+def _add_curves(sub) -> None:
+    from rddrs.core.methods import NAMES as METHODS
+    from rddrs.studies.analysis import DEFAULT_RADII
+
+    p = sub.add_parser("curves", help="certified-accuracy curves and tables from result files",
+                       description="Draw certified accuracy against proxy and l2 radius (one panel "
+                                   "per sigma, one line per method) and write tables as CSV and Markdown. "
+                                   "A result file that ends in half a row (its run is still writing it) "
+                                   "is read without that row, and a note says so.")
+    p.add_argument("results", nargs="+", metavar="RESULT.tsv",
+                   help="result files of rddrs certify (each with its RESULT.tsv.json sidecar)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="directory for the figures and tables (created if missing)")
+    p.add_argument("--kind", choices=("proxy", "l2", "both"), default="both",
+                   help="radius on the x axis: proxy (ball of equal volume), l2 "
+                        "(largest inscribed ball) or both (default)")
+    p.add_argument("--radii", default=",".join(f"{r:g}" for r in DEFAULT_RADII), metavar="R,R,...",
+                   help="radii of the table columns (default: 0,0.5,...,4)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="method of result files that have no sidecar")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="training sigma of result files that have no sidecar")
+    p.set_defaults(run=_cmd_curves)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rddrs", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"rddrs {__version__}")
@@ -496,7 +569,6 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", choices=DATASETS, default="mnist", help="which dataset (default: mnist)")
     data.set_defaults(run=_cmd_data)
     from rddrs.pipeline import train
-    from rddrs.studies import analysis
 
     trainer = sub.add_parser("train", help="train the base CNN on a dataset with Gaussian augmentation",
                              description="Train the paper's CNN on the 60000 training images of --dataset (MNIST "
@@ -511,13 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mechanism(sub)
     _add_pack(sub)
     _add_land(sub)
-    curves = sub.add_parser("curves", help="certified-accuracy curves and tables from result files",
-                            description="Draw certified accuracy against proxy and l2 radius (one panel "
-                                        "per sigma, one line per method) and write tables as CSV and Markdown. "
-                                        "A result file that ends in half a row (its run is still writing it) "
-                                        "is read without that row, and a note says so.")
-    analysis.add_arguments(curves)
-    curves.set_defaults(run=analysis.run)
+    _add_curves(sub)
     _plain_numbers(parser)
     return parser
 
