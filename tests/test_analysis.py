@@ -304,7 +304,10 @@ def test_missing_file(tmp_path):
 def test_bad_sidecar(tmp_path):
     path = write_results(tmp_path / "a.tsv")
     (tmp_path / "a.tsv.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(RDDRSError, match=r"a.tsv.json line 1: not valid JSON"):
+    with pytest.raises(RDDRSError, match=r"a.tsv.json is not valid JSON \(line 1: "):
+        read_results(path)
+    (tmp_path / "a.tsv.json").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(RDDRSError, match=r"a.tsv.json holds list, not a JSON object"):
         read_results(path)
 
 

@@ -70,19 +70,27 @@ def model_path(sigma: float, models: str | Path = "data/models", dataset: str = 
     return Path(models) / f"{dataset}_cnn_sigma{sigma:.2f}.pt"
 
 
-def read_sidecar(out: Path) -> dict:
-    """The sidecar of ``out`` as a dict, or a one-line error naming the file and the fix."""
+def read_sidecar(out: Path, optional: bool = False) -> dict | None:
+    """The sidecar of ``out`` as a dict, or a one-line error naming the file and the fix.
+    ``optional``: the sidecar of a result file that another tool may have written (``rddrs
+    curves`` reads those): None where there is none, and any JSON object will do (its method
+    and sigma may stand at its top level, with no ``settings`` object)."""
     side = sidecar_path(Path(out))
     try:
-        meta = json.loads(side.read_text())
+        meta = json.loads(side.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if optional:
+            return None
         raise RDDRSError(f"{out} has no sidecar {side.name}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise RDDRSError(f"{side}: cannot read ({err})") from None
     except json.JSONDecodeError as err:
         raise RDDRSError(f"{side} is not valid JSON (line {err.lineno}: {err.msg}); restore it from a copy, "
                          f"or move {Path(out).name} and its sidecar away to start the run afresh") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("settings"), dict):
+    if not isinstance(meta, dict):
+        raise RDDRSError(f"{side} holds {type(meta).__name__}, not a JSON object: it is not the sidecar of an "
+                         "rddrs run")
+    if not optional and not isinstance(meta.get("settings"), dict):
         raise RDDRSError(f"{side} holds no 'settings' object: it is not the sidecar of an rddrs run")
     return meta
 

@@ -19,7 +19,6 @@ abstention is never correct). The average certified radius is ACR = (1/n) * sum_
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,7 +31,8 @@ from rddrs.core.methods import (METHODS as _RECORDS,  # also the order in which 
                                 NAMES as METHODS)
 from rddrs.pipeline.data import MNIST, TEST_SIZE
 from rddrs.pipeline.files import write_atomic
-from rddrs.pipeline.results import INT_COLUMNS, REQUIRED, ends_mid_line, read_table, sidecar_path as _sidecar_path
+from rddrs.pipeline.results import (INT_COLUMNS, REQUIRED, ends_mid_line, read_sidecar, read_table,
+                                    sidecar_path as _sidecar_path)
 
 # one colour and one dash pattern per method (``rddrs.core.methods``), the same in every figure
 METHOD_LABELS = {m.name: m.label for m in _RECORDS.values()}
@@ -129,21 +129,6 @@ def _parse_sigma(value, where: str) -> float:
     return sigma
 
 
-def _read_sidecar(path: Path) -> dict | None:
-    side = _sidecar_path(path)
-    if not side.is_file():
-        return None
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise RDDRSError(f"{side}: cannot read ({err})") from None
-    except json.JSONDecodeError as err:
-        raise RDDRSError(f"{side} line {err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(meta, dict):
-        raise RDDRSError(f"{side}: expected a JSON object, got {type(meta).__name__}")
-    return meta
-
-
 def read_results(path, method: str | None = None, sigma: float | None = None) -> Results:
     """Read a result file and its sidecar ``path + '.json'`` (if present).
 
@@ -169,7 +154,7 @@ def read_results(path, method: str | None = None, sigma: float | None = None) ->
     cols["search"] = np.array([r.get("search", "ok") for r in rows], dtype=object)
     res = Results(path=path, **cols, partial=ends_mid_line(path))
 
-    meta = _read_sidecar(path)
+    meta = read_sidecar(path, optional=True)
     res.has_sidecar = meta is not None
     res.meta = dict(meta or {})
     side = _sidecar_path(path)
