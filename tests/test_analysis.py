@@ -17,9 +17,9 @@ from helpers import run_bound_by_permissions
 from rddrs import RDDRSError
 from rddrs.cli import build_parser
 from rddrs.studies import analysis
-from rddrs.studies.analysis import (METHOD_COLORS, METHOD_LABELS, average_certified_radius, certified_accuracy,
+from rddrs.studies.analysis import (METHOD_LABELS, average_certified_radius, certified_accuracy,
                                     curves_figure, group_results, read_results, table, write_tables)
-from rddrs.studies.display import check_legible
+from rddrs.studies.display import METHOD_STYLES, check_legible
 
 HEADER = "idx\tlabel\tpredict\tcorrect\tgap\tradius\tproxy_radius\tsigma_min\tseconds"
 
@@ -245,8 +245,9 @@ def test_curves_figure_layout(tmp_path):
     assert all(len(c) == 1 for c in colours.values())      # one colour per method
     assert len(set().union(*colours.values())) == 4         # four different colours
     assert len(set().union(*styles.values())) == 4          # and four dash patterns
-    for method, label in METHOD_LABELS.items():             # those of rddrs.methods
-        assert colours[label] == {METHOD_COLORS[method]}
+    for method, label in METHOD_LABELS.items():             # those of rddrs.studies.display
+        assert colours[label] == {METHOD_STYLES[method]["color"]}
+        assert styles[label] == {METHOD_STYLES[method]["linestyle"]}
 
 
 def test_curve_steps_follow_certified_accuracy(tmp_path):

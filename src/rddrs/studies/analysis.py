@@ -34,10 +34,8 @@ from rddrs.pipeline.files import write_atomic
 from rddrs.pipeline.results import (INT_COLUMNS, REQUIRED, ends_mid_line, read_sidecar, read_table,
                                     sidecar_path as _sidecar_path)
 
-# one colour and one dash pattern per method (``rddrs.core.methods``), the same in every figure
+# the name each method goes by in tables and figures (``rddrs.core.methods``)
 METHOD_LABELS = {m.name: m.label for m in _RECORDS.values()}
-METHOD_COLORS = {m.name: m.color for m in _RECORDS.values()}
-METHOD_STYLES = {m.name: m.style for m in _RECORDS.values()}
 
 KINDS = ("proxy", "l2")
 KIND_LABELS = {
@@ -313,7 +311,7 @@ def curves_figure(groups, kind: str = "proxy", path=None):
     ``groups`` is an iterable of :class:`Results` or the dict of :func:`group_results`. Panels
     are sorted by sigma (three per row), share the y axis [0, 1] and each runs from 0 to a
     little past its largest certified radius; one legend above the panels names the methods,
-    which keep one colour and dash pattern everywhere (``rddrs.core.methods``). The figure is as
+    which keep one colour and dash pattern everywhere (``display.METHOD_STYLES``). The figure is as
     wide as the book's page, in the book's style (``rddrs.studies.display``). It is saved to ``path``
     if given (format from the extension: .png at 200 dpi, .svg, .pdf) and returned (a
     ``matplotlib.figure.Figure``, not tied to pyplot).

@@ -10,7 +10,7 @@ Everything a chapter shows goes through here, so that the pages look alike and c
   without zooming; :func:`use_book_style` applies it (and 2x PNGs) in a notebook,
   :func:`new_figure` makes a figure in it, :func:`check_legible` verifies a figure and
   :func:`glue_figure` hands a checked figure to a ``{glue:figure}`` directive.
-* Method colours and dash patterns come from :mod:`rddrs.core.methods` only (:func:`method_style`);
+* Method colours and dash patterns come from :data:`METHOD_STYLES` only (:func:`method_style`);
   curves that are not methods take :data:`OTHER_COLORS`, which no method uses, and variants of
   one method take shades of its colour (:func:`variant_styles`).
 * :func:`provenance_note` says which preset, machine, versions and commit produced the result
@@ -42,6 +42,14 @@ from rddrs.pipeline.provenance import results_provenance
 PAGE_WIDTH = 6.5
 #: smallest font size in a figure, in points (as drawn; shown at ~1.04x on the page)
 MIN_FONT = 9.0
+#: each method's colour (Okabe-Ito, colour-blind safe) and dash pattern, the same in every figure;
+#: with the dashes its curves read in grey too
+METHOD_STYLES: dict[str, dict[str, str]] = {
+    "rs": {"color": "#0072B2", "linestyle": ":"},
+    "ddrs": {"color": "#CC79A7", "linestyle": "-."},
+    "ancer": {"color": "#009E73", "linestyle": "--"},
+    "rddrs": {"color": "#D55E00", "linestyle": "-"},
+}
 #: colours for curves that are not one of the four methods (Okabe-Ito colours no method uses)
 OTHER_COLORS = ("#000000", "#E69F00", "#56B4E9", "#7F7F7F", "#F0E442")
 #: the book's matplotlib style
@@ -145,9 +153,9 @@ def glue_figure(name: str, fig, **checks) -> None:
 
 
 def method_style(method: str) -> dict:
-    """Keyword arguments ``color``, ``linestyle`` and ``label`` of a method's curves."""
-    m = _METHODS[method]
-    return {"color": m.color, "linestyle": m.style, "label": m.label}
+    """Keyword arguments ``color``, ``linestyle`` (:data:`METHOD_STYLES`) and ``label`` (the
+    method's, :mod:`rddrs.core.methods`) of a method's curves."""
+    return {**METHOD_STYLES[method], "label": _METHODS[method].label}
 
 
 def _shade(color: str, t: float) -> str:
@@ -170,12 +178,12 @@ def variant_styles(methods: Sequence[str]) -> list[dict]:
     for method in methods:
         k = seen.get(method, 0)
         seen[method] = k + 1
-        base = _METHODS[method]
+        base = METHOD_STYLES[method]
         if count[method] == 1:
-            styles.append({"color": base.color, "linestyle": base.style, "marker": _MARKERS[0]})
+            styles.append({**base, "marker": _MARKERS[0]})
         else:
             t = 0.6 * k / (count[method] - 1)
-            styles.append({"color": _shade(base.color, t) if k else base.color,
+            styles.append({"color": _shade(base["color"], t) if k else base["color"],
                            "linestyle": _DASHES[k % len(_DASHES)], "marker": _MARKERS[k % len(_MARKERS)]})
     return styles
 
