@@ -180,7 +180,7 @@ t3 = time.perf_counter()
 load_model(sys.argv[1])
 t4 = time.perf_counter()
 make_settings("rs", 0.25, sys.argv[1], "paper")  # the sidecar's settings: the model's checksum
-from rddrs.pipeline.files import provenance
+from rddrs.pipeline.provenance import provenance
 provenance(torch.device("cpu"))
 t5 = time.perf_counter()
 print(json.dumps({"torch": t1 - t0, "rddrs": t2 - t1, "data": t3 - t2, "model": t4 - t3, "sidecar": t5 - t4}))

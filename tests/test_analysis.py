@@ -6,7 +6,6 @@ compared with a value produced by the code under test.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import struct
@@ -16,9 +15,9 @@ import pytest
 from helpers import run_bound_by_permissions
 
 from rddrs import RDDRSError
+from rddrs.cli import build_parser
 from rddrs.studies import analysis
 from rddrs.studies.analysis import (
-    METHOD_COLORS,
     METHOD_LABELS,
     average_certified_radius,
     certified_accuracy,
@@ -28,7 +27,7 @@ from rddrs.studies.analysis import (
     table,
     write_tables,
 )
-from rddrs.studies.display import check_legible
+from rddrs.studies.display import METHOD_STYLES, check_legible
 
 HEADER = "idx\tlabel\tpredict\tcorrect\tgap\tradius\tproxy_radius\tsigma_min\tseconds"
 
@@ -79,10 +78,10 @@ def synthetic_rows(n, scale, seed, p_correct=0.9, p_abstain=0.05):
     return rows
 
 
-def make_cli_parser():
-    parser = argparse.ArgumentParser(prog="rddrs curves")
-    analysis.add_arguments(parser)
-    return parser
+def curves(*argv):
+    """``rddrs curves ARGV`` as the command line parses and runs it (its errors raised, not printed)."""
+    args = build_parser().parse_args(["curves", *argv])
+    args.run(args)
 
 
 # --------------------------------------------------------------------------- reading
@@ -254,8 +253,9 @@ def test_curves_figure_layout(tmp_path):
     assert all(len(c) == 1 for c in colours.values())      # one colour per method
     assert len(set().union(*colours.values())) == 4         # four different colours
     assert len(set().union(*styles.values())) == 4          # and four dash patterns
-    for method, label in METHOD_LABELS.items():             # those of rddrs.methods
-        assert colours[label] == {METHOD_COLORS[method]}
+    for method, label in METHOD_LABELS.items():             # those of rddrs.studies.display
+        assert colours[label] == {METHOD_STYLES[method]["color"]}
+        assert styles[label] == {METHOD_STYLES[method]["linestyle"]}
 
 
 def test_curve_steps_follow_certified_accuracy(tmp_path):
@@ -313,7 +313,10 @@ def test_missing_file(tmp_path):
 def test_bad_sidecar(tmp_path):
     path = write_results(tmp_path / "a.tsv")
     (tmp_path / "a.tsv.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(RDDRSError, match=r"a.tsv.json line 1: not valid JSON"):
+    with pytest.raises(RDDRSError, match=r"a.tsv.json is not valid JSON \(line 1: "):
+        read_results(path)
+    (tmp_path / "a.tsv.json").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(RDDRSError, match=r"a.tsv.json holds list, not a JSON object"):
         read_results(path)
 
 
@@ -358,8 +361,7 @@ def test_cli_writes_figures_and_tables(tmp_path, capsys):
     three_sigma_groups(tmp_path, methods=("rs", "rddrs"), sigmas=(0.25, 0.5))
     files = sorted(str(p) for p in tmp_path.glob("*.tsv"))
     out = tmp_path / "out"
-    args = make_cli_parser().parse_args([*files, "--out", str(out), "--radii", "0,0.5,1"])
-    analysis.run(args)
+    curves(*files, "--out", str(out), "--radii", "0,0.5,1")
     names = {p.name for p in out.iterdir()}
     assert names == {"certified_accuracy_proxy.png", "certified_accuracy_l2.png",
                      "table_proxy.csv", "table_proxy.md", "table_l2.csv", "table_l2.md"}
@@ -374,11 +376,9 @@ def test_cli_writes_figures_and_tables(tmp_path, capsys):
 def test_cli_single_kind_and_missing_sidecar(tmp_path, capsys):
     path = write_results(tmp_path / "a.tsv", meta=False)
     out = tmp_path / "out"
-    parser = make_cli_parser()
     with pytest.raises(RDDRSError, match="no sidecar"):
-        analysis.run(parser.parse_args([str(path), "--out", str(out)]))
-    analysis.run(parser.parse_args([str(path), "--out", str(out), "--kind", "l2",
-                                    "--method", "ancer", "--sigma", "0.12"]))
+        curves(str(path), "--out", str(out))
+    curves(str(path), "--out", str(out), "--kind", "l2", "--method", "ancer", "--sigma", "0.12")
     assert {p.name for p in out.iterdir()} == {"certified_accuracy_l2.png", "table_l2.csv",
                                                "table_l2.md"}
     md = (out / "table_l2.md").read_text(encoding="utf-8")
@@ -388,13 +388,12 @@ def test_cli_single_kind_and_missing_sidecar(tmp_path, capsys):
 def test_cli_errors(tmp_path):
     a = write_results(tmp_path / "a.tsv")
     b = write_results(tmp_path / "b.tsv", meta={"preset": "smoke", "method": "ddrs"})
-    parser = make_cli_parser()
     with pytest.raises(RDDRSError, match="--radii: 'x' is not a number"):
-        analysis.run(parser.parse_args([str(a), "--out", str(tmp_path / "o"), "--radii", "0,x"]))
+        curves(str(a), "--out", str(tmp_path / "o"), "--radii", "0,x")
     with pytest.raises(RDDRSError, match="'cpu'.*'smoke'"):
-        analysis.run(parser.parse_args([str(a), str(b), "--out", str(tmp_path / "o")]))
+        curves(str(a), str(b), "--out", str(tmp_path / "o"))
     with pytest.raises(SystemExit):
-        parser.parse_args([str(a), "--out", str(tmp_path / "o"), "--kind", "linf"])
+        curves(str(a), "--out", str(tmp_path / "o"), "--kind", "linf")
 
 
 def test_sidecar_keys_nested_in_settings(tmp_path):
@@ -410,13 +409,13 @@ def test_cli_says_when_it_leaves_out_half_a_row(tmp_path, capsys):
     path = write_results(tmp_path / "a.tsv")
     with open(path, "a", encoding="utf-8") as f:
         f.write("5\t2\t2\t1\t0.5")  # a run writing its next row
-    analysis.run(make_cli_parser().parse_args([str(path), "--out", str(tmp_path / "out"), "--kind", "proxy"]))
+    curves(str(path), "--out", str(tmp_path / "out"), "--kind", "proxy")
     captured = capsys.readouterr()
     assert captured.err == f"note: {path} ends in half a row (its run is still writing it, or was stopped); " \
                            "that row is left out\n"
     assert "| 0.25 | RS | 5 |" in captured.out  # the five complete rows
     write_results(path)
-    analysis.run(make_cli_parser().parse_args([str(path), "--out", str(tmp_path / "out"), "--kind", "proxy"]))
+    curves(str(path), "--out", str(tmp_path / "out"), "--kind", "proxy")
     assert capsys.readouterr().err == ""
 
 

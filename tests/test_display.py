@@ -175,18 +175,21 @@ def test_book_style_uses_no_method_colour_for_other_curves():
         cycle = [c["color"] for c in matplotlib.rcParams["axes.prop_cycle"]]
         assert matplotlib.rcParams["savefig.dpi"] >= 200
         assert matplotlib.rcParams["xtick.labelsize"] >= display.MIN_FONT
-    method_colours = {m.color.lower() for m in METHODS.values()}
+    method_colours = {style["color"].lower() for style in display.METHOD_STYLES.values()}
     assert cycle == list(display.OTHER_COLORS)
     assert not method_colours & {c.lower() for c in cycle}
 
 
-def test_method_and_variant_styles_come_from_the_methods_registry():
+def test_method_and_variant_styles_come_from_the_one_table_of_method_styles():
+    assert list(display.METHOD_STYLES) == list(METHODS)  # every method, no other
+    assert len({s["color"] for s in display.METHOD_STYLES.values()}) == len(METHODS)
+    assert len({s["linestyle"] for s in display.METHOD_STYLES.values()}) == len(METHODS)
     for name, m in METHODS.items():
-        assert display.method_style(name) == {"color": m.color, "linestyle": m.style, "label": m.label}
+        assert display.method_style(name) == {**display.METHOD_STYLES[name], "label": m.label}
     styles = display.variant_styles(["rddrs", "ancer", "rddrs", "rddrs"])
-    assert styles[1]["color"] == METHODS["ancer"].color and styles[1]["linestyle"] == METHODS["ancer"].style
+    assert {k: styles[1][k] for k in ("color", "linestyle")} == display.METHOD_STYLES["ancer"]
     shades = [styles[i]["color"] for i in (0, 2, 3)]
-    assert shades[0] == METHODS["rddrs"].color and len(set(shades)) == 3
+    assert shades[0] == display.METHOD_STYLES["rddrs"]["color"] and len(set(shades)) == 3
     lightness = [sum(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in shades]
     assert lightness == sorted(lightness)  # from the method's colour towards white
     assert len({(s["linestyle"], s["marker"]) for s in (styles[0], styles[2], styles[3])}) == 3
@@ -289,10 +292,12 @@ def test_captions_typeset_their_plain_text_maths():
 def test_a_source_tree_version_is_said_in_words(tmp_path):
     import json
 
+    from rddrs.pipeline.provenance import results_provenance
+
     meta = {"settings": {"preset": "paper"}, "provenance": {"device": "cuda", "threads": 1, "created": "2026-12-01",
                                                             "versions": {"rddrs": "0+unknown", "torch": "2.11"}}}
     (tmp_path / "a.tsv.json").write_text(json.dumps(meta))
-    info = display.results_provenance(tmp_path)
+    info = results_provenance(tmp_path)
     assert info["versions"] == {"rddrs from an uninstalled source tree, torch 2.11"}
 
 

@@ -39,12 +39,7 @@ from rddrs.pipeline.data import (
 )
 from rddrs.pipeline.models import trained_on
 from rddrs.pipeline.results import dataset_folder, model_path, read_rows, read_sidecar
-from rddrs.pipeline.settings import (
-    check_settings,
-    make_settings,
-    normalised,
-    run_dataset,
-)
+from rddrs.pipeline.settings import check_settings, make_settings, normalised, run_dataset
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]

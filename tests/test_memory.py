@@ -35,19 +35,8 @@ from rddrs.core.regions import (
     separation,
 )
 from rddrs.core.spd import random_orthogonal
-from rddrs.pipeline.memory import (
-    ABSTAINED,
-    MEMORY_COLUMNS,
-    apply_memory,
-    read_memory_rows,
-)
-from rddrs.pipeline.results import (
-    COLUMNS,
-    memory_path,
-    read_rows,
-    traces_dir,
-    write_rows,
-)
+from rddrs.pipeline.memory import ABSTAINED, MEMORY_COLUMNS, apply_memory, read_memory_rows
+from rddrs.pipeline.results import COLUMNS, memory_path, read_rows, traces_dir, write_rows
 
 torch.set_num_threads(1)
 F64 = torch.float64

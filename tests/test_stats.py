@@ -14,12 +14,7 @@ import pytest
 import torch
 from scipy import special, stats
 
-from rddrs.core.stats import (
-    binomial_p_value,
-    clopper_pearson_lower,
-    probit_of_log,
-    soft_gap,
-)
+from rddrs.core.stats import binomial_p_value, clopper_pearson_lower, probit_of_log, soft_gap
 
 torch.set_num_threads(1)
 

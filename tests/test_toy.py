@@ -13,7 +13,8 @@ from matplotlib.colors import to_hex
 from rddrs import RDDRSError
 from rddrs.core.presets import Search
 from rddrs.studies import toy
-from rddrs.studies.analysis import METHOD_COLORS, METHOD_LABELS
+from rddrs.studies.analysis import METHOD_LABELS
+from rddrs.studies.display import METHOD_STYLES
 
 torch.set_num_threads(1)
 
@@ -226,7 +227,7 @@ def test_problem_plot(model, original_and_turned):
     patches = [p for p in ax.patches]
     assert len(patches) == 3 * 2
     colours = {to_hex(p.get_edgecolor()) for p in patches}
-    assert colours == {METHOD_COLORS[m].lower() for m in toy.SMOOTHED_METHODS}
+    assert colours == {METHOD_STYLES[m]["color"].lower() for m in toy.SMOOTHED_METHODS}
     # the background is the classifier's argmax on a grid whose sample j lies in pixel j
     # (linspace point -e + 2ej/(n-1) is in [-e + 2ej/n, -e + 2e(j+1)/n]); row = x2, column = x1
     picture = ax.get_images()[0]

@@ -25,13 +25,7 @@ from scipy import special, stats
 
 from rddrs.core.certify import certify
 from rddrs.core.noise import NoiseSource
-from rddrs.studies.validity import (
-    CheckNoise,
-    LinearClassifier,
-    coverage,
-    smoothed_probability,
-    two_sided_interval,
-)
+from rddrs.studies.validity import CheckNoise, LinearClassifier, coverage, smoothed_probability, two_sided_interval
 
 torch.set_num_threads(1)
 

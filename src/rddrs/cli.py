@@ -1,8 +1,9 @@
 """The `rddrs` command line: one subcommand per step of the pipeline.
 
 Every user error ends in one line on stderr and a non-zero exit status, never a traceback.
-The parser reads only light modules (methods, presets, the argument lists of train and
-curves); torch is imported when a subcommand runs, so that every ``--help`` is immediate.
+The parser reads only light modules (methods, presets, the argument list of train, the
+default radii of curves); torch is imported when a subcommand runs, so that every ``--help`` is
+immediate.
 """
 
 from __future__ import annotations
@@ -23,6 +24,26 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _option(flag: str, **kwargs) -> argparse.ArgumentParser:
+    """A parent parser (``parents=[...]``) holding one option that several commands share."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(flag, **kwargs)
+    return parent
+
+
+def _data() -> argparse.ArgumentParser:
+    return _option("--data", default="data", help="data directory (default: data)")
+
+
+def _models() -> argparse.ArgumentParser:
+    return _option("--models", default="data/models", help="models directory (default: data/models)")
+
+
+def _results(note: str = "") -> argparse.ArgumentParser:
+    """``--results``, whose default ``results/PRESET`` the command's ``note`` may qualify."""
+    return _option("--results", help=f"results directory (default: results/PRESET{note})")
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
@@ -160,7 +181,8 @@ def _add_certify(sub) -> None:
     p = sub.add_parser("certify", help="certify a slice of a test set (MNIST, Fashion-MNIST) with one method",
                        description="Certify test images start..start+count-1 with RS, DDRS, ANCER or RDDRS "
                                    "and append one row per image to OUT (tab-separated), resuming a "
-                                   "run that was stopped. Preset values apply unless given explicitly.")
+                                   "run that was stopped. Preset values apply unless given explicitly.",
+                       parents=[_data()])
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--sigma", type=float, required=True, help="RS noise level / the searches' start")
     p.add_argument("--model", required=True, help="checkpoint (.pt) or torch.export program (.pt2)")
@@ -198,7 +220,6 @@ def _add_certify(sub) -> None:
                    help="noisy images per forward pass (default 2000; larger helps on a GPU)")
     p.add_argument("--dataset", choices=DATASETS, default="mnist",
                    help="whose test images (default: mnist); the model must have been trained on it")
-    p.add_argument("--data", default="data", help="data directory (default: data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--memory", action="store_true",
                    help="then run the memory pass on OUT (see `rddrs memory --help`)")
@@ -220,9 +241,9 @@ def _add_memory(sub) -> None:
                                    "region of another class takes that class (relabelled), one whose "
                                    "region meets such regions has its gap shrunk until it does not "
                                    "(shrunk). Writes OUT.memory.tsv (the result columns plus 'memory'); "
-                                   "a stopped pass resumes.")
+                                   "a stopped pass resumes.",
+                       parents=[_data()])
     p.add_argument("out", metavar="OUT", help="result file of rddrs certify (.tsv, with its .json and .traces)")
-    p.add_argument("--data", default="data", help="data directory (default: data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_memory)
 
@@ -306,12 +327,14 @@ def _add_sweep(sub) -> None:
     from rddrs.pipeline.data import NAMES as DATASETS
     from rddrs.studies.registry import GROUPS
 
+    elsewhere = "; the runs on another dataset than mnist go in its sub-folder DATASET/"
     p = sub.add_parser("sweep", help="compute every run a preset needs, in shards, here or on a Ray cluster",
                        description="Compute every run of the preset's registry (the standard runs, their "
                                    "memory passes, the claims and headline studies) that is missing or "
                                    "incomplete, as shards of --shard-size test images, in the order the runs "
                                    "start from each other, and merge the shards into the files the chapters "
-                                   "read. Stop it at any time: the same command continues where it stopped.")
+                                   "read. Stop it at any time: the same command continues where it stopped.",
+                       parents=[_results(elsewhere), _data(), _models()])
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--sigmas", type=_positive_float, nargs="+", default=list(SIGMAS), metavar="S",
                    help="training sigmas (default: 0.12 0.25 0.5)")
@@ -335,14 +358,10 @@ def _add_sweep(sub) -> None:
     p.add_argument("--inputs-per-batch", type=_positive_int,
                    help="images searched at once (default: as rddrs certify); shards are multiples of it")
     p.add_argument("--retries", type=_natural_int, default=3, help="restarts of a shard whose worker died (default 3)")
-    p.add_argument("--results", help="results directory (default: results/PRESET; the runs on another dataset "
-                                     "than mnist go in its sub-folder DATASET/)")
     p.add_argument("--device", help="cpu or cuda (default: cuda with --gpus-per-task, else cpu)")
     p.add_argument("--seed", type=_natural_int, default=0)
     p.add_argument("--dataset", choices=DATASETS, default="mnist",
                    help="whose test images, with the models trained on it (DATASET_cnn_sigmaS.pt; default: mnist)")
-    p.add_argument("--data", default="data", help="data directory (default: data)")
-    p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
     p.add_argument("--until", type=float, metavar="SECONDS",
                    help="start no shard that would not end within SECONDS (at the pace measured so far); "
                         "at that time stop, merge every finished batch and exit 0: the same command "
@@ -408,7 +427,8 @@ def _add_fill(sub) -> None:
                                    "and RDDRS, the capped DDRS) before the next, alternating the sigmas, in the "
                                    "order of sigma 0.25's rows, then the rest of the test set. No image starts "
                                    "that would end after --until; a killed fill loses no finished row and the "
-                                   "same command continues. Run it at low priority: `make fill`.")
+                                   "same command continues. Run it at low priority: `make fill`.",
+                       parents=[_results(), _data(), _models()])
     p.add_argument("--until", required=True, metavar="TIME",
                    help="deadline: HH:MM (today, local time) or an ISO date and time")
     p.add_argument("--sigmas", type=_positive_float, nargs="+", default=list(fill.SIGMAS), metavar="S",
@@ -419,9 +439,6 @@ def _add_fill(sub) -> None:
                    help="stop after K more test images of each sigma (default: only the deadline stops it)")
     p.add_argument("--preset", default=fill.PRESET, choices=sorted(PRESETS),
                    help="the preset of the rows (default: paper, Figure 2's own settings)")
-    p.add_argument("--results", help="results directory (default: results/PRESET)")
-    p.add_argument("--data", default="data", help="data directory (default: data)")
-    p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
     p.set_defaults(run=_cmd_fill)
 
 
@@ -434,13 +451,11 @@ def _add_mechanism(sub) -> None:
                                    "classifier at other images, its largest axes, its noise split) and look "
                                    "for points inside each certified ball where the whole pipeline certifies "
                                    "another class, then run the memory pass over each run whose laws are here. "
-                                   "Writes measures.json, refutations.json and memory.json beside the runs.")
+                                   "Writes measures.json, refutations.json and memory.json beside the runs.",
+                       parents=[_results(), _data(), _models()])
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    p.add_argument("--results", help="results directory (default: results/PRESET)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--seed", type=_natural_int, default=0)
-    p.add_argument("--data", default="data", help="data directory (default: data)")
-    p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
     p.add_argument("--laws-from", metavar="DIR",
                    help="reruns of some of the study's runs with their traces (DIR/NAME.tsv, the same settings), "
                         "for the memory pass over runs whose own traces were not kept")
@@ -454,12 +469,12 @@ def _add_pack(sub) -> None:
     p = sub.add_parser("pack", help="pack what a session wrote under a results directory, for `rddrs land`",
                        description="Pack the result files (rows and sidecars, no traces) and the cached "
                                    "measurements written under RESULTS after --since into one archive, which "
-                                   "`rddrs land` adds to the results of another machine.")
+                                   "`rddrs land` adds to the results of another machine.",
+                       parents=[_results()])
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--since", type=float, required=True, metavar="EPOCH",
                    help="pack what was written after this time (seconds since the epoch, `date +%%s`)")
     p.add_argument("--out", required=True, metavar="ARCHIVE", help="the archive to write (.tar.gz)")
-    p.add_argument("--results", help="results directory (default: results/PRESET)")
     p.set_defaults(run=_cmd_pack)
 
 
@@ -469,11 +484,82 @@ def _add_land(sub) -> None:
                                    "session say) to the result files of RESULTS, recording which session "
                                    "wrote them. Everything is checked before anything is written: that the "
                                    "archive writes only plain files under RESULTS, the preset, the rows and "
-                                   "settings, the models' hashes, rows already here.")
+                                   "settings, the models' hashes, rows already here.",
+                       parents=[_results(" of the archive"), _models()])
     p.add_argument("archive", metavar="ARCHIVE", help="the .tar.gz of rddrs pack")
-    p.add_argument("--results", help="results directory (default: results/PRESET of the archive)")
-    p.add_argument("--models", default="data/models", help="models directory (default: data/models)")
     p.set_defaults(run=_cmd_land)
+
+
+def _parse_radii(text: str) -> tuple[float, ...]:
+    """``"0,0.5,1"`` -> (0.0, 0.5, 1.0); radii must be finite and >= 0."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            r = float(part)
+        except ValueError:
+            raise RDDRSError(f"--radii: {part!r} is not a number (expected e.g. 0,0.5,1)") from None
+        if not math.isfinite(r) or r < 0:
+            raise RDDRSError(f"--radii: {part!r} is not a finite radius >= 0")
+        out.append(r)
+    return tuple(out)
+
+
+def _cmd_curves(args: argparse.Namespace) -> None:
+    """``rddrs curves``: write certified_accuracy_{kind}.png and table_{kind}.{csv,md} in --out
+    for each requested kind, and print the Markdown tables. A result file that ends in half a
+    row (its run is writing it) is read without that row, and a note on stderr says so."""
+    from rddrs.pipeline.files import ensure_dir
+    from rddrs.studies import analysis
+
+    radii = _parse_radii(args.radii) if isinstance(args.radii, str) else tuple(args.radii)
+    kinds = analysis.KINDS if args.kind == "both" else (args.kind,)
+    results = [analysis.read_results(p, method=args.method, sigma=args.sigma) for p in args.results]
+    groups = analysis.group_results(results)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise RDDRSError(f"--out {out}: exists and is not a directory")
+    ensure_dir(out)
+    for res in results:
+        if res.partial:
+            print(f"note: {res.path} ends in half a row (its run is still writing it, or was stopped); "
+                  f"that row is left out", file=sys.stderr)
+    written = []
+    for kind in kinds:
+        fig_path = out / f"certified_accuracy_{kind}.png"
+        analysis.curves_figure(groups, kind, fig_path)
+        rows = analysis.table(groups, radii, kind)
+        csv_path, md_path = out / f"table_{kind}.csv", out / f"table_{kind}.md"
+        analysis.write_tables(rows, csv_path, md_path)
+        written += [fig_path, csv_path, md_path]
+        print(f"Certified accuracy against the {analysis.KIND_LABELS[kind]}:\n")
+        print(analysis.table_markdown(rows))
+    print(f"wrote {', '.join(p.name for p in written)} to {out}")
+
+
+def _add_curves(sub) -> None:
+    from rddrs.core.methods import NAMES as METHODS
+    from rddrs.studies.analysis import DEFAULT_RADII
+
+    p = sub.add_parser("curves", help="certified-accuracy curves and tables from result files",
+                       description="Draw certified accuracy against proxy and l2 radius (one panel "
+                                   "per sigma, one line per method) and write tables as CSV and Markdown. "
+                                   "A result file that ends in half a row (its run is still writing it) "
+                                   "is read without that row, and a note says so.")
+    p.add_argument("results", nargs="+", metavar="RESULT.tsv",
+                   help="result files of rddrs certify (each with its RESULT.tsv.json sidecar)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="directory for the figures and tables (created if missing)")
+    p.add_argument("--kind", choices=("proxy", "l2", "both"), default="both",
+                   help="radius on the x axis: proxy (ball of equal volume), l2 "
+                        "(largest inscribed ball) or both (default)")
+    p.add_argument("--radii", default=",".join(f"{r:g}" for r in DEFAULT_RADII), metavar="R,R,...",
+                   help="radii of the table columns (default: 0,0.5,...,4)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="method of result files that have no sidecar")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="training sigma of result files that have no sidecar")
+    p.set_defaults(run=_cmd_curves)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -496,7 +582,6 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", choices=DATASETS, default="mnist", help="which dataset (default: mnist)")
     data.set_defaults(run=_cmd_data)
     from rddrs.pipeline import train
-    from rddrs.studies import analysis
 
     trainer = sub.add_parser("train", help="train the base CNN on a dataset with Gaussian augmentation",
                              description="Train the paper's CNN on the 60000 training images of --dataset (MNIST "
@@ -511,13 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mechanism(sub)
     _add_pack(sub)
     _add_land(sub)
-    curves = sub.add_parser("curves", help="certified-accuracy curves and tables from result files",
-                            description="Draw certified accuracy against proxy and l2 radius (one panel "
-                                        "per sigma, one line per method) and write tables as CSV and Markdown. "
-                                        "A result file that ends in half a row (its run is still writing it) "
-                                        "is read without that row, and a note says so.")
-    analysis.add_arguments(curves)
-    curves.set_defaults(run=analysis.run)
+    _add_curves(sub)
     _plain_numbers(parser)
     return parser
 

@@ -1,5 +1,6 @@
 """The four certification methods as data: one record per method, read by every module that
-needs to know something about a method (search, runs, studies, memory, tables and figures).
+needs to know something about a method (search, runs, studies, memory, tables and figures; how
+figures draw each method is :mod:`rddrs.studies.display`'s).
 
 ==========  ===========  =============================  ===========  ====================
 method      family of S  search                         paper step   starts from
@@ -56,19 +57,16 @@ class Method:
     starts: tuple[str, ...]   # methods whose result file can start its search (--init)
     base: str | None          # the search run first for sigma_x* (its start and floor), or None
     clamp: Clamp | None
-    color: str                # Okabe-Ito (colour-blind safe); with ``style`` it reads in grey
-    style: str
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("rs", "RS", ISOTROPIC, False, None, (), None, None, "#0072B2", ":"),
+    Method("rs", "RS", ISOTROPIC, False, None, (), None, None),
     Method("ddrs", "DDRS", ISOTROPIC, True, "sgd", (), None,
-           Clamp(0.02, 0.98, "autograd", "PLabarbarie/RDDRS code/dds.py (ddsmoothing's own: 0.001, 0.999)"),
-           "#CC79A7", "-."),
+           Clamp(0.02, 0.98, "autograd", "PLabarbarie/RDDRS code/dds.py (ddsmoothing's own: 0.001, 0.999)")),
     Method("ancer", "ANCER", DIAGONAL, True, "adam", ("ddrs",), "ddrs",
-           Clamp(0.001, 0.999, "autograd", "ddsmoothing L2Certificate.compute_proxy_gap"), "#009E73", "--"),
+           Clamp(0.001, 0.999, "autograd", "ddsmoothing L2Certificate.compute_proxy_gap")),
     Method("rddrs", "RDDRS", FULL, True, "sgd", ("ddrs", "ancer"), "ddrs",
-           Clamp(0.001, 0.999, "clamped", "PLabarbarie/RDDRS code/riemannian.py inv_Phi"), "#D55E00", "-"),
+           Clamp(0.001, 0.999, "clamped", "PLabarbarie/RDDRS code/riemannian.py inv_Phi")),
 )}
 
 #: axes of each family's parameter per input: sigma (), theta (d,), C (d, d)

@@ -34,14 +34,7 @@ from tqdm import tqdm
 from rddrs import RDDRSError
 from rddrs.core import objectives, spd, steps
 from rddrs.core.methods import DIAGONAL, FULL, method as method_record
-from rddrs.core.noise import (
-    Diagonal,
-    Isotropic,
-    NoiseSource,
-    Smoothing,
-    check_inputs,
-    noisy_outputs,
-)
+from rddrs.core.noise import Diagonal, Isotropic, NoiseSource, Smoothing, check_inputs, noisy_outputs
 from rddrs.core.presets import ANCER, DDRS, RDDRS, Search
 
 #: the papers' own searches, by method (what ``find_smoothing`` runs unless told otherwise)

@@ -33,9 +33,7 @@ def clopper_pearson_lower(k, n, alpha: float) -> np.ndarray:
 
 def binomial_p_value(k, n) -> np.ndarray:
     """Two-sided p-value of ``k >= n/2`` successes in n fair trials: ``min(1, 2 P(X >= k))``."""
-    from scipy import (
-        stats,  # only PREDICT needs it; certification runs start without it
-    )
+    from scipy import stats  # only PREDICT needs it; certification runs start without it
 
     k, n = np.asarray(k), np.asarray(n)
     return np.minimum(1.0, 2.0 * stats.binom.sf(k - 1, n, 0.5))

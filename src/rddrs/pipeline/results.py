@@ -2,8 +2,9 @@
 
 A run writes ``OUT`` (tab-separated: a header of ``COLUMNS``, then one row per test image,
 appended and flushed as each batch is done), its JSON sidecar ``OUT.json`` (settings and
-provenance) and, for the searched methods, ``OUT.traces/IDX.npz`` (objective traces and the
-final smoothing parameter; not committed). This module imports nothing heavy.
+provenance, :mod:`rddrs.pipeline.provenance`) and, for the searched methods,
+``OUT.traces/IDX.npz`` (objective traces and the final smoothing parameter; not committed).
+This module imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -69,19 +70,27 @@ def model_path(sigma: float, models: str | Path = "data/models", dataset: str = 
     return Path(models) / f"{dataset}_cnn_sigma{sigma:.2f}.pt"
 
 
-def read_sidecar(out: Path) -> dict:
-    """The sidecar of ``out`` as a dict, or a one-line error naming the file and the fix."""
+def read_sidecar(out: Path, optional: bool = False) -> dict | None:
+    """The sidecar of ``out`` as a dict, or a one-line error naming the file and the fix.
+    ``optional``: the sidecar of a result file that another tool may have written (``rddrs
+    curves`` reads those): None where there is none, and any JSON object will do (its method
+    and sigma may stand at its top level, with no ``settings`` object)."""
     side = sidecar_path(Path(out))
     try:
-        meta = json.loads(side.read_text())
+        meta = json.loads(side.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if optional:
+            return None
         raise RDDRSError(f"{out} has no sidecar {side.name}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise RDDRSError(f"{side}: cannot read ({err})") from None
     except json.JSONDecodeError as err:
         raise RDDRSError(f"{side} is not valid JSON (line {err.lineno}: {err.msg}); restore it from a copy, "
                          f"or move {Path(out).name} and its sidecar away to start the run afresh") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("settings"), dict):
+    if not isinstance(meta, dict):
+        raise RDDRSError(f"{side} holds {type(meta).__name__}, not a JSON object: it is not the sidecar of an "
+                         "rddrs run")
+    if not optional and not isinstance(meta.get("settings"), dict):
         raise RDDRSError(f"{side} holds no 'settings' object: it is not the sidecar of an rddrs run")
     return meta
 
@@ -223,47 +232,6 @@ def check_labels(rows: dict[int, dict], labels, where: str, start: int = 0) -> N
 def format_row(row: dict, columns=COLUMNS) -> str:
     """One line of a result (or memory) file; text columns as they are."""
     return "\t".join(row[k] if isinstance(row[k], str) else format_value(row[k]) for k in columns)
-
-
-# -- who wrote which rows ----------------------------------------------------------------------
-
-def index_ranges(indices) -> list[list[int]]:
-    """Sorted indices as ``[lo, hi)`` ranges of consecutive ones."""
-    ranges: list[list[int]] = []
-    for i in sorted(int(i) for i in indices):
-        if ranges and ranges[-1][1] == i:
-            ranges[-1][1] = i + 1
-        elif not ranges or ranges[-1][1] < i:
-            ranges.append([i, i + 1])
-    return ranges
-
-
-def provenance_parts(meta: dict, indices=None) -> list[dict]:
-    """The sessions that wrote a result file, oldest first: each a provenance record (device,
-    versions, commit, ...) with ``rows``, the ``[lo, hi)`` ranges of idx it set out to write. A
-    sidecar from before parts existed has one, its ``provenance``, for every row (``indices``,
-    the file's rows, turn that into ranges; without them ``rows`` is None)."""
-    if isinstance(meta.get("parts"), list):
-        return [dict(part) for part in meta["parts"]]
-    prov = meta.get("provenance")
-    if not isinstance(prov, dict) or (indices is not None and not len(indices)):
-        return []
-    return [dict(prov, rows=None if indices is None else index_ranges(indices))]
-
-
-def with_parts(meta: dict, parts: list[dict], indices=None) -> dict:
-    """``meta`` with ``parts`` appended to its writing sessions (``indices``: its rows so far)."""
-    return dict(meta, parts=provenance_parts(meta, indices) + parts)
-
-
-def row_writers(meta: dict, indices) -> dict[int, dict]:
-    """The session that wrote each row (the latest part that set out to write it)."""
-    writers = {}
-    for part in provenance_parts(meta, indices):
-        for i in indices:
-            if part["rows"] is None or any(lo <= i < hi for lo, hi in part["rows"]):
-                writers[i] = part
-    return writers
 
 
 def write_rows(out: Path, rows: list[dict], columns=COLUMNS) -> None:

@@ -36,27 +36,19 @@ from rddrs.core.presets import PRESETS, Search
 from rddrs.core.spd import random_orthogonal
 from rddrs.pipeline.data import dataset, load_dataset
 from rddrs.pipeline.fastnet import network_path
-from rddrs.pipeline.files import (
-    ensure_dir,
-    exclusive,
-    one_line,
-    provenance,
-    write_atomic,
-)
+from rddrs.pipeline.files import ensure_dir, exclusive, one_line, write_atomic
 from rddrs.pipeline.models import check_outputs, load_model, resolve_device
+from rddrs.pipeline.provenance import index_ranges, provenance, provenance_parts, with_parts
 from rddrs.pipeline.results import (
     COLUMNS,
     check_labels,
     format_row,
-    index_ranges,
-    provenance_parts,
     read_rows,
     read_sidecar,
     search_status,
     sidecar_path,
     traces_dir,
     upgrade,
-    with_parts,
     write_rows,
 )
 from rddrs.pipeline.settings import (

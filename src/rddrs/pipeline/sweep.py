@@ -21,7 +21,8 @@ from pathlib import Path
 from rddrs import RDDRSError
 from rddrs.pipeline.engines import Inline
 from rddrs.pipeline.files import Busy, ensure_dir, exclusive
-from rddrs.pipeline.results import read_rows, read_sidecar, row_writers
+from rddrs.pipeline.provenance import row_writers
+from rddrs.pipeline.results import read_rows, read_sidecar
 from rddrs.pipeline.runspec import CERTIFY, MEMORY, RunSpec, with_dependencies
 from rddrs.pipeline.shards import Task, batch_of, merge_shard, plan, remove_stale_shards
 

@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING
 from rddrs import RDDRSError
 from rddrs.core.presets import SIGMA_RANGE
 from rddrs.pipeline.data import NAMES as DATASETS, SPLITS
-from rddrs.pipeline.files import provenance, write_atomic
+from rddrs.pipeline.files import write_atomic
+from rddrs.pipeline.provenance import provenance
 from rddrs.pipeline.results import model_path
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that `rddrs train --help` starts fast

@@ -18,11 +18,8 @@ abstention is never correct). The average certified radius is ACR = (1/n) * sum_
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import math
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,13 +32,18 @@ from rddrs.core.methods import (  # also the order in which they are drawn and t
     NAMES as METHODS,
 )
 from rddrs.pipeline.data import MNIST, TEST_SIZE
-from rddrs.pipeline.files import ensure_dir, write_atomic
-from rddrs.pipeline.results import INT_COLUMNS, REQUIRED, ends_mid_line, read_table, sidecar_path as _sidecar_path
+from rddrs.pipeline.files import write_atomic
+from rddrs.pipeline.results import (
+    INT_COLUMNS,
+    REQUIRED,
+    ends_mid_line,
+    read_sidecar,
+    read_table,
+    sidecar_path as _sidecar_path,
+)
 
-# one colour and one dash pattern per method (``rddrs.core.methods``), the same in every figure
+# the name each method goes by in tables and figures (``rddrs.core.methods``)
 METHOD_LABELS = {m.name: m.label for m in _RECORDS.values()}
-METHOD_COLORS = {m.name: m.color for m in _RECORDS.values()}
-METHOD_STYLES = {m.name: m.style for m in _RECORDS.values()}
 
 KINDS = ("proxy", "l2")
 KIND_LABELS = {
@@ -133,21 +135,6 @@ def _parse_sigma(value, where: str) -> float:
     return sigma
 
 
-def _read_sidecar(path: Path) -> dict | None:
-    side = _sidecar_path(path)
-    if not side.is_file():
-        return None
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise RDDRSError(f"{side}: cannot read ({err})") from None
-    except json.JSONDecodeError as err:
-        raise RDDRSError(f"{side} line {err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(meta, dict):
-        raise RDDRSError(f"{side}: expected a JSON object, got {type(meta).__name__}")
-    return meta
-
-
 def read_results(path, method: str | None = None, sigma: float | None = None) -> Results:
     """Read a result file and its sidecar ``path + '.json'`` (if present).
 
@@ -173,7 +160,7 @@ def read_results(path, method: str | None = None, sigma: float | None = None) ->
     cols["search"] = np.array([r.get("search", "ok") for r in rows], dtype=object)
     res = Results(path=path, **cols, partial=ends_mid_line(path))
 
-    meta = _read_sidecar(path)
+    meta = read_sidecar(path, optional=True)
     res.has_sidecar = meta is not None
     res.meta = dict(meta or {})
     side = _sidecar_path(path)
@@ -332,7 +319,7 @@ def curves_figure(groups, kind: str = "proxy", path=None):
     ``groups`` is an iterable of :class:`Results` or the dict of :func:`group_results`. Panels
     are sorted by sigma (three per row), share the y axis [0, 1] and each runs from 0 to a
     little past its largest certified radius; one legend above the panels names the methods,
-    which keep one colour and dash pattern everywhere (``rddrs.core.methods``). The figure is as
+    which keep one colour and dash pattern everywhere (``display.METHOD_STYLES``). The figure is as
     wide as the book's page, in the book's style (``rddrs.studies.display``). It is saved to ``path``
     if given (format from the extension: .png at 200 dpi, .svg, .pdf) and returned (a
     ``matplotlib.figure.Figure``, not tied to pyplot).
@@ -461,66 +448,3 @@ def write_tables(rows: list[dict], csv_path, md_path) -> None:
     """Write the table as CSV to ``csv_path`` and as Markdown to ``md_path``."""
     for p, text in ((csv_path, table_csv(rows)), (md_path, table_markdown(rows))):
         write_atomic(Path(p), [text.encode("utf-8")])
-
-
-# --------------------------------------------------------------------------- command line
-def parse_radii(text: str) -> tuple[float, ...]:
-    """``"0,0.5,1"`` -> (0.0, 0.5, 1.0); radii must be finite and >= 0."""
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            r = float(part)
-        except ValueError:
-            raise RDDRSError(f"--radii: {part!r} is not a number (expected e.g. 0,0.5,1)") from None
-        if not math.isfinite(r) or r < 0:
-            raise RDDRSError(f"--radii: {part!r} is not a finite radius >= 0")
-        out.append(r)
-    return tuple(out)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``rddrs curves``."""
-    parser.add_argument("results", nargs="+", metavar="RESULT.tsv",
-                        help="result files of rddrs certify (each with its RESULT.tsv.json sidecar)")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="directory for the figures and tables (created if missing)")
-    parser.add_argument("--kind", choices=("proxy", "l2", "both"), default="both",
-                        help="radius on the x axis: proxy (ball of equal volume), l2 "
-                             "(largest inscribed ball) or both (default)")
-    parser.add_argument("--radii", default=",".join(f"{r:g}" for r in DEFAULT_RADII),
-                        metavar="R,R,...",
-                        help="radii of the table columns (default: 0,0.5,...,4)")
-    parser.add_argument("--method", choices=METHODS, default=None,
-                        help="method of result files that have no sidecar")
-    parser.add_argument("--sigma", type=float, default=None,
-                        help="training sigma of result files that have no sidecar")
-
-
-def run(args: argparse.Namespace) -> None:
-    """``rddrs curves``: write certified_accuracy_{kind}.png and table_{kind}.{csv,md} in --out
-    for each requested kind, and print the Markdown tables. A result file that ends in half a
-    row (its run is writing it) is read without that row, and a note on stderr says so."""
-    radii = parse_radii(args.radii) if isinstance(args.radii, str) else tuple(args.radii)
-    kinds = KINDS if args.kind == "both" else (_check_kind(args.kind),)
-    results = [read_results(p, method=args.method, sigma=args.sigma) for p in args.results]
-    groups = group_results(results)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise RDDRSError(f"--out {out}: exists and is not a directory")
-    ensure_dir(out)
-    for res in results:
-        if res.partial:
-            print(f"note: {res.path} ends in half a row (its run is still writing it, or was stopped); "
-                  f"that row is left out", file=sys.stderr)
-    written = []
-    for kind in kinds:
-        fig_path = out / f"certified_accuracy_{kind}.png"
-        curves_figure(groups, kind, fig_path)
-        rows = table(groups, radii, kind)
-        csv_path, md_path = out / f"table_{kind}.csv", out / f"table_{kind}.md"
-        write_tables(rows, csv_path, md_path)
-        written += [fig_path, csv_path, md_path]
-        print(f"Certified accuracy against the {KIND_LABELS[kind]}:\n")
-        print(table_markdown(rows))
-    print(f"wrote {', '.join(p.name for p in written)} to {out}")

@@ -10,11 +10,12 @@ Everything a chapter shows goes through here, so that the pages look alike and c
   without zooming; :func:`use_book_style` applies it (and 2x PNGs) in a notebook,
   :func:`new_figure` makes a figure in it, :func:`check_legible` verifies a figure and
   :func:`glue_figure` hands a checked figure to a ``{glue:figure}`` directive.
-* Method colours and dash patterns come from :mod:`rddrs.core.methods` only (:func:`method_style`);
+* Method colours and dash patterns come from :data:`METHOD_STYLES` only (:func:`method_style`);
   curves that are not methods take :data:`OTHER_COLORS`, which no method uses, and variants of
   one method take shades of its colour (:func:`variant_styles`).
 * :func:`provenance_note` says which preset, machine, versions and commit produced the result
-  files a page reads, and the command that recomputes them.
+  files a page reads (as :func:`rddrs.pipeline.provenance.results_provenance` collects them),
+  and the command that recomputes them.
 
 Only numpy and the standard library are imported at module level; matplotlib, IPython and
 myst_nb are imported by the functions that need them.
@@ -23,7 +24,6 @@ myst_nb are imported by the functions that need them.
 from __future__ import annotations
 
 import html
-import json
 import math
 import numbers
 import re
@@ -32,8 +32,7 @@ from pathlib import Path
 
 from rddrs import RDDRSError
 from rddrs.core.methods import METHODS as _METHODS
-from rddrs.pipeline.files import git
-from rddrs.pipeline.results import provenance_parts
+from rddrs.pipeline.provenance import results_provenance
 
 # -- figures ----------------------------------------------------------------------------------
 
@@ -43,6 +42,14 @@ from rddrs.pipeline.results import provenance_parts
 PAGE_WIDTH = 6.5
 #: smallest font size in a figure, in points (as drawn; shown at ~1.04x on the page)
 MIN_FONT = 9.0
+#: each method's colour (Okabe-Ito, colour-blind safe) and dash pattern, the same in every figure;
+#: with the dashes its curves read in grey too
+METHOD_STYLES: dict[str, dict[str, str]] = {
+    "rs": {"color": "#0072B2", "linestyle": ":"},
+    "ddrs": {"color": "#CC79A7", "linestyle": "-."},
+    "ancer": {"color": "#009E73", "linestyle": "--"},
+    "rddrs": {"color": "#D55E00", "linestyle": "-"},
+}
 #: colours for curves that are not one of the four methods (Okabe-Ito colours no method uses)
 OTHER_COLORS = ("#000000", "#E69F00", "#56B4E9", "#7F7F7F", "#F0E442")
 #: the book's matplotlib style
@@ -146,9 +153,9 @@ def glue_figure(name: str, fig, **checks) -> None:
 
 
 def method_style(method: str) -> dict:
-    """Keyword arguments ``color``, ``linestyle`` and ``label`` of a method's curves."""
-    m = _METHODS[method]
-    return {"color": m.color, "linestyle": m.style, "label": m.label}
+    """Keyword arguments ``color``, ``linestyle`` (:data:`METHOD_STYLES`) and ``label`` (the
+    method's, :mod:`rddrs.core.methods`) of a method's curves."""
+    return {**METHOD_STYLES[method], "label": _METHODS[method].label}
 
 
 def _shade(color: str, t: float) -> str:
@@ -171,12 +178,12 @@ def variant_styles(methods: Sequence[str]) -> list[dict]:
     for method in methods:
         k = seen.get(method, 0)
         seen[method] = k + 1
-        base = _METHODS[method]
+        base = METHOD_STYLES[method]
         if count[method] == 1:
-            styles.append({"color": base.color, "linestyle": base.style, "marker": _MARKERS[0]})
+            styles.append({**base, "marker": _MARKERS[0]})
         else:
             t = 0.6 * k / (count[method] - 1)
-            styles.append({"color": _shade(base.color, t) if k else base.color,
+            styles.append({"color": _shade(base["color"], t) if k else base["color"],
                            "linestyle": _DASHES[k % len(_DASHES)], "marker": _MARKERS[k % len(_MARKERS)]})
     return styles
 
@@ -422,58 +429,6 @@ class Note:
         body = "".join(f"<p>{Table._html(p)}</p>" for p in self.paragraphs)
         return (f'<div class="admonition note rddrs-provenance"><p class="admonition-title">'
                 f"{html.escape(self.title)}</p>{body}</div>")
-
-
-def results_provenance(results_dir) -> dict:
-    """What the sidecars of the result files under ``results_dir`` say about their making:
-    ``files``; ``presets``; ``machines`` (device -> set of thread counts); ``versions``
-    ("rddrs X, torch Y"); ``commits`` recorded by the runs, ``dirty`` (some runs had uncommitted
-    changes) and ``uncommitted`` (runs that recorded no commit); ``first``/``last`` creation
-    dates; ``stored``: the commit that last changed the folder in git (hash, date), if tracked."""
-    folder = Path(results_dir)
-    sidecars = sorted(folder.rglob("*.tsv.json")) if folder.is_dir() else []
-    info = {"files": 0, "presets": set(), "machines": {}, "versions": set(), "commits": set(),
-            "dirty": False, "uncommitted": 0, "first": None, "last": None, "stored": None}
-    for side in sidecars:
-        try:
-            meta = json.loads(side.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(meta, dict):
-            continue
-        info["files"] += 1
-        settings = meta.get("settings") if isinstance(meta.get("settings"), dict) else meta
-        if settings.get("preset"):
-            info["presets"].add(str(settings["preset"]))
-        for prov in provenance_parts(meta) or [{}]:  # every session that wrote rows of the file
-            _add_session(info, prov)
-    if info["files"]:
-        logged = git("log", "-1", "--format=%h %cs", "--", ".", cwd=folder)
-        if logged:
-            info["stored"] = tuple(logged.split(" ", 1))
-    return info
-
-
-def _add_session(info: dict, prov: dict) -> None:
-    """Add one writing session's device, versions, commit and date to ``results_provenance``'s info."""
-    if prov.get("device"):
-        threads = info["machines"].setdefault(str(prov["device"]), set())
-        if isinstance(prov.get("threads"), int):
-            threads.add(prov["threads"])
-    versions = dict(prov.get("versions") or {})
-    if versions:
-        if str(versions.get("rddrs", "")).startswith("0+"):  # rddrs.__version__ of a source tree run uninstalled
-            versions = {**versions, "rddrs": "from an uninstalled source tree"}
-        info["versions"].add(", ".join(f"{k} {versions[k]}" for k in ("rddrs", "torch") if k in versions))
-    if prov.get("git_commit"):
-        info["commits"].add(str(prov["git_commit"])[:7])
-        info["dirty"] |= bool(prov.get("git_dirty"))
-    else:
-        info["uncommitted"] += 1
-    day = str(prov.get("created", ""))[:10]
-    if day:
-        info["first"] = min(info["first"] or day, day)
-        info["last"] = max(info["last"] or day, day)
 
 
 def _code(text: str) -> str:

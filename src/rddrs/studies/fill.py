@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rddrs import RDDRSError
 from rddrs.core.presets import SIGMAS as PAPER_SIGMAS, STUDY_SIGMA
-from rddrs.pipeline.files import git
+from rddrs.pipeline.provenance import git
 from rddrs.pipeline.results import model_path, read_rows
 
 # the studies (and torch) are imported where they are used, so that the command line's parser

@@ -212,8 +212,8 @@ def device_check(path, indices, *, n: int = 100_000, alpha: float = 0.001, seed:
     from rddrs.core.certify import certify
     from rddrs.core.noise import Isotropic
     from rddrs.pipeline.data import load_dataset
-    from rddrs.pipeline.files import recorded
     from rddrs.pipeline.models import load_model, resolve_device
+    from rddrs.pipeline.provenance import recorded
 
     rows = read_rows(path)
     meta = read_sidecar(path)
@@ -253,7 +253,8 @@ def measures(preset: str, results, *, device: str = "cpu", data="data", models="
     """``measure`` over the runs of ``mechanism_study`` (complete, with their traces:
     compute them first, e.g. with ``rddrs sweep --groups mechanism``), cached in
     ``RESULTS/claims/mechanism/measures.json``."""
-    from rddrs.pipeline.files import cached_json, recorded
+    from rddrs.pipeline.files import cached_json
+    from rddrs.pipeline.provenance import recorded
 
     def compute():
         _, runs, images, labels, model, _ = _setup(preset, results, device, data, models)
@@ -285,7 +286,8 @@ def refutations(preset: str, results, *, device: str = "cpu", data="data", model
     kept in ``RESULTS/claims/mechanism/refutations.json`` variant by variant, so that a stopped
     computation keeps the variants it finished and the next call does the others (``compute``:
     False, only read those); a variant whose laws are not here (``laws_kept``) is left out."""
-    from rddrs.pipeline.files import read_json, recorded, write_atomic
+    from rddrs.pipeline.files import read_json, write_atomic
+    from rddrs.pipeline.provenance import recorded
 
     budget = budgets.of(preset).headline
     path = Path(results) / "claims" / "mechanism" / "refutations.json"

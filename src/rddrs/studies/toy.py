@@ -36,7 +36,8 @@ from rddrs.core.certify import certify
 from rddrs.core.optimize import find_smoothing
 from rddrs.core.presets import Search
 from rddrs.pipeline.runs import Rotated
-from rddrs.studies.analysis import METHOD_COLORS, METHOD_LABELS, METHOD_STYLES
+from rddrs.studies.analysis import METHOD_LABELS
+from rddrs.studies.display import method_style
 
 #: orientation of the blobs and the ring, in degrees from the first axis
 TILT = 15.0
@@ -262,9 +263,10 @@ def plot_data(ax, data: ToyData) -> None:
 def plot_regions(ax, regions: dict[str, list[Region]]) -> None:
     """Each method's certified regions in its colour and line style, and the certified points."""
     for method, method_regions in regions.items():
+        style = method_style(method)
         for region in method_regions:
-            ax.add_patch(region.patch(fill=False, edgecolor=METHOD_COLORS[method],
-                                      linestyle=METHOD_STYLES[method], linewidth=2.0))
+            ax.add_patch(region.patch(fill=False, edgecolor=style["color"], linestyle=style["linestyle"],
+                                      linewidth=2.0))
     centres = np.array([region.centre for region in next(iter(regions.values()))])
     ax.scatter(centres[:, 0], centres[:, 1], marker="x", color="k", s=40, linewidths=1.5, zorder=3)
 
@@ -275,8 +277,7 @@ def plot_problem(ax, model, data: ToyData, regions: dict[str, list[Region]], ext
     plot_decision_regions(ax, model, extent, like=data.x)
     plot_data(ax, data)
     plot_regions(ax, regions)
-    handles = [Line2D([], [], color=METHOD_COLORS[m], linestyle=METHOD_STYLES[m], linewidth=2.0,
-                      label=METHOD_LABELS[m]) for m in regions]
+    handles = [Line2D([], [], linewidth=2.0, **method_style(m)) for m in regions]
     handles.append(Line2D([], [], color="k", marker="x", linestyle="none", label="certified point"))
     ax.legend(handles=handles, loc="upper left", framealpha=0.9)
     ax.set_xlim(-extent, extent)
@@ -295,8 +296,7 @@ def plot_proxy_by_angle(ax, by_angle: dict[float, dict[str, list[Region]]], poin
     orientation = TILT + np.asarray(angles, dtype=float)
     for method in by_angle[angles[0]]:
         radii = [by_angle[a][method][point].proxy_radius for a in angles]
-        ax.plot(orientation, radii, color=METHOD_COLORS[method], linestyle=METHOD_STYLES[method],
-                linewidth=2.0, marker="o", markersize=4, label=METHOD_LABELS[method])
+        ax.plot(orientation, radii, linewidth=2.0, marker="o", markersize=4, **method_style(method))
     ax.set_xticks(orientation)
     ax.set_xlabel("orientation of the blobs (degrees from the $x_1$ axis)")
     ax.set_ylabel("proxy radius")
