@@ -17,16 +17,8 @@ from helpers import run_bound_by_permissions
 from rddrs import RDDRSError
 from rddrs.cli import build_parser
 from rddrs.studies import analysis
-from rddrs.studies.analysis import (
-    METHOD_LABELS,
-    average_certified_radius,
-    certified_accuracy,
-    curves_figure,
-    group_results,
-    read_results,
-    table,
-    write_tables,
-)
+from rddrs.studies.analysis import (METHOD_LABELS, average_certified_radius, certified_accuracy, curves_figure,
+                                    group_results, read_results, table, write_tables)
 from rddrs.studies.display import METHOD_STYLES, check_legible
 
 HEADER = "idx\tlabel\tpredict\tcorrect\tgap\tradius\tproxy_radius\tsigma_min\tseconds"

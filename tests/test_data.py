@@ -22,15 +22,8 @@ from torchvision.datasets import MNIST
 
 from rddrs import RDDRSError
 from rddrs.pipeline import data
-from rddrs.pipeline.data import (
-    MEMBER,
-    RAW_FILES,
-    SHA256,
-    extract_pickle,
-    fetch_mnist,
-    load_dataset,
-    write_raw_from_pickle,
-)
+from rddrs.pipeline.data import (MEMBER, RAW_FILES, SHA256, extract_pickle, fetch_mnist, load_dataset,
+                                 write_raw_from_pickle)
 
 REPO = Path(__file__).resolve().parents[1]
 

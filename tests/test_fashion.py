@@ -25,18 +25,8 @@ from helpers import exit_status, raises_one_line, snapshot
 
 from rddrs.cli import main
 from rddrs.pipeline import models
-from rddrs.pipeline.data import (
-    DATASETS,
-    FASHION_MNIST,
-    MNIST,
-    NAMES,
-    RAW_FILES,
-    dataset,
-    fetch_dataset,
-    fetch_from_package,
-    load_dataset,
-    upstream_header,
-)
+from rddrs.pipeline.data import (DATASETS, FASHION_MNIST, MNIST, NAMES, RAW_FILES, dataset, fetch_dataset,
+                                 fetch_from_package, load_dataset, upstream_header)
 from rddrs.pipeline.models import trained_on
 from rddrs.pipeline.results import dataset_folder, model_path, read_rows, read_sidecar
 from rddrs.pipeline.settings import check_settings, make_settings, normalised, run_dataset

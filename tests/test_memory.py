@@ -20,20 +20,8 @@ from helpers import raises_one_line, run_bound_by_permissions
 from rddrs import RDDRSError
 from rddrs.cli import main
 from rddrs.core.noise import Diagonal, FullSPD, Isotropic
-from rddrs.core.regions import (
-    KEPT,
-    RELABELLED,
-    SHRUNK,
-    TOUCH_TOLERANCE,
-    Memory,
-    Regions,
-    contains,
-    disjoint,
-    gauges,
-    largest_contained_radius,
-    largest_disjoint_radius,
-    separation,
-)
+from rddrs.core.regions import (KEPT, RELABELLED, SHRUNK, TOUCH_TOLERANCE, Memory, Regions, contains, disjoint, gauges,
+                                largest_contained_radius, largest_disjoint_radius, separation)
 from rddrs.core.spd import random_orthogonal
 from rddrs.pipeline.memory import ABSTAINED, MEMORY_COLUMNS, apply_memory, read_memory_rows
 from rddrs.pipeline.results import COLUMNS, memory_path, read_rows, traces_dir, write_rows

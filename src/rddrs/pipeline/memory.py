@@ -20,17 +20,8 @@ from rddrs.core.noise import Smoothing, from_param
 from rddrs.core.regions import TOUCH_TOLERANCE, Memory
 from rddrs.core.spd import random_orthogonal
 from rddrs.pipeline.files import exclusive, write_atomic
-from rddrs.pipeline.results import (
-    COLUMNS,
-    REQUIRED,
-    check_labels,
-    format_row,
-    memory_path,
-    read_rows,
-    read_table,
-    sidecar_path,
-    upgrade,
-)
+from rddrs.pipeline.results import (COLUMNS, REQUIRED, check_labels, format_row, memory_path, read_rows, read_table,
+                                    sidecar_path, upgrade)
 from rddrs.pipeline.runs import trace_param
 
 MEMORY_COLUMNS = COLUMNS + ("memory",)

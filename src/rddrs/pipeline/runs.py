@@ -39,27 +39,10 @@ from rddrs.pipeline.fastnet import network_path
 from rddrs.pipeline.files import ensure_dir, exclusive, one_line, write_atomic
 from rddrs.pipeline.models import check_outputs, load_model, resolve_device
 from rddrs.pipeline.provenance import index_ranges, provenance, provenance_parts, with_parts
-from rddrs.pipeline.results import (
-    COLUMNS,
-    check_labels,
-    format_row,
-    read_rows,
-    read_sidecar,
-    search_status,
-    sidecar_path,
-    traces_dir,
-    upgrade,
-    write_rows,
-)
-from rddrs.pipeline.settings import (
-    RunSettings,
-    default_inputs_per_batch,
-    normalised,
-    resuming,
-    run_dataset,
-    settings_differ,
-    write_sidecar,
-)
+from rddrs.pipeline.results import (COLUMNS, check_labels, format_row, read_rows, read_sidecar, search_status,
+                                    sidecar_path, traces_dir, upgrade, write_rows)
+from rddrs.pipeline.settings import (RunSettings, default_inputs_per_batch, normalised, resuming, run_dataset,
+                                     settings_differ, write_sidecar)
 
 
 class Rotated(torch.nn.Module):

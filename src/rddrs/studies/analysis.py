@@ -33,14 +33,8 @@ from rddrs.core.methods import (  # also the order in which they are drawn and t
 )
 from rddrs.pipeline.data import MNIST, TEST_SIZE
 from rddrs.pipeline.files import write_atomic
-from rddrs.pipeline.results import (
-    INT_COLUMNS,
-    REQUIRED,
-    ends_mid_line,
-    read_sidecar,
-    read_table,
-    sidecar_path as _sidecar_path,
-)
+from rddrs.pipeline.results import (INT_COLUMNS, REQUIRED, ends_mid_line, read_sidecar, read_table,
+                                    sidecar_path as _sidecar_path)
 
 # the name each method goes by in tables and figures (``rddrs.core.methods``)
 METHOD_LABELS = {m.name: m.label for m in _RECORDS.values()}

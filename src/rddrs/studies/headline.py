@@ -35,15 +35,8 @@ import torch
 from rddrs import RDDRSError
 from rddrs.core.methods import ISOTROPIC, method as method_record
 from rddrs.core.presets import SIGMAS, STUDY_SIGMA, preset as preset_record
-from rddrs.pipeline.results import (
-    index_ranges,
-    model_path,
-    provenance_parts,
-    read_rows,
-    read_sidecar,
-    row_writers,
-    traces_dir,
-)
+from rddrs.pipeline.provenance import index_ranges, provenance_parts, row_writers
+from rddrs.pipeline.results import model_path, read_rows, read_sidecar, traces_dir
 from rddrs.pipeline.runs import load_smoothing
 from rddrs.studies import analysis, budgets
 from rddrs.studies.budget import BEST, PIPELINE, _best_chain, variants_study
