@@ -54,15 +54,17 @@ def _cmd_data(args: argparse.Namespace) -> None:
 
 
 def _cmd_certify(args: argparse.Namespace) -> None:
+    from dataclasses import fields, replace
+
+    from rddrs.core.presets import SEARCH_OPTIONS
     from rddrs.pipeline.models import resolve_device
     from rddrs.pipeline.runs import certify_dataset
-    from rddrs.pipeline.settings import make_settings
+    from rddrs.pipeline.settings import RunRequest, resolve
 
     search = {k: getattr(args, k) for k in SEARCH_OPTIONS if getattr(args, k) is not None}
-    settings = make_settings(args.method, args.sigma, args.model, args.preset, seed=args.seed,
-                             device=str(resolve_device(args.device)), rotate=args.rotate, init=args.init,
-                             probabilities=args.probabilities, n0=args.n0, n=args.n, alpha=args.alpha,
-                             search=search, dataset=args.dataset)
+    request = RunRequest(**{f.name: getattr(args, f.name) for f in fields(RunRequest) if f.name != "search"},
+                         search=search)
+    settings = resolve(replace(request, device=str(resolve_device(args.device))))
     out = certify_dataset(settings, args.out, args.start, args.count, args.data, args.inputs_per_batch,
                           args.batch_size, progress=not args.quiet)
     print(f"results in {out}")
@@ -169,57 +171,51 @@ def _plain_numbers(parser: argparse.ArgumentParser) -> None:
             _plain_numbers(sub)
 
 
-#: the options of `rddrs certify` that override fields of the method's Search
-SEARCH_OPTIONS = ("iterations", "samples", "lr", "kappa", "max_step", "objective", "step", "diagonal")
+def _setting_options(p: argparse.ArgumentParser) -> None:
+    """One option of ``p`` per run setting (``settings.RunRequest``), and one per field of the method's
+    search that the command line offers (``presets.SEARCH_OPTIONS``), each made from its metadata."""
+    from dataclasses import MISSING, fields
+
+    from rddrs.core.methods import NAMES as METHODS
+    from rddrs.core.presets import PRESETS, SEARCH_OPTIONS, Search
+    from rddrs.pipeline.data import NAMES as DATASETS
+    from rddrs.pipeline.settings import RunRequest
+
+    lists = {"methods": METHODS, "presets": sorted(PRESETS), "datasets": DATASETS}
+    reads = {"text": {}, "number": {"type": float}, "natural": {"type": _natural_int},
+             "positive": {"type": _positive_int}, "flag": {"action": "store_true"}}
+    search = {f.name: f for f in fields(Search)}
+    for f in fields(RunRequest):
+        meta = dict(f.metadata)
+        kind, choices = meta.pop("kind"), meta.pop("choices")
+        if kind == "search":
+            for name in SEARCH_OPTIONS:
+                option = dict(search[name].metadata)
+                read = reads[option.pop("kind")]
+                if "action" in read:  # a flag given or not: None leaves the preset's value
+                    read = {**read, "default": None}
+                p.add_argument(f"--{name.replace('_', '-')}", **read, **option)
+            continue
+        default = {} if f.default is MISSING else {"default": f.default}
+        p.add_argument(f"--{f.name.replace('_', '-')}", **reads[kind], **default,
+                       **({"choices": lists[choices]} if choices else {}), **meta)
 
 
 def _add_certify(sub) -> None:
-    from rddrs.core.methods import NAMES as METHODS
-    from rddrs.core.presets import OBJECTIVES, PRESETS, STEPS
-    from rddrs.pipeline.data import NAMES as DATASETS
-
     p = sub.add_parser("certify", help="certify a slice of a test set (MNIST, Fashion-MNIST) with one method",
                        description="Certify test images start..start+count-1 with RS, DDRS, ANCER or RDDRS "
                                    "and append one row per image to OUT (tab-separated), resuming a "
                                    "run that was stopped. Preset values apply unless given explicitly.",
                        parents=[_data()])
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--sigma", type=float, required=True, help="RS noise level / the searches' start")
-    p.add_argument("--model", required=True, help="checkpoint (.pt) or torch.export program (.pt2)")
+    _setting_options(p)
     p.add_argument("--out", required=True, help="result file (.tsv); its sidecar is OUT.json")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="scale (default: cpu)")
     p.add_argument("--start", type=int, default=0, help="first test index (default 0)")
     p.add_argument("--count", type=_positive_int, help="number of test images (default: the preset's)")
-    p.add_argument("--n0", type=_positive_int, help="selection samples")
-    p.add_argument("--n", type=_positive_int, help="estimation samples")
-    p.add_argument("--alpha", type=float, help="failure probability of each certificate, in (0, 1)")
-    p.add_argument("--seed", type=_natural_int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--rotate", type=_natural_int, metavar="SEED",
-                   help="compose inputs and model with a random orthogonal matrix of this seed")
-    p.add_argument("--init", help="start from this finished run: a DDRS file gives sigma_x* (ancer, rddrs), "
-                                  "an ANCER file gives C = diag(theta) with its floor (rddrs)")
-    p.add_argument("--probabilities", action="store_true", help="the model outputs probabilities, not logits")
-    p.add_argument("--iterations", type=int, help="search iterations of --method")
-    p.add_argument("--samples", type=_positive_int, help="search samples per iteration of --method")
-    p.add_argument("--lr", type=float, help="search step size of --method")
-    p.add_argument("--kappa", type=float, help="weight of the smallest-scale term of --method")
-    p.add_argument("--max-step", type=float, help="bound on each search step of --method (0: none)")
-    p.add_argument("--objective", choices=OBJECTIVES,
-                   help="soft certificate the search maximises: soft (default, no clamp), clamped (the "
-                        "authors' code), capped (limited at the cap of this run's n and alpha)")
-    p.add_argument("--step", choices=STEPS,
-                   help="step rule of the search: sgd or adam (Riemannian Adam for rddrs); default: "
-                        "the method's paper (adam for ancer, sgd otherwise)")
-    p.add_argument("--diagonal", action="store_true", default=None,
-                   help="rddrs only: keep C diagonal (the Riemannian search without off-diagonal freedom)")
     p.add_argument("--inputs-per-batch", type=_positive_int,
                    help="images searched at once (default: about 16k noisy images per search step on a "
                         "CPU, 262k on a GPU, at most 32 images)")
     p.add_argument("--batch-size", type=_batch, default=2000,
                    help="noisy images per forward pass (default 2000; larger helps on a GPU)")
-    p.add_argument("--dataset", choices=DATASETS, default="mnist",
-                   help="whose test images (default: mnist); the model must have been trained on it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--memory", action="store_true",
                    help="then run the memory pass on OUT (see `rddrs memory --help`)")

@@ -80,28 +80,29 @@ class Search:
       step rule, draws.
     """
 
-    # a field with a help text is also an option of ``rddrs certify`` (``SEARCH_OPTIONS``)
-    iterations: int = field(metadata={"help": "search iterations of --method"})
-    samples: int = field(metadata={"help": "search samples per iteration of --method"})
-    lr: float = field(metadata={"help": "search step size of --method"})
-    kappa: float = field(default=0.0, metadata={"help": "weight of the smallest-scale term of --method"})
+    # a field with a help text is also an option of ``rddrs certify`` (``SEARCH_OPTIONS``; ``kind``: what it reads)
+    iterations: int = field(metadata={"help": "search iterations of --method", "kind": "natural"})
+    samples: int = field(metadata={"help": "search samples per iteration of --method", "kind": "positive"})
+    lr: float = field(metadata={"help": "search step size of --method", "kind": "number"})
+    kappa: float = field(default=0.0, metadata={"help": "weight of the smallest-scale term of --method",
+                                                 "kind": "number"})
     scale: float = 1.0
     step: str = field(default="sgd", metadata={
         "help": "step rule of the search: sgd or adam (Riemannian Adam for rddrs); default: the method's paper "
-                "(adam for ancer, sgd otherwise)", "choices": STEPS})
+                "(adam for ancer, sgd otherwise)", "choices": STEPS, "kind": "text"})
     objective: str = field(default="soft", metadata={
         "help": "soft certificate the search maximises: soft (default, no clamp), clamped (the authors' code), "
-                "capped (limited at the cap of this run's n and alpha)", "choices": OBJECTIVES})
+                "capped (limited at the cap of this run's n and alpha)", "choices": OBJECTIVES, "kind": "text"})
     cap: float | None = None
     keep_best_every: int | None = None
     max_step: float | None = field(default=None, metadata={
-        "help": "bound on each search step of --method (0: none)"})
+        "help": "bound on each search step of --method (0: none)", "kind": "number"})
     floor: bool = True
     antithetic: bool = False
     control_variate: bool = False
     repeat: int = 0
     diagonal: bool = field(default=False, metadata={
-        "help": "rddrs only: keep C diagonal (the Riemannian search without off-diagonal freedom)"})
+        "help": "rddrs only: keep C diagonal (the Riemannian search without off-diagonal freedom)", "kind": "flag"})
 
     def __post_init__(self):
         if not (_integer(self.iterations) and _integer(self.samples) and self.iterations >= 0 and self.samples >= 1):

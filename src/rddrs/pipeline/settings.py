@@ -20,9 +20,12 @@ from rddrs.pipeline.files import one_line, regular_file, write_atomic
 from rddrs.pipeline.results import read_rows, read_sidecar, sidecar_path
 
 
-def _option(help: str, **argparse) -> dict:
-    """The metadata of a run setting: the help (and argparse options) of its ``rddrs certify`` option."""
-    return {"help": help, **argparse}
+def _option(help: str, kind: str = "text", choices: str | None = None, **argparse) -> dict:
+    """The metadata of a run setting, from which ``rddrs certify`` makes its option: the help, what
+    it reads (``kind``: text, number, natural, positive, flag, or search: one option per field of
+    ``presets.SEARCH_OPTIONS``), the name of its list of choices (methods, presets, datasets) and
+    other argparse options."""
+    return {"help": help, "kind": kind, "choices": choices, **argparse}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,28 +37,28 @@ class RunRequest:
     study's variants are requests, and ``settings.resolve`` makes of one the ``RunSettings`` that a
     result file's sidecar records. A new setting is one field here (and its use)."""
 
-    method: str | None = field(default=None, metadata=_option("the method", required=True))
+    method: str | None = field(default=None, metadata=_option("the method", required=True, choices="methods"))
     sigma: float | None = field(default=None, metadata=_option("RS noise level / the searches' start",
-                                                               required=True))
-    preset: str | None = field(default=None, metadata=_option("scale (default: cpu)"))
+                                                               required=True, kind="number"))
+    preset: str | None = field(default=None, metadata=_option("scale (default: cpu)", choices="presets"))
     model: str | None = field(default=None, metadata=_option("checkpoint (.pt) or torch.export program (.pt2)",
                                                              required=True))
-    seed: int = field(default=0, metadata=_option("seed of every noise stream (default 0)"))
+    seed: int = field(default=0, metadata=_option("seed of every noise stream (default 0)", kind="natural"))
     device: str = field(default="cpu", metadata=_option("cpu, cuda, cuda:1 ..."))
     rotate: int | None = field(default=None, metadata=_option(
-        "compose inputs and model with a random orthogonal matrix of this seed", metavar="SEED"))
+        "compose inputs and model with a random orthogonal matrix of this seed", metavar="SEED", kind="natural"))
     init: str | None = field(default=None, metadata=_option(
         "start from this finished run: a DDRS file gives sigma_x* (ancer, rddrs), an ANCER file gives "
         "C = diag(theta) with its floor (rddrs)"))
     probabilities: bool = field(default=False, metadata=_option(
-        "the model outputs probabilities, not logits"))
-    n0: int | None = field(default=None, metadata=_option("selection samples"))
-    n: int | None = field(default=None, metadata=_option("estimation samples"))
+        "the model outputs probabilities, not logits", kind="flag"))
+    n0: int | None = field(default=None, metadata=_option("selection samples", kind="positive"))
+    n: int | None = field(default=None, metadata=_option("estimation samples", kind="positive"))
     alpha: float | None = field(default=None, metadata=_option(
-        "failure probability of each certificate, in (0, 1)"))
-    search: dict = field(default_factory=dict, metadata=_option("overrides of the method's Search"))
+        "failure probability of each certificate, in (0, 1)", kind="number"))
+    search: dict = field(default_factory=dict, metadata=_option("overrides of the method's Search", kind="search"))
     dataset: str = field(default="mnist", metadata=_option(
-        "whose test images (default: mnist); the model must have been trained on it"))
+        "whose test images (default: mnist); the model must have been trained on it", choices="datasets"))
 
     def request(self) -> "RunRequest":
         """The settings alone (of a ``RunSpec``, without its file and images)."""
