@@ -258,11 +258,11 @@ def resolve(request: RunRequest) -> RunSettings:
     own = replace(chosen.search[method], **overrides) if record.searched else None
     searches = {k: (own if k == method else v).record() for k, v in chosen.search.items()
                 if k == method or (record.searched and k == record.base)}
-    return RunSettings(
-        method=method, sigma=float(sigma), preset=preset, model=str(model), model_sha256=sha256_of(model),
-        n0=n0, n=n, alpha=alpha, seed=int(seed), device=str(request.device),
-        rotate=None if rotate is None else int(rotate), probabilities=request.probabilities,
-        search=searches, init=None if init is None else str(init), dataset=dataset)
+    return RunSettings(**{**request_fields(request), "sigma": float(sigma), "preset": preset, "model": str(model),
+                          "n0": n0, "n": n, "alpha": alpha, "seed": int(seed), "device": str(request.device),
+                          "rotate": None if rotate is None else int(rotate), "search": searches,
+                          "init": None if init is None else str(init), "dataset": dataset},
+                       model_sha256=sha256_of(model))
 
 
 #: noisy images one search iteration should hold (inputs x samples), by device type: on 2 CPU
