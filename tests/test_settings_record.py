@@ -3,6 +3,7 @@ specifications, the sidecar's settings and the study specs are all made from it,
 is one field there."""
 
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,7 @@ from rddrs.pipeline.runspec import _RUN_FIELDS, RunSpec
 from rddrs.pipeline.settings import RunRequest, RunSettings, make_settings, request_fields
 from rddrs.studies.study import Study, Variant, study_specs
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "data" / "models" / "mnist_cnn_sigma0.25.pt"
 REQUEST = {f.name for f in fields(RunRequest)}
 
