@@ -27,7 +27,7 @@ run, and where the CPU time went (user vs kernel) in each section.
    exponential map, floor) on both paths, side by side.
 
 Each section reports its user and system CPU time: system time is the kernel's (page faults,
-zeroing, mmap/munmap), which ``rddrs.allocator`` keeps small. ``RDDRS_TUNE_MALLOC=0 python
+zeroing, mmap/munmap), which ``rddrs.pipeline.allocator`` keeps small. ``RDDRS_TUNE_MALLOC=0 python
 benchmarks/bench_core.py`` measures without it.
 
 Usage: python benchmarks/bench_core.py [--device cuda] [--threads 2] [--sections 1,2,3,4,5]

@@ -23,7 +23,7 @@ before = rss()
 block = libc.malloc(256 * 2**20)
 ctypes.memset(block, 1, 256 * 2**20)
 libc.free(ctypes.c_void_p(block))
-print(rddrs.allocator.status(), round(rss() - before))
+print(rddrs.pipeline.allocator.status(), round(rss() - before))
 """
 
 

@@ -1,4 +1,4 @@
-"""Tests of ``rddrs.analysis``: reading result files, certified accuracy, ACR, tables, figure, CLI.
+"""Tests of ``rddrs.studies.analysis``: reading result files, certified accuracy, ACR, tables, figure, CLI.
 
 Every expected number is worked out by hand from small TSV files written here; nothing is
 compared with a value produced by the code under test.
@@ -245,7 +245,7 @@ def test_curves_figure_layout(tmp_path):
     assert all(len(c) == 1 for c in colours.values())      # one colour per method
     assert len(set().union(*colours.values())) == 4         # four different colours
     assert len(set().union(*styles.values())) == 4          # and four dash patterns
-    for method, label in METHOD_LABELS.items():             # those of rddrs.methods
+    for method, label in METHOD_LABELS.items():             # those of rddrs.core.methods
         assert colours[label] == {METHOD_COLORS[method]}
 
 

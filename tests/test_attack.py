@@ -1,4 +1,4 @@
-"""Tests of ``rddrs.attack`` against the closed form of a linear classifier, and on a small network.
+"""Tests of ``rddrs.studies.attack`` against the closed form of a linear classifier, and on a small network.
 
 For the linear classifier ``[0, w.z + b]`` with class c = sign(w.x + b), the smoothed loss
 ``-log E[sigmoid(+-(w.z + b))]`` at ``z = x + S u`` only depends on ``sign * w.(S u)``, so its

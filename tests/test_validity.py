@@ -1,4 +1,4 @@
-"""Tests of ``rddrs.validity``: the measured rate of wrong certificates against exact truths.
+"""Tests of ``rddrs.studies.validity``: the measured rate of wrong certificates against exact truths.
 
 Ground truth 1 (closed form): the linear classifier ``[0, w.z + b]``, whose smoothed class
 probabilities are ``Phi(+-(w.x + b) / ||S^T w||)``; checked here against a dense numpy
