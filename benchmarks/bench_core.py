@@ -25,13 +25,17 @@ run, and where the CPU time went (user vs kernel) in each section.
    commit 6de0fd1 and before) and fast, in GFLOP/s counted as autograd's dense work (FlopCounterMode)
    and as a share of the peak; then the paper preset's RDDRS step (gradient at 20 000 draws,
    exponential map, floor) on both paths, side by side.
+6. Start-up of the command line: the wall time of whole processes ``python -m rddrs --help`` and
+   ``python -m rddrs sweep --help`` (the parsers import no torch), best of ``--repeat``, as a
+   ratio to ``python -c pass`` (the interpreter's own start-up, the floor), with
+   ``python -c "import torch"`` beside them: what a parser that imported torch would add.
 
 Each section reports its user and system CPU time: system time is the kernel's (page faults,
-zeroing, mmap/munmap), which ``rddrs.allocator`` keeps small. ``RDDRS_TUNE_MALLOC=0 python
+zeroing, mmap/munmap), which ``rddrs.pipeline.allocator`` keeps small. ``RDDRS_TUNE_MALLOC=0 python
 benchmarks/bench_core.py`` measures without it.
 
-Usage: python benchmarks/bench_core.py [--device cuda] [--threads 2] [--sections 1,2,3,4,5]
-       [--anatomy-preset cpu] [--draws 20000]
+Usage: python benchmarks/bench_core.py [--device cuda] [--threads 2] [--sections 1,2,3,4,5,6]
+       [--anatomy-preset cpu] [--draws 20000] [--repeat 5]
 Untrained weights in sections 1-2: speed does not depend on them. Every section runs the network
 of the file users run (the ``.pt`` checkpoint, through ``load_model``: the fast path unless
 ``RDDRS_FAST_NETWORK=0``).
@@ -329,6 +333,30 @@ def network_speed(device, args):
         + (f"; fast / autograd {steps['autograd'] / steps['fast']:.2f}x" if "fast" in steps else ""))
 
 
+def cli_startup(args):
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    commands = [("python -c pass", ["-c", "pass"]), ("rddrs --help", ["-m", "rddrs", "--help"]),
+                ("rddrs sweep --help", ["-m", "rddrs", "sweep", "--help"]),
+                ('python -c "import torch"', ["-c", "import torch"])]
+    print(f"\n6. command-line start-up (wall s of a whole process, best of {args.repeat})")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    floor = None
+    for name, argv in commands:
+        times = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, *argv], check=True, capture_output=True, env=env)
+            times.append(time.perf_counter() - start)
+        best = min(times)
+        if floor is None:
+            floor = best
+            print(f"   {name:26s} {best:7.3f}  (the floor, ratio 1)")
+        else:
+            print(f"   {name:26s} {best:7.3f}  ratio {best / floor:.1f}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"   the processes: {_split(after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime)}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -339,10 +367,12 @@ def main():
                         help="inputs searched at once in section 2 (default 1,8,32)")
     parser.add_argument("--batch-size", type=int, default=2000, help="noisy images per forward pass")
     parser.add_argument("--cert-samples", type=int, default=20_000, help="certification samples per input")
-    parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run (default 1,2,3,4,5)")
+    parser.add_argument("--sections", default="1,2,3,4,5,6", help="which sections to run (default 1,2,3,4,5,6)")
     parser.add_argument("--draws", type=int, default=20_000, help="noisy images of section 5 (default 20000)")
     parser.add_argument("--anatomy-preset", default="cpu", help="the preset whose RDDRS search section 4 "
                         "follows (default cpu; paper: 100 steps at 20 000 samples)")
+    parser.add_argument("--repeat", type=int, default=5, help="processes per command of section 6, the best "
+                        "one counts (default 5)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -353,7 +383,7 @@ def main():
           f"malloc tuning {allocator.status()}")
     sections = {"1": lambda: throughput(model, device, args), "2": lambda: search_step(model, device, args),
                 "3": lambda: whole_process(args), "4": lambda: step_anatomy(device, args.anatomy_preset),
-                "5": lambda: network_speed(device, args)}
+                "5": lambda: network_speed(device, args), "6": lambda: cli_startup(args)}
     for key in args.sections.split(","):
         with cpu_split(f"section {key}"):
             sections[key]()

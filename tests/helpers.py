@@ -1,6 +1,7 @@
 """Shared by the tests: random scale matrices of each family (built without the library), the
-check that an error is an ``RDDRSError`` with a one-line message, and what bad-input tests of the
-command line need (snapshots of files, commands that file permissions bind)."""
+closed-form worst point of a linear classifier, the check that an error is an ``RDDRSError`` with
+a one-line message, and what bad-input tests of the command line need (snapshots of files,
+commands that file permissions bind)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,16 @@ def smoothing(family: str, s: torch.Tensor, reps: int):
     if family == "diagonal":
         return Diagonal(torch.diagonal(s).repeat(reps, 1))
     return FullSPD(s.repeat(reps, 1, 1))
+
+
+def worst_point(model, x: torch.Tensor, law, r) -> torch.Tensor:
+    """The point of ``{x + S u : ||u|| <= r}`` closest to the other class of the linear classifier
+    ``model`` (``rddrs.studies.validity.LinearClassifier``, score ``w.z + b``):
+    ``x - sign(w.x + b) r S S^T w / ||S^T w||``, which moves the score by ``-sign r ||S^T w||``
+    (test_validity checks it against dense algebra; test_attack's optimum)."""
+    r = torch.as_tensor(r, dtype=x.dtype, device=x.device).expand(len(x))
+    step = r * torch.sign(model.score(x)) / model.scaled_normal(law).norm(dim=1)
+    return x - (step[:, None] * model.scaled_normal(law, 2)).reshape(x.shape)
 
 
 def raises_one_line(fn, *args, **kwargs) -> str:

@@ -50,7 +50,6 @@ def test_tuning_can_be_switched_off():
     assert kept < 50  # glibc's default: the block went back to the kernel
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", ["rs", "ddrs", "ancer", "rddrs"])
 def test_tuning_changes_no_row(tmp_path, method):
     rows = {}

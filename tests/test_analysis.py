@@ -1,4 +1,4 @@
-"""Tests of ``rddrs.analysis``: reading result files, certified accuracy, ACR, tables, figure, CLI.
+"""Tests of ``rddrs.studies.analysis``: reading result files, certified accuracy, ACR, tables, figure, CLI.
 
 Every expected number is worked out by hand from small TSV files written here; nothing is
 compared with a value produced by the code under test.

@@ -178,7 +178,6 @@ def test_heavy_chapters_fold_their_code_and_check_what_they_state():
             assert not shown, f"mnist.md shows code cells: {shown}"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", chapter_lists()["HEAVY"])
 def test_heavy_chapter_runs_at_the_smoke_preset(name, tmp_path):
     """As `make results PRESET=smoke` does: papermill with the chapter's parameters replaced."""
@@ -249,20 +248,17 @@ def _pages(site: Path) -> list[Path]:
     return pages
 
 
-@pytest.mark.slow
 def test_every_toc_chapter_is_built(html):
     for name in toc_files():
         assert (html / f"{name}.html").is_file(), f"no HTML page for {name}"
 
 
-@pytest.mark.slow
 def test_the_built_intro_shows_the_executed_version(html):
     text = (html / "book" / "intro.html").read_text(encoding="utf-8")
     outputs = re.findall(r'class="cell_output[^"]*".*?<pre>(.*?)</pre>', text, re.DOTALL)
     assert any(re.sub(r"<[^>]+>", "", out).strip() == rddrs.__version__ for out in outputs)
 
 
-@pytest.mark.slow
 def test_every_image_exists(html):
     for page in _pages(html):
         for src in _parse(page).images:
@@ -272,7 +268,6 @@ def test_every_image_exists(html):
             assert _local(page, src).is_file(), f"{page.name}: missing image {src}"
 
 
-@pytest.mark.slow
 def test_no_page_loads_anything_from_the_network(html):
     for page in _pages(html):
         assets = _parse(page)
@@ -283,7 +278,6 @@ def test_no_page_loads_anything_from_the_network(html):
             assert not re.search(r"https?://", body), f"{page.name}: inline script with a URL"
 
 
-@pytest.mark.slow
 def test_mathjax_is_the_local_copy(html):
     intro = html / "book" / "intro.html"
     scripts = [src for src in _parse(intro).scripts if "mathjax" in src.lower()]

@@ -211,7 +211,6 @@ def _screenshot(driver, name: str, height: int, width: int = WIDTH) -> None:
     driver.set_window_size(width, HEIGHT)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", toc_files())
 def test_page_reads_well_in_a_browser(browser, html, name):
     page = html / f"{name}.html"
@@ -259,7 +258,6 @@ def test_page_reads_well_in_a_browser(browser, html, name):
     assert seen["text"].strip(), f"{name}: no text"
 
 
-@pytest.mark.slow
 def test_the_book_holds_tables_and_figures(browser, html):
     """The chapters' tables and figures reach the reader as tables and images (a guard against
     a page that passes the checks above by showing nothing)."""
@@ -387,7 +385,6 @@ ready.then(() => (window.MathJax && MathJax.startup && MathJax.startup.promise) 
 PHONE = 390, 844
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("width", [WIDTH, PHONE[0]])
 @pytest.mark.parametrize("theme", ["light", "dark"])
 def test_pages_read_in_both_themes_and_on_a_phone(browser, html, theme, width):

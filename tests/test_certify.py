@@ -1,4 +1,4 @@
-"""Tests of ``rddrs.certify`` against the closed form of a linear classifier.
+"""Tests of ``rddrs.core.certify`` against the closed form of a linear classifier.
 
 For the two-class classifier ``f(z) = argmax([0, w.z + b])`` (class 1 iff ``w.z + b > 0``)
 under the noise ``x + S eps``, ``w.(x + S eps) + b ~ N(w.x + b, ||S^T w||^2)``, so the

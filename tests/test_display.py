@@ -1,5 +1,5 @@
-"""Tests of ``rddrs.display``: tables, the figure style and its legibility check, method and
-variant styles, the provenance note; and the book's sample points in ``rddrs.spd``."""
+"""Tests of ``rddrs.studies.display``: tables, the figure style and its legibility check, method and
+variant styles, the provenance note; and the book's sample points in ``rddrs.core.spd``."""
 
 from __future__ import annotations
 

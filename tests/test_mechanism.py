@@ -1,6 +1,7 @@
 """The mechanism measures against closed forms, and the study end to end at the smoke preset."""
 
 import json
+import platform
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,9 @@ from helpers import raises_one_line
 from scipy import stats
 
 from rddrs.core import presets, spd
+from rddrs.core.certify import ABSTAIN
 from rddrs.core.noise import Diagonal, FullSPD, Isotropic
+from rddrs.pipeline.data import load_dataset
 from rddrs.studies import headline, mechanism
 from rddrs.studies.study import Study, Variant, run_study
 from rddrs.studies.validity import LinearClassifier
@@ -135,15 +138,23 @@ def test_the_mechanism_study_at_the_smoke_preset(tmp_path):
         assert row["spectrum"]["smallest"] <= row["spectrum"]["largest"]
     assert (results / "claims" / "mechanism" / "measures.json").exists()
     refuted = headline.refutations("smoke", results, data=DATA, models=MODELS)
-    assert {r["variant"] for r in refuted} <= {v.name for v in study.variants}
+    assert refuted and {r["variant"] for r in refuted} <= {v.name for v in study.variants}
+    labels = load_dataset(DATA, train=False)[1]
     for r in refuted:
-        assert r["distance"] <= r["radius"] * (1 + 1e-5) and isinstance(r["refuted"], bool)
+        assert r["distance"] <= r["radius"] * (1 + 1e-5)
+        # refuted: at the attacked point the pipeline certifies a class, and not the image's own
+        assert r["abstain"] == (r["predict"] == ABSTAIN)
+        assert r["refuted"] == (not r["abstain"] and r["predict"] != int(labels[r["idx"]]))
     passes = headline.memories("smoke", results, data=DATA, models=MODELS)
     assert set(passes) == {v.name for v in study.variants} and (results / "claims" / "mechanism" / "memory.json").exists()
+    here = f"cpu ({platform.processor() or platform.machine()})"  # the device the rows were written on
     for name, entry in passes.items():
         assert sum(entry["statuses"].values()) == entry["images"] >= study.count
-        assert entry["after"]["l2"] <= entry["before"]["l2"] + 1e-12 and entry["devices"] == ["cpu (x86_64)"]
-        assert len(entry["nearest_other"]) <= entry["images"] and entry["intruders"] >= 0 and not entry["rerun"]
+        assert entry["after"]["l2"] <= entry["before"]["l2"] + 1e-12 and entry["devices"] == [here]
+        assert len(entry["nearest_other"]) <= entry["images"] and not entry["rerun"]
+        # an intruder lies inside a kept region (gauge < 1): a region holds one iff its nearest other image does
+        assert entry["regions_with_intruders"] == sum(g < 1 for g in entry["nearest_other"])
+        assert (entry["intruders"] > 0) == (entry["regions_with_intruders"] > 0)
         assert entry["test_images"] == 10_000
 
 

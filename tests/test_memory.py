@@ -1,4 +1,4 @@
-"""Tests of ``rddrs.memory``: exact ellipsoid geometry and the memory pass over result files.
+"""Tests of ``rddrs.pipeline.memory``: exact ellipsoid geometry and the memory pass over result files.
 
 Ground truths are independent of the code under test: brute force over dense samples of the
 boundary of an ellipsoid (in d = 2 and 3), closed forms (balls, concentric ellipsoids via

@@ -1,9 +1,10 @@
-"""Tests of ``rddrs.noise``: smoothing families, their certificate factors and gradients, seeded noise.
+"""Tests of ``rddrs.core.noise``: smoothing families, their certificate factors and gradients, seeded noise.
 
-Conventions under test (DESIGN.md, "Maths conventions"): noise is ``x + S eps`` with
-``eps ~ N(0, I_d)``, covariance ``S S^T``; proxy factor ``det(S)^(1/d)``, smallest scale
-``lambda_min(S)``; for the full family the Riemannian gradients under
-``g_C(A, B) = tr(C^-1 A C^-1 B)`` are ``grad P = (P/d) C`` and ``grad K = lambda_min^2 v v^T``.
+Conventions under test (``rddrs.core.noise``'s module docstring and ``FullSPD.grad_proxy``,
+``FullSPD.grad_min_scale``): noise is ``x + S eps`` with ``eps ~ N(0, I_d)``, covariance
+``S S^T``; proxy factor ``det(S)^(1/d)``, smallest scale ``lambda_min(S)``; for the full family
+the Riemannian gradients under ``g_C(A, B) = tr(C^-1 A C^-1 B)`` are ``grad P = (P/d) C`` and
+``grad K = lambda_min^2 v v^T``.
 
 References are built independently: SPD matrices from known eigenvalues and a random
 orthogonal basis, ``torch.linalg`` eigenvalues, autograd and finite differences.
@@ -236,7 +237,7 @@ def test_full_riemannian_gradients_by_finite_differences(which):
     c, v = _full_case(30)
     s = FullSPD(c)
     grad, f = (s.grad_proxy(), _proxy_of) if which == "proxy" else (s.grad_min_scale(), _min_eig_of)
-    # closed forms of DESIGN.md
+    # the closed form grad P = (P/d) C (the module docstring above)
     if which == "proxy":
         torch.testing.assert_close(grad, (_proxy_of(c) / 5)[:, None, None] * c, rtol=1e-10, atol=1e-12)
     h = 1e-5

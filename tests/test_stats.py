@@ -1,4 +1,4 @@
-"""Tests of ``rddrs.stats``: Clopper-Pearson bound, PREDICT's p-value, stable probit, soft gap.
+"""Tests of ``rddrs.core.stats``: Clopper-Pearson bound, PREDICT's p-value, stable probit, soft gap.
 
 References are independent: scipy's ``binomtest`` (exact intervals and p-values), scipy's
 ``ndtri`` / ``log_ndtr`` and closed forms of the normal law. Nothing is compared with a value

@@ -105,14 +105,6 @@ def exp_transport(c: Tensor, x: Tensor, u: Tensor, eig: tuple[Tensor, Tensor] | 
     return sym(b @ b.transpose(-1, -2)), sym(a @ u @ a.transpose(-1, -2))
 
 
-def transport(c: Tensor, d: Tensor, u: Tensor) -> Tensor:
-    """Parallel transport of the tangent vector U at C to D along the geodesic from C to D:
-    ``E U E^T`` with ``E = C^1/2 (C^-1/2 D C^-1/2)^1/2 C^-1/2`` (float64 inside)."""
-    root, inv_root = sqrt_and_inv_sqrt(c.double())
-    e = root @ funm(inv_root @ d.double() @ inv_root, torch.sqrt) @ inv_root
-    return sym(e @ u.double() @ e.transpose(-1, -2)).to(u.dtype)
-
-
 def log(c: Tensor, d: Tensor) -> Tensor:
     """Logarithm map ``Log_C(D) = C^1/2 logm(C^-1/2 D C^-1/2) C^1/2``, the inverse of ``exp``.
 

@@ -266,9 +266,10 @@ def resolve(request: RunRequest) -> RunSettings:
 
 
 #: noisy images one search iteration should hold (inputs x samples), by device type: on 2 CPU
-#: cores the time per input falls up to about 16k images (bench_core section 2: at 500 samples
-#: 0.28 s at 1 input, 0.19 s at 32; at 2000 samples 0.34 s at 1 and 8 inputs alike); on a GPU
-#: the bound is memory (about 0.2 MB per image for forward and backward of the CNN).
+#: cores batching up to about 16k images does not slow the search down per input (measured by
+#: benchmarks/bench_core.py section 2, s/input/iter at 1, 8 and 32 inputs; the README's Speed
+#: section has the numbers); on a GPU the bound is memory (about 0.2 MB per image for forward and
+#: backward of the CNN).
 SEARCH_IMAGES = {"cpu": 16_384, "cuda": 262_144}
 
 

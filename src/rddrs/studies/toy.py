@@ -162,12 +162,6 @@ class Region:
             return math.nan
         return math.degrees(math.atan2(v[1, -1], v[0, -1])) % 180.0
 
-    @property
-    def elongation(self) -> float:
-        """``lambda_max(S) / lambda_min(S)``: 1 for a circle."""
-        w = np.linalg.eigvalsh(self.scale)
-        return float(w[-1] / w[0])
-
     def boundary(self, num: int = 200) -> np.ndarray:
         """``num`` points ``centre + gap S (cos t, sin t)`` on the region's boundary, (num, 2)."""
         t = np.linspace(0.0, 2 * np.pi, num)

@@ -173,10 +173,3 @@ class LinearClassifier(nn.Module):
         """Exact ``[P[class 0], P[class 1]]`` (B, 2) under each input's law."""
         t = (self.score(x) / self.scaled_normal(smoothing).norm(dim=1)).double().cpu().numpy()
         return np.stack([stats.norm.sf(t), stats.norm.cdf(t)], 1)
-
-    def worst_point(self, x: Tensor, smoothing: Smoothing, r) -> Tensor:
-        """The point of ``{x + S u : ||u|| <= r}`` closest to the other class:
-        ``x - sign(w.x + b) r S S^T w / ||S^T w||`` (moves the score by ``-sign r ||S^T w||``)."""
-        r = torch.as_tensor(r, dtype=x.dtype, device=x.device).expand(len(x))
-        step = r * torch.sign(self.score(x)) / self.scaled_normal(smoothing).norm(dim=1)
-        return x - (step[:, None] * self.scaled_normal(smoothing, 2)).reshape(x.shape)
