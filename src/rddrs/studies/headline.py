@@ -201,7 +201,7 @@ def device_check(path, indices, *, n: int = 100_000, alpha: float = 0.001, seed:
     """For rows of the isotropic run ``path`` (RS or DDRS) written on another device: CERTIFY
     again here with the row's sigma, fresh draws (another seed's streams), and both lower bounds
     on p_A side by side with the standard error of their difference; with this machine's
-    provenance (``rddrs.pipeline.files.recorded``)."""
+    provenance (``rddrs.pipeline.provenance.recorded``)."""
     from rddrs.core.certify import certify
     from rddrs.core.noise import Isotropic
     from rddrs.pipeline.data import load_dataset
