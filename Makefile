@@ -72,9 +72,11 @@ NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with book/nbval_saniti
 
 # the Fashion-MNIST tests read Debian's package dataset-fashion-mnist: installed as `make data
 # DATASET=fashion-mnist` does (as root, with apt-get); where that cannot be, they are skipped
-test: $(INSTALLED) $(MNIST) $(MATHJAX)  ## run the whole test suite (the chapters' notebooks too)
+test: $(INSTALLED) $(MNIST) $(MATHJAX)  ## lint and format check (ruff), then the whole test suite (the chapters' notebooks too)
 	@$(MAKE) --no-print-directory $(FASHION_PACKAGE) || echo "note: without Debian's package" \
 	  "dataset-fashion-mnist the tests that read Fashion-MNIST are skipped" >&2
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
 	$(BIN)/python -m pytest $(NBVAL)
 
 $(MATHJAX):
