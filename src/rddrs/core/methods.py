@@ -77,9 +77,6 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            Clamp(0.001, 0.999, "clamped", "PLabarbarie/RDDRS code/riemannian.py inv_Phi"), "#D55E00", "-"),
 )}
 
-#: axes of each family's parameter per input: sigma (), theta (d,), C (d, d)
-PARAM_AXES: dict[str, int] = {ISOTROPIC: 0, DIAGONAL: 1, FULL: 2}
-
 _BUILT_IN = frozenset(METHODS)
 
 
