@@ -73,7 +73,7 @@ def test_clamped_is_the_reference_formula(method):
            "rddrs": FullSPD(torch.stack([scale_matrix("full", D, 1), scale_matrix("full", D, 2)]) * 0.3)}[method]
     eps = NoiseSource(1, "optimize").draw([0, 1], 4000, D, F64)
     leaf, means = _means(MODEL, x, law, eps)
-    value = objectives.build("clamped", law.family)(means)
+    value = objectives.build("clamped", clamp)(means)
     (grad,) = torch.autograd.grad(value.sum(), leaf.param)
     # the reference: G from the mean of the probabilities, clamped as the authors' code does
     leaf2 = law.leaf()
@@ -103,7 +103,7 @@ def test_clamped_ddrs_gives_confident_inputs_one_sigma():
     x = torch.tensor([[2.5, -1.0, 1.0, 0.0, 0.5], [3.5, -1.0, 1.0, 0.0, 0.5]], dtype=F64)
     base = Isotropic(torch.full((2,), 0.25, dtype=F64), D)
     settings = Search(20, 256, 1e-2, scale=0.5, objective="clamped")
-    found = search(MODEL, x, base, [0, 1], settings, 1e-3, seed=0)
+    found = search(MODEL, x, base, [0, 1], settings, 1e-3, seed=0, clamp=METHODS["ddrs"].clamp)
     sigma = found.smoothing.param
     assert float(sigma[0]) > 0.25 and float(sigma[0]) == pytest.approx(float(sigma[1]), rel=1e-12)
     soft = search(MODEL, x, base, [0, 1], Search(20, 256, 1e-2, scale=0.5), 1e-3, seed=0).smoothing.param
@@ -176,7 +176,8 @@ def test_bad_objective_settings_are_one_line_errors():
     assert "capped objective" in raises_one_line(Search, 5, 8, 0.1, cap=3.2)
     assert "unknown objective" in raises_one_line(Search, 5, 8, 0.1, objective="hard")
     assert "unknown step rule" in raises_one_line(Search, 5, 8, 0.1, step="lbfgs")
-    assert "cap" in raises_one_line(objectives.build, "capped", "full")
+    assert "cap" in raises_one_line(objectives.build, "capped")
+    assert "clamp" in raises_one_line(objectives.build, "clamped")
 
 
 def test_old_sidecar_records_read_as_the_papers_search():

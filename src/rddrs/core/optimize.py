@@ -33,13 +33,13 @@ from tqdm import tqdm
 
 from rddrs import RDDRSError
 from rddrs.core import objectives, spd, steps
-from rddrs.core.methods import DIAGONAL, FULL, method as method_record
-from rddrs.core.noise import Diagonal, Isotropic, NoiseSource, Smoothing, check_inputs, noisy_outputs
+from rddrs.core.methods import Clamp, method as method_record
+from rddrs.core.noise import Isotropic, NoiseSource, Smoothing, check_inputs, family_class, noisy_outputs
 from rddrs.core.presets import ANCER, DDRS, RDDRS, Search
+from rddrs.core.stats import ClassMeans, class_means
 
 #: the papers' own searches, by method (what ``find_smoothing`` runs unless told otherwise)
 PAPER_SEARCHES = {"ddrs": DDRS, "ancer": ANCER, "rddrs": RDDRS}
-from rddrs.core.stats import ClassMeans, class_means
 
 #: sigma is kept above this during DDRS' search (only to keep the scale positive); so are the
 #: scales of ANCER and RDDRS searches without the sigma_x* floor (``Search.floor=False``).
@@ -139,8 +139,11 @@ def _clean_input_term(model, x: Tensor, smoothing: Smoothing, eps: Tensor, means
 
 
 def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, seed: int,
-           rotation: Tensor | None = None, progress: bool = False) -> SearchResult:
+           rotation: Tensor | None = None, progress: bool = False, clamp: Clamp | None = None) -> SearchResult:
     """Maximise H for each input from ``init``, keeping ``lambda_min(S) >= lower``.
+
+    ``clamp``: the searched method's (``methods.Method.clamp``), which the ``clamped``
+    objective needs.
 
     ``lower`` is a number or one per input. Draws come from the optimisation stream of
     ``seed`` keyed by ``indices`` (replicate ``settings.repeat``, antithetic pairs if
@@ -152,10 +155,11 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
     law; the others go on, and ``diverged_at`` says which stopped at which iteration.
     """
     check_inputs(x, init, indices)
-    if settings.diagonal and init.family != FULL:
-        raise RDDRSError(f"a diagonal-only search restricts RDDRS' full C; the {init.family} family is diagonal already")
+    if settings.diagonal and not init.dense:
+        raise RDDRSError(f"a diagonal-only search restricts a dense S (RDDRS' full C); the {init.family} family "
+                         "is diagonal already")
     noise = NoiseSource(seed, NoiseSource.OPTIMIZE, x.device, rotation, repeat=settings.repeat)
-    objective = objectives.build(settings.objective, init.family, settings.cap)
+    objective = objectives.build(settings.objective, clamp, settings.cap)
     rule = steps.make(settings.step, settings.lr)
     current = init.floor(lower)
     best, best_value = current, torch.full((len(indices),), -np.inf, dtype=torch.float64, device=x.device)
@@ -216,7 +220,7 @@ def _traces(method: str, found: SearchResult) -> dict[str, np.ndarray]:
 
 def find_smoothing(method: str, model, x: Tensor, indices, sigma: float, seed: int,
                    settings: dict[str, Search] | None = None, sigma_star: Tensor | None = None,
-                   theta: Tensor | None = None, rotation: Tensor | None = None,
+                   start: Smoothing | None = None, rotation: Tensor | None = None,
                    progress: bool = False) -> tuple[Smoothing, dict[str, np.ndarray]]:
     """The smoothing law of each input for ``method``, and the objective traces of its searches
     (key: the search's method) with the iteration at which each input's search stopped
@@ -224,36 +228,40 @@ def find_smoothing(method: str, model, x: Tensor, indices, sigma: float, seed: i
 
     RS uses ``sigma`` itself; DDRS searches sigma from ``sigma``; ANCER and RDDRS start from
     the DDRS optimum ``sigma_star`` (searched here unless given) with floor ``sigma_star``
-    (``DDRS_FLOOR`` if their search has ``floor=False``). RDDRS can start from ANCER's
-    ``theta`` instead (C = diag(theta), same floor): it then searches a superset of ANCER's
-    ellipsoids. ``settings`` overrides the papers' settings per method (keys "ddrs",
-    "ancer", "rddrs").
+    (``DDRS_FLOOR`` if their search has ``floor=False``), their laws in their own family
+    (``Smoothing.embed``). RDDRS can start from ANCER's law ``start`` (diag(theta)) instead
+    (C = diag(theta), same floor): it then searches a superset of ANCER's ellipsoids; a start
+    that the method's family does not contain is a one-line error. ``settings`` overrides the
+    papers' settings per method (keys "ddrs", "ancer", "rddrs").
     """
     record = method_record(method)
+    family = family_class(record.family)
     if not sigma > 0:
         raise RDDRSError(f"sigma must be > 0, got {sigma}")
-    if theta is not None and (record.family != FULL or sigma_star is None):
-        raise RDDRSError("a diagonal start (theta of an ANCER run, with its sigma_x*) serves RDDRS only")
+    if start is not None and (record.base is None or sigma_star is None):
+        raise RDDRSError(f"a start law (with its sigma_x*) serves a method searched from a base's sigma_x* (as "
+                         f"RDDRS from ANCER), not {record.label}")
     settings = {**PAPER_SEARCHES, **(settings or {})}
     d = x[0].numel()
     base = Isotropic(torch.full((len(indices),), float(sigma), dtype=x.dtype, device=x.device), d)
     if not record.searched:
-        return base, {}
+        return family.embed(base), {}
     traces = {}
     first = record.base or method  # the isotropic search that gives sigma_x*
     if sigma_star is None:
-        found = search(model, x, base, indices, settings[first], DDRS_FLOOR, seed, rotation, progress)
+        found = search(model, x, base, indices, settings[first], DDRS_FLOOR, seed, rotation, progress,
+                       method_record(first).clamp)
         sigma_star = found.smoothing.param
         traces.update(_traces(first, found))
     star = Isotropic(torch.as_tensor(sigma_star, dtype=x.dtype, device=x.device), d)
     if record.base is None:  # sigma_x* is the method's answer
-        return star, traces
-    if theta is not None:
-        init = Diagonal(torch.as_tensor(theta, dtype=x.dtype, device=x.device)).as_full()
+        return family.embed(star), traces
+    if start is not None:  # e.g. RDDRS from ANCER's diag(theta)
+        init = family.embed(start.with_param(torch.as_tensor(start.param, dtype=x.dtype, device=x.device)))
     else:
-        init = {DIAGONAL: star.as_diagonal, FULL: star.as_full}[record.family]()  # searched from sigma_x* I
+        init = family.embed(star)  # searched from sigma_x* I
     lower = star.param if settings[method].floor else DDRS_FLOOR
-    found = search(model, x, init, indices, settings[method], lower, seed, rotation, progress)
+    found = search(model, x, init, indices, settings[method], lower, seed, rotation, progress, record.clamp)
     traces.update(_traces(method, found))
     traces["sigma_star"] = star.param.detach().cpu().numpy()  # the start and floor, for --init
     return found.smoothing, traces

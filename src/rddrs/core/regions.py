@@ -52,7 +52,6 @@ from torch import Tensor
 
 from rddrs import RDDRSError
 from rddrs.core import spd
-from rddrs.core.methods import FULL, ISOTROPIC
 from rddrs.core.noise import Smoothing
 
 #: what the memory makes of a certificate (``Decision.status``)
@@ -109,41 +108,24 @@ def _query(x: Tensor, law: Smoothing, stored: Regions) -> tuple[Tensor, Smoothin
     return x, _float64(law)
 
 
-def _full(law: Smoothing) -> bool:
-    """Whether S is a dense matrix (the full family) rather than a diagonal one."""
-    return law.family == FULL
-
-
-def _diagonal(law: Smoothing) -> Tensor:
-    """The diagonal of S (B, d) for the isotropic and diagonal families."""
-    return law.param[:, None].expand(-1, law.dim) if law.family == ISOTROPIC else law.param
-
-
-def _inv_scale(law: Smoothing, m: Tensor) -> Tensor:
-    """``S^-1 m`` for m of shape (..., d, k), S broadcast over the leading axes."""
-    if _full(law):
-        return torch.linalg.solve(law.param, m)
-    return m / _diagonal(law)[..., :, None]
-
-
 def _pair_geometry(x: Tensor, law: Smoothing, stored: Regions) -> tuple[Tensor, Tensor]:
     """Squared coordinates ``a^2`` and semi-axes squared ``beta`` (N, d) of the stored regions
     in coordinates whitened by the query's S (see the module notes)."""
     laws = _float64(stored.laws)
     offset = stored.centres.double() - x
     r2 = stored.gaps.double()[:, None] ** 2
-    if not _full(law) and not _full(laws):
-        s, s2 = _diagonal(law), _diagonal(laws)
+    if not law.dense and not laws.dense:
+        s, s2 = law.diagonal(), laws.diagonal()
         return (offset / s) ** 2, r2 * (s2 / s) ** 2
-    if law.family == ISOTROPIC:  # Phi: the stored eigenbases
+    if law.scalar:  # Phi: the stored eigenbases (param: the query's scale)
         w2, v2 = laws.eig
         return ((offset[:, None, :] @ v2).squeeze(1) / law.param) ** 2, r2 * (w2 / law.param) ** 2
-    if laws.family == ISOTROPIC:  # Phi: the query's eigenbasis
+    if laws.scalar:  # Phi: the query's eigenbasis
         w, v = law.eig
         return (offset @ v[0] / w) ** 2, r2 * (laws.param[:, None] / w) ** 2
-    t = _inv_scale(law, laws.matrix())
+    t = law.solve(laws.matrix())
     mu, phi = spd.eigh(t @ t.transpose(-1, -2))
-    m = _inv_scale(law, offset[..., None])
+    m = law.solve(offset[..., None])
     return (phi.transpose(-1, -2) @ m).squeeze(-1) ** 2, r2 * mu.clamp(min=0)
 
 
@@ -154,7 +136,7 @@ def _chunks(n: int, d: int, dense: bool):
 
 
 def _is_dense(law: Smoothing, stored: Regions) -> bool:
-    return _full(law) or _full(stored.laws)
+    return law.dense or stored.laws.dense
 
 
 def _subset(stored: Regions, index) -> Regions:
@@ -256,7 +238,7 @@ def contains(stored: Regions, x: Tensor) -> Tensor:
     if x.numel() != stored.laws.dim:
         raise RDDRSError(f"x has {x.numel()} features, the stored regions d={stored.laws.dim}")
     offset = (x - stored.centres.double())[..., None]
-    return _inv_scale(_float64(stored.laws), offset).squeeze(-1).norm(dim=-1) < stored.gaps.double()
+    return _float64(stored.laws).solve(offset).squeeze(-1).norm(dim=-1) < stored.gaps.double()
 
 
 def gauges(stored: Regions, points: Tensor) -> Tensor:
@@ -268,7 +250,7 @@ def gauges(stored: Regions, points: Tensor) -> Tensor:
     laws, rows = _float64(stored.laws), []
     for j in range(len(stored)):
         offsets = (points - stored.centres[j].double()).T[None]  # (1, d, P)
-        norms = _inv_scale(laws.with_param(laws.param[j: j + 1]), offsets)[0].norm(dim=0)
+        norms = laws.with_param(laws.param[j: j + 1]).solve(offsets)[0].norm(dim=0)
         rows.append(norms / stored.gaps[j] if stored.gaps[j] > 0 else torch.full_like(norms, torch.inf))
     return torch.stack(rows) if rows else torch.zeros(0, len(points), dtype=torch.float64)
 
@@ -346,7 +328,7 @@ class Memory:
         """Add the region ``E(x, S, gap)`` of class ``label`` (``key``: what ``load`` takes)."""
         if law.batch != 1:
             raise RDDRSError(f"store takes one smoothing law, got a batch of {law.batch}")
-        if self._template is not None and law.family != self._template.family:
+        if self._template is not None and type(law) is not type(self._template):
             raise RDDRSError(f"one memory holds one smoothing family: {self._template.family}, not {law.family}")
         if not (np.isfinite(gap) and gap >= 0):
             raise RDDRSError(f"gap r must be finite and >= 0, got {gap}")
@@ -391,7 +373,7 @@ class Memory:
         other = (self._labels[:n] != label) & (self._gaps[:n] > 0)
         distance = self._distance_floor(x)
         outer = self._outer[:n]
-        stored_full = _full(self._template)
+        stored_full = self._template.dense
         # (a) inside a stored region of another class: the first such region (stored order)
         candidates = (other & (distance < outer) if self.screen else other).nonzero()[:, 0]
         for part in _chunks(len(candidates), law.dim, stored_full):
@@ -405,7 +387,7 @@ class Memory:
         near = other & (lower < gap) if self.screen else other
         order = near.nonzero()[:, 0][lower[near].argsort()]  # nearest first, by the bound
         limit = float(gap)
-        for part in _chunks(len(order), law.dim, stored_full or _full(law)):
+        for part in _chunks(len(order), law.dim, stored_full or law.dense):
             index = order[part][lower[order[part]] < limit] if self.screen else order[part]
             if len(index):
                 limit = min(limit, float(largest_disjoint_radius(x, law, self.regions(index)).min()))

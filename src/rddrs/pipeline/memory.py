@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from rddrs import RDDRSError
 from rddrs.core.certify import ABSTAIN
-from rddrs.core.methods import FULL, ISOTROPIC, METHODS, method as method_record
-from rddrs.core.noise import Smoothing, from_param
+from rddrs.core.methods import METHODS, method as method_record
+from rddrs.core.noise import Smoothing, family_class
 from rddrs.core.regions import TOUCH_TOLERANCE, Memory
 from rddrs.core.spd import random_orthogonal
 from rddrs.pipeline.files import exclusive, write_atomic
@@ -43,12 +43,13 @@ def read_memory_rows(path: Path, repair: bool = False) -> list[dict]:
 
 
 def _trace_reader(out: Path, method: str, d: int) -> Callable[[int], Tensor]:
-    """Image idx -> the final parameter (float64) in its trace: theta (d,) or C (d, d)."""
+    """Image idx -> the final parameter (float64) in its trace: theta (d,) or C (d, d); the last
+    ones read are kept for a dense family (whose memory reads its laws again when needed)."""
 
     def read(idx: int) -> Tensor:
         return torch.from_numpy(trace_param(out, idx, method, d))
 
-    return lru_cache(maxsize=32)(read) if method_record(method).family == FULL else read
+    return lru_cache(maxsize=32)(read) if family_class(method_record(method).family).dense else read
 
 
 def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = True,
@@ -93,9 +94,9 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
     d = images[0].numel()
     rotate = meta["settings"].get("rotate")
     rotation = random_orthogonal(d, seed=rotate) if rotate is not None else None
-    family = method_record(method).family
-    # the isotropic families' sigma is in the row; theta and C are in the traces
-    read = None if family == ISOTROPIC else _trace_reader(out, method, d)
+    family = family_class(method_record(method).family)
+    # an in_rows family's sigma is in the row; theta and C are in the traces
+    read = None if family.in_rows else _trace_reader(out, method, d)
 
     checked = set()  # the idx whose law was found valid
 
@@ -104,7 +105,7 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
         x = images[row["idx"] - start].reshape(-1).double()
         param = torch.tensor([row["sigma_min"]], dtype=torch.float64) if read is None else read(row["idx"])[None]
         try:
-            law = from_param(family, param, d, check=row["idx"] not in checked)
+            law = family.from_param(param, d, check=row["idx"] not in checked)
         except RDDRSError as err:
             raise RDDRSError(f"{out}: the law of idx {row['idx']} is not a valid covariance ({err}); the memory "
                              "certifies from valid laws only") from None
@@ -122,7 +123,7 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
         for row in ordered:  # checked: from here on the pass writes
             region(row)
         upgrade(path, MEMORY_COLUMNS, read_memory_rows)  # a pass of an older rddrs gets today's columns
-        memory = Memory(load=read if family == FULL else None)
+        memory = Memory(load=read if family.dense else None)  # dense laws: read again when needed
         for row in done:
             if row["memory"] != ABSTAINED:
                 memory.store(*region(row), row["gap"], row["predict"], key=row["idx"])

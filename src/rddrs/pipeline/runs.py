@@ -4,7 +4,7 @@ A run certifies test images ``start .. start+count-1`` with one method and write
 tab-separated row per image, appended and flushed as soon as its batch is done, plus a JSON
 sidecar (``FILE.json``) that records the settings and provenance, and one ``.npz`` of
 objective traces and the final smoothing parameter per image (``FILE.traces/IDX.npz``,
-key ``param``: sigma, theta or C in float32). Re-running the same command continues
+key ``param``: sigma, theta or C in float32, of the family's ``param_shape``). Re-running the same command continues
 where it stopped: complete rows are kept, a half-written last row is dropped, and a settings
 mismatch is an error. Every shard is an independent, idempotent command, so shards of the
 test set can run in parallel processes or machines and be joined by ``merge``.
@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from rddrs import RDDRSError
 from rddrs.core.certify import certify
-from rddrs.core.methods import ISOTROPIC, PARAM_AXES, method as method_record
-from rddrs.core.noise import Smoothing, from_param
+from rddrs.core.methods import method as method_record
+from rddrs.core.noise import Smoothing, family_class
 from rddrs.core.optimize import find_smoothing
 from rddrs.core.presets import PRESETS, Search
 from rddrs.core.spd import random_orthogonal
@@ -87,24 +87,26 @@ def certify_dataset(settings: RunSettings, out: str | Path, start: int = 0, coun
 @dataclass
 class Start:
     """Where each image's search starts, read from a finished run (``--init``): sigma_x* per
-    idx, and for an ANCER run also theta per idx (RDDRS then starts at C = diag(theta))."""
+    idx, and for a run whose law is in its traces (ANCER) also that law's parameter per idx and
+    its family (RDDRS then starts at C = diag(theta))."""
 
     sigma_star: dict[int, float]
-    theta: dict[int, np.ndarray] | None = None
+    params: dict[int, np.ndarray] | None = None
+    family: str | None = None
 
     def batch(self, idx: list[int], like: torch.Tensor) -> dict:
         """``find_smoothing``'s start arguments for the images ``idx``."""
         star = torch.tensor([self.sigma_star[i] for i in idx], dtype=like.dtype, device=like.device)
-        if self.theta is None:
+        if self.params is None:
             return {"sigma_star": star}
-        theta = torch.from_numpy(np.stack([self.theta[i] for i in idx])).to(like)
-        return {"sigma_star": star, "theta": theta}
+        params = torch.from_numpy(np.stack([self.params[i] for i in idx])).to(like)
+        return {"sigma_star": star, "start": family_class(self.family).from_param(params, like[0].numel())}
 
 
-def load_init(path: Path, run: RunSettings, indices: list[int]) -> Start:
-    """The start of ``run``'s images ``indices`` from the result file ``path``: a DDRS run of
-    the same sigma, model, seed, rotation and dataset (sigma_x* from its rows), or, for RDDRS, such an
-    ANCER run (theta and sigma_x* from its traces)."""
+def load_init(path: Path, run: RunSettings, indices: list[int], d: int) -> Start:
+    """The start of ``run``'s images ``indices`` (of d features) from the result file ``path``: a
+    DDRS run of the same sigma, model, seed, rotation and dataset (sigma_x* from its rows), or, for
+    RDDRS, such an ANCER run (theta and sigma_x* from its traces)."""
     if not path.exists() or not sidecar_path(path).exists():
         raise RDDRSError(f"--init {path}: no such result file (with its .json sidecar)")
     settings = read_sidecar(path)["settings"]
@@ -120,11 +122,11 @@ def load_init(path: Path, run: RunSettings, indices: list[int]) -> Start:
     rows = read_rows(path)
     if missing := [i for i in indices if i not in rows]:
         raise RDDRSError(f"--init {path} has no row for idx {missing[0]} (and {len(missing) - 1} more)")
-    if method_record(settings["method"]).family == ISOTROPIC:  # sigma_x* is the row's sigma
+    family = method_record(settings["method"]).family
+    if family_class(family).in_rows:  # sigma_x* is the row's sigma
         return Start({i: rows[i]["sigma_min"] for i in indices})
-    d = run_dimension(path, indices[0])
-    theta = {i: trace_param(path, i, settings["method"], d) for i in indices}
-    return Start({i: float(trace_value(path, i, "sigma_star")) for i in indices}, theta)
+    params = {i: trace_param(path, i, settings["method"], d) for i in indices}
+    return Start({i: float(trace_value(path, i, "sigma_star")) for i in indices}, params, family)
 
 
 def run_certification(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor,
@@ -158,7 +160,7 @@ def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: to
     todo = [i for i in range(start, start + len(images)) if i not in done]
     if not todo:  # complete: nothing to write
         return out
-    init = load_init(Path(settings.init), settings, todo) if settings.init else None
+    init = load_init(Path(settings.init), settings, todo, images[0].numel()) if settings.init else None
     searches = {k: Search.from_dict(v) for k, v in settings.search.items()}
     traces = traces_dir(out) if method_record(settings.method).searched else None
     if traces is not None and traces.exists() and not traces.is_dir():
@@ -255,8 +257,9 @@ def trace_value(out: Path, idx: int, key: str) -> np.ndarray:
 
 
 def trace_param(out: Path, idx: int, method: str, d: int) -> np.ndarray:
-    """The final parameter of image ``idx`` in the run ``out``: theta (d,) or C (d, d), float64."""
-    shape = (d,) * PARAM_AXES[method_record(method).family]
+    """The final parameter of image ``idx`` in the run ``out`` (the family's ``param_shape(d)``:
+    theta (d,) or C (d, d)), float64."""
+    shape = tuple(family_class(method_record(method).family).param_shape(d))
     param = trace_value(out, idx, "param")
     if not np.issubdtype(param.dtype, np.number) or param.shape != shape:
         raise RDDRSError(f"{traces_dir(Path(out)) / f'{idx}.npz'}: param is a {param.dtype} array of shape "
@@ -264,22 +267,17 @@ def trace_param(out: Path, idx: int, method: str, d: int) -> np.ndarray:
     return param.astype(np.float64)
 
 
-def run_dimension(out: Path, idx: int) -> int:
-    """The input dimension d of a searched run, from the final parameter of one image."""
-    return int(trace_value(out, idx, "param").shape[-1])
-
-
 def load_smoothing(out: str | Path, indices, d: int, dtype: torch.dtype = torch.float64) -> Smoothing:
     """The smoothing laws a run certified images ``indices`` with: sigma from the rows (RS,
-    DDRS), theta or C from the traces (ANCER, RDDRS)."""
+    DDRS: the family is ``in_rows``), theta or C from the traces (ANCER, RDDRS)."""
     out = Path(out)
     method = read_sidecar(out)["settings"]["method"]
-    family = method_record(method).family
-    if family == ISOTROPIC:
+    family = family_class(method_record(method).family)
+    if family.in_rows:
         rows = read_rows(out)
-        return from_param(family, torch.tensor([rows[i]["sigma_min"] for i in indices], dtype=dtype), d, check=False)
+        return family.from_param(torch.tensor([rows[i]["sigma_min"] for i in indices], dtype=dtype), d, check=False)
     params = torch.from_numpy(np.stack([trace_param(out, i, method, d) for i in indices])).to(dtype)
-    return from_param(family, params, d, check=False)
+    return family.from_param(params, d, check=False)
 
 
 def check_rows(out: Path, rows: dict[int, dict], meta: dict, source: str, same_rows: bool = False) -> list[int]:

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from rddrs import RDDRSError
-from rddrs.core.methods import FULL, method as method_record
+from rddrs.core.methods import method as method_record
+from rddrs.core.noise import family_class
 from rddrs.core.presets import MAX_SAMPLES, SIGMA_RANGE, Search, preset as preset_record
 from rddrs.pipeline.data import MNIST, dataset as dataset_record
 from rddrs.pipeline.files import one_line, regular_file, write_atomic
@@ -248,8 +249,10 @@ def resolve(request: RunRequest) -> RunSettings:
     overrides = dict(request.search or {})
     if overrides and not record.searched:
         raise RDDRSError(f"{record.label} has no search to override")
-    if overrides.get("diagonal") and record.family != FULL:
-        raise RDDRSError(f"a diagonal-only search restricts RDDRS' full C; {record.label}'s is not full")
+    if overrides.get("diagonal") and not family_class(record.family).dense:
+        raise RDDRSError(f"a diagonal-only search restricts a dense S (RDDRS' full C); {record.label}'s is not dense")
+    if record.searched and method not in chosen.search:
+        raise RDDRSError(f"the {preset} preset has no search for {method} (presets.PRESETS[{preset!r}].search)")
     if overrides.get("max_step") == 0:
         overrides["max_step"] = None
     if record.searched:  # the capped objective is capped at this run's own r_max

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from rddrs import RDDRSError
-from rddrs.core.noise import Isotropic, Smoothing, check_inputs, noisy_outputs
+from rddrs.core.noise import Smoothing, check_inputs, noisy_outputs
 from rddrs.core.stats import clopper_pearson_lower
 from rddrs.studies.validity import CheckNoise, class_indices, smoothed_probability
 
@@ -87,7 +87,7 @@ def attack(model, x: Tensor, smoothing: Smoothing, cls, r, steps: int = 20, samp
         raise RDDRSError(f"step must be > 0, got {step}")
     r = _radii(r, x)
     if box is not None:
-        if smoothing.family != Isotropic.family:
+        if not smoothing.scalar:
             raise RDDRSError(f"an attack kept to a box takes an isotropic law, not a {smoothing.family} one")
         if not (box[0] < box[1] and ((x >= box[0]) & (x <= box[1])).all()):
             raise RDDRSError(f"the inputs must lie in the box [{box[0]:g}, {box[1]:g}] the points are kept to")

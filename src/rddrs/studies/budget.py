@@ -45,7 +45,7 @@ import torch
 from rddrs import RDDRSError
 from rddrs.core import spd
 from rddrs.core.methods import SEARCHED
-from rddrs.core.noise import Isotropic, NoiseSource
+from rddrs.core.noise import FullSPD, Isotropic, NoiseSource
 from rddrs.core.optimize import objective_and_gradient
 from rddrs.core.presets import OBJECTIVES, STEPS, STUDY_SIGMA, preset as preset_record
 from rddrs.core.stats import gap_cap
@@ -277,7 +277,7 @@ def gradient_quality(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, 
     rows = []
     for j, index in enumerate(indices):
         xi = x[j: j + 1]
-        law = Isotropic(sigma_star[j: j + 1].to(xi), d).as_full()
+        law = FullSPD.embed(Isotropic(sigma_star[j: j + 1].to(xi), d))
 
         def estimate(m: int, repeat: int, **options):
             return _gradient_estimate(model, xi, law, index, m, repeat, kappa, seed, chunk, **options)
@@ -323,7 +323,7 @@ def diagonal_split(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, sa
     rows = []
     for j, index in enumerate(indices):
         xi = x[j: j + 1]
-        law = Isotropic(sigma_star[j: j + 1].to(xi), d).as_full()
+        law = FullSPD.embed(Isotropic(sigma_star[j: j + 1].to(xi), d))
         full, diag = [], []
         for r in range(repeats):
             g = _gradient_estimate(model, xi, law, index, samples, 1 + r, kappa, seed, chunk)

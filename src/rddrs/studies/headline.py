@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from rddrs import RDDRSError
-from rddrs.core.methods import ISOTROPIC, method as method_record
+from rddrs.core.methods import method as method_record
+from rddrs.core.noise import family_class
 from rddrs.core.presets import SIGMAS, STUDY_SIGMA, preset as preset_record
 from rddrs.pipeline.provenance import index_ranges, provenance_parts, row_writers
 from rddrs.pipeline.results import model_path, read_rows, read_sidecar, traces_dir
@@ -251,8 +252,8 @@ def measures(preset: str, results, *, device: str = "cpu", data="data", models="
 
     def compute():
         _, runs, images, labels, model, _ = _setup(preset, results, device, data, models)
-        return recorded(device, measure(runs, images, labels, model, samples=budgets.of(preset).headline.mechanism_votes,
-                                         seed=seed, device=device))
+        votes = budgets.of(preset).headline.mechanism_votes
+        return recorded(device, measure(runs, images, labels, model, samples=votes, seed=seed, device=device))
 
     path = Path(results) / "claims" / "mechanism" / "measures.json"
     return _checked(path, cached_json(path, compute, {"rows": list})["rows"], ("variant", "idx"))
@@ -318,7 +319,7 @@ def refutations(preset: str, results, *, device: str = "cpu", data="data", model
 
 def laws_kept(path) -> bool:
     """Whether the laws a run certified with are here: in its rows (RS, DDRS) or in its traces."""
-    return method_record(read_sidecar(path)["settings"]["method"]).family == ISOTROPIC or \
+    return family_class(method_record(read_sidecar(path)["settings"]["method"]).family).in_rows or \
         traces_dir(Path(path)).is_dir()
 
 

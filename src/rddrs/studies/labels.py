@@ -7,7 +7,7 @@ words of ``WORDS``; the authors' pipeline has names of its own (``PIPELINE``).
 
 from __future__ import annotations
 
-from rddrs.core.methods import FULL, method as method_record
+from rddrs.core.methods import method as method_record
 
 #: the vocabulary of the labels
 WORDS = {"soft": "soft", "clamped": "clamped", "capped": "capped",
@@ -48,6 +48,13 @@ def label(variant, study=None, brief: bool = False) -> str:
     return text
 
 
+def _curved(family: str) -> bool:
+    """Whether the family's search geometry is curved (its Adam is Riemannian Adam)."""
+    from rddrs.core.noise import family_class  # torch, only when a label asks
+
+    return family_class(family).geometry != "euclidean"
+
+
 def _parts(variant, brief: bool) -> list[str]:
     record = method_record(variant.method)
     s = variant.search
@@ -55,7 +62,7 @@ def _parts(variant, brief: bool) -> list[str]:
     if "objective" in s:
         parts.append(WORDS[s["objective"]])
     if "step" in s:
-        rule = "riemannian adam" if s["step"] == "adam" and record.family == FULL else s["step"]
+        rule = "riemannian adam" if s["step"] == "adam" and _curved(record.family) else s["step"]
         parts.append(WORDS[rule])
     if "lr" in s and not brief:
         parts.append(f"step {_number(s['lr'])}")

@@ -37,8 +37,8 @@ from torch import Tensor
 
 from rddrs import RDDRSError
 from rddrs.core.certify import ABSTAIN, certify
-from rddrs.core.methods import DIAGONAL, FULL, ISOTROPIC, method as method_record
-from rddrs.core.noise import Diagonal, FullSPD, Isotropic, Smoothing
+from rddrs.core.methods import method as method_record
+from rddrs.core.noise import Isotropic, Smoothing
 from rddrs.core.optimize import find_smoothing
 from rddrs.core.presets import Search, preset as preset_record
 from rddrs.pipeline.results import read_rows, read_sidecar
@@ -80,12 +80,8 @@ def shares(model, points: Tensor, law: Smoothing, samples: int, seed: int, key: 
 
 
 def scales(law: Smoothing) -> np.ndarray:
-    """The scales of S, ascending: the eigenvalues of C, theta sorted, or sigma d times."""
-    if law.family == FULL:
-        return torch.linalg.eigvalsh(law.param[0].double()).cpu().numpy()
-    if law.family == DIAGONAL:
-        return np.sort(law.param[0].double().cpu().numpy())
-    return np.full(law.dim, float(law.param[0]))
+    """The scales of S, ascending, in float64: the eigenvalues of C, theta sorted, or sigma d times."""
+    return law.scales(float64=True)[0].cpu().numpy()
 
 
 def spectrum(law: Smoothing) -> dict:
@@ -97,14 +93,11 @@ def spectrum(law: Smoothing) -> dict:
 
 def top_axes(law: Smoothing, k: int) -> tuple[np.ndarray, Tensor] | None:
     """The k largest scales and their unit axes (k, d); None for isotropic noise (no axis)."""
-    if law.family == ISOTROPIC:
+    found = law.axes()
+    if found is None:
         return None
-    if law.family == DIAGONAL:
-        theta = law.param[0].double()
-        order = theta.argsort(descending=True)[:k]
-        return theta[order].cpu().numpy(), torch.eye(law.dim, dtype=torch.float64, device=theta.device)[order]
-    w, v = torch.linalg.eigh(law.param[0].double())
-    return w.flip(0)[:k].cpu().numpy(), v.flip(1)[:, :k].T
+    w, v = found
+    return w[0, :k].cpu().numpy(), v[0, :k]
 
 
 def _cosine(a: Tensor, b: Tensor) -> float:
@@ -146,18 +139,9 @@ def split(model, x: Tensor, label: int, law: Smoothing, samples: int, seed: int,
           threshold: float = 1.0) -> dict | None:
     """x's share of the votes under S's axes above ``threshold`` alone, under those at most it
     alone, and under isotropic noise at S's smallest scale (None for isotropic noise)."""
-    if law.family == ISOTROPIC:
+    if law.scalar:
         return None
-    if law.family == DIAGONAL:
-        theta = law.param
-        big, small = Diagonal(theta * (theta > threshold), check=False), Diagonal(theta * (theta <= threshold), check=False)
-    else:
-        w, v = torch.linalg.eigh(law.param[0].double())
-
-        def part(keep):
-            return FullSPD(((v * (w * keep)) @ v.T).to(law.param)[None], check=False)
-
-        big, small = part(w > threshold), part(w <= threshold)
+    big, small = law.masked(lambda s: s > threshold), law.masked(lambda s: s <= threshold)
     smallest = float(scales(law)[0])
     iso = Isotropic(torch.tensor([smallest], dtype=law.param.dtype, device=law.param.device), law.dim)
     out = {"scales_above": int((scales(law) > threshold).sum()), "smallest": smallest}
@@ -208,7 +192,7 @@ def pipeline(model, x: Tensor, keys: list[int], study: Study, variant: Variant, 
         if link.method == "ddrs":
             start = {"sigma_star": law.param}
         elif link.method == "ancer":
-            start = {**start, "theta": law.param}
+            start = {**start, "start": law}
     cert = certify(model, x, law, keys, chosen.n0, chosen.n, chosen.alpha, seed)
     return law, cert
 

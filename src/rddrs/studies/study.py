@@ -30,12 +30,13 @@ import numpy as np
 import torch
 
 from rddrs import RDDRSError
-from rddrs.core import spd
-from rddrs.core.methods import ISOTROPIC, method as method_record
+from rddrs.core.methods import method as method_record
+from rddrs.core.noise import family_class
 from rddrs.pipeline import runspec, shards, sweep
-from rddrs.pipeline.results import model_path, read_rows, result_path, traces_dir
+from rddrs.pipeline.data import dataset as dataset_record
+from rddrs.pipeline.results import model_path, read_rows, read_sidecar, result_path, traces_dir
 from rddrs.pipeline.runspec import RunRequest, RunSpec
-from rddrs.pipeline.settings import resolve
+from rddrs.pipeline.settings import resolve, run_dataset
 from rddrs.studies import analysis
 
 
@@ -210,8 +211,10 @@ def _read(variant: Variant, path: Path, init: Path | None, folder: Path, study: 
 
 
 def _digest(variant: Variant, path: Path, init: Path | None, results: analysis.Results) -> dict[str, np.ndarray]:
-    """Spectra, traces and sigma_x* of the rows of ``results``, from the run's trace files."""
+    """Spectra, traces and sigma_x* of the rows of ``results``, from the run's trace files (the
+    spectrum of a law kept in the rows, ``in_rows``: its sigma)."""
     record = method_record(variant.method)
+    family = family_class(record.family)
     if not record.searched:
         sigma = results.sigma_min[:, None]
         return {"idx": results.idx, "gap": results.gap, "spectrum": sigma.astype(np.float32),
@@ -221,19 +224,21 @@ def _digest(variant: Variant, path: Path, init: Path | None, results: analysis.R
     if missing:
         raise RDDRSError(f"{folder} lacks the traces of {len(missing)} images (first: {missing[0]}) and no "
                          f"digest of these rows exists: restore the digest, or recompute {path.name} elsewhere")
+    # the input dimension, which a family's parameter need not show
+    d = math.prod(dataset_record(run_dataset(read_sidecar(path)["settings"])).input_shape)
     spectra, traces, stars = [], [], []
     for i, sigma in zip(results.idx, results.sigma_min):
         with np.load(folder / f"{i}.npz") as stored:
             traces.append(stored[variant.method])
             stars.append(float(stored["sigma_star"]) if "sigma_star" in stored else math.nan)
-            if record.family == ISOTROPIC:  # S = sigma I: its row has sigma
+            if family.in_rows:  # S = sigma I: its row has sigma
                 spectra.append(np.array([sigma]))
                 continue
             if "param" not in stored:
                 raise RDDRSError(f"{folder / f'{i}.npz'} holds no 'param' (written by an older rddrs): "
                                  f"recompute {path.name}")
             param = torch.as_tensor(stored["param"], dtype=torch.float64)
-            spectra.append((spd.eigh(param)[0] if param.dim() == 2 else param.reshape(-1).sort().values).numpy())
+            spectra.append(family.from_param(param[None], d, check=False).scales()[0].numpy())
     if init is None:  # DDRS: its own sigma
         star = results.sigma_min
     elif not np.isnan(stars).any():  # recorded in the traces since the ANCER start existed
