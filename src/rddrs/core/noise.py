@@ -506,8 +506,8 @@ class FullSPD(Smoothing):
         return FullSPD(moved, check=False), carried
 
     def floor(self, lower) -> "FullSPD":
-        w, v = self.eig
-        w = torch.maximum(w, _per_input(lower, self.batch, w)[:, None])
+        """``spd.floored``: the eigenvalues raised to the floor, the eigenvectors kept (and cached)."""
+        w, v = spd.floored(self.eig, _per_input(lower, self.batch, self.eig[0]))
         return FullSPD(spd.from_eig(w, v), eig=(w, v), check=False)
 
 

@@ -133,15 +133,21 @@ def riemannian_gradient(c: Tensor, euclidean_grad: Tensor) -> Tensor:
     return sym(c @ sym(euclidean_grad) @ c)
 
 
+def floored(eig: tuple[Tensor, Tensor], lower: Tensor | float) -> tuple[Tensor, Tensor]:
+    """The eigendecomposition ``(max(w, lower), V)`` of the projection of ``V diag(w) V^T`` onto
+    ``{C : lambda_min(C) >= lower}`` (``lower``: a scalar or one per matrix of the batch)."""
+    w, v = eig
+    lower = torch.as_tensor(lower, dtype=w.dtype, device=w.device)
+    return torch.maximum(w, lower.unsqueeze(-1) if lower.dim() else lower), v
+
+
 def floor_eigenvalues(c: Tensor, lower: Tensor | float) -> Tensor:
-    """Project onto ``{C : lambda_min(C) >= lower}``: ``V max(w, lower) V^T``.
+    """Project onto ``{C : lambda_min(C) >= lower}``: ``V max(w, lower) V^T`` (``floored``).
 
     ``lower`` is a scalar or has the batch shape of ``c``. This is the nearest such matrix
     in Frobenius norm; eigenvectors are kept.
     """
-    w, v = eigh(c)
-    lower = torch.as_tensor(lower, dtype=w.dtype, device=w.device)
-    return from_eig(torch.maximum(w, lower.unsqueeze(-1) if lower.dim() else lower), v)
+    return from_eig(*floored(eigh(c), lower))
 
 
 def check_spd(c: Tensor, name: str = "matrix", rtol: float = 1e-5) -> None:
