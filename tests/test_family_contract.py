@@ -113,7 +113,7 @@ class FramedIsotropic(Smoothing):
 
 
 #: the method that uses it: searched from DDRS' sigma_x* (its start and floor), plain ascent
-FRAMED = Method("framed", "Framed DDRS", FramedIsotropic.family, True, "sgd", (), "ddrs", None, "#E69F00", "-")
+FRAMED = Method("framed", "Framed DDRS", FramedIsotropic.family, True, "sgd", (), "ddrs", None)
 #: its search at the smoke preset: plain ascent (Adam would move both scales alike)
 SMOKE_SEARCH = Search(8, 16, 2e-2, kappa=0.5, max_step=0.2)
 
@@ -288,7 +288,7 @@ def test_registration_is_checked_and_undone(registered):
     with pytest.raises(RDDRSError, match="exists already"):
         methods.register(FRAMED)
     with pytest.raises(RDDRSError, match="unknown method"):
-        methods.register(Method("lost", "Lost", "isotropic", True, "sgd", (), "nowhere", None, "#000000", "-"))
+        methods.register(Method("lost", "Lost", "isotropic", True, "sgd", (), "nowhere", None))
     with pytest.raises(RDDRSError, match="not a registered"):
         methods.unregister("rddrs")
     with pytest.raises(RDDRSError, match="not a registered"):
