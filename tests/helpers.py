@@ -102,5 +102,12 @@ def run_bound_by_permissions(args: list, cwd: Path) -> subprocess.CompletedProce
     tests run as root, whom they do not bind, the subprocess runs without the capabilities that
     override them (Linux), as a plain owner of its files."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-    return subprocess.run([sys.executable, "-m", "rddrs", *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300, preexec_fn=_without_overrides if os.geteuid() == 0 else None)
+    return subprocess.run(
+        [sys.executable, "-m", "rddrs", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_without_overrides if os.geteuid() == 0 else None,
+    )

@@ -33,8 +33,9 @@ print(allocator.status(), round(rss() - before))
 
 
 def _probe(env):
-    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True,
-                         env={"PATH": "/usr/bin:/bin", **env}).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin", **env}
+    ).stdout.split()
     return out[0], float(out[-1])
 
 
@@ -55,26 +56,52 @@ def test_tuning_changes_no_row(tmp_path, method):
     rows = {}
     for tuning in ("1", "0"):
         out = tmp_path / f"{method}_{tuning}.tsv"
-        subprocess.run([sys.executable, "-m", "rddrs", "certify", "--method", method, "--sigma", "0.25",
-                        "--model", str(ROOT / "data/models/mnist_cnn_sigma0.25.pt"), "--preset", "smoke",
-                        "--count", "2", "--data", str(ROOT / "data"), "--out", str(out), "--quiet"],
-                       check=True, capture_output=True, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
-                                                            "RDDRS_TUNE_MALLOC": tuning})
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rddrs",
+                "certify",
+                "--method",
+                method,
+                "--sigma",
+                "0.25",
+                "--model",
+                str(ROOT / "data/models/mnist_cnn_sigma0.25.pt"),
+                "--preset",
+                "smoke",
+                "--count",
+                "2",
+                "--data",
+                str(ROOT / "data"),
+                "--out",
+                str(out),
+                "--quiet",
+            ],
+            check=True,
+            capture_output=True,
+            env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "RDDRS_TUNE_MALLOC": tuning},
+        )
         rows[tuning] = {i: {k: v for k, v in r.items() if k != "seconds"} for i, r in read_rows(out).items()}
     assert rows["1"] == rows["0"] and len(rows["1"]) == 2
     # the command line tuned its process, or said why not
-    status = {t: json.loads((tmp_path / f"{method}_{t}.tsv.json").read_text())["provenance"]["malloc_tuning"]
-              for t in ("1", "0")}
+    status = {
+        t: json.loads((tmp_path / f"{method}_{t}.tsv.json").read_text())["provenance"]["malloc_tuning"]
+        for t in ("1", "0")
+    }
     assert status == {"1": "on", "0": "off (RDDRS_TUNE_MALLOC=0)"}
 
 
 def test_importing_the_library_changes_no_allocator_and_the_core_loads_no_pipeline():
     """``import rddrs.core...`` loads nothing of rddrs.pipeline or rddrs.studies and leaves malloc as it
     is; only an entry point tunes it."""
-    probe = ("import sys, rddrs, rddrs.core.certify, rddrs.core.optimize, rddrs.core.regions\n"
-             "print(sorted(m for m in sys.modules if m.startswith(('rddrs.pipeline', 'rddrs.studies'))))\n"
-             "from rddrs.pipeline import allocator\n"
-             "print(allocator.status())")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                         env={"PATH": "/usr/bin:/bin"}).stdout.splitlines()
+    probe = (
+        "import sys, rddrs, rddrs.core.certify, rddrs.core.optimize, rddrs.core.regions\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('rddrs.pipeline', 'rddrs.studies'))))\n"
+        "from rddrs.pipeline import allocator\n"
+        "print(allocator.status())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"}
+    ).stdout.splitlines()
     assert out == ["[]", "not tuned"]

@@ -21,11 +21,17 @@ COMMON = dict(data=ROOT / "data", models=ROOT / "data" / "models")
 @pytest.fixture(scope="module")
 def answer():
     runs = headline.read(PAPER, presets.STUDY_SIGMA, **COMMON)
-    acr = {n: {k: paired_difference(analysis.certified_radius(r, k), np.zeros(r.n)) for k in analysis.KINDS}
-           for n, r in runs.items()}
-    gain = {(o, k): paired_difference(analysis.certified_radius(runs["rddrs_clamped"], k),
-                                             analysis.certified_radius(runs[o], k))
-            for o in ("ancer_clamped", "ddrs_capped") for k in analysis.KINDS}
+    acr = {
+        n: {k: paired_difference(analysis.certified_radius(r, k), np.zeros(r.n)) for k in analysis.KINDS}
+        for n, r in runs.items()
+    }
+    gain = {
+        (o, k): paired_difference(
+            analysis.certified_radius(runs["rddrs_clamped"], k), analysis.certified_radius(runs[o], k)
+        )
+        for o in ("ancer_clamped", "ddrs_capped")
+        for k in analysis.KINDS
+    }
     refuted = collections.Counter()
     tested = collections.Counter()
     for row in headline.refutations("paper", PAPER, compute=False, **COMMON):
@@ -43,10 +49,19 @@ def test_the_readme_states_the_numbers_of_the_result_files(answer):
             mean, se = acr[name][kind]
             assert f"{mean:.3f} +- {se:.3f}" in readme, (name, kind)
         if name != "rs":
-            assert re.search(rf"\| {refuted[name]} of {tested[name]} \|", readme.split(
-                "| " + {"ddrs_clamped": "DDRS, the authors'", "ddrs_capped": "DDRS, capped",
-                        "ancer_clamped": "ANCER, the authors'", "rddrs_clamped": "RDDRS, the authors'"}[name], 1)[1]
-                .split("\n", 1)[0]), name
+            assert re.search(
+                rf"\| {refuted[name]} of {tested[name]} \|",
+                readme.split(
+                    "| "
+                    + {
+                        "ddrs_clamped": "DDRS, the authors'",
+                        "ddrs_capped": "DDRS, capped",
+                        "ancer_clamped": "ANCER, the authors'",
+                        "rddrs_clamped": "RDDRS, the authors'",
+                    }[name],
+                    1,
+                )[1].split("\n", 1)[0],
+            ), name
     for other, kind in (("ancer_clamped", "proxy"), ("ancer_clamped", "l2"), ("ddrs_capped", "l2")):
         mean, se = gain[(other, kind)]
         assert f"{mean:+.3f} +- {se:.3f}" in readme, (other, kind)
@@ -64,8 +79,10 @@ def test_the_readme_states_what_survives_the_memory():
     readme = " ".join((ROOT / "README.md").read_text().split())
     rd, an = passes["rddrs_clamped"], passes["ancer_clamped"]
     assert rd["statuses"]["kept"] == rd["images"] == 20 and rd["intruders"] == an["intruders"] == 0
-    assert f"keeps all {rd['images']} RDDRS certificates (l2 ACR {rd['after']['l2']:.3f}, against ANCER's " \
-           f"{an['after']['l2']:.3f}" in readme
+    assert (
+        f"keeps all {rd['images']} RDDRS certificates (l2 ACR {rd['after']['l2']:.3f}, against ANCER's "
+        f"{an['after']['l2']:.3f}" in readme
+    )
     assert f"none of the {rd['test_images']:,} test images".replace(",", " ") in readme
 
 
@@ -74,8 +91,7 @@ def test_the_readme_states_the_coverage_before_any_number():
     found = " ".join(readme.split("## What the book finds", 1)[1].split())
     coverage = found.split("**At the paper's own settings", 1)[0]
     runs = headline.read(PAPER, presets.STUDY_SIGMA, **COMMON)
-    stated = (f"sigma = 0.25 on {runs['rs'].n} of the 10 000 test images (indices "
-              f"{headline.coverage(runs['rs'].idx)})")
+    stated = f"sigma = 0.25 on {runs['rs'].n} of the 10 000 test images (indices {headline.coverage(runs['rs'].idx)})"
     assert stated in coverage and not re.search(r"\d\.\d{3}", coverage)  # the extent, and no ACR before it
     panels = headline.panels(PAPER, **COMMON)
     least = int(re.search(r"at least (\d+) of each", coverage)[1])
@@ -86,9 +102,11 @@ def test_the_readme_states_the_mechanism_of_the_measures():
     rd = [r for r in headline.measures("paper", PAPER, **COMMON) if r["variant"] == "rddrs_clamped"]
     readme = " ".join((ROOT / "README.md").read_text().split())
     above1 = [r["spectrum"]["above_1"] for r in rd]
-    assert (f"a median of {np.median(above1):.0f} of its 784 scales exceed 1 pixel unit (from {min(above1)} to "
-            f"{max(above1)} over the images; a median of {np.median([r['spectrum']['above_10'] for r in rd]):.0f} "
-            f"exceed 10)") in readme
+    assert (
+        f"a median of {np.median(above1):.0f} of its 784 scales exceed 1 pixel unit (from {min(above1)} to "
+        f"{max(above1)} over the images; a median of {np.median([r['spectrum']['above_10'] for r in rd]):.0f} "
+        f"exceed 10)"
+    ) in readme
     from rddrs.pipeline.data import load_dataset
 
     norm = float(load_dataset(COMMON["data"], train=False)[0].flatten(1).norm(dim=1).mean())
@@ -96,5 +114,7 @@ def test_the_readme_states_the_mechanism_of_the_measures():
     assert f"l2 norm of an average test image ({norm:.1f})" in readme and 5 < largest / norm < 20  # "about ten times"
     small = np.mean([r["split"]["at_most"] for r in rd])
     whole = np.mean([r["constancy"]["at_x"] for r in rd])
-    assert f"with the small axes alone x's class gets {small:.3f} of the votes, with the whole law {whole:.3f}" in readme
+    assert (
+        f"with the small axes alone x's class gets {small:.3f} of the votes, with the whole law {whole:.3f}" in readme
+    )
     assert "directions the network ignores" not in readme

@@ -77,8 +77,9 @@ def test_no_flip_inside_certified_regions(family):
     assert ok.sum() >= batch - 2 and (cert.predict[ok] == cls.numpy()[ok]).all()
     sub = torch.from_numpy(np.flatnonzero(ok))
     gap = torch.tensor(cert.gap[ok])
-    check = check_region(model, x[sub], sm[sub], cls[sub], gap, steps=20, samples=64, check_samples=10_000,
-                         alpha=0.001, seed=12)
+    check = check_region(
+        model, x[sub], sm[sub], cls[sub], gap, steps=20, samples=64, check_samples=10_000, alpha=0.001, seed=12
+    )
     assert not check.refuted.any()
     assert (check.winner == cls[sub].numpy()).all()
     # the attack found the worst point: the exact smoothed probability there is Phi(|t| - gap)

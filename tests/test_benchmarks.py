@@ -50,10 +50,32 @@ def sections(out: str) -> dict[str, str]:
 
 def test_bench_core_runs_its_sections_at_toy_sizes():
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT / "src"))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_core.py"), "--sections", "1,2,4,5,6",
-                           "--samples", "16", "--inputs", "1", "--cert-samples", "200", "--batch-size", "100",
-                           "--anatomy-preset", "smoke", "--draws", "64", "--repeat", "1"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_core.py"),
+            "--sections",
+            "1,2,4,5,6",
+            "--samples",
+            "16",
+            "--inputs",
+            "1",
+            "--cert-samples",
+            "200",
+            "--batch-size",
+            "100",
+            "--anatomy-preset",
+            "smoke",
+            "--draws",
+            "64",
+            "--repeat",
+            "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     parts = sections(out)
@@ -76,31 +98,41 @@ def test_bench_core_runs_its_sections_at_toy_sizes():
     # section 4: the anatomy of the smoke preset's RDDRS search
     smoke = preset("smoke").search["rddrs"]
     assert f"anatomy of the RDDRS step: smoke preset ({smoke.iterations} steps, {smoke.samples} samples" in out, out
-    binds = re.search(rf"floor binds in (\d+)/{smoke.iterations} steps \((\d+)-(\d+) eigenvalues below it\); "
-                      rf"step bound binds in (\d+)/{smoke.iterations}", parts["4"])
+    binds = re.search(
+        rf"floor binds in (\d+)/{smoke.iterations} steps \((\d+)-(\d+) eigenvalues below it\); "
+        rf"step bound binds in (\d+)/{smoke.iterations}",
+        parts["4"],
+    )
     assert binds, out
     floor, low, high, bound = map(int, binds.groups())
     assert 0 <= floor <= smoke.iterations and 0 <= low <= high <= 784 and 0 <= bound <= smoke.iterations
     assert (floor == 0) == (high == 0)  # the floor binds in a step iff an eigenvalue fell below it there
-    step = re.search(rf"step {NUMBER} = gradient {NUMBER} \(network alone {NUMBER}\) \+ exponential map {NUMBER} "
-                     rf"\(its eigh {NUMBER}\) \+ floor {NUMBER} \(its eigh {NUMBER}\)", parts["4"])
+    step = re.search(
+        rf"step {NUMBER} = gradient {NUMBER} \(network alone {NUMBER}\) \+ exponential map {NUMBER} "
+        rf"\(its eigh {NUMBER}\) \+ floor {NUMBER} \(its eigh {NUMBER}\)",
+        parts["4"],
+    )
     assert step, out
     total, grad, _, exp, exp_eigh, floor_ms, _ = step.groups()
     assert meets(total, plus(printed(grad), printed(exp), printed(floor_ms))), step[0]
-    matrix_exp = re.search(rf"matrix_exp of the same clamped step: {NUMBER} \(ratio to the exp's eigh {NUMBER}\)",
-                           parts["4"])
+    matrix_exp = re.search(
+        rf"matrix_exp of the same clamped step: {NUMBER} \(ratio to the exp's eigh {NUMBER}\)", parts["4"]
+    )
     assert matrix_exp and meets(matrix_exp[2], quotient(printed(matrix_exp[1]), printed(exp_eigh))), out
-    speedups = re.search(rf"replaced the exp's eigh: {NUMBER}; if the exponential map cost nothing: {NUMBER}",
-                         parts["4"])
+    speedups = re.search(
+        rf"replaced the exp's eigh: {NUMBER}; if the exponential map cost nothing: {NUMBER}", parts["4"]
+    )
     assert speedups, out
-    assert meets(speedups[1], quotient(printed(total), plus(minus(printed(total), printed(exp_eigh)),
-                                                             printed(matrix_exp[1])))), speedups[0]
+    assert meets(
+        speedups[1], quotient(printed(total), plus(minus(printed(total), printed(exp_eigh)), printed(matrix_exp[1])))
+    ), speedups[0]
     assert meets(speedups[2], quotient(printed(total), minus(printed(total), printed(exp)))), speedups[0]
 
     # section 5: both network paths, with autograd's dense work per image and shares of the GEMM peak
     assert "network path of sections 1-2: fast" in out, out
-    peak = re.search(rf"GEMM peak {NUMBER} GFLOP/s \(the floor\); autograd's work 2\.11 MFLOP forward, 4\.22 forward",
-                     parts["5"])
+    peak = re.search(
+        rf"GEMM peak {NUMBER} GFLOP/s \(the floor\); autograd's work 2\.11 MFLOP forward, 4\.22 forward", parts["5"]
+    )
     assert peak, out
     paths = re.findall(rf"^\s+(autograd|fast)\s+{NUMBER} \(\s*(\d+)%\)\s+{NUMBER} \(\s*(\d+)%\)$", parts["5"], re.M)
     assert sorted(p[0] for p in paths) == ["autograd", "fast"], out
@@ -114,15 +146,22 @@ def test_bench_core_runs_its_sections_at_toy_sizes():
     assert ratios, out
     for shown, fast, autograd in zip(ratios.groups(), speed["fast"], speed["autograd"]):
         assert meets(shown, quotient(printed(fast), printed(autograd))), ratios[0]
-    paper = re.search(rf"paper preset RDDRS step \(20000 draws, one image\): autograd (\d+) ms, fast (\d+) ms; "
-                      rf"fast / autograd {NUMBER}x", parts["5"])
+    paper = re.search(
+        rf"paper preset RDDRS step \(20000 draws, one image\): autograd (\d+) ms, fast (\d+) ms; "
+        rf"fast / autograd {NUMBER}x",
+        parts["5"],
+    )
     assert paper and meets(paper[3], quotient(printed(paper[1]), printed(paper[2]))), out
 
     # section 6: the command line's start-up, as a ratio to the interpreter's (the floor)
     floor = re.search(rf"^\s+python -c pass\s+{NUMBER}\s+\(the floor, ratio 1\)$", parts["6"], re.M)
     assert floor, out
-    started = re.findall(rf"^\s+(rddrs --help|rddrs sweep --help|python -c \"import torch\")\s+{NUMBER}"
-                         rf"\s+ratio {NUMBER}$", parts["6"], re.M)
+    started = re.findall(
+        rf"^\s+(rddrs --help|rddrs sweep --help|python -c \"import torch\")\s+{NUMBER}"
+        rf"\s+ratio {NUMBER}$",
+        parts["6"],
+        re.M,
+    )
     assert [s[0] for s in started] == ["rddrs --help", "rddrs sweep --help", 'python -c "import torch"'], out
     for name, seconds, ratio in started:
         assert meets(ratio, quotient(printed(seconds), printed(floor[1]))), (name, seconds, ratio)

@@ -13,10 +13,15 @@ from rddrs.studies import budget
 
 torch.set_num_threads(1)
 
-STUDIES = {"tuning": budget.tuning_study, "variants": budget.variants_study,
-           "step_sizes": budget.step_size_study, "frontier": budget.frontier_study,
-           "best": lambda p: budget.best_study(p, 0.12), "clamped": budget.clamped_study,
-           "diagonal": budget.diagonal_study}
+STUDIES = {
+    "tuning": budget.tuning_study,
+    "variants": budget.variants_study,
+    "step_sizes": budget.step_size_study,
+    "frontier": budget.frontier_study,
+    "best": lambda p: budget.best_study(p, 0.12),
+    "clamped": budget.clamped_study,
+    "diagonal": budget.diagonal_study,
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,10 @@ def test_the_diagonal_study_differs_from_rddrs_best_only_by_the_restriction():
     for variant in kept:
         free = study.variant(variant.name.removesuffix("_diagonal"))
         assert free == grid.variant(free.name)  # the grid's own run, which the study reproduces
-        assert {**variant.search, "diagonal": False} == {**free.search, "diagonal": False} and variant.start == free.start
+        assert {**variant.search, "diagonal": False} == {
+            **free.search,
+            "diagonal": False,
+        } and variant.start == free.start
         assert budget.evaluations(study, variant, "cpu") == budget.evaluations(study, free, "cpu")
 
 
@@ -66,7 +74,9 @@ def test_evaluations_count_the_start_too():
     rddrs = cpu["rddrs"].iterations * cpu["rddrs"].samples
     assert budget.evaluations(study, study.variant("rddrs_soft_sgd"), "cpu") == rddrs + ddrs
     ancer = cpu["ancer"].iterations * cpu["ancer"].samples
-    assert budget.evaluations(study, study.variant("rddrs_soft_sgd_from_ancer_soft_adam"), "cpu") == rddrs + ancer + ddrs
+    assert (
+        budget.evaluations(study, study.variant("rddrs_soft_sgd_from_ancer_soft_adam"), "cpu") == rddrs + ancer + ddrs
+    )
 
 
 def test_samples_for_inverts_the_square_root_law():
@@ -82,8 +92,9 @@ def test_gradient_error_falls_with_the_number_of_draws():
     torch.manual_seed(0)
     model = MnistCNN().eval().requires_grad_(False)
     x = torch.rand(1, 1, 28, 28)
-    rows = budget.gradient_quality(model, x, torch.tensor([0.25]), [0], sizes=(16, 256), reference=4096,
-                                     repeats=3, chunk=1024)
+    rows = budget.gradient_quality(
+        model, x, torch.tensor([0.25]), [0], sizes=(16, 256), reference=4096, repeats=3, chunk=1024
+    )
     error = {(r["samples"], r["scheme"]): r["error"] for r in rows}
     assert set(error) == {(m, s) for m in (16, 256) for s in ("plain", "antithetic", "control variate")}
     for scheme in ("plain", "antithetic", "control variate"):
@@ -103,8 +114,7 @@ def test_diagonal_split_finds_a_diagonal_gradient_whose_noise_is_mostly_off_diag
         return z.reshape(len(z), -1) @ weights.T
 
     x = torch.full((1, d), 0.3, dtype=torch.float64)
-    (row,) = budget.diagonal_split(model, x, torch.tensor([0.5], dtype=torch.float64), [0], samples=4000,
-                                     repeats=12)
+    (row,) = budget.diagonal_split(model, x, torch.tensor([0.5], dtype=torch.float64), [0], samples=4000, repeats=12)
     assert row["signal_share"] == pytest.approx(1.0, abs=0.05)
     assert row["noise_share"] < 3 / d and row["noise_to_signal"] > 0
 
@@ -117,8 +127,9 @@ def test_the_pipeline_parts_change_one_part_of_the_authors_pipeline_each(checkpo
     changed = [v for v in parts.variants if v.name not in own]
     assert all(v == own[v.name] for v in parts.variants if v.name in own) and len(changed) == 2
     for variant in changed:
-        differ = {k for k in written.search.keys() | variant.search.keys()
-                  if written.search.get(k) != variant.search.get(k)}
+        differ = {
+            k for k in written.search.keys() | variant.search.keys() if written.search.get(k) != variant.search.get(k)
+        }
         assert variant.start == written.start and len(differ) == 1, (variant.name, differ)
         make_settings("rddrs", 0.25, checkpoint, "paper", search=variant.search)
     assert not budget.pipeline_parts_study("cpu").variants and not budget.pipeline_parts_study("smoke").variants

@@ -40,6 +40,7 @@ MODEL = DATA / "models" / "mnist_cnn_sigma0.25.pt"
 
 # -- the fifth family ----------------------------------------------------------------------
 
+
 def frame_mask(d: int) -> Tensor:
     """The pixels of the outer frame of a square image of d pixels (width side // 7: 4 of 28)."""
     side = math.isqrt(d)
@@ -47,7 +48,7 @@ def frame_mask(d: int) -> Tensor:
         raise RDDRSError(f"a framed law needs a square image of at least 3 x 3 pixels, got d={d}")
     width = max(1, side // 7)
     frame = torch.ones(side, side, dtype=torch.bool)
-    frame[width: side - width, width: side - width] = False
+    frame[width : side - width, width : side - width] = False
     return frame.reshape(-1)
 
 
@@ -139,6 +140,7 @@ def _framed(b: int = 3, d: int = 100, seed: int = 0) -> FramedIsotropic:
 
 # -- the contract, checked on the fifth family ---------------------------------------------
 
+
 def test_the_framed_law_is_the_diagonal_law_of_its_scales():
     law = _framed()
     diag = Diagonal.embed(law)
@@ -208,7 +210,7 @@ def test_the_memory_treats_a_framed_law_as_its_diagonal_law():
     framed, diagonal, dense = Memory(), Memory(), Memory()
     statuses = set()
     for i in range(n):
-        law = laws[i:i + 1]
+        law = laws[i : i + 1]
         a = framed.admit(centres[i], law, float(gaps[i]), int(labels[i]))
         assert a == diagonal.admit(centres[i], Diagonal.embed(law), float(gaps[i]), int(labels[i]))
         b = dense.admit(centres[i], FullSPD.embed(law), float(gaps[i]), int(labels[i]))
@@ -221,12 +223,13 @@ def test_the_memory_treats_a_framed_law_as_its_diagonal_law():
         others = [k for k in range(len(stored)) if framed.labels[k] != framed.labels[j] and k != j]
         if others and stored.gaps[j] > 0:
             subset = Regions(stored.centres[others], stored.laws[others], stored.gaps[others])
-            assert disjoint(stored.centres[j], stored.laws[j:j + 1], float(stored.gaps[j]), subset).all()
+            assert disjoint(stored.centres[j], stored.laws[j : j + 1], float(stored.gaps[j]), subset).all()
     with pytest.raises(RDDRSError, match="one smoothing family"):
         framed.store(centres[0], Diagonal.embed(laws[0:1]), 1.0, 0)
 
 
 # -- through the command line and the memory pass --------------------------------------------
+
 
 def test_a_registered_family_and_method_certify_through_the_cli_and_the_memory(registered, tmp_path, capsys):
     from rddrs.studies import analysis
@@ -235,8 +238,24 @@ def test_a_registered_family_and_method_certify_through_the_cli_and_the_memory(r
 
     assert "framed" in methods.NAMES and "framed" in methods.SEARCHED and "framed" in analysis.METHODS
     out = tmp_path / "framed.tsv"
-    args = ["certify", "--method", "framed", "--sigma", "0.25", "--model", str(MODEL), "--out", str(out),
-            "--preset", "smoke", "--data", str(DATA), "--quiet", "--count", "3"]
+    args = [
+        "certify",
+        "--method",
+        "framed",
+        "--sigma",
+        "0.25",
+        "--model",
+        str(MODEL),
+        "--out",
+        str(out),
+        "--preset",
+        "smoke",
+        "--data",
+        str(DATA),
+        "--quiet",
+        "--count",
+        "3",
+    ]
     assert main(args + ["--memory"]) == 0, capsys.readouterr().err
     assert "memory:" in capsys.readouterr().out
     side = read_sidecar(out)["settings"]
@@ -311,9 +330,15 @@ FIFTH = ("FramedIsotropic", "framed-isotropic", "Framed DDRS")
 
 
 def test_the_fifth_family_lives_in_at_most_three_test_files():
-    holders = sorted({path for path in [*ROOT.glob("src/**/*"), *ROOT.glob("tests/**/*.py")]
-                      if path.is_file() and path.suffix in (".py", ".md", ".toml", ".txt", ".json", ".cfg")
-                      and any(name in path.read_text(errors="replace") for name in FIFTH)})
+    holders = sorted(
+        {
+            path
+            for path in [*ROOT.glob("src/**/*"), *ROOT.glob("tests/**/*.py")]
+            if path.is_file()
+            and path.suffix in (".py", ".md", ".toml", ".txt", ".json", ".cfg")
+            and any(name in path.read_text(errors="replace") for name in FIFTH)
+        }
+    )
     assert holders, "the fifth family is here"
     assert all(path.parent == ROOT / "tests" for path in holders), holders
     assert len(holders) <= 3 and Path(__file__).resolve() in holders
@@ -326,7 +351,8 @@ WHICH_FAMILY = re.compile(
     r"|\bfamily\s*(==|!=)|\}\[[^\]]*\bfamily\]"
     r"|isinstance\([^)]*\b(Isotropic|Diagonal|FullSPD)\b"
     r"|type\([^)]*\)\s*(is|==|is not|!=)\s*(Isotropic|Diagonal|FullSPD)\b"
-    r"|\b(PARAM_AXES|as_full|as_diagonal)\b")
+    r"|\b(PARAM_AXES|as_full|as_diagonal)\b"
+)
 
 
 def test_no_module_outside_the_family_module_asks_which_family_a_law_is():

@@ -81,7 +81,7 @@ def test_the_split_of_a_linear_classifier_has_its_closed_form():
     class is Phi(score / ||S w||)."""
     g = torch.Generator().manual_seed(1)
     q = spd.random_orthogonal(D, seed=5)
-    w_vec = q[:, 0] * 0.8 + q[:, 1] * 0.6      # the normal lies in the span of the two small axes
+    w_vec = q[:, 0] * 0.8 + q[:, 1] * 0.6  # the normal lies in the span of the two small axes
     scales = torch.tensor([0.3, 0.5] + [30.0] * (D - 2), dtype=torch.float64)
     law = FullSPD(((q * scales) @ q.T)[None].float())
     model = LinearClassifier(w_vec.float(), 0.0)
@@ -101,7 +101,7 @@ def test_refutation_refutes_an_inflated_certificate_and_not_a_fixed_law_one():
     boundary, where the pipeline certifies the other class."""
     d = 784
     g = torch.Generator().manual_seed(2)
-    w = torch.randn(d, generator=g) / d ** 0.5
+    w = torch.randn(d, generator=g) / d**0.5
     model = LinearClassifier(w, 0.0)
     x = 0.25 + 0.5 * torch.rand(4, d, generator=g)
     x = x + ((1.0 - model.score(x)) / w.dot(w))[:, None] * w  # w.x = 1: distance 1 / ||w|| from the boundary
@@ -111,14 +111,24 @@ def test_refutation_refutes_an_inflated_certificate_and_not_a_fixed_law_one():
     study = Study("t", 4, (Variant("rs", "rs"),))
     law = Isotropic(torch.full((4,), 0.25), d)
     model_file = MODELS / "mnist_cnn_sigma0.25.pt"
-    common = dict(study=study, variant=study.variant("rs"), sigma=0.25, preset="smoke", model_file=model_file,
-                  steps=5, samples=16, check=400)
-    inside = mechanism.refutation(model, x, labels, [0, 1, 2, 3], np.full(4, 0.25), np.full(4, 0.9 * exact), law,
-                                  **common)
+    common = dict(
+        study=study,
+        variant=study.variant("rs"),
+        sigma=0.25,
+        preset="smoke",
+        model_file=model_file,
+        steps=5,
+        samples=16,
+        check=400,
+    )
+    inside = mechanism.refutation(
+        model, x, labels, [0, 1, 2, 3], np.full(4, 0.25), np.full(4, 0.9 * exact), law, **common
+    )
     assert not any(r["refuted"] for r in inside) and all(r["fixed_law_share"] > 0.5 for r in inside)
     assert all(r["distance"] <= 0.9 * exact * 0.999 * (1 + 1e-5) for r in inside)
-    beyond = mechanism.refutation(model, x, labels, [0, 1, 2, 3], np.full(4, 0.25), np.full(4, 3 * exact), law,
-                                  **common)
+    beyond = mechanism.refutation(
+        model, x, labels, [0, 1, 2, 3], np.full(4, 0.25), np.full(4, 3 * exact), law, **common
+    )
     assert all(r["refuted"] and r["predict"] == 0 for r in beyond)
     assert all(r["box"] == [0.0, 1.0] and 0 <= r["point_range"][0] <= r["point_range"][1] <= 1 for r in beyond)
     assert all(r["fixed_law_class"] == 0 for r in beyond)  # the same law held fixed says so too
@@ -146,7 +156,9 @@ def test_the_mechanism_study_at_the_smoke_preset(tmp_path):
         assert r["abstain"] == (r["predict"] == ABSTAIN)
         assert r["refuted"] == (not r["abstain"] and r["predict"] != int(labels[r["idx"]]))
     passes = headline.memories("smoke", results, data=DATA, models=MODELS)
-    assert set(passes) == {v.name for v in study.variants} and (results / "claims" / "mechanism" / "memory.json").exists()
+    assert (
+        set(passes) == {v.name for v in study.variants} and (results / "claims" / "mechanism" / "memory.json").exists()
+    )
     here = f"cpu ({platform.processor() or platform.machine()})"  # the device the rows were written on
     for name, entry in passes.items():
         assert sum(entry["statuses"].values()) == entry["images"] >= study.count
@@ -175,5 +187,6 @@ def test_memory_passes_read_the_laws_of_a_rerun_where_the_traces_were_not_kept(t
     meta = json.loads((rerun / f"{name}.tsv.json").read_text())
     meta["settings"]["seed"] = 7
     (rerun / f"{name}.tsv.json").write_text(json.dumps(meta))
-    assert "other settings" in raises_one_line(headline.memories, "smoke", results, data=DATA, models=MODELS,
-                                               laws_from=rerun)
+    assert "other settings" in raises_one_line(
+        headline.memories, "smoke", results, data=DATA, models=MODELS, laws_from=rerun
+    )

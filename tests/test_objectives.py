@@ -68,9 +68,11 @@ def test_clamped_is_the_reference_formula(method):
     ANCER) or ``dG / phi(Phi^-1(clamped G))`` (RDDRS), on the same draws."""
     clamp = METHODS[method].clamp
     x = torch.tensor([[0.2, 0.0, 0.1, 0.0, 0.0], [2.5, -1.0, 1.0, 0.0, 0.5]], dtype=F64)  # unsure, confident
-    law = {"ddrs": Isotropic(torch.tensor([0.4, 0.3], dtype=F64), D),
-           "ancer": Diagonal(torch.full((2, D), 0.3, dtype=F64)),
-           "rddrs": FullSPD(torch.stack([scale_matrix("full", D, 1), scale_matrix("full", D, 2)]) * 0.3)}[method]
+    law = {
+        "ddrs": Isotropic(torch.tensor([0.4, 0.3], dtype=F64), D),
+        "ancer": Diagonal(torch.full((2, D), 0.3, dtype=F64)),
+        "rddrs": FullSPD(torch.stack([scale_matrix("full", D, 1), scale_matrix("full", D, 2)]) * 0.3),
+    }[method]
     eps = NoiseSource(1, "optimize").draw([0, 1], 4000, D, F64)
     leaf, means = _means(MODEL, x, law, eps)
     value = objectives.build("clamped", clamp)(means)
@@ -129,6 +131,7 @@ def test_capped_gradient_matches_finite_differences(family):
         move = lambda h: Diagonal(law.param + h * v)
     else:
         from rddrs.core import spd
+
         c = torch.stack([scale_matrix("full", D, 4), scale_matrix("full", D, 5)]) * 0.4
         law = FullSPD(c)
         v = spd.sym(torch.randn(2, D, D, generator=gen, dtype=F64))
@@ -136,7 +139,9 @@ def test_capped_gradient_matches_finite_differences(family):
     cap = 1.3  # R / 2 is near the cap here, where the smooth minimum bends
     value, grad = _capped_value_and_gradient(law, x, eps, cap)
     h = 1e-5
-    fd = (_capped_value_and_gradient(move(h), x, eps, cap)[0] - _capped_value_and_gradient(move(-h), x, eps, cap)[0]) / (2 * h)
+    fd = (
+        _capped_value_and_gradient(move(h), x, eps, cap)[0] - _capped_value_and_gradient(move(-h), x, eps, cap)[0]
+    ) / (2 * h)
     torch.testing.assert_close(law.inner(grad, v), fd, rtol=1e-5, atol=1e-9)
 
 
@@ -181,8 +186,16 @@ def test_bad_objective_settings_are_one_line_errors():
 
 
 def test_old_sidecar_records_read_as_the_papers_search():
-    old = {"iterations": 50, "samples": 64, "lr": 0.08, "kappa": 2.0, "scale": 1.0, "adam": True,
-           "keep_best_every": None, "max_step": None}
+    old = {
+        "iterations": 50,
+        "samples": 64,
+        "lr": 0.08,
+        "kappa": 2.0,
+        "scale": 1.0,
+        "adam": True,
+        "keep_best_every": None,
+        "max_step": None,
+    }
     search_ = Search.from_dict(old)
     assert (search_.step, search_.objective) == ("adam", "soft")
     assert Search.from_dict({**old, "adam": False}).step == "sgd"

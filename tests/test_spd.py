@@ -347,9 +347,7 @@ def test_geodesic_has_constant_speed(d):
     for t in ts:
         torch.testing.assert_close(spd.distance(c, points[t]), abs(t) * norm, rtol=1e-10, atol=1e-10)
         for s in ts:
-            torch.testing.assert_close(
-                spd.distance(points[s], points[t]), abs(t - s) * norm, rtol=1e-9, atol=1e-9
-            )
+            torch.testing.assert_close(spd.distance(points[s], points[t]), abs(t - s) * norm, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("d", DIMS)
@@ -576,9 +574,7 @@ def test_floor_eigenvalues_scalar_lower(d):
     # eigenvectors kept: out q_i = max(w_i, lower) q_i
     torch.testing.assert_close(out @ q, q * expected_w.unsqueeze(-2), rtol=1e-11, atol=1e-12)
     # the nearest matrix in Frobenius norm moves by exactly ||(lower - w)_+||
-    torch.testing.assert_close(
-        torch.linalg.matrix_norm(out - c), (expected_w - w).norm(dim=-1), rtol=1e-10, atol=1e-13
-    )
+    torch.testing.assert_close(torch.linalg.matrix_norm(out - c), (expected_w - w).norm(dim=-1), rtol=1e-10, atol=1e-13)
 
 
 def test_floor_eigenvalues_leaves_matrices_above_the_floor_unchanged():

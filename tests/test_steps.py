@@ -76,7 +76,9 @@ def test_riemannian_adam_keeps_one_second_moment_per_input():
     """The first step of Adam has metric norm lr, whatever the scale of the gradient."""
     c = torch.stack([scale_matrix("full", 5, seed) for seed in (7, 8)])
     law = FullSPD(c)
-    g = spd.sym(torch.randn(2, 5, 5, generator=generator(9), dtype=F64)) * torch.tensor([1e-3, 1e3], dtype=F64).view(2, 1, 1)
+    g = spd.sym(torch.randn(2, 5, 5, generator=generator(9), dtype=F64)) * torch.tensor([1e-3, 1e3], dtype=F64).view(
+        2, 1, 1
+    )
     rule = steps.make("adam", 0.1)
     moved = rule(law, spd.riemannian_gradient(c, g))
     length = spd.distance(c, moved.param)
@@ -113,9 +115,14 @@ def test_exp_transport_is_parallel_transport():
     torch.testing.assert_close(moved, d_point, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(carried, _transport(c, d_point, u), rtol=1e-9, atol=1e-10)
     # geomstats (numpy backend, in its own process: its import changes global state)
-    proc = subprocess.run([sys.executable, "-c", _GEOMSTATS_TRANSPORT], capture_output=True, text=True, check=True,
-                          input=json.dumps([c.tolist(), x.tolist(), u.tolist()]),
-                          env=dict(os.environ, GEOMSTATS_BACKEND="numpy"))
+    proc = subprocess.run(
+        [sys.executable, "-c", _GEOMSTATS_TRANSPORT],
+        capture_output=True,
+        text=True,
+        check=True,
+        input=json.dumps([c.tolist(), x.tolist(), u.tolist()]),
+        env=dict(os.environ, GEOMSTATS_BACKEND="numpy"),
+    )
     expected = torch.as_tensor(np.array(json.loads(proc.stdout.splitlines()[-1])))
     torch.testing.assert_close(carried, expected, rtol=1e-8, atol=1e-9)
     # parallel transport keeps the metric: g_D(carried, carried) = g_C(u, u)

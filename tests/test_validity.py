@@ -127,16 +127,25 @@ def test_two_sided_interval_is_exact():
 
 def test_check_streams_are_independent_of_the_method_streams():
     """Same seed and index, different stages: different draws, uncorrelated."""
-    draws = {stage: source(3, stage).draw([5], 4000, 3, F64)[0].flatten()
-             for source, stage in ((NoiseSource, "select"), (NoiseSource, "estimate"), (NoiseSource, "optimize"),
-                                   (CheckNoise, "validate"), (CheckNoise, "attack"))}
+    draws = {
+        stage: source(3, stage).draw([5], 4000, 3, F64)[0].flatten()
+        for source, stage in (
+            (NoiseSource, "select"),
+            (NoiseSource, "estimate"),
+            (NoiseSource, "optimize"),
+            (CheckNoise, "validate"),
+            (CheckNoise, "attack"),
+        )
+    }
     names = list(draws)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             corr = float(torch.corrcoef(torch.stack([draws[a], draws[b]]))[0, 1])
             assert abs(corr) < 4 / math.sqrt(12_000), (a, b, corr)
     # the method's stages are unchanged in the subclass
-    np.testing.assert_array_equal(CheckNoise(3, "estimate").draw([5], 10, 3, F64), NoiseSource(3, "estimate").draw([5], 10, 3, F64))
+    np.testing.assert_array_equal(
+        CheckNoise(3, "estimate").draw([5], 10, 3, F64), NoiseSource(3, "estimate").draw([5], 10, 3, F64)
+    )
 
 
 def test_smoothed_probability_sees_other_noise_than_certify():

@@ -57,23 +57,50 @@ class Method:
 
     name: str
     label: str
-    family: str               # a name in rddrs.core.noise.FAMILIES: ISOTROPIC, DIAGONAL, FULL, or a registered one
+    family: str  # a name in rddrs.core.noise.FAMILIES: ISOTROPIC, DIAGONAL, FULL, or a registered one
     searched: bool
-    paper_step: str | None    # the step rule of the method's paper ("sgd" or "adam")
-    starts: tuple[str, ...]   # methods whose result file can start its search (--init)
-    base: str | None          # the search run first for sigma_x* (its start and floor), or None
+    paper_step: str | None  # the step rule of the method's paper ("sgd" or "adam")
+    starts: tuple[str, ...]  # methods whose result file can start its search (--init)
+    base: str | None  # the search run first for sigma_x* (its start and floor), or None
     clamp: Clamp | None
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("rs", "RS", ISOTROPIC, False, None, (), None, None),
-    Method("ddrs", "DDRS", ISOTROPIC, True, "sgd", (), None,
-           Clamp(0.02, 0.98, "autograd", "PLabarbarie/RDDRS code/dds.py (ddsmoothing's own: 0.001, 0.999)")),
-    Method("ancer", "ANCER", DIAGONAL, True, "adam", ("ddrs",), "ddrs",
-           Clamp(0.001, 0.999, "autograd", "ddsmoothing L2Certificate.compute_proxy_gap")),
-    Method("rddrs", "RDDRS", FULL, True, "sgd", ("ddrs", "ancer"), "ddrs",
-           Clamp(0.001, 0.999, "clamped", "PLabarbarie/RDDRS code/riemannian.py inv_Phi")),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("rs", "RS", ISOTROPIC, False, None, (), None, None),
+        Method(
+            "ddrs",
+            "DDRS",
+            ISOTROPIC,
+            True,
+            "sgd",
+            (),
+            None,
+            Clamp(0.02, 0.98, "autograd", "PLabarbarie/RDDRS code/dds.py (ddsmoothing's own: 0.001, 0.999)"),
+        ),
+        Method(
+            "ancer",
+            "ANCER",
+            DIAGONAL,
+            True,
+            "adam",
+            ("ddrs",),
+            "ddrs",
+            Clamp(0.001, 0.999, "autograd", "ddsmoothing L2Certificate.compute_proxy_gap"),
+        ),
+        Method(
+            "rddrs",
+            "RDDRS",
+            FULL,
+            True,
+            "sgd",
+            ("ddrs", "ancer"),
+            "ddrs",
+            Clamp(0.001, 0.999, "clamped", "PLabarbarie/RDDRS code/riemannian.py inv_Phi"),
+        ),
+    )
+}
 
 _BUILT_IN = frozenset(METHODS)
 

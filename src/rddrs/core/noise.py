@@ -261,8 +261,9 @@ class Smoothing:
             direction = direction * self.expand((max_step / ratio).clamp(max=1.0))
         return self.with_param(param + direction)
 
-    def step_transport(self, direction: Tensor, vector: Tensor,
-                       max_step: float | None = None) -> tuple["Smoothing", Tensor]:
+    def step_transport(
+        self, direction: Tensor, vector: Tensor, max_step: float | None = None
+    ) -> tuple["Smoothing", Tensor]:
         """``step``, and the tangent vector ``vector`` carried to the new point by parallel
         transport (unchanged in a flat geometry)."""
         return self.step(direction, max_step), vector
@@ -420,8 +421,9 @@ class FullSPD(Smoothing):
         if "eig" not in self.__dict__ or "eig" not in other.__dict__:
             return FullSPD(param, check=False)
         (w, v), (w2, v2) = self.eig, other.eig
-        return FullSPD(param, eig=(torch.where(mask[:, None], w, w2), torch.where(mask[:, None, None], v, v2)),
-                       check=False)
+        return FullSPD(
+            param, eig=(torch.where(mask[:, None], w, w2), torch.where(mask[:, None, None], v, v2)), check=False
+        )
 
     @cached_property
     def eig(self) -> tuple[Tensor, Tensor]:
@@ -499,8 +501,9 @@ class FullSPD(Smoothing):
         (by ``exp(max_step)`` at most; see ``spd.exp``)."""
         return FullSPD(spd.exp(self.param.detach(), direction, eig=self.eig, max_norm=max_step), check=False)
 
-    def step_transport(self, direction: Tensor, vector: Tensor,
-                       max_step: float | None = None) -> tuple["FullSPD", Tensor]:
+    def step_transport(
+        self, direction: Tensor, vector: Tensor, max_step: float | None = None
+    ) -> tuple["FullSPD", Tensor]:
         """``step`` and the parallel transport of ``vector`` along it (``spd.exp_transport``)."""
         moved, carried = spd.exp_transport(self.param.detach(), direction, vector, eig=self.eig, max_norm=max_step)
         return FullSPD(moved, check=False), carried
@@ -531,8 +534,9 @@ class NoiseSource:
     #: rows are generated in blocks of this many, so a stream does not depend on chunking
     BLOCK = 1024
 
-    def __init__(self, seed: int, stage: str, device: torch.device | str = "cpu",
-                 rotation: Tensor | None = None, repeat: int = 0):
+    def __init__(
+        self, seed: int, stage: str, device: torch.device | str = "cpu", rotation: Tensor | None = None, repeat: int = 0
+    ):
         if stage not in self.STAGES:
             raise RDDRSError(f"unknown noise stage {stage!r}; expected one of {sorted(self.STAGES)}")
         if int(repeat) != repeat or repeat < 0:
@@ -564,7 +568,7 @@ class NoiseSource:
         while pos < len(out):
             if used == self.BLOCK:
                 if len(out) - pos >= self.BLOCK:
-                    out[pos:pos + self.BLOCK].normal_(generator=gen)
+                    out[pos : pos + self.BLOCK].normal_(generator=gen)
                     pos += self.BLOCK
                     continue
                 if block is None:
@@ -572,12 +576,11 @@ class NoiseSource:
                 block.normal_(generator=gen)
                 used = 0
             k = min(self.BLOCK - used, len(out) - pos)
-            out[pos:pos + k] = block[used:used + k]
+            out[pos : pos + k] = block[used : used + k]
             pos, used = pos + k, used + k
         self._blocks[key] = (block, used)
 
-    def draw(self, indices, m: int, d: int, dtype: torch.dtype = torch.float32,
-             antithetic: bool = False) -> Tensor:
+    def draw(self, indices, m: int, d: int, dtype: torch.dtype = torch.float32, antithetic: bool = False) -> Tensor:
         """Draws of shape (len(indices), m, d), continuing each input's stream.
 
         With ``antithetic`` (m even) only m/2 rows are taken from each stream, and the draws
@@ -591,7 +594,7 @@ class NoiseSource:
         for row, index in zip(fresh, indices):
             self._fill(row, int(index))
         if antithetic:
-            eps[:, m // 2:].copy_(fresh).neg_()
+            eps[:, m // 2 :].copy_(fresh).neg_()
         if self.rotation is not None:
             eps = eps @ self.rotation.to(eps).T
         return eps
@@ -655,6 +658,7 @@ def noisy_outputs(model, x: Tensor, smoothing: Smoothing, eps: Tensor) -> Tensor
     out = model(noisy.reshape(b * m, *x.shape[1:]))
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != b * m or out.shape[1] < 2:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise RDDRSError(f"the model gave outputs {shape} for {b * m} inputs; it must give N x K scores of "
-                         f"K >= 2 classes")
+        raise RDDRSError(
+            f"the model gave outputs {shape} for {b * m} inputs; it must give N x K scores of K >= 2 classes"
+        )
     return out.reshape(b, m, -1)

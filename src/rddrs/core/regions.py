@@ -80,8 +80,9 @@ class Regions:
     def __post_init__(self):
         n = self.laws.batch
         if self.centres.dim() != 2 or self.centres.shape != (n, self.laws.dim):
-            raise RDDRSError(f"centres must have shape (N, d) = ({n}, {self.laws.dim}), "
-                             f"got {tuple(self.centres.shape)}")
+            raise RDDRSError(
+                f"centres must have shape (N, d) = ({n}, {self.laws.dim}), got {tuple(self.centres.shape)}"
+            )
         if self.gaps.shape != (n,):
             raise RDDRSError(f"gaps must have shape ({n},), got {tuple(self.gaps.shape)}")
         if not (torch.isfinite(self.gaps).all() and (self.gaps >= 0).all()):
@@ -101,8 +102,10 @@ def _query(x: Tensor, law: Smoothing, stored: Regions) -> tuple[Tensor, Smoothin
         raise RDDRSError(f"the query needs one smoothing law, got a batch of {law.batch}")
     x = torch.as_tensor(x).reshape(-1).double()
     if x.numel() != law.dim or law.dim != stored.laws.dim:
-        raise RDDRSError(f"dimensions differ: x has {x.numel()} features, its law d={law.dim}, "
-                         f"the stored regions d={stored.laws.dim}")
+        raise RDDRSError(
+            f"dimensions differ: x has {x.numel()} features, its law d={law.dim}, "
+            f"the stored regions d={stored.laws.dim}"
+        )
     if not torch.isfinite(x).all():
         raise RDDRSError("x contains NaN or infinite values")
     return x, _float64(law)
@@ -146,8 +149,10 @@ def _subset(stored: Regions, index) -> Regions:
 
 def _chunked(fn, x: Tensor, law: Smoothing, stored: Regions) -> Tensor:
     """``fn`` of the pair geometry, computed in memory-bounded batches of stored regions."""
-    parts = [fn(*_pair_geometry(x, law, _subset(stored, part)))
-             for part in _chunks(len(stored), law.dim, _is_dense(law, stored))]
+    parts = [
+        fn(*_pair_geometry(x, law, _subset(stored, part)))
+        for part in _chunks(len(stored), law.dim, _is_dense(law, stored))
+    ]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=x.device)
 
 
@@ -189,8 +194,8 @@ def _dual_distance(a2: Tensor, beta: Tensor, inward: bool) -> Tensor:
 
     def step(tau):
         den = base + tau[:, None]
-        n2 = (weights / den ** 2).sum(-1)
-        return n2 > 1, tau - n2 * (1 - n2.sqrt()) / (weights / den ** 3).sum(-1)
+        n2 = (weights / den**2).sum(-1)
+        return n2 > 1, tau - n2 * (1 - n2.sqrt()) / (weights / den**3).sum(-1)
 
     lo = torch.zeros_like(tau_max)
     tau = _safeguarded_newton(step, lo, tau_max, tau_max / 2 if inward else lo)  # inward: tau = 0 may divide by 0
@@ -202,11 +207,12 @@ def _max_q(a2: Tensor, beta: Tensor, r2: float) -> Tensor:
     """``max_s q(s)``, ``q(s) = sum a_i^2 s(1-s) / D_i``, ``D_i = r^2 s + beta_i (1-s)``: the root
     of the decreasing ``q'(s) = sum a_i^2 N_i / D_i^2``, ``N_i = beta_i (1-s)^2 - r^2 s^2``, by
     Newton with ``q'' = sum a_i^2 (N_i' D_i - 2 N_i D_i') / D_i^3``."""
+
     def step(s):
         one, col = 1 - s[:, None], s[:, None]
-        den, num = r2 * col + beta * one, beta * one ** 2 - r2 * col ** 2
-        slope = (a2 * num / den ** 2).sum(-1)
-        curvature = (a2 * (-2 * (beta * one + r2 * col) * den - 2 * num * (r2 - beta)) / den ** 3).sum(-1)
+        den, num = r2 * col + beta * one, beta * one**2 - r2 * col**2
+        slope = (a2 * num / den**2).sum(-1)
+        curvature = (a2 * (-2 * (beta * one + r2 * col) * den - 2 * num * (r2 - beta)) / den**3).sum(-1)
         return slope > 0, s - slope / curvature
 
     half = torch.full_like(a2[:, 0], 0.5)
@@ -250,7 +256,7 @@ def gauges(stored: Regions, points: Tensor) -> Tensor:
     laws, rows = _float64(stored.laws), []
     for j in range(len(stored)):
         offsets = (points - stored.centres[j].double()).T[None]  # (1, d, P)
-        norms = laws.with_param(laws.param[j: j + 1]).solve(offsets)[0].norm(dim=0)
+        norms = laws.with_param(laws.param[j : j + 1]).solve(offsets)[0].norm(dim=0)
         rows.append(norms / stored.gaps[j] if stored.gaps[j] > 0 else torch.full_like(norms, torch.inf))
     return torch.stack(rows) if rows else torch.zeros(0, len(points), dtype=torch.float64)
 
@@ -321,8 +327,11 @@ class Memory:
         index = torch.arange(len(self)) if index is None else torch.as_tensor(index, dtype=torch.long)
         params = [self._load(self._params[j]) if self._load else self._params[j] for j in index.tolist()]
         device = self._centres.device
-        return Regions(self._centres[index], self._template.with_param(torch.stack(params).to(device, torch.float64)),
-                       self._gaps[index])
+        return Regions(
+            self._centres[index],
+            self._template.with_param(torch.stack(params).to(device, torch.float64)),
+            self._gaps[index],
+        )
 
     def store(self, x: Tensor, law: Smoothing, gap: float, label: int, key: int | None = None) -> None:
         """Add the region ``E(x, S, gap)`` of class ``label`` (``key``: what ``load`` takes)."""
@@ -344,7 +353,8 @@ class Memory:
         if n == len(self._centres):  # grow every per-region array by doubling
             self._centres, self._squares, self._labels, self._gaps, self._outer = (
                 torch.cat([t, torch.empty((max(n, 16),) + t.shape[1:], dtype=t.dtype, device=x.device)])
-                for t in (self._centres, self._squares, self._labels, self._gaps, self._outer))
+                for t in (self._centres, self._squares, self._labels, self._gaps, self._outer)
+            )
         self._centres[n] = x.to(self._centres.device)
         self._squares[n] = x.square().sum()
         self._labels[n], self._gaps[n] = int(label), float(gap)

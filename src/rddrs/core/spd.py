@@ -80,8 +80,7 @@ def _exp_factor(c: Tensor, x: Tensor, eig, max_norm: float | None):
     return b, v, root, q
 
 
-def exp(c: Tensor, x: Tensor, eig: tuple[Tensor, Tensor] | None = None,
-        max_norm: float | None = None) -> Tensor:
+def exp(c: Tensor, x: Tensor, eig: tuple[Tensor, Tensor] | None = None, max_norm: float | None = None) -> Tensor:
     """Exponential map ``Exp_C(X) = C^1/2 expm(C^-1/2 X C^-1/2) C^1/2`` (``eig``: of C, if known).
 
     Computed in C's eigenbasis, ``C = V W V^T``: with ``W^-1/2 V^T X V W^-1/2 = Q L Q^T``,
@@ -93,8 +92,9 @@ def exp(c: Tensor, x: Tensor, eig: tuple[Tensor, Tensor] | None = None,
     return sym(b @ b.transpose(-1, -2))
 
 
-def exp_transport(c: Tensor, x: Tensor, u: Tensor, eig: tuple[Tensor, Tensor] | None = None,
-                  max_norm: float | None = None) -> tuple[Tensor, Tensor]:
+def exp_transport(
+    c: Tensor, x: Tensor, u: Tensor, eig: tuple[Tensor, Tensor] | None = None, max_norm: float | None = None
+) -> tuple[Tensor, Tensor]:
     """``D = Exp_C(X)`` (as ``exp``) and the parallel transport of the tangent vector U from C
     to D along that geodesic, ``A U A^T`` with ``A = (D C^-1)^1/2 = C^1/2 expm(X'/2) C^-1/2``,
     ``X' = C^-1/2 X C^-1/2``. In the factors of ``exp``, ``A = B (V W^-1/2 Q)^T``: two more
@@ -167,14 +167,21 @@ def check_spd(c: Tensor, name: str = "matrix", rtol: float = 1e-5) -> None:
 
 # -- sample points (for tests, examples and the book) ------------------------------------------
 
+
 def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
     if generator is not None:
         return generator
     return torch.Generator().manual_seed(0 if seed is None else int(seed))
 
 
-def random_orthogonal(d: int, *, batch: tuple[int, ...] = (), seed: int | None = None,
-                      generator: torch.Generator | None = None, dtype=torch.float64) -> Tensor:
+def random_orthogonal(
+    d: int,
+    *,
+    batch: tuple[int, ...] = (),
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    dtype=torch.float64,
+) -> Tensor:
     """Haar-random orthogonal ``(*batch, d, d)`` matrices: QR of a Gaussian matrix with the signs
     of R's diagonal moved into Q. Drawn from ``generator`` if given, else from ``seed``."""
     gen = _generator(seed, generator)
@@ -182,9 +189,16 @@ def random_orthogonal(d: int, *, batch: tuple[int, ...] = (), seed: int | None =
     return (q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)).to(dtype)
 
 
-def random_spd(d: int, *, batch: tuple[int, ...] = (), spread: float = 1.0, eigenvalues=None,
-               seed: int | None = None, generator: torch.Generator | None = None,
-               dtype=torch.float64) -> Tensor:
+def random_spd(
+    d: int,
+    *,
+    batch: tuple[int, ...] = (),
+    spread: float = 1.0,
+    eigenvalues=None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    dtype=torch.float64,
+) -> Tensor:
     """Random SPD ``(*batch, d, d)`` matrices ``Q diag(w) Q^T`` with ``Q`` Haar-random
     (:func:`random_orthogonal`). ``w = exp(u)`` with ``u`` uniform in ``[-spread, spread]``, so
     that the condition number is at most ``e^(2 spread)``, unless ``eigenvalues`` (``d`` values)

@@ -57,12 +57,22 @@ def run_task(task: Task, threads: int | None = None) -> dict:
             settings = spec.settings()
             images, labels = _test_set(spec.data, spec.dataset)
             if task.hi > len(images):
-                raise RDDRSError(f"test images {task.lo}..{task.hi - 1} reach outside the test set "
-                                 f"(0..{len(images) - 1})")
+                raise RDDRSError(
+                    f"test images {task.lo}..{task.hi - 1} reach outside the test set (0..{len(images) - 1})"
+                )
             model = _model(settings.model, settings.device, settings.probabilities)
-            run_certification(settings, model, images[task.lo: task.hi], labels[task.lo: task.hi], task.lo,
-                              task.path, spec.inputs_per_batch, spec.batch_size, progress=False,
-                              test_labels=labels)
+            run_certification(
+                settings,
+                model,
+                images[task.lo : task.hi],
+                labels[task.lo : task.hi],
+                task.lo,
+                task.path,
+                spec.inputs_per_batch,
+                spec.batch_size,
+                progress=False,
+                test_labels=labels,
+            )
     except RDDRSError as err:
         return {"status": "error", "message": str(err), "retry": isinstance(err, Busy), "pid": os.getpid()}
     return {"status": "done", "pid": os.getpid()}
@@ -88,7 +98,6 @@ class Inline:
 
     def close(self, cancel: bool = False) -> None:
         self._queue.clear()
-
 
 
 #: prctl's option that has the kernel signal a process when its parent ends (linux/prctl.h)
@@ -145,8 +154,9 @@ class Local:
 
     name = "local"
 
-    def __init__(self, processes: int | None = None, threads: int = 1, gpus: int = 0, device: str = "cpu",
-                 retries: int = 3):
+    def __init__(
+        self, processes: int | None = None, threads: int = 1, gpus: int = 0, device: str = "cpu", retries: int = 3
+    ):
         self.threads, self.gpus, self.retries = max(1, int(threads)), int(gpus), int(retries)
         self.groups = None
         if device.startswith("cuda") and self.gpus > 0:
@@ -155,7 +165,9 @@ class Local:
             visible = [str(i) for i in range(torch.cuda.device_count())]
             if len(visible) < self.gpus:
                 raise RDDRSError(f"{self.gpus} GPU(s) per task asked for, {len(visible)} visible")
-            self.groups = [",".join(visible[i: i + self.gpus]) for i in range(0, len(visible) - self.gpus + 1, self.gpus)]
+            self.groups = [
+                ",".join(visible[i : i + self.gpus]) for i in range(0, len(visible) - self.gpus + 1, self.gpus)
+            ]
         limit = max(1, cores() // self.threads)
         if self.groups is not None:
             limit = min(limit, len(self.groups))
@@ -178,9 +190,12 @@ class Local:
             for group in self.groups[: self.capacity]:
                 queue.put(group)
         self._started, self._stopping = context.SimpleQueue(), context.Event()
-        self._pool = futures.ProcessPoolExecutor(self.capacity, mp_context=context, initializer=_init_worker,
-                                                 initargs=(self.threads, queue, os.getpid(), self._started,
-                                                           self._stopping))
+        self._pool = futures.ProcessPoolExecutor(
+            self.capacity,
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(self.threads, queue, os.getpid(), self._started, self._stopping),
+        )
         self._pids = []
 
     def submit(self, task: Task) -> None:
@@ -208,8 +223,16 @@ class Local:
             self._pool = None
             for task in broken:
                 if self._tries.get(task.key, 0) > self.retries:
-                    results.append((task, {"status": "error", "retry": True,
-                                           "message": f"its worker died {self._tries[task.key]} time(s)"}))
+                    results.append(
+                        (
+                            task,
+                            {
+                                "status": "error",
+                                "retry": True,
+                                "message": f"its worker died {self._tries[task.key]} time(s)",
+                            },
+                        )
+                    )
                 else:
                     self.submit(task)
         return results

@@ -39,9 +39,17 @@ def regular_file(path: Path, what: str) -> Path:
         return path
     if not path.exists():
         raise RDDRSError(f"{what} {path}: no such file")
-    kind = ("a directory" if path.is_dir() else "a FIFO" if path.is_fifo() else
-            "a device" if path.is_char_device() or path.is_block_device() else "a socket" if path.is_socket() else
-            "something else")
+    kind = (
+        "a directory"
+        if path.is_dir()
+        else "a FIFO"
+        if path.is_fifo()
+        else "a device"
+        if path.is_char_device() or path.is_block_device()
+        else "a socket"
+        if path.is_socket()
+        else "something else"
+    )
     raise RDDRSError(f"{what} {path} is {kind}, not a regular file")
 
 
@@ -51,8 +59,9 @@ def ensure_dir(folder: Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RDDRSError(f"cannot write into {folder}: the directory cannot be created ({one_line(err)}); "
-                         "choose a writable place") from None
+        raise RDDRSError(
+            f"cannot write into {folder}: the directory cannot be created ({one_line(err)}); choose a writable place"
+        ) from None
     return folder
 
 
@@ -71,8 +80,9 @@ def write_atomic(path: Path, chunks: list[bytes]) -> None:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
-            raise RDDRSError(f"cannot write {path} ({one_line(err)}); check that the "
-                             f"directory is writable and has free space") from None
+            raise RDDRSError(
+                f"cannot write {path} ({one_line(err)}); check that the directory is writable and has free space"
+            ) from None
         raise
 
 

@@ -20,8 +20,17 @@ from rddrs.core.noise import Smoothing, family_class
 from rddrs.core.regions import TOUCH_TOLERANCE, Memory
 from rddrs.core.spd import random_orthogonal
 from rddrs.pipeline.files import exclusive, write_atomic
-from rddrs.pipeline.results import (COLUMNS, REQUIRED, check_labels, format_row, memory_path, read_rows, read_table,
-                                    sidecar_path, upgrade)
+from rddrs.pipeline.results import (
+    COLUMNS,
+    REQUIRED,
+    check_labels,
+    format_row,
+    memory_path,
+    read_rows,
+    read_table,
+    sidecar_path,
+    upgrade,
+)
 from rddrs.pipeline.runs import trace_param
 
 MEMORY_COLUMNS = COLUMNS + ("memory",)
@@ -52,8 +61,9 @@ def _trace_reader(out: Path, method: str, d: int) -> Callable[[int], Tensor]:
     return lru_cache(maxsize=32)(read) if family_class(method_record(method).family).dense else read
 
 
-def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = True,
-                 labels: Tensor | None = None) -> Path:
+def apply_memory(
+    out: Path, images: Tensor, start: int = 0, progress: bool = True, labels: Tensor | None = None
+) -> Path:
     """Run the memory over the result file ``out`` in ascending idx; write ``OUT.memory.tsv``.
 
     ``images[i - start]`` is test image i (rotated as the run was, if it used ``--rotate``), and
@@ -84,8 +94,10 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
         raise RDDRSError(f"{out} holds no rows")
     lo, hi = min(rows), max(rows)
     if missing := [i for i in range(lo, hi + 1) if i not in rows]:
-        raise RDDRSError(f"{out} misses idx {missing[0]} ({len(missing)} rows in {lo}..{hi}); "
-                         "the memory needs contiguous rows (merge the shards first)")
+        raise RDDRSError(
+            f"{out} misses idx {missing[0]} ({len(missing)} rows in {lo}..{hi}); "
+            "the memory needs contiguous rows (merge the shards first)"
+        )
     if lo < start or hi >= start + len(images):
         raise RDDRSError(f"{out} has idx {lo}..{hi}, outside the images {start}..{start + len(images) - 1}")
     ordered = [rows[i] for i in range(lo, hi + 1)]
@@ -107,16 +119,19 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
         try:
             law = family.from_param(param, d, check=row["idx"] not in checked)
         except RDDRSError as err:
-            raise RDDRSError(f"{out}: the law of idx {row['idx']} is not a valid covariance ({err}); the memory "
-                             "certifies from valid laws only") from None
+            raise RDDRSError(
+                f"{out}: the law of idx {row['idx']} is not a valid covariance ({err}); the memory "
+                "certifies from valid laws only"
+            ) from None
         checked.add(row["idx"])
         return (x if rotation is None else rotation @ x), law
 
     path = memory_path(out)
     with exclusive(path):  # one writer at a time
         done = read_memory_rows(path, repair=True)
-        if len(done) > len(ordered) or any(old[k] != new[k] for old, new in zip(done, ordered)
-                                           for k in ("idx", "label", "p_lower", "sigma_min")):
+        if len(done) > len(ordered) or any(
+            old[k] != new[k] for old, new in zip(done, ordered) for k in ("idx", "label", "p_lower", "sigma_min")
+        ):
             raise RDDRSError(f"{path} does not match the rows of {out.name}; remove it to start again")
         if len(done) == len(ordered):  # complete: nothing to rebuild (the traces need not exist)
             return path
@@ -127,20 +142,34 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
         for row in done:
             if row["memory"] != ABSTAINED:
                 memory.store(*region(row), row["gap"], row["predict"], key=row["idx"])
-        write_atomic(sidecar_path(path), [json.dumps(dict(meta, memory={
-            "source": out.name, "order": "ascending idx", "touch_tolerance": TOUCH_TOLERANCE}), indent=2).encode()])
+        write_atomic(
+            sidecar_path(path),
+            [
+                json.dumps(
+                    dict(
+                        meta, memory={"source": out.name, "order": "ascending idx", "touch_tolerance": TOUCH_TOLERANCE}
+                    ),
+                    indent=2,
+                ).encode()
+            ],
+        )
         bar = tqdm(total=len(ordered), initial=len(done), disable=not progress, unit="image", desc="memory")
         fresh = not path.exists() or path.stat().st_size == 0
         with open(path, "a") as f:
             if fresh:
                 f.write("\t".join(MEMORY_COLUMNS) + "\n")
-            for row in ordered[len(done):]:
+            for row in ordered[len(done) :]:
                 row = dict(row, memory=ABSTAINED)
                 if row["predict"] != ABSTAIN:
                     decision = memory.admit(*region(row), row["gap"], row["predict"], key=row["idx"])
-                    row.update(predict=decision.label, correct=int(decision.label == row["label"]), gap=decision.gap,
-                               radius=decision.gap * row["sigma_min"], proxy_radius=decision.gap * row["sigma_proxy"],
-                               memory=decision.status)
+                    row.update(
+                        predict=decision.label,
+                        correct=int(decision.label == row["label"]),
+                        gap=decision.gap,
+                        radius=decision.gap * row["sigma_min"],
+                        proxy_radius=decision.gap * row["sigma_proxy"],
+                        memory=decision.status,
+                    )
                 f.write(format_row(row, MEMORY_COLUMNS) + "\n")
                 f.flush()
                 bar.update()

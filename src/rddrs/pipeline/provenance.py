@@ -34,8 +34,9 @@ def git(*args: str, cwd: str | Path | None = None) -> str | None:
     """What ``git ARGS`` prints in ``cwd`` (default: this package's checkout), stripped; None
     where git is missing or fails (not a repository)."""
     try:
-        proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=20,
-                              cwd=cwd or Path(__file__).resolve().parent)
+        proc = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=20, cwd=cwd or Path(__file__).resolve().parent
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
@@ -63,12 +64,17 @@ def provenance(device) -> dict:
     commit = declared or git("rev-parse", "HEAD") or None
     status = git("status", "--porcelain") if commit and not declared else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {"versions": {"rddrs": __version__, "torch": torch.__version__, "python": platform.python_version()},
-            "device": f"{device} ({name})", "processor": processor_name(), "threads": torch.get_num_threads(),
-            "host": platform.node(),
-            "malloc_tuning": allocator.status(),
-            "git_commit": commit, "git_dirty": None if status is None else bool(status),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "versions": {"rddrs": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "device": f"{device} ({name})",
+        "processor": processor_name(),
+        "threads": torch.get_num_threads(),
+        "host": platform.node(),
+        "malloc_tuning": allocator.status(),
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def recorded(device: str, rows) -> dict:
@@ -79,6 +85,7 @@ def recorded(device: str, rows) -> dict:
 
 
 # -- who wrote which rows ----------------------------------------------------------------------
+
 
 def index_ranges(indices) -> list[list[int]]:
     """Sorted indices as ``[lo, hi)`` ranges of consecutive ones."""
@@ -121,6 +128,7 @@ def row_writers(meta: dict, indices) -> dict[int, dict]:
 
 # -- a results folder --------------------------------------------------------------------------
 
+
 def results_provenance(results_dir) -> dict:
     """What the sidecars of the result files under ``results_dir`` say about their making:
     ``files``; ``presets``; ``machines`` (device -> set of thread counts); ``versions``
@@ -129,8 +137,18 @@ def results_provenance(results_dir) -> dict:
     dates; ``stored``: the commit that last changed the folder in git (hash, date), if tracked."""
     folder = Path(results_dir)
     sidecars = sorted(folder.rglob("*.tsv.json")) if folder.is_dir() else []
-    info = {"files": 0, "presets": set(), "machines": {}, "versions": set(), "commits": set(),
-            "dirty": False, "uncommitted": 0, "first": None, "last": None, "stored": None}
+    info = {
+        "files": 0,
+        "presets": set(),
+        "machines": {},
+        "versions": set(),
+        "commits": set(),
+        "dirty": False,
+        "uncommitted": 0,
+        "first": None,
+        "last": None,
+        "stored": None,
+    }
     for side in sidecars:
         try:
             meta = json.loads(side.read_text(encoding="utf-8"))

@@ -19,8 +19,21 @@ import numpy as np
 from rddrs import RDDRSError
 from rddrs.pipeline.files import write_atomic
 
-COLUMNS = ("idx", "label", "predict", "correct", "gap", "radius", "proxy_radius",
-           "sigma_min", "sigma_proxy", "sigma_max", "p_lower", "seconds", "search")
+COLUMNS = (
+    "idx",
+    "label",
+    "predict",
+    "correct",
+    "gap",
+    "radius",
+    "proxy_radius",
+    "sigma_min",
+    "sigma_proxy",
+    "sigma_max",
+    "p_lower",
+    "seconds",
+    "search",
+)
 INT_COLUMNS = {"idx", "label", "predict", "correct"}
 #: columns added after result files were first written, with the value their old rows read as
 ADDED = {"search": "ok"}
@@ -85,11 +98,14 @@ def read_sidecar(out: Path, optional: bool = False) -> dict | None:
     except (OSError, UnicodeDecodeError) as err:
         raise RDDRSError(f"{side}: cannot read ({err})") from None
     except json.JSONDecodeError as err:
-        raise RDDRSError(f"{side} is not valid JSON (line {err.lineno}: {err.msg}); restore it from a copy, "
-                         f"or move {Path(out).name} and its sidecar away to start the run afresh") from None
+        raise RDDRSError(
+            f"{side} is not valid JSON (line {err.lineno}: {err.msg}); restore it from a copy, "
+            f"or move {Path(out).name} and its sidecar away to start the run afresh"
+        ) from None
     if not isinstance(meta, dict):
-        raise RDDRSError(f"{side} holds {type(meta).__name__}, not a JSON object: it is not the sidecar of an "
-                         "rddrs run")
+        raise RDDRSError(
+            f"{side} holds {type(meta).__name__}, not a JSON object: it is not the sidecar of an rddrs run"
+        )
     if not optional and not isinstance(meta.get("settings"), dict):
         raise RDDRSError(f"{side} holds no 'settings' object: it is not the sidecar of an rddrs run")
     return meta
@@ -146,10 +162,18 @@ def read_table(path: Path, required=COLUMNS, repair: bool = False) -> tuple[list
     if dup := sorted({h for h in header if header.count(h) > 1}):
         raise RDDRSError(f"{path} line 1: duplicated column {dup[0]!r} in the header")
     if missing := [c for c in required if c not in header]:
-        raise RDDRSError(f"{path} line 1: missing column{'s' if len(missing) > 1 else ''} "
-                         f"{', '.join(missing)} (header has: {' '.join(header)})")
-    kinds = [(int, "an integer") if h in INT_COLUMNS else (None, "") if h in ADDED or h not in COLUMNS
-             else (float, "a number") for h in header]
+        raise RDDRSError(
+            f"{path} line 1: missing column{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)} (header has: {' '.join(header)})"
+        )
+    kinds = [
+        (int, "an integer")
+        if h in INT_COLUMNS
+        else (None, "")
+        if h in ADDED or h not in COLUMNS
+        else (float, "a number")
+        for h in header
+    ]
     defaults = {k: v for k, v in ADDED.items() if k not in header}
     rows, seen = [], {}
     for number, line in enumerate(lines[1:], start=2):
@@ -165,8 +189,7 @@ def read_table(path: Path, required=COLUMNS, repair: bool = False) -> tuple[list
             except ValueError:
                 raise RDDRSError(f"{path} line {number}: column {name!r}: {text!r} is not {what}") from None
         if "search" in row and not SEARCH_STATUS.match(row["search"]):
-            raise RDDRSError(f"{path} line {number}: column 'search': {row['search']!r} is not ok, - or "
-                             "diverged@ITER")
+            raise RDDRSError(f"{path} line {number}: column 'search': {row['search']!r} is not ok, - or diverged@ITER")
         row.update(defaults)
         if "idx" in row:
             if row["idx"] in seen:
@@ -224,9 +247,11 @@ def check_labels(rows: dict[int, dict], labels, where: str, start: int = 0) -> N
     inside = [i for i in sorted(rows) if 0 <= i - start < len(labels)]
     if wrong := [i for i in inside if rows[i]["label"] != int(labels[i - start])]:
         i = wrong[0]
-        raise RDDRSError(f"{where}: the row of idx {i} says label {rows[i]['label']}, the test set "
-                         f"{int(labels[i - start])} ({len(wrong)} rows differ); the file was changed or is of another "
-                         "test set")
+        raise RDDRSError(
+            f"{where}: the row of idx {i} says label {rows[i]['label']}, the test set "
+            f"{int(labels[i - start])} ({len(wrong)} rows differ); the file was changed or is of another "
+            "test set"
+        )
 
 
 def format_row(row: dict, columns=COLUMNS) -> str:

@@ -77,9 +77,11 @@ class RunSpec(RunRequest):
         if self.kind == MEMORY:
             return f"memory pass over {Path(self.source).name}"
         what = f"{method_record(self.method).label} sigma={self.sigma:g}"
-        extra = ", ".join([f"{k}={v}" for k, v in sorted(self.search.items())]
-                          + ([f"rotate={self.rotate}"] if self.rotate is not None else [])
-                          + ([f"dataset={self.dataset}"] if self.dataset != "mnist" else []))
+        extra = ", ".join(
+            [f"{k}={v}" for k, v in sorted(self.search.items())]
+            + ([f"rotate={self.rotate}"] if self.rotate is not None else [])
+            + ([f"dataset={self.dataset}"] if self.dataset != "mnist" else [])
+        )
         return f"{what}{f' ({extra})' if extra else ''}, images {_ranges_text(self.ranges)}"
 
 
@@ -117,8 +119,12 @@ def combine(specs: Iterable[RunSpec]) -> list[RunSpec]:
         old = by_out[key]
         if differ := [f for f in _RUN_FIELDS if getattr(old, f) != getattr(spec, f)]:
             raise RDDRSError(f"two different runs want the file {spec.out} ({', '.join(differ)} differ)")
-        by_out[key] = replace(old, ranges=old.ranges + spec.ranges, priority=min(old.priority, spec.priority),
-                              groups=old.groups + tuple(g for g in spec.groups if g not in old.groups))
+        by_out[key] = replace(
+            old,
+            ranges=old.ranges + spec.ranges,
+            priority=min(old.priority, spec.priority),
+            groups=old.groups + tuple(g for g in spec.groups if g not in old.groups),
+        )
     return list(by_out.values())
 
 
@@ -168,10 +174,20 @@ def closure(wanted: Iterable[RunSpec], pool: Iterable[RunSpec]) -> list[RunSpec]
     return chosen
 
 
-def standard_specs(sigma: float, preset: str, results: str | Path, *, methods: Iterable[str] = NAMES,
-                   count: int | None = None, seed: int = 0, device: str = "cpu", data: str | Path = "data",
-                   models: str | Path = "data/models", groups: tuple[str, ...] = ("standard",),
-                   dataset: str = "mnist") -> list[RunSpec]:
+def standard_specs(
+    sigma: float,
+    preset: str,
+    results: str | Path,
+    *,
+    methods: Iterable[str] = NAMES,
+    count: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    data: str | Path = "data",
+    models: str | Path = "data/models",
+    groups: tuple[str, ...] = ("standard",),
+    dataset: str = "mnist",
+) -> list[RunSpec]:
     """The paper's runs at one sigma (``RESULTS/METHOD_sigmaS.tsv``) on test images
     ``0..count-1`` (count: the preset's) of ``dataset``, with its model at sigma (``model_path``):
     RS, DDRS, and ANCER and RDDRS started from DDRS' sigma_x* (its result file). The base run a
@@ -193,17 +209,34 @@ def standard_specs(sigma: float, preset: str, results: str | Path, *, methods: I
         if name not in wanted:
             continue
         base = method_record(name).base
-        specs.append(RunSpec(str(result_path(results, name, sigma)), method=name, sigma=float(sigma), preset=preset,
-                             model=str(model), ranges=((0, count),), seed=seed, device=device,
-                             init=None if base is None else str(result_path(results, base, sigma)),
-                             groups=groups, data=str(data), dataset=dataset))
+        specs.append(
+            RunSpec(
+                str(result_path(results, name, sigma)),
+                method=name,
+                sigma=float(sigma),
+                preset=preset,
+                model=str(model),
+                ranges=((0, count),),
+                seed=seed,
+                device=device,
+                init=None if base is None else str(result_path(results, base, sigma)),
+                groups=groups,
+                data=str(data),
+                dataset=dataset,
+            )
+        )
     return specs
-
 
 
 def memory_spec(source: RunSpec, groups: tuple[str, ...] = ("memory",)) -> RunSpec:
     """The memory pass over the certification ``source`` (``OUT.memory.tsv``)."""
     from_out = Path(source.out)
-    return RunSpec(str(memory_path(from_out)), kind=MEMORY, source=source.out,
-                   device="cpu", groups=groups, data=source.data, dataset=source.dataset)
-
+    return RunSpec(
+        str(memory_path(from_out)),
+        kind=MEMORY,
+        source=source.out,
+        device="cpu",
+        groups=groups,
+        data=source.data,
+        dataset=source.dataset,
+    )

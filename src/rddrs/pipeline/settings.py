@@ -39,27 +39,43 @@ class RunRequest:
     result file's sidecar records. A new setting is one field here (and its use)."""
 
     method: str | None = field(default=None, metadata=_option("the method", required=True, choices="methods"))
-    sigma: float | None = field(default=None, metadata=_option("RS noise level / the searches' start",
-                                                               required=True, kind="number"))
+    sigma: float | None = field(
+        default=None, metadata=_option("RS noise level / the searches' start", required=True, kind="number")
+    )
     preset: str | None = field(default=None, metadata=_option("scale (default: cpu)", choices="presets"))
-    model: str | None = field(default=None, metadata=_option("checkpoint (.pt) or torch.export program (.pt2)",
-                                                             required=True))
+    model: str | None = field(
+        default=None, metadata=_option("checkpoint (.pt) or torch.export program (.pt2)", required=True)
+    )
     seed: int = field(default=0, metadata=_option("seed of every noise stream (default 0)", kind="natural"))
     device: str = field(default="cpu", metadata=_option("cpu, cuda, cuda:1 ..."))
-    rotate: int | None = field(default=None, metadata=_option(
-        "compose inputs and model with a random orthogonal matrix of this seed", metavar="SEED", kind="natural"))
-    init: str | None = field(default=None, metadata=_option(
-        "start from this finished run: a DDRS file gives sigma_x* (ancer, rddrs), an ANCER file gives "
-        "C = diag(theta) with its floor (rddrs)"))
-    probabilities: bool = field(default=False, metadata=_option(
-        "the model outputs probabilities, not logits", kind="flag"))
+    rotate: int | None = field(
+        default=None,
+        metadata=_option(
+            "compose inputs and model with a random orthogonal matrix of this seed", metavar="SEED", kind="natural"
+        ),
+    )
+    init: str | None = field(
+        default=None,
+        metadata=_option(
+            "start from this finished run: a DDRS file gives sigma_x* (ancer, rddrs), an ANCER file gives "
+            "C = diag(theta) with its floor (rddrs)"
+        ),
+    )
+    probabilities: bool = field(
+        default=False, metadata=_option("the model outputs probabilities, not logits", kind="flag")
+    )
     n0: int | None = field(default=None, metadata=_option("selection samples", kind="positive"))
     n: int | None = field(default=None, metadata=_option("estimation samples", kind="positive"))
-    alpha: float | None = field(default=None, metadata=_option(
-        "failure probability of each certificate, in (0, 1)", kind="number"))
+    alpha: float | None = field(
+        default=None, metadata=_option("failure probability of each certificate, in (0, 1)", kind="number")
+    )
     search: dict = field(default_factory=dict, metadata=_option("overrides of the method's Search", kind="search"))
-    dataset: str = field(default="mnist", metadata=_option(
-        "whose test images (default: mnist); the model must have been trained on it", choices="datasets"))
+    dataset: str = field(
+        default="mnist",
+        metadata=_option(
+            "whose test images (default: mnist); the model must have been trained on it", choices="datasets"
+        ),
+    )
 
     def request(self) -> "RunRequest":
         """The settings alone (of a ``RunSpec``, without its file and images)."""
@@ -137,8 +153,9 @@ def settings_differ(a: dict, b: dict) -> list[str]:
 def check_settings(out: Path, settings: RunSettings) -> None:
     """A one-line error unless the existing run ``out`` was written with ``settings``."""
     if diff := settings_differ(normalised(read_sidecar(out)["settings"]), settings.comparable()):
-        raise RDDRSError(f"{out} was written with other settings ({', '.join(diff)} differ); "
-                         "use another --out or the same settings")
+        raise RDDRSError(
+            f"{out} was written with other settings ({', '.join(diff)} differ); use another --out or the same settings"
+        )
 
 
 def resuming(out: Path, settings: RunSettings) -> bool:
@@ -159,16 +176,19 @@ def resuming(out: Path, settings: RunSettings) -> bool:
 
 def write_sidecar(out: Path, settings: RunSettings, extra: dict) -> None:
     """Write the sidecar of a new run: its settings, its model's path and ``extra``."""
-    write_atomic(sidecar_path(out), [json.dumps({"settings": settings.comparable(), "model": settings.model,
-                                                 **extra}, indent=2).encode()])
+    write_atomic(
+        sidecar_path(out),
+        [json.dumps({"settings": settings.comparable(), "model": settings.model, **extra}, indent=2).encode()],
+    )
 
 
 def check_sigma(sigma) -> None:
     """A one-line error unless ``sigma`` is a noise level in ``SIGMA_RANGE``."""
     lo, hi = SIGMA_RANGE
     if not (isinstance(sigma, numbers.Real) and not isinstance(sigma, bool) and lo <= sigma <= hi):
-        raise RDDRSError(f"sigma must lie in [{lo:g}, {hi:g}] (images are in [0, 1], the network computes in "
-                         f"float32), got {sigma}")
+        raise RDDRSError(
+            f"sigma must lie in [{lo:g}, {hi:g}] (images are in [0, 1], the network computes in float32), got {sigma}"
+        )
 
 
 def check_stored(stored: dict, where: str) -> None:
@@ -237,15 +257,18 @@ def resolve(request: RunRequest) -> RunSettings:
         raise RDDRSError("a run needs a model")
     model = regular_file(Path(request.model), "model")
     if (trained := trained_on(model)) is not None and trained != dataset:
-        raise RDDRSError(f"model {model} was trained on {trained}, and this run certifies {dataset} images: "
-                         f"use a model trained on {dataset} (or --dataset {trained})")
+        raise RDDRSError(
+            f"model {model} was trained on {trained}, and this run certifies {dataset} images: "
+            f"use a model trained on {dataset} (or --dataset {trained})"
+        )
     n0, n = request.n0 or chosen.n0, request.n or chosen.n
     alpha = chosen.alpha if request.alpha is None else request.alpha
     if not 0 < alpha < 1:
         raise RDDRSError(f"alpha must lie in (0, 1), got {alpha}")
     if not (_whole(n0) and _whole(n) and 1 <= n0 <= MAX_SAMPLES and 1 <= n <= MAX_SAMPLES):
-        raise RDDRSError(f"n0 and n must be integers in 1..{MAX_SAMPLES:,} (more samples per image would not "
-                         f"finish), got {n0}, {n}")
+        raise RDDRSError(
+            f"n0 and n must be integers in 1..{MAX_SAMPLES:,} (more samples per image would not finish), got {n0}, {n}"
+        )
     overrides = dict(request.search or {})
     if overrides and not record.searched:
         raise RDDRSError(f"{record.label} has no search to override")
@@ -259,13 +282,29 @@ def resolve(request: RunRequest) -> RunSettings:
         capped = overrides.get("objective", chosen.search[method].objective) == "capped"
         overrides["cap"] = gap_cap(n, alpha) if capped else None
     own = replace(chosen.search[method], **overrides) if record.searched else None
-    searches = {k: (own if k == method else v).record() for k, v in chosen.search.items()
-                if k == method or (record.searched and k == record.base)}
-    return RunSettings(**{**request_fields(request), "sigma": float(sigma), "preset": preset, "model": str(model),
-                          "n0": n0, "n": n, "alpha": alpha, "seed": int(seed), "device": str(request.device),
-                          "rotate": None if rotate is None else int(rotate), "search": searches,
-                          "init": None if init is None else str(init), "dataset": dataset},
-                       model_sha256=sha256_of(model))
+    searches = {
+        k: (own if k == method else v).record()
+        for k, v in chosen.search.items()
+        if k == method or (record.searched and k == record.base)
+    }
+    return RunSettings(
+        **{
+            **request_fields(request),
+            "sigma": float(sigma),
+            "preset": preset,
+            "model": str(model),
+            "n0": n0,
+            "n": n,
+            "alpha": alpha,
+            "seed": int(seed),
+            "device": str(request.device),
+            "rotate": None if rotate is None else int(rotate),
+            "search": searches,
+            "init": None if init is None else str(init),
+            "dataset": dataset,
+        },
+        model_sha256=sha256_of(model),
+    )
 
 
 #: noisy images one search iteration should hold (inputs x samples), by device type: on 2 CPU

@@ -169,4 +169,3 @@ def merge_shard(task: Task, partial: bool = False) -> int:
         added = add_rows(out, part, read_sidecar(shard), traces_dir(shard), str(shard)) if part else 0
         _remove_shard(shard)
     return added
-

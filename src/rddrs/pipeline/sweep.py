@@ -50,8 +50,10 @@ class Report:
         return self
 
     def summary(self) -> str:
-        text = (f"{self.runs} runs: {self.complete_before} complete before, {self.done} of {self.shards} "
-                f"shards computed in {self.seconds:.1f} s")
+        text = (
+            f"{self.runs} runs: {self.complete_before} complete before, {self.done} of {self.shards} "
+            f"shards computed in {self.seconds:.1f} s"
+        )
         if self.left:
             text += f", {self.left} left for the next sweep (time was up)"
         if self.failed:
@@ -65,8 +67,7 @@ class _Progress:
     def __init__(self, total: int, enabled: bool):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, unit="shard", desc="sweep", disable=not enabled or total == 0,
-                        dynamic_ncols=True)
+        self.bar = tqdm(total=total, unit="shard", desc="sweep", disable=not enabled or total == 0, dynamic_ncols=True)
         self.counts: dict = {}
 
     def update(self, done: int = 0, running: int = 0, failed: int = 0, left: int = 0) -> None:
@@ -90,15 +91,25 @@ def sweep_lock(results: str | Path):
             try:
                 stack.enter_context(exclusive(Path(results) / ".sweep"))
             except Busy:
-                raise Busy(f"another sweep is computing runs in {results}; wait for it to end "
-                           f"(the runs it leaves missing can then be computed)") from None
+                raise Busy(
+                    f"another sweep is computing runs in {results}; wait for it to end "
+                    f"(the runs it leaves missing can then be computed)"
+                ) from None
             yield
 
     return held()
 
 
-def execute(specs: Iterable[RunSpec], engine=None, *, shard_size: int | None = None, results: str | Path | None = None,
-            progress: bool = False, poll: float = 0.5, until: float | None = None) -> Report:
+def execute(
+    specs: Iterable[RunSpec],
+    engine=None,
+    *,
+    shard_size: int | None = None,
+    results: str | Path | None = None,
+    progress: bool = False,
+    poll: float = 0.5,
+    until: float | None = None,
+) -> Report:
     """Compute every run of ``specs`` that is missing or incomplete (``engine``: ``Inline()``
     unless given), merging shards as they complete. ``results``: the directory whose sweep lock
     is held meanwhile (one sweep at a time). Returns the report; runs that failed are in
@@ -189,7 +200,9 @@ class _Sweep:
             if rows:
                 kind = spec.device.split(":")[0]
                 writers = row_writers(read_sidecar(spec.out), rows)
-                seconds = [r["seconds"] for i, r in rows.items() if str(writers.get(i, {}).get("device", "")).startswith(kind)]
+                seconds = [
+                    r["seconds"] for i, r in rows.items() if str(writers.get(i, {}).get("device", "")).startswith(kind)
+                ]
                 if seconds:
                     self.pace[key] = sum(seconds) / len(seconds)
         return self.pace.get(key)
@@ -317,5 +330,3 @@ class _Sweep:
         self.report.left = len(self.left)
         self.report.seconds = time.perf_counter() - tic
         return self.report
-
-

@@ -68,9 +68,19 @@ def _into_box(x: Tensor, sigma: Tensor, u: Tensor, r: Tensor, box: tuple[float, 
     return _project((clipped - flat) / sigma[:, None], r)
 
 
-def attack(model, x: Tensor, smoothing: Smoothing, cls, r, steps: int = 20, samples: int = 64,
-           step: float | None = None, seed: int = 0, indices=None,
-           box: tuple[float, float] | None = None) -> Tensor:
+def attack(
+    model,
+    x: Tensor,
+    smoothing: Smoothing,
+    cls,
+    r,
+    steps: int = 20,
+    samples: int = 64,
+    step: float | None = None,
+    seed: int = 0,
+    indices=None,
+    box: tuple[float, float] | None = None,
+) -> Tensor:
     """Points ``x + S u``, ``||u|| <= r``, that maximise the smoothed loss of class ``cls``.
 
     ``r`` is a number or one per input; ``step`` is the step length as a fraction of r
@@ -122,9 +132,21 @@ class RegionCheck:
     winner: np.ndarray
 
 
-def check_region(model, x: Tensor, smoothing: Smoothing, cls, r, steps: int = 20, samples: int = 64,
-                 step: float | None = None, check_samples: int = 10_000, alpha: float = 0.001, seed: int = 0,
-                 indices=None, batch_size: int = 10_000) -> RegionCheck:
+def check_region(
+    model,
+    x: Tensor,
+    smoothing: Smoothing,
+    cls,
+    r,
+    steps: int = 20,
+    samples: int = 64,
+    step: float | None = None,
+    check_samples: int = 10_000,
+    alpha: float = 0.001,
+    seed: int = 0,
+    indices=None,
+    batch_size: int = 10_000,
+) -> RegionCheck:
     """Attack the region ``{x + S u : ||u|| < r}`` certified for class ``cls`` and test the
     smoothed prediction at the point found with ``check_samples`` independent draws."""
     points = attack(model, x, smoothing, cls, r, steps, samples, step, seed, indices)
@@ -133,5 +155,4 @@ def check_region(model, x: Tensor, smoothing: Smoothing, cls, r, steps: int = 20
     cls = class_indices(cls, len(x), found.count.shape[1])
     count = found.count[rows, cls]
     high = 1.0 - clopper_pearson_lower(check_samples - count, check_samples, alpha)
-    return RegionCheck(points=points, p=found.p[rows, cls], high=high, refuted=high < 0.5,
-                       winner=found.count.argmax(1))
+    return RegionCheck(points=points, p=found.p[rows, cls], high=high, refuted=high < 0.5, winner=found.count.argmax(1))

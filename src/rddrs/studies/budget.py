@@ -58,8 +58,12 @@ CANDIDATES = {
     ("ddrs", "sgd"): ({"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}, {"lr": 3e-2}),
     ("ddrs", "adam"): ({"lr": 3e-3}, {"lr": 1e-2}, {"lr": 3e-2}, {"lr": 0.1}),
     ("ancer", "adam"): ({"lr": 0.04}, {"lr": 0.08}, {"lr": 0.2}, {"lr": 0.5}),
-    ("ancer", "sgd"): ({"lr": 10.0, "max_step": 0.1}, {"lr": 100.0, "max_step": 0.1}, {"lr": 100.0, "max_step": 0.3},
-                       {"lr": 100.0, "max_step": 1.0}),
+    ("ancer", "sgd"): (
+        {"lr": 10.0, "max_step": 0.1},
+        {"lr": 100.0, "max_step": 0.1},
+        {"lr": 100.0, "max_step": 0.3},
+        {"lr": 100.0, "max_step": 1.0},
+    ),
     ("rddrs", "sgd"): ({"lr": 1.0}, {"lr": 1.0, "max_step": 0.3}, {"lr": 1.0, "max_step": 1.0}),
     ("rddrs", "adam"): ({"lr": 0.3, "max_step": 0}, {"lr": 1.0, "max_step": 0}, {"lr": 3.0, "max_step": 0}),
 }
@@ -75,16 +79,24 @@ STEP_SIZES = {
 }
 
 #: the RDDRS variants started from an ANCER variant of the grid: (objective, step, ANCER variant)
-FROM_ANCER = (("soft", "sgd", "ancer_soft_adam"), ("soft", "adam", "ancer_soft_adam"),
-              ("capped", "adam", "ancer_soft_adam"), ("capped", "adam", "ancer_capped_adam"))
+FROM_ANCER = (
+    ("soft", "sgd", "ancer_soft_adam"),
+    ("soft", "adam", "ancer_soft_adam"),
+    ("capped", "adam", "ancer_soft_adam"),
+    ("capped", "adam", "ancer_capped_adam"),
+)
 
 #: each method's best variant in the variants study (largest proxy ACR; the budget chapter checks it)
 BEST = {"ddrs": "ddrs_capped_sgd", "ancer": "ancer_soft_adam", "rddrs": "rddrs_capped_adam_from_ancer_capped_adam"}
 
 
 def _name(values: dict) -> str:
-    return "_".join(f"{k.replace('_', '')}{v:g}" if isinstance(v, float | int) and not isinstance(v, bool)
-                    else f"{k.replace('_', '')}{v}" for k, v in values.items())
+    return "_".join(
+        f"{k.replace('_', '')}{v:g}"
+        if isinstance(v, float | int) and not isinstance(v, bool)
+        else f"{k.replace('_', '')}{v}"
+        for k, v in values.items()
+    )
 
 
 def tuning_name(method: str, step: str, candidate: dict) -> str:
@@ -94,13 +106,17 @@ def tuning_name(method: str, step: str, candidate: dict) -> str:
 
 def tuning_study(preset: str) -> Study:
     first, count = budgets.of(preset).budget.tuning
-    variants = tuple(Variant(tuning_name(m, step, c), m, {"step": step, **c})
-                     for (m, step), candidates in CANDIDATES.items() for c in candidates)
+    variants = tuple(
+        Variant(tuning_name(m, step, c), m, {"step": step, **c})
+        for (m, step), candidates in CANDIDATES.items()
+        for c in candidates
+    )
     return Study("tuning", count, variants, first=first, digests=False)
 
 
 def tuning_choice(runs: dict) -> dict:
     """Per (method, step rule), the candidate with the largest proxy ACR in the tuning runs."""
+
     def acr(name):
         return float(runs[name].certified("proxy").mean())
 
@@ -122,8 +138,9 @@ def step_size_study(preset: str) -> Study:
     variants = []
     for lr in (0.5, 1.0, 25.0):
         variants.append(Variant(f"rddrs_lr{lr:g}_bounded", "rddrs", {"lr": lr}))
-        variants.append(Variant(f"rddrs_lr{lr:g}_clamped_unbounded", "rddrs",
-                                {"lr": lr, "objective": "clamped", "max_step": 0}))
+        variants.append(
+            Variant(f"rddrs_lr{lr:g}_clamped_unbounded", "rddrs", {"lr": lr, "objective": "clamped", "max_step": 0})
+        )
     return Study("step_sizes", budgets.of(preset).budget.count, tuple(variants), digests=False)
 
 
@@ -143,9 +160,14 @@ def frontier_study(preset: str) -> Study:
     for method, sizes in budgets.of(preset).budget.frontier.items():
         *starts, best = _best_chain(method)
         for iterations, samples in sizes:
-            variants.append(Variant(f"{method}_it{iterations}_m{samples}", method,
-                                    {**best.search, "iterations": iterations, "samples": samples},
-                                    start=starts[-1].name if starts else None))
+            variants.append(
+                Variant(
+                    f"{method}_it{iterations}_m{samples}",
+                    method,
+                    {**best.search, "iterations": iterations, "samples": samples},
+                    start=starts[-1].name if starts else None,
+                )
+            )
         variants.extend(v for v in starts if v not in variants)
     return Study("frontier", budgets.of(preset).budget.count, tuple(variants), digests=False)
 
@@ -155,8 +177,9 @@ def diagonal_study(preset: str) -> Study:
     to diagonal C (``Search.diagonal``; same start, same draws): what the off-diagonal freedom adds."""
     *starts, best = _best_chain("rddrs")
     searches = (best, Variant(best.name.split("_from_")[0], "rddrs", best.search))
-    kept = tuple(Variant(f"{v.name}_diagonal", "rddrs", {**v.search, "diagonal": True}, start=v.start)
-                 for v in searches)
+    kept = tuple(
+        Variant(f"{v.name}_diagonal", "rddrs", {**v.search, "diagonal": True}, start=v.start) for v in searches
+    )
     return Study("diagonal", budgets.of(preset).budget.count, (*starts, *searches, *kept), digests=False)
 
 
@@ -176,9 +199,11 @@ _CLAMPED_BOUNDED = Variant("rddrs_clamped_bounded", "rddrs", {"objective": "clam
 
 #: the authors' pipeline: their clamp, and ANCER and RDDRS chained from the clamped DDRS, RDDRS
 #: without our step bound (as in their code)
-PIPELINE = (Variant("ddrs_clamped", "ddrs", {"objective": "clamped"}),
-            Variant("ancer_clamped", "ancer", {"objective": "clamped"}, start="ddrs_clamped"),
-            Variant("rddrs_clamped", "rddrs", {"objective": "clamped", "max_step": 0}, start="ddrs_clamped"))
+PIPELINE = (
+    Variant("ddrs_clamped", "ddrs", {"objective": "clamped"}),
+    Variant("ancer_clamped", "ancer", {"objective": "clamped"}, start="ddrs_clamped"),
+    Variant("rddrs_clamped", "rddrs", {"objective": "clamped", "max_step": 0}, start="ddrs_clamped"),
+)
 
 
 def _pipeline_folder(preset: str) -> str:
@@ -193,9 +218,18 @@ def clamped_study(preset: str) -> Study:
     also runs with our bound."""
     bounded = () if preset == "paper" else (_CLAMPED_BOUNDED,)
     ddrs, ancer, rddrs = PIPELINE
-    return Study(_pipeline_folder(preset), budgets.of(preset).budget.count, digests=False, variants=(
-        ddrs, ancer, Variant("ancer_clamped_lr1", "ancer", {"objective": "clamped", "lr": 1.0}, start="ddrs_clamped"),
-        rddrs, *bounded))
+    return Study(
+        _pipeline_folder(preset),
+        budgets.of(preset).budget.count,
+        digests=False,
+        variants=(
+            ddrs,
+            ancer,
+            Variant("ancer_clamped_lr1", "ancer", {"objective": "clamped", "lr": 1.0}, start="ddrs_clamped"),
+            rddrs,
+            *bounded,
+        ),
+    )
 
 
 #: images of the paper slice on which the authors' pipeline is taken apart (``pipeline_parts_study``)
@@ -210,13 +244,21 @@ def pipeline_parts_study(preset: str) -> Study:
     if preset != "paper":
         return Study(_pipeline_folder(preset), PARTS_COUNT, (), digests=False)
     pipeline = clamped_study(preset)
-    return Study(_pipeline_folder(preset), PARTS_COUNT, digests=False, variants=(
-        pipeline.variant("ddrs_clamped"), pipeline.variant("rddrs_clamped"),
-        _CLAMPED_BOUNDED,
-        Variant("rddrs_soft_unbounded", "rddrs", {"max_step": 0}, start="ddrs_clamped")))
+    return Study(
+        _pipeline_folder(preset),
+        PARTS_COUNT,
+        digests=False,
+        variants=(
+            pipeline.variant("ddrs_clamped"),
+            pipeline.variant("rddrs_clamped"),
+            _CLAMPED_BOUNDED,
+            Variant("rddrs_soft_unbounded", "rddrs", {"max_step": 0}, start="ddrs_clamped"),
+        ),
+    )
 
 
 # -- measures ------------------------------------------------------------------------------
+
 
 def evaluations(study: Study, variant: Variant, preset: str) -> int:
     """Network passes per image of the variant's searches, its start's included (a pass is a
@@ -238,33 +280,63 @@ def summary_rows(runs: dict, n: int, alpha: float) -> list[dict]:
     rows = []
     for name, run in runs.items():
         res = run.results
-        rows.append({"variant": name, "method": run.variant.method, "images": res.n, "diverged": res.diverged,
-                     "proxy_acr": float(run.certified("proxy").mean()), "l2_acr": float(run.certified("l2").mean()),
-                     "at_cap": int((res.gap >= cap - 1e-9).sum()), "gap": float(res.gap.mean()),
-                     "seconds": float(res.seconds.mean())})
+        rows.append(
+            {
+                "variant": name,
+                "method": run.variant.method,
+                "images": res.n,
+                "diverged": res.diverged,
+                "proxy_acr": float(run.certified("proxy").mean()),
+                "l2_acr": float(run.certified("l2").mean()),
+                "at_cap": int((res.gap >= cap - 1e-9).sum()),
+                "gap": float(res.gap.mean()),
+                "seconds": float(res.seconds.mean()),
+            }
+        )
     return rows
 
 
 def best_of(runs: dict[str, VariantRun], method: str, kind: str = "proxy") -> str:
     """The name of ``method``'s variant with the largest ACR of ``kind`` among ``runs``."""
-    scored = {name: float(run.certified(kind).mean()) for name, run in runs.items()
-              if run.variant.method == method}
+    scored = {name: float(run.certified(kind).mean()) for name, run in runs.items() if run.variant.method == method}
     if not scored:
         raise RDDRSError(f"no {method} variant to choose from")
     return max(scored, key=scored.get)
 
 
-def _gradient_estimate(model, x: torch.Tensor, law, index: int, m: int, repeat: int, kappa: float, seed: int,
-                       chunk: int, antithetic: bool = False, control_variate: bool = False) -> torch.Tensor:
+def _gradient_estimate(
+    model,
+    x: torch.Tensor,
+    law,
+    index: int,
+    m: int,
+    repeat: int,
+    kappa: float,
+    seed: int,
+    chunk: int,
+    antithetic: bool = False,
+    control_variate: bool = False,
+) -> torch.Tensor:
     """The Monte Carlo gradient of H at ``law`` for one input from m draws of replicate ``repeat``
     of its optimisation stream (independent replicates for independent estimates)."""
     eps = NoiseSource(seed, NoiseSource.OPTIMIZE, x.device, repeat=repeat).draw(
-        [index], m, law.dim, x.dtype, antithetic=antithetic)
+        [index], m, law.dim, x.dtype, antithetic=antithetic
+    )
     return objective_and_gradient(model, x, law, eps, kappa, control_variate=control_variate, chunk=chunk)[1]
 
 
-def gradient_quality(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, sizes, reference: int,
-                     repeats: int, kappa: float = 1e-6, seed: int = 0, chunk: int = 4000) -> list[dict]:
+def gradient_quality(
+    model,
+    x: torch.Tensor,
+    sigma_star: torch.Tensor,
+    indices,
+    sizes,
+    reference: int,
+    repeats: int,
+    kappa: float = 1e-6,
+    seed: int = 0,
+    chunk: int = 4000,
+) -> list[dict]:
     """Relative error of the Monte Carlo gradient of RDDRS' H at ``C = sigma_x* I``, per image.
 
     ``||g_m - g_ref||_C / ||g_ref||_C`` in the affine-invariant norm at C, where ``g_ref`` is
@@ -276,8 +348,8 @@ def gradient_quality(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, 
     d = x[0].numel()
     rows = []
     for j, index in enumerate(indices):
-        xi = x[j: j + 1]
-        law = FullSPD.embed(Isotropic(sigma_star[j: j + 1].to(xi), d))
+        xi = x[j : j + 1]
+        law = FullSPD.embed(Isotropic(sigma_star[j : j + 1].to(xi), d))
 
         def estimate(m: int, repeat: int, **options):
             return _gradient_estimate(model, xi, law, index, m, repeat, kappa, seed, chunk, **options)
@@ -285,12 +357,24 @@ def gradient_quality(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, 
         ref = estimate(reference, repeat=10_000)
         norm = float(law.inner(ref, ref).sqrt())
         for m in sizes:
-            for scheme, options in (("plain", {}), ("antithetic", {"antithetic": True}),
-                                    ("control variate", {"control_variate": True})):
-                errors = [float(law.inner(g - ref, g - ref).sqrt()) / norm
-                          for g in (estimate(m, repeat=1 + r, **options) for r in range(repeats))]
-                rows.append({"image": int(index), "samples": int(m), "scheme": scheme,
-                             "error": float(np.mean(errors)), "errors": errors})
+            for scheme, options in (
+                ("plain", {}),
+                ("antithetic", {"antithetic": True}),
+                ("control variate", {"control_variate": True}),
+            ):
+                errors = [
+                    float(law.inner(g - ref, g - ref).sqrt()) / norm
+                    for g in (estimate(m, repeat=1 + r, **options) for r in range(repeats))
+                ]
+                rows.append(
+                    {
+                        "image": int(index),
+                        "samples": int(m),
+                        "scheme": scheme,
+                        "error": float(np.mean(errors)),
+                        "errors": errors,
+                    }
+                )
     return rows
 
 
@@ -308,8 +392,17 @@ def samples_for(rows: list[dict], target: float, reference: int | None = None) -
     return out
 
 
-def diagonal_split(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, samples: int, repeats: int,
-                   kappa: float = 1e-6, seed: int = 0, chunk: int = 4000) -> list[dict]:
+def diagonal_split(
+    model,
+    x: torch.Tensor,
+    sigma_star: torch.Tensor,
+    indices,
+    samples: int,
+    repeats: int,
+    kappa: float = 1e-6,
+    seed: int = 0,
+    chunk: int = 4000,
+) -> list[dict]:
     """Per image, at ``C = sigma_x* I``, the share of the diagonal in the squared metric norm of
     the gradient g of RDDRS' H (``signal_share``) and in that of the Monte Carlo error of one
     estimate from ``samples`` draws (``noise_share``), and the error's size ``E||g_j - g||^2 / ||g||^2``.
@@ -322,8 +415,8 @@ def diagonal_split(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, sa
     d = x[0].numel()
     rows = []
     for j, index in enumerate(indices):
-        xi = x[j: j + 1]
-        law = FullSPD.embed(Isotropic(sigma_star[j: j + 1].to(xi), d))
+        xi = x[j : j + 1]
+        law = FullSPD.embed(Isotropic(sigma_star[j : j + 1].to(xi), d))
         full, diag = [], []
         for r in range(repeats):
             g = _gradient_estimate(model, xi, law, index, samples, 1 + r, kappa, seed, chunk)
@@ -337,8 +430,15 @@ def diagonal_split(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, sa
             return signal, squares / repeats - signal
 
         (signal, noise), (signal_diag, noise_diag) = moments(full), moments(diag)
-        rows.append({"image": int(index), "samples": int(samples), "signal_share": signal_diag / signal,
-                     "noise_share": noise_diag / noise, "noise_to_signal": noise / signal})
+        rows.append(
+            {
+                "image": int(index),
+                "samples": int(samples),
+                "signal_share": signal_diag / signal,
+                "noise_share": noise_diag / noise,
+                "noise_to_signal": noise / signal,
+            }
+        )
     return rows
 
 
@@ -360,8 +460,15 @@ def _at_sigma_star(preset: str, results: str | Path, device: str, data: str | Pa
     return model, images[:count].to(device), star.to(device), list(range(count)), kappa
 
 
-def gradient_study(preset: str, results: str | Path, *, device: str = "cpu", data: str | Path = "data",
-                   models: str | Path = "data/models", seed: int = 0) -> list[dict]:
+def gradient_study(
+    preset: str,
+    results: str | Path,
+    *,
+    device: str = "cpu",
+    data: str | Path = "data",
+    models: str | Path = "data/models",
+    seed: int = 0,
+) -> list[dict]:
     """``gradient_quality`` on the preset's first images, at sigma_x* of its standard DDRS run,
     cached in ``RESULTS/claims/gradients.json``."""
     from rddrs.pipeline.files import cached_json
@@ -370,14 +477,30 @@ def gradient_study(preset: str, results: str | Path, *, device: str = "cpu", dat
 
     def compute():
         model, x, star, indices, kappa = _at_sigma_star(preset, results, device, data, models)
-        return gradient_quality(model, x, star, indices, budget.gradient_sizes, budget.gradient_reference,
-                                budget.gradient_repeats, kappa=kappa, seed=seed)
+        return gradient_quality(
+            model,
+            x,
+            star,
+            indices,
+            budget.gradient_sizes,
+            budget.gradient_reference,
+            budget.gradient_repeats,
+            kappa=kappa,
+            seed=seed,
+        )
 
     return cached_json(Path(results) / "claims" / "gradients.json", compute)
 
 
-def diagonal_split_study(preset: str, results: str | Path, *, device: str = "cpu", data: str | Path = "data",
-                         models: str | Path = "data/models", seed: int = 0) -> list[dict]:
+def diagonal_split_study(
+    preset: str,
+    results: str | Path,
+    *,
+    device: str = "cpu",
+    data: str | Path = "data",
+    models: str | Path = "data/models",
+    seed: int = 0,
+) -> list[dict]:
     """``diagonal_split`` on the gradient study's images, at its largest sample count, with
     ``gradient_repeats`` estimates each, cached in ``RESULTS/claims/diagonal_split.json``."""
     from rddrs.pipeline.files import cached_json
@@ -386,14 +509,15 @@ def diagonal_split_study(preset: str, results: str | Path, *, device: str = "cpu
 
     def compute():
         model, x, star, indices, kappa = _at_sigma_star(preset, results, device, data, models)
-        return diagonal_split(model, x, star, indices, max(budget.gradient_sizes), budget.gradient_repeats,
-                              kappa=kappa, seed=seed)
+        return diagonal_split(
+            model, x, star, indices, max(budget.gradient_sizes), budget.gradient_repeats, kappa=kappa, seed=seed
+        )
 
     return cached_json(Path(results) / "claims" / "diagonal_split.json", compute)
 
 
-
 # -- tables and figures ----------------------------------------------------------------------
+
 
 def frontier_rows(runs: dict, study: Study, preset: str) -> list[dict]:
     """Per frontier variant: its method, network passes per image and both ACRs."""
@@ -401,9 +525,15 @@ def frontier_rows(runs: dict, study: Study, preset: str) -> list[dict]:
     for name, run in runs.items():
         if not name.startswith(f"{run.variant.method}_it"):
             continue
-        rows.append({"variant": name, "method": run.variant.method,
-                     "evaluations": evaluations(study, run.variant, preset),
-                     "proxy_acr": float(run.certified("proxy").mean()), "l2_acr": float(run.certified("l2").mean())})
+        rows.append(
+            {
+                "variant": name,
+                "method": run.variant.method,
+                "evaluations": evaluations(study, run.variant, preset),
+                "proxy_acr": float(run.certified("proxy").mean()),
+                "l2_acr": float(run.certified("l2").mean()),
+            }
+        )
     return sorted(rows, key=lambda r: (SEARCHED.index(r["method"]), r["evaluations"]))
 
 
@@ -420,14 +550,20 @@ def frontier_figure(rows: list[dict]):
         for method in SEARCHED:
             own = [r for r in rows if r["method"] == method]
             if own:
-                (line,) = ax.plot([r["evaluations"] for r in own], [r[kind] for r in own], marker="o",
-                                  **display.method_style(method))
+                (line,) = ax.plot(
+                    [r["evaluations"] for r in own], [r[kind] for r in own], marker="o", **display.method_style(method)
+                )
                 handles.setdefault(method, line)
         ax.set(xscale="log", xlabel="network passes per image", ylabel=label)
         ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels collide
         ax.grid(True)
-    fig.legend(list(handles.values()), [h.get_label() for h in handles.values()], loc="outside upper center",
-               ncol=len(handles), frameon=False)
+    fig.legend(
+        list(handles.values()),
+        [h.get_label() for h in handles.values()],
+        loc="outside upper center",
+        ncol=len(handles),
+        frameon=False,
+    )
     return fig
 
 
@@ -438,8 +574,15 @@ def gradient_rows(rows: list[dict]) -> list[dict]:
         for scheme in ("plain", "antithetic", "control variate"):
             errors = [r["error"] for r in rows if r["samples"] == m and r["scheme"] == scheme]
             if errors:
-                out.append({"samples": m, "scheme": scheme, "error": float(np.mean(errors)),
-                            "min": float(np.min(errors)), "max": float(np.max(errors))})
+                out.append(
+                    {
+                        "samples": m,
+                        "scheme": scheme,
+                        "error": float(np.mean(errors)),
+                        "min": float(np.min(errors)),
+                        "max": float(np.max(errors)),
+                    }
+                )
     return out
 
 
@@ -460,16 +603,20 @@ def best_figure(papers: dict, best: dict, kind: str = "proxy"):
     handles = {}
     for ax, sigma in zip(axes, sigmas):
         lines = [(m, papers[(sigma, m)], "papers'") for m in NAMES if (sigma, m) in papers]
-        lines += [(run.variant.method, run.results, "best") for name, run in best.get(sigma, {}).items()
-                  if name == BEST.get(run.variant.method)]
+        lines += [
+            (run.variant.method, run.results, "best")
+            for name, run in best.get(sigma, {}).items()
+            if name == BEST.get(run.variant.method)
+        ]
         top = max(float(analysis.certified_radius(res, kind).max(initial=0.0)) for _, res, _ in lines)
         for method, res, which in lines:
             x, y = analysis.certified_accuracy_curve(res, kind, r_max=1.05 * top)
             style = display.method_style(method)
             label = style.pop("label") + ("" if method == "rs" else f" ({which})")
             bold = which == "best"
-            (line,) = ax.step(x, y, where="pre", linewidth=2.4 if bold else 1.2, alpha=1.0 if bold else 0.5,
-                              label=label, **style)
+            (line,) = ax.step(
+                x, y, where="pre", linewidth=2.4 if bold else 1.2, alpha=1.0 if bold else 0.5, label=label, **style
+            )
             handles.setdefault(label, line)
         ax.set(xlim=(0, 1.05 * top), ylim=(0, 1.0), title=f"σ = {sigma:g}")
         ax.set_xlabel("proxy radius" if kind == "proxy" else "ℓ2 radius")

@@ -25,9 +25,9 @@ from rddrs import RDDRSError
 class HeadlineBudget:
     """Chapter 5: the laws behind the headline and the attack on their certificates."""
 
-    mechanism_count: int      # images of the mechanism study (0..count-1)
-    mechanism_votes: int      # draws per point of its smoothed classifiers' votes
-    refutation_steps: int     # PGD steps and draws per step of its refutation attack
+    mechanism_count: int  # images of the mechanism study (0..count-1)
+    mechanism_votes: int  # draws per point of its smoothed classifiers' votes
+    refutation_steps: int  # PGD steps and draws per step of its refutation attack
     refutation_samples: int
 
 
@@ -35,10 +35,10 @@ class HeadlineBudget:
 class GridBudget:
     """Chapter 7: the grid of search variants and what is measured around it."""
 
-    count: int                      # reported images 0..count-1 (also Figure 2's below the paper preset)
-    tuning: tuple[int, int]         # (first, count) of the validation images
-    frontier: dict                  # method -> ((iterations, samples), ...)
-    best_count: int                 # images of the best_sigmaS studies
+    count: int  # reported images 0..count-1 (also Figure 2's below the paper preset)
+    tuning: tuple[int, int]  # (first, count) of the validation images
+    frontier: dict  # method -> ((iterations, samples), ...)
+    best_count: int  # images of the best_sigmaS studies
     gradient_images: int
     gradient_sizes: tuple[int, ...]
     gradient_reference: int
@@ -49,11 +49,11 @@ class GridBudget:
 class ClaimsBudget:
     """Chapter 8: the studies of the paper's other claims."""
 
-    count: int                      # images of the rotation, kappa, floor and isotropy studies
+    count: int  # images of the rotation, kappa, floor and isotropy studies
     kappas: tuple[float, ...]
-    sample_inputs: int              # images of the samples study
-    sample_sizes: tuple[int, ...]   # gradient samples per iteration (even: antithetic pairs)
-    repeats: int                    # independent searches per size and draw scheme
+    sample_inputs: int  # images of the samples study
+    sample_sizes: tuple[int, ...]  # gradient samples per iteration (even: antithetic pairs)
+    repeats: int  # independent searches per size and draw scheme
 
 
 @dataclass(frozen=True)
@@ -69,27 +69,58 @@ class Budget:
 BUDGETS = {
     "smoke": Budget(
         HeadlineBudget(mechanism_count=2, mechanism_votes=64, refutation_steps=3, refutation_samples=16),
-        GridBudget(count=2, tuning=(2, 2), best_count=2,
-                   frontier={"ddrs": ((5, 8), (10, 16)), "ancer": ((3, 8), (5, 16)), "rddrs": ((3, 16), (5, 32))},
-                   gradient_images=1, gradient_sizes=(16, 64), gradient_reference=1024, gradient_repeats=2),
-        ClaimsBudget(count=2, kappas=(0.0, 1e-6, 1.0), sample_inputs=1, sample_sizes=(8, 32), repeats=2)),
+        GridBudget(
+            count=2,
+            tuning=(2, 2),
+            best_count=2,
+            frontier={"ddrs": ((5, 8), (10, 16)), "ancer": ((3, 8), (5, 16)), "rddrs": ((3, 16), (5, 32))},
+            gradient_images=1,
+            gradient_sizes=(16, 64),
+            gradient_reference=1024,
+            gradient_repeats=2,
+        ),
+        ClaimsBudget(count=2, kappas=(0.0, 1e-6, 1.0), sample_inputs=1, sample_sizes=(8, 32), repeats=2),
+    ),
     "cpu": Budget(
         HeadlineBudget(mechanism_count=4, mechanism_votes=500, refutation_steps=10, refutation_samples=64),
-        GridBudget(count=20, tuning=(20, 8), best_count=30,
-                   frontier={"ddrs": ((75, 32), (150, 64), (300, 128)),
-                             "ancer": ((25, 32), (50, 64), (100, 128), (200, 256)),
-                             "rddrs": ((15, 250), (30, 500), (60, 1000))},
-                   gradient_images=4, gradient_sizes=(250, 1000, 4000, 20_000), gradient_reference=200_000,
-                   gradient_repeats=8),
-        ClaimsBudget(count=8, kappas=(0.0, 1e-6, 1e-2, 1.0, 10.0), sample_inputs=2,
-                     sample_sizes=(250, 1000, 4000), repeats=3)),
+        GridBudget(
+            count=20,
+            tuning=(20, 8),
+            best_count=30,
+            frontier={
+                "ddrs": ((75, 32), (150, 64), (300, 128)),
+                "ancer": ((25, 32), (50, 64), (100, 128), (200, 256)),
+                "rddrs": ((15, 250), (30, 500), (60, 1000)),
+            },
+            gradient_images=4,
+            gradient_sizes=(250, 1000, 4000, 20_000),
+            gradient_reference=200_000,
+            gradient_repeats=8,
+        ),
+        ClaimsBudget(
+            count=8, kappas=(0.0, 1e-6, 1e-2, 1.0, 10.0), sample_inputs=2, sample_sizes=(250, 1000, 4000), repeats=3
+        ),
+    ),
     "paper": Budget(
         HeadlineBudget(mechanism_count=20, mechanism_votes=2000, refutation_steps=20, refutation_samples=128),
-        GridBudget(count=10, tuning=(10, 4), best_count=10, frontier={},
-                   gradient_images=4, gradient_sizes=(1000, 4000, 20_000), gradient_reference=200_000,
-                   gradient_repeats=8),
-        ClaimsBudget(count=100, kappas=(0.0, 1e-6, 1e-2, 1.0, 10.0), sample_inputs=3,
-                     sample_sizes=(1000, 5000, 20_000), repeats=5)),
+        GridBudget(
+            count=10,
+            tuning=(10, 4),
+            best_count=10,
+            frontier={},
+            gradient_images=4,
+            gradient_sizes=(1000, 4000, 20_000),
+            gradient_reference=200_000,
+            gradient_repeats=8,
+        ),
+        ClaimsBudget(
+            count=100,
+            kappas=(0.0, 1e-6, 1e-2, 1.0, 10.0),
+            sample_inputs=3,
+            sample_sizes=(1000, 5000, 20_000),
+            repeats=5,
+        ),
+    ),
 }
 
 

@@ -38,21 +38,42 @@ def studies(preset: str, count: int | None = None, rotate: int = ROTATE) -> dict
         raise RDDRSError(f"count must be >= 1, got {count}")
     rddrs = presets.PRESETS[preset].search["rddrs"]
     draws = {False: "plain", True: "antithetic"}
-    return {study.name: study for study in (
-        Study("rotation", count, tuple(Variant(m, m) for m in METHODS)
-              + tuple(Variant(f"{m}_rotated", m, rotate=rotate) for m in METHODS)),
-        Study("kappa", count, tuple(Variant(f"kappa_{k:g}", "rddrs", {"kappa": k}) for k in budget.kappas)),
-        Study("floor", count, (Variant("floor", "rddrs"), Variant("no_floor", "rddrs", {"floor": False}))),
-        Study("samples", min(count, budget.sample_inputs), tuple(
-            Variant(f"m{m}_{draws[a]}_r{r}", "rddrs", {"samples": m, "antithetic": a, "repeat": r})
-            for m in budget.sample_sizes for a in draws for r in range(budget.repeats))),
-        Study("isotropy", count, (Variant("rddrs", "rddrs"), Variant("ancer", "ancer"),
-                                  Variant("ancer_equal_budget", "ancer",
-                                          {"iterations": rddrs.iterations, "samples": rddrs.samples}))),
-    )}
+    return {
+        study.name: study
+        for study in (
+            Study(
+                "rotation",
+                count,
+                tuple(Variant(m, m) for m in METHODS)
+                + tuple(Variant(f"{m}_rotated", m, rotate=rotate) for m in METHODS),
+            ),
+            Study("kappa", count, tuple(Variant(f"kappa_{k:g}", "rddrs", {"kappa": k}) for k in budget.kappas)),
+            Study("floor", count, (Variant("floor", "rddrs"), Variant("no_floor", "rddrs", {"floor": False}))),
+            Study(
+                "samples",
+                min(count, budget.sample_inputs),
+                tuple(
+                    Variant(f"m{m}_{draws[a]}_r{r}", "rddrs", {"samples": m, "antithetic": a, "repeat": r})
+                    for m in budget.sample_sizes
+                    for a in draws
+                    for r in range(budget.repeats)
+                ),
+            ),
+            Study(
+                "isotropy",
+                count,
+                (
+                    Variant("rddrs", "rddrs"),
+                    Variant("ancer", "ancer"),
+                    Variant("ancer_equal_budget", "ancer", {"iterations": rddrs.iterations, "samples": rddrs.samples}),
+                ),
+            ),
+        )
+    }
 
 
 # -- measures ------------------------------------------------------------------------------
+
 
 def isotropy_split(scales, start) -> dict[str, np.ndarray]:
     """How far S moved from ``start * I`` in the affine-invariant geometry, and how much of it
@@ -72,8 +93,10 @@ def isotropy_split(scales, start) -> dict[str, np.ndarray]:
     scales = torch.as_tensor(scales, dtype=torch.float64)
     w = torch.linalg.eigvalsh(spd.sym(scales)) if scales.dim() == 3 else scales
     if w.dim() != 2 or not (w > 0).all():
-        raise RDDRSError(f"isotropy_split needs positive eigenvalues (B, d) or SPD matrices (B, d, d), "
-                         f"got shape {tuple(scales.shape)}")
+        raise RDDRSError(
+            f"isotropy_split needs positive eigenvalues (B, d) or SPD matrices (B, d, d), "
+            f"got shape {tuple(scales.shape)}"
+        )
     log_w = w.log().numpy()
     centre = log_w.mean(-1)
     log_start = np.log(np.broadcast_to(np.asarray(start, dtype=np.float64), centre.shape))
@@ -90,6 +113,7 @@ def _quartiles(values: np.ndarray) -> tuple[float, float, float]:
 
 
 # -- summaries: one list of rows per study -------------------------------------------------
+
 
 def rotation_table(runs: dict[str, VariantRun], radii=(0.5, 1.0, 1.5)) -> list[dict]:
     """Per method: proxy radius (mean = ACR, median) and certified accuracy at ``radii``,
@@ -136,12 +160,19 @@ def samples_table(runs: dict[str, VariantRun]) -> list[dict]:
         proxy = np.stack([r.certified("proxy") for r in members])  # (repeats, images)
         final = np.stack([r.trace[:, -1] for r in members])
         q1, q3 = np.percentile(proxy, [25, 75], axis=0)
-        rows.append({"samples": samples, "antithetic": antithetic, "repeats": len(members),
-                     "images": proxy.shape[1], "proxy_mean": float(proxy.mean()),
-                     "proxy_std": float(proxy.std(0, ddof=1).mean()) if len(members) > 1 else math.nan,
-                     "proxy_iqr": float((q3 - q1).mean()),
-                     "objective_std": float(final.std(0, ddof=1).mean()) if len(members) > 1 else math.nan,
-                     "seconds": float(np.mean([r.results.seconds.mean() for r in members]))})
+        rows.append(
+            {
+                "samples": samples,
+                "antithetic": antithetic,
+                "repeats": len(members),
+                "images": proxy.shape[1],
+                "proxy_mean": float(proxy.mean()),
+                "proxy_std": float(proxy.std(0, ddof=1).mean()) if len(members) > 1 else math.nan,
+                "proxy_iqr": float((q3 - q1).mean()),
+                "objective_std": float(final.std(0, ddof=1).mean()) if len(members) > 1 else math.nan,
+                "seconds": float(np.mean([r.results.seconds.mean() for r in members])),
+            }
+        )
     return rows
 
 
@@ -150,8 +181,15 @@ def isotropy_table(runs: dict[str, VariantRun]) -> list[dict]:
     rows = []
     for name, run in runs.items():
         split = isotropy_split(run.spectrum.astype(np.float64), run.sigma_star)
-        rows.append({"variant": name, "n": run.results.n, **{k: float(np.median(v)) for k, v in split.items()},
-                     "proxy_acr": float(run.certified("proxy").mean()), "l2_acr": float(run.certified("l2").mean())})
+        rows.append(
+            {
+                "variant": name,
+                "n": run.results.n,
+                **{k: float(np.median(v)) for k, v in split.items()},
+                "proxy_acr": float(run.certified("proxy").mean()),
+                "l2_acr": float(run.certified("l2").mean()),
+            }
+        )
     return rows
 
 
@@ -173,8 +211,16 @@ def runtime_table(result_dirs: dict[str, Path], sigma: float) -> list[dict]:
     return rows
 
 
-def iteration_cost(model, x: torch.Tensor, sigma_star: float, samples: int, kappa: float = 1e-6,
-                   max_step: float | None = None, repeat: int = 3, seed: int = 0) -> dict[str, float]:
+def iteration_cost(
+    model,
+    x: torch.Tensor,
+    sigma_star: float,
+    samples: int,
+    kappa: float = 1e-6,
+    max_step: float | None = None,
+    repeat: int = 3,
+    seed: int = 0,
+) -> dict[str, float]:
     """Wall time of one RDDRS iteration on the inputs ``x`` (best of ``repeat``), split into
     the network passes (forward and backward to the inputs, ``samples`` noisy copies each) and
     the rest (noise products, gradient assembly, eigendecompositions, exponential map, floor).
@@ -187,8 +233,11 @@ def iteration_cost(model, x: torch.Tensor, sigma_star: float, samples: int, kapp
     spectrum = sigma_star * (1 + torch.rand(b, d, generator=gen, device=x.device, dtype=x.dtype))
     law = FullSPD(spd.from_eig(spectrum, axes.expand(b, d, d)), check=False)
     eps = torch.randn(b, samples, d, generator=gen, device=x.device, dtype=x.dtype)
-    noisy = Isotropic(torch.full((b,), sigma_star, dtype=x.dtype, device=x.device), d).scale_noise(
-        eps, x.reshape(b, 1, d)).reshape(b * samples, *x.shape[1:])
+    noisy = (
+        Isotropic(torch.full((b,), sigma_star, dtype=x.dtype, device=x.device), d)
+        .scale_noise(eps, x.reshape(b, 1, d))
+        .reshape(b * samples, *x.shape[1:])
+    )
 
     def iteration():
         _, grad = objective_and_gradient(model, x, law, eps, kappa)
@@ -200,12 +249,18 @@ def iteration_cost(model, x: torch.Tensor, sigma_star: float, samples: int, kapp
 
     matrix = law.param[0]
     total, net = _best_time(iteration, repeat), _best_time(network, repeat)
-    return {"total": total / b, "network": net / b, "rest": (total - net) / b,
-            "eigh": _best_time(lambda: torch.linalg.eigh(matrix), repeat), "threads": torch.get_num_threads()}
+    return {
+        "total": total / b,
+        "network": net / b,
+        "rest": (total - net) / b,
+        "eigh": _best_time(lambda: torch.linalg.eigh(matrix), repeat),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _best_time(fn, repeat: int) -> float:
     """Best wall time of ``repeat`` calls after a warm-up call (device work included)."""
+
     def timed():
         start = time.perf_counter()
         fn()
@@ -218,6 +273,7 @@ def _best_time(fn, repeat: int) -> float:
 
 
 # -- figures -------------------------------------------------------------------------------
+
 
 def _figure(ncols: int, height: float = 2.9):
     """A figure of ``ncols`` panels across the page, in the book's style (``rddrs.studies.display``)."""
@@ -239,8 +295,15 @@ def curves_figure(runs: dict[str, VariantRun], title: str = ""):
         for ax, kind in zip(axes, analysis.KINDS):
             for name, run in runs.items():
                 x, y = analysis.certified_accuracy_curve(run.results, kind)
-                ax.step(x, y, where="pre", label=label(run.variant), linewidth=1.8, color=styles[name]["color"],
-                        linestyle=styles[name]["linestyle"])
+                ax.step(
+                    x,
+                    y,
+                    where="pre",
+                    label=label(run.variant),
+                    linewidth=1.8,
+                    color=styles[name]["color"],
+                    linestyle=styles[name]["linestyle"],
+                )
             ax.set(xlabel=analysis.AXIS_LABELS[kind], ylabel="certified accuracy", ylim=(0, 1.02))
             ax.grid(True)
         axes[1].set_ylabel("")
@@ -262,8 +325,13 @@ def traces_figure(runs: dict[str, VariantRun]):
             color = styles[name]["color"]
             left.plot(steps, q2, label=label(run.variant), color=color, linestyle=styles[name]["linestyle"])
             left.fill_between(steps, q1, q3, color=color, alpha=0.2)
-            right.plot(run.results.idx, run.spectrum[:, 0] / run.sigma_star, styles[name]["marker"],
-                       color=color, label=label(run.variant))
+            right.plot(
+                run.results.idx,
+                run.spectrum[:, 0] / run.sigma_star,
+                styles[name]["marker"],
+                color=color,
+                label=label(run.variant),
+            )
         left.set(xlabel="iteration", ylabel="objective H (median, IQR)")
         right.axhline(1.0, color="0.5", linewidth=0.8)
         right.set(xlabel="test image", ylabel=r"$\lambda_{\min}(C) \,/\, \sigma^*_x$")
@@ -286,8 +354,14 @@ def samples_figure(runs: dict[str, VariantRun]):
             label = None if s["antithetic"] in labelled else ("antithetic pairs" if s["antithetic"] else "plain draws")
             labelled.add(s["antithetic"])
             style = styles[s["antithetic"]]
-            ax.plot(np.full(run.results.n, s["samples"] * offsets[s["antithetic"]]), run.certified("proxy"),
-                    style["marker"], color=style["color"], alpha=0.8, label=label)
+            ax.plot(
+                np.full(run.results.n, s["samples"] * offsets[s["antithetic"]]),
+                run.certified("proxy"),
+                style["marker"],
+                color=style["color"],
+                alpha=0.8,
+                label=label,
+            )
         sizes = sorted({run.variant.search["samples"] for run in runs.values()})
         ax.set_xscale("log")
         ax.set_xticks(sizes, [str(m) for m in sizes])
@@ -304,18 +378,32 @@ def isotropy_figure(runs: dict[str, VariantRun]):
         fig, axes = _figure(1, height=3.2)
         ax = axes[0]
         styles = _styles(runs)
-        splits = {name: isotropy_split(run.spectrum.astype(np.float64), run.sigma_star)
-                  for name, run in runs.items()}
+        splits = {name: isotropy_split(run.spectrum.astype(np.float64), run.sigma_star) for name, run in runs.items()}
         for name, split in splits.items():
-            ax.plot(split["total"], split["anisotropic"], styles[name]["marker"], color=styles[name]["color"],
-                    label=label(runs[name].variant), alpha=0.8)
+            ax.plot(
+                split["total"],
+                split["anisotropic"],
+                styles[name]["marker"],
+                color=styles[name]["color"],
+                label=label(runs[name].variant),
+                alpha=0.8,
+            )
         moved = np.concatenate([split["total"] for split in splits.values()])
         moved = moved[moved > 0]
         if moved.size:
-            ax.plot([moved.min(), moved.max()], [moved.min(), moved.max()], color="0.5", linewidth=0.8,
-                    label="all anisotropic")
-        ax.set(xscale="log", yscale="log", xlabel=r"$\mathrm{dist}(S, \sigma^*_x I)$",
-               ylabel=r"$\min_t \mathrm{dist}(S, t I)$")
+            ax.plot(
+                [moved.min(), moved.max()],
+                [moved.min(), moved.max()],
+                color="0.5",
+                linewidth=0.8,
+                label="all anisotropic",
+            )
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel=r"$\mathrm{dist}(S, \sigma^*_x I)$",
+            ylabel=r"$\min_t \mathrm{dist}(S, t I)$",
+        )
         ax.grid(True)
         ax.legend()
     return fig

@@ -102,8 +102,7 @@ def style_context():
     return matplotlib.rc_context(_style())
 
 
-def new_figure(nrows: int = 1, ncols: int = 1, *, height: float = 3.0, width: float = PAGE_WIDTH,
-               **subplots):
+def new_figure(nrows: int = 1, ncols: int = 1, *, height: float = 3.0, width: float = PAGE_WIDTH, **subplots):
     """A figure in the book's style, not tied to pyplot, and its axes (``squeeze`` as pyplot's).
 
     Tick labels take their size now (matplotlib would otherwise read it when the ticks are first
@@ -133,8 +132,9 @@ def check_legible(fig, width: float = PAGE_WIDTH, min_font: float = MIN_FONT) ->
     fig_width = fig.get_size_inches()[0]
     if fig_width > width + 1e-6:
         raise RDDRSError(f"figure is {fig_width:.2f} in wide; the page holds {width:g} in")
-    small = sorted({(round(t.get_fontsize(), 1), t.get_text()) for t in _texts(fig)
-                    if t.get_fontsize() < min_font - 1e-6})
+    small = sorted(
+        {(round(t.get_fontsize(), 1), t.get_text()) for t in _texts(fig) if t.get_fontsize() < min_font - 1e-6}
+    )
     if small:
         size, text = small[0]
         raise RDDRSError(f"{len(small)} text(s) under {min_font:g} pt, e.g. {text!r} at {size:g} pt")
@@ -160,7 +160,7 @@ def method_style(method: str) -> dict:
 
 def _shade(color: str, t: float) -> str:
     """``color`` mixed with white by the fraction ``t``."""
-    rgb = [int(color[i:i + 2], 16) for i in (1, 3, 5)]
+    rgb = [int(color[i : i + 2], 16) for i in (1, 3, 5)]
     return "#" + "".join(f"{round(c + (255 - c) * t):02x}" for c in rgb)
 
 
@@ -183,12 +183,18 @@ def variant_styles(methods: Sequence[str]) -> list[dict]:
             styles.append({**base, "marker": _MARKERS[0]})
         else:
             t = 0.6 * k / (count[method] - 1)
-            styles.append({"color": _shade(base["color"], t) if k else base["color"],
-                           "linestyle": _DASHES[k % len(_DASHES)], "marker": _MARKERS[k % len(_MARKERS)]})
+            styles.append(
+                {
+                    "color": _shade(base["color"], t) if k else base["color"],
+                    "linestyle": _DASHES[k % len(_DASHES)],
+                    "marker": _MARKERS[k % len(_MARKERS)],
+                }
+            )
     return styles
 
 
 # -- tables -----------------------------------------------------------------------------------
+
 
 class Raw(str):
     """A string of trusted HTML for a table cell, header or caption (its tags are stripped in
@@ -202,7 +208,7 @@ Format = str | Callable[[object], str] | None
 
 
 def _reads_as_number(text: str) -> bool:
-    """"0.52 / 0.48", "+0.012 ± 0.004", "1.2e-03", "3.1 s": digits, signs and separators only."""
+    """ "0.52 / 0.48", "+0.012 ± 0.004", "1.2e-03", "3.1 s": digits, signs and separators only."""
     text = _UNITS.sub("", text.strip())
     return bool(text) and bool(re.search(r"\d", text)) and bool(_NUMERIC_CHARS.fullmatch(text))
 
@@ -300,9 +306,17 @@ class Table:
     group. ``notes`` is a line printed under the table.
     """
 
-    def __init__(self, columns: Sequence[str], rows: Sequence[Sequence], caption: str, *,
-                 formats: Mapping[str, Format] | None = None, spans: Sequence[tuple[str, int]] | None = None,
-                 merge: Sequence[str] = (), notes: str | None = None):
+    def __init__(
+        self,
+        columns: Sequence[str],
+        rows: Sequence[Sequence],
+        caption: str,
+        *,
+        formats: Mapping[str, Format] | None = None,
+        spans: Sequence[tuple[str, int]] | None = None,
+        merge: Sequence[str] = (),
+        notes: str | None = None,
+    ):
         self.columns = list(columns)
         self.rows = [list(row) for row in rows]
         if not str(caption).strip():
@@ -326,18 +340,27 @@ class Table:
             decimals = auto_decimals(values)
             for i, value in enumerate(values):
                 self.cells[i][j] = format_number(value, formats.get(name), decimals)
-            self.numeric.append(bool(values) and all(
-                value is None or _is_number(value) or _reads_as_number(_plain(str(value)))
-                or _plain(str(value)).strip() in _MISSING for value in values)
-                and any(_is_number(value) or _reads_as_number(_plain(str(value))) for value in values))
+            self.numeric.append(
+                bool(values)
+                and all(
+                    value is None
+                    or _is_number(value)
+                    or _reads_as_number(_plain(str(value)))
+                    or _plain(str(value)).strip() in _MISSING
+                    for value in values
+                )
+                and any(_is_number(value) or _reads_as_number(_plain(str(value))) for value in values)
+            )
         # merged leading columns: a group starts where any of them changes
         width = len(merge)
         if list(merge) != self.columns[:width]:
             raise RDDRSError(f"merge must name leading columns, got {list(merge)}")
         keys = [tuple(row[:width]) for row in self.cells]
         self.starts = [width > 0 and i > 0 and keys[i] != keys[i - 1] for i in range(len(keys))]
-        self.shown = [[c if j >= width or i == 0 or keys[i] != keys[i - 1] else "" for j, c in enumerate(row)]
-                      for i, row in enumerate(self.cells)]
+        self.shown = [
+            [c if j >= width or i == 0 or keys[i] != keys[i - 1] else "" for j, c in enumerate(row)]
+            for i, row in enumerate(self.cells)
+        ]
 
     # text forms
     def _text_cells(self, merged: bool = True) -> list[list[str]]:
@@ -349,14 +372,15 @@ class Table:
         widths = [max(len(line[j]) for line in lines) for j in range(len(self.columns))]
 
         def fmt(line):
-            return "  ".join(c.rjust(w) if num else c.ljust(w)
-                             for c, w, num in zip(line, widths, self.numeric)).rstrip()
+            return "  ".join(
+                c.rjust(w) if num else c.ljust(w) for c, w, num in zip(line, widths, self.numeric)
+            ).rstrip()
 
         head = []
         if self.spans:
             at, parts = 0, []
             for label, n in self.spans:
-                span = sum(widths[at:at + n]) + 2 * (n - 1)
+                span = sum(widths[at : at + n]) + 2 * (n - 1)
                 parts.append(_plain(label).center(span)[:span])
                 at += n
             head.append("  ".join(parts).rstrip())
@@ -399,21 +423,30 @@ class Table:
 
         spans = ""
         if self.spans:
-            spans = "<tr>" + "".join(
-                f'<th class="span" colspan="{n}">{typeset(label)}</th>' if label else f'<th colspan="{n}"></th>'
-                for label, n in self.spans) + "</tr>"
+            spans = (
+                "<tr>"
+                + "".join(
+                    f'<th class="span" colspan="{n}">{typeset(label)}</th>' if label else f'<th colspan="{n}"></th>'
+                    for label, n in self.spans
+                )
+                + "</tr>"
+            )
         head = "".join(cell("th", c, num, header=True) for c, num in zip(self.columns, self.numeric))
         group = ' class="group"'
         body = "".join(
-            f"<tr{group if start else ''}>" + "".join(cell("td", c, num) for c, num in zip(row, self.numeric))
-            + "</tr>" for row, start in zip(self.shown, self.starts))
+            f"<tr{group if start else ''}>" + "".join(cell("td", c, num) for c, num in zip(row, self.numeric)) + "</tr>"
+            for row, start in zip(self.shown, self.starts)
+        )
         notes = f'<p class="rddrs-table-notes">{typeset(self.notes)}</p>' if self.notes else ""
-        return (f'<div class="rddrs-table-wrapper"><table class="rddrs-table">'
-                f"<caption>{typeset(self.caption)}</caption>"
-                f"<thead>{spans}<tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}</div>")
+        return (
+            f'<div class="rddrs-table-wrapper"><table class="rddrs-table">'
+            f"<caption>{typeset(self.caption)}</caption>"
+            f"<thead>{spans}<tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}</div>"
+        )
 
 
 # -- where the numbers come from ----------------------------------------------------------------
+
 
 class Note:
     """A boxed note (an admonition in the HTML page, plain lines as text)."""
@@ -427,8 +460,10 @@ class Note:
 
     def _repr_html_(self) -> str:
         body = "".join(f"<p>{Table._html(p)}</p>" for p in self.paragraphs)
-        return (f'<div class="admonition note rddrs-provenance"><p class="admonition-title">'
-                f"{html.escape(self.title)}</p>{body}</div>")
+        return (
+            f'<div class="admonition note rddrs-provenance"><p class="admonition-title">'
+            f"{html.escape(self.title)}</p>{body}</div>"
+        )
 
 
 def _code(text: str) -> str:
@@ -447,32 +482,52 @@ def provenance_note(results_dir, preset: str, rerun: str) -> Note:
     info = results_provenance(results_dir)
     shown = Path(results_dir).as_posix().removeprefix("../")
     if not info["files"]:
-        first = Raw(f"No result files in {_code(shown)} yet for preset {_code(preset)}: this "
-                    f"execution computes them, and the numbers below come from it.")
+        first = Raw(
+            f"No result files in {_code(shown)} yet for preset {_code(preset)}: this "
+            f"execution computes them, and the numbers below come from it."
+        )
     else:
         dates = info["first"] if info["first"] == info["last"] else f"{info['first']} to {info['last']}"
         presets = _words([_code(p) for p in sorted(info["presets"])]) or _code(preset)
-        machines = _words([html.escape(device) + (f" ({_words([str(t) for t in sorted(threads)])} "
-                                                   f"thread{'s' * (threads != {1})})" if threads else "")
-                           for device, threads in sorted(info["machines"].items())]) or "an unrecorded machine"
+        machines = (
+            _words(
+                [
+                    html.escape(device)
+                    + (
+                        f" ({_words([str(t) for t in sorted(threads)])} thread{'s' * (threads != {1})})"
+                        if threads
+                        else ""
+                    )
+                    for device, threads in sorted(info["machines"].items())
+                ]
+            )
+            or "an unrecorded machine"
+        )
         versions = _words([html.escape(v) for v in sorted(info["versions"])]) or "unrecorded versions"
         if info["commits"]:
-            commit = (f"The runs recorded commit{'s' * (len(info['commits']) > 1)} "
-                      f"{_words([_code(c) for c in sorted(info['commits'])])}"
-                      + (" (some with uncommitted changes)" if info["dirty"] else "")
-                      + (f"; {info['uncommitted']} recorded none" if info["uncommitted"] else ""))
+            commit = (
+                f"The runs recorded commit{'s' * (len(info['commits']) > 1)} "
+                f"{_words([_code(c) for c in sorted(info['commits'])])}"
+                + (" (some with uncommitted changes)" if info["dirty"] else "")
+                + (f"; {info['uncommitted']} recorded none" if info["uncommitted"] else "")
+            )
         else:
             commit = "The runs recorded no commit"
         if info["stored"]:
             commit += f"; the files were committed in {_code(info['stored'][0])} ({info['stored'][1]})"
-        first = Raw(f"Preset {presets}: {info['files']} result files in {_code(shown)}, computed "
-                    f"{dates or 'at an unrecorded date'} on {machines} with {versions}. {commit}.")
-    again = (f"Re-run with {_code(rerun)}; runs resume from the rows already written, so only "
-             f"missing results are computed.")
+        first = Raw(
+            f"Preset {presets}: {info['files']} result files in {_code(shown)}, computed "
+            f"{dates or 'at an unrecorded date'} on {machines} with {versions}. {commit}."
+        )
+    again = (
+        f"Re-run with {_code(rerun)}; runs resume from the rows already written, so only missing results are computed."
+    )
     chapter = re.search(r"\bmake results\b.*\bCHAPTERS=(\w+)", rerun)
     preset_run = re.search(r"\bPRESET=(\w+)", rerun)
     if chapter:  # make results writes the executed notebook beside the results
         where = f"results/{preset_run.group(1) if preset_run else 'cpu'}/notebooks/{chapter.group(1)}.ipynb"
-        again += (f" It writes this page as an executed notebook to {_code(where)}; open it with "
-                  f"{_code('jupyter lab')}, or make it a web page with {_code('jupyter nbconvert --to html')}.")
+        again += (
+            f" It writes this page as an executed notebook to {_code(where)}; open it with "
+            f"{_code('jupyter lab')}, or make it a web page with {_code('jupyter nbconvert --to html')}."
+        )
     return Note("Where the numbers on this page come from", [first, Raw(again)])

@@ -54,22 +54,23 @@ def parse_deadline(text: str, now: datetime | None = None) -> datetime:
     return when
 
 
-def specs(results: str | Path, sigma: float, index: int, *, preset: str = PRESET, data="data",
-          models="data/models") -> list:
+def specs(
+    results: str | Path, sigma: float, index: int, *, preset: str = PRESET, data="data", models="data/models"
+) -> list:
     """The paired variants' runs (``runspec.RunSpec``) of one test image at ``sigma`` (with the starts
     they read)."""
     from rddrs.pipeline import runspec
     from rddrs.studies.headline import PAIRED, figure2_study
     from rddrs.studies.study import study_specs
 
-    every = study_specs(figure2_study(preset, sigma), sigma, preset, results, data=data, models=models,
-                        groups=("figure2",))
+    every = study_specs(
+        figure2_study(preset, sigma), sigma, preset, results, data=data, models=models, groups=("figure2",)
+    )
     wanted = runspec.closure([every[name] for name in PAIRED], every.values())
     return [replace(spec, ranges=((index, index + 1),)) for spec in wanted]
 
 
-def order(results: str | Path, test_size: int, *, preset: str = PRESET, data="data",
-          models="data/models") -> list[int]:
+def order(results: str | Path, test_size: int, *, preset: str = PRESET, data="data", models="data/models") -> list[int]:
     """Test indices: those of sigma 0.25's paired rows ascending (the images every panel shares
     first), then the rest of the test set ascending."""
     from rddrs.studies.headline import PAIRED, figure2_study
@@ -105,9 +106,10 @@ class Report:
     stopped: str = ""
 
     def summary(self) -> str:
-        done = ", ".join(f"sigma {s:g}: {len(v)} images" + (f" ({sum(self.seconds[s]) / len(v):.0f} s each)"
-                                                            if v else "")
-                         for s, v in self.images.items())
+        done = ", ".join(
+            f"sigma {s:g}: {len(v)} images" + (f" ({sum(self.seconds[s]) / len(v):.0f} s each)" if v else "")
+            for s, v in self.images.items()
+        )
         return f"{done or 'nothing computed'}; {self.stopped}"
 
 
@@ -123,15 +125,27 @@ def commit_rows(runs: list, message: str, tries: int = 5) -> bool:
     names = [str(p.resolve()) for p in files]
     for attempt in range(tries):
         if git("add", "--", *names, cwd=where) is not None and (
-                git("diff", "--cached", "--quiet", "--", *names, cwd=where) is not None
-                or git("commit", "--quiet", "-m", message, "--", *names, cwd=where) is not None):
+            git("diff", "--cached", "--quiet", "--", *names, cwd=where) is not None
+            or git("commit", "--quiet", "-m", message, "--", *names, cwd=where) is not None
+        ):
             return True
         time.sleep(2 * (attempt + 1))  # another git command holds the index
     return False
 
 
-def fill(results: str | Path, deadline: datetime, *, sigmas=SIGMAS, threads: int = 1, commit: bool = False,
-         images: int | None = None, preset: str = PRESET, data="data", models="data/models", log=print) -> Report:
+def fill(
+    results: str | Path,
+    deadline: datetime,
+    *,
+    sigmas=SIGMAS,
+    threads: int = 1,
+    commit: bool = False,
+    images: int | None = None,
+    preset: str = PRESET,
+    data="data",
+    models="data/models",
+    log=print,
+) -> Report:
     """Compute the paired runs of ``sigmas`` image by image until ``deadline`` (see the module), or
     until ``images`` test images of each sigma have been computed by this call."""
     from rddrs.pipeline import engines, shards, sweep
@@ -165,8 +179,10 @@ def fill(results: str | Path, deadline: datetime, *, sigmas=SIGMAS, threads: int
                 left = (deadline - datetime.now()).total_seconds()
                 need = estimate(runs, at(base[LEAD_SIGMA], index))
                 if left <= need:
-                    report.stopped = f"stopped before image {index} at sigma {sigma:g} (needs about {need:.0f} s, " \
-                                     f"{max(left, 0):.0f} s left before the deadline)"
+                    report.stopped = (
+                        f"stopped before image {index} at sigma {sigma:g} (needs about {need:.0f} s, "
+                        f"{max(left, 0):.0f} s left before the deadline)"
+                    )
                     return report
                 started = time.monotonic()
                 done = sweep.execute(runs, engine).check()
@@ -176,8 +192,11 @@ def fill(results: str | Path, deadline: datetime, *, sigmas=SIGMAS, threads: int
                 seconds = time.monotonic() - started
                 report.images[sigma].append(index)
                 report.seconds[sigma].append(seconds)
-                committed = commit and commit_rows(runs, f"Figure 2 fill, {preset} preset: test image {index} at sigma "
-                                                         f"{sigma:g}, five methods ({seconds:.0f} s, {threads} thread(s))")
+                committed = commit and commit_rows(
+                    runs,
+                    f"Figure 2 fill, {preset} preset: test image {index} at sigma "
+                    f"{sigma:g}, five methods ({seconds:.0f} s, {threads} thread(s))",
+                )
                 log(f"sigma {sigma:g}, image {index}: {seconds:.0f} s" + (", committed" if committed else ""))
     report.stopped = "every test image is done"
     return report

@@ -57,8 +57,13 @@ def scaled_to(preset: str, variant: Variant) -> Variant:
     so that iterations x step size (the path length) stays the cpu preset's."""
     cpu, there = preset_record("cpu").search[variant.method], preset_record(preset).search[variant.method]
     ratio = cpu.iterations / there.iterations
-    return Variant(variant.name, variant.method, {**variant.search, "lr": variant.search["lr"] * ratio},
-                   start=variant.start, tier=variant.tier)
+    return Variant(
+        variant.name,
+        variant.method,
+        {**variant.search, "lr": variant.search["lr"] * ratio},
+        start=variant.start,
+        tier=variant.tier,
+    )
 
 
 def _capped_ddrs(preset: str) -> Variant:
@@ -75,8 +80,12 @@ def mechanism_study(preset: str) -> Study:
     best = [scaled_to(preset, v) for v in _best_chain("rddrs") if v.method != "ddrs"]
     ddrs, ancer, rddrs = PIPELINE
     lr1 = Variant("ancer_clamped_lr1", "ancer", {"objective": "clamped", "lr": 1.0}, start="ddrs_clamped")
-    return Study("mechanism", budgets.of(preset).headline.mechanism_count, digests=False,
-                 variants=(Variant("rs", "rs"), ddrs, ancer, lr1, rddrs, _capped_ddrs(preset), *best))
+    return Study(
+        "mechanism",
+        budgets.of(preset).headline.mechanism_count,
+        digests=False,
+        variants=(Variant("rs", "rs"), ddrs, ancer, lr1, rddrs, _capped_ddrs(preset), *best),
+    )
 
 
 def figure2_study(preset: str, sigma: float) -> Study:
@@ -101,8 +110,9 @@ def figure2_study(preset: str, sigma: float) -> Study:
 PAIRED = ("rs", "ddrs_clamped", "ancer_clamped", "rddrs_clamped", "ddrs_capped")
 
 
-def read(results, sigma: float, *, preset: str = "paper", names=PAIRED, data="data",
-         models="data/models") -> dict[str, analysis.Results]:
+def read(
+    results, sigma: float, *, preset: str = "paper", names=PAIRED, data="data", models="data/models"
+) -> dict[str, analysis.Results]:
     """Each variant's rows at ``sigma`` on the images all of ``names`` have, ordered by idx."""
     study = figure2_study(preset, sigma)
     specs = study_specs(study, sigma, preset, results, data=data, models=models)
@@ -113,8 +123,9 @@ def read(results, sigma: float, *, preset: str = "paper", names=PAIRED, data="da
     return {name: res.subset(np.flatnonzero(np.isin(res.idx, common))) for name, res in found.items()}
 
 
-def panels(results, *, preset: str = "paper", sigmas=FIGURE2_SIGMAS, names=PAIRED, data="data",
-           models="data/models") -> dict[float, dict[str, analysis.Results]]:
+def panels(
+    results, *, preset: str = "paper", sigmas=FIGURE2_SIGMAS, names=PAIRED, data="data", models="data/models"
+) -> dict[float, dict[str, analysis.Results]]:
     """``read`` at each of ``sigmas`` (ascending) whose variants all have rows on common images."""
     out = {}
     for sigma in sorted(sigmas):
@@ -153,8 +164,9 @@ def pace(path) -> dict[str, float]:
     return {kind: float(np.mean(v)) for kind, v in by.items()}
 
 
-def band(res: analysis.Results, kind: str, radii, draws: int = 2000, level: float = 0.9,
-         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def band(
+    res: analysis.Results, kind: str, radii, draws: int = 2000, level: float = 0.9, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``level`` bootstrap band of the certified accuracy at ``radii``: its quantiles over
     ``draws`` resamples of the images with replacement."""
     radius = analysis.certified_radius(res, kind)
@@ -167,8 +179,13 @@ def band(res: analysis.Results, kind: str, radii, draws: int = 2000, level: floa
     return np.quantile(curves, tail, axis=0), np.quantile(curves, 1 - tail, axis=0)
 
 
-def curves_figure(panels: dict[float, dict[str, analysis.Results]], labels: dict[str, str],
-                  styles: dict[str, dict], kinds=("proxy", "l2"), draws: int = 2000):
+def curves_figure(
+    panels: dict[float, dict[str, analysis.Results]],
+    labels: dict[str, str],
+    styles: dict[str, dict],
+    kinds=("proxy", "l2"),
+    draws: int = 2000,
+):
     """Figure 2: one row of panels per training sigma, certified accuracy against the proxy and
     the l2 radius, one line per variant with its 90 % bootstrap band over the row's images."""
     from rddrs.studies import display
@@ -183,8 +200,15 @@ def curves_figure(panels: dict[float, dict[str, analysis.Results]], labels: dict
                 for name, res in runs.items():
                     x, y = analysis.certified_accuracy_curve(res, kind, r_max=1.05 * top)
                     style = styles[name]
-                    (line,) = ax.step(x, y, where="pre", linewidth=1.8, color=style["color"],
-                                      linestyle=style["linestyle"], label=labels[name])
+                    (line,) = ax.step(
+                        x,
+                        y,
+                        where="pre",
+                        linewidth=1.8,
+                        color=style["color"],
+                        linestyle=style["linestyle"],
+                        label=labels[name],
+                    )
                     lo, hi = band(res, kind, grid, draws)
                     ax.fill_between(grid, lo, hi, step="pre", color=style["color"], alpha=0.15, linewidth=0)
                     handles.setdefault(name, line)
@@ -192,13 +216,27 @@ def curves_figure(panels: dict[float, dict[str, analysis.Results]], labels: dict
                 ax.set_title(f"$\\sigma = {sigma:g}$, {runs[next(iter(runs))].n} images", fontsize="medium")
                 ax.grid(True)
             row[0].set_ylabel("certified accuracy")
-        fig.legend(list(handles.values()), [labels[n] for n in handles], loc="outside upper center",
-                   ncol=min(3, len(handles)), frameon=False)
+        fig.legend(
+            list(handles.values()),
+            [labels[n] for n in handles],
+            loc="outside upper center",
+            ncol=min(3, len(handles)),
+            frameon=False,
+        )
     return fig
 
 
-def device_check(path, indices, *, n: int = 100_000, alpha: float = 0.001, seed: int = 0, data="data",
-                 models="data/models", device: str = "cpu") -> dict:
+def device_check(
+    path,
+    indices,
+    *,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    seed: int = 0,
+    data="data",
+    models="data/models",
+    device: str = "cpu",
+) -> dict:
     """For rows of the isotropic run ``path`` (RS or DDRS) written on another device: CERTIFY
     again here with the row's sigma, fresh draws (another seed's streams), and both lower bounds
     on p_A side by side with the standard error of their difference; with this machine's
@@ -222,28 +260,38 @@ def device_check(path, indices, *, n: int = 100_000, alpha: float = 0.001, seed:
     for j, i in enumerate(indices):
         there, here = rows[i]["p_lower"], float(cert.p_lower[j])
         spread = math.sqrt(2 * max(there * (1 - there), 1.0 / n) / n)
-        out.append({"idx": i, "sigma": float(sigma[j]), "p_lower_there": there, "p_lower_here": here,
-                    "predict_there": rows[i]["predict"], "predict_here": int(cert.predict[j]),
-                    "difference": here - there, "standard_error": spread})
+        out.append(
+            {
+                "idx": i,
+                "sigma": float(sigma[j]),
+                "p_lower_there": there,
+                "p_lower_here": here,
+                "predict_there": rows[i]["predict"],
+                "predict_here": int(cert.predict[j]),
+                "difference": here - there,
+                "standard_error": spread,
+            }
+        )
     return recorded(device, out)
 
 
 # -- the mechanism study --------------------------------------------------------------------
+
 
 def _setup(preset: str, results, device: str, data, models):
     from rddrs.pipeline.data import load_dataset
     from rddrs.pipeline.models import load_model, resolve_device
 
     study = mechanism_study(preset)
-    runs = run_study(study, STUDY_SIGMA, preset, results, device=device, data=data, models=models,
-                            compute=False)
+    runs = run_study(study, STUDY_SIGMA, preset, results, device=device, data=data, models=models, compute=False)
     images, labels = load_dataset(Path(data), train=False)
     model_file = model_path(STUDY_SIGMA, models)
     return study, runs, images, labels, load_model(model_file, device=resolve_device(device)), model_file
 
 
-def measures(preset: str, results, *, device: str = "cpu", data="data", models="data/models",
-             seed: int = 0) -> list[dict]:
+def measures(
+    preset: str, results, *, device: str = "cpu", data="data", models="data/models", seed: int = 0
+) -> list[dict]:
     """``measure`` over the runs of ``mechanism_study`` (complete, with their traces:
     compute them first, e.g. with ``rddrs sweep --groups mechanism``), cached in
     ``RESULTS/claims/mechanism/measures.json``."""
@@ -262,10 +310,10 @@ def measures(preset: str, results, *, device: str = "cpu", data="data", models="
 def _checked(path: Path, rows, keys: tuple[str, ...]) -> list[dict]:
     """``rows``, read from ``path``, if each is an object with ``keys``; a one-line error otherwise."""
     if not (isinstance(rows, list) and all(isinstance(r, dict) and all(k in r for k in keys) for r in rows)):
-        raise RDDRSError(f"{path} holds rows that are not objects with {', '.join(keys)}; move it away to "
-                         "compute it again")
+        raise RDDRSError(
+            f"{path} holds rows that are not objects with {', '.join(keys)}; move it away to compute it again"
+        )
     return rows
-
 
 
 #: the variants whose certificates are tested as guarantees about their pipeline, in this order
@@ -273,8 +321,9 @@ def _checked(path: Path, rows, keys: tuple[str, ...]) -> list[dict]:
 REFUTED = ("rddrs_clamped", "ancer_clamped", "ddrs_clamped", "ddrs_capped")
 
 
-def refutations(preset: str, results, *, device: str = "cpu", data="data", models="data/models",
-                seed: int = 0, compute: bool = True) -> list[dict]:
+def refutations(
+    preset: str, results, *, device: str = "cpu", data="data", models="data/models", seed: int = 0, compute: bool = True
+) -> list[dict]:
     """``refutation`` of every certificate (correct, radius > 0) of the variants ``REFUTED`` and of
     RDDRS' best variant on the mechanism study's images, the attack at the clamped DDRS' sigma_x*;
     kept in ``RESULTS/claims/mechanism/refutations.json`` variant by variant, so that a stopped
@@ -289,8 +338,10 @@ def refutations(preset: str, results, *, device: str = "cpu", data="data", model
     for entry in stored["variants"].values():
         _checked(path, entry.get("rows") if isinstance(entry, dict) else None, ("idx", "refuted"))
     study = None
-    names = [*REFUTED, *[v.name for v in mechanism_study(preset).variants
-                         if v.method == "rddrs" and v.name not in REFUTED]]
+    names = [
+        *REFUTED,
+        *[v.name for v in mechanism_study(preset).variants if v.method == "rddrs" and v.name not in REFUTED],
+    ]
     for name in names:
         if name in stored["variants"] or not compute:
             continue
@@ -306,10 +357,24 @@ def refutations(preset: str, results, *, device: str = "cpu", data="data", model
         rows = []
         if idx:
             laws = load_smoothing(runs[name].path, idx, images[0].numel(), torch.float32).to(device)
-            rows = refutation(model, images[idx].to(device), labels[idx].numpy(), idx,
-                              np.array([star[i] for i in idx]), res.radius[keep], laws, study, study.variant(name),
-                              STUDY_SIGMA, preset, model_file, seed=seed, steps=budget.refutation_steps,
-                              samples=budget.refutation_samples, check=budget.mechanism_votes * 5)
+            rows = refutation(
+                model,
+                images[idx].to(device),
+                labels[idx].numpy(),
+                idx,
+                np.array([star[i] for i in idx]),
+                res.radius[keep],
+                laws,
+                study,
+                study.variant(name),
+                STUDY_SIGMA,
+                preset,
+                model_file,
+                seed=seed,
+                steps=budget.refutation_steps,
+                samples=budget.refutation_samples,
+                check=budget.mechanism_votes * 5,
+            )
         stored["variants"][name] = recorded(device, rows)
         write_atomic(path, [json.dumps(stored, indent=2).encode()])
     return [row for entry in stored["variants"].values() for row in entry["rows"]]
@@ -317,21 +382,27 @@ def refutations(preset: str, results, *, device: str = "cpu", data="data", model
 
 # -- what survives the memory --------------------------------------------------------------
 
+
 def laws_kept(path) -> bool:
     """Whether the laws a run certified with are here: in its rows (RS, DDRS) or in its traces."""
-    return family_class(method_record(read_sidecar(path)["settings"]["method"]).family).in_rows or \
-        traces_dir(Path(path)).is_dir()
+    return (
+        family_class(method_record(read_sidecar(path)["settings"]["method"]).family).in_rows
+        or traces_dir(Path(path)).is_dir()
+    )
 
 
 def check_laws_from(laws_from) -> None:
     """A one-line error unless ``laws_from`` is None or a folder holding result files with sidecars."""
     if laws_from is not None and not any(Path(laws_from).glob("*.tsv.json")):
-        raise RDDRSError(f"--laws-from {laws_from}: " + ("no result files (NAME.tsv with its sidecar) there"
-                         if Path(laws_from).is_dir() else "no such directory"))
+        raise RDDRSError(
+            f"--laws-from {laws_from}: "
+            + ("no result files (NAME.tsv with its sidecar) there" if Path(laws_from).is_dir() else "no such directory")
+        )
 
 
-def memories(preset: str, results, *, data="data", models="data/models", laws_from=None,
-             progress: bool = False) -> dict:
+def memories(
+    preset: str, results, *, data="data", models="data/models", laws_from=None, progress: bool = False
+) -> dict:
     """``survival`` of each run of ``mechanism_study`` whose laws are here (the rows of an
     isotropic run, the traces of the others), cached in ``RESULTS/claims/mechanism/memory.json``.
     ``laws_from``: a folder of reruns with their traces (``NAME.tsv``: the same settings, on the
@@ -365,9 +436,13 @@ def memories(preset: str, results, *, data="data", models="data/models", laws_fr
                 source = found.resolve()
                 devices = {part["device"] for part in provenance_parts(read_sidecar(found)) if "device" in part}
                 entries[variant.name] = {
-                    "source": str(source.relative_to(results.resolve()) if source.is_relative_to(results.resolve())
-                                  else source), "rerun": found != own, "devices": sorted(devices),
-                    **survival(found, images, labels, progress)}
+                    "source": str(
+                        source.relative_to(results.resolve()) if source.is_relative_to(results.resolve()) else source
+                    ),
+                    "rerun": found != own,
+                    "devices": sorted(devices),
+                    **survival(found, images, labels, progress),
+                }
         return {"order": "ascending idx", "variants": entries}
 
     path = results / "claims" / "mechanism" / "memory.json"

@@ -10,8 +10,14 @@ from __future__ import annotations
 from rddrs.core.methods import method as method_record
 
 #: the vocabulary of the labels
-WORDS = {"soft": "soft", "clamped": "clamped", "capped": "capped",
-         "sgd": "plain ascent", "adam": "Adam", "riemannian adam": "Riemannian Adam"}
+WORDS = {
+    "soft": "soft",
+    "clamped": "clamped",
+    "capped": "capped",
+    "sgd": "plain ascent",
+    "adam": "Adam",
+    "riemannian adam": "Riemannian Adam",
+}
 
 #: the authors' pipeline and its parts, by variant name
 PIPELINE = {
@@ -90,9 +96,14 @@ def _parts(variant, brief: bool) -> list[str]:
 
 
 #: the authors' pipeline in a few words, for legends and narrow tables
-SHORT = {"ddrs_clamped": "DDRS (authors')", "ancer_clamped": "ANCER (authors')",
-         "ancer_clamped_lr1": "ANCER (authors', step 1)", "rddrs_clamped": "RDDRS (authors')",
-         "rddrs_clamped_bounded": "RDDRS (authors', our bound)", "rddrs_soft_unbounded": "RDDRS (no clamp)"}
+SHORT = {
+    "ddrs_clamped": "DDRS (authors')",
+    "ancer_clamped": "ANCER (authors')",
+    "ancer_clamped_lr1": "ANCER (authors', step 1)",
+    "rddrs_clamped": "RDDRS (authors')",
+    "rddrs_clamped_bounded": "RDDRS (authors', our bound)",
+    "rddrs_soft_unbounded": "RDDRS (no clamp)",
+}
 
 
 def short(variant, study=None) -> str:

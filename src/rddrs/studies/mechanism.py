@@ -62,8 +62,9 @@ THRESHOLDS = (1.0, 10.0, 100.0)
 def pool(labels: Tensor, first: int = POOL_FIRST, per_class: int = POOL_PER_CLASS) -> np.ndarray:
     """Test indices of the pool: the first ``per_class`` images of each class from ``first`` on."""
     labels = labels.numpy()
-    chosen = [i for c in range(int(labels.max()) + 1)
-              for i in (np.flatnonzero(labels[first:] == c)[:per_class] + first)]
+    chosen = [
+        i for c in range(int(labels.max()) + 1) for i in (np.flatnonzero(labels[first:] == c)[:per_class] + first)
+    ]
     return np.array(sorted(chosen))
 
 
@@ -75,8 +76,9 @@ def _repeat(law: Smoothing, count: int) -> Smoothing:
 def shares(model, points: Tensor, law: Smoothing, samples: int, seed: int, key: int) -> np.ndarray:
     """Each point's share of votes per class (P, K) under the one law ``law`` (batch 1)."""
     keys = [KEY * key + j for j in range(len(points))]
-    return smoothed_probability(model, points, _repeat(law, len(points)), None, samples, seed,
-                                batch_size=20_000, indices=keys).p
+    return smoothed_probability(
+        model, points, _repeat(law, len(points)), None, samples, seed, batch_size=20_000, indices=keys
+    ).p
 
 
 def scales(law: Smoothing) -> np.ndarray:
@@ -86,9 +88,13 @@ def scales(law: Smoothing) -> np.ndarray:
 
 def spectrum(law: Smoothing) -> dict:
     w = scales(law)
-    return {"smallest": float(w[0]), "largest": float(w[-1]), "median": float(np.median(w)),
-            "geometric_mean": float(np.exp(np.log(w).mean())),
-            **{f"above_{t:g}": int((w > t).sum()) for t in THRESHOLDS}}
+    return {
+        "smallest": float(w[0]),
+        "largest": float(w[-1]),
+        "median": float(np.median(w)),
+        "geometric_mean": float(np.exp(np.log(w).mean())),
+        **{f"above_{t:g}": int((w > t).sum()) for t in THRESHOLDS},
+    }
 
 
 def top_axes(law: Smoothing, k: int) -> tuple[np.ndarray, Tensor] | None:
@@ -109,7 +115,7 @@ def margin_gradient(model, x: Tensor, label: int) -> Tensor:
     leaf = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         logits = model(leaf)[0]
-        others = torch.cat([logits[:label], logits[label + 1:]])
+        others = torch.cat([logits[:label], logits[label + 1 :]])
         (grad,) = torch.autograd.grad(logits[label] - others.max(), leaf)
     return grad.reshape(-1).double()
 
@@ -129,14 +135,23 @@ def axes(model, x: Tensor, label: int, law: Smoothing, means: Tensor, k: int = 5
         points = (x.reshape(1, -1) + t[:, None] * v.to(x)[None, :]).reshape(len(t), *x.shape[1:])
         with torch.no_grad():
             classes = model(points).argmax(1).cpu().numpy()
-        rows.append({"scale": float(s), "cos_image": _cosine(v, flat), "cos_margin_gradient": _cosine(v, grad),
-                     "cos_class_mean": float(max(cos_means)), "closest_class_mean": int(np.argmax(cos_means)),
-                     "along": classes.tolist(), "share_own_class": float((classes == label).mean())})
+        rows.append(
+            {
+                "scale": float(s),
+                "cos_image": _cosine(v, flat),
+                "cos_margin_gradient": _cosine(v, grad),
+                "cos_class_mean": float(max(cos_means)),
+                "closest_class_mean": int(np.argmax(cos_means)),
+                "along": classes.tolist(),
+                "share_own_class": float((classes == label).mean()),
+            }
+        )
     return rows
 
 
-def split(model, x: Tensor, label: int, law: Smoothing, samples: int, seed: int, key: int,
-          threshold: float = 1.0) -> dict | None:
+def split(
+    model, x: Tensor, label: int, law: Smoothing, samples: int, seed: int, key: int, threshold: float = 1.0
+) -> dict | None:
     """x's share of the votes under S's axes above ``threshold`` alone, under those at most it
     alone, and under isotropic noise at S's smallest scale (None for isotropic noise)."""
     if law.scalar:
@@ -150,8 +165,17 @@ def split(model, x: Tensor, label: int, law: Smoothing, samples: int, seed: int,
     return out
 
 
-def constancy(model, x: Tensor, label: int, law: Smoothing, others: Tensor, other_labels: np.ndarray,
-              samples: int, seed: int, key: int) -> dict:
+def constancy(
+    model,
+    x: Tensor,
+    label: int,
+    law: Smoothing,
+    others: Tensor,
+    other_labels: np.ndarray,
+    samples: int,
+    seed: int,
+    key: int,
+) -> dict:
     """The smoothed classifier of x's law at other images: x's share of the votes and how often
     it wins, over the pool images of other classes, at an all-black image and a uniform-noise one."""
     keep = other_labels != label
@@ -160,14 +184,19 @@ def constancy(model, x: Tensor, label: int, law: Smoothing, others: Tensor, othe
     points = torch.cat([others[keep], extra])
     votes = shares(model, points, law, samples, seed, key)
     pool_votes = votes[:-2]
-    return {"others": int(keep.sum()), "share_own_class": float(pool_votes[:, label].mean()),
-            "wins": float((pool_votes.argmax(1) == label).mean()),
-            "their_own_class": float(pool_votes[np.arange(len(pool_votes)), other_labels[keep]].mean()),
-            "black": float(votes[-2, label]), "noise": float(votes[-1, label]),
-            "at_x": float(shares(model, x, law, samples, seed, KEY * key + 99)[0, label])}
+    return {
+        "others": int(keep.sum()),
+        "share_own_class": float(pool_votes[:, label].mean()),
+        "wins": float((pool_votes.argmax(1) == label).mean()),
+        "their_own_class": float(pool_votes[np.arange(len(pool_votes)), other_labels[keep]].mean()),
+        "black": float(votes[-2, label]),
+        "noise": float(votes[-1, label]),
+        "at_x": float(shares(model, x, law, samples, seed, KEY * key + 99)[0, label]),
+    }
 
 
 # -- the pipeline at another point ---------------------------------------------------------------
+
 
 def chain(study: Study, variant: Variant) -> list[Variant]:
     """The variants a variant's search starts from, first one first, and the variant itself."""
@@ -177,16 +206,24 @@ def chain(study: Study, variant: Variant) -> list[Variant]:
     return links
 
 
-def pipeline(model, x: Tensor, keys: list[int], study: Study, variant: Variant, sigma: float, preset: str,
-             model_file: Path, seed: int = 0):
+def pipeline(
+    model,
+    x: Tensor,
+    keys: list[int],
+    study: Study,
+    variant: Variant,
+    sigma: float,
+    preset: str,
+    model_file: Path,
+    seed: int = 0,
+):
     """The variant's whole pipeline at the inputs x: each link of its chain searched from the one
     before, then CERTIFY; draws keyed by ``keys``. Returns the laws and the certificate."""
     chosen = preset_record(preset)
     start: dict = {}
     law = None
     for link in chain(study, variant):
-        settings = make_settings(link.method, sigma, model_file, preset, seed=seed,
-                                             search=link.search or None)
+        settings = make_settings(link.method, sigma, model_file, preset, seed=seed, search=link.search or None)
         searches = {k: Search.from_dict(v) for k, v in settings.search.items()}
         law, _ = find_smoothing(link.method, model, x, keys, sigma, seed, searches, **start)
         if link.method == "ddrs":
@@ -201,10 +238,27 @@ def pipeline(model, x: Tensor, keys: list[int], study: Study, variant: Variant, 
 BOX = (0.0, 1.0)
 
 
-def refutation(model, x: Tensor, labels: np.ndarray, indices: list[int], sigma_star: np.ndarray,
-               radius: np.ndarray, laws: Smoothing, study: Study, variant: Variant, sigma: float, preset: str,
-               model_file: Path, *, seed: int = 0, steps: int = 20, samples: int = 128, check: int = 10_000,
-               inside: float = 0.999, chunk: int = 10) -> list[dict]:
+def refutation(
+    model,
+    x: Tensor,
+    labels: np.ndarray,
+    indices: list[int],
+    sigma_star: np.ndarray,
+    radius: np.ndarray,
+    laws: Smoothing,
+    study: Study,
+    variant: Variant,
+    sigma: float,
+    preset: str,
+    model_file: Path,
+    *,
+    seed: int = 0,
+    steps: int = 20,
+    samples: int = 128,
+    check: int = 10_000,
+    inside: float = 0.999,
+    chunk: int = 10,
+) -> list[dict]:
     """For each image (certified with l2 radius ``radius`` > 0 by the variant, with the law
     ``laws[j]``), look for a point inside that ball and in ``BOX`` where the variant's whole pipeline certifies
     another class (see the module), ``chunk`` images at a time, and test there the law certified
@@ -218,42 +272,63 @@ def refutation(model, x: Tensor, labels: np.ndarray, indices: list[int], sigma_s
         points = attack(model, xs, iso, torch.as_tensor(ys), r, steps, samples, seed=seed, indices=keys, box=BOX)
         _, cert = pipeline(model, points, [k + SHIFT for k in keys], study, variant, sigma, preset, model_file, seed)
         for j, idx in enumerate(keys):
-            fixed = shares(model, points[j: j + 1], laws[lo + j: lo + j + 1], check, seed, idx + SHIFT)[0]
+            fixed = shares(model, points[j : j + 1], laws[lo + j : lo + j + 1], check, seed, idx + SHIFT)[0]
             predict, label = int(cert.predict[j]), int(ys[j])
-            rows.append({"idx": int(idx), "variant": variant.name, "radius": float(radius[lo + j]),
-                         "distance": float((points[j] - xs[j]).double().norm()), "predict": predict,
-                         "abstain": predict == ABSTAIN, "refuted": predict not in (label, ABSTAIN),
-                         "gap": float(cert.gap[j]), "l2_radius": float(cert.radius[j]),
-                         "fixed_law_share": float(fixed[label]), "fixed_law_class": int(fixed.argmax()),
-                         "box": list(BOX), "point_range": [float(points[j].min()), float(points[j].max())]})
+            rows.append(
+                {
+                    "idx": int(idx),
+                    "variant": variant.name,
+                    "radius": float(radius[lo + j]),
+                    "distance": float((points[j] - xs[j]).double().norm()),
+                    "predict": predict,
+                    "abstain": predict == ABSTAIN,
+                    "refuted": predict not in (label, ABSTAIN),
+                    "gap": float(cert.gap[j]),
+                    "l2_radius": float(cert.radius[j]),
+                    "fixed_law_share": float(fixed[label]),
+                    "fixed_law_class": int(fixed.argmax()),
+                    "box": list(BOX),
+                    "point_range": [float(points[j].min()), float(points[j].max())],
+                }
+            )
     return rows
 
 
 # -- the study ------------------------------------------------------------------------------------
 
-def measure(runs: dict, images: Tensor, labels: Tensor, model, *, samples: int, seed: int = 0,
-            device: str = "cpu", k: int = 5) -> list[dict]:
+
+def measure(
+    runs: dict, images: Tensor, labels: Tensor, model, *, samples: int, seed: int = 0, device: str = "cpu", k: int = 5
+) -> list[dict]:
     """Spectrum, constancy, axes and split of every variant's law at each of its images
     (``runs``: ``study.run_study``'s variants; ``images``/``labels``: the whole test set)."""
     others_idx = pool(labels)
     others = images[others_idx].to(device)
     other_labels = labels[others_idx].numpy()
     lo, hi = MEANS_RANGE
-    means = [images[lo:hi][labels[lo:hi] == c].mean(0).reshape(-1).double().to(device)
-             for c in range(int(labels.max()) + 1)]
+    means = [
+        images[lo:hi][labels[lo:hi] == c].mean(0).reshape(-1).double().to(device) for c in range(int(labels.max()) + 1)
+    ]
     d = images[0].numel()
     rows = []
     for name, run in runs.items():
         for idx in run.results.idx.tolist():
             if idx in set(others_idx.tolist()):
                 raise RDDRSError(f"test image {idx} is in the pool of other images; measure images below {POOL_FIRST}")
-            x, label = images[idx: idx + 1].to(device), int(labels[idx])
+            x, label = images[idx : idx + 1].to(device), int(labels[idx])
             law = load_smoothing(run.path, [idx], d, torch.float32).to(device)
-            rows.append({"variant": name, "method": run.variant.method, "idx": idx, "label": label,
-                         "spectrum": spectrum(law),
-                         "constancy": constancy(model, x, label, law, others, other_labels, samples, seed, idx),
-                         "axes": axes(model, x, label, law, means, k),
-                         "split": split(model, x, label, law, samples, seed, idx)})
+            rows.append(
+                {
+                    "variant": name,
+                    "method": run.variant.method,
+                    "idx": idx,
+                    "label": label,
+                    "spectrum": spectrum(law),
+                    "constancy": constancy(model, x, label, law, others, other_labels, samples, seed, idx),
+                    "axes": axes(model, x, label, law, means, k),
+                    "split": split(model, x, label, law, samples, seed, idx),
+                }
+            )
     return rows
 
 
@@ -277,8 +352,11 @@ def survival(path, images: Tensor, labels: Tensor, progress: bool = False) -> di
     idx = [r["idx"] for r in stored]
     gauge = torch.zeros(0, len(images), dtype=torch.float64)
     if idx:
-        regions = Regions(images[idx].flatten(1).double(), load_smoothing(path, idx, images[0].numel()),
-                          torch.tensor([r["gap"] for r in stored], dtype=torch.float64))
+        regions = Regions(
+            images[idx].flatten(1).double(),
+            load_smoothing(path, idx, images[0].numel()),
+            torch.tensor([r["gap"] for r in stored], dtype=torch.float64),
+        )
         other = labels[None, :] != torch.tensor([r["predict"] for r in stored])[:, None]
         other[range(len(idx)), idx] = False  # a region's own centre is no other image
         gauge = torch.where(other, gauges(regions, images), torch.inf)
@@ -287,9 +365,13 @@ def survival(path, images: Tensor, labels: Tensor, progress: bool = False) -> di
         return float(np.mean([r[column] * r["correct"] for r in rows]))
 
     statuses = [r["memory"] for r in after]
-    return {"images": len(after), "test_images": len(images),
-            "statuses": {s: statuses.count(s) for s in (KEPT, SHRUNK, RELABELLED, ABSTAINED)},
-            "before": {"l2": acr(before, "radius"), "proxy": acr(before, "proxy_radius")},
-            "after": {"l2": acr(after, "radius"), "proxy": acr(after, "proxy_radius")},
-            "intruders": int((gauge < 1).any(0).sum()), "regions_with_intruders": int((gauge < 1).any(1).sum()),
-            "nearest_other": gauge.min(1).values.tolist()}
+    return {
+        "images": len(after),
+        "test_images": len(images),
+        "statuses": {s: statuses.count(s) for s in (KEPT, SHRUNK, RELABELLED, ABSTAINED)},
+        "before": {"l2": acr(before, "radius"), "proxy": acr(before, "proxy_radius")},
+        "after": {"l2": acr(after, "radius"), "proxy": acr(after, "proxy_radius")},
+        "intruders": int((gauge < 1).any(0).sum()),
+        "regions_with_intruders": int((gauge < 1).any(1).sum()),
+        "nearest_other": gauge.min(1).values.tolist(),
+    }

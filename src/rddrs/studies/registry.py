@@ -46,10 +46,20 @@ GROUPS = ("standard", "memory", "claims", "budget", "figure2", "mechanism")
 LATER = 100
 
 
-def runs(preset: str, results: str | Path | None = None, *, sigmas: Iterable[float] = SIGMAS,
-         methods: Iterable[str] = NAMES, count: int | None = None, groups: Iterable[str] = GROUPS,
-         seed: int = 0, device: str = "cpu", data: str | Path = "data",
-         models: str | Path = "data/models", dataset: str = "mnist") -> list[runspec.RunSpec]:
+def runs(
+    preset: str,
+    results: str | Path | None = None,
+    *,
+    sigmas: Iterable[float] = SIGMAS,
+    methods: Iterable[str] = NAMES,
+    count: int | None = None,
+    groups: Iterable[str] = GROUPS,
+    seed: int = 0,
+    device: str = "cpu",
+    data: str | Path = "data",
+    models: str | Path = "data/models",
+    dataset: str = "mnist",
+) -> list[runspec.RunSpec]:
     """Every run ``preset`` needs in ``results`` (default ``results/PRESET``) on ``dataset``'s test
     images with its models (``results.dataset_folder``: for another dataset than MNIST the files
     are those of the same runs in ``results/DATASET/``), in an order where each comes after the run
@@ -70,21 +80,24 @@ def runs(preset: str, results: str | Path | None = None, *, sigmas: Iterable[flo
     for sigma in SIGMAS + tuple(s for s in sigmas if s not in SIGMAS):
         if not {"standard", "memory"} & set(groups):
             break  # a study's variant that is a standard run holds its own images only
-        standard = [replace(s, priority=LATER) for s in
-                    runspec.standard_specs(sigma, preset, results, count=count, **common)]
+        standard = [
+            replace(s, priority=LATER) for s in runspec.standard_specs(sigma, preset, results, count=count, **common)
+        ]
         pool += standard + [replace(runspec.memory_spec(s), priority=LATER) for s in standard]
     for one, sigma, group, priority in _studies(preset, count, groups):
         from rddrs.studies.study import study_specs
 
-        pool += list(study_specs(one, sigma, preset, results, groups=(group,), priority=priority,
-                                 **common).values())
+        pool += list(study_specs(one, sigma, preset, results, groups=(group,), priority=priority, **common).values())
     pool = runspec.combine(pool)
     by_out = {str(Path(s.out)): s for s in pool}
 
     def keeps(spec: runspec.RunSpec) -> bool:
         named = by_out[str(Path(spec.source))] if spec.kind == runspec.MEMORY else spec
-        return (bool(set(spec.groups) & set(groups)) and named.method in methods
-                and any(abs(named.sigma - s) < 1e-9 for s in sigmas))
+        return (
+            bool(set(spec.groups) & set(groups))
+            and named.method in methods
+            and any(abs(named.sigma - s) < 1e-9 for s in sigmas)
+        )
 
     return runspec.with_dependencies(runspec.closure([s for s in pool if keeps(s)], pool))
 
@@ -110,9 +123,15 @@ def _studies(preset: str, count: int | None, groups: tuple[str, ...]):
     if "budget" in groups:
         from rddrs.studies import budget
 
-        for make in (budget.tuning_study, budget.variants_study, budget.step_size_study,
-                     budget.frontier_study, budget.diagonal_study, budget.clamped_study,
-                     budget.pipeline_parts_study):
+        for make in (
+            budget.tuning_study,
+            budget.variants_study,
+            budget.step_size_study,
+            budget.frontier_study,
+            budget.diagonal_study,
+            budget.clamped_study,
+            budget.pipeline_parts_study,
+        ):
             study = make(preset)
             if study.variants:
                 yield study, STUDY_SIGMA, "budget", LATER

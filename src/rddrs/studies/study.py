@@ -72,7 +72,6 @@ class Study:
         return next(v for v in self.variants if v.name == name)
 
 
-
 @dataclass
 class VariantRun:
     """A variant's result rows on its study's images (ordered by idx), and its digest: the
@@ -118,15 +117,26 @@ def start_of(study: Study, variant: Variant) -> Variant:
     if variant.start is not None:
         return study.variant(variant.start)
     base = method_record(variant.method).base
-    return next((v for v in study.variants if v.method == base and not v.search and v.rotate == variant.rotate),
-                Variant(base if variant.rotate is None else f"{base}_rotate{variant.rotate}", base,
-                        rotate=variant.rotate))
+    return next(
+        (v for v in study.variants if v.method == base and not v.search and v.rotate == variant.rotate),
+        Variant(base if variant.rotate is None else f"{base}_rotate{variant.rotate}", base, rotate=variant.rotate),
+    )
 
 
-def study_specs(study: Study, sigma: float, preset: str, results: str | Path, *, device: str = "cpu",
-                seed: int = 0, data: str | Path = "data", models: str | Path = "data/models",
-                groups: tuple[str, ...] = ("claims",), priority: int = 0,
-                dataset: str = "mnist") -> dict[str, RunSpec]:
+def study_specs(
+    study: Study,
+    sigma: float,
+    preset: str,
+    results: str | Path,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    data: str | Path = "data",
+    models: str | Path = "data/models",
+    groups: tuple[str, ...] = ("claims",),
+    priority: int = 0,
+    dataset: str = "mnist",
+) -> dict[str, RunSpec]:
     """The run of every variant of ``study`` (and of the starts it needs that are not variants),
     by variant name: ``RESULTS/claims/STUDY/VARIANT.tsv`` on the study's images, or the
     standard run ``RESULTS/METHOD_sigmaS.tsv`` for a variant with the preset's own settings.
@@ -142,16 +152,34 @@ def study_specs(study: Study, sigma: float, preset: str, results: str | Path, *,
             return specs[variant.name]
         record = method_record(variant.method)
         init = spec_of(start_of(study, variant), tier).out if record.starts else None
-        request = RunRequest(method=variant.method, sigma=float(sigma), preset=preset, model=str(model_file),
-                             seed=seed, device=device, rotate=variant.rotate, init=init,
-                             search=dict(variant.search), dataset=dataset)
-        standard = replace(request, rotate=None, search={},
-                           init=str(result_path(results, record.base, sigma)) if init is not None else None)
+        request = RunRequest(
+            method=variant.method,
+            sigma=float(sigma),
+            preset=preset,
+            model=str(model_file),
+            seed=seed,
+            device=device,
+            rotate=variant.rotate,
+            init=init,
+            search=dict(variant.search),
+            dataset=dataset,
+        )
+        standard = replace(
+            request,
+            rotate=None,
+            search={},
+            init=str(result_path(results, record.base, sigma)) if init is not None else None,
+        )
         is_standard = variant.rotate is None and resolve(request).comparable() == resolve(standard).comparable()
         out = result_path(results, variant.method, sigma) if is_standard else folder / f"{variant.name}.tsv"
         specs[variant.name] = RunSpec.of(
             replace(request, search={}) if is_standard else request,  # the standard run's overrides change nothing
-            out, ranges=images, groups=groups, data=str(data), priority=priority + tier)
+            out,
+            ranges=images,
+            groups=groups,
+            data=str(data),
+            priority=priority + tier,
+        )
         return specs[variant.name]
 
     for variant in sorted(study.variants, key=lambda v: v.tier):  # a start shared by tiers takes the first
@@ -159,9 +187,19 @@ def study_specs(study: Study, sigma: float, preset: str, results: str | Path, *,
     return specs
 
 
-def run_study(study: Study, sigma: float, preset: str, results: str | Path, *, device: str = "cpu",
-              seed: int = 0, data: str | Path = "data", models: str | Path = "data/models",
-              progress: bool = False, compute: bool = True) -> dict[str, VariantRun]:
+def run_study(
+    study: Study,
+    sigma: float,
+    preset: str,
+    results: str | Path,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    data: str | Path = "data",
+    models: str | Path = "data/models",
+    progress: bool = False,
+    compute: bool = True,
+) -> dict[str, VariantRun]:
     """Certify every variant of ``study`` that is not complete (``study_specs``; in this
     process), then read them all (an image whose search diverged is a row like the others:
     ``VariantRun.results.diverged`` counts them). With ``compute=False`` only read, and say
@@ -170,16 +208,19 @@ def run_study(study: Study, sigma: float, preset: str, results: str | Path, *, d
     wanted = [specs[v.name] for v in study.variants]
     if not compute:
         if incomplete := next((spec for spec in wanted if shards.missing(spec)), None):
-            raise RDDRSError(f"{incomplete.out} lacks {len(shards.missing(incomplete))} of the study's images: "
-                             f"compute it (`rddrs sweep --preset {preset}`) before reading it")
+            raise RDDRSError(
+                f"{incomplete.out} lacks {len(shards.missing(incomplete))} of the study's images: "
+                f"compute it (`rddrs sweep --preset {preset}`) before reading it"
+            )
     else:
         sweep.execute(runspec.closure(wanted, specs.values()), results=results, progress=progress).check()
     folder = study_dir(results, study)
     done = {}
     for variant in study.variants:
         spec = specs[variant.name]
-        done[variant.name] = _read(variant, Path(spec.out), None if spec.init is None else Path(spec.init),
-                                   folder, study)
+        done[variant.name] = _read(
+            variant, Path(spec.out), None if spec.init is None else Path(spec.init), folder, study
+        )
     return done
 
 
@@ -204,8 +245,7 @@ def _read(variant: Variant, path: Path, init: Path | None, folder: Path, study: 
         return cached
 
     run = VariantRun(variant, path, results, digest)
-    if study.digests and (variant.method == "rs"
-                          or all((traces_dir(path) / f"{i}.npz").exists() for i in results.idx)):
+    if study.digests and (variant.method == "rs" or all((traces_dir(path) / f"{i}.npz").exists() for i in results.idx)):
         run.spectrum  # the traces are here: keep the digest now, for clones that have only the rows
     return run
 
@@ -217,13 +257,20 @@ def _digest(variant: Variant, path: Path, init: Path | None, results: analysis.R
     family = family_class(record.family)
     if not record.searched:
         sigma = results.sigma_min[:, None]
-        return {"idx": results.idx, "gap": results.gap, "spectrum": sigma.astype(np.float32),
-                "trace": np.zeros((results.n, 0)), "sigma_star": results.sigma_min}
+        return {
+            "idx": results.idx,
+            "gap": results.gap,
+            "spectrum": sigma.astype(np.float32),
+            "trace": np.zeros((results.n, 0)),
+            "sigma_star": results.sigma_min,
+        }
     folder = traces_dir(path)
     missing = [i for i in results.idx if not (folder / f"{i}.npz").exists()]
     if missing:
-        raise RDDRSError(f"{folder} lacks the traces of {len(missing)} images (first: {missing[0]}) and no "
-                         f"digest of these rows exists: restore the digest, or recompute {path.name} elsewhere")
+        raise RDDRSError(
+            f"{folder} lacks the traces of {len(missing)} images (first: {missing[0]}) and no "
+            f"digest of these rows exists: restore the digest, or recompute {path.name} elsewhere"
+        )
     # the input dimension, which a family's parameter need not show
     d = math.prod(dataset_record(run_dataset(read_sidecar(path)["settings"])).input_shape)
     spectra, traces, stars = [], [], []
@@ -235,8 +282,9 @@ def _digest(variant: Variant, path: Path, init: Path | None, results: analysis.R
                 spectra.append(np.array([sigma]))
                 continue
             if "param" not in stored:
-                raise RDDRSError(f"{folder / f'{i}.npz'} holds no 'param' (written by an older rddrs): "
-                                 f"recompute {path.name}")
+                raise RDDRSError(
+                    f"{folder / f'{i}.npz'} holds no 'param' (written by an older rddrs): recompute {path.name}"
+                )
             param = torch.as_tensor(stored["param"], dtype=torch.float64)
             spectra.append(family.from_param(param[None], d, check=False).scales()[0].numpy())
     if init is None:  # DDRS: its own sigma
@@ -246,8 +294,13 @@ def _digest(variant: Variant, path: Path, init: Path | None, results: analysis.R
     else:  # older traces: a DDRS start's sigma_min
         start = read_rows(init)
         star = np.array([start[i]["sigma_min"] for i in results.idx])
-    return {"idx": results.idx, "gap": results.gap, "spectrum": np.stack(spectra).astype(np.float32),
-            "trace": np.stack(traces), "sigma_star": star}
+    return {
+        "idx": results.idx,
+        "gap": results.gap,
+        "spectrum": np.stack(spectra).astype(np.float32),
+        "trace": np.stack(traces),
+        "sigma_star": star,
+    }
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -255,4 +308,3 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
     return float(diff.mean()), se
-
