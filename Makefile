@@ -61,7 +61,7 @@ $(FASHION): | $(FASHION_PACKAGE) $(INSTALLED)
 data: $(if $(filter fashion-mnist,$(DATASET)),$(FASHION),$(MNIST))  ## fetch MNIST (DATASET=fashion-mnist: Fashion-MNIST, from Debian's package) into data/ (torchvision layout), checksum-verified
 
 # the three base classifiers of the paper (Gaussian augmentation at each sigma), with the
-# recipe of rddrs.train's defaults; each writes data/models/DATASET_cnn_sigmaS.{pt,pt2,json}
+# recipe of rddrs.pipeline.train's defaults; each writes data/models/DATASET_cnn_sigmaS.{pt,pt2,json}
 SIGMAS ?= 0.12 0.25 0.50
 train: $(INSTALLED) data  ## retrain the models in data/models/ (sigma 0.12 0.25 0.50, DATASET; CPU: a few minutes each, up to ~10 when busy)
 	for s in $(SIGMAS); do $(BIN)/rddrs train --dataset $(DATASET) --sigma $$s --device $(DEVICE) || exit 1; done
@@ -72,9 +72,11 @@ NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with book/nbval_saniti
 
 # the Fashion-MNIST tests read Debian's package dataset-fashion-mnist: installed as `make data
 # DATASET=fashion-mnist` does (as root, with apt-get); where that cannot be, they are skipped
-test: $(INSTALLED) $(MNIST) $(MATHJAX)  ## run the whole test suite (the chapters' notebooks too)
+test: $(INSTALLED) $(MNIST) $(MATHJAX)  ## lint and format check (ruff), then the whole test suite (the chapters' notebooks too)
 	@$(MAKE) --no-print-directory $(FASHION_PACKAGE) || echo "note: without Debian's package" \
 	  "dataset-fashion-mnist the tests that read Fashion-MNIST are skipped" >&2
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
 	$(BIN)/python -m pytest $(NBVAL)
 
 $(MATHJAX):

@@ -25,13 +25,17 @@ run, and where the CPU time went (user vs kernel) in each section.
    commit 6de0fd1 and before) and fast, in GFLOP/s counted as autograd's dense work (FlopCounterMode)
    and as a share of the peak; then the paper preset's RDDRS step (gradient at 20 000 draws,
    exponential map, floor) on both paths, side by side.
+6. Start-up of the command line: the wall time of whole processes ``python -m rddrs --help`` and
+   ``python -m rddrs sweep --help`` (the parsers import no torch), best of ``--repeat``, as a
+   ratio to ``python -c pass`` (the interpreter's own start-up, the floor), with
+   ``python -c "import torch"`` beside them: what a parser that imported torch would add.
 
 Each section reports its user and system CPU time: system time is the kernel's (page faults,
-zeroing, mmap/munmap), which ``rddrs.allocator`` keeps small. ``RDDRS_TUNE_MALLOC=0 python
+zeroing, mmap/munmap), which ``rddrs.pipeline.allocator`` keeps small. ``RDDRS_TUNE_MALLOC=0 python
 benchmarks/bench_core.py`` measures without it.
 
-Usage: python benchmarks/bench_core.py [--device cuda] [--threads 2] [--sections 1,2,3,4,5]
-       [--anatomy-preset cpu] [--draws 20000]
+Usage: python benchmarks/bench_core.py [--device cuda] [--threads 2] [--sections 1,2,3,4,5,6]
+       [--anatomy-preset cpu] [--draws 20000] [--repeat 5]
 Untrained weights in sections 1-2: speed does not depend on them. Every section runs the network
 of the file users run (the ``.pt`` checkpoint, through ``load_model``: the fast path unless
 ``RDDRS_FAST_NETWORK=0``).
@@ -60,6 +64,7 @@ from rddrs.core.presets import preset
 from rddrs.pipeline import allocator, fastnet
 from rddrs.pipeline.data import load_dataset
 from rddrs.pipeline.models import MnistCNN, load_model
+from rddrs.studies.claims import iteration_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +113,8 @@ def cpu_split(name: str):
     before, tic, hot = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), dict(HOT)
     yield
     after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - tic
-    text = f"   [{name}: wall {wall:.1f} s; all calls: {_split(after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime)}"
+    split = _split(after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime)
+    text = f"   [{name}: wall {wall:.1f} s; all calls: {split}"
     if HOT != hot:
         text += f";\n    timed calls only: {_split(HOT['user'] - hot['user'], HOT['system'] - hot['system'])}"
     print(text + "]")
@@ -121,15 +127,16 @@ def throughput(model, device, args):
     clean = torch.rand(args.batch_size, 1, 28, 28, device=device)
     with torch.no_grad():
         raw = args.batch_size / best_time(lambda: model(clean), device, repeat=20)
-    print(f"\n1. certification throughput (images/s), {args.cert_samples} samples x 4 inputs, "
-          f"batch {args.batch_size}")
+    print(f"\n1. certification throughput (images/s), {args.cert_samples} samples x 4 inputs, batch {args.batch_size}")
     print(f"   raw forward of the network: {raw:12.0f}  (the floor, ratio 1)")
     sigma = Isotropic(torch.full((4,), 0.25, device=device), d)
     a = torch.randn(4, d, d, device=device)
     full = sigma.as_full().with_param(a @ a.transpose(1, 2) / d + 0.1 * torch.eye(d, device=device))
     for name, law in [("isotropic", sigma), ("diagonal", sigma.as_diagonal()), ("full SPD", full)]:
+
         def run():
             sample_counts(model, x, law, idx, args.cert_samples, NoiseSource(0, "estimate", device), args.batch_size)
+
         rate = 4 * args.cert_samples / best_time(run, device, repeat=5)
         print(f"   {name:10s}: {rate:12.0f}  ratio {rate / raw:.2f}")
 
@@ -144,22 +151,13 @@ def search_step(model, device, args):
     for samples in args.samples:
         for b in args.inputs:
             xb = torch.rand(b, 1, 28, 28, device=device)
-            law = Isotropic(torch.full((b,), 0.25, device=device), d).as_full()
-            eps = torch.randn(b, samples, d, device=device)
-
-            def iteration():
-                _, grad = objective_and_gradient(model, xb, law, eps, kappa=1e-6)
-                law.step(grad, 0.1).floor(0.25).eig  # the next iteration's eigendecomposition too
-
-            images = (xb.reshape(b, 1, d) + 0.25 * eps).reshape(-1, 1, 28, 28).requires_grad_(True)
-
-            def network():
-                out = torch.log_softmax(model(images), -1)
-                torch.autograd.grad(out[:, 0].sum(), images)
-
-            total, net = best_time(iteration, device, 2), best_time(network, device, 2)
-            print(f"   {samples:7d}  {b:6d}  {total / b:12.3f}  {net / total:7.0%}  {1 - net / total:20.0%}"
-                  f"  {memory_peak_mb(device):16.0f}")
+            # the chapter's measurement (claims.iteration_cost): a generic C, best of 2 after a warm-up
+            cost = iteration_cost(model, xb, 0.25, samples, kappa=1e-6, max_step=0.1, repeat=2)
+            share = cost["network"] / cost["total"]
+            print(
+                f"   {samples:7d}  {b:6d}  {cost['total']:12.3f}  {share:7.0%}  {1 - share:20.0%}"
+                f"  {memory_peak_mb(device):16.0f}"
+            )
 
 
 _STARTUP = """
@@ -180,7 +178,7 @@ t3 = time.perf_counter()
 load_model(sys.argv[1])
 t4 = time.perf_counter()
 make_settings("rs", 0.25, sys.argv[1], "paper")  # the sidecar's settings: the model's checksum
-from rddrs.pipeline.files import provenance
+from rddrs.pipeline.provenance import provenance
 provenance(torch.device("cpu"))
 t5 = time.perf_counter()
 print(json.dumps({"torch": t1 - t0, "rddrs": t2 - t1, "data": t3 - t2, "model": t4 - t3, "sidecar": t5 - t4}))
@@ -194,19 +192,43 @@ def whole_process(args):
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rs.tsv"
-        cmd = [sys.executable, "-m", "rddrs", "certify", "--method", "rs", "--sigma", "0.25", "--model", str(model),
-               "--preset", "paper", "--count", "1", "--data", str(data), "--out", str(out), "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "rddrs",
+            "certify",
+            "--method",
+            "rs",
+            "--sigma",
+            "0.25",
+            "--model",
+            str(model),
+            "--preset",
+            "paper",
+            "--count",
+            "1",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
         before, tic = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, env=env)
         wall = time.perf_counter() - tic
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         row = out.read_text().splitlines()[1].split("\t")
         sampling = float(row[-1])
-    parts = json.loads(subprocess.run([sys.executable, "-c", _STARTUP, str(model), str(data)], check=True,
-                                      capture_output=True, text=True, env=env).stdout)
+    parts = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", _STARTUP, str(model), str(data)], check=True, capture_output=True, text=True, env=env
+        ).stdout
+    )
     user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
-    print(f"   wall {wall:.1f} s = sampling {sampling:.1f} s + start-up {wall - sampling:.1f} s  "
-          f"(user {user:.1f} s, system {system:.1f} s = {system / (user + system):.0%} of CPU time)")
+    print(
+        f"   wall {wall:.1f} s = sampling {sampling:.1f} s + start-up {wall - sampling:.1f} s  "
+        f"(user {user:.1f} s, system {system:.1f} s = {system / (user + system):.0%} of CPU time)"
+    )
     print("   start-up parts, timed apart: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
 
 
@@ -226,8 +248,10 @@ def step_anatomy(device, name):
     lower, d = 0.25, x[0].numel()
     law = Isotropic(torch.full((1,), lower, device=device), d).as_full()
     noise = NoiseSource(0, NoiseSource.OPTIMIZE, device)
-    print(f"\n4. anatomy of the RDDRS step: {name} preset ({settings.iterations} steps, {settings.samples} samples, "
-          f"lr {settings.lr}, max_step {settings.max_step}), test image 0, from C = {lower} I (ms, median)")
+    print(
+        f"\n4. anatomy of the RDDRS step: {name} preset ({settings.iterations} steps, {settings.samples} samples, "
+        f"lr {settings.lr}, max_step {settings.max_step}), test image 0, from C = {lower} I (ms, median)"
+    )
     parts = {k: [] for k in ("gradient", "exp", "exp_eigh", "matrix_exp", "floor", "floor_eigh")}
     below, stretch = [], []
     for _ in range(settings.iterations):
@@ -257,17 +281,25 @@ def step_anatomy(device, name):
 
     net = best_time(network, device, 3) * 1e3
     bound = sum(n > 0 for n in below)
-    print(f"   step {step:.0f} = gradient {med['gradient']:.0f} (network alone {net:.0f}) + exponential map "
-          f"{med['exp']:.0f} (its eigh {med['exp_eigh']:.0f}) + floor {med['floor']:.0f} "
-          f"(its eigh {med['floor_eigh']:.0f})")
-    print(f"   matrix_exp of the same clamped step: {med['matrix_exp']:.0f} (ratio to the exp's eigh "
-          f"{med['matrix_exp'] / med['exp_eigh']:.2f})")
-    print(f"   floor binds in {bound}/{len(below)} steps ({min(below)}-{max(below)} eigenvalues below it); "
-          f"step bound binds in {sum(r > 1 for r in stretch)}/{len(stretch)} (whitened spectral radius "
-          f"{min(stretch):.0f}-{max(stretch):.0f} x max_step)")
-    print(f"   speed-up of the step if matrix_exp replaced the exp's eigh: "
-          f"{step / (step - med['exp_eigh'] + med['matrix_exp']):.2f}; if the exponential map cost nothing: "
-          f"{step / (step - med['exp']):.2f}")
+    print(
+        f"   step {step:.0f} = gradient {med['gradient']:.0f} (network alone {net:.0f}) + exponential map "
+        f"{med['exp']:.0f} (its eigh {med['exp_eigh']:.0f}) + floor {med['floor']:.0f} "
+        f"(its eigh {med['floor_eigh']:.0f})"
+    )
+    print(
+        f"   matrix_exp of the same clamped step: {med['matrix_exp']:.0f} (ratio to the exp's eigh "
+        f"{med['matrix_exp'] / med['exp_eigh']:.2f})"
+    )
+    print(
+        f"   floor binds in {bound}/{len(below)} steps ({min(below)}-{max(below)} eigenvalues below it); "
+        f"step bound binds in {sum(r > 1 for r in stretch)}/{len(stretch)} (whitened spectral radius "
+        f"{min(stretch):.0f}-{max(stretch):.0f} x max_step)"
+    )
+    print(
+        f"   speed-up of the step if matrix_exp replaced the exp's eigh: "
+        f"{step / (step - med['exp_eigh'] + med['matrix_exp']):.2f}; if the exponential map cost nothing: "
+        f"{step / (step - med['exp']):.2f}"
+    )
 
 
 def _flops(model, x) -> tuple[float, float]:
@@ -290,13 +322,15 @@ def network_speed(device, args):
         del paths["fast"]
     n = args.draws
     a = torch.randn(4096, 4096, device=device)
-    peak = 2 * 4096 ** 3 / best_time(lambda: a @ a, device, repeat=5) / 1e9
+    peak = 2 * 4096**3 / best_time(lambda: a @ a, device, repeat=5) / 1e9
     image = load_dataset(ROOT / "data", train=False)[0][:1].to(device)
     x = image + 0.25 * torch.randn(n, 1, 28, 28, device=device)
     forward, both = _flops(paths["autograd"], x)
-    print(f"\n5. the network, {n} draws of test image 0, {torch.get_num_threads()} thread(s): GEMM peak "
-          f"{peak:.0f} GFLOP/s (the floor); autograd's work {forward / 1e6:.2f} MFLOP forward, {both / 1e6:.2f} "
-          f"forward + input gradient, per image")
+    print(
+        f"\n5. the network, {n} draws of test image 0, {torch.get_num_threads()} thread(s): GEMM peak "
+        f"{peak:.0f} GFLOP/s (the floor); autograd's work {forward / 1e6:.2f} MFLOP forward, {both / 1e6:.2f} "
+        f"forward + input gradient, per image"
+    )
     print("   path       forward GFLOP/s (of peak)   forward + input gradient GFLOP/s (of peak)")
     speeds = {}
     for name, model in paths.items():
@@ -311,8 +345,10 @@ def network_speed(device, args):
         speeds[name] = (fwd, grad)
         print(f"   {name:9s}  {fwd:7.1f} ({fwd / peak:4.0%})               {grad:7.1f} ({grad / peak:4.0%})")
     if "fast" in speeds:
-        print(f"   fast / autograd: forward {speeds['fast'][0] / speeds['autograd'][0]:.2f}x, forward + input "
-              f"gradient {speeds['fast'][1] / speeds['autograd'][1]:.2f}x")
+        print(
+            f"   fast / autograd: forward {speeds['fast'][0] / speeds['autograd'][0]:.2f}x, forward + input "
+            f"gradient {speeds['fast'][1] / speeds['autograd'][1]:.2f}x"
+        )
     settings = preset("paper").search["rddrs"]
     steps = {}
     for name, model in paths.items():
@@ -324,36 +360,86 @@ def network_speed(device, args):
             law.step(settings.lr * grad, settings.max_step).floor(0.25).eig
 
         steps[name] = best_time(step, device, repeat=3)
-    print(f"   paper preset RDDRS step ({settings.samples} draws, one image): " + ", ".join(
-        f"{name} {seconds * 1e3:.0f} ms" for name, seconds in steps.items())
-        + (f"; fast / autograd {steps['autograd'] / steps['fast']:.2f}x" if "fast" in steps else ""))
+    print(
+        f"   paper preset RDDRS step ({settings.samples} draws, one image): "
+        + ", ".join(f"{name} {seconds * 1e3:.0f} ms" for name, seconds in steps.items())
+        + (f"; fast / autograd {steps['autograd'] / steps['fast']:.2f}x" if "fast" in steps else "")
+    )
+
+
+def cli_startup(args):
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    commands = [
+        ("python -c pass", ["-c", "pass"]),
+        ("rddrs --help", ["-m", "rddrs", "--help"]),
+        ("rddrs sweep --help", ["-m", "rddrs", "sweep", "--help"]),
+        ('python -c "import torch"', ["-c", "import torch"]),
+    ]
+    print(f"\n6. command-line start-up (wall s of a whole process, best of {args.repeat})")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    floor = None
+    for name, argv in commands:
+        times = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, *argv], check=True, capture_output=True, env=env)
+            times.append(time.perf_counter() - start)
+        best = min(times)
+        if floor is None:
+            floor = best
+            print(f"   {name:26s} {best:7.3f}  (the floor, ratio 1)")
+        else:
+            print(f"   {name:26s} {best:7.3f}  ratio {best / floor:.1f}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"   the processes: {_split(after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime)}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--samples", type=lambda t: [int(v) for v in t.split(",")], default=[500, 2000],
-                        help="gradient samples per input of section 2 (default 500,2000)")
-    parser.add_argument("--inputs", type=lambda t: [int(v) for v in t.split(",")], default=[1, 8, 32],
-                        help="inputs searched at once in section 2 (default 1,8,32)")
+    parser.add_argument(
+        "--samples",
+        type=lambda t: [int(v) for v in t.split(",")],
+        default=[500, 2000],
+        help="gradient samples per input of section 2 (default 500,2000)",
+    )
+    parser.add_argument(
+        "--inputs",
+        type=lambda t: [int(v) for v in t.split(",")],
+        default=[1, 8, 32],
+        help="inputs searched at once in section 2 (default 1,8,32)",
+    )
     parser.add_argument("--batch-size", type=int, default=2000, help="noisy images per forward pass")
     parser.add_argument("--cert-samples", type=int, default=20_000, help="certification samples per input")
-    parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run (default 1,2,3,4,5)")
+    parser.add_argument("--sections", default="1,2,3,4,5,6", help="which sections to run (default 1,2,3,4,5,6)")
     parser.add_argument("--draws", type=int, default=20_000, help="noisy images of section 5 (default 20000)")
-    parser.add_argument("--anatomy-preset", default="cpu", help="the preset whose RDDRS search section 4 "
-                        "follows (default cpu; paper: 100 steps at 20 000 samples)")
+    parser.add_argument(
+        "--anatomy-preset",
+        default="cpu",
+        help="the preset whose RDDRS search section 4 follows (default cpu; paper: 100 steps at 20 000 samples)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="processes per command of section 6, the best one counts (default 5)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = fastnet.fast(MnistCNN().to(device, memory_format=torch.channels_last).eval().requires_grad_(False))
     print(f"network path of sections 1-2: {fastnet.network_path(model)} (RDDRS_FAST_NETWORK=0: autograd)")
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"malloc tuning {allocator.status()}")
-    sections = {"1": lambda: throughput(model, device, args), "2": lambda: search_step(model, device, args),
-                "3": lambda: whole_process(args), "4": lambda: step_anatomy(device, args.anatomy_preset),
-                "5": lambda: network_speed(device, args)}
+    print(
+        f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"malloc tuning {allocator.status()}"
+    )
+    sections = {
+        "1": lambda: throughput(model, device, args),
+        "2": lambda: search_step(model, device, args),
+        "3": lambda: whole_process(args),
+        "4": lambda: step_anatomy(device, args.anatomy_preset),
+        "5": lambda: network_speed(device, args),
+        "6": lambda: cli_startup(args),
+    }
     for key in args.sections.split(","):
         with cpu_split(f"section {key}"):
             sections[key]()

@@ -25,10 +25,13 @@ def html(tmp_path_factory) -> Path:
         subprocess.run(["make", "mathjax"], cwd=ROOT, check=True, capture_output=True)
     out = tmp_path_factory.mktemp("book")
     proc = subprocess.run(
-        [str(BIN / "jupyter-book"), "build", "-W", "-n", "--keep-going",
-         "--path-output", str(out), str(ROOT)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
+        [str(BIN / "jupyter-book"), "build", "-W", "-n", "--keep-going", "--path-output", str(out), str(ROOT)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )
     assert proc.returncode == 0, f"book build failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     site = out / "_build" / "html"
     assert site.is_dir()

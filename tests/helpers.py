@@ -1,6 +1,7 @@
 """Shared by the tests: random scale matrices of each family (built without the library), the
-check that an error is an ``RDDRSError`` with a one-line message, and what bad-input tests of the
-command line need (snapshots of files, commands that file permissions bind)."""
+closed-form worst point of a linear classifier, the check that an error is an ``RDDRSError`` with
+a one-line message, and what bad-input tests of the command line need (snapshots of files,
+commands that file permissions bind)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,16 @@ def smoothing(family: str, s: torch.Tensor, reps: int):
     return FullSPD(s.repeat(reps, 1, 1))
 
 
+def worst_point(model, x: torch.Tensor, law, r) -> torch.Tensor:
+    """The point of ``{x + S u : ||u|| <= r}`` closest to the other class of the linear classifier
+    ``model`` (``rddrs.studies.validity.LinearClassifier``, score ``w.z + b``):
+    ``x - sign(w.x + b) r S S^T w / ||S^T w||``, which moves the score by ``-sign r ||S^T w||``
+    (test_validity checks it against dense algebra; test_attack's optimum)."""
+    r = torch.as_tensor(r, dtype=x.dtype, device=x.device).expand(len(x))
+    step = r * torch.sign(model.score(x)) / model.scaled_normal(law).norm(dim=1)
+    return x - (step[:, None] * model.scaled_normal(law, 2)).reshape(x.shape)
+
+
 def raises_one_line(fn, *args, **kwargs) -> str:
     """The message of the ``RDDRSError`` that ``fn(*args, **kwargs)`` raises; it must be one line."""
     with pytest.raises(RDDRSError) as err:
@@ -91,5 +102,12 @@ def run_bound_by_permissions(args: list, cwd: Path) -> subprocess.CompletedProce
     tests run as root, whom they do not bind, the subprocess runs without the capabilities that
     override them (Linux), as a plain owner of its files."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-    return subprocess.run([sys.executable, "-m", "rddrs", *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300, preexec_fn=_without_overrides if os.geteuid() == 0 else None)
+    return subprocess.run(
+        [sys.executable, "-m", "rddrs", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_without_overrides if os.geteuid() == 0 else None,
+    )

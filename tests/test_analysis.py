@@ -1,4 +1,4 @@
-"""Tests of ``rddrs.analysis``: reading result files, certified accuracy, ACR, tables, figure, CLI.
+"""Tests of ``rddrs.studies.analysis``: reading result files, certified accuracy, ACR, tables, figure, CLI.
 
 Every expected number is worked out by hand from small TSV files written here; nothing is
 compared with a value produced by the code under test.
@@ -6,7 +6,6 @@ compared with a value produced by the code under test.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import struct
@@ -16,10 +15,19 @@ import pytest
 from helpers import run_bound_by_permissions
 
 from rddrs import RDDRSError
+from rddrs.cli import build_parser
 from rddrs.studies import analysis
-from rddrs.studies.analysis import (METHOD_COLORS, METHOD_LABELS, average_certified_radius, certified_accuracy,
-                                    curves_figure, group_results, read_results, table, write_tables)
-from rddrs.studies.display import check_legible
+from rddrs.studies.analysis import (
+    METHOD_LABELS,
+    average_certified_radius,
+    certified_accuracy,
+    curves_figure,
+    group_results,
+    read_results,
+    table,
+    write_tables,
+)
+from rddrs.studies.display import METHOD_STYLES, check_legible
 
 HEADER = "idx\tlabel\tpredict\tcorrect\tgap\tradius\tproxy_radius\tsigma_min\tseconds"
 
@@ -28,8 +36,8 @@ HEADER = "idx\tlabel\tpredict\tcorrect\tgap\tradius\tproxy_radius\tsigma_min\tse
 #            idx label predict correct gap  radius proxy  sigma_min seconds
 FIVE = [
     (0, 3, 3, 1, 1.0, 0.30, 0.50, 0.25, 1.0),
-    (1, 7, -1, 0, 0.0, 0.90, 2.00, 0.25, 2.0),   # abstain: never counts
-    (2, 1, 4, 0, 2.0, 0.80, 1.50, 0.25, 3.0),    # wrong with a radius: never counts
+    (1, 7, -1, 0, 0.0, 0.90, 2.00, 0.25, 2.0),  # abstain: never counts
+    (2, 1, 4, 0, 2.0, 0.80, 1.50, 0.25, 3.0),  # wrong with a radius: never counts
     (3, 0, 0, 1, 3.0, 0.60, 1.00, 0.25, 4.0),
     (4, 9, 9, 1, 5.0, 1.20, 1.00, 0.25, 5.0),
 ]
@@ -65,15 +73,26 @@ def synthetic_rows(n, scale, seed, p_correct=0.9, p_abstain=0.05):
         correct = int(predict == label)
         proxy = float(rng.gamma(2.0, scale)) if predict >= 0 else 0.0
         l2 = proxy * float(rng.uniform(0.4, 1.0))
-        rows.append((i, label, predict, correct, round(proxy / 0.25, 4), round(l2, 4),
-                     round(proxy, 4), 0.25, round(float(rng.uniform(0.1, 0.3)), 4)))
+        rows.append(
+            (
+                i,
+                label,
+                predict,
+                correct,
+                round(proxy / 0.25, 4),
+                round(l2, 4),
+                round(proxy, 4),
+                0.25,
+                round(float(rng.uniform(0.1, 0.3)), 4),
+            )
+        )
     return rows
 
 
-def make_cli_parser():
-    parser = argparse.ArgumentParser(prog="rddrs curves")
-    analysis.add_arguments(parser)
-    return parser
+def curves(*argv):
+    """``rddrs curves ARGV`` as the command line parses and runs it (its errors raised, not printed)."""
+    args = build_parser().parse_args(["curves", *argv])
+    args.run(args)
 
 
 # --------------------------------------------------------------------------- reading
@@ -148,14 +167,15 @@ def test_unknown_kind_is_an_error(tmp_path):
 
 
 # --------------------------------------------------------------------------- tables
-def three_sigma_groups(tmp_path, methods=("rs", "ddrs", "ancer", "rddrs"),
-                       sigmas=(0.12, 0.25, 0.5), n=60):
+def three_sigma_groups(tmp_path, methods=("rs", "ddrs", "ancer", "rddrs"), sigmas=(0.12, 0.25, 0.5), n=60):
     results = []
     for j, sigma in enumerate(sigmas):
         for k, method in enumerate(methods):
-            path = write_results(tmp_path / f"{method}_{sigma}.tsv",
-                                 rows=synthetic_rows(n, sigma * (1 + 0.3 * k), 10 * j + k),
-                                 meta={"method": method, "sigma": sigma})
+            path = write_results(
+                tmp_path / f"{method}_{sigma}.tsv",
+                rows=synthetic_rows(n, sigma * (1 + 0.3 * k), 10 * j + k),
+                meta={"method": method, "sigma": sigma},
+            )
             results.append(read_results(path))
     return results
 
@@ -165,7 +185,8 @@ def test_table_numbers_match_certified_accuracy(tmp_path):
     radii = (0.0, 0.25, 0.5, 1.0)
     rows = table(results, radii=radii, kind="l2")
     assert [(r["sigma"], r["method"]) for r in rows] == [
-        (s, m) for s in (0.12, 0.25, 0.5) for m in ("rs", "ddrs", "ancer", "rddrs")]
+        (s, m) for s in (0.12, 0.25, 0.5) for m in ("rs", "ddrs", "ancer", "rddrs")
+    ]
     by_key = {(r.sigma, r.method): r for r in results}
     for row in rows:
         res = by_key[(row["sigma"], row["method"])]
@@ -184,26 +205,31 @@ def test_markdown_and_csv_tables(tmp_path):
     rows = table(results, radii=(0, 0.5, 1), kind="proxy")
     write_tables(rows, tmp_path / "t.csv", tmp_path / "t.md")
     md = (tmp_path / "t.md").read_text(encoding="utf-8").strip().splitlines()
-    assert md[0].startswith("| σ | method | n | certified accuracy at r = 0 | certified accuracy at r = 0.5 "
-                            "| certified accuracy at r = 1 | ACR")
+    assert md[0].startswith(
+        "| σ | method | n | certified accuracy at r = 0 | certified accuracy at r = 0.5 "
+        "| certified accuracy at r = 1 | ACR"
+    )
     assert set(md[1].replace("|", "").split()) <= {"---:", ":---"}
     assert len(md) == 2 + 6
     body = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:]]
     assert [(b[0], b[1]) for b in body] == [
-        ("0.12", "RS"), ("0.12", "RDDRS"), ("0.25", "RS"), ("0.25", "RDDRS"),
-        ("0.50", "RS"), ("0.50", "RDDRS")]
+        ("0.12", "RS"),
+        ("0.12", "RDDRS"),
+        ("0.25", "RS"),
+        ("0.25", "RDDRS"),
+        ("0.50", "RS"),
+        ("0.50", "RDDRS"),
+    ]
     for b, row in zip(body, rows):
         assert b[3:6] == [f"{a:.2f}" for a in row["accuracy"]]  # 60 inputs: counts / 60 need 2 decimals
     with open(tmp_path / "t.csv", newline="") as fh:
         table_rows = list(csv.reader(fh))
-    assert table_rows[0] == ["sigma", "method", "n", "ca@0", "ca@0.5", "ca@1", "acr",
-                             "seconds_per_input"]
+    assert table_rows[0] == ["sigma", "method", "n", "ca@0", "ca@0.5", "ca@1", "acr", "seconds_per_input"]
     assert len(table_rows) == 7
     assert all(len(r[3].split(".")[1]) == 3 for r in table_rows[1:])  # fixed decimals
     res = {(r.sigma, r.method): r for r in results}[(0.25, "rddrs")]
     got = next(r for r in table_rows[1:] if r[:2] == ["0.25", "rddrs"])
-    assert float(got[4]) == pytest.approx(
-        np.sum((res.correct == 1) & (res.proxy_radius >= 0.5)) / res.n, abs=5e-4)
+    assert float(got[4]) == pytest.approx(np.sum((res.correct == 1) & (res.proxy_radius >= 0.5)) / res.n, abs=5e-4)
 
 
 # --------------------------------------------------------------------------- figure
@@ -242,11 +268,12 @@ def test_curves_figure_layout(tmp_path):
     (legend,) = fig.legends  # one legend for the three panels
     assert [t.get_text() for t in legend.get_texts()] == ["RS", "DDRS", "ANCER", "RDDRS"]
     assert axes[0].get_ylabel() == "certified accuracy"
-    assert all(len(c) == 1 for c in colours.values())      # one colour per method
-    assert len(set().union(*colours.values())) == 4         # four different colours
-    assert len(set().union(*styles.values())) == 4          # and four dash patterns
-    for method, label in METHOD_LABELS.items():             # those of rddrs.methods
-        assert colours[label] == {METHOD_COLORS[method]}
+    assert all(len(c) == 1 for c in colours.values())  # one colour per method
+    assert len(set().union(*colours.values())) == 4  # four different colours
+    assert len(set().union(*styles.values())) == 4  # and four dash patterns
+    for method, label in METHOD_LABELS.items():  # those of rddrs.studies.display
+        assert colours[label] == {METHOD_STYLES[method]["color"]}
+        assert styles[label] == {METHOD_STYLES[method]["linestyle"]}
 
 
 def test_curve_steps_follow_certified_accuracy(tmp_path):
@@ -273,21 +300,30 @@ def test_figure_format_by_extension(tmp_path, ext, magic):
 
 
 # --------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("mutate, match", [
-    (lambda h, rows: (h.replace("\tproxy_radius", ""), [r[:6] + r[7:] for r in rows]),
-     r"line 1: missing column proxy_radius"),
-    (lambda h, rows: (h, rows[:3] + [(1,) + rows[3][1:]] + rows[4:]),
-     r"line 5: idx 1 already on line 3"),
-    (lambda h, rows: (h, rows[:2] + [rows[2][:4] + ("abc",) + rows[2][5:]] + rows[3:]),
-     r"line 4: column 'gap': 'abc' is not a number"),
-    (lambda h, rows: (h, rows[:1] + [("x",) + rows[1][1:]] + rows[2:]),
-     r"line 3: column 'idx': 'x' is not an integer"),
-    (lambda h, rows: (h, rows[:1] + [rows[1][:5]] + rows[2:]),
-     r"line 3: 5 fields, the header has 9"),
-    (lambda h, rows: (h, [rows[0][:3] + (0,) + rows[0][4:]] + rows[1:]),
-     r"line 2: correct=0 but predict=3 and label=3"),
-    (lambda h, rows: (h, []), r"no result rows"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (
+            lambda h, rows: (h.replace("\tproxy_radius", ""), [r[:6] + r[7:] for r in rows]),
+            r"line 1: missing column proxy_radius",
+        ),
+        (lambda h, rows: (h, rows[:3] + [(1,) + rows[3][1:]] + rows[4:]), r"line 5: idx 1 already on line 3"),
+        (
+            lambda h, rows: (h, rows[:2] + [rows[2][:4] + ("abc",) + rows[2][5:]] + rows[3:]),
+            r"line 4: column 'gap': 'abc' is not a number",
+        ),
+        (
+            lambda h, rows: (h, rows[:1] + [("x",) + rows[1][1:]] + rows[2:]),
+            r"line 3: column 'idx': 'x' is not an integer",
+        ),
+        (lambda h, rows: (h, rows[:1] + [rows[1][:5]] + rows[2:]), r"line 3: 5 fields, the header has 9"),
+        (
+            lambda h, rows: (h, [rows[0][:3] + (0,) + rows[0][4:]] + rows[1:]),
+            r"line 2: correct=0 but predict=3 and label=3",
+        ),
+        (lambda h, rows: (h, []), r"no result rows"),
+    ],
+)
 def test_malformed_files(tmp_path, mutate, match):
     header, rows = mutate(HEADER, list(FIVE))
     path = write_results(tmp_path / "bad.tsv", rows=rows, header=header)
@@ -304,15 +340,21 @@ def test_missing_file(tmp_path):
 def test_bad_sidecar(tmp_path):
     path = write_results(tmp_path / "a.tsv")
     (tmp_path / "a.tsv.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(RDDRSError, match=r"a.tsv.json line 1: not valid JSON"):
+    with pytest.raises(RDDRSError, match=r"a.tsv.json is not valid JSON \(line 1: "):
+        read_results(path)
+    (tmp_path / "a.tsv.json").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(RDDRSError, match=r"a.tsv.json holds list, not a JSON object"):
         read_results(path)
 
 
 def test_duplicated_method_sigma(tmp_path):
     a = read_results(write_results(tmp_path / "a.tsv"))
     b = read_results(write_results(tmp_path / "b.tsv"))
-    with pytest.raises(RDDRSError, match=r"two result files for method rs at sigma 0.25: .*a.tsv "
-                                         r"and .*b.tsv"):
+    with pytest.raises(
+        RDDRSError,
+        match=r"two result files for method rs at sigma 0.25: .*a.tsv "
+        r"and .*b.tsv",
+    ):
         group_results([a, b])
     # the same file twice is fine
     assert len(group_results([a, read_results(tmp_path / "a.tsv")])) == 1
@@ -320,8 +362,7 @@ def test_duplicated_method_sigma(tmp_path):
 
 def test_mixed_presets(tmp_path):
     a = read_results(write_results(tmp_path / "a.tsv", meta={"preset": "cpu"}))
-    b = read_results(write_results(tmp_path / "b.tsv", meta={"preset": "paper",
-                                                             "method": "rddrs"}))
+    b = read_results(write_results(tmp_path / "b.tsv", meta={"preset": "paper", "method": "rddrs"}))
     with pytest.raises(RDDRSError, match=r"different presets.*'cpu'.*'paper'"):
         curves_figure([a, b], "proxy")
     with pytest.raises(RDDRSError, match="different presets"):
@@ -349,11 +390,16 @@ def test_cli_writes_figures_and_tables(tmp_path, capsys):
     three_sigma_groups(tmp_path, methods=("rs", "rddrs"), sigmas=(0.25, 0.5))
     files = sorted(str(p) for p in tmp_path.glob("*.tsv"))
     out = tmp_path / "out"
-    args = make_cli_parser().parse_args([*files, "--out", str(out), "--radii", "0,0.5,1"])
-    analysis.run(args)
+    curves(*files, "--out", str(out), "--radii", "0,0.5,1")
     names = {p.name for p in out.iterdir()}
-    assert names == {"certified_accuracy_proxy.png", "certified_accuracy_l2.png",
-                     "table_proxy.csv", "table_proxy.md", "table_l2.csv", "table_l2.md"}
+    assert names == {
+        "certified_accuracy_proxy.png",
+        "certified_accuracy_l2.png",
+        "table_proxy.csv",
+        "table_proxy.md",
+        "table_l2.csv",
+        "table_l2.md",
+    }
     for kind in ("proxy", "l2"):
         png_size(out / f"certified_accuracy_{kind}.png")
     printed = capsys.readouterr().out
@@ -365,13 +411,10 @@ def test_cli_writes_figures_and_tables(tmp_path, capsys):
 def test_cli_single_kind_and_missing_sidecar(tmp_path, capsys):
     path = write_results(tmp_path / "a.tsv", meta=False)
     out = tmp_path / "out"
-    parser = make_cli_parser()
     with pytest.raises(RDDRSError, match="no sidecar"):
-        analysis.run(parser.parse_args([str(path), "--out", str(out)]))
-    analysis.run(parser.parse_args([str(path), "--out", str(out), "--kind", "l2",
-                                    "--method", "ancer", "--sigma", "0.12"]))
-    assert {p.name for p in out.iterdir()} == {"certified_accuracy_l2.png", "table_l2.csv",
-                                               "table_l2.md"}
+        curves(str(path), "--out", str(out))
+    curves(str(path), "--out", str(out), "--kind", "l2", "--method", "ancer", "--sigma", "0.12")
+    assert {p.name for p in out.iterdir()} == {"certified_accuracy_l2.png", "table_l2.csv", "table_l2.md"}
     md = (out / "table_l2.md").read_text(encoding="utf-8")
     assert "| 0.12 | ANCER | 5 | 0.60 | 0.40 |" in md  # CA at r = 0, 0.5 (l2 radii), 5 inputs
 
@@ -379,20 +422,20 @@ def test_cli_single_kind_and_missing_sidecar(tmp_path, capsys):
 def test_cli_errors(tmp_path):
     a = write_results(tmp_path / "a.tsv")
     b = write_results(tmp_path / "b.tsv", meta={"preset": "smoke", "method": "ddrs"})
-    parser = make_cli_parser()
     with pytest.raises(RDDRSError, match="--radii: 'x' is not a number"):
-        analysis.run(parser.parse_args([str(a), "--out", str(tmp_path / "o"), "--radii", "0,x"]))
+        curves(str(a), "--out", str(tmp_path / "o"), "--radii", "0,x")
     with pytest.raises(RDDRSError, match="'cpu'.*'smoke'"):
-        analysis.run(parser.parse_args([str(a), str(b), "--out", str(tmp_path / "o")]))
+        curves(str(a), str(b), "--out", str(tmp_path / "o"))
     with pytest.raises(SystemExit):
-        parser.parse_args([str(a), "--out", str(tmp_path / "o"), "--kind", "linf"])
+        curves(str(a), "--out", str(tmp_path / "o"), "--kind", "linf")
 
 
 def test_sidecar_keys_nested_in_settings(tmp_path):
     path = write_results(tmp_path / "a.tsv", meta=False)
-    (tmp_path / "a.tsv.json").write_text(json.dumps(
-        {"settings": {"method": "rddrs", "sigma": 0.12, "preset": "smoke", "n": 200},
-         "provenance": {}}), encoding="utf-8")
+    (tmp_path / "a.tsv.json").write_text(
+        json.dumps({"settings": {"method": "rddrs", "sigma": 0.12, "preset": "smoke", "n": 200}, "provenance": {}}),
+        encoding="utf-8",
+    )
     res = read_results(path)
     assert (res.method, res.sigma, res.preset) == ("rddrs", 0.12, "smoke")
 
@@ -401,13 +444,15 @@ def test_cli_says_when_it_leaves_out_half_a_row(tmp_path, capsys):
     path = write_results(tmp_path / "a.tsv")
     with open(path, "a", encoding="utf-8") as f:
         f.write("5\t2\t2\t1\t0.5")  # a run writing its next row
-    analysis.run(make_cli_parser().parse_args([str(path), "--out", str(tmp_path / "out"), "--kind", "proxy"]))
+    curves(str(path), "--out", str(tmp_path / "out"), "--kind", "proxy")
     captured = capsys.readouterr()
-    assert captured.err == f"note: {path} ends in half a row (its run is still writing it, or was stopped); " \
-                           "that row is left out\n"
+    assert (
+        captured.err == f"note: {path} ends in half a row (its run is still writing it, or was stopped); "
+        "that row is left out\n"
+    )
     assert "| 0.25 | RS | 5 |" in captured.out  # the five complete rows
     write_results(path)
-    analysis.run(make_cli_parser().parse_args([str(path), "--out", str(tmp_path / "out"), "--kind", "proxy"]))
+    curves(str(path), "--out", str(tmp_path / "out"), "--kind", "proxy")
     assert capsys.readouterr().err == ""
 
 

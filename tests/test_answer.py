@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rddrs.studies import analysis, claims, figure2, headline, mechanism
+from rddrs.core import presets
+from rddrs.studies import analysis, headline
+from rddrs.studies.study import paired_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "results" / "paper"
@@ -18,15 +20,21 @@ COMMON = dict(data=ROOT / "data", models=ROOT / "data" / "models")
 
 @pytest.fixture(scope="module")
 def answer():
-    runs = figure2.read(PAPER, headline.SIGMA, **COMMON)
-    acr = {n: {k: claims.paired_difference(analysis.certified_radius(r, k), np.zeros(r.n)) for k in analysis.KINDS}
-           for n, r in runs.items()}
-    gain = {(o, k): claims.paired_difference(analysis.certified_radius(runs["rddrs_clamped"], k),
-                                             analysis.certified_radius(runs[o], k))
-            for o in ("ancer_clamped", "ddrs_capped") for k in analysis.KINDS}
+    runs = headline.read(PAPER, presets.STUDY_SIGMA, **COMMON)
+    acr = {
+        n: {k: paired_difference(analysis.certified_radius(r, k), np.zeros(r.n)) for k in analysis.KINDS}
+        for n, r in runs.items()
+    }
+    gain = {
+        (o, k): paired_difference(
+            analysis.certified_radius(runs["rddrs_clamped"], k), analysis.certified_radius(runs[o], k)
+        )
+        for o in ("ancer_clamped", "ddrs_capped")
+        for k in analysis.KINDS
+    }
     refuted = collections.Counter()
     tested = collections.Counter()
-    for row in mechanism.refutations("paper", PAPER, compute=False, **COMMON):
+    for row in headline.refutations("paper", PAPER, compute=False, **COMMON):
         tested[row["variant"]] += 1
         refuted[row["variant"]] += row["refuted"]
     return runs, acr, gain, refuted, tested
@@ -41,10 +49,19 @@ def test_the_readme_states_the_numbers_of_the_result_files(answer):
             mean, se = acr[name][kind]
             assert f"{mean:.3f} +- {se:.3f}" in readme, (name, kind)
         if name != "rs":
-            assert re.search(rf"\| {refuted[name]} of {tested[name]} \|", readme.split(
-                "| " + {"ddrs_clamped": "DDRS, the authors'", "ddrs_capped": "DDRS, capped",
-                        "ancer_clamped": "ANCER, the authors'", "rddrs_clamped": "RDDRS, the authors'"}[name], 1)[1]
-                .split("\n", 1)[0]), name
+            assert re.search(
+                rf"\| {refuted[name]} of {tested[name]} \|",
+                readme.split(
+                    "| "
+                    + {
+                        "ddrs_clamped": "DDRS, the authors'",
+                        "ddrs_capped": "DDRS, capped",
+                        "ancer_clamped": "ANCER, the authors'",
+                        "rddrs_clamped": "RDDRS, the authors'",
+                    }[name],
+                    1,
+                )[1].split("\n", 1)[0],
+            ), name
     for other, kind in (("ancer_clamped", "proxy"), ("ancer_clamped", "l2"), ("ddrs_capped", "l2")):
         mean, se = gain[(other, kind)]
         assert f"{mean:+.3f} +- {se:.3f}" in readme, (other, kind)
@@ -58,12 +75,14 @@ def test_the_ordering_the_overview_states_holds(answer):
 
 
 def test_the_readme_states_what_survives_the_memory():
-    passes = mechanism.memories("paper", PAPER, **COMMON)  # read from memory.json
+    passes = headline.memories("paper", PAPER, **COMMON)  # read from memory.json
     readme = " ".join((ROOT / "README.md").read_text().split())
     rd, an = passes["rddrs_clamped"], passes["ancer_clamped"]
     assert rd["statuses"]["kept"] == rd["images"] == 20 and rd["intruders"] == an["intruders"] == 0
-    assert f"keeps all {rd['images']} RDDRS certificates (l2 ACR {rd['after']['l2']:.3f}, against ANCER's " \
-           f"{an['after']['l2']:.3f}" in readme
+    assert (
+        f"keeps all {rd['images']} RDDRS certificates (l2 ACR {rd['after']['l2']:.3f}, against ANCER's "
+        f"{an['after']['l2']:.3f}" in readme
+    )
     assert f"none of the {rd['test_images']:,} test images".replace(",", " ") in readme
 
 
@@ -71,22 +90,23 @@ def test_the_readme_states_the_coverage_before_any_number():
     readme = " ".join((ROOT / "README.md").read_text().split())
     found = " ".join(readme.split("## What the book finds", 1)[1].split())
     coverage = found.split("**At the paper's own settings", 1)[0]
-    runs = figure2.read(PAPER, headline.SIGMA, **COMMON)
-    stated = (f"sigma = 0.25 on {runs['rs'].n} of the 10 000 test images (indices "
-              f"{figure2.coverage(runs['rs'].idx)})")
+    runs = headline.read(PAPER, presets.STUDY_SIGMA, **COMMON)
+    stated = f"sigma = 0.25 on {runs['rs'].n} of the 10 000 test images (indices {headline.coverage(runs['rs'].idx)})"
     assert stated in coverage and not re.search(r"\d\.\d{3}", coverage)  # the extent, and no ACR before it
-    panels = figure2.panels(PAPER, **COMMON)
+    panels = headline.panels(PAPER, **COMMON)
     least = int(re.search(r"at least (\d+) of each", coverage)[1])
     assert all(s in panels and panels[s]["rs"].n >= least for s in (0.5, 0.12))  # the fill only adds rows
 
 
 def test_the_readme_states_the_mechanism_of_the_measures():
-    rd = [r for r in mechanism.measures("paper", PAPER, **COMMON) if r["variant"] == "rddrs_clamped"]
+    rd = [r for r in headline.measures("paper", PAPER, **COMMON) if r["variant"] == "rddrs_clamped"]
     readme = " ".join((ROOT / "README.md").read_text().split())
     above1 = [r["spectrum"]["above_1"] for r in rd]
-    assert (f"a median of {np.median(above1):.0f} of its 784 scales exceed 1 pixel unit (from {min(above1)} to "
-            f"{max(above1)} over the images; a median of {np.median([r['spectrum']['above_10'] for r in rd]):.0f} "
-            f"exceed 10)") in readme
+    assert (
+        f"a median of {np.median(above1):.0f} of its 784 scales exceed 1 pixel unit (from {min(above1)} to "
+        f"{max(above1)} over the images; a median of {np.median([r['spectrum']['above_10'] for r in rd]):.0f} "
+        f"exceed 10)"
+    ) in readme
     from rddrs.pipeline.data import load_dataset
 
     norm = float(load_dataset(COMMON["data"], train=False)[0].flatten(1).norm(dim=1).mean())
@@ -94,5 +114,7 @@ def test_the_readme_states_the_mechanism_of_the_measures():
     assert f"l2 norm of an average test image ({norm:.1f})" in readme and 5 < largest / norm < 20  # "about ten times"
     small = np.mean([r["split"]["at_most"] for r in rd])
     whole = np.mean([r["constancy"]["at_x"] for r in rd])
-    assert f"with the small axes alone x's class gets {small:.3f} of the votes, with the whole law {whole:.3f}" in readme
+    assert (
+        f"with the small axes alone x's class gets {small:.3f} of the votes, with the whole law {whole:.3f}" in readme
+    )
     assert "directions the network ignores" not in readme

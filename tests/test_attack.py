@@ -1,9 +1,9 @@
-"""Tests of ``rddrs.attack`` against the closed form of a linear classifier, and on a small network.
+"""Tests of ``rddrs.studies.attack`` against the closed form of a linear classifier, and on a small network.
 
 For the linear classifier ``[0, w.z + b]`` with class c = sign(w.x + b), the smoothed loss
 ``-log E[sigmoid(+-(w.z + b))]`` at ``z = x + S u`` only depends on ``sign * w.(S u)``, so its
 maximiser over ``||u|| <= r`` is ``u = -sign r S^T w / ||S^T w||``: the point
-``x - sign r S S^T w / ||S^T w||`` (``LinearClassifier.worst_point``, whose closed form is
+``x - sign r S S^T w / ||S^T w||`` (``worst_point`` in the tests' helpers, whose closed form is
 checked against dense algebra in test_validity). There, the smoothed probability of c is
 exactly ``Phi(|t| - r)`` with ``t = (w.x + b) / ||S^T w||``: above 1/2 inside a correct
 certified region (gap < |t|), below it beyond the exact region.
@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import F64, FAMILIES, generator, raises_one_line, scale_matrix, smoothing
+from helpers import F64, FAMILIES, generator, raises_one_line, scale_matrix, smoothing, worst_point
 from scipy import stats
 
 from rddrs.core.certify import ABSTAIN, certify
@@ -54,7 +54,7 @@ def test_attack_reaches_the_closed_form_optimum(family, d):
     r = torch.tensor([0.3, 0.8, 1.2, 3.0], dtype=dtype)  # the last one reaches past the boundary
     points = attack(model, x, sm, cls, r, steps=20, samples=32, seed=1)
     assert points.shape == x.shape and points.dtype == x.dtype
-    best = model.worst_point(x, sm, r)
+    best = worst_point(model, x, sm, r)
     cosine = torch.nn.functional.cosine_similarity((points - x).double(), (best - x).double(), dim=1)
     assert (cosine > 0.99).all()
     # objective sign * (w.z + b): the closed form optimum moves it by -r ||S^T w||
@@ -77,8 +77,9 @@ def test_no_flip_inside_certified_regions(family):
     assert ok.sum() >= batch - 2 and (cert.predict[ok] == cls.numpy()[ok]).all()
     sub = torch.from_numpy(np.flatnonzero(ok))
     gap = torch.tensor(cert.gap[ok])
-    check = check_region(model, x[sub], sm[sub], cls[sub], gap, steps=20, samples=64, check_samples=10_000,
-                         alpha=0.001, seed=12)
+    check = check_region(
+        model, x[sub], sm[sub], cls[sub], gap, steps=20, samples=64, check_samples=10_000, alpha=0.001, seed=12
+    )
     assert not check.refuted.any()
     assert (check.winner == cls[sub].numpy()).all()
     # the attack found the worst point: the exact smoothed probability there is Phi(|t| - gap)
@@ -190,7 +191,7 @@ def test_an_attack_kept_to_the_box_finds_images_as_damaging_as_a_feasible_point(
     assert ((boxed >= 0) & (boxed <= 1)).all()
     assert ((boxed - x).norm(dim=1) <= sigma * r * (1 + 1e-9)).all()
     sign = 2.0 * cls.double() - 1
-    best = model.worst_point(x, law, r).clamp(0, 1)  # clipped, then pulled into the ball towards x
+    best = worst_point(model, x, law, r).clamp(0, 1)  # clipped, then pulled into the ball towards x
     shrink = torch.clamp(sigma * r / (best - x).norm(dim=1), max=1.0)
     feasible = x + shrink[:, None] * (best - x)
     assert (sign * model.score(boxed) <= sign * model.score(feasible) + 1e-3).all()

@@ -40,8 +40,9 @@ def toc_files() -> list[str]:
 
 def chapter_files() -> list[str]:
     """The documents of _toc.yml that are Jupytext notebooks (the chapters; not the references)."""
-    return [name for name in toc_files()
-            if (ROOT / f"{name}.md").read_text(encoding="utf-8").startswith("---\njupytext:")]
+    return [
+        name for name in toc_files() if (ROOT / f"{name}.md").read_text(encoding="utf-8").startswith("---\njupytext:")
+    ]
 
 
 # -- the table of contents and the bibliography -----------------------------------------------
@@ -59,8 +60,16 @@ def test_toc_lists_the_planned_chapters():
 BIB = ROOT / "book" / "references.bib"
 CITE = re.compile(r"\{cite(?::[a-z]+)?\}`([^`]+)`")
 # the works the chapters rely on most (issue 12): each must be in the bibliography and cited
-REQUIRED_WORKS = ("cohen2019certified", "alfarra2020ddrs", "eiras2021ancer", "labarbarie2022rddrs",
-                  "salman2019provably", "sukenik2022intriguing", "yang2020randomized", "miolane2020geomstats")
+REQUIRED_WORKS = (
+    "cohen2019certified",
+    "alfarra2020ddrs",
+    "eiras2021ancer",
+    "labarbarie2022rddrs",
+    "salman2019provably",
+    "sukenik2022intriguing",
+    "yang2020randomized",
+    "miolane2020geomstats",
+)
 
 
 def test_every_citation_is_in_the_bibliography_and_the_main_works_are_cited():
@@ -97,14 +106,16 @@ def test_intro_executes_and_prints_the_package_version(tmp_path):
     source = tmp_path / "intro.ipynb"
     jupytext.write(jupytext.read(ROOT / "book" / "intro.md"), source)
     executed = tmp_path / "intro.out.ipynb"
-    papermill.execute_notebook(str(source), str(executed), kernel_name="python3",
-                               cwd=str(ROOT / "book"), progress_bar=False)
+    papermill.execute_notebook(
+        str(source), str(executed), kernel_name="python3", cwd=str(ROOT / "book"), progress_bar=False
+    )
 
     nb = nbformat.read(executed, as_version=4)
     cells = [c for c in nb.cells if c.cell_type == "code" and "rddrs.__version__" in c.source]
     assert len(cells) == 1, "expected one cell printing rddrs.__version__"
-    printed = "".join(out.get("text", "") for out in cells[0].outputs
-                      if out.output_type == "stream" and out.name == "stdout")
+    printed = "".join(
+        out.get("text", "") for out in cells[0].outputs if out.output_type == "stream" and out.name == "stdout"
+    )
     assert printed.strip() == rddrs.__version__
 
 
@@ -114,8 +125,10 @@ def test_intro_executes_and_prints_the_package_version(tmp_path):
 def chapter_lists() -> dict[str, list[str]]:
     """LIGHT_CHAPTERS and HEAVY_CHAPTERS as the Makefile defines them."""
     text = (ROOT / "Makefile").read_text()
-    return {kind: re.search(rf"^{kind}_CHAPTERS := (.*)$", text, re.MULTILINE).group(1).split()
-            for kind in ("LIGHT", "HEAVY")}
+    return {
+        kind: re.search(rf"^{kind}_CHAPTERS := (.*)$", text, re.MULTILINE).group(1).split()
+        for kind in ("LIGHT", "HEAVY")
+    }
 
 
 def test_every_chapter_is_light_or_heavy():
@@ -178,7 +191,6 @@ def test_heavy_chapters_fold_their_code_and_check_what_they_state():
             assert not shown, f"mnist.md shows code cells: {shown}"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", chapter_lists()["HEAVY"])
 def test_heavy_chapter_runs_at_the_smoke_preset(name, tmp_path):
     """As `make results PRESET=smoke` does: papermill with the chapter's parameters replaced."""
@@ -191,9 +203,14 @@ def test_heavy_chapter_runs_at_the_smoke_preset(name, tmp_path):
         assert re.search(rf"^{key} = ", tagged[0].source, re.MULTILINE), f"{name}.md: no parameter {key}"
     source = tmp_path / f"{name}.ipynb"
     jupytext.write(nb, source)
-    papermill.execute_notebook(str(source), str(tmp_path / f"{name}.out.ipynb"), kernel_name="python3",
-                               cwd=str(ROOT / "book"), progress_bar=False,
-                               parameters={"preset": "smoke", "results_dir": str(tmp_path / "results")})
+    papermill.execute_notebook(
+        str(source),
+        str(tmp_path / f"{name}.out.ipynb"),
+        kernel_name="python3",
+        cwd=str(ROOT / "book"),
+        progress_bar=False,
+        parameters={"preset": "smoke", "results_dir": str(tmp_path / "results")},
+    )
     assert any((tmp_path / "results").rglob("*.tsv")), "the chapter wrote no result file"
 
 
@@ -219,8 +236,11 @@ class _Assets(HTMLParser):
                 self.scripts.append(attrs["src"])
         elif tag == "img" and attrs.get("src"):
             self.images.append(attrs["src"])
-        elif tag == "link" and attrs.get("href") and (
-                {"stylesheet", "preload", "icon", "modulepreload"} & set((attrs.get("rel") or "").split())):
+        elif (
+            tag == "link"
+            and attrs.get("href")
+            and ({"stylesheet", "preload", "icon", "modulepreload"} & set((attrs.get("rel") or "").split()))
+        ):
             self.links.append(attrs["href"])
 
     def handle_endtag(self, tag):
@@ -249,20 +269,17 @@ def _pages(site: Path) -> list[Path]:
     return pages
 
 
-@pytest.mark.slow
 def test_every_toc_chapter_is_built(html):
     for name in toc_files():
         assert (html / f"{name}.html").is_file(), f"no HTML page for {name}"
 
 
-@pytest.mark.slow
 def test_the_built_intro_shows_the_executed_version(html):
     text = (html / "book" / "intro.html").read_text(encoding="utf-8")
     outputs = re.findall(r'class="cell_output[^"]*".*?<pre>(.*?)</pre>', text, re.DOTALL)
     assert any(re.sub(r"<[^>]+>", "", out).strip() == rddrs.__version__ for out in outputs)
 
 
-@pytest.mark.slow
 def test_every_image_exists(html):
     for page in _pages(html):
         for src in _parse(page).images:
@@ -272,7 +289,6 @@ def test_every_image_exists(html):
             assert _local(page, src).is_file(), f"{page.name}: missing image {src}"
 
 
-@pytest.mark.slow
 def test_no_page_loads_anything_from_the_network(html):
     for page in _pages(html):
         assets = _parse(page)
@@ -283,7 +299,6 @@ def test_no_page_loads_anything_from_the_network(html):
             assert not re.search(r"https?://", body), f"{page.name}: inline script with a URL"
 
 
-@pytest.mark.slow
 def test_mathjax_is_the_local_copy(html):
     intro = html / "book" / "intro.html"
     scripts = [src for src in _parse(intro).scripts if "mathjax" in src.lower()]

@@ -21,6 +21,7 @@ sideways. A full-page screenshot of each page, theme and width is saved in
 Without a browser the tests are skipped with the command that installs one; in CI (``CI=true``)
 a missing browser is a failure.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,19 @@ SCREENSHOTS = ROOT / "_build" / "screenshots"
 WIDTH, HEIGHT = 1280, 900  # a laptop window: the text column is ~680 CSS pixels wide
 INSTALL = "apt-get install -y chromium chromium-driver && pip install selenium (or pip install -e '.[test]')"
 # without the background-networking flags Chromium phones home (and fails on a closed network)
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
-         "--disable-default-apps", f"--window-size={WIDTH},{HEIGHT}", "--hide-scrollbars")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-extensions",
+    "--disable-default-apps",
+    f"--window-size={WIDTH},{HEIGHT}",
+    "--hide-scrollbars",
+)
 LOCAL_SCHEMES = ("file://", "data:", "about:", "blob:")
 
 
@@ -113,7 +124,8 @@ loaded.then(() => (window.MathJax && MathJax.startup && MathJax.startup.promise)
   article = document.querySelector("article.bd-article");
   const maths = [...article.querySelectorAll(".math")];
   const tables = [...article.querySelectorAll("table")];
-  const scrollers = [...article.querySelectorAll("pre, .rddrs-table-wrapper, .cell_output, div.math, mjx-container[display]")]
+  const scrollers = [...article.querySelectorAll(
+      "pre, .rddrs-table-wrapper, .cell_output, div.math, mjx-container[display]")]
       .filter(el => visible(el) && !el.closest("details:not([open])") && el.scrollWidth > el.clientWidth + 1)
       .map(el => `${el.tagName.toLowerCase()}.${[...el.classList].join(".")}: ` +
                  `${el.scrollWidth} > ${el.clientWidth} px: ${el.textContent.trim().slice(0, 60)}`);
@@ -128,7 +140,8 @@ loaded.then(() => (window.MathJax && MathJax.startup && MathJax.startup.promise)
     uncaptioned: tables.filter(t => !(t.caption && t.caption.textContent.trim()))
                        .map(t => t.textContent.trim().slice(0, 80)),
     images: [...document.images].map(i => ({src: i.currentSrc || i.src, complete: i.complete,
-        natural: i.naturalWidth, shown: i.clientWidth, width: parseFloat(i.getAttribute("width") || i.style.width || "0"),
+        natural: i.naturalWidth, shown: i.clientWidth,
+        width: parseFloat(i.getAttribute("width") || i.style.width || "0"),
         inArticle: article.contains(i)})),
     scrollers: scrollers,
     // headings as read: the book's number (span.section-number) taken out
@@ -162,9 +175,12 @@ def _pipe_tables(pieces: list[str]) -> list[str]:
     import re
 
     lines = [line.strip() for piece in pieces for line in piece.splitlines()]
-    return [line[:80] for line in lines
-            if re.search(r"\|\s*:?[-–—]+:?\s*\|", line)
-            or (line.startswith("|") and line.endswith("|") and line.count("|") >= 3)]
+    return [
+        line[:80]
+        for line in lines
+        if re.search(r"\|\s*:?[-–—]+:?\s*\|", line)
+        or (line.startswith("|") and line.endswith("|") and line.count("|") >= 3)
+    ]
 
 
 def _own_number(heading: str) -> bool:
@@ -211,7 +227,6 @@ def _screenshot(driver, name: str, height: int, width: int = WIDTH) -> None:
     driver.set_window_size(width, HEIGHT)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", toc_files())
 def test_page_reads_well_in_a_browser(browser, html, name):
     page = html / f"{name}.html"
@@ -240,11 +255,14 @@ def test_page_reads_well_in_a_browser(browser, html, name):
         elif image["inArticle"]:
             intended = image["width"] or image["natural"]
             if image["shown"] < 0.9 * intended:
-                problems.append(f"image shrunk to {image['shown'] / intended:.0%} of its size "
-                                f"({image['shown']} of {intended:g} px), its text below 9 pt: {image['src'][-70:]}")
+                problems.append(
+                    f"image shrunk to {image['shown'] / intended:.0%} of its size "
+                    f"({image['shown']} of {intended:g} px), its text below 9 pt: {image['src'][-70:]}"
+                )
     # headings: one number each, the book's; prose refers to sections by the book's numbers
-    problems += [f"heading with a number of its own: {h['text'][:60]!r}" for h in seen["headings"]
-                 if _own_number(h["text"])]
+    problems += [
+        f"heading with a number of its own: {h['text'][:60]!r}" for h in seen["headings"] if _own_number(h["text"])
+    ]
     problems += [f"section referred to by a bare number: {ref!r}" for ref in _bare_sections(seen["prose"])]
     # nothing scrolls sideways
     problems += [f"scrolls sideways: {s}" for s in seen["scrollers"]]
@@ -259,7 +277,6 @@ def test_page_reads_well_in_a_browser(browser, html, name):
     assert seen["text"].strip(), f"{name}: no text"
 
 
-@pytest.mark.slow
 def test_the_book_holds_tables_and_figures(browser, html):
     """The chapters' tables and figures reach the reader as tables and images (a guard against
     a page that passes the checks above by showing nothing)."""
@@ -268,7 +285,8 @@ def test_the_book_holds_tables_and_figures(browser, html):
         browser.get((html / f"{name}.html").as_uri())
         counts[name] = browser.execute_script(
             "const a = document.querySelector('article.bd-article');"
-            "return [a.querySelectorAll('table').length, a.querySelectorAll('figure img, img').length];")
+            "return [a.querySelectorAll('table').length, a.querySelectorAll('figure img, img').length];"
+        )
     tables = sum(t for t, _ in counts.values())
     images = sum(i for _, i in counts.values())
     assert counts["book/mnist"][0] >= 5 and counts["book/mnist"][1] >= 2, counts["book/mnist"]
@@ -387,7 +405,6 @@ ready.then(() => (window.MathJax && MathJax.startup && MathJax.startup.promise) 
 PHONE = 390, 844
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("width", [WIDTH, PHONE[0]])
 @pytest.mark.parametrize("theme", ["light", "dark"])
 def test_pages_read_in_both_themes_and_on_a_phone(browser, html, theme, width):
@@ -410,4 +427,5 @@ def test_pages_read_in_both_themes_and_on_a_phone(browser, html, theme, width):
     finally:
         browser.set_window_size(WIDTH, HEIGHT)
     assert not found, f"{theme} theme, {width} px: " + "\n".join(
-        f"{name}: {len(p)} problem(s):\n  " + "\n  ".join(p[:8]) for name, p in found.items())
+        f"{name}: {len(p)} problem(s):\n  " + "\n  ".join(p[:8]) for name, p in found.items()
+    )

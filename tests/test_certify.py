@@ -1,4 +1,4 @@
-"""Tests of ``rddrs.certify`` against the closed form of a linear classifier.
+"""Tests of ``rddrs.core.certify`` against the closed form of a linear classifier.
 
 For the two-class classifier ``f(z) = argmax([0, w.z + b])`` (class 1 iff ``w.z + b > 0``)
 under the noise ``x + S eps``, ``w.(x + S eps) + b ~ N(w.x + b, ||S^T w||^2)``, so the
@@ -109,8 +109,10 @@ def test_coverage_of_the_lower_bound(family):
     n0, n, alpha, reps = 50, 200, 0.1, 200
     s, model = _setup(family, seed=1)
     # two inputs, one on each side: P(top class) = 0.9 (class 1) and 0.8 (class 0)
-    xs = [_input_at(model, s, float(special.ndtri(0.9)), seed=2),
-          _input_at(model, s, float(special.ndtri(0.2)), seed=3)]
+    xs = [
+        _input_at(model, s, float(special.ndtri(0.9)), seed=2),
+        _input_at(model, s, float(special.ndtri(0.2)), seed=3),
+    ]
     x = torch.stack([xs[0]] * reps + [xs[1]] * reps)
     truth = np.array([1] * reps + [0] * reps)
     p1 = _exact_p_class1(model, s, x)
@@ -319,7 +321,7 @@ def test_certificate_does_not_depend_on_batching(family, n):
     sm = _smoothing(family, s, len(x))
     together = certify(model, x, sm, idx, 10, n, 0.05, seed=8)
     for i in range(len(x)):
-        alone = certify(model, x[i:i + 1], _smoothing(family, s, 1), [idx[i]], 10, n, 0.05, seed=8)
+        alone = certify(model, x[i : i + 1], _smoothing(family, s, 1), [idx[i]], 10, n, 0.05, seed=8)
         for fa, fb in zip(_fields(together), _fields(alone)):
             assert fa[i] == fb[0]
 
@@ -343,8 +345,17 @@ def test_rotation_gives_the_same_certificate_in_rotated_coordinates():
     c_rot = q @ s @ q.T
     idx = list(range(len(x)))
     plain = certify(model, x, _smoothing("full", s, len(x)), idx, 10, 300, 0.05, seed=6)
-    rotated = certify(rotated_model, x @ q.T, _smoothing("full", 0.5 * (c_rot + c_rot.T), len(x)), idx, 10, 300,
-                      0.05, seed=6, rotation=q)
+    rotated = certify(
+        rotated_model,
+        x @ q.T,
+        _smoothing("full", 0.5 * (c_rot + c_rot.T), len(x)),
+        idx,
+        10,
+        300,
+        0.05,
+        seed=6,
+        rotation=q,
+    )
     np.testing.assert_array_equal(plain.predict, rotated.predict)
     np.testing.assert_array_equal(plain.p_lower, rotated.p_lower)
     np.testing.assert_allclose(rotated.radius, plain.radius, rtol=1e-9)
@@ -399,11 +410,18 @@ def test_shape_mismatches():
     _raises_one_line(certify, model, x[0], sm, [0, 1], 10, 100, 0.05, seed=0)  # no batch axis
 
 
-@pytest.mark.parametrize("wrap, message", [
-    (lambda z, out: torch.where((z < 0).any(-1, keepdim=True), float("nan"), out), "NaN or infinite outputs on noisy"),
-    (lambda z, out: out[:, 1], "it must give N x K scores of K >= 2 classes"),
-    (lambda z, out: out[:, :1], "it must give N x K scores of K >= 2 classes"),
-], ids=["nan-under-noise", "1-d", "one-class"])
+@pytest.mark.parametrize(
+    "wrap, message",
+    [
+        (
+            lambda z, out: torch.where((z < 0).any(-1, keepdim=True), float("nan"), out),
+            "NaN or infinite outputs on noisy",
+        ),
+        (lambda z, out: out[:, 1], "it must give N x K scores of K >= 2 classes"),
+        (lambda z, out: out[:, :1], "it must give N x K scores of K >= 2 classes"),
+    ],
+    ids=["nan-under-noise", "1-d", "one-class"],
+)
 def test_a_model_with_unusable_outputs_gets_no_certificate(wrap, message):
     """A NaN is the largest value to argmax and one output is always class 0: either would
     certify that class with the largest radius n allows."""
@@ -414,19 +432,34 @@ def test_a_model_with_unusable_outputs_gets_no_certificate(wrap, message):
     assert message in msg
 
 
-@pytest.mark.parametrize("make", [
-    lambda: Isotropic(torch.tensor([0.5, 0.0]), 4),
-    lambda: Isotropic(torch.tensor([0.5, -0.2]), 4),
-    lambda: Isotropic(torch.tensor([[0.5, 0.5]]), 4),
-    lambda: Diagonal(torch.tensor([[0.5, 0.0, 1.0]])),
-    lambda: Diagonal(torch.tensor([0.5, 1.0, 1.0])),
-    lambda: Diagonal(torch.tensor([[0.5, float("nan"), 1.0]])),
-    lambda: FullSPD(torch.tensor([[[1.0, 2.0], [2.0, 1.0]]])),  # indefinite
-    lambda: FullSPD(torch.tensor([[[1.0, 0.5], [0.0, 1.0]]])),  # not symmetric
-    lambda: FullSPD(torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])),  # singular
-    lambda: FullSPD(torch.eye(3)),  # no batch axis
-    lambda: FullSPD(torch.ones(2, 3, 4)),  # not square
-], ids=["sigma0", "sigma<0", "sigma-shape", "theta0", "theta-shape", "theta-nan", "C-indef", "C-nonsym",
-        "C-singular", "C-shape", "C-nonsquare"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Isotropic(torch.tensor([0.5, 0.0]), 4),
+        lambda: Isotropic(torch.tensor([0.5, -0.2]), 4),
+        lambda: Isotropic(torch.tensor([[0.5, 0.5]]), 4),
+        lambda: Diagonal(torch.tensor([[0.5, 0.0, 1.0]])),
+        lambda: Diagonal(torch.tensor([0.5, 1.0, 1.0])),
+        lambda: Diagonal(torch.tensor([[0.5, float("nan"), 1.0]])),
+        lambda: FullSPD(torch.tensor([[[1.0, 2.0], [2.0, 1.0]]])),  # indefinite
+        lambda: FullSPD(torch.tensor([[[1.0, 0.5], [0.0, 1.0]]])),  # not symmetric
+        lambda: FullSPD(torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])),  # singular
+        lambda: FullSPD(torch.eye(3)),  # no batch axis
+        lambda: FullSPD(torch.ones(2, 3, 4)),  # not square
+    ],
+    ids=[
+        "sigma0",
+        "sigma<0",
+        "sigma-shape",
+        "theta0",
+        "theta-shape",
+        "theta-nan",
+        "C-indef",
+        "C-nonsym",
+        "C-singular",
+        "C-shape",
+        "C-nonsquare",
+    ],
+)
 def test_bad_smoothing_parameters(make):
     _raises_one_line(make)

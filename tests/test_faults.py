@@ -49,8 +49,27 @@ def refused(capsys, args: list, *needles: str, watch: Path) -> str:
 
 
 def certify(out: Path, method: str = "rs", *extra, model: Path = MODEL) -> int:
-    return main(["certify", "--method", method, "--sigma", "0.25", "--model", str(model), "--out", str(out),
-                 "--preset", "smoke", "--data", str(DATA), "--quiet", "--count", "2", *extra])
+    return main(
+        [
+            "certify",
+            "--method",
+            method,
+            "--sigma",
+            "0.25",
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--preset",
+            "smoke",
+            "--data",
+            str(DATA),
+            "--quiet",
+            "--count",
+            "2",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +92,7 @@ def copy_run(runs: Path, method: str, into: Path) -> Path:
 
 
 # -- rddrs land: an archive writes only under results/PRESET, and only rows a run can write ----
+
 
 def member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
     """An archive member that is no file: a link, a directory, a FIFO."""
@@ -102,8 +122,7 @@ def rs_members(runs: Path, rows: str | None = None, settings: dict | None = None
     """The RS run as an archive's members (its rows, or ``rows``; its sidecar with ``settings`` changed)."""
     meta = json.loads(sidecar_path(runs / "rs_sigma0.25.tsv").read_text())
     meta["settings"].update(settings or {})
-    return {name: (rows or (runs / "rs_sigma0.25.tsv").read_text()).encode(),
-            name + ".json": json.dumps(meta).encode()}
+    return {name: (rows or (runs / "rs_sigma0.25.tsv").read_text()).encode(), name + ".json": json.dumps(meta).encode()}
 
 
 GOOD = {"preset": "smoke", "files": ["rs_sigma0.25.tsv"], "extras": ["claims/m.json"]}
@@ -135,8 +154,12 @@ def test_a_good_archive_lands_so_the_refusals_below_are_about_what_they_change(r
 def test_a_manifest_naming_a_place_outside_the_results_is_refused(runs, tmp_path, landing, capsys, field, where):
     elsewhere = tmp_path / "ELSEWHERE"
     suffix = {"preset": "", "files": ".tsv", "extras": ".json"}[field]
-    name = {"parent": f"../../../../../ELSEWHERE/x{suffix}", "absolute": f"{elsewhere}/x{suffix}",
-            "hidden-parent": f"claims/../../x{suffix}", "nonsense": f"nonsense{suffix}"}[where]
+    name = {
+        "parent": f"../../../../../ELSEWHERE/x{suffix}",
+        "absolute": f"{elsewhere}/x{suffix}",
+        "hidden-parent": f"claims/../../x{suffix}",
+        "nonsense": f"nonsense{suffix}",
+    }[where]
     if where == "nonsense" and field != "preset":
         name = f"./x{suffix}"
     manifest = dict(GOOD, **{field: name if field == "preset" else [name]})
@@ -156,26 +179,31 @@ def test_a_manifest_naming_a_place_outside_the_results_is_refused(runs, tmp_path
 @pytest.mark.parametrize("kind", ["symlink", "hardlink", "directory", "fifo"])
 def test_a_member_that_is_no_plain_file_is_refused(runs, tmp_path, landing, capsys, which, kind):
     members = {**rs_members(runs), "claims/m.json": b"{}"}
-    members[which] = {"symlink": member(which, tarfile.SYMTYPE, "/etc/passwd"),
-                      "hardlink": member(which, tarfile.LNKTYPE, "../../../../etc/passwd"),
-                      "directory": member(which, tarfile.DIRTYPE),
-                      "fifo": member(which, tarfile.FIFOTYPE)}[kind]
+    members[which] = {
+        "symlink": member(which, tarfile.SYMTYPE, "/etc/passwd"),
+        "hardlink": member(which, tarfile.LNKTYPE, "../../../../etc/passwd"),
+        "directory": member(which, tarfile.DIRTYPE),
+        "fifo": member(which, tarfile.FIFOTYPE),
+    }[kind]
     archive = write_archive(tmp_path / "a.tar.gz", GOOD, members)
     refused(capsys, land(archive), f"its member {which!r} is a", "holds files only", watch=tmp_path)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing extra", "its manifest names 'claims/m.json', which it does not hold"),
-    ("missing sidecar", "its manifest names 'rs_sigma0.25.tsv.json', which it does not hold"),
-    ("unnamed member", "it holds '../../evil.json', which its manifest does not name"),
-    ("member twice", "it holds 'claims/m.json' twice"),
-    ("no manifest", "it has no manifest.json"),
-    ("manifest not json", "its manifest is not JSON"),
-    ("manifest a list", "its manifest is not an object with lists 'files' and 'extras'"),
-    ("a name twice", "its manifest names 'rs_sigma0.25.tsv' twice"),
-    ("a sidecar as extra", "a memory pass or a sidecar, which are not packed"),
-    ("extra not json", "claims/m.json is not JSON"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing extra", "its manifest names 'claims/m.json', which it does not hold"),
+        ("missing sidecar", "its manifest names 'rs_sigma0.25.tsv.json', which it does not hold"),
+        ("unnamed member", "it holds '../../evil.json', which its manifest does not name"),
+        ("member twice", "it holds 'claims/m.json' twice"),
+        ("no manifest", "it has no manifest.json"),
+        ("manifest not json", "its manifest is not JSON"),
+        ("manifest a list", "its manifest is not an object with lists 'files' and 'extras'"),
+        ("a name twice", "its manifest names 'rs_sigma0.25.tsv' twice"),
+        ("a sidecar as extra", "a memory pass or a sidecar, which are not packed"),
+        ("extra not json", "claims/m.json is not JSON"),
+    ],
+)
 def test_an_archive_whose_members_are_not_its_manifest_is_refused(runs, tmp_path, landing, capsys, case, message):
     manifest, members = dict(GOOD), {**rs_members(runs), "claims/m.json": b"{}"}
     if case == "missing extra":
@@ -219,8 +247,9 @@ def test_a_link_in_the_results_does_not_lead_a_landing_outside_them(runs, tmp_pa
 def test_a_member_larger_than_the_limit_is_refused_before_it_is_read(runs, tmp_path, landing, capsys, monkeypatch):
     monkeypatch.setattr(archive_module, "MAX_MEMBER", 100)
     archive = write_archive(tmp_path / "a.tar.gz", GOOD, {**rs_members(runs), "claims/m.json": b"{}"})
-    refused(capsys, land(archive), "its member 'rs_sigma0.25.tsv' has", "more than the 100 a result file",
-            watch=tmp_path)
+    refused(
+        capsys, land(archive), "its member 'rs_sigma0.25.tsv' has", "more than the 100 a result file", watch=tmp_path
+    )
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.9])
@@ -242,21 +271,37 @@ def replaced(runs: Path, column: str, value: str, idx: int = 1) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize("rows, settings, message", [
-    (("radius", "nan"), None, "radius nan is not a finite number >= 0"),
-    (("gap", "-1.5"), None, "gap -1.5 is not a finite number >= 0"),
-    (("idx", "20000"), None, "idx 20000 is outside the test set (0..9999)"),
-    (("label", "12"), None, "label 12 is no class (0..9)"),
-    (("p_lower", "1.5"), None, "p_lower 1.5 is not a probability"),
-    (("sigma_min", "0.0"), None, "sigma_min 0.0 is not a finite scale > 0"),
-    (("correct", "0"), None, "correct is 0 with predict 2 and label 2"),
-    (None, {"alpha": 5.0}, "alpha must lie in (0, 1), got 5.0"),
-    (None, {"n": -3}, "n0 and n must be integers in 1..1,000,000,000, got 10, -3"),
-    (None, {"sigma": float("nan")}, "sigma must lie in"),
-    (None, {"preset": "nonsense"}, "unknown preset 'nonsense'"),
-    (None, {"method": "magic"}, "unknown method 'magic'"),
-], ids=["nan-radius", "negative-gap", "idx-20000", "label-12", "p-lower", "zero-scale", "correct", "alpha-5",
-        "n-minus-3", "nan-sigma", "preset-nonsense", "method"])
+@pytest.mark.parametrize(
+    "rows, settings, message",
+    [
+        (("radius", "nan"), None, "radius nan is not a finite number >= 0"),
+        (("gap", "-1.5"), None, "gap -1.5 is not a finite number >= 0"),
+        (("idx", "20000"), None, "idx 20000 is outside the test set (0..9999)"),
+        (("label", "12"), None, "label 12 is no class (0..9)"),
+        (("p_lower", "1.5"), None, "p_lower 1.5 is not a probability"),
+        (("sigma_min", "0.0"), None, "sigma_min 0.0 is not a finite scale > 0"),
+        (("correct", "0"), None, "correct is 0 with predict 2 and label 2"),
+        (None, {"alpha": 5.0}, "alpha must lie in (0, 1), got 5.0"),
+        (None, {"n": -3}, "n0 and n must be integers in 1..1,000,000,000, got 10, -3"),
+        (None, {"sigma": float("nan")}, "sigma must lie in"),
+        (None, {"preset": "nonsense"}, "unknown preset 'nonsense'"),
+        (None, {"method": "magic"}, "unknown method 'magic'"),
+    ],
+    ids=[
+        "nan-radius",
+        "negative-gap",
+        "idx-20000",
+        "label-12",
+        "p-lower",
+        "zero-scale",
+        "correct",
+        "alpha-5",
+        "n-minus-3",
+        "nan-sigma",
+        "preset-nonsense",
+        "method",
+    ],
+)
 def test_rows_and_settings_that_no_run_writes_are_refused(runs, tmp_path, landing, capsys, rows, settings, message):
     members = rs_members(runs, replaced(runs, *rows) if rows else None, settings)
     archive = write_archive(tmp_path / "a.tar.gz", GOOD, {**members, "claims/m.json": b"{}"})
@@ -265,18 +310,27 @@ def test_rows_and_settings_that_no_run_writes_are_refused(runs, tmp_path, landin
 
 def test_a_busy_second_file_leaves_the_first_unlanded(runs, tmp_path, landing, capsys):
     manifest = dict(GOOD, files=["a/rs_sigma0.25.tsv", "b/rs_sigma0.25.tsv"])
-    members = {**rs_members(runs, name="a/rs_sigma0.25.tsv"), **rs_members(runs, name="b/rs_sigma0.25.tsv"),
-               "claims/m.json": b"{}"}
+    members = {
+        **rs_members(runs, name="a/rs_sigma0.25.tsv"),
+        **rs_members(runs, name="b/rs_sigma0.25.tsv"),
+        "claims/m.json": b"{}",
+    }
     archive = write_archive(tmp_path / "a.tar.gz", manifest, members)
     (landing / "results" / "smoke" / "b").mkdir()
     lock = landing / "results" / "smoke" / "b" / "rs_sigma0.25.tsv.lock"
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         # the other process's lock file is opened (its time changes), nothing else is touched
-        refused(capsys, land(archive), "b/rs_sigma0.25.tsv is being written by another process",
-                watch=landing / "results" / "smoke" / "a")
+        refused(
+            capsys,
+            land(archive),
+            "b/rs_sigma0.25.tsv is being written by another process",
+            watch=landing / "results" / "smoke" / "a",
+        )
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if not p.is_dir()) == [
-        Path("a.tar.gz"), lock.relative_to(tmp_path)]
+        Path("a.tar.gz"),
+        lock.relative_to(tmp_path),
+    ]
 
 
 def test_land_errors_name_the_archive_not_a_temporary_folder(runs, tmp_path, landing, capsys):
@@ -288,26 +342,37 @@ def test_land_errors_name_the_archive_not_a_temporary_folder(runs, tmp_path, lan
 
 # -- rddrs pack ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case, message", [
-    ("since nan", "--since must be a time in seconds since the epoch"),
-    ("since 1e309", "--since must be a time in seconds since the epoch"),
-    ("missing results", "no such results directory"),
-    ("other preset", "is a run of preset smoke, not cpu"),
-    ("out a directory", "is a directory; the archive is a file"),
-])
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("since nan", "--since must be a time in seconds since the epoch"),
+        ("since 1e309", "--since must be a time in seconds since the epoch"),
+        ("missing results", "no such results directory"),
+        ("other preset", "is a run of preset smoke, not cpu"),
+        ("out a directory", "is a directory; the archive is a file"),
+    ],
+)
 def test_pack_refuses_what_would_make_an_empty_or_unlandable_archive(runs, tmp_path, capsys, case, message):
     results = tmp_path / "results"
     results.mkdir()
     copy_run(runs, "rs", results)
     args = {"preset": "smoke", "since": "0", "results": results, "out": tmp_path / "a.tar.gz"}
-    args.update({"since nan": {"since": "nan"}, "since 1e309": {"since": "1e309"},
-                 "missing results": {"results": tmp_path / "nowhere"}, "other preset": {"preset": "cpu"},
-                 "out a directory": {"out": tmp_path}}[case])
+    args.update(
+        {
+            "since nan": {"since": "nan"},
+            "since 1e309": {"since": "1e309"},
+            "missing results": {"results": tmp_path / "nowhere"},
+            "other preset": {"preset": "cpu"},
+            "out a directory": {"out": tmp_path},
+        }[case]
+    )
     refused(capsys, ["pack", *(x for k, v in args.items() for x in (f"--{k}", v))], message, watch=tmp_path)
     assert not list(tmp_path.rglob("*.part"))
 
 
 # -- the memory pass: traces, laws and labels that are not a run's --------------------------------
+
 
 @pytest.mark.parametrize("method", ["ancer", "rddrs"])
 @pytest.mark.parametrize("damage", ["truncated", "empty", "text", "pickle", "directory", "bare array"])
@@ -322,8 +387,14 @@ def test_memory_over_damaged_traces_is_one_line(runs, tmp_path, capsys, method, 
         with open(trace, "wb") as f:
             np.save(f, np.ones(3))
     else:
-        trace.write_bytes({"truncated": blob[: len(blob) // 2], "empty": b"", "text": b"param = 1, 2, 3\n",
-                           "pickle": pickle.dumps({"param": [1.0, 2.0]})}[damage])
+        trace.write_bytes(
+            {
+                "truncated": blob[: len(blob) // 2],
+                "empty": b"",
+                "text": b"param = 1, 2, 3\n",
+                "pickle": pickle.dumps({"param": [1.0, 2.0]}),
+            }[damage]
+        )
     refused(capsys, ["memory", out, "--data", DATA, "--quiet"], f"{trace} is not a readable trace", watch=tmp_path)
     assert not memory_path(out).exists()
 
@@ -334,10 +405,18 @@ def with_param(trace: Path, param: np.ndarray) -> None:
     np.savez(trace, **dict(arrays, param=param.astype(np.float32)))
 
 
-@pytest.mark.parametrize("method, law", [
-    ("ancer", "nan"), ("ancer", "zero"), ("ancer", "negative"),
-    ("rddrs", "nan"), ("rddrs", "negative definite"), ("rddrs", "singular"), ("rddrs", "not symmetric"),
-])
+@pytest.mark.parametrize(
+    "method, law",
+    [
+        ("ancer", "nan"),
+        ("ancer", "zero"),
+        ("ancer", "negative"),
+        ("rddrs", "nan"),
+        ("rddrs", "negative definite"),
+        ("rddrs", "singular"),
+        ("rddrs", "not symmetric"),
+    ],
+)
 def test_memory_refuses_laws_that_are_not_valid_covariances(runs, tmp_path, capsys, method, law):
     out = copy_run(runs, method, tmp_path)
     trace = traces_dir(out) / "1.npz"
@@ -354,16 +433,21 @@ def test_memory_refuses_laws_that_are_not_valid_covariances(runs, tmp_path, caps
     else:
         param[0, 1] += 1.0
     with_param(trace, param)
-    refused(capsys, ["memory", out, "--data", DATA, "--quiet"], f"{out}: the law of idx 1 is not a valid covariance",
-            watch=tmp_path)
+    refused(
+        capsys,
+        ["memory", out, "--data", DATA, "--quiet"],
+        f"{out}: the law of idx 1 is not a valid covariance",
+        watch=tmp_path,
+    )
     assert not memory_path(out).exists() and not sidecar_path(memory_path(out)).exists()
 
 
 def test_memory_refuses_an_isotropic_row_whose_sigma_is_nan(runs, tmp_path, capsys):
     out = copy_run(runs, "rs", tmp_path)
     out.write_text(replaced(runs, "sigma_min", "nan"))
-    refused(capsys, ["memory", out, "--data", DATA, "--quiet"], "the law of idx 1 is not a valid covariance",
-            watch=tmp_path)
+    refused(
+        capsys, ["memory", out, "--data", DATA, "--quiet"], "the law of idx 1 is not a valid covariance", watch=tmp_path
+    )
 
 
 def test_a_tampered_label_is_refused_by_memory_and_on_resume(runs, tmp_path, capsys):
@@ -371,16 +455,39 @@ def test_a_tampered_label_is_refused_by_memory_and_on_resume(runs, tmp_path, cap
     out.write_text(replaced(runs, "label", "3", idx=0).replace("\n0\t3\t7\t1\t", "\n0\t3\t7\t0\t"))
     message = "the row of idx 0 says label 3, the test set 7"
     refused(capsys, ["memory", out, "--data", DATA, "--quiet"], message, watch=tmp_path)
-    refused(capsys, ["certify", "--method", "rs", "--sigma", "0.25", "--model", MODEL, "--out", out, "--preset",
-                     "smoke", "--data", DATA, "--quiet", "--count", "3"], message, watch=tmp_path)
+    refused(
+        capsys,
+        [
+            "certify",
+            "--method",
+            "rs",
+            "--sigma",
+            "0.25",
+            "--model",
+            MODEL,
+            "--out",
+            out,
+            "--preset",
+            "smoke",
+            "--data",
+            DATA,
+            "--quiet",
+            "--count",
+            "3",
+        ],
+        message,
+        watch=tmp_path,
+    )
 
 
 # -- models that are no usable model --------------------------------------------------------------
 
+
 def exported(module: torch.nn.Module, path: Path) -> Path:
     batch = torch.export.Dim("batch", min=1)
-    torch.export.save(torch.export.export(module.eval(), (torch.zeros(2, 1, 28, 28),), dynamic_shapes=({0: batch},)),
-                      path)
+    torch.export.save(
+        torch.export.export(module.eval(), (torch.zeros(2, 1, 28, 28),), dynamic_shapes=({0: batch},)), path
+    )
     return path
 
 
@@ -399,25 +506,74 @@ class NaNOnNoise(torch.nn.Module):
 
 def test_a_model_with_integer_outputs_is_one_line(tmp_path, capsys):
     model = exported(IntegerOutputs(), tmp_path / "int.pt2")
-    refused(capsys, ["certify", "--method", "ddrs", "--sigma", "0.25", "--model", model, "--out", tmp_path / "x.tsv",
-                     "--preset", "smoke", "--data", DATA, "--quiet", "--count", "1"],
-            "int.pt2 gives outputs of type int64", watch=tmp_path)
+    refused(
+        capsys,
+        [
+            "certify",
+            "--method",
+            "ddrs",
+            "--sigma",
+            "0.25",
+            "--model",
+            model,
+            "--out",
+            tmp_path / "x.tsv",
+            "--preset",
+            "smoke",
+            "--data",
+            DATA,
+            "--quiet",
+            "--count",
+            "1",
+        ],
+        "int.pt2 gives outputs of type int64",
+        watch=tmp_path,
+    )
 
 
-@pytest.mark.parametrize("kind, message", [("directory", "is a directory, not a regular file"),
-                                           ("device", "is a device, not a regular file"),
-                                           ("fifo", "is a FIFO, not a regular file"),
-                                           ("missing", "no such file")])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("directory", "is a directory, not a regular file"),
+        ("device", "is a device, not a regular file"),
+        ("fifo", "is a FIFO, not a regular file"),
+        ("missing", "no such file"),
+    ],
+)
 def test_a_model_path_that_is_no_file_says_what_it_is(tmp_path, capsys, kind, message):
-    model = {"directory": tmp_path / "dir.pt", "device": Path("/dev/null"), "fifo": tmp_path / "fifo.pt",
-             "missing": tmp_path / "missing.pt"}[kind]
+    model = {
+        "directory": tmp_path / "dir.pt",
+        "device": Path("/dev/null"),
+        "fifo": tmp_path / "fifo.pt",
+        "missing": tmp_path / "missing.pt",
+    }[kind]
     if kind == "directory":
         model.mkdir()
     elif kind == "fifo":
         os.mkfifo(model)
-    refused(capsys, ["certify", "--method", "rs", "--sigma", "0.25", "--model", model, "--out", tmp_path / "x.tsv",
-                     "--preset", "smoke", "--data", DATA, "--quiet", "--count", "1"], f"model {model} {message}"
-            if kind != "missing" else f"model {model}: no such file", watch=tmp_path)
+    refused(
+        capsys,
+        [
+            "certify",
+            "--method",
+            "rs",
+            "--sigma",
+            "0.25",
+            "--model",
+            model,
+            "--out",
+            tmp_path / "x.tsv",
+            "--preset",
+            "smoke",
+            "--data",
+            DATA,
+            "--quiet",
+            "--count",
+            "1",
+        ],
+        f"model {model} {message}" if kind != "missing" else f"model {model}: no such file",
+        watch=tmp_path,
+    )
 
 
 def test_a_model_the_user_may_not_read_is_one_line(tmp_path):
@@ -425,9 +581,27 @@ def test_a_model_the_user_may_not_read_is_one_line(tmp_path):
     shutil.copy(MODEL, model)
     model.chmod(0o000)
     before = snapshot(tmp_path)
-    proc = run_bound_by_permissions(["certify", "--method", "rs", "--sigma", "0.25", "--model", model, "--out",
-                                     tmp_path / "x.tsv", "--preset", "smoke", "--data", DATA, "--quiet", "--count",
-                                     "1"], tmp_path)
+    proc = run_bound_by_permissions(
+        [
+            "certify",
+            "--method",
+            "rs",
+            "--sigma",
+            "0.25",
+            "--model",
+            model,
+            "--out",
+            tmp_path / "x.tsv",
+            "--preset",
+            "smoke",
+            "--data",
+            DATA,
+            "--quiet",
+            "--count",
+            "1",
+        ],
+        tmp_path,
+    )
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1, err
     assert f"cannot read {model} (PermissionError" in err
@@ -452,38 +626,74 @@ def test_a_model_nan_on_noisy_images_leaves_nothing_and_the_fixed_rerun_goes_ahe
 HUGE = str(2**62)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--n", HUGE], "n0 and n must be integers in 1..1,000,000,000"),
-    (["--n0", HUGE], "n0 and n must be integers in 1..1,000,000,000"),
-    (["--method", "ancer", "--samples", "1000000000"], "at most 1,000,000 samples"),
-    (["--method", "ancer", "--iterations", "1000000000000"], "at most 1,000,000 iterations"),
-    (["--sigma", "1e300"], "sigma must lie in [1e-06, 1000]"),
-    (["--sigma", "1e-320"], "sigma must lie in [1e-06, 1000]"),
-    (["--sigma", "0_25"], "argument --sigma: '0_25' is not a plain number"),
-    (["--count", "1_0"], "argument --count: '1_0' is not a plain number"),
-    (["--batch-size", HUGE], "argument --batch-size: must be at most 1,000,000 noisy images"),
-    (["--count", "99999999999999999999"], "reach outside the test set"),
-], ids=["n", "n0", "samples", "iterations", "sigma-1e300", "sigma-1e-320", "sigma-underscore", "count-underscore",
-        "batch-size", "count"])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--n", HUGE], "n0 and n must be integers in 1..1,000,000,000"),
+        (["--n0", HUGE], "n0 and n must be integers in 1..1,000,000,000"),
+        (["--method", "ancer", "--samples", "1000000000"], "at most 1,000,000 samples"),
+        (["--method", "ancer", "--iterations", "1000000000000"], "at most 1,000,000 iterations"),
+        (["--sigma", "1e300"], "sigma must lie in [1e-06, 1000]"),
+        (["--sigma", "1e-320"], "sigma must lie in [1e-06, 1000]"),
+        (["--sigma", "0_25"], "argument --sigma: '0_25' is not a plain number"),
+        (["--count", "1_0"], "argument --count: '1_0' is not a plain number"),
+        (["--batch-size", HUGE], "argument --batch-size: must be at most 1,000,000 noisy images"),
+        (["--count", "99999999999999999999"], "reach outside the test set"),
+    ],
+    ids=[
+        "n",
+        "n0",
+        "samples",
+        "iterations",
+        "sigma-1e300",
+        "sigma-1e-320",
+        "sigma-underscore",
+        "count-underscore",
+        "batch-size",
+        "count",
+    ],
+)
 def test_certify_refuses_numbers_it_cannot_run_up_front(tmp_path, capsys, extra, message):
     args = {"--method": "rs", "--sigma": "0.25", "--count": "1"}
     for key, value in zip(extra[::2], extra[1::2]):
         args[key] = value
-    refused(capsys, ["certify", *(x for kv in args.items() for x in kv), "--model", MODEL, "--out", tmp_path / "x.tsv",
-                     "--preset", "smoke", "--data", DATA, "--quiet"], message, watch=tmp_path)
+    refused(
+        capsys,
+        [
+            "certify",
+            *(x for kv in args.items() for x in kv),
+            "--model",
+            MODEL,
+            "--out",
+            tmp_path / "x.tsv",
+            "--preset",
+            "smoke",
+            "--data",
+            DATA,
+            "--quiet",
+        ],
+        message,
+        watch=tmp_path,
+    )
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--sigma", "0.25", "--threads", HUGE], "--threads must lie in 1..1024"),
-    (["train", "--sigma", "0.25", "--epochs", HUGE], "--epochs must be an integer in 1..1000"),
-    (["train", "--sigma", "1e300"], "--sigma must lie in [1e-06, 1000]"),
-    (["sweep", "--preset", "smoke", "--count", "99999999999999999999", "--list"],
-     "--count 99999999999999999999 is more than the 10000 images of the test set"),
-    (["sweep", "--preset", "smoke", "--count", HUGE], "is more than the 10000 images of the test set"),
-    (["sweep", "--preset", "smoke", "--cpus-per-task", HUGE], "argument --cpus-per-task: must be at most 1024"),
-    (["fill", "--until", "23:59", "--threads", HUGE], "argument --threads: must be at most 1024"),
-], ids=["train-threads", "train-epochs", "train-sigma", "sweep-count-list", "sweep-count", "sweep-cpus", "fill"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--sigma", "0.25", "--threads", HUGE], "--threads must lie in 1..1024"),
+        (["train", "--sigma", "0.25", "--epochs", HUGE], "--epochs must be an integer in 1..1000"),
+        (["train", "--sigma", "1e300"], "--sigma must lie in [1e-06, 1000]"),
+        (
+            ["sweep", "--preset", "smoke", "--count", "99999999999999999999", "--list"],
+            "--count 99999999999999999999 is more than the 10000 images of the test set",
+        ),
+        (["sweep", "--preset", "smoke", "--count", HUGE], "is more than the 10000 images of the test set"),
+        (["sweep", "--preset", "smoke", "--cpus-per-task", HUGE], "argument --cpus-per-task: must be at most 1024"),
+        (["fill", "--until", "23:59", "--threads", HUGE], "argument --threads: must be at most 1024"),
+    ],
+    ids=["train-threads", "train-epochs", "train-sigma", "sweep-count-list", "sweep-count", "sweep-cpus", "fill"],
+)
 def test_other_commands_refuse_numbers_they_cannot_run_up_front(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     refused(capsys, [*args, "--data", DATA] if args[0] != "fill" else args, message, watch=tmp_path)
@@ -492,12 +702,17 @@ def test_other_commands_refuse_numbers_they_cannot_run_up_front(tmp_path, capsys
 
 # -- rddrs curves, rddrs data ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("idx", ["10000", "99999999999999999999"])
 def test_curves_on_an_idx_outside_the_test_set_is_one_line(runs, tmp_path, capsys, idx):
     out = copy_run(runs, "rs", tmp_path)
     out.write_text(replaced(runs, "idx", idx))
-    refused(capsys, ["curves", out, "--out", tmp_path / "curves"], f"line 3: idx {idx} is outside the test set",
-            watch=tmp_path)
+    refused(
+        capsys,
+        ["curves", out, "--out", tmp_path / "curves"],
+        f"line 3: idx {idx} is outside the test set",
+        watch=tmp_path,
+    )
     assert not (tmp_path / "curves").exists()
 
 
@@ -506,21 +721,30 @@ def test_mnist_files_in_the_fashion_mnist_folder_are_refused(tmp_path, capsys):
     raw.mkdir(parents=True)
     for name in ("t10k-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
         (raw / name).symlink_to(DATA / "MNIST" / "raw" / name)
-    refused(capsys, ["data", "--root", tmp_path, "--dataset", "fashion-mnist"],
-            "is not the Fashion-MNIST file: its SHA-256 is", "(it is the MNIST file)", watch=tmp_path)
+    refused(
+        capsys,
+        ["data", "--root", tmp_path, "--dataset", "fashion-mnist"],
+        "is not the Fashion-MNIST file: its SHA-256 is",
+        "(it is the MNIST file)",
+        watch=tmp_path,
+    )
 
 
 # -- rddrs mechanism: its cached measurements, --laws-from -----------------------------------------
 
+
 def mechanism_results(tmp_path: Path, broken: str, content: str) -> Path:
     """A results folder whose cached measurements are valid up to ``broken``, which holds ``content``."""
-    from rddrs.studies import headline, mechanism
+    from rddrs.studies import headline
 
     folder = tmp_path / "results"
     (folder / "claims" / "mechanism").mkdir(parents=True)
-    names = [*mechanism.REFUTED, *[v.name for v in headline.mechanism_study("smoke").variants if v.method == "rddrs"]]
-    valid = {"measures.json": {"rows": []}, "refutations.json": {"variants": {n: {"rows": []} for n in names}},
-             "memory.json": {"variants": {}}}
+    names = [*headline.REFUTED, *[v.name for v in headline.mechanism_study("smoke").variants if v.method == "rddrs"]]
+    valid = {
+        "measures.json": {"rows": []},
+        "refutations.json": {"variants": {n: {"rows": []} for n in names}},
+        "memory.json": {"variants": {}},
+    }
     for name in ("measures.json", "refutations.json", "memory.json"):
         (folder / "claims" / "mechanism" / name).write_text(content if name == broken else json.dumps(valid[name]))
         if name == broken:
@@ -529,14 +753,20 @@ def mechanism_results(tmp_path: Path, broken: str, content: str) -> Path:
 
 
 @pytest.mark.parametrize("broken", ["measures.json", "refutations.json", "memory.json"])
-@pytest.mark.parametrize("content", ["", "{garbage", "[1, 2]", '{"rows": 3, "variants": [1]}',
-                                     '{"rows": [1], "variants": {"rddrs_clamped": 5}}'],
-                         ids=["empty", "garbage", "list", "wrong-types", "wrong-rows"])
+@pytest.mark.parametrize(
+    "content",
+    ["", "{garbage", "[1, 2]", '{"rows": 3, "variants": [1]}', '{"rows": [1], "variants": {"rddrs_clamped": 5}}'],
+    ids=["empty", "garbage", "list", "wrong-types", "wrong-rows"],
+)
 def test_mechanism_over_broken_cached_measurements_is_one_line(tmp_path, capsys, broken, content):
     folder = mechanism_results(tmp_path, broken, content)
-    refused(capsys, ["mechanism", "--preset", "smoke", "--results", folder, "--data", DATA, "--models", MODELS,
-                     "--quiet"], f"{folder / 'claims' / 'mechanism' / broken}", "move it away to compute it again",
-            watch=tmp_path)
+    refused(
+        capsys,
+        ["mechanism", "--preset", "smoke", "--results", folder, "--data", DATA, "--models", MODELS, "--quiet"],
+        f"{folder / 'claims' / 'mechanism' / broken}",
+        "move it away to compute it again",
+        watch=tmp_path,
+    )
 
 
 @pytest.mark.parametrize("kind, message", [("missing", "no such directory"), ("empty", "no result files")])
@@ -545,5 +775,22 @@ def test_mechanism_laws_from_a_missing_or_empty_folder_is_refused(tmp_path, caps
     laws = tmp_path / "laws"
     if kind == "empty":
         laws.mkdir()
-    refused(capsys, ["mechanism", "--preset", "smoke", "--results", folder, "--data", DATA, "--models", MODELS,
-                     "--laws-from", laws, "--quiet"], f"--laws-from {laws}: {message}", watch=tmp_path)
+    refused(
+        capsys,
+        [
+            "mechanism",
+            "--preset",
+            "smoke",
+            "--results",
+            folder,
+            "--data",
+            DATA,
+            "--models",
+            MODELS,
+            "--laws-from",
+            laws,
+            "--quiet",
+        ],
+        f"--laws-from {laws}: {message}",
+        watch=tmp_path,
+    )

@@ -15,8 +15,12 @@ from rddrs.pipeline.results import read_rows, read_sidecar
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "rddrs"
 #: what each part may import from rddrs (besides itself and the package root's RDDRSError)
-ALLOWED = {"core": {"core"}, "pipeline": {"core", "pipeline"}, "studies": {"core", "pipeline", "studies"},
-           "cli": {"core", "pipeline", "studies"}}
+ALLOWED = {
+    "core": {"core"},
+    "pipeline": {"core", "pipeline"},
+    "studies": {"core", "pipeline", "studies"},
+    "cli": {"core", "pipeline", "studies"},
+}
 
 
 def modules():
@@ -33,8 +37,9 @@ def rddrs_imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rddrs"):
             for alias in node.names:
                 target = f"{node.module}.{alias.name}"
-                found.add(target if (PACKAGE.parent / target.replace(".", "/")).with_suffix(".py").exists()
-                          else node.module)
+                found.add(
+                    target if (PACKAGE.parent / target.replace(".", "/")).with_suffix(".py").exists() else node.module
+                )
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("rddrs")}
     return found
@@ -114,8 +119,26 @@ def test_the_same_seed_gives_the_rows_written_before_the_layout_changed(tmp_path
     torch.set_num_threads(1)
     monkeypatch.setenv("RDDRS_FAST_NETWORK", "1" if network == "fast" else "0")
     out = tmp_path / f"{method}.tsv"
-    assert main(["certify", "--method", method, "--sigma", "0.25", "--model",
-                 str(ROOT / "data" / "models" / "mnist_cnn_sigma0.25.pt"), "--preset", "smoke", "--data",
-                 str(ROOT / "data"), "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "certify",
+                "--method",
+                method,
+                "--sigma",
+                "0.25",
+                "--model",
+                str(ROOT / "data" / "models" / "mnist_cnn_sigma0.25.pt"),
+                "--preset",
+                "smoke",
+                "--data",
+                str(ROOT / "data"),
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert read_sidecar(out)["provenance"]["network"] == network
     assert_rows_match(read_rows(out), read_rows(ROOT / "tests" / "data" / "smoke_sigma0.25" / f"{method}.tsv"))

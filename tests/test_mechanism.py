@@ -1,6 +1,7 @@
 """The mechanism measures against closed forms, and the study end to end at the smoke preset."""
 
 import json
+import platform
 import shutil
 from pathlib import Path
 
@@ -10,10 +11,12 @@ import torch
 from helpers import raises_one_line
 from scipy import stats
 
-from rddrs.core import spd
+from rddrs.core import presets, spd
+from rddrs.core.certify import ABSTAIN
 from rddrs.core.noise import Diagonal, FullSPD, Isotropic
-from rddrs.studies import claims, headline, mechanism
-from rddrs.studies.claims import Study, Variant
+from rddrs.pipeline.data import load_dataset
+from rddrs.studies import headline, mechanism
+from rddrs.studies.study import Study, Variant, run_study
 from rddrs.studies.validity import LinearClassifier
 
 torch.set_num_threads(1)
@@ -78,7 +81,7 @@ def test_the_split_of_a_linear_classifier_has_its_closed_form():
     class is Phi(score / ||S w||)."""
     g = torch.Generator().manual_seed(1)
     q = spd.random_orthogonal(D, seed=5)
-    w_vec = q[:, 0] * 0.8 + q[:, 1] * 0.6      # the normal lies in the span of the two small axes
+    w_vec = q[:, 0] * 0.8 + q[:, 1] * 0.6  # the normal lies in the span of the two small axes
     scales = torch.tensor([0.3, 0.5] + [30.0] * (D - 2), dtype=torch.float64)
     law = FullSPD(((q * scales) @ q.T)[None].float())
     model = LinearClassifier(w_vec.float(), 0.0)
@@ -98,7 +101,7 @@ def test_refutation_refutes_an_inflated_certificate_and_not_a_fixed_law_one():
     boundary, where the pipeline certifies the other class."""
     d = 784
     g = torch.Generator().manual_seed(2)
-    w = torch.randn(d, generator=g) / d ** 0.5
+    w = torch.randn(d, generator=g) / d**0.5
     model = LinearClassifier(w, 0.0)
     x = 0.25 + 0.5 * torch.rand(4, d, generator=g)
     x = x + ((1.0 - model.score(x)) / w.dot(w))[:, None] * w  # w.x = 1: distance 1 / ||w|| from the boundary
@@ -108,14 +111,24 @@ def test_refutation_refutes_an_inflated_certificate_and_not_a_fixed_law_one():
     study = Study("t", 4, (Variant("rs", "rs"),))
     law = Isotropic(torch.full((4,), 0.25), d)
     model_file = MODELS / "mnist_cnn_sigma0.25.pt"
-    common = dict(study=study, variant=study.variant("rs"), sigma=0.25, preset="smoke", model_file=model_file,
-                  steps=5, samples=16, check=400)
-    inside = mechanism.refutation(model, x, labels, [0, 1, 2, 3], np.full(4, 0.25), np.full(4, 0.9 * exact), law,
-                                  **common)
+    common = dict(
+        study=study,
+        variant=study.variant("rs"),
+        sigma=0.25,
+        preset="smoke",
+        model_file=model_file,
+        steps=5,
+        samples=16,
+        check=400,
+    )
+    inside = mechanism.refutation(
+        model, x, labels, [0, 1, 2, 3], np.full(4, 0.25), np.full(4, 0.9 * exact), law, **common
+    )
     assert not any(r["refuted"] for r in inside) and all(r["fixed_law_share"] > 0.5 for r in inside)
     assert all(r["distance"] <= 0.9 * exact * 0.999 * (1 + 1e-5) for r in inside)
-    beyond = mechanism.refutation(model, x, labels, [0, 1, 2, 3], np.full(4, 0.25), np.full(4, 3 * exact), law,
-                                  **common)
+    beyond = mechanism.refutation(
+        model, x, labels, [0, 1, 2, 3], np.full(4, 0.25), np.full(4, 3 * exact), law, **common
+    )
     assert all(r["refuted"] and r["predict"] == 0 for r in beyond)
     assert all(r["box"] == [0.0, 1.0] and 0 <= r["point_range"][0] <= r["point_range"][1] <= 1 for r in beyond)
     assert all(r["fixed_law_class"] == 0 for r in beyond)  # the same law held fixed says so too
@@ -124,9 +137,9 @@ def test_refutation_refutes_an_inflated_certificate_and_not_a_fixed_law_one():
 def test_the_mechanism_study_at_the_smoke_preset(tmp_path):
     study = headline.mechanism_study("smoke")
     results = tmp_path / "results"
-    runs = claims.run_study(study, headline.SIGMA, "smoke", results, data=DATA, models=MODELS)
+    runs = run_study(study, presets.STUDY_SIGMA, "smoke", results, data=DATA, models=MODELS)
     assert set(runs) == {v.name for v in study.variants}
-    rows = mechanism.measures("smoke", results, data=DATA, models=MODELS)
+    rows = headline.measures("smoke", results, data=DATA, models=MODELS)
     assert len(rows) == len(study.variants) * study.count
     for row in rows:
         c = row["constancy"]
@@ -134,35 +147,46 @@ def test_the_mechanism_study_at_the_smoke_preset(tmp_path):
         assert (row["axes"] is None) == (row["method"] in ("rs", "ddrs"))
         assert row["spectrum"]["smallest"] <= row["spectrum"]["largest"]
     assert (results / "claims" / "mechanism" / "measures.json").exists()
-    refuted = mechanism.refutations("smoke", results, data=DATA, models=MODELS)
-    assert {r["variant"] for r in refuted} <= {v.name for v in study.variants}
+    refuted = headline.refutations("smoke", results, data=DATA, models=MODELS)
+    assert refuted and {r["variant"] for r in refuted} <= {v.name for v in study.variants}
+    labels = load_dataset(DATA, train=False)[1]
     for r in refuted:
-        assert r["distance"] <= r["radius"] * (1 + 1e-5) and isinstance(r["refuted"], bool)
-    passes = mechanism.memories("smoke", results, data=DATA, models=MODELS)
-    assert set(passes) == {v.name for v in study.variants} and (results / "claims" / "mechanism" / "memory.json").exists()
+        assert r["distance"] <= r["radius"] * (1 + 1e-5)
+        # refuted: at the attacked point the pipeline certifies a class, and not the image's own
+        assert r["abstain"] == (r["predict"] == ABSTAIN)
+        assert r["refuted"] == (not r["abstain"] and r["predict"] != int(labels[r["idx"]]))
+    passes = headline.memories("smoke", results, data=DATA, models=MODELS)
+    assert (
+        set(passes) == {v.name for v in study.variants} and (results / "claims" / "mechanism" / "memory.json").exists()
+    )
+    here = f"cpu ({platform.processor() or platform.machine()})"  # the device the rows were written on
     for name, entry in passes.items():
         assert sum(entry["statuses"].values()) == entry["images"] >= study.count
-        assert entry["after"]["l2"] <= entry["before"]["l2"] + 1e-12 and entry["devices"] == ["cpu (x86_64)"]
-        assert len(entry["nearest_other"]) <= entry["images"] and entry["intruders"] >= 0 and not entry["rerun"]
+        assert entry["after"]["l2"] <= entry["before"]["l2"] + 1e-12 and entry["devices"] == [here]
+        assert len(entry["nearest_other"]) <= entry["images"] and not entry["rerun"]
+        # an intruder lies inside a kept region (gauge < 1): a region holds one iff its nearest other image does
+        assert entry["regions_with_intruders"] == sum(g < 1 for g in entry["nearest_other"])
+        assert (entry["intruders"] > 0) == (entry["regions_with_intruders"] > 0)
         assert entry["test_images"] == 10_000
 
 
 def test_memory_passes_read_the_laws_of_a_rerun_where_the_traces_were_not_kept(tmp_path):
     study = headline.mechanism_study("smoke")
     results, rerun = tmp_path / "results", tmp_path / "rerun"
-    claims.run_study(study, headline.SIGMA, "smoke", results, data=DATA, models=MODELS)
+    run_study(study, presets.STUDY_SIGMA, "smoke", results, data=DATA, models=MODELS)
     folder = results / "claims" / "mechanism"
     name = next(v.name for v in study.variants if v.method == "rddrs")
     shutil.copytree(folder, rerun)
     shutil.rmtree(folder / f"{name}.tsv.traces")  # as a GPU session's runs are landed: without traces
-    passes = mechanism.memories("smoke", results, data=DATA, models=MODELS, laws_from=rerun)
+    passes = headline.memories("smoke", results, data=DATA, models=MODELS, laws_from=rerun)
     assert passes[name]["source"] == str((rerun / f"{name}.tsv").resolve()) and passes[name]["rerun"]
     assert passes["ddrs_clamped"]["source"] == "claims/mechanism/ddrs_clamped.tsv"  # its own rows suffice
     (folder / "memory.json").unlink()
-    assert name not in mechanism.memories("smoke", results, data=DATA, models=MODELS)  # no laws: no pass
+    assert name not in headline.memories("smoke", results, data=DATA, models=MODELS)  # no laws: no pass
     (folder / "memory.json").unlink()
     meta = json.loads((rerun / f"{name}.tsv.json").read_text())
     meta["settings"]["seed"] = 7
     (rerun / f"{name}.tsv.json").write_text(json.dumps(meta))
-    assert "other settings" in raises_one_line(mechanism.memories, "smoke", results, data=DATA, models=MODELS,
-                                               laws_from=rerun)
+    assert "other settings" in raises_one_line(
+        headline.memories, "smoke", results, data=DATA, models=MODELS, laws_from=rerun
+    )

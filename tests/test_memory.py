@@ -1,4 +1,4 @@
-"""Tests of ``rddrs.memory``: exact ellipsoid geometry and the memory pass over result files.
+"""Tests of ``rddrs.pipeline.memory``: exact ellipsoid geometry and the memory pass over result files.
 
 Ground truths are independent of the code under test: brute force over dense samples of the
 boundary of an ellipsoid (in d = 2 and 3), closed forms (balls, concentric ellipsoids via
@@ -20,8 +20,20 @@ from helpers import raises_one_line, run_bound_by_permissions
 from rddrs import RDDRSError
 from rddrs.cli import main
 from rddrs.core.noise import Diagonal, FullSPD, Isotropic
-from rddrs.core.regions import (KEPT, RELABELLED, SHRUNK, TOUCH_TOLERANCE, Memory, Regions, contains, disjoint, gauges,
-                                largest_contained_radius, largest_disjoint_radius, separation)
+from rddrs.core.regions import (
+    KEPT,
+    RELABELLED,
+    SHRUNK,
+    TOUCH_TOLERANCE,
+    Memory,
+    Regions,
+    contains,
+    disjoint,
+    gauges,
+    largest_contained_radius,
+    largest_disjoint_radius,
+    separation,
+)
 from rddrs.core.spd import random_orthogonal
 from rddrs.pipeline.memory import ABSTAINED, MEMORY_COLUMNS, apply_memory, read_memory_rows
 from rddrs.pipeline.results import COLUMNS, memory_path, read_rows, traces_dir, write_rows
@@ -56,7 +68,7 @@ def _sphere(d: int, m: int) -> torch.Tensor:
     k = torch.arange(m, dtype=F64) + 0.5
     z = 1 - 2 * k / m
     phi = k * math.pi * (3 - math.sqrt(5))
-    rho = (1 - z ** 2).sqrt()
+    rho = (1 - z**2).sqrt()
     return torch.stack([rho * phi.cos(), rho * phi.sin(), z], 1)
 
 
@@ -72,7 +84,7 @@ def _min_on_sphere(fn, d, m=20_000, rounds=4):
     values = fn(u)
     best, value = u[values.argmin()], values.min()
     gen = torch.Generator().manual_seed(0)
-    for spread in (0.02 / 10 ** k for k in range(rounds)):
+    for spread in (0.02 / 10**k for k in range(rounds)):
         cand = best + spread * torch.randn(m // 4, d, generator=gen, dtype=F64)
         cand = torch.cat([best[None], cand / cand.norm(dim=1, keepdim=True)])
         values = fn(cand)
@@ -115,7 +127,7 @@ def test_intersection_test_matches_brute_force(d, kinds):
     r1, r2 = 0.5 + 2 * torch.rand(n, generator=gen, dtype=F64), 0.5 + 2 * torch.rand(n, generator=gen, dtype=F64)
     seen = set()
     for i in range(n):
-        t = float(separation(c1[i], laws1[i:i + 1], float(r1[i]), _region(c2[i], laws2[i:i + 1], r2[i]))[0])
+        t = float(separation(c1[i], laws1[i : i + 1], float(r1[i]), _region(c2[i], laws2[i : i + 1], r2[i]))[0])
         gauge = _brute_min_gauge(c1[i], laws1.matrix()[i], r1[i], c2[i], laws2.matrix()[i], r2[i], d)
         if abs(gauge - 1) < 1e-3:
             continue  # too close to touching for the sampled boundary to decide
@@ -163,8 +175,7 @@ def test_separation_is_the_common_scale_at_which_regions_touch():
     law1, law2 = _laws("full", 1, d, gen), _laws("diag", 1, d, gen)
     c2 = torch.tensor([2.0, -1.0, 0.5], dtype=F64)
     t = float(separation(torch.zeros(d, dtype=F64), law1, 0.7, _region(c2, law2, 1.1))[0])
-    gauge = _brute_min_gauge(torch.zeros(d, dtype=F64), law1.matrix()[0], 0.7 * t, c2, law2.matrix()[0],
-                             1.1 * t, d)
+    gauge = _brute_min_gauge(torch.zeros(d, dtype=F64), law1.matrix()[0], 0.7 * t, c2, law2.matrix()[0], 1.1 * t, d)
     assert gauge == pytest.approx(1.0, rel=1e-4)
 
 
@@ -176,11 +187,12 @@ def test_largest_disjoint_radius_touches_and_matches_brute_force(d, kinds):
     n = 4
     law, laws = _laws(kinds[0], 1, d, gen), _laws(kinds[1], n, d, gen)
     x = torch.randn(d, generator=gen, dtype=F64)
-    stored = Regions(x + 4 * torch.randn(n, d, generator=gen, dtype=F64), laws,
-                     0.5 + torch.rand(n, generator=gen, dtype=F64))
+    stored = Regions(
+        x + 4 * torch.randn(n, d, generator=gen, dtype=F64), laws, 0.5 + torch.rand(n, generator=gen, dtype=F64)
+    )
     r = largest_disjoint_radius(x, law, stored)
     for j in range(n):
-        one = _region(stored.centres[j], laws[j:j + 1], stored.gaps[j])
+        one = _region(stored.centres[j], laws[j : j + 1], stored.gaps[j])
         if bool(contains(one, x)[0]):
             assert float(r[j]) == 0
             continue
@@ -203,7 +215,10 @@ def test_ball_against_ball_is_closed_form():
     d = 784
     x = torch.rand(d, generator=gen, dtype=F64)
     centres = x + torch.randn(5, d, generator=gen, dtype=F64)
-    sigmas, gaps = torch.tensor([0.1, 0.25, 0.5, 1.0, 2.0], dtype=F64), torch.tensor([1.0, 2.0, 3.0, 0.5, 4.0], dtype=F64)
+    sigmas, gaps = (
+        torch.tensor([0.1, 0.25, 0.5, 1.0, 2.0], dtype=F64),
+        torch.tensor([1.0, 2.0, 3.0, 0.5, 4.0], dtype=F64),
+    )
     stored = Regions(centres, Isotropic(sigmas, dim=d), gaps)
     sigma = 0.3
     want = ((centres - x).norm(dim=1) - gaps * sigmas).clamp(min=0) / sigma
@@ -348,8 +363,8 @@ def test_memory_leaves_no_contradiction_and_screening_changes_nothing(kind):
     screened, exact = Memory(), Memory(screen=False)
     decisions = []
     for i in range(n):
-        a = screened.admit(xs[i], laws[i:i + 1], float(gaps[i]), int(labels[i]))
-        b = exact.admit(xs[i], laws[i:i + 1], float(gaps[i]), int(labels[i]))
+        a = screened.admit(xs[i], laws[i : i + 1], float(gaps[i]), int(labels[i]))
+        b = exact.admit(xs[i], laws[i : i + 1], float(gaps[i]), int(labels[i]))
         assert a == b
         decisions.append(a)
     statuses = {dec.status for dec in decisions}
@@ -360,8 +375,12 @@ def test_memory_leaves_no_contradiction_and_screening_changes_nothing(kind):
             assert dec.label == int(labels[i]) and dec.gap <= float(gaps[i])
         others = [j for j in range(n) if screened.labels[j] != dec.label]
         if others:  # the independent intersection test: no region meets one of another class
-            t = separation(xs[i], laws[i:i + 1], dec.gap, Regions(stored.centres[others], stored.laws[others],
-                                                                  stored.gaps[others]))
+            t = separation(
+                xs[i],
+                laws[i : i + 1],
+                dec.gap,
+                Regions(stored.centres[others], stored.laws[others], stored.gaps[others]),
+            )
             assert (t >= 1).all(), (i, dec, t.min())
 
 
@@ -372,8 +391,8 @@ def test_memory_is_invariant_under_rotation():
     turned = FullSPD(u @ laws.matrix() @ u.T)
     plain, rotated = Memory(), Memory()
     for i in range(n):
-        a = plain.admit(xs[i], laws[i:i + 1], float(gaps[i]), int(labels[i]))
-        b = rotated.admit(u @ xs[i], turned[i:i + 1], float(gaps[i]), int(labels[i]))
+        a = plain.admit(xs[i], laws[i : i + 1], float(gaps[i]), int(labels[i]))
+        b = rotated.admit(u @ xs[i], turned[i : i + 1], float(gaps[i]), int(labels[i]))
         assert (a.label, a.status) == (b.label, b.status) and a.gap == pytest.approx(b.gap, rel=1e-8)
 
 
@@ -406,8 +425,8 @@ def test_memory_with_loaded_parameters_matches_kept_ones():
 
     kept, loading = Memory(), Memory(load=load)
     for i in range(n):
-        a = kept.admit(xs[i], laws[i:i + 1], float(gaps[i]), int(labels[i]))
-        assert a == loading.admit(xs[i], laws[i:i + 1], float(gaps[i]), int(labels[i]), key=i)
+        a = kept.admit(xs[i], laws[i : i + 1], float(gaps[i]), int(labels[i]))
+        assert a == loading.admit(xs[i], laws[i : i + 1], float(gaps[i]), int(labels[i]), key=i)
     assert loads  # parameters were read back by key
     with pytest.raises(RDDRSError, match="key"):
         loading.store(xs[0], laws[0:1], 1.0, 0)
@@ -419,19 +438,38 @@ def test_memory_with_loaded_parameters_matches_kept_ones():
 def _result_file(tmp_path, method, xs, params, gaps, predicts, labels, abstain=(), rotate=None, name=None):
     """A result file as ``rddrs certify`` writes it, for inputs ``xs`` (n, d) at idx 0..n-1."""
     out = tmp_path / f"{name or method}.tsv"
-    laws = (Isotropic(params, dim=xs.shape[1]) if params.dim() == 1 else
-            Diagonal(params) if params.dim() == 2 else FullSPD(params))
+    laws = (
+        Isotropic(params, dim=xs.shape[1])
+        if params.dim() == 1
+        else Diagonal(params)
+        if params.dim() == 2
+        else FullSPD(params)
+    )
     rows = []
     for i in range(len(xs)):
         gap = 0.0 if i in abstain else float(gaps[i])
         predict = -1 if i in abstain else int(predicts[i])
         smin, sproxy, smax = (float(v[i]) for v in (laws.min_scale(), laws.proxy(), laws.max_scale()))
-        rows.append({"idx": i, "label": int(labels[i]), "predict": predict, "correct": int(predict == int(labels[i])),
-                     "gap": gap, "radius": gap * smin, "proxy_radius": gap * sproxy, "sigma_min": smin,
-                     "sigma_proxy": sproxy, "sigma_max": smax, "p_lower": 0.5 + 0.01 * i, "seconds": 1.0})
+        rows.append(
+            {
+                "idx": i,
+                "label": int(labels[i]),
+                "predict": predict,
+                "correct": int(predict == int(labels[i])),
+                "gap": gap,
+                "radius": gap * smin,
+                "proxy_radius": gap * sproxy,
+                "sigma_min": smin,
+                "sigma_proxy": sproxy,
+                "sigma_max": smax,
+                "p_lower": 0.5 + 0.01 * i,
+                "seconds": 1.0,
+            }
+        )
     write_rows(out, rows)
-    (tmp_path / f"{out.name}.json").write_text(json.dumps({"settings": {"method": method, "sigma": 0.5,
-                                                                         "rotate": rotate}}))
+    (tmp_path / f"{out.name}.json").write_text(
+        json.dumps({"settings": {"method": method, "sigma": 0.5, "rotate": rotate}})
+    )
     if method != "rs":
         traces = tmp_path / f"{out.name}.traces"
         traces.mkdir()
@@ -466,8 +504,9 @@ def test_apply_memory_on_the_hand_made_sequence(tmp_path):
 def test_apply_memory_resumes_after_a_kill(tmp_path, method):
     d, n = 3, 30
     xs, laws, gaps, labels = _random_sequence("diag" if method == "ancer" else "full", n, d, seed=8)
-    out = _result_file(tmp_path, method, xs.float().double(), laws.param.float().double(), gaps, labels, labels,
-                       abstain=(3, 17))
+    out = _result_file(
+        tmp_path, method, xs.float().double(), laws.param.float().double(), gaps, labels, labels, abstain=(3, 17)
+    )
     images = xs.float().reshape(n, 1, d)
     path = apply_memory(out, images, 0, progress=False)
     whole = path.read_text()
@@ -484,8 +523,12 @@ def test_apply_memory_resumes_after_a_kill(tmp_path, method):
     memory = Memory()
     for i, r in enumerate(read_memory_rows(path)):
         if r["memory"] != ABSTAINED:
-            dec = memory.admit(images[i].double(), laws[i:i + 1].with_param(laws.param[i:i + 1].float().double()),
-                               float(gaps[i]), int(labels[i]))
+            dec = memory.admit(
+                images[i].double(),
+                laws[i : i + 1].with_param(laws.param[i : i + 1].float().double()),
+                float(gaps[i]),
+                int(labels[i]),
+            )
             assert (dec.label, dec.gap, dec.status) == (r["predict"], r["gap"], r["memory"])
 
 
@@ -545,8 +588,24 @@ def test_cli_memory_on_a_smoke_run(tmp_path, capsys):
     model = tmp_path / "cnn.pt"
     torch.save({"state_dict": MnistCNN().state_dict(), "arch": "MnistCNN"}, model)
     out = tmp_path / "ancer.tsv"
-    args = ["certify", "--method", "ancer", "--sigma", "0.25", "--model", str(model), "--out", str(out),
-            "--preset", "smoke", "--data", str(data), "--quiet", "--count", "3"]
+    args = [
+        "certify",
+        "--method",
+        "ancer",
+        "--sigma",
+        "0.25",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--preset",
+        "smoke",
+        "--data",
+        str(data),
+        "--quiet",
+        "--count",
+        "3",
+    ]
     assert main(args + ["--memory"]) == 0
     assert "memory:" in capsys.readouterr().out
     path = memory_path(out)
@@ -598,8 +657,9 @@ def test_survival_counts_what_the_memory_leaves(tmp_path):
     sigmas = torch.tensor([row[1] for row in HAND_MADE] + [1.0], dtype=F64)
     gaps = torch.tensor([row[2] for row in HAND_MADE] + [1.0], dtype=F64)
     run_labels = [0, 1, 1, 2, 1, 0, 0]
-    out = _result_file(tmp_path, "ddrs", xs, sigmas, gaps, [row[3] for row in HAND_MADE] + [0], run_labels,
-                       abstain=(6,))
+    out = _result_file(
+        tmp_path, "ddrs", xs, sigmas, gaps, [row[3] for row in HAND_MADE] + [0], run_labels, abstain=(6,)
+    )
     # the test set: the run's 7 images, then 3 others (one of class 3 inside regions of class 0)
     images = torch.cat([xs, torch.tensor([[0.0, 0.5], [0.0, 5.2], [9.0, 9.0]], dtype=F64)]).float()
     labels = torch.tensor(run_labels + [3, 2, 1])
@@ -612,12 +672,26 @@ def test_survival_counts_what_the_memory_leaves(tmp_path):
             assert got[when][kind] == pytest.approx(np.mean([r[column] * r["correct"] for r in rows]))
     assert got["after"]["l2"] < got["before"]["l2"]  # shrunk and relabelled certificates count less
     # by hand: each region {c + sigma u : |u| < gap} after the memory, and the other points of other classes in it
-    inside = np.array([[np.linalg.norm(images[p].double().numpy() - xs[r["idx"]].numpy()) < r["gap"] * r["sigma_min"]
-                        and int(labels[p]) != r["predict"] and p != r["idx"] for p in range(len(images))]
-                       for r in after if r["memory"] != ABSTAINED])
+    inside = np.array(
+        [
+            [
+                np.linalg.norm(images[p].double().numpy() - xs[r["idx"]].numpy()) < r["gap"] * r["sigma_min"]
+                and int(labels[p]) != r["predict"]
+                and p != r["idx"]
+                for p in range(len(images))
+            ]
+            for r in after
+            if r["memory"] != ABSTAINED
+        ]
+    )
     assert got["intruders"] == inside.any(0).sum() >= 2  # the class-3 point and image 2 (relabelled to 0)
     assert got["regions_with_intruders"] == inside.any(1).sum()
     kept = [r for r in after if r["memory"] != ABSTAINED]
-    assert got["nearest_other"][0] == pytest.approx(min(
-        np.linalg.norm(images[p].double().numpy() - xs[0].numpy()) / kept[0]["gap"]
-        for p in range(len(images)) if int(labels[p]) != kept[0]["predict"]), rel=1e-6)
+    assert got["nearest_other"][0] == pytest.approx(
+        min(
+            np.linalg.norm(images[p].double().numpy() - xs[0].numpy()) / kept[0]["gap"]
+            for p in range(len(images))
+            if int(labels[p]) != kept[0]["predict"]
+        ),
+        rel=1e-6,
+    )

@@ -36,8 +36,7 @@ def saved(tmp_path_factory):
     """A randomly initialised MnistCNN saved as X.pt, X.pt2 and X.json by `train.save`."""
     model = fresh_model(1)
     out = tmp_path_factory.mktemp("models") / "m.pt"
-    save(model, {"arch": "MnistCNN", "arch_kwargs": {"num_classes": 10},
-                 "settings": {"sigma": 0.25}}, out)
+    save(model, {"arch": "MnistCNN", "arch_kwargs": {"num_classes": 10}, "settings": {"sigma": 0.25}}, out)
     return model, out
 
 
@@ -103,8 +102,7 @@ def test_checkpoint_and_program_agree_on_logits_and_input_gradients(saved, n):
 def test_saving_the_same_weights_twice_gives_the_same_bytes(saved, tmp_path):
     model, out = saved
     again = tmp_path / "again.pt"
-    save(model, {"arch": "MnistCNN", "arch_kwargs": {"num_classes": 10},
-                 "settings": {"sigma": 0.25}}, again)
+    save(model, {"arch": "MnistCNN", "arch_kwargs": {"num_classes": 10}, "settings": {"sigma": 0.25}}, again)
     for suffix in (".pt", ".pt2"):
         assert again.with_suffix(suffix).read_bytes() == out.with_suffix(suffix).read_bytes()
 
@@ -138,8 +136,7 @@ def test_bare_state_dict_takes_its_architecture_from_the_sidecar(tmp_path):
 def test_probabilities_are_wrapped_into_log_probabilities(tmp_path):
     inner = fresh_model(3)
     probs = nn.Sequential(inner, nn.Softmax(dim=1)).eval()
-    program = torch.export.export(probs, (torch.rand(2, 1, 28, 28),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program = torch.export.export(probs, (torch.rand(2, 1, 28, 28),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     path = tmp_path / "probs.pt2"
     torch.export.save(program, path)
     model = load_model(path, probabilities=True)
@@ -188,19 +185,28 @@ class NotATensor:
     pass
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda d: d / "missing.pt", "no such file"),
-    (lambda d: d, "is a directory, not a regular file"),
-    (lambda d: write_bytes(d / "empty.pt", b""), "cannot read"),
-    (lambda d: write_bytes(d / "text.pt", b"not a model\n" * 10), "cannot read"),
-    (lambda d: torch_saved(d / "list.pt", [1, 2, 3]), "not a checkpoint"),
-    (lambda d: torch_saved(d / "object.pt", {"state_dict": {}, "x": NotATensor()}),
-     "is a pickled .*NotATensor, not a checkpoint"),  # weights_only refuses arbitrary objects
-    (lambda d: torch_saved(d / "arch.pt", {"state_dict": MnistCNN().state_dict(),
-                                           "arch": "ResNet50"}), "unknown architecture"),
-    (lambda d: torch_saved(d / "shape.pt", {"state_dict": nn.Linear(3, 2).state_dict(),
-                                            "arch": "MnistCNN"}), "do not fit"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda d: d / "missing.pt", "no such file"),
+        (lambda d: d, "is a directory, not a regular file"),
+        (lambda d: write_bytes(d / "empty.pt", b""), "cannot read"),
+        (lambda d: write_bytes(d / "text.pt", b"not a model\n" * 10), "cannot read"),
+        (lambda d: torch_saved(d / "list.pt", [1, 2, 3]), "not a checkpoint"),
+        (
+            lambda d: torch_saved(d / "object.pt", {"state_dict": {}, "x": NotATensor()}),
+            "is a pickled .*NotATensor, not a checkpoint",
+        ),  # weights_only refuses arbitrary objects
+        (
+            lambda d: torch_saved(d / "arch.pt", {"state_dict": MnistCNN().state_dict(), "arch": "ResNet50"}),
+            "unknown architecture",
+        ),
+        (
+            lambda d: torch_saved(d / "shape.pt", {"state_dict": nn.Linear(3, 2).state_dict(), "arch": "MnistCNN"}),
+            "do not fit",
+        ),
+    ],
+)
 def test_bad_files_raise_one_line_errors(make, match, tmp_path):
     path = make(tmp_path)
     with pytest.raises(RDDRSError, match=match) as err:
@@ -226,8 +232,7 @@ def test_one_line_drops_terminal_codes_and_clips():
 def test_damaged_program_raises(saved, tmp_path):
     _, out = saved
     damaged = tmp_path / "damaged.pt2"
-    with zipfile.ZipFile(out.with_suffix(".pt2")) as src, \
-            zipfile.ZipFile(damaged, "w") as dst:
+    with zipfile.ZipFile(out.with_suffix(".pt2")) as src, zipfile.ZipFile(damaged, "w") as dst:
         for name in src.namelist():
             if not name.endswith("models/model.json"):  # drop the graph
                 dst.writestr(name, src.read(name))
@@ -239,8 +244,7 @@ def test_damaged_program_raises(saved, tmp_path):
 def test_truncated_file_raises(saved, tmp_path):
     _, out = saved
     for suffix in (".pt", ".pt2"):
-        truncated = write_bytes(tmp_path / f"truncated{suffix}",
-                                out.with_suffix(suffix).read_bytes()[:5000])
+        truncated = write_bytes(tmp_path / f"truncated{suffix}", out.with_suffix(suffix).read_bytes()[:5000])
         with pytest.raises(RDDRSError):
             load_model(truncated)
 

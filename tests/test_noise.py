@@ -1,9 +1,10 @@
-"""Tests of ``rddrs.noise``: smoothing families, their certificate factors and gradients, seeded noise.
+"""Tests of ``rddrs.core.noise``: smoothing families, their certificate factors and gradients, seeded noise.
 
-Conventions under test (DESIGN.md, "Maths conventions"): noise is ``x + S eps`` with
-``eps ~ N(0, I_d)``, covariance ``S S^T``; proxy factor ``det(S)^(1/d)``, smallest scale
-``lambda_min(S)``; for the full family the Riemannian gradients under
-``g_C(A, B) = tr(C^-1 A C^-1 B)`` are ``grad P = (P/d) C`` and ``grad K = lambda_min^2 v v^T``.
+Conventions under test (``rddrs.core.noise``'s module docstring and ``FullSPD.grad_proxy``,
+``FullSPD.grad_min_scale``): noise is ``x + S eps`` with ``eps ~ N(0, I_d)``, covariance
+``S S^T``; proxy factor ``det(S)^(1/d)``, smallest scale ``lambda_min(S)``; for the full family
+the Riemannian gradients under ``g_C(A, B) = tr(C^-1 A C^-1 B)`` are ``grad P = (P/d) C`` and
+``grad K = lambda_min^2 v v^T``.
 
 References are built independently: SPD matrices from known eigenvalues and a random
 orthogonal basis, ``torch.linalg`` eigenvalues, autograd and finite differences.
@@ -77,7 +78,7 @@ def test_empirical_covariance_is_s_s_transpose(family):
     emp = y.transpose(-1, -2) @ y / m  # mean zero is known
     want = mat @ mat.transpose(-1, -2)
     diag = torch.diagonal(want, dim1=-2, dim2=-1)
-    std = ((diag[:, :, None] * diag[:, None, :] + want ** 2) / m).sqrt()  # std of each entry
+    std = ((diag[:, :, None] * diag[:, None, :] + want**2) / m).sqrt()  # std of each entry
     assert ((emp - want).abs() <= 5 * std).all()
     if family == "full":  # the covariance is C^2, not C (the paper's sampling x + C Z)
         assert not ((emp - mat).abs() <= 5 * std).all()
@@ -178,9 +179,16 @@ def test_isotropic_as_diagonal_and_full_describe_the_same_law():
         torch.testing.assert_close(other.scale_noise(eps), s.scale_noise(eps), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("bad", [torch.tensor([0.5, 0.0]), torch.tensor([0.5, -1.0]),
-                                 torch.tensor([0.5, float("nan")]), torch.tensor([[0.5]]),
-                                 torch.tensor(0.5)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.tensor([0.5, 0.0]),
+        torch.tensor([0.5, -1.0]),
+        torch.tensor([0.5, float("nan")]),
+        torch.tensor([[0.5]]),
+        torch.tensor(0.5),
+    ],
+)
 def test_isotropic_rejects_bad_sigma(bad):
     with pytest.raises(RDDRSError) as err:
         Isotropic(bad, 3)
@@ -214,8 +222,10 @@ def test_diagonal_gradients_match_autograd():
 def _full_case(seed: int, b: int = 3, d: int = 5):
     gen = _gen(seed)
     # lambda_min well separated from the rest, so that it is differentiable
-    w = torch.cat([0.3 + 0.1 * torch.rand(b, 1, generator=gen, dtype=F64),
-                   1.0 + torch.rand(b, d - 1, generator=gen, dtype=F64)], 1)
+    w = torch.cat(
+        [0.3 + 0.1 * torch.rand(b, 1, generator=gen, dtype=F64), 1.0 + torch.rand(b, d - 1, generator=gen, dtype=F64)],
+        1,
+    )
     c, _ = _spd_with_eigenvalues(w, gen)
     a = torch.randn(b, d, d, generator=gen, dtype=F64)
     v = 0.5 * (a + a.transpose(-1, -2))
@@ -236,7 +246,7 @@ def test_full_riemannian_gradients_by_finite_differences(which):
     c, v = _full_case(30)
     s = FullSPD(c)
     grad, f = (s.grad_proxy(), _proxy_of) if which == "proxy" else (s.grad_min_scale(), _min_eig_of)
-    # closed forms of DESIGN.md
+    # the closed form grad P = (P/d) C (the module docstring above)
     if which == "proxy":
         torch.testing.assert_close(grad, (_proxy_of(c) / 5)[:, None, None] * c, rtol=1e-10, atol=1e-12)
     h = 1e-5
@@ -273,12 +283,15 @@ def test_noise_same_key_same_draws_whatever_the_batching():
 
 def test_noise_streams_differ_by_stage_seed_and_index():
     d, m = 3, 8
-    draws = {(seed, stage): NoiseSource(seed, stage).draw([0, 1], m, d)
-             for seed in (0, 1) for stage in (NoiseSource.OPTIMIZE, NoiseSource.SELECT, NoiseSource.ESTIMATE)}
+    draws = {
+        (seed, stage): NoiseSource(seed, stage).draw([0, 1], m, d)
+        for seed in (0, 1)
+        for stage in (NoiseSource.OPTIMIZE, NoiseSource.SELECT, NoiseSource.ESTIMATE)
+    }
     keys = list(draws)
     for i, ka in enumerate(keys):
         assert not torch.equal(draws[ka][0], draws[ka][1])  # indices
-        for kb in keys[i + 1:]:
+        for kb in keys[i + 1 :]:
             assert not torch.allclose(draws[ka], draws[kb])
 
 
@@ -331,8 +344,9 @@ def test_sample_counts_respects_batch_size(b, num, batch_size):
         rows.append(z.shape[0])
         return torch.stack([torch.zeros(len(z), dtype=z.dtype), z[:, 0], -z[:, 0]], 1)
 
-    counts = sample_counts(model, x, s, list(range(b)), num, NoiseSource(0, NoiseSource.ESTIMATE),
-                           batch_size=batch_size)
+    counts = sample_counts(
+        model, x, s, list(range(b)), num, NoiseSource(0, NoiseSource.ESTIMATE), batch_size=batch_size
+    )
     assert max(rows) <= batch_size
     assert sum(rows) == b * num
     assert counts.shape == (b, 3)

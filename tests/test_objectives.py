@@ -68,12 +68,14 @@ def test_clamped_is_the_reference_formula(method):
     ANCER) or ``dG / phi(Phi^-1(clamped G))`` (RDDRS), on the same draws."""
     clamp = METHODS[method].clamp
     x = torch.tensor([[0.2, 0.0, 0.1, 0.0, 0.0], [2.5, -1.0, 1.0, 0.0, 0.5]], dtype=F64)  # unsure, confident
-    law = {"ddrs": Isotropic(torch.tensor([0.4, 0.3], dtype=F64), D),
-           "ancer": Diagonal(torch.full((2, D), 0.3, dtype=F64)),
-           "rddrs": FullSPD(torch.stack([scale_matrix("full", D, 1), scale_matrix("full", D, 2)]) * 0.3)}[method]
+    law = {
+        "ddrs": Isotropic(torch.tensor([0.4, 0.3], dtype=F64), D),
+        "ancer": Diagonal(torch.full((2, D), 0.3, dtype=F64)),
+        "rddrs": FullSPD(torch.stack([scale_matrix("full", D, 1), scale_matrix("full", D, 2)]) * 0.3),
+    }[method]
     eps = NoiseSource(1, "optimize").draw([0, 1], 4000, D, F64)
     leaf, means = _means(MODEL, x, law, eps)
-    value = objectives.build("clamped", law.family)(means)
+    value = objectives.build("clamped", clamp)(means)
     (grad,) = torch.autograd.grad(value.sum(), leaf.param)
     # the reference: G from the mean of the probabilities, clamped as the authors' code does
     leaf2 = law.leaf()
@@ -103,7 +105,7 @@ def test_clamped_ddrs_gives_confident_inputs_one_sigma():
     x = torch.tensor([[2.5, -1.0, 1.0, 0.0, 0.5], [3.5, -1.0, 1.0, 0.0, 0.5]], dtype=F64)
     base = Isotropic(torch.full((2,), 0.25, dtype=F64), D)
     settings = Search(20, 256, 1e-2, scale=0.5, objective="clamped")
-    found = search(MODEL, x, base, [0, 1], settings, 1e-3, seed=0)
+    found = search(MODEL, x, base, [0, 1], settings, 1e-3, seed=0, clamp=METHODS["ddrs"].clamp)
     sigma = found.smoothing.param
     assert float(sigma[0]) > 0.25 and float(sigma[0]) == pytest.approx(float(sigma[1]), rel=1e-12)
     soft = search(MODEL, x, base, [0, 1], Search(20, 256, 1e-2, scale=0.5), 1e-3, seed=0).smoothing.param
@@ -129,6 +131,7 @@ def test_capped_gradient_matches_finite_differences(family):
         move = lambda h: Diagonal(law.param + h * v)
     else:
         from rddrs.core import spd
+
         c = torch.stack([scale_matrix("full", D, 4), scale_matrix("full", D, 5)]) * 0.4
         law = FullSPD(c)
         v = spd.sym(torch.randn(2, D, D, generator=gen, dtype=F64))
@@ -136,7 +139,9 @@ def test_capped_gradient_matches_finite_differences(family):
     cap = 1.3  # R / 2 is near the cap here, where the smooth minimum bends
     value, grad = _capped_value_and_gradient(law, x, eps, cap)
     h = 1e-5
-    fd = (_capped_value_and_gradient(move(h), x, eps, cap)[0] - _capped_value_and_gradient(move(-h), x, eps, cap)[0]) / (2 * h)
+    fd = (
+        _capped_value_and_gradient(move(h), x, eps, cap)[0] - _capped_value_and_gradient(move(-h), x, eps, cap)[0]
+    ) / (2 * h)
     torch.testing.assert_close(law.inner(grad, v), fd, rtol=1e-5, atol=1e-9)
 
 
@@ -176,12 +181,21 @@ def test_bad_objective_settings_are_one_line_errors():
     assert "capped objective" in raises_one_line(Search, 5, 8, 0.1, cap=3.2)
     assert "unknown objective" in raises_one_line(Search, 5, 8, 0.1, objective="hard")
     assert "unknown step rule" in raises_one_line(Search, 5, 8, 0.1, step="lbfgs")
-    assert "cap" in raises_one_line(objectives.build, "capped", "full")
+    assert "cap" in raises_one_line(objectives.build, "capped")
+    assert "clamp" in raises_one_line(objectives.build, "clamped")
 
 
 def test_old_sidecar_records_read_as_the_papers_search():
-    old = {"iterations": 50, "samples": 64, "lr": 0.08, "kappa": 2.0, "scale": 1.0, "adam": True,
-           "keep_best_every": None, "max_step": None}
+    old = {
+        "iterations": 50,
+        "samples": 64,
+        "lr": 0.08,
+        "kappa": 2.0,
+        "scale": 1.0,
+        "adam": True,
+        "keep_best_every": None,
+        "max_step": None,
+    }
     search_ = Search.from_dict(old)
     assert (search_.step, search_.objective) == ("adam", "soft")
     assert Search.from_dict({**old, "adam": False}).step == "sgd"

@@ -9,6 +9,7 @@ import torch
 from rddrs import RDDRSError
 from rddrs.core import spd
 from rddrs.core.certify import certify
+from rddrs.core.methods import METHODS
 from rddrs.core.noise import Diagonal, FullSPD, Isotropic
 from rddrs.core.optimize import find_smoothing, objective_and_gradient, search
 from rddrs.core.presets import ANCER, DDRS, RDDRS, Search
@@ -20,7 +21,7 @@ torch.set_num_threads(1)
 def smooth_model(d: int, k: int = 3, seed: int = 0, dtype=torch.float64):
     """A small smooth network R^d -> R^k (logits)."""
     g = torch.Generator().manual_seed(seed)
-    w1 = torch.randn(16, d, generator=g, dtype=dtype) / d ** 0.5
+    w1 = torch.randn(16, d, generator=g, dtype=dtype) / d**0.5
     w2 = torch.randn(k, 16, generator=g, dtype=dtype) * 2
 
     def model(z):
@@ -76,9 +77,11 @@ def _rotated(model, u):
     return lambda z: model((z.reshape(len(z), -1) @ u).reshape(z.shape))  # f(U^T z), rows z^T U
 
 
-SMALL = {"ddrs": Search(40, 400, 2e-2, scale=0.5, keep_best_every=10),
-         "ancer": Search(20, 400, 0.04, kappa=2.0, step="adam"),
-         "rddrs": Search(20, 400, 0.2, kappa=1e-6)}
+SMALL = {
+    "ddrs": Search(40, 400, 2e-2, scale=0.5, keep_best_every=10),
+    "ancer": Search(20, 400, 0.04, kappa=2.0, step="adam"),
+    "rddrs": Search(20, 400, 0.2, kappa=1e-6),
+}
 
 
 @pytest.mark.parametrize("method", ["rs", "ddrs", "rddrs"])
@@ -162,8 +165,15 @@ def test_ddrs_gives_confident_inputs_different_sigmas():
         return torch.stack([torch.zeros_like(s), 8 * s], 1)
 
     x = torch.tensor([[2.0, 0.0], [4.0, 0.0]], dtype=torch.float64)
-    found = search(linear, x, Isotropic(torch.full((2,), 0.12, dtype=torch.float64), 2), [0, 1],
-                   Search(200, 200, 1e-3, scale=0.5), lower=1e-3, seed=0)
+    found = search(
+        linear,
+        x,
+        Isotropic(torch.full((2,), 0.12, dtype=torch.float64), 2),
+        [0, 1],
+        Search(200, 200, 1e-3, scale=0.5),
+        lower=1e-3,
+        seed=0,
+    )
     sigma = found.smoothing.param
     assert (sigma > 0.12).all()  # both grew from sigma=0.12, where G_A is within 1e-50 of 1
     assert sigma[1] > sigma[0] * 1.05
@@ -186,20 +196,23 @@ def test_paper_settings():
     assert (RDDRS.kappa, RDDRS.iterations, RDDRS.samples) == (1e-6, 100, 20_000)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(iterations=-1, samples=10, lr=0.1), "iterations"),
-    (dict(iterations=10, samples=0, lr=0.1), "samples"),
-    (dict(iterations=10, samples=10, lr=0.0), "learning rate"),
-    (dict(iterations=10, samples=10, lr=0.1, kappa=-1.0), "kappa"),
-    (dict(iterations=10, samples=10, lr=float("inf")), "learning rate must be finite"),
-    (dict(iterations=10, samples=10, lr=float("nan")), "learning rate must be finite"),
-    (dict(iterations=10, samples=10, lr=0.1, kappa=float("nan")), "kappa must be finite"),
-    (dict(iterations=10, samples=10, lr=0.1, kappa=float("inf")), "kappa must be finite"),
-    (dict(iterations=10, samples=10, lr=0.1, max_step=float("inf")), "max_step must be finite"),
-    (dict(iterations=10, samples=10, lr=0.1, scale=float("nan")), "scale must be finite"),
-    (dict(iterations=10, samples=10, lr=0.1, keep_best_every=0), "keep_best_every"),
-    (dict(iterations=2.5, samples=10, lr=0.1), "integers"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(iterations=-1, samples=10, lr=0.1), "iterations"),
+        (dict(iterations=10, samples=0, lr=0.1), "samples"),
+        (dict(iterations=10, samples=10, lr=0.0), "learning rate"),
+        (dict(iterations=10, samples=10, lr=0.1, kappa=-1.0), "kappa"),
+        (dict(iterations=10, samples=10, lr=float("inf")), "learning rate must be finite"),
+        (dict(iterations=10, samples=10, lr=float("nan")), "learning rate must be finite"),
+        (dict(iterations=10, samples=10, lr=0.1, kappa=float("nan")), "kappa must be finite"),
+        (dict(iterations=10, samples=10, lr=0.1, kappa=float("inf")), "kappa must be finite"),
+        (dict(iterations=10, samples=10, lr=0.1, max_step=float("inf")), "max_step must be finite"),
+        (dict(iterations=10, samples=10, lr=0.1, scale=float("nan")), "scale must be finite"),
+        (dict(iterations=10, samples=10, lr=0.1, keep_best_every=0), "keep_best_every"),
+        (dict(iterations=2.5, samples=10, lr=0.1), "integers"),
+    ],
+)
 def test_bad_search_settings(kwargs, message):
     with pytest.raises(RDDRSError, match=message):
         Search(**kwargs)
@@ -232,11 +245,14 @@ def test_max_step_bounds_how_much_any_scale_changes():
 
 # -- searches that must find what is known ----------------------------------------------------
 
+
 def _interval_model(length: float, sharpness: float, normal: torch.Tensor):
     """Two classes; class 0 where ``|normal . y| < length`` (soft edges of the given sharpness)."""
+
     def model(y):
         z = y.reshape(len(y), -1) @ normal
         return torch.stack([sharpness * (length - z.abs()), torch.zeros_like(z)], 1)
+
     return model
 
 
@@ -248,27 +264,40 @@ def test_ddrs_finds_the_interior_optimum():
     length, sharpness, x0 = 1.0, 6.0, 0.3
 
     def g_a(s):
-        density = lambda e: special.expit(sharpness * (length - abs(x0 + s * e))) * np.exp(-e * e / 2) / np.sqrt(2 * np.pi)
+        density = lambda e: (
+            special.expit(sharpness * (length - abs(x0 + s * e))) * np.exp(-e * e / 2) / np.sqrt(2 * np.pi)
+        )
         return integrate.quad(density, -12, 12, points=[(-length - x0) / s, (length - x0) / s], limit=200)[0]
 
-    best = sopt.minimize_scalar(lambda s: -s * special.ndtri(g_a(s)), bounds=(0.05, 3.0), method="bounded",
-                                options={"xatol": 1e-6})
+    best = sopt.minimize_scalar(
+        lambda s: -s * special.ndtri(g_a(s)), bounds=(0.05, 3.0), method="bounded", options={"xatol": 1e-6}
+    )
     assert 0.3 < best.x < 1.0  # interior, away from the start
     model = _interval_model(length, sharpness, torch.ones(1, dtype=torch.float64))
     x = torch.tensor([[x0]], dtype=torch.float64)
-    found = search(model, x, Isotropic(torch.tensor([0.2], dtype=torch.float64), 1), [0],
-                   Search(300, 2000, 0.05, scale=0.5), 1e-3, seed=0)
+    found = search(
+        model,
+        x,
+        Isotropic(torch.tensor([0.2], dtype=torch.float64), 1),
+        [0],
+        Search(300, 2000, 0.05, scale=0.5),
+        1e-3,
+        seed=0,
+    )
     assert float(found.smoothing.param) == pytest.approx(best.x, rel=0.03)
 
 
 def test_rddrs_stretches_along_a_tilted_strip():
     """Class 0 on a strip along (1, 1): DDRS is bound by its width, ANCER's axes cannot follow it,
     RDDRS stretches C along it; so RDDRS' certified proxy radius is at least DDRS' (here far more)."""
-    normal = torch.tensor([1.0, -1.0], dtype=torch.float64) / 2 ** 0.5
+    normal = torch.tensor([1.0, -1.0], dtype=torch.float64) / 2**0.5
     model = _interval_model(1.0, 6.0, normal)
     x = torch.tensor([[0.1, 0.2], [-0.3, 0.1]], dtype=torch.float64)
-    settings = {"ddrs": Search(200, 1000, 0.05, scale=0.5), "ancer": Search(60, 1000, 0.05, kappa=2.0, step="adam"),
-                "rddrs": Search(60, 1000, 0.5, kappa=1e-6, max_step=0.1)}
+    settings = {
+        "ddrs": Search(200, 1000, 0.05, scale=0.5),
+        "ancer": Search(60, 1000, 0.05, kappa=2.0, step="adam"),
+        "rddrs": Search(60, 1000, 0.5, kappa=1e-6, max_step=0.1),
+    }
     proxy = {}
     for method in ("ddrs", "ancer", "rddrs"):
         law, _ = find_smoothing(method, model, x, [0, 1], 0.2, seed=0, settings=settings)
@@ -276,12 +305,16 @@ def test_rddrs_stretches_along_a_tilted_strip():
     assert (proxy["rddrs"] >= proxy["ddrs"]).all() and (proxy["rddrs"] > 3 * proxy["ddrs"]).all()
     assert (proxy["ancer"] < 1.2 * proxy["ddrs"]).all()
     w, v = torch.linalg.eigh(law.matrix())
-    along = torch.tensor([1.0, 1.0], dtype=torch.float64) / 2 ** 0.5
+    along = torch.tensor([1.0, 1.0], dtype=torch.float64) / 2**0.5
     assert (abs(v[:, :, -1] @ along) > 0.99).all()  # the long axis of C lies along the strip
 
 
-OPTIONS = [dict(objective=o, step=s, control_variate=cv) for o in ("soft", "clamped", "capped")
-           for s in ("sgd", "adam") for cv in (False, True)]
+OPTIONS = [
+    dict(objective=o, step=s, control_variate=cv)
+    for o in ("soft", "clamped", "capped")
+    for s in ("sgd", "adam")
+    for cv in (False, True)
+]
 
 
 @pytest.mark.parametrize("method", ["ddrs", "ancer", "rddrs"])
@@ -302,9 +335,16 @@ def test_every_search_option_stays_sound_on_a_linear_classifier(method, options)
     x = torch.randn(4, D, generator=gen, dtype=torch.float64)
     extra = {"cap": 3.0} if options["objective"] == "capped" else {}
     lr = {"ddrs": 1e-2, "ancer": 0.05, "rddrs": 0.5}[method]
-    settings = {m: replace(SMALL[m], iterations=8, samples=64, lr=lr if m == method else SMALL[m].lr,
-                           **(options | extra if m == method else {}))
-                for m in ("ddrs", method)}
+    settings = {
+        m: replace(
+            SMALL[m],
+            iterations=8,
+            samples=64,
+            lr=lr if m == method else SMALL[m].lr,
+            **(options | extra if m == method else {}),
+        )
+        for m in ("ddrs", method)
+    }
     law, _ = find_smoothing(method, linear, x, [0, 1, 2, 3], 0.3, seed=0, settings=settings)
     cert = certify(linear, x, law, [0, 1, 2, 3], 100, 4000, 1e-6, seed=1)
     margin = (x @ w + b).numpy()
@@ -321,8 +361,14 @@ def test_control_variate_keeps_the_mean_and_cuts_the_noise():
     gen = torch.Generator().manual_seed(0)
 
     def estimates(m, cv, reps):
-        return torch.stack([objective_and_gradient(MODEL, X, law, torch.randn(3, m, D, generator=gen, dtype=torch.float64),
-                                                   0.0, control_variate=cv)[1] for _ in range(reps)])
+        return torch.stack(
+            [
+                objective_and_gradient(
+                    MODEL, X, law, torch.randn(3, m, D, generator=gen, dtype=torch.float64), 0.0, control_variate=cv
+                )[1]
+                for _ in range(reps)
+            ]
+        )
 
     reference = estimates(100_000, False, 1)[0]
     norm = lambda v: law.inner(v, v).sqrt() / law.inner(reference, reference).sqrt()
@@ -354,7 +400,9 @@ def test_a_diverging_input_stops_at_its_last_finite_law_and_the_others_go_on():
 
 
 def test_a_non_finite_law_is_refused():
-    law = Diagonal(torch.full((3, D), 0.3, dtype=torch.float64)).with_param(torch.full((3, D), float("nan"), dtype=torch.float64))
+    law = Diagonal(torch.full((3, D), 0.3, dtype=torch.float64)).with_param(
+        torch.full((3, D), float("nan"), dtype=torch.float64)
+    )
     with pytest.raises(RDDRSError, match="NaN or infinite scales"):
         certify(MODEL, X, law, [0, 1, 2], 10, 100, 0.01, seed=0)
 
@@ -364,14 +412,20 @@ def test_a_non_finite_law_is_refused():
 def test_chunked_gradient_equals_the_gradient_of_all_draws_at_once(family, control_variate):
     from rddrs.core import objectives
 
-    law = {"isotropic": Isotropic(torch.tensor([0.3, 0.4, 0.5], dtype=torch.float64), D),
-           "diagonal": Diagonal(0.2 + 0.3 * torch.rand(3, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)),
-           "full": FullSPD(spd.random_spd(D, batch=(3,), seed=2) * 0.4)}[family]
+    law = {
+        "isotropic": Isotropic(torch.tensor([0.3, 0.4, 0.5], dtype=torch.float64), D),
+        "diagonal": Diagonal(
+            0.2 + 0.3 * torch.rand(3, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        ),
+        "full": FullSPD(spd.random_spd(D, batch=(3,), seed=2) * 0.4),
+    }[family]
     eps = EPS[:, :1000]
-    for objective in (objectives.Soft(), objectives.Capped(1.0), objectives.build("clamped", family)):
+    clamp = METHODS[{"isotropic": "ddrs", "diagonal": "ancer", "full": "rddrs"}[family]].clamp
+    for objective in (objectives.Soft(), objectives.Capped(1.0), objectives.build("clamped", clamp)):
         whole = objective_and_gradient(MODEL, X, law, eps, 0.5, objective=objective, control_variate=control_variate)
-        parts = objective_and_gradient(MODEL, X, law, eps, 0.5, objective=objective, control_variate=control_variate,
-                                       chunk=300)
+        parts = objective_and_gradient(
+            MODEL, X, law, eps, 0.5, objective=objective, control_variate=control_variate, chunk=300
+        )
         torch.testing.assert_close(parts[0], whole[0], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(parts[1], whole[1], rtol=1e-9, atol=1e-12)
 
@@ -388,7 +442,7 @@ def test_at_a_diagonal_C_the_diagonal_of_rddrs_gradient_is_ancers_in_the_affine_
     value_full, grad_full = objective_and_gradient(MODEL, X, Diagonal(THETA).as_full(), EPS, kappa=0.5)
     value_diag, grad_diag = objective_and_gradient(MODEL, X, Diagonal(THETA), EPS, kappa=0.5)
     torch.testing.assert_close(value_full, value_diag)
-    torch.testing.assert_close(torch.diagonal(grad_full, dim1=-2, dim2=-1), THETA ** 2 * grad_diag)
+    torch.testing.assert_close(torch.diagonal(grad_full, dim1=-2, dim2=-1), THETA**2 * grad_diag)
     assert torch.diagonal(grad_full, dim1=-2, dim2=-1).abs().amax() > 0.1 * grad_full.abs().amax()
 
 
@@ -403,13 +457,23 @@ def test_a_diagonal_only_search_keeps_C_diagonal_and_steps_by_the_exponential_ma
     # Exp_C(lr U) for diagonal C and U is diag(theta exp(lr u / theta)), u = theta^2 grad
     expected = torch.clamp(THETA * torch.exp(lr * THETA * grad), min=0.1)
     torch.testing.assert_close(found.smoothing.matrix(), torch.diag_embed(expected))
-    many = search(MODEL, X, Diagonal(THETA).as_full(), idx, replace(settings, iterations=20, step="adam"),
-                  lower=0.3, seed=3).smoothing.matrix()
+    many = search(
+        MODEL, X, Diagonal(THETA).as_full(), idx, replace(settings, iterations=20, step="adam"), lower=0.3, seed=3
+    ).smoothing.matrix()
     off = many - torch.diag_embed(torch.diagonal(many, dim1=-2, dim2=-1))
     assert off.abs().amax() == 0 and not torch.allclose(many, Diagonal(THETA).as_full().matrix())
-    free = search(MODEL, X, Diagonal(THETA).as_full(), idx, replace(settings, iterations=20, step="adam", diagonal=False),
-                  lower=0.3, seed=3).smoothing.matrix()
-    assert (free - torch.diag_embed(torch.diagonal(free, dim1=-2, dim2=-1))).abs().amax() > 1e-3  # which it was free to leave
+    free = search(
+        MODEL,
+        X,
+        Diagonal(THETA).as_full(),
+        idx,
+        replace(settings, iterations=20, step="adam", diagonal=False),
+        lower=0.3,
+        seed=3,
+    ).smoothing.matrix()
+    assert (
+        free - torch.diag_embed(torch.diagonal(free, dim1=-2, dim2=-1))
+    ).abs().amax() > 1e-3  # which it was free to leave
 
 
 def test_a_diagonal_only_search_is_for_rddrs():

@@ -29,7 +29,7 @@ def test_make_installs_the_cluster_extra_and_sweeps_before_the_chapters():
     with ENGINE runs rddrs sweep before re-executing the chapters."""
     makefile = (ROOT / "Makefile").read_text()
     assert "pip install --quiet -e '.[book,test,cluster]'" in makefile
-    results = makefile[makefile.index("\nresults:"):]
+    results = makefile[makefile.index("\nresults:") :]
     results = results[: results.index("\n\n")]
     assert results.index("rddrs sweep --preset $(PRESET)") < results.index("papermill")
 
@@ -56,8 +56,7 @@ def test_the_browser_test_and_the_bibliography_are_installed():
 def test_a_source_tree_that_is_not_installed_reports_the_version_of_its_pyproject(tmp_path):
     """On a bare machine running from ``PYTHONPATH=src`` the rows' provenance names the source's
     version, not ``0+unknown``."""
-    shutil.copytree(ROOT / "src" / "rddrs", tmp_path / "src" / "rddrs",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "src" / "rddrs", tmp_path / "src" / "rddrs", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     code = "import sys; sys.path.insert(0, 'src'); import rddrs; print(rddrs.__version__)"
     out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)

@@ -1,6 +1,6 @@
-"""Tests of ``rddrs.spd``: affine-invariant geometry on symmetric positive definite matrices.
+"""Tests of ``rddrs.core.spd``: affine-invariant geometry on symmetric positive definite matrices.
 
-Conventions under test (see ``spd``'s module docstring and DESIGN.md):
+Conventions under test (``rddrs.core.spd``'s module docstring):
 ``g_C(A, B) = tr(C^-1 A C^-1 B)``, ``Exp_C(X) = C^1/2 expm(C^-1/2 X C^-1/2) C^1/2``,
 ``Log_C = Exp_C^-1``, ``dist(C, D) = ||logm(C^-1/2 D C^-1/2)||_F``, Riemannian gradient
 ``C sym(G) C``.
@@ -347,9 +347,7 @@ def test_geodesic_has_constant_speed(d):
     for t in ts:
         torch.testing.assert_close(spd.distance(c, points[t]), abs(t) * norm, rtol=1e-10, atol=1e-10)
         for s in ts:
-            torch.testing.assert_close(
-                spd.distance(points[s], points[t]), abs(t - s) * norm, rtol=1e-9, atol=1e-9
-            )
+            torch.testing.assert_close(spd.distance(points[s], points[t]), abs(t - s) * norm, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("d", DIMS)
@@ -466,8 +464,9 @@ def test_riemannian_gradient_of_trace(d):
         torch.testing.assert_close(fd, tr_mx, rtol=1e-6, atol=1e-8)
 
 
-def test_riemannian_gradient_of_det_root_matches_design():
-    """DESIGN.md: P = det(C)^(1/d) has Riemannian gradient (P / d) C."""
+def test_riemannian_gradient_of_det_root_is_p_over_d_times_c():
+    """P = det(C)^(1/d) has Riemannian gradient (P / d) C: its Euclidean gradient (P / d) C^-1
+    turned by ``C sym(G) C`` (the closed form of ``rddrs.core.noise.FullSPD.grad_proxy``)."""
     gen = _gen(17)
     d = 10
     c = spd.random_spd(d, batch=(4,), spread=1.0, generator=gen)
@@ -575,9 +574,7 @@ def test_floor_eigenvalues_scalar_lower(d):
     # eigenvectors kept: out q_i = max(w_i, lower) q_i
     torch.testing.assert_close(out @ q, q * expected_w.unsqueeze(-2), rtol=1e-11, atol=1e-12)
     # the nearest matrix in Frobenius norm moves by exactly ||(lower - w)_+||
-    torch.testing.assert_close(
-        torch.linalg.matrix_norm(out - c), (expected_w - w).norm(dim=-1), rtol=1e-10, atol=1e-13
-    )
+    torch.testing.assert_close(torch.linalg.matrix_norm(out - c), (expected_w - w).norm(dim=-1), rtol=1e-10, atol=1e-13)
 
 
 def test_floor_eigenvalues_leaves_matrices_above_the_floor_unchanged():

@@ -1,4 +1,4 @@
-"""Tests of ``rddrs.stats``: Clopper-Pearson bound, PREDICT's p-value, stable probit, soft gap.
+"""Tests of ``rddrs.core.stats``: Clopper-Pearson bound, PREDICT's p-value, stable probit, soft gap.
 
 References are independent: scipy's ``binomtest`` (exact intervals and p-values), scipy's
 ``ndtri`` / ``log_ndtr`` and closed forms of the normal law. Nothing is compared with a value
@@ -20,8 +20,22 @@ torch.set_num_threads(1)
 
 F64 = torch.float64
 
-CASES = [(0, 10), (1, 10), (5, 10), (9, 10), (10, 10), (0, 1), (1, 1), (37, 100), (100, 100),
-         (0, 1000), (999, 1000), (1000, 1000), (97_312, 100_000), (100_000, 100_000)]
+CASES = [
+    (0, 10),
+    (1, 10),
+    (5, 10),
+    (9, 10),
+    (10, 10),
+    (0, 1),
+    (1, 1),
+    (37, 100),
+    (100, 100),
+    (0, 1000),
+    (999, 1000),
+    (1000, 1000),
+    (97_312, 100_000),
+    (100_000, 100_000),
+]
 
 
 # --------------------------------------------------------------------------- Clopper-Pearson
@@ -132,8 +146,7 @@ def test_probit_of_log_is_continuous_across_the_switch():
 
 
 def test_probit_of_log_gradient_closed_form_and_finite_difference():
-    log_p = torch.tensor([-1e-6, -0.01, -0.7, -5.0, -60.0, -690.0, -750.0, -5e3, -1e5], dtype=F64,
-                         requires_grad=True)
+    log_p = torch.tensor([-1e-6, -0.01, -0.7, -5.0, -60.0, -690.0, -750.0, -5e3, -1e5], dtype=F64, requires_grad=True)
     x = probit_of_log(log_p)
     (grad,) = torch.autograd.grad(x.sum(), log_p)
     xd = x.detach().numpy()

@@ -42,9 +42,26 @@ def mnist_train():
 def smoke(tmp_path_factory):
     """One real `run`: 1 epoch of 3 batches of 32 into a temporary directory."""
     out = tmp_path_factory.mktemp("train") / "smoke.pt"
-    train.run(parse("--sigma", "0.25", "--epochs", "1", "--max-batches", "3",
-                    "--batch-size", "32", "--seed", "5", "--data", str(DATA),
-                    "--out", str(out), "--threads", "1"))
+    train.run(
+        parse(
+            "--sigma",
+            "0.25",
+            "--epochs",
+            "1",
+            "--max-batches",
+            "3",
+            "--batch-size",
+            "32",
+            "--seed",
+            "5",
+            "--data",
+            str(DATA),
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        )
+    )
     return out
 
 
@@ -53,14 +70,29 @@ def smoke(tmp_path_factory):
 
 def test_run_writes_checkpoint_program_and_sidecar_only(smoke):
     assert sorted(p.name for p in smoke.parent.iterdir()) == [
-        "smoke.json", "smoke.pt", "smoke.pt2"]  # and no temporary files left behind
+        "smoke.json",
+        "smoke.pt",
+        "smoke.pt2",
+    ]  # and no temporary files left behind
 
 
 def test_sidecar_holds_settings_log_accuracies_and_provenance(smoke):
     meta = json.loads(smoke.with_suffix(".json").read_text())
-    for key in ("dataset", "arch", "settings", "seed", "epochs", "log", "clean_test_accuracy",
-                "noisy_test_accuracy", "versions", "git_commit", "device", "train_seconds",
-                "files"):
+    for key in (
+        "dataset",
+        "arch",
+        "settings",
+        "seed",
+        "epochs",
+        "log",
+        "clean_test_accuracy",
+        "noisy_test_accuracy",
+        "versions",
+        "git_commit",
+        "device",
+        "train_seconds",
+        "files",
+    ):
         assert key in meta, key
     assert meta["arch"] == "MnistCNN" and meta["dataset"] == "mnist"
     settings = meta["settings"]
@@ -75,14 +107,12 @@ def test_sidecar_holds_settings_log_accuracies_and_provenance(smoke):
         assert 0 <= meta[key] <= 1
     assert meta["test_images"] == 10000 and meta["train_images"] == 60000
     assert meta["versions"]["torch"] == torch.__version__
-    assert meta["git_commit"] is None or (len(meta["git_commit"]) == 40
-                                          and int(meta["git_commit"], 16) >= 0)
+    assert meta["git_commit"] is None or (len(meta["git_commit"]) == 40 and int(meta["git_commit"], 16) >= 0)
     assert meta["device"].startswith("cpu") and meta["threads"] == 1
     assert 0 < meta["train_seconds"] < 120
     for name in ("smoke.pt", "smoke.pt2"):
         blob = (smoke.parent / name).read_bytes()
-        assert meta["files"][name] == {"bytes": len(blob),
-                                       "sha256": hashlib.sha256(blob).hexdigest()}
+        assert meta["files"][name] == {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
 
 
 def test_checkpoint_loads_with_weights_only_and_names_its_architecture(smoke):
@@ -98,8 +128,7 @@ def test_sidecar_accuracies_are_those_of_the_saved_model(smoke):
     test_x, test_y = load_dataset(DATA, train=False)
     model = load_model(smoke)
     assert train.accuracy(model, test_x, test_y) == meta["clean_test_accuracy"]
-    assert train.accuracy(model, test_x, test_y, sigma=0.25, seed=5) == \
-        meta["noisy_test_accuracy"]
+    assert train.accuracy(model, test_x, test_y, sigma=0.25, seed=5) == meta["noisy_test_accuracy"]
 
 
 # --------------------------------------------------------------------------- learning
@@ -107,8 +136,7 @@ def test_sidecar_accuracies_are_those_of_the_saved_model(smoke):
 
 def test_loss_decreases_over_a_few_dozen_batches(mnist_train):
     x, y = mnist_train
-    _, log = train.train_model(x[:512], y[:512], sigma=0.25, epochs=4, batch_size=32,
-                               lr=2e-3, seed=0)
+    _, log = train.train_model(x[:512], y[:512], sigma=0.25, epochs=4, batch_size=32, lr=2e-3, seed=0)
     losses = [entry["loss"] for entry in log]
     assert [entry["batches"] for entry in log] == [16] * 4
     assert losses[-1] < 0.6 * losses[0], losses
@@ -121,8 +149,7 @@ def test_same_seed_gives_identical_weights_other_seed_does_not(mnist_train):
     a, log_a = train.train_model(x[:256], y[:256], seed=11, **kwargs)
     b, log_b = train.train_model(x[:256], y[:256], seed=11, **kwargs)
     c, _ = train.train_model(x[:256], y[:256], seed=12, **kwargs)
-    for (name, wa), wb, wc in zip(a.state_dict().items(), b.state_dict().values(),
-                                  c.state_dict().values()):
+    for (name, wa), wb, wc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
         assert torch.equal(wa, wb), name
         assert not torch.equal(wa, wc), name
     assert [e["loss"] for e in log_a] == [e["loss"] for e in log_b]
@@ -189,19 +216,22 @@ def test_accuracy_counts_and_noise_is_seeded():
 # --------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--sigma", "0"], "--sigma"),
-    (["--sigma", "-0.25"], "--sigma"),
-    (["--sigma", "nan"], "--sigma"),
-    (["--sigma", "0.25", "--epochs", "0"], "--epochs"),
-    (["--sigma", "0.25", "--batch-size", "-1"], "--batch-size"),
-    (["--sigma", "0.25", "--lr", "0"], "--lr"),
-    (["--sigma", "0.25", "--max-batches", "0"], "--max-batches"),
-    (["--sigma", "0.25", "--threads", "0"], "--threads"),
-    (["--sigma", "0.25", "--out", "model.pth"], r"\.pt"),
-    (["--sigma", "0.25", "--device", "tpu"], "device"),
-    (["--sigma", "0.25", "--device", "not a device"], "device"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--sigma", "0"], "--sigma"),
+        (["--sigma", "-0.25"], "--sigma"),
+        (["--sigma", "nan"], "--sigma"),
+        (["--sigma", "0.25", "--epochs", "0"], "--epochs"),
+        (["--sigma", "0.25", "--batch-size", "-1"], "--batch-size"),
+        (["--sigma", "0.25", "--lr", "0"], "--lr"),
+        (["--sigma", "0.25", "--max-batches", "0"], "--max-batches"),
+        (["--sigma", "0.25", "--threads", "0"], "--threads"),
+        (["--sigma", "0.25", "--out", "model.pth"], r"\.pt"),
+        (["--sigma", "0.25", "--device", "tpu"], "device"),
+        (["--sigma", "0.25", "--device", "not a device"], "device"),
+    ],
+)
 def test_bad_arguments_raise_one_line_errors(argv, match, tmp_path):
     if "--out" not in argv:
         argv = [*argv, "--out", str(tmp_path / "m.pt")]
@@ -214,20 +244,17 @@ def test_bad_arguments_raise_one_line_errors(argv, match, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_asked_but_unavailable(tmp_path):
     with pytest.raises(RDDRSError, match="CUDA is not available"):
-        train.run(parse("--sigma", "0.25", "--device", "cuda", "--data", str(DATA),
-                        "--out", str(tmp_path / "m.pt")))
+        train.run(parse("--sigma", "0.25", "--device", "cuda", "--data", str(DATA), "--out", str(tmp_path / "m.pt")))
 
 
 def test_missing_data_directory(tmp_path):
     with pytest.raises(RDDRSError, match="does not exist"):
-        train.run(parse("--sigma", "0.25", "--data", str(tmp_path / "nowhere"),
-                        "--out", str(tmp_path / "m.pt")))
+        train.run(parse("--sigma", "0.25", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.pt")))
 
 
 def test_data_directory_without_mnist(tmp_path):
     with pytest.raises(RDDRSError, match="MNIST not found"):
-        train.run(parse("--sigma", "0.25", "--data", str(tmp_path),
-                        "--out", str(tmp_path / "m.pt")))
+        train.run(parse("--sigma", "0.25", "--data", str(tmp_path), "--out", str(tmp_path / "m.pt")))
 
 
 def test_sigma_is_required():

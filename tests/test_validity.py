@@ -1,4 +1,4 @@
-"""Tests of ``rddrs.validity``: the measured rate of wrong certificates against exact truths.
+"""Tests of ``rddrs.studies.validity``: the measured rate of wrong certificates against exact truths.
 
 Ground truth 1 (closed form): the linear classifier ``[0, w.z + b]``, whose smoothed class
 probabilities are ``Phi(+-(w.x + b) / ||S^T w||)``; checked here against a dense numpy
@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import F64, FAMILIES, generator, raises_one_line, scale_matrix, smoothing
+from helpers import F64, FAMILIES, generator, raises_one_line, scale_matrix, smoothing, worst_point
 from scipy import special, stats
 
 from rddrs.core.certify import certify
@@ -83,7 +83,7 @@ def test_linear_classifier_closed_forms(family, d):
     np.testing.assert_array_equal(model(x).argmax(1).numpy(), (t > 0).astype(int))
 
     r = np.linspace(0.3, 1.5, 5)
-    point = model.worst_point(x, sm, torch.tensor(r)).numpy()
+    point = worst_point(model, x, sm, torch.tensor(r)).numpy()
     delta = point - x_np
     u = np.linalg.solve(s_np, delta.T).T
     np.testing.assert_allclose(np.linalg.norm(u, axis=1), r, rtol=1e-9)  # on the ellipsoid's border
@@ -127,16 +127,25 @@ def test_two_sided_interval_is_exact():
 
 def test_check_streams_are_independent_of_the_method_streams():
     """Same seed and index, different stages: different draws, uncorrelated."""
-    draws = {stage: source(3, stage).draw([5], 4000, 3, F64)[0].flatten()
-             for source, stage in ((NoiseSource, "select"), (NoiseSource, "estimate"), (NoiseSource, "optimize"),
-                                   (CheckNoise, "validate"), (CheckNoise, "attack"))}
+    draws = {
+        stage: source(3, stage).draw([5], 4000, 3, F64)[0].flatten()
+        for source, stage in (
+            (NoiseSource, "select"),
+            (NoiseSource, "estimate"),
+            (NoiseSource, "optimize"),
+            (CheckNoise, "validate"),
+            (CheckNoise, "attack"),
+        )
+    }
     names = list(draws)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             corr = float(torch.corrcoef(torch.stack([draws[a], draws[b]]))[0, 1])
             assert abs(corr) < 4 / math.sqrt(12_000), (a, b, corr)
     # the method's stages are unchanged in the subclass
-    np.testing.assert_array_equal(CheckNoise(3, "estimate").draw([5], 10, 3, F64), NoiseSource(3, "estimate").draw([5], 10, 3, F64))
+    np.testing.assert_array_equal(
+        CheckNoise(3, "estimate").draw([5], 10, 3, F64), NoiseSource(3, "estimate").draw([5], 10, 3, F64)
+    )
 
 
 def test_smoothed_probability_sees_other_noise_than_certify():

@@ -9,10 +9,6 @@ import tomllib
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from rddrs.pipeline import allocator
-
-allocator.tune()  # large CPU buffers stay in the process; RDDRS_TUNE_MALLOC=0 switches it off
-
 
 def _source_version() -> str:
     """The version in the source tree's pyproject.toml, marked ``+source`` (a tree run from

@@ -45,8 +45,9 @@ def _check_settings(alpha: float, **counts: int) -> None:
 
 
 @torch.no_grad()
-def sample_counts(model, x: Tensor, smoothing: Smoothing, indices, num: int, noise: NoiseSource,
-                  batch_size: int = 10_000) -> Tensor:
+def sample_counts(
+    model, x: Tensor, smoothing: Smoothing, indices, num: int, noise: NoiseSource, batch_size: int = 10_000
+) -> Tensor:
     """Class counts (B, K) of the base classifier on ``num`` noisy copies of each input.
 
     At most ``batch_size`` noisy copies are on the device at once. A model output that is NaN
@@ -69,8 +70,10 @@ def sample_counts(model, x: Tensor, smoothing: Smoothing, indices, num: int, noi
             counts[sel] += torch.nn.functional.one_hot(out.argmax(-1), counts.shape[1]).sum(1)
             nonfinite += (~torch.isfinite(out)).sum()
     if nonfinite.item():
-        raise RDDRSError(f"the model gave {int(nonfinite)} NaN or infinite outputs on noisy copies of inputs "
-                         f"{_shown(indices)}: it cannot be certified")
+        raise RDDRSError(
+            f"the model gave {int(nonfinite)} NaN or infinite outputs on noisy copies of inputs "
+            f"{_shown(indices)}: it cannot be certified"
+        )
     return counts
 
 
@@ -80,8 +83,9 @@ def _shown(indices) -> str:
     return ", ".join(map(str, indices[:3])) + (f" and {len(indices) - 3} more" if len(indices) > 3 else "")
 
 
-def predict(model, x: Tensor, smoothing: Smoothing, indices, n: int, alpha: float, seed: int,
-            batch_size: int = 10_000) -> np.ndarray:
+def predict(
+    model, x: Tensor, smoothing: Smoothing, indices, n: int, alpha: float, seed: int, batch_size: int = 10_000
+) -> np.ndarray:
     """Cohen's PREDICT: the top class, or ABSTAIN when a fair binomial test at level alpha
     cannot tell it from the runner-up."""
     _check_settings(alpha, n=n)
@@ -92,8 +96,18 @@ def predict(model, x: Tensor, smoothing: Smoothing, indices, n: int, alpha: floa
     return np.where(binomial_p_value(top2[:, 1], top2.sum(1)) <= alpha, winner, ABSTAIN)
 
 
-def certify(model, x: Tensor, smoothing: Smoothing, indices, n0: int, n: int, alpha: float, seed: int,
-            batch_size: int = 10_000, rotation: Tensor | None = None) -> Certificate:
+def certify(
+    model,
+    x: Tensor,
+    smoothing: Smoothing,
+    indices,
+    n0: int,
+    n: int,
+    alpha: float,
+    seed: int,
+    batch_size: int = 10_000,
+    rotation: Tensor | None = None,
+) -> Certificate:
     """Cohen's CERTIFY for each input under its own smoothing law.
 
     ``indices`` name the inputs (their positions in the data set) and key the noise streams,
@@ -111,5 +125,10 @@ def certify(model, x: Tensor, smoothing: Smoothing, indices, n0: int, n: int, al
     gap = np.where(certified, special.ndtri(np.where(certified, p_lower, 0.5)), 0.0)
     proxy = smoothing.proxy().detach().double().cpu().numpy()
     min_scale = smoothing.min_scale().detach().double().cpu().numpy()
-    return Certificate(predict=np.where(certified, top.cpu().numpy(), ABSTAIN), p_lower=p_lower,
-                       gap=gap, radius=gap * min_scale, proxy_radius=gap * proxy)
+    return Certificate(
+        predict=np.where(certified, top.cpu().numpy(), ABSTAIN),
+        p_lower=p_lower,
+        gap=gap,
+        radius=gap * min_scale,
+        proxy_radius=gap * proxy,
+    )

@@ -19,10 +19,55 @@ factor ``P = det(S)^(1/d)`` and of the smallest scale ``K = lambda_min(S)``, tur
 Euclidean gradient with respect to its parameter into an ascent direction (Riemannian for
 ``FullSPD``: ``C sym(G) C``), takes a step (``theta + V``, or ``Exp_C(V)``) and projects
 onto ``S >= lower``.
+
+The family contract
+-------------------
+
+In the spirit of geoopt's ``Manifold``, the family object answers every question the rest of
+the package asks about a law, so that no module outside this one asks which family it is:
+the search, the runs, the memory and the studies read these answers only.
+
+======================================  ==================================================
+what                                    it answers
+======================================  ==================================================
+``family``                              the name in ``FAMILIES`` (``methods.Method.family``)
+``in_rows``                             the law is the result row's ``sigma_min`` (nothing
+                                        in the traces): only for ``S = sigma I``
+``dense``                               S is a dense matrix (the memory reads such laws
+                                        lazily, its geometry needs an ``eig``)
+``scalar``                              ``S = s I`` with ``param`` the scale s (B,)
+``geometry``                            ``"euclidean"`` or ``"affine-invariant"`` (Adam is
+                                        then Riemannian Adam)
+``param_shape(d)``                      one input's parameter: ``()``, ``(d,)``, ``(d, d)``
+``from_param(param, dim, check)``       the laws of a batch of parameters (checked)
+``embed(law)``                          a law of a family this one contains, as one of this
+                                        family (the start of a search from sigma_x* I or
+                                        from ANCER's theta); a one-line error otherwise
+``with_param(param)``                   the same family (and d) with other parameters
+``diagonal()``                          the diagonal of S (B, d)
+``solve(m)``                            ``S^-1 m`` for m (..., d, k)
+``eig``                                 dense families: C's ascending eigenvalues and
+                                        eigenvectors, computed once
+``scales(float64)``                     the scales of S, ascending (B, d): from the family's
+                                        own decomposition in the parameter's dtype, or in
+                                        float64 from the eigenvalues alone
+``axes()``                              the principal axes, largest scale first: scales
+                                        (B, d) and unit axes as rows (B, d, d), float64;
+                                        None when scalar
+``masked(keep)``                        the same axes with the scales s where ``keep(s)``
+                                        is false set to 0 (a degenerate law, for sampling)
+``floor(lower)``, ``step``, ...         the search's projection and geometry (below)
+======================================  ==================================================
+
+A diagonal family needs only its parameter, ``diagonal()``, the certificate factors and their
+gradients: the rest has defaults here. New families join with ``register`` (and leave with
+``unregister``), without editing the package; a method that uses one joins with
+``rddrs.core.methods.register``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 from typing import ClassVar
 
@@ -59,12 +104,37 @@ def _tied_minimum(values: Tensor) -> Tensor:
 
 
 class Smoothing:
-    """A batch of B smoothing laws; ``param`` holds sigma (B,), theta (B, d) or C (B, d, d)."""
+    """A batch of B smoothing laws; ``param`` holds sigma (B,), theta (B, d) or C (B, d, d) (a
+    registered family: its ``param_shape``), and the class answers the family contract."""
 
     param: Tensor
     dim: int
     #: the family's name in the methods registry (``rddrs.core.methods``)
-    family: str
+    family: ClassVar[str]
+    #: the family contract's answers (see the module notes)
+    in_rows: ClassVar[bool] = False
+    dense: ClassVar[bool] = False
+    scalar: ClassVar[bool] = False
+    geometry: ClassVar[str] = "euclidean"
+
+    # -- the family: parameters, construction, containment --------------------------------
+    @classmethod
+    def param_shape(cls, d: int) -> tuple[int, ...]:
+        """The shape of one input's parameter at dimension d."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_param(cls, param: Tensor, dim: int, check: bool = True) -> "Smoothing":
+        """The laws with parameters ``param`` (B, *param_shape(dim)), checked unless ``check`` is False."""
+        return cls(param, check=check)
+
+    @classmethod
+    def embed(cls, law: "Smoothing") -> "Smoothing":
+        """``law`` as a law of this family (the law itself if it is one), or a one-line error
+        when this family does not contain ``law``'s."""
+        if type(law) is cls:
+            return law
+        raise RDDRSError(f"a {law.family} law is not one of the {cls.family} family")
 
     @property
     def batch(self) -> int:
@@ -104,14 +174,44 @@ class Smoothing:
 
     def matrix(self) -> Tensor:
         """The dense scale matrices (B, d, d) (for tests and small d)."""
+        return torch.diag_embed(self.diagonal())
+
+    # -- the shape of S (memory, studies) -----------------------------------------------
+    def diagonal(self) -> Tensor:
+        """The diagonal of S (B, d)."""
         raise NotImplementedError
+
+    def solve(self, m: Tensor) -> Tensor:
+        """``S^-1 m`` for m of shape (..., d, k), S broadcast over the leading axes (for a
+        diagonal S, the default: m divided by the diagonal)."""
+        return m / self.diagonal()[..., :, None]
+
+    def scales(self, float64: bool = False) -> Tensor:
+        """The scales of S per input, ascending (B, d): in the parameter's dtype from the
+        family's own decomposition, or (``float64``) in float64 from the eigenvalues alone."""
+        scales = self.diagonal()
+        return (scales.double() if float64 else scales).sort(-1).values
+
+    def axes(self) -> tuple[Tensor, Tensor] | None:
+        """The principal axes of S, largest scale first: the scales (B, d) and the unit axes as
+        rows (B, d, d), in float64; None for ``S = s I`` (no axis). For a diagonal S, ties in
+        the order of a descending ``argsort``."""
+        if self.scalar:
+            return None
+        scales = self.diagonal().double()
+        order = scales.argsort(-1, descending=True)
+        eye = torch.eye(self.dim, dtype=torch.float64, device=scales.device)
+        return scales.gather(-1, order), eye[order]
+
+    def masked(self, keep: Callable[[Tensor], Tensor]) -> "Smoothing":
+        """The same axes with the scales s where ``keep(s)`` is false set to 0 (a degenerate
+        law, for sampling only); for a diagonal S, the diagonal law of the kept scales."""
+        scales = self.diagonal()
+        return Diagonal(scales * keep(scales), check=False)
 
     def __getitem__(self, index) -> "Smoothing":
         """The laws of a subset of the inputs."""
         return self.with_param(self.param[index])
-
-    def _extra(self) -> dict:
-        return {}
 
     def to(self, device) -> "Smoothing":
         """The same laws on ``device``."""
@@ -122,8 +222,8 @@ class Smoothing:
         return self.with_param(torch.where(self.expand(mask), self.param, other.param))
 
     def with_param(self, param: Tensor) -> "Smoothing":
-        """The same family with another (trusted, already valid) parameter."""
-        return type(self)(param, check=False, **self._extra())
+        """The same family (and d) with another (trusted, already valid) parameter."""
+        return type(self).from_param(param, self.dim, check=False)
 
     # -- geometry of the search (Euclidean by default; FullSPD: affine-invariant) ---------
     def leaf(self) -> "Smoothing":
@@ -161,8 +261,9 @@ class Smoothing:
             direction = direction * self.expand((max_step / ratio).clamp(max=1.0))
         return self.with_param(param + direction)
 
-    def step_transport(self, direction: Tensor, vector: Tensor,
-                       max_step: float | None = None) -> tuple["Smoothing", Tensor]:
+    def step_transport(
+        self, direction: Tensor, vector: Tensor, max_step: float | None = None
+    ) -> tuple["Smoothing", Tensor]:
         """``step``, and the tangent vector ``vector`` carried to the new point by parallel
         transport (unchanged in a flat geometry)."""
         return self.step(direction, max_step), vector
@@ -170,20 +271,33 @@ class Smoothing:
     def floor(self, lower: Tensor | float) -> "Smoothing":
         """Project onto ``lambda_min(S) >= lower`` (a number or one per input); for a diagonal S
         (the default) every scale is raised to the floor."""
-        return self.with_param(torch.maximum(self.param.detach(), self.expand(_per_input(lower, self.batch, self.param))))
+        lower = self.expand(_per_input(lower, self.batch, self.param))
+        return self.with_param(torch.maximum(self.param.detach(), lower))
 
 
 class Isotropic(Smoothing):
     """``S = sigma I_d`` (RS and DDRS)."""
 
     family = ISOTROPIC
+    in_rows = scalar = True
 
     def __init__(self, sigma: Tensor, dim: int, check: bool = True):
         self.param = _checked_scales(sigma, "sigma", 1, "(B,)") if check else sigma
         self.dim = int(dim)
 
-    def _extra(self) -> dict:
-        return {"dim": self.dim}
+    @classmethod
+    def param_shape(cls, d: int) -> tuple[int, ...]:
+        return ()
+
+    @classmethod
+    def from_param(cls, param: Tensor, dim: int, check: bool = True) -> "Isotropic":
+        return cls(param, dim, check=check)
+
+    def diagonal(self) -> Tensor:
+        return self.param[:, None].expand(-1, self.dim)
+
+    def masked(self, keep: Callable[[Tensor], Tensor]) -> "Isotropic":
+        return self.with_param(self.param * keep(self.param))
 
     def _noise_factor(self) -> Tensor:
         return self.param.view(-1, 1, 1)
@@ -208,10 +322,10 @@ class Isotropic(Smoothing):
         return torch.ones_like(self.param)
 
     def as_diagonal(self) -> "Diagonal":
-        return Diagonal(self.param.detach()[:, None].expand(-1, self.dim).clone())
+        return Diagonal.embed(self)
 
     def as_full(self) -> "FullSPD":
-        return FullSPD(self.matrix().detach())
+        return FullSPD.embed(self)
 
 
 class Diagonal(Smoothing):
@@ -222,6 +336,22 @@ class Diagonal(Smoothing):
     def __init__(self, theta: Tensor, check: bool = True):
         self.param = _checked_scales(theta, "theta", 2, "(B, d)") if check else theta
         self.dim = self.param.shape[1]
+
+    @classmethod
+    def param_shape(cls, d: int) -> tuple[int, ...]:
+        return (d,)
+
+    @classmethod
+    def embed(cls, law: Smoothing) -> "Diagonal":
+        """Any law with a diagonal S (not a dense one) as ``diag(theta)``."""
+        if type(law) is cls:
+            return law
+        if law.dense:
+            raise RDDRSError(f"a {law.family} law is not one of the {cls.family} family (its S is dense)")
+        return cls(law.diagonal().detach().clone())
+
+    def diagonal(self) -> Tensor:
+        return self.param
 
     def _noise_factor(self) -> Tensor:
         return self.param[:, None, :]
@@ -235,9 +365,6 @@ class Diagonal(Smoothing):
     def max_scale(self) -> Tensor:
         return self.param.amax(-1)
 
-    def matrix(self) -> Tensor:
-        return torch.diag_embed(self.param)
-
     def grad_proxy(self) -> Tensor:
         """``dP/dtheta_i = P / (d theta_i)``."""
         return self.proxy()[:, None] / (self.dim * self.param.detach())
@@ -247,7 +374,7 @@ class Diagonal(Smoothing):
         return _tied_minimum(self.param.detach())
 
     def as_full(self) -> "FullSPD":
-        return FullSPD(torch.diag_embed(self.param.detach()))
+        return FullSPD.embed(self)
 
 
 class FullSPD(Smoothing):
@@ -259,6 +386,8 @@ class FullSPD(Smoothing):
     """
 
     family = FULL
+    dense = True
+    geometry = "affine-invariant"
 
     def __init__(self, c: Tensor, eig: tuple[Tensor, Tensor] | None = None, check: bool = True):
         c = torch.as_tensor(c)
@@ -269,6 +398,15 @@ class FullSPD(Smoothing):
         self.param, self.dim = c, c.shape[-1]
         if eig is not None:
             self.__dict__["eig"] = eig
+
+    @classmethod
+    def param_shape(cls, d: int) -> tuple[int, ...]:
+        return (d, d)
+
+    @classmethod
+    def embed(cls, law: Smoothing) -> "FullSPD":
+        """Any law as ``C = S`` (every scale of the other families is an SPD matrix)."""
+        return law if type(law) is cls else cls(law.matrix().detach())
 
     def __getitem__(self, index) -> "FullSPD":
         w, v = self.eig
@@ -283,8 +421,9 @@ class FullSPD(Smoothing):
         if "eig" not in self.__dict__ or "eig" not in other.__dict__:
             return FullSPD(param, check=False)
         (w, v), (w2, v2) = self.eig, other.eig
-        return FullSPD(param, eig=(torch.where(mask[:, None], w, w2), torch.where(mask[:, None, None], v, v2)),
-                       check=False)
+        return FullSPD(
+            param, eig=(torch.where(mask[:, None], w, w2), torch.where(mask[:, None, None], v, v2)), check=False
+        )
 
     @cached_property
     def eig(self) -> tuple[Tensor, Tensor]:
@@ -306,6 +445,25 @@ class FullSPD(Smoothing):
 
     def matrix(self) -> Tensor:
         return self.param
+
+    def diagonal(self) -> Tensor:
+        return torch.diagonal(self.param, dim1=-2, dim2=-1)
+
+    def solve(self, m: Tensor) -> Tensor:
+        return torch.linalg.solve(self.param, m)
+
+    def scales(self, float64: bool = False) -> Tensor:
+        return torch.linalg.eigvalsh(self.param.double()) if float64 else self.eig[0]
+
+    def axes(self) -> tuple[Tensor, Tensor]:
+        """C's eigenvalues and eigenvectors (``torch.linalg.eigh`` in float64), largest first."""
+        w, v = torch.linalg.eigh(self.param.double())
+        return w.flip(-1), v.flip(-1).transpose(-1, -2)
+
+    def masked(self, keep: Callable[[Tensor], Tensor]) -> "FullSPD":
+        """``V diag(w keep(w)) V^T`` from C's eigendecomposition in float64, in C's dtype."""
+        w, v = torch.linalg.eigh(self.param.double())
+        return FullSPD(((v * (w * keep(w)).unsqueeze(-2)) @ v.transpose(-1, -2)).to(self.param), check=False)
 
     def ascent_direction(self, euclidean_grad: Tensor) -> Tensor:
         return spd.riemannian_gradient(self.param.detach(), euclidean_grad)
@@ -343,15 +501,16 @@ class FullSPD(Smoothing):
         (by ``exp(max_step)`` at most; see ``spd.exp``)."""
         return FullSPD(spd.exp(self.param.detach(), direction, eig=self.eig, max_norm=max_step), check=False)
 
-    def step_transport(self, direction: Tensor, vector: Tensor,
-                       max_step: float | None = None) -> tuple["FullSPD", Tensor]:
+    def step_transport(
+        self, direction: Tensor, vector: Tensor, max_step: float | None = None
+    ) -> tuple["FullSPD", Tensor]:
         """``step`` and the parallel transport of ``vector`` along it (``spd.exp_transport``)."""
         moved, carried = spd.exp_transport(self.param.detach(), direction, vector, eig=self.eig, max_norm=max_step)
         return FullSPD(moved, check=False), carried
 
     def floor(self, lower) -> "FullSPD":
-        w, v = self.eig
-        w = torch.maximum(w, _per_input(lower, self.batch, w)[:, None])
+        """``spd.floored``: the eigenvalues raised to the floor, the eigenvectors kept (and cached)."""
+        w, v = spd.floored(self.eig, _per_input(lower, self.batch, self.eig[0]))
         return FullSPD(spd.from_eig(w, v), eig=(w, v), check=False)
 
 
@@ -375,8 +534,9 @@ class NoiseSource:
     #: rows are generated in blocks of this many, so a stream does not depend on chunking
     BLOCK = 1024
 
-    def __init__(self, seed: int, stage: str, device: torch.device | str = "cpu",
-                 rotation: Tensor | None = None, repeat: int = 0):
+    def __init__(
+        self, seed: int, stage: str, device: torch.device | str = "cpu", rotation: Tensor | None = None, repeat: int = 0
+    ):
         if stage not in self.STAGES:
             raise RDDRSError(f"unknown noise stage {stage!r}; expected one of {sorted(self.STAGES)}")
         if int(repeat) != repeat or repeat < 0:
@@ -408,7 +568,7 @@ class NoiseSource:
         while pos < len(out):
             if used == self.BLOCK:
                 if len(out) - pos >= self.BLOCK:
-                    out[pos:pos + self.BLOCK].normal_(generator=gen)
+                    out[pos : pos + self.BLOCK].normal_(generator=gen)
                     pos += self.BLOCK
                     continue
                 if block is None:
@@ -416,12 +576,11 @@ class NoiseSource:
                 block.normal_(generator=gen)
                 used = 0
             k = min(self.BLOCK - used, len(out) - pos)
-            out[pos:pos + k] = block[used:used + k]
+            out[pos : pos + k] = block[used : used + k]
             pos, used = pos + k, used + k
         self._blocks[key] = (block, used)
 
-    def draw(self, indices, m: int, d: int, dtype: torch.dtype = torch.float32,
-             antithetic: bool = False) -> Tensor:
+    def draw(self, indices, m: int, d: int, dtype: torch.dtype = torch.float32, antithetic: bool = False) -> Tensor:
         """Draws of shape (len(indices), m, d), continuing each input's stream.
 
         With ``antithetic`` (m even) only m/2 rows are taken from each stream, and the draws
@@ -435,23 +594,46 @@ class NoiseSource:
         for row, index in zip(fresh, indices):
             self._fill(row, int(index))
         if antithetic:
-            eps[:, m // 2:].copy_(fresh).neg_()
+            eps[:, m // 2 :].copy_(fresh).neg_()
         if self.rotation is not None:
             eps = eps @ self.rotation.to(eps).T
         return eps
 
 
-#: the smoothing classes by family name (``rddrs.core.methods.Method.family``)
+#: the smoothing classes by family name (``rddrs.core.methods.Method.family``); ``register`` adds one
 FAMILIES: dict[str, type[Smoothing]] = {cls.family: cls for cls in (Isotropic, Diagonal, FullSPD)}
+_BUILT_IN = frozenset(FAMILIES)
+
+
+def register(cls: type[Smoothing]) -> type[Smoothing]:
+    """Add the family ``cls`` (a ``Smoothing`` subclass with a new ``family`` name) to ``FAMILIES``;
+    returns it, so that it can decorate the class."""
+    if not (isinstance(cls, type) and issubclass(cls, Smoothing) and isinstance(getattr(cls, "family", None), str)):
+        raise RDDRSError(f"a smoothing family is a Smoothing subclass with a family name, not {cls!r}")
+    if cls.family in FAMILIES:
+        raise RDDRSError(f"the smoothing family {cls.family!r} exists already")
+    FAMILIES[cls.family] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a family that ``register`` added."""
+    if name in _BUILT_IN or name not in FAMILIES:
+        raise RDDRSError(f"{name!r} is not a registered smoothing family")
+    del FAMILIES[name]
+
+
+def family_class(name: str) -> type[Smoothing]:
+    """The smoothing class of the family ``name``, or a one-line error naming the known ones."""
+    if name not in FAMILIES:
+        raise RDDRSError(f"unknown smoothing family {name!r}; expected one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
 
 
 def from_param(family: str, param: Tensor, dim: int, check: bool = True) -> Smoothing:
-    """The laws of ``family`` with parameters ``param``: sigma (B,), theta (B, d) or C (B, d, d)."""
-    if family not in FAMILIES:
-        raise RDDRSError(f"unknown smoothing family {family!r}; expected one of {', '.join(FAMILIES)}")
-    if family == ISOTROPIC:
-        return Isotropic(param, dim, check=check)
-    return FAMILIES[family](param, check=check)
+    """The laws of ``family`` with parameters ``param`` (B, *param_shape(dim)): sigma (B,), theta
+    (B, d) or C (B, d, d) for the three families here."""
+    return family_class(family).from_param(param, dim, check=check)
 
 
 def check_inputs(x: Tensor, smoothing: Smoothing, indices) -> None:
@@ -476,6 +658,7 @@ def noisy_outputs(model, x: Tensor, smoothing: Smoothing, eps: Tensor) -> Tensor
     out = model(noisy.reshape(b * m, *x.shape[1:]))
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != b * m or out.shape[1] < 2:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise RDDRSError(f"the model gave outputs {shape} for {b * m} inputs; it must give N x K scores of "
-                         f"K >= 2 classes")
+        raise RDDRSError(
+            f"the model gave outputs {shape} for {b * m} inputs; it must give N x K scores of K >= 2 classes"
+        )
     return out.reshape(b, m, -1)

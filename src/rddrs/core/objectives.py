@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from rddrs import RDDRSError
-from rddrs.core.methods import METHODS, Clamp
+from rddrs.core.methods import Clamp
 from rddrs.core.stats import ClassMeans, soft_gap_of
 
 #: temperature of the capped objective's smooth minimum, on the certificate's gap scale
@@ -80,14 +80,15 @@ class Capped:
         return -2 * tau * torch.logaddexp(-half / tau, torch.full_like(half, -self.cap / tau))
 
 
-def build(name: str, family: str, cap: float | None = None):
-    """The objective ``name`` for the searched method of ``family`` (its clamp for
-    ``clamped``); ``cap`` is the run's ``r_max`` for ``capped``."""
+def build(name: str, clamp: Clamp | None = None, cap: float | None = None):
+    """The objective ``name``: ``clamped`` with ``clamp``, the searched method's
+    (``methods.Method.clamp``); ``capped`` with ``cap``, the run's ``r_max``."""
     if name == "soft":
         return Soft()
     if name == "clamped":
-        (method,) = [m for m in METHODS.values() if m.searched and m.family == family]
-        return Clamped(method.clamp)
+        if clamp is None:
+            raise RDDRSError("the clamped objective needs the clamp of the searched method (its authors' code)")
+        return Clamped(clamp)
     if name == "capped":
         if cap is None:
             raise RDDRSError("the capped objective needs the cap of the run's certification (n and alpha)")

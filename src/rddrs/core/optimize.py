@@ -33,13 +33,13 @@ from tqdm import tqdm
 
 from rddrs import RDDRSError
 from rddrs.core import objectives, spd, steps
-from rddrs.core.methods import DIAGONAL, FULL, method as method_record
-from rddrs.core.noise import Diagonal, Isotropic, NoiseSource, Smoothing, check_inputs, noisy_outputs
+from rddrs.core.methods import Clamp, method as method_record
+from rddrs.core.noise import Isotropic, NoiseSource, Smoothing, check_inputs, family_class, noisy_outputs
 from rddrs.core.presets import ANCER, DDRS, RDDRS, Search
+from rddrs.core.stats import ClassMeans, class_means
 
 #: the papers' own searches, by method (what ``find_smoothing`` runs unless told otherwise)
 PAPER_SEARCHES = {"ddrs": DDRS, "ancer": ANCER, "rddrs": RDDRS}
-from rddrs.core.stats import ClassMeans, class_means
 
 #: sigma is kept above this during DDRS' search (only to keep the scale positive); so are the
 #: scales of ANCER and RDDRS searches without the sigma_x* floor (``Search.floor=False``).
@@ -56,9 +56,17 @@ class SearchResult:
     diverged_at: np.ndarray
 
 
-def objective_and_gradient(model, x: Tensor, smoothing: Smoothing, eps: Tensor, kappa: float,
-                           scale: float = 1.0, objective=None, control_variate: bool = False,
-                           chunk: int | None = None) -> tuple[Tensor, Tensor]:
+def objective_and_gradient(
+    model,
+    x: Tensor,
+    smoothing: Smoothing,
+    eps: Tensor,
+    kappa: float,
+    scale: float = 1.0,
+    objective=None,
+    control_variate: bool = False,
+    chunk: int | None = None,
+) -> tuple[Tensor, Tensor]:
     """H per input (float64, (B,)) and its gradient in the family's geometry, from draws eps.
 
     ``objective`` reads R from the class means (``rddrs.core.objectives``; default: soft). R depends
@@ -85,8 +93,11 @@ def objective_and_gradient(model, x: Tensor, smoothing: Smoothing, eps: Tensor, 
     else:
         parts = [slice(i, i + chunk) for i in range(0, m, chunk)]
         with torch.no_grad():
-            means = class_means(torch.cat([torch.log_softmax(noisy_outputs(model, x, smoothing, eps[:, part]), -1)
-                                           for part in parts], 1))
+            means = class_means(
+                torch.cat(
+                    [torch.log_softmax(noisy_outputs(model, x, smoothing, eps[:, part]), -1) for part in parts], 1
+                )
+            )
         gap, weights = _psi_weights(objective, means)
         d_gap = 0
         for part in parts:
@@ -97,8 +108,9 @@ def objective_and_gradient(model, x: Tensor, smoothing: Smoothing, eps: Tensor, 
         d_gap = d_gap - _clean_input_term(model, x, smoothing, eps, means, weights)
     weight = smoothing.proxy().double() + kappa * smoothing.min_scale().double()
     like = smoothing.param
-    grad = (smoothing.expand(weight.to(like)) * smoothing.ascent_direction(d_gap)
-            + smoothing.expand(gap.to(like)) * (smoothing.grad_proxy() + kappa * smoothing.grad_min_scale()))
+    grad = smoothing.expand(weight.to(like)) * smoothing.ascent_direction(d_gap) + smoothing.expand(gap.to(like)) * (
+        smoothing.grad_proxy() + kappa * smoothing.grad_min_scale()
+    )
     return scale * gap * weight, scale * grad
 
 
@@ -108,8 +120,10 @@ def _psi_weights(objective, means: ClassMeans) -> tuple[Tensor, tuple[Tensor, Te
     with torch.enable_grad():
         gap = objective(ClassMeans(log_g, log_tail, means.top, means.runner_up))
         w_g, w_tail = torch.autograd.grad(gap.sum(), [log_g, log_tail], allow_unused=True)
-    return gap.detach(), (torch.zeros_like(log_g) if w_g is None else w_g,
-                          torch.zeros_like(log_tail) if w_tail is None else w_tail)
+    return gap.detach(), (
+        torch.zeros_like(log_g) if w_g is None else w_g,
+        torch.zeros_like(log_tail) if w_tail is None else w_tail,
+    )
 
 
 def _psi(log_probs: Tensor, means: ClassMeans, weights: tuple[Tensor, Tensor], m: int) -> Tensor:
@@ -124,8 +138,9 @@ def _psi(log_probs: Tensor, means: ClassMeans, weights: tuple[Tensor, Tensor], m
     return (per_class + w_tail[:, None] * (log_tail - means.log_tail.detach()[:, None]).exp()).sum(1) / m
 
 
-def _clean_input_term(model, x: Tensor, smoothing: Smoothing, eps: Tensor, means: ClassMeans,
-                      weights: tuple[Tensor, Tensor]) -> Tensor:
+def _clean_input_term(
+    model, x: Tensor, smoothing: Smoothing, eps: Tensor, means: ClassMeans, weights: tuple[Tensor, Tensor]
+) -> Tensor:
     """``sum_i J_S(eps_i)^T grad psi(x)``: the gradient with respect to S of
     ``<grad psi(x), S sum_i eps_i>``, the control variate's term."""
     clean = x.detach().requires_grad_(True)
@@ -138,9 +153,22 @@ def _clean_input_term(model, x: Tensor, smoothing: Smoothing, eps: Tensor, means
         return torch.autograd.grad(linear, leaf.param)[0]
 
 
-def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, seed: int,
-           rotation: Tensor | None = None, progress: bool = False) -> SearchResult:
+def search(
+    model,
+    x: Tensor,
+    init: Smoothing,
+    indices,
+    settings: Search,
+    lower,
+    seed: int,
+    rotation: Tensor | None = None,
+    progress: bool = False,
+    clamp: Clamp | None = None,
+) -> SearchResult:
     """Maximise H for each input from ``init``, keeping ``lambda_min(S) >= lower``.
+
+    ``clamp``: the searched method's (``methods.Method.clamp``), which the ``clamped``
+    objective needs.
 
     ``lower`` is a number or one per input. Draws come from the optimisation stream of
     ``seed`` keyed by ``indices`` (replicate ``settings.repeat``, antithetic pairs if
@@ -152,10 +180,12 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
     law; the others go on, and ``diverged_at`` says which stopped at which iteration.
     """
     check_inputs(x, init, indices)
-    if settings.diagonal and init.family != FULL:
-        raise RDDRSError(f"a diagonal-only search restricts RDDRS' full C; the {init.family} family is diagonal already")
+    if settings.diagonal and not init.dense:
+        raise RDDRSError(
+            f"a diagonal-only search restricts a dense S (RDDRS' full C); the {init.family} family is diagonal already"
+        )
     noise = NoiseSource(seed, NoiseSource.OPTIMIZE, x.device, rotation, repeat=settings.repeat)
-    objective = objectives.build(settings.objective, init.family, settings.cap)
+    objective = objectives.build(settings.objective, clamp, settings.cap)
     rule = steps.make(settings.step, settings.lr)
     current = init.floor(lower)
     best, best_value = current, torch.full((len(indices),), -np.inf, dtype=torch.float64, device=x.device)
@@ -166,8 +196,9 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
         if not going.any():
             break
         eps = noise.draw(indices, settings.samples, init.dim, x.dtype, antithetic=settings.antithetic)
-        value, grad = objective_and_gradient(model, x, current, eps, settings.kappa, settings.scale, objective,
-                                             settings.control_variate)
+        value, grad = objective_and_gradient(
+            model, x, current, eps, settings.kappa, settings.scale, objective, settings.control_variate
+        )
         trace[:, t] = torch.where(going, value, np.nan).cpu()
         if settings.diagonal:
             grad = spd.diagonal_part(grad)
@@ -178,8 +209,7 @@ def search(model, x: Tensor, init: Smoothing, indices, settings: Search, lower, 
         fails = going & ~_finite_rows(grad)
         moving = going & ~fails
         try:  # the others take a zero step: no non-finite value enters the batch's linear algebra
-            moved = rule(current, torch.where(current.expand(moving), grad, torch.zeros_like(grad)),
-                         settings.max_step)
+            moved = rule(current, torch.where(current.expand(moving), grad, torch.zeros_like(grad)), settings.max_step)
             fails |= moving & _overflowed(moved, lower)
         except torch.linalg.LinAlgError:  # a whitened step could not even be diagonalised
             moved, fails = current, going
@@ -214,46 +244,62 @@ def _traces(method: str, found: SearchResult) -> dict[str, np.ndarray]:
     return {method: found.trace, f"{method}_diverged_at": found.diverged_at}
 
 
-def find_smoothing(method: str, model, x: Tensor, indices, sigma: float, seed: int,
-                   settings: dict[str, Search] | None = None, sigma_star: Tensor | None = None,
-                   theta: Tensor | None = None, rotation: Tensor | None = None,
-                   progress: bool = False) -> tuple[Smoothing, dict[str, np.ndarray]]:
+def find_smoothing(
+    method: str,
+    model,
+    x: Tensor,
+    indices,
+    sigma: float,
+    seed: int,
+    settings: dict[str, Search] | None = None,
+    sigma_star: Tensor | None = None,
+    start: Smoothing | None = None,
+    rotation: Tensor | None = None,
+    progress: bool = False,
+) -> tuple[Smoothing, dict[str, np.ndarray]]:
     """The smoothing law of each input for ``method``, and the objective traces of its searches
     (key: the search's method) with the iteration at which each input's search stopped
     (``METHOD_diverged_at``, 0: it did not).
 
     RS uses ``sigma`` itself; DDRS searches sigma from ``sigma``; ANCER and RDDRS start from
     the DDRS optimum ``sigma_star`` (searched here unless given) with floor ``sigma_star``
-    (``DDRS_FLOOR`` if their search has ``floor=False``). RDDRS can start from ANCER's
-    ``theta`` instead (C = diag(theta), same floor): it then searches a superset of ANCER's
-    ellipsoids. ``settings`` overrides the papers' settings per method (keys "ddrs",
-    "ancer", "rddrs").
+    (``DDRS_FLOOR`` if their search has ``floor=False``), their laws in their own family
+    (``Smoothing.embed``). RDDRS can start from ANCER's law ``start`` (diag(theta)) instead
+    (C = diag(theta), same floor): it then searches a superset of ANCER's ellipsoids; a start
+    that the method's family does not contain is a one-line error. ``settings`` overrides the
+    papers' settings per method (keys "ddrs", "ancer", "rddrs").
     """
     record = method_record(method)
+    family = family_class(record.family)
     if not sigma > 0:
         raise RDDRSError(f"sigma must be > 0, got {sigma}")
-    if theta is not None and (record.family != FULL or sigma_star is None):
-        raise RDDRSError("a diagonal start (theta of an ANCER run, with its sigma_x*) serves RDDRS only")
+    if start is not None and (record.base is None or sigma_star is None):
+        raise RDDRSError(
+            f"a start law (with its sigma_x*) serves a method searched from a base's sigma_x* (as "
+            f"RDDRS from ANCER), not {record.label}"
+        )
     settings = {**PAPER_SEARCHES, **(settings or {})}
     d = x[0].numel()
     base = Isotropic(torch.full((len(indices),), float(sigma), dtype=x.dtype, device=x.device), d)
     if not record.searched:
-        return base, {}
+        return family.embed(base), {}
     traces = {}
     first = record.base or method  # the isotropic search that gives sigma_x*
     if sigma_star is None:
-        found = search(model, x, base, indices, settings[first], DDRS_FLOOR, seed, rotation, progress)
+        found = search(
+            model, x, base, indices, settings[first], DDRS_FLOOR, seed, rotation, progress, method_record(first).clamp
+        )
         sigma_star = found.smoothing.param
         traces.update(_traces(first, found))
     star = Isotropic(torch.as_tensor(sigma_star, dtype=x.dtype, device=x.device), d)
     if record.base is None:  # sigma_x* is the method's answer
-        return star, traces
-    if theta is not None:
-        init = Diagonal(torch.as_tensor(theta, dtype=x.dtype, device=x.device)).as_full()
+        return family.embed(star), traces
+    if start is not None:  # e.g. RDDRS from ANCER's diag(theta)
+        init = family.embed(start.with_param(torch.as_tensor(start.param, dtype=x.dtype, device=x.device)))
     else:
-        init = {DIAGONAL: star.as_diagonal, FULL: star.as_full}[record.family]()  # searched from sigma_x* I
+        init = family.embed(star)  # searched from sigma_x* I
     lower = star.param if settings[method].floor else DDRS_FLOOR
-    found = search(model, x, init, indices, settings[method], lower, seed, rotation, progress)
+    found = search(model, x, init, indices, settings[method], lower, seed, rotation, progress, record.clamp)
     traces.update(_traces(method, found))
     traces["sigma_star"] = star.param.detach().cpu().numpy()  # the start and floor, for --init
     return found.smoothing, traces

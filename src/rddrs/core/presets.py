@@ -14,6 +14,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from rddrs import RDDRSError
 
+#: the training and certification sigmas of the paper's three classifiers (Figure 2's panels)
+SIGMAS = (0.12, 0.25, 0.5)
+#: the classifier of the studies that run at one sigma (chapters 5, 7 and 8)
+STUDY_SIGMA = 0.25
+
 OBJECTIVES = ("soft", "clamped", "capped")
 STEPS = ("sgd", "adam")
 
@@ -75,30 +80,60 @@ class Search:
       step rule, draws.
     """
 
-    iterations: int
-    samples: int
-    lr: float
-    kappa: float = 0.0
+    # a field with a help text is also an option of ``rddrs certify`` (``SEARCH_OPTIONS``; ``kind``: what it reads)
+    iterations: int = field(metadata={"help": "search iterations of --method", "kind": "natural"})
+    samples: int = field(metadata={"help": "search samples per iteration of --method", "kind": "positive"})
+    lr: float = field(metadata={"help": "search step size of --method", "kind": "number"})
+    kappa: float = field(
+        default=0.0, metadata={"help": "weight of the smallest-scale term of --method", "kind": "number"}
+    )
     scale: float = 1.0
-    step: str = "sgd"
-    objective: str = "soft"
+    step: str = field(
+        default="sgd",
+        metadata={
+            "help": "step rule of the search: sgd or adam (Riemannian Adam for rddrs); default: the method's paper "
+            "(adam for ancer, sgd otherwise)",
+            "choices": STEPS,
+            "kind": "text",
+        },
+    )
+    objective: str = field(
+        default="soft",
+        metadata={
+            "help": "soft certificate the search maximises: soft (default, no clamp), clamped (the authors' code), "
+            "capped (limited at the cap of this run's n and alpha)",
+            "choices": OBJECTIVES,
+            "kind": "text",
+        },
+    )
     cap: float | None = None
     keep_best_every: int | None = None
-    max_step: float | None = None
+    max_step: float | None = field(
+        default=None, metadata={"help": "bound on each search step of --method (0: none)", "kind": "number"}
+    )
     floor: bool = True
     antithetic: bool = False
     control_variate: bool = False
     repeat: int = 0
-    diagonal: bool = False
+    diagonal: bool = field(
+        default=False,
+        metadata={
+            "help": "rddrs only: keep C diagonal (the Riemannian search without off-diagonal freedom)",
+            "kind": "flag",
+        },
+    )
 
     def __post_init__(self):
         if not (_integer(self.iterations) and _integer(self.samples) and self.iterations >= 0 and self.samples >= 1):
-            raise RDDRSError(f"a search needs integers iterations >= 0 and samples >= 1, got {self.iterations}, "
-                             f"{self.samples}")
+            raise RDDRSError(
+                f"a search needs integers iterations >= 0 and samples >= 1, got {self.iterations}, {self.samples}"
+            )
         if self.iterations > MAX_ITERATIONS or self.samples > MAX_SEARCH_SAMPLES:
-            raise RDDRSError(f"a search takes at most {MAX_ITERATIONS:,} iterations of at most {MAX_SEARCH_SAMPLES:,} "
-                             f"samples (more would not fit in memory or finish), got {self.iterations:,} and "
-                             f"{self.samples:,}")
+            raise RDDRSError(
+                f"a search takes at most {MAX_ITERATIONS:,} iterations of at most {MAX_SEARCH_SAMPLES:,} "
+                f"samples (more would not fit in memory or finish), got {self.iterations:,} and "
+                f"{self.samples:,}"
+            )
         if not (_finite(self.lr) and self.lr > 0):
             raise RDDRSError(f"learning rate must be finite and > 0, got {self.lr}")
         if not (_finite(self.kappa) and self.kappa >= 0):
@@ -112,8 +147,10 @@ class Search:
         if self.objective not in OBJECTIVES:
             raise RDDRSError(f"unknown objective {self.objective!r}; expected one of {', '.join(OBJECTIVES)}")
         if (self.objective == "capped") != (self.cap is not None):
-            raise RDDRSError("the capped objective needs its cap (and only it has one): "
-                             f"objective {self.objective!r}, cap {self.cap}")
+            raise RDDRSError(
+                "the capped objective needs its cap (and only it has one): "
+                f"objective {self.objective!r}, cap {self.cap}"
+            )
         if self.cap is not None and not (_finite(self.cap) and self.cap > 0):
             raise RDDRSError(f"the cap of the capped objective must be finite and > 0, got {self.cap}")
         if self.max_step is not None and not (_finite(self.max_step) and self.max_step > 0):
@@ -140,6 +177,10 @@ class Search:
         return asdict(self)
 
 
+#: the Search fields that ``rddrs certify`` takes as options (those with a help text)
+SEARCH_OPTIONS = tuple(f.name for f in fields(Search) if "help" in f.metadata)
+
+
 @dataclass(frozen=True)
 class Preset:
     """Scale of a run: certification samples, level, test images, and the searches."""
@@ -162,16 +203,35 @@ RDDRS_MAX_STEP = 0.1
 
 # cpu keeps the DDRS and ANCER path lengths (iterations x step) close to the paper's.
 PRESETS = {
-    "smoke": Preset(n0=10, n=200, alpha=0.01, count=4, search={
-        "ddrs": Search(10, 16, 1e-3, scale=0.5, keep_best_every=5),
-        "ancer": Search(5, 16, 0.04, kappa=2.0, step="adam"),
-        "rddrs": Search(5, 32, 1.0, kappa=1e-6, max_step=RDDRS_MAX_STEP)}),
-    "cpu": Preset(n0=100, n=10_000, alpha=0.001, count=100, search={
-        "ddrs": Search(150, 64, 1e-3, scale=0.5, keep_best_every=25),
-        "ancer": Search(50, 64, 0.08, kappa=2.0, step="adam"),
-        "rddrs": Search(30, 500, 1.0, kappa=1e-6, max_step=RDDRS_MAX_STEP)}),
-    "paper": Preset(n0=100, n=100_000, alpha=0.001, count=10_000, search={
-        "ddrs": DDRS, "ancer": ANCER, "rddrs": replace(RDDRS, max_step=RDDRS_MAX_STEP)}),
+    "smoke": Preset(
+        n0=10,
+        n=200,
+        alpha=0.01,
+        count=4,
+        search={
+            "ddrs": Search(10, 16, 1e-3, scale=0.5, keep_best_every=5),
+            "ancer": Search(5, 16, 0.04, kappa=2.0, step="adam"),
+            "rddrs": Search(5, 32, 1.0, kappa=1e-6, max_step=RDDRS_MAX_STEP),
+        },
+    ),
+    "cpu": Preset(
+        n0=100,
+        n=10_000,
+        alpha=0.001,
+        count=100,
+        search={
+            "ddrs": Search(150, 64, 1e-3, scale=0.5, keep_best_every=25),
+            "ancer": Search(50, 64, 0.08, kappa=2.0, step="adam"),
+            "rddrs": Search(30, 500, 1.0, kappa=1e-6, max_step=RDDRS_MAX_STEP),
+        },
+    ),
+    "paper": Preset(
+        n0=100,
+        n=100_000,
+        alpha=0.001,
+        count=10_000,
+        search={"ddrs": DDRS, "ancer": ANCER, "rddrs": replace(RDDRS, max_step=RDDRS_MAX_STEP)},
+    ),
 }
 
 

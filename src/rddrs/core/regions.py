@@ -52,7 +52,6 @@ from torch import Tensor
 
 from rddrs import RDDRSError
 from rddrs.core import spd
-from rddrs.core.methods import FULL, ISOTROPIC
 from rddrs.core.noise import Smoothing
 
 #: what the memory makes of a certificate (``Decision.status``)
@@ -81,8 +80,9 @@ class Regions:
     def __post_init__(self):
         n = self.laws.batch
         if self.centres.dim() != 2 or self.centres.shape != (n, self.laws.dim):
-            raise RDDRSError(f"centres must have shape (N, d) = ({n}, {self.laws.dim}), "
-                             f"got {tuple(self.centres.shape)}")
+            raise RDDRSError(
+                f"centres must have shape (N, d) = ({n}, {self.laws.dim}), got {tuple(self.centres.shape)}"
+            )
         if self.gaps.shape != (n,):
             raise RDDRSError(f"gaps must have shape ({n},), got {tuple(self.gaps.shape)}")
         if not (torch.isfinite(self.gaps).all() and (self.gaps >= 0).all()):
@@ -102,28 +102,13 @@ def _query(x: Tensor, law: Smoothing, stored: Regions) -> tuple[Tensor, Smoothin
         raise RDDRSError(f"the query needs one smoothing law, got a batch of {law.batch}")
     x = torch.as_tensor(x).reshape(-1).double()
     if x.numel() != law.dim or law.dim != stored.laws.dim:
-        raise RDDRSError(f"dimensions differ: x has {x.numel()} features, its law d={law.dim}, "
-                         f"the stored regions d={stored.laws.dim}")
+        raise RDDRSError(
+            f"dimensions differ: x has {x.numel()} features, its law d={law.dim}, "
+            f"the stored regions d={stored.laws.dim}"
+        )
     if not torch.isfinite(x).all():
         raise RDDRSError("x contains NaN or infinite values")
     return x, _float64(law)
-
-
-def _full(law: Smoothing) -> bool:
-    """Whether S is a dense matrix (the full family) rather than a diagonal one."""
-    return law.family == FULL
-
-
-def _diagonal(law: Smoothing) -> Tensor:
-    """The diagonal of S (B, d) for the isotropic and diagonal families."""
-    return law.param[:, None].expand(-1, law.dim) if law.family == ISOTROPIC else law.param
-
-
-def _inv_scale(law: Smoothing, m: Tensor) -> Tensor:
-    """``S^-1 m`` for m of shape (..., d, k), S broadcast over the leading axes."""
-    if _full(law):
-        return torch.linalg.solve(law.param, m)
-    return m / _diagonal(law)[..., :, None]
 
 
 def _pair_geometry(x: Tensor, law: Smoothing, stored: Regions) -> tuple[Tensor, Tensor]:
@@ -132,18 +117,18 @@ def _pair_geometry(x: Tensor, law: Smoothing, stored: Regions) -> tuple[Tensor, 
     laws = _float64(stored.laws)
     offset = stored.centres.double() - x
     r2 = stored.gaps.double()[:, None] ** 2
-    if not _full(law) and not _full(laws):
-        s, s2 = _diagonal(law), _diagonal(laws)
+    if not law.dense and not laws.dense:
+        s, s2 = law.diagonal(), laws.diagonal()
         return (offset / s) ** 2, r2 * (s2 / s) ** 2
-    if law.family == ISOTROPIC:  # Phi: the stored eigenbases
+    if law.scalar:  # Phi: the stored eigenbases (param: the query's scale)
         w2, v2 = laws.eig
         return ((offset[:, None, :] @ v2).squeeze(1) / law.param) ** 2, r2 * (w2 / law.param) ** 2
-    if laws.family == ISOTROPIC:  # Phi: the query's eigenbasis
+    if laws.scalar:  # Phi: the query's eigenbasis
         w, v = law.eig
         return (offset @ v[0] / w) ** 2, r2 * (laws.param[:, None] / w) ** 2
-    t = _inv_scale(law, laws.matrix())
+    t = law.solve(laws.matrix())
     mu, phi = spd.eigh(t @ t.transpose(-1, -2))
-    m = _inv_scale(law, offset[..., None])
+    m = law.solve(offset[..., None])
     return (phi.transpose(-1, -2) @ m).squeeze(-1) ** 2, r2 * mu.clamp(min=0)
 
 
@@ -154,7 +139,7 @@ def _chunks(n: int, d: int, dense: bool):
 
 
 def _is_dense(law: Smoothing, stored: Regions) -> bool:
-    return _full(law) or _full(stored.laws)
+    return law.dense or stored.laws.dense
 
 
 def _subset(stored: Regions, index) -> Regions:
@@ -164,8 +149,10 @@ def _subset(stored: Regions, index) -> Regions:
 
 def _chunked(fn, x: Tensor, law: Smoothing, stored: Regions) -> Tensor:
     """``fn`` of the pair geometry, computed in memory-bounded batches of stored regions."""
-    parts = [fn(*_pair_geometry(x, law, _subset(stored, part)))
-             for part in _chunks(len(stored), law.dim, _is_dense(law, stored))]
+    parts = [
+        fn(*_pair_geometry(x, law, _subset(stored, part)))
+        for part in _chunks(len(stored), law.dim, _is_dense(law, stored))
+    ]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=x.device)
 
 
@@ -207,8 +194,8 @@ def _dual_distance(a2: Tensor, beta: Tensor, inward: bool) -> Tensor:
 
     def step(tau):
         den = base + tau[:, None]
-        n2 = (weights / den ** 2).sum(-1)
-        return n2 > 1, tau - n2 * (1 - n2.sqrt()) / (weights / den ** 3).sum(-1)
+        n2 = (weights / den**2).sum(-1)
+        return n2 > 1, tau - n2 * (1 - n2.sqrt()) / (weights / den**3).sum(-1)
 
     lo = torch.zeros_like(tau_max)
     tau = _safeguarded_newton(step, lo, tau_max, tau_max / 2 if inward else lo)  # inward: tau = 0 may divide by 0
@@ -220,11 +207,12 @@ def _max_q(a2: Tensor, beta: Tensor, r2: float) -> Tensor:
     """``max_s q(s)``, ``q(s) = sum a_i^2 s(1-s) / D_i``, ``D_i = r^2 s + beta_i (1-s)``: the root
     of the decreasing ``q'(s) = sum a_i^2 N_i / D_i^2``, ``N_i = beta_i (1-s)^2 - r^2 s^2``, by
     Newton with ``q'' = sum a_i^2 (N_i' D_i - 2 N_i D_i') / D_i^3``."""
+
     def step(s):
         one, col = 1 - s[:, None], s[:, None]
-        den, num = r2 * col + beta * one, beta * one ** 2 - r2 * col ** 2
-        slope = (a2 * num / den ** 2).sum(-1)
-        curvature = (a2 * (-2 * (beta * one + r2 * col) * den - 2 * num * (r2 - beta)) / den ** 3).sum(-1)
+        den, num = r2 * col + beta * one, beta * one**2 - r2 * col**2
+        slope = (a2 * num / den**2).sum(-1)
+        curvature = (a2 * (-2 * (beta * one + r2 * col) * den - 2 * num * (r2 - beta)) / den**3).sum(-1)
         return slope > 0, s - slope / curvature
 
     half = torch.full_like(a2[:, 0], 0.5)
@@ -256,7 +244,7 @@ def contains(stored: Regions, x: Tensor) -> Tensor:
     if x.numel() != stored.laws.dim:
         raise RDDRSError(f"x has {x.numel()} features, the stored regions d={stored.laws.dim}")
     offset = (x - stored.centres.double())[..., None]
-    return _inv_scale(_float64(stored.laws), offset).squeeze(-1).norm(dim=-1) < stored.gaps.double()
+    return _float64(stored.laws).solve(offset).squeeze(-1).norm(dim=-1) < stored.gaps.double()
 
 
 def gauges(stored: Regions, points: Tensor) -> Tensor:
@@ -268,7 +256,7 @@ def gauges(stored: Regions, points: Tensor) -> Tensor:
     laws, rows = _float64(stored.laws), []
     for j in range(len(stored)):
         offsets = (points - stored.centres[j].double()).T[None]  # (1, d, P)
-        norms = _inv_scale(laws.with_param(laws.param[j: j + 1]), offsets)[0].norm(dim=0)
+        norms = laws.with_param(laws.param[j : j + 1]).solve(offsets)[0].norm(dim=0)
         rows.append(norms / stored.gaps[j] if stored.gaps[j] > 0 else torch.full_like(norms, torch.inf))
     return torch.stack(rows) if rows else torch.zeros(0, len(points), dtype=torch.float64)
 
@@ -339,14 +327,17 @@ class Memory:
         index = torch.arange(len(self)) if index is None else torch.as_tensor(index, dtype=torch.long)
         params = [self._load(self._params[j]) if self._load else self._params[j] for j in index.tolist()]
         device = self._centres.device
-        return Regions(self._centres[index], self._template.with_param(torch.stack(params).to(device, torch.float64)),
-                       self._gaps[index])
+        return Regions(
+            self._centres[index],
+            self._template.with_param(torch.stack(params).to(device, torch.float64)),
+            self._gaps[index],
+        )
 
     def store(self, x: Tensor, law: Smoothing, gap: float, label: int, key: int | None = None) -> None:
         """Add the region ``E(x, S, gap)`` of class ``label`` (``key``: what ``load`` takes)."""
         if law.batch != 1:
             raise RDDRSError(f"store takes one smoothing law, got a batch of {law.batch}")
-        if self._template is not None and law.family != self._template.family:
+        if self._template is not None and type(law) is not type(self._template):
             raise RDDRSError(f"one memory holds one smoothing family: {self._template.family}, not {law.family}")
         if not (np.isfinite(gap) and gap >= 0):
             raise RDDRSError(f"gap r must be finite and >= 0, got {gap}")
@@ -362,7 +353,8 @@ class Memory:
         if n == len(self._centres):  # grow every per-region array by doubling
             self._centres, self._squares, self._labels, self._gaps, self._outer = (
                 torch.cat([t, torch.empty((max(n, 16),) + t.shape[1:], dtype=t.dtype, device=x.device)])
-                for t in (self._centres, self._squares, self._labels, self._gaps, self._outer))
+                for t in (self._centres, self._squares, self._labels, self._gaps, self._outer)
+            )
         self._centres[n] = x.to(self._centres.device)
         self._squares[n] = x.square().sum()
         self._labels[n], self._gaps[n] = int(label), float(gap)
@@ -391,7 +383,7 @@ class Memory:
         other = (self._labels[:n] != label) & (self._gaps[:n] > 0)
         distance = self._distance_floor(x)
         outer = self._outer[:n]
-        stored_full = _full(self._template)
+        stored_full = self._template.dense
         # (a) inside a stored region of another class: the first such region (stored order)
         candidates = (other & (distance < outer) if self.screen else other).nonzero()[:, 0]
         for part in _chunks(len(candidates), law.dim, stored_full):
@@ -405,7 +397,7 @@ class Memory:
         near = other & (lower < gap) if self.screen else other
         order = near.nonzero()[:, 0][lower[near].argsort()]  # nearest first, by the bound
         limit = float(gap)
-        for part in _chunks(len(order), law.dim, stored_full or _full(law)):
+        for part in _chunks(len(order), law.dim, stored_full or law.dense):
             index = order[part][lower[order[part]] < limit] if self.screen else order[part]
             if len(index):
                 limit = min(limit, float(largest_disjoint_radius(x, law, self.regions(index)).min()))

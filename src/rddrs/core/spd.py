@@ -80,8 +80,7 @@ def _exp_factor(c: Tensor, x: Tensor, eig, max_norm: float | None):
     return b, v, root, q
 
 
-def exp(c: Tensor, x: Tensor, eig: tuple[Tensor, Tensor] | None = None,
-        max_norm: float | None = None) -> Tensor:
+def exp(c: Tensor, x: Tensor, eig: tuple[Tensor, Tensor] | None = None, max_norm: float | None = None) -> Tensor:
     """Exponential map ``Exp_C(X) = C^1/2 expm(C^-1/2 X C^-1/2) C^1/2`` (``eig``: of C, if known).
 
     Computed in C's eigenbasis, ``C = V W V^T``: with ``W^-1/2 V^T X V W^-1/2 = Q L Q^T``,
@@ -93,8 +92,9 @@ def exp(c: Tensor, x: Tensor, eig: tuple[Tensor, Tensor] | None = None,
     return sym(b @ b.transpose(-1, -2))
 
 
-def exp_transport(c: Tensor, x: Tensor, u: Tensor, eig: tuple[Tensor, Tensor] | None = None,
-                  max_norm: float | None = None) -> tuple[Tensor, Tensor]:
+def exp_transport(
+    c: Tensor, x: Tensor, u: Tensor, eig: tuple[Tensor, Tensor] | None = None, max_norm: float | None = None
+) -> tuple[Tensor, Tensor]:
     """``D = Exp_C(X)`` (as ``exp``) and the parallel transport of the tangent vector U from C
     to D along that geodesic, ``A U A^T`` with ``A = (D C^-1)^1/2 = C^1/2 expm(X'/2) C^-1/2``,
     ``X' = C^-1/2 X C^-1/2``. In the factors of ``exp``, ``A = B (V W^-1/2 Q)^T``: two more
@@ -103,14 +103,6 @@ def exp_transport(c: Tensor, x: Tensor, u: Tensor, eig: tuple[Tensor, Tensor] | 
     b, v, root, q = _exp_factor(c, x, eig, max_norm)
     a = b @ (v @ (root.reciprocal().unsqueeze(-1) * q)).transpose(-1, -2)
     return sym(b @ b.transpose(-1, -2)), sym(a @ u @ a.transpose(-1, -2))
-
-
-def transport(c: Tensor, d: Tensor, u: Tensor) -> Tensor:
-    """Parallel transport of the tangent vector U at C to D along the geodesic from C to D:
-    ``E U E^T`` with ``E = C^1/2 (C^-1/2 D C^-1/2)^1/2 C^-1/2`` (float64 inside)."""
-    root, inv_root = sqrt_and_inv_sqrt(c.double())
-    e = root @ funm(inv_root @ d.double() @ inv_root, torch.sqrt) @ inv_root
-    return sym(e @ u.double() @ e.transpose(-1, -2)).to(u.dtype)
 
 
 def log(c: Tensor, d: Tensor) -> Tensor:
@@ -141,15 +133,21 @@ def riemannian_gradient(c: Tensor, euclidean_grad: Tensor) -> Tensor:
     return sym(c @ sym(euclidean_grad) @ c)
 
 
+def floored(eig: tuple[Tensor, Tensor], lower: Tensor | float) -> tuple[Tensor, Tensor]:
+    """The eigendecomposition ``(max(w, lower), V)`` of the projection of ``V diag(w) V^T`` onto
+    ``{C : lambda_min(C) >= lower}`` (``lower``: a scalar or one per matrix of the batch)."""
+    w, v = eig
+    lower = torch.as_tensor(lower, dtype=w.dtype, device=w.device)
+    return torch.maximum(w, lower.unsqueeze(-1) if lower.dim() else lower), v
+
+
 def floor_eigenvalues(c: Tensor, lower: Tensor | float) -> Tensor:
-    """Project onto ``{C : lambda_min(C) >= lower}``: ``V max(w, lower) V^T``.
+    """Project onto ``{C : lambda_min(C) >= lower}``: ``V max(w, lower) V^T`` (``floored``).
 
     ``lower`` is a scalar or has the batch shape of ``c``. This is the nearest such matrix
     in Frobenius norm; eigenvectors are kept.
     """
-    w, v = eigh(c)
-    lower = torch.as_tensor(lower, dtype=w.dtype, device=w.device)
-    return from_eig(torch.maximum(w, lower.unsqueeze(-1) if lower.dim() else lower), v)
+    return from_eig(*floored(eigh(c), lower))
 
 
 def check_spd(c: Tensor, name: str = "matrix", rtol: float = 1e-5) -> None:
@@ -169,14 +167,21 @@ def check_spd(c: Tensor, name: str = "matrix", rtol: float = 1e-5) -> None:
 
 # -- sample points (for tests, examples and the book) ------------------------------------------
 
+
 def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
     if generator is not None:
         return generator
     return torch.Generator().manual_seed(0 if seed is None else int(seed))
 
 
-def random_orthogonal(d: int, *, batch: tuple[int, ...] = (), seed: int | None = None,
-                      generator: torch.Generator | None = None, dtype=torch.float64) -> Tensor:
+def random_orthogonal(
+    d: int,
+    *,
+    batch: tuple[int, ...] = (),
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    dtype=torch.float64,
+) -> Tensor:
     """Haar-random orthogonal ``(*batch, d, d)`` matrices: QR of a Gaussian matrix with the signs
     of R's diagonal moved into Q. Drawn from ``generator`` if given, else from ``seed``."""
     gen = _generator(seed, generator)
@@ -184,9 +189,16 @@ def random_orthogonal(d: int, *, batch: tuple[int, ...] = (), seed: int | None =
     return (q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)).to(dtype)
 
 
-def random_spd(d: int, *, batch: tuple[int, ...] = (), spread: float = 1.0, eigenvalues=None,
-               seed: int | None = None, generator: torch.Generator | None = None,
-               dtype=torch.float64) -> Tensor:
+def random_spd(
+    d: int,
+    *,
+    batch: tuple[int, ...] = (),
+    spread: float = 1.0,
+    eigenvalues=None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    dtype=torch.float64,
+) -> Tensor:
     """Random SPD ``(*batch, d, d)`` matrices ``Q diag(w) Q^T`` with ``Q`` Haar-random
     (:func:`random_orthogonal`). ``w = exp(u)`` with ``u`` uniform in ``[-spread, spread]``, so
     that the condition number is at most ``e^(2 spread)``, unless ``eigenvalues`` (``d`` values)

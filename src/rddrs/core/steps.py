@@ -48,7 +48,7 @@ class Adam:
         self.t += 1
         self.m = b1 * self.m + (1 - b1) * grad
         self.v = b2 * self.v + law.component_inner((1 - b2) * grad, grad)
-        m_hat, v_hat = self.m / (1 - b1 ** self.t), self.v / (1 - b2 ** self.t)
+        m_hat, v_hat = self.m / (1 - b1**self.t), self.v / (1 - b2**self.t)
         moved, self.m = law.step_transport(self.lr * m_hat / (v_hat.sqrt() + self.eps), self.m, max_step)
         return moved
 

@@ -85,8 +85,10 @@ def pack(files, results: str | Path, archive: str | Path, preset: str, extras=()
     names, extra_names = [under(f) for f in files], [under(f) for f in extras]
     for name in names:
         if (theirs := read_sidecar(results / name)["settings"].get("preset")) != preset:
-            raise RDDRSError(f"{results / name} is a run of preset {theirs}, not {preset}: pack it with --preset "
-                             f"{theirs}, or pack another results directory")
+            raise RDDRSError(
+                f"{results / name} is a run of preset {theirs}, not {preset}: pack it with --preset "
+                f"{theirs}, or pack another results directory"
+            )
     rows = sum(len(read_rows(results / name)) for name in names)
     if archive.is_dir():
         raise RDDRSError(f"{archive} is a directory; the archive is a file (.tar.gz)")
@@ -114,10 +116,16 @@ def pack(files, results: str | Path, archive: str | Path, preset: str, extras=()
 def plain(name, suffix: str) -> str:
     """``name`` if it is a plain relative path ending in ``suffix`` (components of letters, digits and
     ``._+=-``, none empty, hidden, ``.`` or ``..``), else a one-line error."""
-    if not (isinstance(name, str) and name.endswith(suffix) and len(name) <= 1024
-            and all(_COMPONENT.fullmatch(part) for part in name.split("/"))):
-        raise RDDRSError(f"its manifest names {name!r}, which is not a plain relative path of a {suffix} file "
-                         f"under the results directory")
+    if not (
+        isinstance(name, str)
+        and name.endswith(suffix)
+        and len(name) <= 1024
+        and all(_COMPONENT.fullmatch(part) for part in name.split("/"))
+    ):
+        raise RDDRSError(
+            f"its manifest names {name!r}, which is not a plain relative path of a {suffix} file "
+            f"under the results directory"
+        )
     return name
 
 
@@ -127,8 +135,11 @@ def _manifest(blob: bytes) -> tuple[str, list[str], list[str]]:
         manifest = json.loads(blob)
     except (UnicodeDecodeError, ValueError) as err:
         raise RDDRSError(f"its manifest is not JSON ({one_line(err)})") from None
-    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), list)
-            and isinstance(manifest.get("extras", []), list)):
+    if not (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("files"), list)
+        and isinstance(manifest.get("extras", []), list)
+    ):
         raise RDDRSError("its manifest is not an object with lists 'files' and 'extras'")
     preset = manifest.get("preset")
     if not (isinstance(preset, str) and preset in PRESETS):
@@ -153,12 +164,19 @@ def _unpack(archive: Path, into: Path) -> tuple[str, list[str], list[str]]:
                 if len(members) >= MAX_MEMBERS:
                     raise RDDRSError(f"it holds more than {MAX_MEMBERS} members")
                 if not member.isreg():
-                    kind = "a link" if member.issym() or member.islnk() else "a directory" if member.isdir() else \
-                        "a special file"
+                    kind = (
+                        "a link"
+                        if member.issym() or member.islnk()
+                        else "a directory"
+                        if member.isdir()
+                        else "a special file"
+                    )
                     raise RDDRSError(f"its member {member.name!r} is {kind}; an archive of rddrs holds files only")
                 if member.size > MAX_MEMBER:
-                    raise RDDRSError(f"its member {member.name!r} has {member.size:,} bytes, more than the "
-                                     f"{MAX_MEMBER:,} a result file or measurement may have")
+                    raise RDDRSError(
+                        f"its member {member.name!r} has {member.size:,} bytes, more than the "
+                        f"{MAX_MEMBER:,} a result file or measurement may have"
+                    )
                 if member.name in members:
                     raise RDDRSError(f"it holds {member.name!r} twice")
                 members[member.name] = member
@@ -175,8 +193,9 @@ def _unpack(archive: Path, into: Path) -> tuple[str, list[str], list[str]]:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(tar.extractfile(members[name]).read())
     except (OSError, EOFError, zlib.error, tarfile.TarError) as err:
-        raise RDDRSError(f"it cannot be read to its end ({one_line(err)}): it is truncated or no archive of "
-                         f"`rddrs pack`") from None
+        raise RDDRSError(
+            f"it cannot be read to its end ({one_line(err)}): it is truncated or no archive of `rddrs pack`"
+        ) from None
     return preset, files, extras
 
 
@@ -189,8 +208,9 @@ def _named(archive: Path, tmp: Path):
         raise RDDRSError(str(err).replace(f"{tmp}/", f"{archive}:")) from None
 
 
-def land(archive: str | Path, results: str | Path | None = None,
-         models: str | Path = "data/models") -> list[tuple[str, int]]:
+def land(
+    archive: str | Path, results: str | Path | None = None, models: str | Path = "data/models"
+) -> list[tuple[str, int]]:
     """Add the rows of ``archive`` to the result files of ``results`` (default: ``results/PRESET``
     of its manifest), checking all of it first (see the module's docstring); returns (file, rows
     added) per file."""
@@ -226,8 +246,10 @@ def land(archive: str | Path, results: str | Path | None = None,
             if model not in hashes:
                 hashes[model] = sha256_of(model) if model.is_file() else None
             if hashes[model] != settings.get("model_sha256"):
-                raise RDDRSError(f"{archive}: {name} was computed with another model than {model} "
-                                 f"({'it is missing here' if hashes[model] is None else 'its hash differs'})")
+                raise RDDRSError(
+                    f"{archive}: {name} was computed with another model than {model} "
+                    f"({'it is missing here' if hashes[model] is None else 'its hash differs'})"
+                )
             check_rows(results / name, rows, meta, f"{archive.name}:{name}", same_rows=True)
             incoming[name] = (meta, rows)
         copies = []
@@ -246,8 +268,9 @@ def land(archive: str | Path, results: str | Path | None = None,
             for name in sorted(incoming, key=lambda n: not (results / n).parent.is_dir()):
                 held.enter_context(exclusive(results / name))
             for name, (meta, rows) in incoming.items():
-                landed.append((name, add_rows(results / name, rows, meta, None, f"{archive.name}:{name}",
-                                              same_rows=True)))
+                landed.append(
+                    (name, add_rows(results / name, rows, meta, None, f"{archive.name}:{name}", same_rows=True))
+                )
         for here, there in copies:
             if not here.exists():
                 write_atomic(here, [there])
@@ -263,8 +286,10 @@ def _check_preset(results: Path, preset: str, archive: Path) -> None:
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if theirs != preset:
-            raise RDDRSError(f"{archive} holds rows of preset {preset}, but {results} holds preset {theirs} "
-                             f"(e.g. {side.name}); land it in results/{preset}")
+            raise RDDRSError(
+                f"{archive} holds rows of preset {preset}, but {results} holds preset {theirs} "
+                f"(e.g. {side.name}); land it in results/{preset}"
+            )
         return
 
 
@@ -272,6 +297,8 @@ def land_message(landed: list[tuple[str, int]]) -> str:
     total = sum(n for _, n in landed)
     grown = [f"{name} (+{n})" for name, n in landed if n]
     copied = [name for name, _ in landed if name.endswith(".json")]
-    return (f"landed {total} new rows in {len(grown)} files" + (f": {', '.join(grown)}" if grown else "")
-            + (f"; copied {', '.join(copied)}" if copied else ""))
-
+    return (
+        f"landed {total} new rows in {len(grown)} files"
+        + (f": {', '.join(grown)}" if grown else "")
+        + (f"; copied {', '.join(copied)}" if copied else "")
+    )

@@ -2,7 +2,7 @@
 
 ``RayEngine`` joins a running Ray cluster (``address``, e.g. ``"auto"`` on a node of one, or
 the one this process already started), or starts a local one. Every shard is a call of
-``sweep.run_task`` as a Ray task with ``num_cpus``/``num_gpus`` and ``max_retries``: when the
+``engines.run_task`` as a Ray task with ``num_cpus``/``num_gpus`` and ``max_retries``: when the
 worker process running it dies (killed, lost node), Ray starts the task again, and the shard
 resumes from the rows it had flushed. The driver (``sweep.execute``) merges what comes back.
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 import time
 
 from rddrs import RDDRSError
-from rddrs.pipeline.engines import cores
+from rddrs.pipeline.engines import cores, run_task
 from rddrs.pipeline.files import one_line
-from rddrs.pipeline.sweep import Task, run_task
+from rddrs.pipeline.shards import Task
 
 #: object store of a local cluster started here: shards return a few numbers, not arrays
 LOCAL_OBJECT_STORE = 300 * 2**20
@@ -39,8 +39,14 @@ class RayEngine:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, cpus: float = 1, gpus: float = 0, retries: int = 3,
-                 local_cpus: int | None = None):
+    def __init__(
+        self,
+        address: str | None = None,
+        cpus: float = 1,
+        gpus: float = 0,
+        retries: int = 3,
+        local_cpus: int | None = None,
+    ):
         ray = self.ray = _ray()
         self.cpus, self.gpus = float(cpus), float(gpus)
         self.started = False
@@ -49,12 +55,17 @@ class RayEngine:
                 if address:
                     ray.init(address=address, log_to_driver=False)
                 else:
-                    ray.init(num_cpus=local_cpus or cores(), object_store_memory=LOCAL_OBJECT_STORE,
-                             include_dashboard=False, log_to_driver=False)
+                    ray.init(
+                        num_cpus=local_cpus or cores(),
+                        object_store_memory=LOCAL_OBJECT_STORE,
+                        include_dashboard=False,
+                        log_to_driver=False,
+                    )
                     self.started = True
             except (ConnectionError, RuntimeError, ValueError) as err:
-                raise RDDRSError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'} "
-                                 f"({one_line(err)})") from None
+                raise RDDRSError(
+                    f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'} ({one_line(err)})"
+                ) from None
         remote = ray.remote(run_task)
         self._task = remote.options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=int(retries))
         self._memory = remote.options(num_cpus=self.cpus, num_gpus=0, max_retries=int(retries))  # on the CPU

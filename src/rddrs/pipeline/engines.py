@@ -10,10 +10,95 @@ import signal
 import sys
 from concurrent import futures
 from concurrent.futures.process import BrokenProcessPool
+from functools import lru_cache
+from pathlib import Path
 
 from rddrs import RDDRSError
-from rddrs.pipeline.files import one_line
-from rddrs.pipeline.sweep import Task, run_task
+from rddrs.pipeline.files import Busy, one_line
+from rddrs.pipeline.runspec import MEMORY
+from rddrs.pipeline.shards import Task
+
+
+@lru_cache(maxsize=4)
+def _model(path: str, device: str, probabilities: bool):
+    from rddrs.pipeline.models import load_model, resolve_device
+
+    return load_model(path, device=resolve_device(device), probabilities=probabilities)
+
+
+@lru_cache(maxsize=2)
+def _test_set(data: str, dataset: str):
+    from rddrs.pipeline.data import load_dataset
+
+    return load_dataset(Path(data), dataset, train=False)
+
+
+def run_task(task: Task, threads: int | None = None) -> dict:
+    """Compute one task where it is called (a worker of any engine) and say how it went:
+    ``{"status": "done" | "error", "message": ..., "retry": ..., "pid": ...}``; ``retry``: whether
+    the same task can succeed later (its file was being written by another process)."""
+    from rddrs.pipeline import allocator
+
+    allocator.tune()  # a worker's entry point: large CPU buffers stay in the process
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    spec = task.spec
+    try:
+        if spec.kind == MEMORY:
+            from rddrs.pipeline.memory import apply_memory
+
+            images, labels = _test_set(spec.data, spec.dataset)
+            apply_memory(Path(spec.source), images, 0, progress=False, labels=labels)
+        else:
+            from rddrs.pipeline.runs import run_certification
+
+            settings = spec.settings()
+            images, labels = _test_set(spec.data, spec.dataset)
+            if task.hi > len(images):
+                raise RDDRSError(
+                    f"test images {task.lo}..{task.hi - 1} reach outside the test set (0..{len(images) - 1})"
+                )
+            model = _model(settings.model, settings.device, settings.probabilities)
+            run_certification(
+                settings,
+                model,
+                images[task.lo : task.hi],
+                labels[task.lo : task.hi],
+                task.lo,
+                task.path,
+                spec.inputs_per_batch,
+                spec.batch_size,
+                progress=False,
+                test_labels=labels,
+            )
+    except RDDRSError as err:
+        return {"status": "error", "message": str(err), "retry": isinstance(err, Busy), "pid": os.getpid()}
+    return {"status": "done", "pid": os.getpid()}
+
+
+class Inline:
+    """Tasks in this process, one after another (the chapters' engine)."""
+
+    name = "inline"
+    capacity = 1
+
+    def __init__(self, threads: int | None = None):
+        self.threads, self._queue = threads, []
+
+    def submit(self, task: Task) -> None:
+        self._queue.append(task)
+
+    def wait(self, timeout: float) -> list[tuple[Task, dict]]:
+        if not self._queue:
+            return []
+        task = self._queue.pop(0)
+        return [(task, run_task(task, self.threads))]
+
+    def close(self, cancel: bool = False) -> None:
+        self._queue.clear()
+
 
 #: prctl's option that has the kernel signal a process when its parent ends (linux/prctl.h)
 PR_SET_PDEATHSIG = 1
@@ -69,8 +154,9 @@ class Local:
 
     name = "local"
 
-    def __init__(self, processes: int | None = None, threads: int = 1, gpus: int = 0, device: str = "cpu",
-                 retries: int = 3):
+    def __init__(
+        self, processes: int | None = None, threads: int = 1, gpus: int = 0, device: str = "cpu", retries: int = 3
+    ):
         self.threads, self.gpus, self.retries = max(1, int(threads)), int(gpus), int(retries)
         self.groups = None
         if device.startswith("cuda") and self.gpus > 0:
@@ -79,7 +165,9 @@ class Local:
             visible = [str(i) for i in range(torch.cuda.device_count())]
             if len(visible) < self.gpus:
                 raise RDDRSError(f"{self.gpus} GPU(s) per task asked for, {len(visible)} visible")
-            self.groups = [",".join(visible[i: i + self.gpus]) for i in range(0, len(visible) - self.gpus + 1, self.gpus)]
+            self.groups = [
+                ",".join(visible[i : i + self.gpus]) for i in range(0, len(visible) - self.gpus + 1, self.gpus)
+            ]
         limit = max(1, cores() // self.threads)
         if self.groups is not None:
             limit = min(limit, len(self.groups))
@@ -102,9 +190,12 @@ class Local:
             for group in self.groups[: self.capacity]:
                 queue.put(group)
         self._started, self._stopping = context.SimpleQueue(), context.Event()
-        self._pool = futures.ProcessPoolExecutor(self.capacity, mp_context=context, initializer=_init_worker,
-                                                 initargs=(self.threads, queue, os.getpid(), self._started,
-                                                           self._stopping))
+        self._pool = futures.ProcessPoolExecutor(
+            self.capacity,
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(self.threads, queue, os.getpid(), self._started, self._stopping),
+        )
         self._pids = []
 
     def submit(self, task: Task) -> None:
@@ -132,8 +223,16 @@ class Local:
             self._pool = None
             for task in broken:
                 if self._tries.get(task.key, 0) > self.retries:
-                    results.append((task, {"status": "error", "retry": True,
-                                           "message": f"its worker died {self._tries[task.key]} time(s)"}))
+                    results.append(
+                        (
+                            task,
+                            {
+                                "status": "error",
+                                "retry": True,
+                                "message": f"its worker died {self._tries[task.key]} time(s)",
+                            },
+                        )
+                    )
                 else:
                     self.submit(task)
         return results

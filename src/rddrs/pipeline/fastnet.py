@@ -59,8 +59,9 @@ def extension():
     """The compiled kernels, or None (with one warning) where they cannot be built here."""
     source = Path(__file__).with_name("fastnet.cpp")
     # one build per source, checkout (ninja rebuilds when the source's path changes), processor and torch
-    digest = hashlib.sha256(source.read_bytes() + str(source.resolve()).encode() + _processor().encode()
-                            + torch.__version__.encode()).hexdigest()
+    digest = hashlib.sha256(
+        source.read_bytes() + str(source.resolve()).encode() + _processor().encode() + torch.__version__.encode()
+    ).hexdigest()
     try:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # no CUDA notes on a CPU build
         from torch.utils import cpp_extension
@@ -69,8 +70,12 @@ def extension():
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return cpp_extension.load(name=f"rddrs_fastnet_{digest[:12]}", sources=[str(source)],
-                                      extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
+            return cpp_extension.load(
+                name=f"rddrs_fastnet_{digest[:12]}",
+                sources=[str(source)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                verbose=False,
+            )
     except Exception as err:  # no compiler, no ninja, a failed build: the autograd path serves
         first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
         print(f"rddrs: the fast network could not be built ({first}); using autograd", file=sys.stderr)
@@ -84,17 +89,35 @@ def recognise(model: nn.Module) -> tuple[nn.Conv2d, nn.Conv2d, nn.Linear] | None
         return None
     conv1, relu1, pool1, conv2, relu2, pool2 = features
     for conv in (conv1, conv2):
-        if not (type(conv) is nn.Conv2d and conv.bias is not None and conv.stride == (1, 1)
-                and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
-                and conv.padding_mode == "zeros" and conv.kernel_size[0] == conv.kernel_size[1] <= 8):
+        if not (
+            type(conv) is nn.Conv2d
+            and conv.bias is not None
+            and conv.stride == (1, 1)
+            and conv.padding == (0, 0)
+            and conv.dilation == (1, 1)
+            and conv.groups == 1
+            and conv.padding_mode == "zeros"
+            and conv.kernel_size[0] == conv.kernel_size[1] <= 8
+        ):
             return None
     for pool in (pool1, pool2):
-        if not (type(pool) is nn.MaxPool2d and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
-                and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
-                and not pool.return_indices):
+        if not (
+            type(pool) is nn.MaxPool2d
+            and pool.kernel_size in (2, (2, 2))
+            and pool.stride in (2, (2, 2))
+            and pool.padding in (0, (0, 0))
+            and pool.dilation in (1, (1, 1))
+            and not pool.ceil_mode
+            and not pool.return_indices
+        ):
             return None
-    if not (type(relu1) is nn.ReLU and type(relu2) is nn.ReLU and conv1.in_channels == 1
-            and conv2.in_channels == conv1.out_channels and conv1.kernel_size == conv2.kernel_size):
+    if not (
+        type(relu1) is nn.ReLU
+        and type(relu2) is nn.ReLU
+        and conv1.in_channels == 1
+        and conv2.in_channels == conv1.out_channels
+        and conv1.kernel_size == conv2.kernel_size
+    ):
         return None
     return conv1, conv2, classifier
 
@@ -137,26 +160,39 @@ class FastCNN(nn.Module):
         image = (2 * side + k - 1) * 2 + k - 1
         self.input_shape = (1, image, image)
         # for the gradient, the linear layer's columns in the channels-last order of the pooled features
-        self.register_buffer("fc_weight", fc.weight.detach().reshape(fc.out_features, conv2.out_channels, side, side)
-                             .permute(0, 2, 3, 1).reshape(fc.out_features, -1).contiguous(), persistent=False)
+        self.register_buffer(
+            "fc_weight",
+            fc.weight.detach()
+            .reshape(fc.out_features, conv2.out_channels, side, side)
+            .permute(0, 2, 3, 1)
+            .reshape(fc.out_features, -1)
+            .contiguous(),
+            persistent=False,
+        )
         self.register_buffer("w2t", conv2.weight.detach().permute(0, 2, 3, 1).contiguous(), persistent=False)
         # conv1's kernel rows padded with zeros to 8 (one 8-wide update per row in the kernel)
-        self.register_buffer("w1", nn.functional.pad(conv1.weight.detach()[:, 0], (0, 8 - k)).contiguous(),
-                             persistent=False)
+        self.register_buffer(
+            "w1", nn.functional.pad(conv1.weight.detach()[:, 0], (0, 8 - k)).contiguous(), persistent=False
+        )
 
     @staticmethod
     def _pooled_side(model, conv1, conv2) -> int:
         """The side of the last pooled feature map, from the linear layer's input size."""
         per_channel = model.classifier.in_features // conv2.out_channels
-        side = int(round(per_channel ** 0.5))
+        side = int(round(per_channel**0.5))
         if side * side * conv2.out_channels != model.classifier.in_features:
             raise RDDRSError("the linear layer does not read square feature maps")
         return side
 
     def _usable(self, x: Tensor) -> bool:
-        return (x.dim() == 4 and tuple(x.shape[1:]) == self.input_shape and len(x) > 0
-                and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not any(p.requires_grad for p in self.model.parameters()))
+        return (
+            x.dim() == 4
+            and tuple(x.shape[1:]) == self.input_shape
+            and len(x) > 0
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and not any(p.requires_grad for p in self.model.parameters())
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._usable(x):

@@ -1,19 +1,16 @@
-"""What the pipeline writes: atomic files, one-line error texts, and provenance records."""
+"""What the pipeline writes: atomic files, locks, JSON records and one-line error texts (the
+provenance of what it writes is :mod:`rddrs.pipeline.provenance`'s)."""
 
 from __future__ import annotations
 
 import fcntl
 import os
-import platform
 import re
 import secrets
-import subprocess
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
-from rddrs import RDDRSError, __version__
-from rddrs.pipeline import allocator
+from rddrs import RDDRSError
 
 #: terminal escape sequences (colours, cursor moves) and the other control characters
 _ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
@@ -42,9 +39,17 @@ def regular_file(path: Path, what: str) -> Path:
         return path
     if not path.exists():
         raise RDDRSError(f"{what} {path}: no such file")
-    kind = ("a directory" if path.is_dir() else "a FIFO" if path.is_fifo() else
-            "a device" if path.is_char_device() or path.is_block_device() else "a socket" if path.is_socket() else
-            "something else")
+    kind = (
+        "a directory"
+        if path.is_dir()
+        else "a FIFO"
+        if path.is_fifo()
+        else "a device"
+        if path.is_char_device() or path.is_block_device()
+        else "a socket"
+        if path.is_socket()
+        else "something else"
+    )
     raise RDDRSError(f"{what} {path} is {kind}, not a regular file")
 
 
@@ -54,8 +59,9 @@ def ensure_dir(folder: Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RDDRSError(f"cannot write into {folder}: the directory cannot be created ({one_line(err)}); "
-                         "choose a writable place") from None
+        raise RDDRSError(
+            f"cannot write into {folder}: the directory cannot be created ({one_line(err)}); choose a writable place"
+        ) from None
     return folder
 
 
@@ -74,57 +80,10 @@ def write_atomic(path: Path, chunks: list[bytes]) -> None:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
-            raise RDDRSError(f"cannot write {path} ({one_line(err)}); check that the "
-                             f"directory is writable and has free space") from None
+            raise RDDRSError(
+                f"cannot write {path} ({one_line(err)}); check that the directory is writable and has free space"
+            ) from None
         raise
-
-
-def git(*args: str, cwd: str | Path | None = None) -> str | None:
-    """What ``git ARGS`` prints in ``cwd`` (default: this package's checkout), stripped; None
-    where git is missing or fails (not a repository)."""
-    try:
-        proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=20,
-                              cwd=cwd or Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
-
-
-def processor_name() -> str:
-    """The CPU's model name as the kernel reports it (``platform.machine()`` where it does not)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def provenance(device) -> dict:
-    """Versions, device, processor, threads, host, git commit (and whether the tree was dirty), time. Where
-    the code runs from a copy of the repository (a bare GPU machine), ``RDDRS_SOURCE_COMMIT``
-    names the commit it was copied from and wins over what git says there (such a copy can carry
-    another checkout's history); its dirtiness is then unknown."""
-    import torch
-
-    declared = os.environ.get("RDDRS_SOURCE_COMMIT") or None
-    commit = declared or git("rev-parse", "HEAD") or None
-    status = git("status", "--porcelain") if commit and not declared else None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {"versions": {"rddrs": __version__, "torch": torch.__version__, "python": platform.python_version()},
-            "device": f"{device} ({name})", "processor": processor_name(), "threads": torch.get_num_threads(),
-            "host": platform.node(),
-            "malloc_tuning": allocator.status(),
-            "git_commit": commit, "git_dirty": None if status is None else bool(status),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
-def recorded(device: str, rows) -> dict:
-    """Rows of a measurement with the provenance of their making (device, versions, commit, time)."""
-    import torch
-
-    return {"provenance": provenance(torch.device(device)), "rows": rows}
 
 
 def read_json(path: str | Path, keys: dict[str, type] | None = None):

@@ -15,13 +15,22 @@ from tqdm import tqdm
 
 from rddrs import RDDRSError
 from rddrs.core.certify import ABSTAIN
-from rddrs.core.methods import FULL, ISOTROPIC, METHODS, method as method_record
-from rddrs.core.noise import Smoothing, from_param
+from rddrs.core.methods import METHODS, method as method_record
+from rddrs.core.noise import Smoothing, family_class
 from rddrs.core.regions import TOUCH_TOLERANCE, Memory
 from rddrs.core.spd import random_orthogonal
 from rddrs.pipeline.files import exclusive, write_atomic
-from rddrs.pipeline.results import (COLUMNS, REQUIRED, check_labels, format_row, memory_path, read_rows, read_table,
-                                    sidecar_path, upgrade)
+from rddrs.pipeline.results import (
+    COLUMNS,
+    REQUIRED,
+    check_labels,
+    format_row,
+    memory_path,
+    read_rows,
+    read_table,
+    sidecar_path,
+    upgrade,
+)
 from rddrs.pipeline.runs import trace_param
 
 MEMORY_COLUMNS = COLUMNS + ("memory",)
@@ -43,16 +52,18 @@ def read_memory_rows(path: Path, repair: bool = False) -> list[dict]:
 
 
 def _trace_reader(out: Path, method: str, d: int) -> Callable[[int], Tensor]:
-    """Image idx -> the final parameter (float64) in its trace: theta (d,) or C (d, d)."""
+    """Image idx -> the final parameter (float64) in its trace: theta (d,) or C (d, d); the last
+    ones read are kept for a dense family (whose memory reads its laws again when needed)."""
 
     def read(idx: int) -> Tensor:
         return torch.from_numpy(trace_param(out, idx, method, d))
 
-    return lru_cache(maxsize=32)(read) if method_record(method).family == FULL else read
+    return lru_cache(maxsize=32)(read) if family_class(method_record(method).family).dense else read
 
 
-def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = True,
-                 labels: Tensor | None = None) -> Path:
+def apply_memory(
+    out: Path, images: Tensor, start: int = 0, progress: bool = True, labels: Tensor | None = None
+) -> Path:
     """Run the memory over the result file ``out`` in ascending idx; write ``OUT.memory.tsv``.
 
     ``images[i - start]`` is test image i (rotated as the run was, if it used ``--rotate``), and
@@ -83,8 +94,10 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
         raise RDDRSError(f"{out} holds no rows")
     lo, hi = min(rows), max(rows)
     if missing := [i for i in range(lo, hi + 1) if i not in rows]:
-        raise RDDRSError(f"{out} misses idx {missing[0]} ({len(missing)} rows in {lo}..{hi}); "
-                         "the memory needs contiguous rows (merge the shards first)")
+        raise RDDRSError(
+            f"{out} misses idx {missing[0]} ({len(missing)} rows in {lo}..{hi}); "
+            "the memory needs contiguous rows (merge the shards first)"
+        )
     if lo < start or hi >= start + len(images):
         raise RDDRSError(f"{out} has idx {lo}..{hi}, outside the images {start}..{start + len(images) - 1}")
     ordered = [rows[i] for i in range(lo, hi + 1)]
@@ -93,9 +106,9 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
     d = images[0].numel()
     rotate = meta["settings"].get("rotate")
     rotation = random_orthogonal(d, seed=rotate) if rotate is not None else None
-    family = method_record(method).family
-    # the isotropic families' sigma is in the row; theta and C are in the traces
-    read = None if family == ISOTROPIC else _trace_reader(out, method, d)
+    family = family_class(method_record(method).family)
+    # an in_rows family's sigma is in the row; theta and C are in the traces
+    read = None if family.in_rows else _trace_reader(out, method, d)
 
     checked = set()  # the idx whose law was found valid
 
@@ -104,42 +117,59 @@ def apply_memory(out: Path, images: Tensor, start: int = 0, progress: bool = Tru
         x = images[row["idx"] - start].reshape(-1).double()
         param = torch.tensor([row["sigma_min"]], dtype=torch.float64) if read is None else read(row["idx"])[None]
         try:
-            law = from_param(family, param, d, check=row["idx"] not in checked)
+            law = family.from_param(param, d, check=row["idx"] not in checked)
         except RDDRSError as err:
-            raise RDDRSError(f"{out}: the law of idx {row['idx']} is not a valid covariance ({err}); the memory "
-                             "certifies from valid laws only") from None
+            raise RDDRSError(
+                f"{out}: the law of idx {row['idx']} is not a valid covariance ({err}); the memory "
+                "certifies from valid laws only"
+            ) from None
         checked.add(row["idx"])
         return (x if rotation is None else rotation @ x), law
 
     path = memory_path(out)
     with exclusive(path):  # one writer at a time
         done = read_memory_rows(path, repair=True)
-        if len(done) > len(ordered) or any(old[k] != new[k] for old, new in zip(done, ordered)
-                                           for k in ("idx", "label", "p_lower", "sigma_min")):
+        if len(done) > len(ordered) or any(
+            old[k] != new[k] for old, new in zip(done, ordered) for k in ("idx", "label", "p_lower", "sigma_min")
+        ):
             raise RDDRSError(f"{path} does not match the rows of {out.name}; remove it to start again")
         if len(done) == len(ordered):  # complete: nothing to rebuild (the traces need not exist)
             return path
         for row in ordered:  # checked: from here on the pass writes
             region(row)
         upgrade(path, MEMORY_COLUMNS, read_memory_rows)  # a pass of an older rddrs gets today's columns
-        memory = Memory(load=read if family == FULL else None)
+        memory = Memory(load=read if family.dense else None)  # dense laws: read again when needed
         for row in done:
             if row["memory"] != ABSTAINED:
                 memory.store(*region(row), row["gap"], row["predict"], key=row["idx"])
-        write_atomic(sidecar_path(path), [json.dumps(dict(meta, memory={
-            "source": out.name, "order": "ascending idx", "touch_tolerance": TOUCH_TOLERANCE}), indent=2).encode()])
+        write_atomic(
+            sidecar_path(path),
+            [
+                json.dumps(
+                    dict(
+                        meta, memory={"source": out.name, "order": "ascending idx", "touch_tolerance": TOUCH_TOLERANCE}
+                    ),
+                    indent=2,
+                ).encode()
+            ],
+        )
         bar = tqdm(total=len(ordered), initial=len(done), disable=not progress, unit="image", desc="memory")
         fresh = not path.exists() or path.stat().st_size == 0
         with open(path, "a") as f:
             if fresh:
                 f.write("\t".join(MEMORY_COLUMNS) + "\n")
-            for row in ordered[len(done):]:
+            for row in ordered[len(done) :]:
                 row = dict(row, memory=ABSTAINED)
                 if row["predict"] != ABSTAIN:
                     decision = memory.admit(*region(row), row["gap"], row["predict"], key=row["idx"])
-                    row.update(predict=decision.label, correct=int(decision.label == row["label"]), gap=decision.gap,
-                               radius=decision.gap * row["sigma_min"], proxy_radius=decision.gap * row["sigma_proxy"],
-                               memory=decision.status)
+                    row.update(
+                        predict=decision.label,
+                        correct=int(decision.label == row["label"]),
+                        gap=decision.gap,
+                        radius=decision.gap * row["sigma_min"],
+                        proxy_radius=decision.gap * row["sigma_proxy"],
+                        memory=decision.status,
+                    )
                 f.write(format_row(row, MEMORY_COLUMNS) + "\n")
                 f.flush()
                 bar.update()

@@ -37,8 +37,12 @@ class MnistCNN(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Linear(32 * 4 * 4, num_classes)
 
@@ -65,8 +69,7 @@ class ExportedModel(nn.Module):
 
     def train(self, mode: bool = True) -> ExportedModel:
         if mode:
-            raise RDDRSError("a torch.export program is frozen in eval mode and cannot be "
-                             "put in training mode")
+            raise RDDRSError("a torch.export program is frozen in eval mode and cannot be put in training mode")
         self.training = False
         return self
 
@@ -97,22 +100,23 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise RDDRSError(f"invalid device {device!r} ({one_line(err)}); "
-                         f"use cpu, cuda or cuda:N") from None
+        raise RDDRSError(f"invalid device {device!r} ({one_line(err)}); use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RDDRSError(f"device {device!r} was asked for but CUDA is not available "
-                             f"(torch {torch.__version__}); use --device cpu")
+            raise RDDRSError(
+                f"device {device!r} was asked for but CUDA is not available "
+                f"(torch {torch.__version__}); use --device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RDDRSError(f"device {device!r} does not exist: "
-                             f"{torch.cuda.device_count()} CUDA device(s) are visible")
+            raise RDDRSError(
+                f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
     elif dev.type != "cpu":
         raise RDDRSError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
     return dev
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               probabilities: bool = False) -> nn.Module:
+def load_model(path: str | Path, device: str | torch.device = "cpu", probabilities: bool = False) -> nn.Module:
     """Load a classifier for ``N x 1 x 28 x 28`` inputs in [0, 1] that returns ``N x 10`` logits.
 
     ``path`` is one of our ``.pt`` checkpoints or any ``torch.export`` program (``.pt2``).
@@ -183,14 +187,20 @@ def check_outputs(model: nn.Module, x: Tensor, name: str | Path, classes: int = 
         raise RDDRSError(f"{name} returns a {type(out).__name__}, not a tensor of N x {classes} logits")
     if out.ndim != 2 or out.shape[0] != len(x) or out.shape[1] != classes:
         shape = " x ".join(map(str, out.shape)) or "a scalar"
-        raise RDDRSError(f"{name} gives outputs of shape {shape} for {len(x)} image{'s' * (len(x) != 1)}; rddrs "
-                         f"needs N x {classes} (one logit per class)")
+        raise RDDRSError(
+            f"{name} gives outputs of shape {shape} for {len(x)} image{'s' * (len(x) != 1)}; rddrs "
+            f"needs N x {classes} (one logit per class)"
+        )
     if not out.is_floating_point():
-        raise RDDRSError(f"{name} gives outputs of type {str(out.dtype).removeprefix('torch.')}; rddrs needs "
-                         f"floating-point logits (the searches take their gradients)")
+        raise RDDRSError(
+            f"{name} gives outputs of type {str(out.dtype).removeprefix('torch.')}; rddrs needs "
+            f"floating-point logits (the searches take their gradients)"
+        )
     if not torch.isfinite(out).all():
-        raise RDDRSError(f"{name} gives NaN or infinite outputs on test images; its certificates would be "
-                         f"meaningless: check the model")
+        raise RDDRSError(
+            f"{name} gives NaN or infinite outputs on test images; its certificates would be "
+            f"meaningless: check the model"
+        )
 
 
 def _load_program(path: Path, device: torch.device) -> nn.Module:
@@ -198,24 +208,30 @@ def _load_program(path: Path, device: torch.device) -> nn.Module:
         exported = torch.export.load(path)
         program = exported.module()
     except Exception as err:  # any failure to deserialise means an unusable file
-        raise RDDRSError(f"cannot load {path} as a torch.export program "
-                         f"({one_line(err, 200)})") from None
+        raise RDDRSError(f"cannot load {path} as a torch.export program ({one_line(err, 200)})") from None
     expects = _program_inputs(exported)
     wanted = "N x " + " x ".join(map(str, INPUT_SHAPE))
-    if len(expects) != 1 or len(expects[0]) != 1 + len(INPUT_SHAPE) or any(
-            isinstance(e, int) and e != w for e, w in zip(expects[0][1:], INPUT_SHAPE)):
+    if (
+        len(expects) != 1
+        or len(expects[0]) != 1 + len(INPUT_SHAPE)
+        or any(isinstance(e, int) and e != w for e, w in zip(expects[0][1:], INPUT_SHAPE))
+    ):
         shown = ", ".join(" x ".join(map(str, shape)) for shape in expects) or "no input"
-        raise RDDRSError(f"{path} was exported for inputs {shown}; rddrs gives it {wanted} images in [0, 1] "
-                         f"(export it with such an example input and a dynamic batch dimension)")
+        raise RDDRSError(
+            f"{path} was exported for inputs {shown}; rddrs gives it {wanted} images in [0, 1] "
+            f"(export it with such an example input and a dynamic batch dimension)"
+        )
     # channels-last convolution weights, as a checkpoint's: the same logits, twice as fast on a CPU
     model = ExportedModel(program).to(device, memory_format=torch.channels_last)
     try:  # what the signature does not show (e.g. a fixed batch size) shows on a small batch
         with torch.no_grad():
             model(torch.zeros(2, *INPUT_SHAPE, device=device))
     except Exception as err:
-        raise RDDRSError(f"{path} does not run on a batch of 2 x {' x '.join(map(str, INPUT_SHAPE))} images "
-                         f"({one_line(err, 200)}); rddrs gives it {wanted} images in [0, 1], with a dynamic "
-                         f"batch dimension N") from None
+        raise RDDRSError(
+            f"{path} does not run on a batch of 2 x {' x '.join(map(str, INPUT_SHAPE))} images "
+            f"({one_line(err, 200)}); rddrs gives it {wanted} images in [0, 1], with a dynamic "
+            f"batch dimension N"
+        ) from None
     return model
 
 
@@ -226,8 +242,9 @@ def _program_inputs(exported) -> list[tuple]:
     for node in exported.graph.nodes:
         value = node.meta.get("val") if node.op == "placeholder" and node.name in names else None
         if isinstance(value, torch.Tensor):
-            shapes.append(tuple(int(d) if isinstance(d, int) else "N" if i == 0 else str(d)
-                                for i, d in enumerate(value.shape)))
+            shapes.append(
+                tuple(int(d) if isinstance(d, int) else "N" if i == 0 else str(d) for i, d in enumerate(value.shape))
+            )
     return shapes
 
 
@@ -240,29 +257,29 @@ def _load_checkpoint(path: Path, device: torch.device) -> nn.Module:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # unpickling errors come in many types
         if unsafe := _PICKLED_OBJECT.search(str(err)):
-            raise RDDRSError(f"{path} is a pickled {unsafe[1]}, not a checkpoint: rddrs loads weights only, it "
-                             f"runs no pickled code; save {{'state_dict': model.state_dict(), 'arch': ...}} "
-                             f"or export the model with torch.export (.pt2)") from None
-        raise RDDRSError(f"cannot read {path} as a checkpoint or torch.export program "
-                         f"({one_line(err, 200)})") from None
+            raise RDDRSError(
+                f"{path} is a pickled {unsafe[1]}, not a checkpoint: rddrs loads weights only, it "
+                f"runs no pickled code; save {{'state_dict': model.state_dict(), 'arch': ...}} "
+                f"or export the model with torch.export (.pt2)"
+            ) from None
+        raise RDDRSError(f"cannot read {path} as a checkpoint or torch.export program ({one_line(err, 200)})") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         state, arch, kwargs = ckpt["state_dict"], ckpt.get("arch"), ckpt.get("arch_kwargs")
     elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
         state, arch, kwargs = ckpt, None, None  # a bare state dict
     else:
-        raise RDDRSError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint "
-                         f"(a dict with 'state_dict' and 'arch')")
+        raise RDDRSError(
+            f"{path} holds a {type(ckpt).__name__}, not a checkpoint (a dict with 'state_dict' and 'arch')"
+        )
     if arch is None:
         arch, kwargs = _arch_from_sidecar(path)
     if arch not in ARCHITECTURES:
-        raise RDDRSError(f"{path}: unknown architecture {arch!r}; "
-                         f"known: {', '.join(ARCHITECTURES)}")
+        raise RDDRSError(f"{path}: unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     try:
         model = ARCHITECTURES[arch](**(kwargs or {}))
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as err:
-        raise RDDRSError(f"{path}: weights do not fit architecture {arch} "
-                         f"({one_line(err, 300)})") from None
+        raise RDDRSError(f"{path}: weights do not fit architecture {arch} ({one_line(err, 300)})") from None
     # channels-last convolution weights: about twice the CPU throughput for this small CNN
     return model.to(device, memory_format=torch.channels_last)
 

@@ -2,8 +2,9 @@
 
 A run writes ``OUT`` (tab-separated: a header of ``COLUMNS``, then one row per test image,
 appended and flushed as each batch is done), its JSON sidecar ``OUT.json`` (settings and
-provenance) and, for the searched methods, ``OUT.traces/IDX.npz`` (objective traces and the
-final smoothing parameter; not committed). This module imports nothing heavy.
+provenance, :mod:`rddrs.pipeline.provenance`) and, for the searched methods,
+``OUT.traces/IDX.npz`` (objective traces and the final smoothing parameter; not committed).
+This module imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -18,8 +19,21 @@ import numpy as np
 from rddrs import RDDRSError
 from rddrs.pipeline.files import write_atomic
 
-COLUMNS = ("idx", "label", "predict", "correct", "gap", "radius", "proxy_radius",
-           "sigma_min", "sigma_proxy", "sigma_max", "p_lower", "seconds", "search")
+COLUMNS = (
+    "idx",
+    "label",
+    "predict",
+    "correct",
+    "gap",
+    "radius",
+    "proxy_radius",
+    "sigma_min",
+    "sigma_proxy",
+    "sigma_max",
+    "p_lower",
+    "seconds",
+    "search",
+)
 INT_COLUMNS = {"idx", "label", "predict", "correct"}
 #: columns added after result files were first written, with the value their old rows read as
 ADDED = {"search": "ok"}
@@ -69,19 +83,30 @@ def model_path(sigma: float, models: str | Path = "data/models", dataset: str = 
     return Path(models) / f"{dataset}_cnn_sigma{sigma:.2f}.pt"
 
 
-def read_sidecar(out: Path) -> dict:
-    """The sidecar of ``out`` as a dict, or a one-line error naming the file and the fix."""
+def read_sidecar(out: Path, optional: bool = False) -> dict | None:
+    """The sidecar of ``out`` as a dict, or a one-line error naming the file and the fix.
+    ``optional``: the sidecar of a result file that another tool may have written (``rddrs
+    curves`` reads those): None where there is none, and any JSON object will do (its method
+    and sigma may stand at its top level, with no ``settings`` object)."""
     side = sidecar_path(Path(out))
     try:
-        meta = json.loads(side.read_text())
+        meta = json.loads(side.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if optional:
+            return None
         raise RDDRSError(f"{out} has no sidecar {side.name}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise RDDRSError(f"{side}: cannot read ({err})") from None
     except json.JSONDecodeError as err:
-        raise RDDRSError(f"{side} is not valid JSON (line {err.lineno}: {err.msg}); restore it from a copy, "
-                         f"or move {Path(out).name} and its sidecar away to start the run afresh") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("settings"), dict):
+        raise RDDRSError(
+            f"{side} is not valid JSON (line {err.lineno}: {err.msg}); restore it from a copy, "
+            f"or move {Path(out).name} and its sidecar away to start the run afresh"
+        ) from None
+    if not isinstance(meta, dict):
+        raise RDDRSError(
+            f"{side} holds {type(meta).__name__}, not a JSON object: it is not the sidecar of an rddrs run"
+        )
+    if not optional and not isinstance(meta.get("settings"), dict):
         raise RDDRSError(f"{side} holds no 'settings' object: it is not the sidecar of an rddrs run")
     return meta
 
@@ -137,10 +162,18 @@ def read_table(path: Path, required=COLUMNS, repair: bool = False) -> tuple[list
     if dup := sorted({h for h in header if header.count(h) > 1}):
         raise RDDRSError(f"{path} line 1: duplicated column {dup[0]!r} in the header")
     if missing := [c for c in required if c not in header]:
-        raise RDDRSError(f"{path} line 1: missing column{'s' if len(missing) > 1 else ''} "
-                         f"{', '.join(missing)} (header has: {' '.join(header)})")
-    kinds = [(int, "an integer") if h in INT_COLUMNS else (None, "") if h in ADDED or h not in COLUMNS
-             else (float, "a number") for h in header]
+        raise RDDRSError(
+            f"{path} line 1: missing column{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)} (header has: {' '.join(header)})"
+        )
+    kinds = [
+        (int, "an integer")
+        if h in INT_COLUMNS
+        else (None, "")
+        if h in ADDED or h not in COLUMNS
+        else (float, "a number")
+        for h in header
+    ]
     defaults = {k: v for k, v in ADDED.items() if k not in header}
     rows, seen = [], {}
     for number, line in enumerate(lines[1:], start=2):
@@ -156,8 +189,7 @@ def read_table(path: Path, required=COLUMNS, repair: bool = False) -> tuple[list
             except ValueError:
                 raise RDDRSError(f"{path} line {number}: column {name!r}: {text!r} is not {what}") from None
         if "search" in row and not SEARCH_STATUS.match(row["search"]):
-            raise RDDRSError(f"{path} line {number}: column 'search': {row['search']!r} is not ok, - or "
-                             "diverged@ITER")
+            raise RDDRSError(f"{path} line {number}: column 'search': {row['search']!r} is not ok, - or diverged@ITER")
         row.update(defaults)
         if "idx" in row:
             if row["idx"] in seen:
@@ -215,55 +247,16 @@ def check_labels(rows: dict[int, dict], labels, where: str, start: int = 0) -> N
     inside = [i for i in sorted(rows) if 0 <= i - start < len(labels)]
     if wrong := [i for i in inside if rows[i]["label"] != int(labels[i - start])]:
         i = wrong[0]
-        raise RDDRSError(f"{where}: the row of idx {i} says label {rows[i]['label']}, the test set "
-                         f"{int(labels[i - start])} ({len(wrong)} rows differ); the file was changed or is of another "
-                         "test set")
+        raise RDDRSError(
+            f"{where}: the row of idx {i} says label {rows[i]['label']}, the test set "
+            f"{int(labels[i - start])} ({len(wrong)} rows differ); the file was changed or is of another "
+            "test set"
+        )
 
 
 def format_row(row: dict, columns=COLUMNS) -> str:
     """One line of a result (or memory) file; text columns as they are."""
     return "\t".join(row[k] if isinstance(row[k], str) else format_value(row[k]) for k in columns)
-
-
-# -- who wrote which rows ----------------------------------------------------------------------
-
-def index_ranges(indices) -> list[list[int]]:
-    """Sorted indices as ``[lo, hi)`` ranges of consecutive ones."""
-    ranges: list[list[int]] = []
-    for i in sorted(int(i) for i in indices):
-        if ranges and ranges[-1][1] == i:
-            ranges[-1][1] = i + 1
-        elif not ranges or ranges[-1][1] < i:
-            ranges.append([i, i + 1])
-    return ranges
-
-
-def provenance_parts(meta: dict, indices=None) -> list[dict]:
-    """The sessions that wrote a result file, oldest first: each a provenance record (device,
-    versions, commit, ...) with ``rows``, the ``[lo, hi)`` ranges of idx it set out to write. A
-    sidecar from before parts existed has one, its ``provenance``, for every row (``indices``,
-    the file's rows, turn that into ranges; without them ``rows`` is None)."""
-    if isinstance(meta.get("parts"), list):
-        return [dict(part) for part in meta["parts"]]
-    prov = meta.get("provenance")
-    if not isinstance(prov, dict) or (indices is not None and not len(indices)):
-        return []
-    return [dict(prov, rows=None if indices is None else index_ranges(indices))]
-
-
-def with_parts(meta: dict, parts: list[dict], indices=None) -> dict:
-    """``meta`` with ``parts`` appended to its writing sessions (``indices``: its rows so far)."""
-    return dict(meta, parts=provenance_parts(meta, indices) + parts)
-
-
-def row_writers(meta: dict, indices) -> dict[int, dict]:
-    """The session that wrote each row (the latest part that set out to write it)."""
-    writers = {}
-    for part in provenance_parts(meta, indices):
-        for i in indices:
-            if part["rows"] is None or any(lo <= i < hi for lo, hi in part["rows"]):
-                writers[i] = part
-    return writers
 
 
 def write_rows(out: Path, rows: list[dict], columns=COLUMNS) -> None:

@@ -4,7 +4,7 @@ A run certifies test images ``start .. start+count-1`` with one method and write
 tab-separated row per image, appended and flushed as soon as its batch is done, plus a JSON
 sidecar (``FILE.json``) that records the settings and provenance, and one ``.npz`` of
 objective traces and the final smoothing parameter per image (``FILE.traces/IDX.npz``,
-key ``param``: sigma, theta or C in float32). Re-running the same command continues
+key ``param``: sigma, theta or C in float32, of the family's ``param_shape``). Re-running the same command continues
 where it stopped: complete rows are kept, a half-written last row is dropped, and a settings
 mismatch is an error. Every shard is an independent, idempotent command, so shards of the
 test set can run in parallel processes or machines and be joined by ``merge``.
@@ -29,20 +29,37 @@ from tqdm import tqdm
 
 from rddrs import RDDRSError
 from rddrs.core.certify import certify
-from rddrs.core.methods import ISOTROPIC, PARAM_AXES, method as method_record
-from rddrs.core.noise import Smoothing, from_param
+from rddrs.core.methods import method as method_record
+from rddrs.core.noise import Smoothing, family_class
 from rddrs.core.optimize import find_smoothing
 from rddrs.core.presets import PRESETS, Search
 from rddrs.core.spd import random_orthogonal
 from rddrs.pipeline.data import dataset, load_dataset
 from rddrs.pipeline.fastnet import network_path
-from rddrs.pipeline.files import ensure_dir, exclusive, one_line, provenance, write_atomic
+from rddrs.pipeline.files import ensure_dir, exclusive, one_line, write_atomic
 from rddrs.pipeline.models import check_outputs, load_model, resolve_device
-from rddrs.pipeline.results import (COLUMNS, check_labels, format_row, index_ranges, provenance_parts, read_rows,
-                                    read_sidecar, search_status, sidecar_path, traces_dir, upgrade, with_parts,
-                                    write_rows)
-from rddrs.pipeline.settings import (RunSettings, default_inputs_per_batch, normalised, resuming, run_dataset,
-                                     settings_differ, write_sidecar)
+from rddrs.pipeline.provenance import index_ranges, provenance, provenance_parts, with_parts
+from rddrs.pipeline.results import (
+    COLUMNS,
+    check_labels,
+    format_row,
+    read_rows,
+    read_sidecar,
+    search_status,
+    sidecar_path,
+    traces_dir,
+    upgrade,
+    write_rows,
+)
+from rddrs.pipeline.settings import (
+    RunSettings,
+    default_inputs_per_batch,
+    normalised,
+    resuming,
+    run_dataset,
+    settings_differ,
+    write_sidecar,
+)
 
 
 class Rotated(torch.nn.Module):
@@ -66,9 +83,16 @@ def _check_writable(out: Path) -> None:
         raise RDDRSError(f"cannot write {out} ({one_line(err)}); make it writable or choose another --out") from None
 
 
-def certify_dataset(settings: RunSettings, out: str | Path, start: int = 0, count: int | None = None,
-                    data: str | Path = "data", inputs_per_batch: int | None = None, batch_size: int = 2000,
-                    progress: bool = True) -> Path:
+def certify_dataset(
+    settings: RunSettings,
+    out: str | Path,
+    start: int = 0,
+    count: int | None = None,
+    data: str | Path = "data",
+    inputs_per_batch: int | None = None,
+    batch_size: int = 2000,
+    progress: bool = True,
+) -> Path:
     """Certify the test images ``start .. start+count-1`` (count: the preset's) of the run's dataset
     (``settings.dataset``, read from ``data``) into ``out``."""
     images, labels = load_dataset(Path(data), settings.dataset, train=False)
@@ -76,42 +100,58 @@ def certify_dataset(settings: RunSettings, out: str | Path, start: int = 0, coun
         raise RDDRSError(f"start {start} is outside the test set (0..{len(images) - 1})")
     count = min(PRESETS[settings.preset].count, len(images) - start) if count is None else count
     if count < 1 or start + count > len(images):
-        raise RDDRSError(f"test images {start}..{start + count - 1} reach outside the test set "
-                         f"(0..{len(images) - 1}); choose --start and --count inside it")
+        raise RDDRSError(
+            f"test images {start}..{start + count - 1} reach outside the test set "
+            f"(0..{len(images) - 1}); choose --start and --count inside it"
+        )
     stop = start + count
     model = load_model(settings.model, device=resolve_device(settings.device), probabilities=settings.probabilities)
-    return run_certification(settings, model, images[start:stop], labels[start:stop], start, Path(out),
-                             inputs_per_batch, batch_size, progress, test_labels=labels)
+    return run_certification(
+        settings,
+        model,
+        images[start:stop],
+        labels[start:stop],
+        start,
+        Path(out),
+        inputs_per_batch,
+        batch_size,
+        progress,
+        test_labels=labels,
+    )
 
 
 @dataclass
 class Start:
     """Where each image's search starts, read from a finished run (``--init``): sigma_x* per
-    idx, and for an ANCER run also theta per idx (RDDRS then starts at C = diag(theta))."""
+    idx, and for a run whose law is in its traces (ANCER) also that law's parameter per idx and
+    its family (RDDRS then starts at C = diag(theta))."""
 
     sigma_star: dict[int, float]
-    theta: dict[int, np.ndarray] | None = None
+    params: dict[int, np.ndarray] | None = None
+    family: str | None = None
 
     def batch(self, idx: list[int], like: torch.Tensor) -> dict:
         """``find_smoothing``'s start arguments for the images ``idx``."""
         star = torch.tensor([self.sigma_star[i] for i in idx], dtype=like.dtype, device=like.device)
-        if self.theta is None:
+        if self.params is None:
             return {"sigma_star": star}
-        theta = torch.from_numpy(np.stack([self.theta[i] for i in idx])).to(like)
-        return {"sigma_star": star, "theta": theta}
+        params = torch.from_numpy(np.stack([self.params[i] for i in idx])).to(like)
+        return {"sigma_star": star, "start": family_class(self.family).from_param(params, like[0].numel())}
 
 
-def load_init(path: Path, run: RunSettings, indices: list[int]) -> Start:
-    """The start of ``run``'s images ``indices`` from the result file ``path``: a DDRS run of
-    the same sigma, model, seed, rotation and dataset (sigma_x* from its rows), or, for RDDRS, such an
-    ANCER run (theta and sigma_x* from its traces)."""
+def load_init(path: Path, run: RunSettings, indices: list[int], d: int) -> Start:
+    """The start of ``run``'s images ``indices`` (of d features) from the result file ``path``: a
+    DDRS run of the same sigma, model, seed, rotation and dataset (sigma_x* from its rows), or, for
+    RDDRS, such an ANCER run (theta and sigma_x* from its traces)."""
     if not path.exists() or not sidecar_path(path).exists():
         raise RDDRSError(f"--init {path}: no such result file (with its .json sidecar)")
     settings = read_sidecar(path)["settings"]
     allowed = method_record(run.method).starts
     if settings["method"] not in allowed or settings["sigma"] != run.sigma:
-        raise RDDRSError(f"--init {path} holds {settings['method']} at sigma={settings['sigma']}; "
-                         f"{run.method} starts from {' or '.join(allowed)} at sigma={run.sigma}")
+        raise RDDRSError(
+            f"--init {path} holds {settings['method']} at sigma={settings['sigma']}; "
+            f"{run.method} starts from {' or '.join(allowed)} at sigma={run.sigma}"
+        )
     differ = [k for k in ("model_sha256", "seed", "rotate") if settings[k] != getattr(run, k)]
     if run_dataset(settings) != run.dataset:
         differ.append("dataset")
@@ -120,16 +160,25 @@ def load_init(path: Path, run: RunSettings, indices: list[int]) -> Start:
     rows = read_rows(path)
     if missing := [i for i in indices if i not in rows]:
         raise RDDRSError(f"--init {path} has no row for idx {missing[0]} (and {len(missing) - 1} more)")
-    if method_record(settings["method"]).family == ISOTROPIC:  # sigma_x* is the row's sigma
+    family = method_record(settings["method"]).family
+    if family_class(family).in_rows:  # sigma_x* is the row's sigma
         return Start({i: rows[i]["sigma_min"] for i in indices})
-    d = run_dimension(path, indices[0])
-    theta = {i: trace_param(path, i, settings["method"], d) for i in indices}
-    return Start({i: float(trace_value(path, i, "sigma_star")) for i in indices}, theta)
+    params = {i: trace_param(path, i, settings["method"], d) for i in indices}
+    return Start({i: float(trace_value(path, i, "sigma_star")) for i in indices}, params, family)
 
 
-def run_certification(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor,
-                      start: int, out: Path, inputs_per_batch: int | None = None, batch_size: int = 10_000,
-                      progress: bool = True, test_labels: torch.Tensor | None = None) -> Path:
+def run_certification(
+    settings: RunSettings,
+    model,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    start: int,
+    out: Path,
+    inputs_per_batch: int | None = None,
+    batch_size: int = 10_000,
+    progress: bool = True,
+    test_labels: torch.Tensor | None = None,
+) -> Path:
     """Certify ``images`` (test indices ``start, start+1, ...``) into ``out``, resuming; a second
     process writing the same ``out`` meanwhile is refused. ``inputs_per_batch`` defaults to
     ``default_inputs_per_batch``; ``test_labels``: the labels of the whole test set, outside which
@@ -137,28 +186,41 @@ def run_certification(settings: RunSettings, model, images: torch.Tensor, labels
     and everything ``out`` holds are checked before anything is written. A new run (or one with no
     row yet) that fails before its first row leaves no file behind."""
     inputs_per_batch = inputs_per_batch or default_inputs_per_batch(settings)
-    check_outputs(model, images[:inputs_per_batch].to(settings.device), settings.model,
-                  len(dataset(settings.dataset).classes))
+    check_outputs(
+        model, images[:inputs_per_batch].to(settings.device), settings.model, len(dataset(settings.dataset).classes)
+    )
     with exclusive(out):
-        return _certify_into(settings, model, images, labels, start, out, inputs_per_batch, batch_size, progress,
-                             test_labels)
+        return _certify_into(
+            settings, model, images, labels, start, out, inputs_per_batch, batch_size, progress, test_labels
+        )
 
 
-def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: torch.Tensor, start: int,
-                  out: Path, inputs_per_batch: int, batch_size: int, progress: bool,
-                  test_labels: torch.Tensor | None) -> Path:
+def _certify_into(
+    settings: RunSettings,
+    model,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    start: int,
+    out: Path,
+    inputs_per_batch: int,
+    batch_size: int,
+    progress: bool,
+    test_labels: torch.Tensor | None,
+) -> Path:
     device = torch.device(settings.device)
     resumed = resuming(out, settings)
     done = read_rows(out)
     if test_labels is not None:
         if outside := [i for i in done if not 0 <= i < len(test_labels)]:
-            raise RDDRSError(f"{out} holds a row for idx {outside[0]}, outside the test set "
-                             f"(0..{len(test_labels) - 1}); it is not a run on this test set: use another --out")
+            raise RDDRSError(
+                f"{out} holds a row for idx {outside[0]}, outside the test set "
+                f"(0..{len(test_labels) - 1}); it is not a run on this test set: use another --out"
+            )
         check_labels(done, test_labels, str(out))
     todo = [i for i in range(start, start + len(images)) if i not in done]
     if not todo:  # complete: nothing to write
         return out
-    init = load_init(Path(settings.init), settings, todo) if settings.init else None
+    init = load_init(Path(settings.init), settings, todo, images[0].numel()) if settings.init else None
     searches = {k: Search.from_dict(v) for k, v in settings.search.items()}
     traces = traces_dir(out) if method_record(settings.method).searched else None
     if traces is not None and traces.exists() and not traces.is_dir():
@@ -182,46 +244,89 @@ def _certify_into(settings: RunSettings, model, images: torch.Tensor, labels: to
         if rotation is not None:  # common random numbers: the draws are U eps, the original run's turned
             model = Rotated(model, rotation.to(device, images.dtype))
             noise_rotation = rotation.to(device, images.dtype)
-        bar = tqdm(total=len(images), initial=len(images) - len(todo), disable=not progress, unit="image",
-                   desc=f"{settings.method} sigma={settings.sigma}")
+        bar = tqdm(
+            total=len(images),
+            initial=len(images) - len(todo),
+            disable=not progress,
+            unit="image",
+            desc=f"{settings.method} sigma={settings.sigma}",
+        )
         try:
             with open(out, "a" if resumed else "w") as f:
                 if not resumed:
                     f.write("\t".join(COLUMNS) + "\n")
                     f.flush()
                 for lo in range(0, len(todo), inputs_per_batch):
-                    idx = todo[lo: lo + inputs_per_batch]
+                    idx = todo[lo : lo + inputs_per_batch]
                     x = images[[i - start for i in idx]].to(device)
                     if rotation is not None:
                         x = (x.flatten(1) @ rotation.to(x).T).reshape(x.shape)
                     tic = time.perf_counter()
                     start_args = {} if init is None else init.batch(idx, x)
-                    law, trace = find_smoothing(settings.method, model, x, idx, settings.sigma, settings.seed,
-                                                searches, rotation=noise_rotation, **start_args)
-                    cert = certify(model, x, law, idx, settings.n0, settings.n, settings.alpha, settings.seed,
-                                   batch_size, rotation=noise_rotation)
+                    law, trace = find_smoothing(
+                        settings.method,
+                        model,
+                        x,
+                        idx,
+                        settings.sigma,
+                        settings.seed,
+                        searches,
+                        rotation=noise_rotation,
+                        **start_args,
+                    )
+                    cert = certify(
+                        model,
+                        x,
+                        law,
+                        idx,
+                        settings.n0,
+                        settings.n,
+                        settings.alpha,
+                        settings.seed,
+                        batch_size,
+                        rotation=noise_rotation,
+                    )
                     seconds = (time.perf_counter() - tic) / len(idx)
                     sigma_min, sigma_proxy, sigma_max = law.min_scale(), law.proxy(), law.max_scale()
                     stopped = trace.get(f"{settings.method}_diverged_at")  # None for RS, which has no search
                     for j, i in enumerate(idx):
                         if trace:  # written whole or not at all (a full disk leaves no truncated trace)
                             arrays = io.BytesIO()
-                            np.savez(arrays, param=law.param[j].float().cpu().numpy(),
-                                     **{k: v[j] for k, v in trace.items()})
+                            np.savez(
+                                arrays, param=law.param[j].float().cpu().numpy(), **{k: v[j] for k, v in trace.items()}
+                            )
                             write_atomic(traces / f"{i}.npz", [arrays.getvalue()])
                         label = int(labels[i - start])
-                        row = dict(zip(COLUMNS, (
-                            i, label, int(cert.predict[j]), int(cert.predict[j] == label), cert.gap[j], cert.radius[j],
-                            cert.proxy_radius[j], float(sigma_min[j]), float(sigma_proxy[j]), float(sigma_max[j]),
-                            cert.p_lower[j], seconds, search_status(None if stopped is None else stopped[j]))))
+                        row = dict(
+                            zip(
+                                COLUMNS,
+                                (
+                                    i,
+                                    label,
+                                    int(cert.predict[j]),
+                                    int(cert.predict[j] == label),
+                                    cert.gap[j],
+                                    cert.radius[j],
+                                    cert.proxy_radius[j],
+                                    float(sigma_min[j]),
+                                    float(sigma_proxy[j]),
+                                    float(sigma_max[j]),
+                                    cert.p_lower[j],
+                                    seconds,
+                                    search_status(None if stopped is None else stopped[j]),
+                                ),
+                            )
+                        )
                         f.write(format_row(row) + "\n")
                         written += 1
                     f.flush()
                     os.fsync(f.fileno())
                     bar.update(len(idx))
         except OSError as err:  # a disk that filled up, a file removed meanwhile
-            raise RDDRSError(f"cannot write {out} ({one_line(err)}); the rows written so far are kept: make it "
-                             "writable, then run the same command again to go on") from None
+            raise RDDRSError(
+                f"cannot write {out} ({one_line(err)}); the rows written so far are kept: make it "
+                "writable, then run the same command again to go on"
+            ) from None
         finally:
             bar.close()
     except BaseException:
@@ -238,8 +343,10 @@ def trace_value(out: Path, idx: int, key: str) -> np.ndarray:
     """The array ``key`` of image ``idx``'s trace in the run ``out``, or a one-line error."""
     path = traces_dir(Path(out)) / f"{idx}.npz"
     if not path.exists():
-        raise RDDRSError(f"{path}: missing trace of image {idx} (the traces are not committed: recompute "
-                         f"{Path(out).name} on this machine, after moving it away)")
+        raise RDDRSError(
+            f"{path}: missing trace of image {idx} (the traces are not committed: recompute "
+            f"{Path(out).name} on this machine, after moving it away)"
+        )
     try:
         trace = np.load(path, allow_pickle=False)
         if not isinstance(trace, np.lib.npyio.NpzFile):
@@ -247,39 +354,38 @@ def trace_value(out: Path, idx: int, key: str) -> np.ndarray:
         with trace:
             value = trace[key] if key in trace else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise RDDRSError(f"{path} is not a readable trace ({one_line(err, 200)}); recompute {Path(out).name} "
-                         "after moving it away") from None
+        raise RDDRSError(
+            f"{path} is not a readable trace ({one_line(err, 200)}); recompute {Path(out).name} after moving it away"
+        ) from None
     if value is None:
         raise RDDRSError(f"{path} holds no {key!r} (written by an older rddrs); recompute {Path(out).name}")
     return value
 
 
 def trace_param(out: Path, idx: int, method: str, d: int) -> np.ndarray:
-    """The final parameter of image ``idx`` in the run ``out``: theta (d,) or C (d, d), float64."""
-    shape = (d,) * PARAM_AXES[method_record(method).family]
+    """The final parameter of image ``idx`` in the run ``out`` (the family's ``param_shape(d)``:
+    theta (d,) or C (d, d)), float64."""
+    shape = tuple(family_class(method_record(method).family).param_shape(d))
     param = trace_value(out, idx, "param")
     if not np.issubdtype(param.dtype, np.number) or param.shape != shape:
-        raise RDDRSError(f"{traces_dir(Path(out)) / f'{idx}.npz'}: param is a {param.dtype} array of shape "
-                         f"{param.shape}, {method} needs numbers of shape {shape}")
+        raise RDDRSError(
+            f"{traces_dir(Path(out)) / f'{idx}.npz'}: param is a {param.dtype} array of shape "
+            f"{param.shape}, {method} needs numbers of shape {shape}"
+        )
     return param.astype(np.float64)
-
-
-def run_dimension(out: Path, idx: int) -> int:
-    """The input dimension d of a searched run, from the final parameter of one image."""
-    return int(trace_value(out, idx, "param").shape[-1])
 
 
 def load_smoothing(out: str | Path, indices, d: int, dtype: torch.dtype = torch.float64) -> Smoothing:
     """The smoothing laws a run certified images ``indices`` with: sigma from the rows (RS,
-    DDRS), theta or C from the traces (ANCER, RDDRS)."""
+    DDRS: the family is ``in_rows``), theta or C from the traces (ANCER, RDDRS)."""
     out = Path(out)
     method = read_sidecar(out)["settings"]["method"]
-    family = method_record(method).family
-    if family == ISOTROPIC:
+    family = family_class(method_record(method).family)
+    if family.in_rows:
         rows = read_rows(out)
-        return from_param(family, torch.tensor([rows[i]["sigma_min"] for i in indices], dtype=dtype), d, check=False)
+        return family.from_param(torch.tensor([rows[i]["sigma_min"] for i in indices], dtype=dtype), d, check=False)
     params = torch.from_numpy(np.stack([trace_param(out, i, method, d) for i in indices])).to(dtype)
-    return from_param(family, params, d, check=False)
+    return family.from_param(params, d, check=False)
 
 
 def check_rows(out: Path, rows: dict[int, dict], meta: dict, source: str, same_rows: bool = False) -> list[int]:
@@ -295,13 +401,16 @@ def check_rows(out: Path, rows: dict[int, dict], meta: dict, source: str, same_r
     if overlap and not same_rows:
         raise RDDRSError(f"{source} overlaps {out.name} (idx {overlap[0]}, {len(overlap)} rows); remove one of them")
     if changed := [i for i in overlap if _comparable_row(rows[i]) != _comparable_row(kept[i])]:
-        raise RDDRSError(f"{source} has another row for idx {changed[0]} than {out.name} "
-                         f"({len(changed)} rows differ); it is not the same run")
+        raise RDDRSError(
+            f"{source} has another row for idx {changed[0]} than {out.name} "
+            f"({len(changed)} rows differ); it is not the same run"
+        )
     return sorted(set(rows) - set(kept))
 
 
-def add_rows(out: Path, rows: dict[int, dict], meta: dict, traces: Path | None, source: str,
-             same_rows: bool = False) -> int:
+def add_rows(
+    out: Path, rows: dict[int, dict], meta: dict, traces: Path | None, source: str, same_rows: bool = False
+) -> int:
     """Add ``rows`` of the run described by the sidecar record ``meta`` to the result file ``out``
     (the caller holds ``out``'s lock), after the checks of ``check_rows``: the traces of the new
     rows are linked beside ``out``, and ``meta``'s writing sessions of those rows join ``out``'s.
@@ -385,6 +494,8 @@ def merge(shards: list[Path], out: Path, overwrite: bool = False) -> int:
         shutil.rmtree(traces, ignore_errors=True)
         for shard, side in zip(shards, sides):
             add_rows(out, parts[shard], side, traces_dir(shard), str(shard))
-        write_atomic(sidecar_path(out), [json.dumps(dict(read_sidecar(out), merged_from=[str(s) for s in shards]),
-                                                    indent=2).encode()])
+        write_atomic(
+            sidecar_path(out),
+            [json.dumps(dict(read_sidecar(out), merged_from=[str(s) for s in shards]), indent=2).encode()],
+        )
     return len(seen)

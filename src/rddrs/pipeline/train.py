@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING
 from rddrs import RDDRSError
 from rddrs.core.presets import SIGMA_RANGE
 from rddrs.pipeline.data import NAMES as DATASETS, SPLITS
-from rddrs.pipeline.files import provenance, write_atomic
+from rddrs.pipeline.files import write_atomic
+from rddrs.pipeline.provenance import provenance
 from rddrs.pipeline.results import model_path
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that `rddrs train --help` starts fast
@@ -58,32 +59,55 @@ TRAIN_SIZE = SPLITS["train"][2]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``rddrs train``."""
-    parser.add_argument("--sigma", type=float, required=True,
-                        help="standard deviation of the Gaussian augmentation noise (> 0)")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
-                        help=f"passes over the training set (default: {DEFAULTS['epochs']})")
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
-                        help=f"images per step (default: {DEFAULTS['batch_size']})")
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"],
-                        help=f"initial Adam learning rate, cosine-decayed to 0 "
-                             f"(default: {DEFAULTS['lr']:g})")
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"],
-                        help=f"seed of initialisation, order and noise "
-                             f"(default: {DEFAULTS['seed']})")
-    parser.add_argument("--dataset", choices=DATASETS, default="mnist",
-                        help="the training and test images (default: mnist)")
-    parser.add_argument("--data", default="data",
-                        help="data directory holding the dataset's raw folder (default: data)")
-    parser.add_argument("--out", default=None,
-                        help="checkpoint path X.pt; X.json and X.pt2 are written beside it "
-                             "(default: data/models/DATASET_cnn_sigma{SIGMA:.2f}.pt)")
-    parser.add_argument("--max-batches", type=int, default=None,
-                        help="stop each epoch after this many batches (smoke tests)")
-    parser.add_argument("--device", default="cpu",
-                        help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own choice; keep "
-                             "processes x threads <= cores)")
+    parser.add_argument(
+        "--sigma", type=float, required=True, help="standard deviation of the Gaussian augmentation noise (> 0)"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=DEFAULTS["epochs"],
+        help=f"passes over the training set (default: {DEFAULTS['epochs']})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULTS["batch_size"],
+        help=f"images per step (default: {DEFAULTS['batch_size']})",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=DEFAULTS["lr"],
+        help=f"initial Adam learning rate, cosine-decayed to 0 (default: {DEFAULTS['lr']:g})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULTS["seed"],
+        help=f"seed of initialisation, order and noise (default: {DEFAULTS['seed']})",
+    )
+    parser.add_argument(
+        "--dataset", choices=DATASETS, default="mnist", help="the training and test images (default: mnist)"
+    )
+    parser.add_argument(
+        "--data", default="data", help="data directory holding the dataset's raw folder (default: data)"
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="checkpoint path X.pt; X.json and X.pt2 are written beside it "
+        "(default: data/models/DATASET_cnn_sigma{SIGMA:.2f}.pt)",
+    )
+    parser.add_argument(
+        "--max-batches", type=int, default=None, help="stop each epoch after this many batches (smoke tests)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's own choice; keep processes x threads <= cores)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -98,8 +122,7 @@ def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     out = Path(args.out) if args.out else model_path(settings["sigma"], dataset=record.name)
     if out.suffix != ".pt":
-        raise RDDRSError(f"--out must end in .pt (X.json and X.pt2 are written beside it), "
-                         f"got {out}")
+        raise RDDRSError(f"--out must end in .pt (X.json and X.pt2 are written beside it), got {out}")
     data = Path(args.data)
     if not data.is_dir():
         raise RDDRSError(f"data directory {data} does not exist; run {record.fetch_command(data)}")
@@ -111,22 +134,27 @@ def run(args: argparse.Namespace) -> None:
 
     train_x, train_y = load_dataset(data, record.name, train=True)
     test_x, test_y = load_dataset(data, record.name, train=False)
-    print(f"training {ARCH} at sigma={settings['sigma']:g} on {len(train_x)} {record.title} images, "
-          f"{settings['epochs']} epochs, device {device}, {torch.get_num_threads()} threads",
-          flush=True)
+    print(
+        f"training {ARCH} at sigma={settings['sigma']:g} on {len(train_x)} {record.title} images, "
+        f"{settings['epochs']} epochs, device {device}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
 
     start = time.perf_counter()
-    model, log = train_model(train_x, train_y, device=device, progress=True, **{
-        k: settings[k] for k in ("sigma", "epochs", "batch_size", "lr", "seed", "max_batches")})
+    model, log = train_model(
+        train_x,
+        train_y,
+        device=device,
+        progress=True,
+        **{k: settings[k] for k in ("sigma", "epochs", "batch_size", "lr", "seed", "max_batches")},
+    )
     train_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
     clean = accuracy(model, test_x, test_y, device=device)
-    noisy = accuracy(model, test_x, test_y, sigma=settings["sigma"], seed=settings["seed"],
-                     device=device)
+    noisy = accuracy(model, test_x, test_y, sigma=settings["sigma"], seed=settings["seed"], device=device)
     eval_seconds = time.perf_counter() - start
-    print(f"test accuracy: clean {clean:.4f}, noisy (sigma={settings['sigma']:g}) {noisy:.4f}",
-          flush=True)
+    print(f"test accuracy: clean {clean:.4f}, noisy (sigma={settings['sigma']:g}) {noisy:.4f}", flush=True)
 
     meta = {
         "dataset": record.name,
@@ -148,15 +176,25 @@ def run(args: argparse.Namespace) -> None:
         "eval_seconds": round(eval_seconds, 2),
     }
     save(model, meta, out)
-    print(f"wrote {out}, {out.with_suffix('.pt2')} and {out.with_suffix('.json')} "
-          f"(training {train_seconds:.0f} s)", flush=True)
+    print(
+        f"wrote {out}, {out.with_suffix('.pt2')} and {out.with_suffix('.json')} (training {train_seconds:.0f} s)",
+        flush=True,
+    )
 
 
-def train_model(images: Tensor, labels: Tensor, *, sigma: float,
-                epochs: int = DEFAULTS["epochs"], batch_size: int = DEFAULTS["batch_size"],
-                lr: float = DEFAULTS["lr"], seed: int = DEFAULTS["seed"],
-                max_batches: int | None = None, device: str | torch.device = "cpu",
-                progress: bool = False) -> tuple[nn.Module, list[dict]]:
+def train_model(
+    images: Tensor,
+    labels: Tensor,
+    *,
+    sigma: float,
+    epochs: int = DEFAULTS["epochs"],
+    batch_size: int = DEFAULTS["batch_size"],
+    lr: float = DEFAULTS["lr"],
+    seed: int = DEFAULTS["seed"],
+    max_batches: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> tuple[nn.Module, list[dict]]:
     """Train a fresh ``MnistCNN`` on ``images`` (N x 1 x 28 x 28, CPU) with Gaussian augmentation.
 
     Returns the model (eval mode, on ``device``) and the per-epoch log: one dict per epoch with
@@ -193,10 +231,17 @@ def train_model(images: Tensor, labels: Tensor, *, sigma: float,
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
-        bar = tqdm(total=per_epoch, desc=f"epoch {epoch}/{epochs}", unit="batch",
-                   disable=not progress, leave=False, file=sys.stderr, mininterval=1.0)
+        bar = tqdm(
+            total=per_epoch,
+            desc=f"epoch {epoch}/{epochs}",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+            file=sys.stderr,
+            mininterval=1.0,
+        )
         for b in range(per_epoch):
-            idx = order[b * batch_size:(b + 1) * batch_size]
+            idx = order[b * batch_size : (b + 1) * batch_size]
             x = images[idx]
             x = x + sigma * torch.randn(x.shape, generator=gen)
             x, y = x.to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
@@ -213,19 +258,33 @@ def train_model(images: Tensor, labels: Tensor, *, sigma: float,
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             bar.update()
         bar.close()
-        entry = {"epoch": epoch, "loss": round(loss_sum.item() / seen, 6),
-                 "accuracy": round(correct.item() / seen, 6),
-                 "lr": scheduler.get_last_lr()[0], "batches": per_epoch,
-                 "seconds": round(time.perf_counter() - start, 2)}
+        entry = {
+            "epoch": epoch,
+            "loss": round(loss_sum.item() / seen, 6),
+            "accuracy": round(correct.item() / seen, 6),
+            "lr": scheduler.get_last_lr()[0],
+            "batches": per_epoch,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
         log.append(entry)
         if progress:
-            print(f"epoch {epoch}/{epochs}: loss {entry['loss']:.4f}, noisy train accuracy "
-                  f"{entry['accuracy']:.4f}, {entry['seconds']:.0f} s", flush=True)
+            print(
+                f"epoch {epoch}/{epochs}: loss {entry['loss']:.4f}, noisy train accuracy "
+                f"{entry['accuracy']:.4f}, {entry['seconds']:.0f} s",
+                flush=True,
+            )
     return model.eval(), log
 
 
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, *, sigma: float = 0.0,
-             seed: int = 0, device: str | torch.device = "cpu") -> float:
+def accuracy(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    sigma: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> float:
     """Fraction of ``images`` classified as ``labels``; with ``sigma > 0`` each image gets one
     Gaussian draw ``sigma * eps`` from a CPU generator seeded with ``seed`` first."""
     import torch
@@ -234,11 +293,11 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, *, sigma: float =
     correct = 0
     with torch.no_grad():
         for i in range(0, len(images), EVAL_BATCH):
-            x = images[i:i + EVAL_BATCH]
+            x = images[i : i + EVAL_BATCH]
             if sigma > 0:
                 x = x + sigma * torch.randn(x.shape, generator=gen)
             pred = model(x.to(device)).argmax(1).cpu()
-            correct += (pred == labels[i:i + EVAL_BATCH]).sum().item()
+            correct += (pred == labels[i : i + EVAL_BATCH]).sum().item()
     return correct / len(images)
 
 
@@ -252,8 +311,7 @@ def export_program(model: nn.Module) -> torch.export.ExportedProgram:
 
     cpu = copy.deepcopy(model).cpu().eval().requires_grad_(False)
     example = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    return torch.export.export(cpu, (example,),
-                               dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    return torch.export.export(cpu, (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
 
 
 def save(model: nn.Module, meta: dict, out: Path) -> None:
@@ -265,11 +323,14 @@ def save(model: nn.Module, meta: dict, out: Path) -> None:
     torch.export.save(export_program(model), program)
     ckpt = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "arch": meta["arch"], "arch_kwargs": meta["arch_kwargs"],
-                "settings": meta["settings"]}, ckpt)
+    torch.save(
+        {"state_dict": state, "arch": meta["arch"], "arch_kwargs": meta["arch_kwargs"], "settings": meta["settings"]},
+        ckpt,
+    )
     files = {out.with_suffix(".pt2"): program.getvalue(), out: ckpt.getvalue()}
-    meta = dict(meta, files={p.name: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
-                             for p, b in files.items()})
+    meta = dict(
+        meta, files={p.name: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for p, b in files.items()}
+    )
     for path, blob in files.items():
         write_atomic(path, [blob])
     write_atomic(out.with_suffix(".json"), [(json.dumps(meta, indent=2) + "\n").encode()])
@@ -289,7 +350,15 @@ def _check_settings(args: argparse.Namespace) -> dict:
     max_batches = getattr(args, "max_batches", None)
     if max_batches is not None and not (isinstance(max_batches, int) and max_batches >= 1):
         raise RDDRSError(f"--max-batches must be an integer >= 1, got {max_batches}")
-    return {"sigma": float(sigma), "epochs": args.epochs, "batch_size": args.batch_size,
-            "lr": float(args.lr), "seed": int(args.seed), "max_batches": max_batches,
-            "optimizer": "adam", "schedule": "cosine", "loss": "cross_entropy",
-            "augmentation": "gaussian, fresh N(0, sigma^2 I) per image per epoch, no clamping"}
+    return {
+        "sigma": float(sigma),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": float(args.lr),
+        "seed": int(args.seed),
+        "max_batches": max_batches,
+        "optimizer": "adam",
+        "schedule": "cosine",
+        "loss": "cross_entropy",
+        "augmentation": "gaussian, fresh N(0, sigma^2 I) per image per epoch, no clamping",
+    }

@@ -18,11 +18,8 @@ abstention is never correct). The average certified radius is ACR = (1/n) * sum_
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import math
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,16 +27,23 @@ from pathlib import Path
 import numpy as np
 
 from rddrs import RDDRSError
-from rddrs.core.methods import (METHODS as _RECORDS,  # also the order in which they are drawn and tabulated
-                                NAMES as METHODS)
+from rddrs.core.methods import (  # also the order in which they are drawn and tabulated
+    METHODS as _RECORDS,
+    NAMES as METHODS,
+)
 from rddrs.pipeline.data import MNIST, TEST_SIZE
-from rddrs.pipeline.files import ensure_dir, write_atomic
-from rddrs.pipeline.results import INT_COLUMNS, REQUIRED, ends_mid_line, read_table, sidecar_path as _sidecar_path
+from rddrs.pipeline.files import write_atomic
+from rddrs.pipeline.results import (
+    INT_COLUMNS,
+    REQUIRED,
+    ends_mid_line,
+    read_sidecar,
+    read_table,
+    sidecar_path as _sidecar_path,
+)
 
-# one colour and one dash pattern per method (``rddrs.core.methods``), the same in every figure
+# the name each method goes by in tables and figures (``rddrs.core.methods``)
 METHOD_LABELS = {m.name: m.label for m in _RECORDS.values()}
-METHOD_COLORS = {m.name: m.color for m in _RECORDS.values()}
-METHOD_STYLES = {m.name: m.style for m in _RECORDS.values()}
 
 KINDS = ("proxy", "l2")
 KIND_LABELS = {
@@ -131,21 +135,6 @@ def _parse_sigma(value, where: str) -> float:
     return sigma
 
 
-def _read_sidecar(path: Path) -> dict | None:
-    side = _sidecar_path(path)
-    if not side.is_file():
-        return None
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise RDDRSError(f"{side}: cannot read ({err})") from None
-    except json.JSONDecodeError as err:
-        raise RDDRSError(f"{side} line {err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(meta, dict):
-        raise RDDRSError(f"{side}: expected a JSON object, got {type(meta).__name__}")
-    return meta
-
-
 def read_results(path, method: str | None = None, sigma: float | None = None) -> Results:
     """Read a result file and its sidecar ``path + '.json'`` (if present).
 
@@ -165,25 +154,28 @@ def read_results(path, method: str | None = None, sigma: float | None = None) ->
     if not rows:
         raise RDDRSError(f"{path}: no result rows below the header")
 
-    cols = {name: np.array([r[name] for r in rows],
-                           dtype=np.int64 if name in INT_COLUMNS else np.float64)
-            for name in ARRAY_COLUMNS}
+    cols = {
+        name: np.array([r[name] for r in rows], dtype=np.int64 if name in INT_COLUMNS else np.float64)
+        for name in ARRAY_COLUMNS
+    }
     cols["search"] = np.array([r.get("search", "ok") for r in rows], dtype=object)
     res = Results(path=path, **cols, partial=ends_mid_line(path))
 
-    meta = _read_sidecar(path)
+    meta = read_sidecar(path, optional=True)
     res.has_sidecar = meta is not None
     res.meta = dict(meta or {})
     side = _sidecar_path(path)
     # the keys may sit at the top level or inside the "settings" object of rddrs certify
     nested = res.meta.get("settings") if isinstance(res.meta.get("settings"), dict) else {}
-    info = {k: res.meta[k] if k in res.meta else nested[k]
-            for k in ("method", "sigma", "preset") if k in res.meta or k in nested}
+    info = {
+        k: res.meta[k] if k in res.meta else nested[k]
+        for k in ("method", "sigma", "preset")
+        if k in res.meta or k in nested
+    }
     if "method" in info:
         m = str(info["method"]).lower()
         if m not in METHODS:
-            raise RDDRSError(f"{side}: unknown method {info['method']!r} "
-                             f"(expected one of {', '.join(METHODS)})")
+            raise RDDRSError(f"{side}: unknown method {info['method']!r} (expected one of {', '.join(METHODS)})")
         if method is not None and method.lower() != m:
             raise RDDRSError(f"{path}: method {method!r} given, but the sidecar says {m!r}")
         res.method = m
@@ -211,21 +203,21 @@ def _checked_rows(path: Path):
         if not 0 <= row["idx"] < TEST_SIZE:
             raise RDDRSError(f"{where}: idx {row['idx']} is outside the test set (0..{TEST_SIZE - 1})")
         if not (0 <= row["label"] < CLASSES and row["predict"] < CLASSES):
-            raise RDDRSError(f"{where}: label {row['label']} or predict {row['predict']} is no class "
-                             f"(0..{CLASSES - 1})")
+            raise RDDRSError(
+                f"{where}: label {row['label']} or predict {row['predict']} is no class (0..{CLASSES - 1})"
+            )
         if row["correct"] not in (0, 1):
             raise RDDRSError(f"{where}: column 'correct' must be 0 or 1, got {row['correct']}")
         if row["predict"] < -1:
-            raise RDDRSError(f"{where}: column 'predict' must be a class or -1 (abstain), "
-                             f"got {row['predict']}")
+            raise RDDRSError(f"{where}: column 'predict' must be a class or -1 (abstain), got {row['predict']}")
         if row["correct"] != int(row["predict"] == row["label"]):
-            raise RDDRSError(f"{where}: correct={row['correct']} but predict={row['predict']} "
-                             f"and label={row['label']}")
+            raise RDDRSError(f"{where}: correct={row['correct']} but predict={row['predict']} and label={row['label']}")
         if row["correct"]:
             for c in ("radius", "proxy_radius"):
                 if not (math.isfinite(row[c]) and row[c] >= 0):
-                    raise RDDRSError(f"{where}: column {c!r} must be a finite radius >= 0 on a "
-                                     f"correct row, got {row[c]!r}")
+                    raise RDDRSError(
+                        f"{where}: column {c!r} must be a finite radius >= 0 on a correct row, got {row[c]!r}"
+                    )
         yield row
 
 
@@ -297,26 +289,25 @@ def group_results(results: Iterable[Results] | Mapping) -> dict[tuple[float, str
     presets: dict[str, Path] = {}
     for res in results:
         if res.method is None or res.sigma is None:
-            lack = " and ".join(w for w, v in (("method", res.method), ("sigma", res.sigma))
-                                if v is None)
+            lack = " and ".join(w for w, v in (("method", res.method), ("sigma", res.sigma)) if v is None)
             if not res.has_sidecar:
-                raise RDDRSError(f"{res.path}: no sidecar {_sidecar_path(res.path).name}; "
-                                 f"give the {lack} (--method, --sigma)")
-            raise RDDRSError(f"{res.path}: the sidecar does not say the {lack}; "
-                             f"give it (--method, --sigma)")
+                raise RDDRSError(
+                    f"{res.path}: no sidecar {_sidecar_path(res.path).name}; give the {lack} (--method, --sigma)"
+                )
+            raise RDDRSError(f"{res.path}: the sidecar does not say the {lack}; give it (--method, --sigma)")
         key = _key(res)
         if key in groups:
             other = groups[key]
             if other.path.resolve() == res.path.resolve():
                 continue
-            raise RDDRSError(f"two result files for method {res.method} at sigma {res.sigma:g}: "
-                             f"{other.path} and {res.path}")
+            raise RDDRSError(
+                f"two result files for method {res.method} at sigma {res.sigma:g}: {other.path} and {res.path}"
+            )
         if res.preset is not None:
             presets.setdefault(res.preset, res.path)
             if len(presets) > 1:
                 (p1, f1), (p2, f2) = list(presets.items())[:2]
-                raise RDDRSError(f"results from different presets mixed: {p1!r} ({f1}) "
-                                 f"and {p2!r} ({f2})")
+                raise RDDRSError(f"results from different presets mixed: {p1!r} ({f1}) and {p2!r} ({f2})")
         groups[key] = res
     if not groups:
         raise RDDRSError("no result files given")
@@ -330,7 +321,7 @@ def curves_figure(groups, kind: str = "proxy", path=None):
     ``groups`` is an iterable of :class:`Results` or the dict of :func:`group_results`. Panels
     are sorted by sigma (three per row), share the y axis [0, 1] and each runs from 0 to a
     little past its largest certified radius; one legend above the panels names the methods,
-    which keep one colour and dash pattern everywhere (``rddrs.core.methods``). The figure is as
+    which keep one colour and dash pattern everywhere (``display.METHOD_STYLES``). The figure is as
     wide as the book's page, in the book's style (``rddrs.studies.display``). It is saved to ``path``
     if given (format from the extension: .png at 200 dpi, .svg, .pdf) and returned (a
     ``matplotlib.figure.Figure``, not tied to pyplot).
@@ -344,16 +335,14 @@ def curves_figure(groups, kind: str = "proxy", path=None):
     nrows = math.ceil(len(sigmas) / ncols)
     width = display.PAGE_WIDTH if ncols > 1 else 0.5 * display.PAGE_WIDTH + 0.4
     with display.style_context():
-        fig, axes = display.new_figure(nrows, ncols, height=2.5 * nrows + 0.45, width=width,
-                                       sharey=True, squeeze=False)
+        fig, axes = display.new_figure(nrows, ncols, height=2.5 * nrows + 0.45, width=width, sharey=True, squeeze=False)
         axes = axes.ravel()
-        for ax in axes[len(sigmas):]:
+        for ax in axes[len(sigmas) :]:
             fig.delaxes(ax)
         handles = {}
         for ax, sigma in zip(axes, sigmas):
             members = [(m, groups[(sigma, m)]) for m in METHODS if (sigma, m) in groups]
-            top = max((float(_certified_radii(res, kind).max(initial=0.0))
-                       for _, res in members), default=0.0)
+            top = max((float(_certified_radii(res, kind).max(initial=0.0)) for _, res in members), default=0.0)
             x_max = 1.05 * top if top > 0 else 1.0
             for method, res in members:
                 x, y = certified_accuracy_curve(res, kind, r_max=x_max)
@@ -368,8 +357,9 @@ def curves_figure(groups, kind: str = "proxy", path=None):
         for row in range(nrows):
             axes[row * ncols].set_ylabel("certified accuracy")
         ordered = [handles[m] for m in METHODS if m in handles]
-        fig.legend(ordered, [h.get_label() for h in ordered], loc="outside upper center",
-                   ncol=len(ordered), frameon=False)
+        fig.legend(
+            ordered, [h.get_label() for h in ordered], loc="outside upper center", ncol=len(ordered), frameon=False
+        )
         if path is not None:  # drawn in memory, then written whole: a full disk leaves no empty image
             path = Path(path)
             image = io.BytesIO()
@@ -392,11 +382,19 @@ def table(groups, radii: Sequence[float] = DEFAULT_RADII, kind: str = "proxy") -
     for (sigma, method), res in group_results(groups).items():
         certified = certified_radius(res, kind)  # 0 where wrong or abstained, as in the ACR
         se = float(certified.std(ddof=1) / math.sqrt(res.n)) if res.n > 1 else math.nan
-        rows.append({
-            "sigma": res.sigma, "method": method, "n": res.n, "kind": kind,
-            "radii": radii, "accuracy": certified_accuracy(res, radii, kind),
-            "acr": average_certified_radius(res, kind), "acr_se": se, "seconds": float(np.mean(res.seconds)),
-        })
+        rows.append(
+            {
+                "sigma": res.sigma,
+                "method": method,
+                "n": res.n,
+                "kind": kind,
+                "radii": radii,
+                "accuracy": certified_accuracy(res, radii, kind),
+                "acr": average_certified_radius(res, kind),
+                "acr_se": se,
+                "seconds": float(np.mean(res.seconds)),
+            }
+        )
     return rows
 
 
@@ -409,12 +407,20 @@ def _radii_of(rows: list[dict]) -> np.ndarray:
 def table_csv(rows: list[dict]) -> str:
     """CSV text: ``sigma,method,n,ca@R...,acr,seconds_per_input`` with fixed decimals."""
     radii = _radii_of(rows)
-    lines = [",".join(["sigma", "method", "n", *(f"ca@{r:g}" for r in radii), "acr",
-                       "seconds_per_input"])]
+    lines = [",".join(["sigma", "method", "n", *(f"ca@{r:g}" for r in radii), "acr", "seconds_per_input"])]
     for row in rows:
-        lines.append(",".join([f"{row['sigma']:g}", row["method"], str(row["n"]),
-                               *(f"{a:.3f}" for a in row["accuracy"]), f"{row['acr']:.3f}",
-                               f"{row['seconds']:.3f}"]))
+        lines.append(
+            ",".join(
+                [
+                    f"{row['sigma']:g}",
+                    row["method"],
+                    str(row["n"]),
+                    *(f"{a:.3f}" for a in row["accuracy"]),
+                    f"{row['acr']:.3f}",
+                    f"{row['seconds']:.3f}",
+                ]
+            )
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -439,15 +445,19 @@ def accuracy_table(rows: list[dict], caption: str | None = None, *, counts: bool
         end = [value] + ([row["seconds"]] if counts else [])
         body.append([*start, *row["accuracy"], *end])
     if caption is None:
-        caption = (f"Certified accuracy at {KIND_LABELS[kind]} r, average certified radius (ACR) "
-                   f"and seconds per input.")
+        caption = f"Certified accuracy at {KIND_LABELS[kind]} r, average certified radius (ACR) and seconds per input."
     columns = [*lead, *ca, *tail]
     n = max(row["n"] for row in rows)
     digits = max(2, math.ceil(math.log10(n))) if n > 1 else 2
     formats = {"σ": ".2f", **{c: f".{digits}f" for c in ca}, "ACR": ".3f", "s / input": ".2f"}
-    return display.Table(columns, body, caption, merge=["σ"],
-                         spans=[("", len(lead)), ("certified accuracy at r =", len(ca)), ("", len(tail))],
-                         formats={c: f for c, f in formats.items() if c in columns})
+    return display.Table(
+        columns,
+        body,
+        caption,
+        merge=["σ"],
+        spans=[("", len(lead)), ("certified accuracy at r =", len(ca)), ("", len(tail))],
+        formats={c: f for c, f in formats.items() if c in columns},
+    )
 
 
 def table_markdown(rows: list[dict]) -> str:
@@ -459,66 +469,3 @@ def write_tables(rows: list[dict], csv_path, md_path) -> None:
     """Write the table as CSV to ``csv_path`` and as Markdown to ``md_path``."""
     for p, text in ((csv_path, table_csv(rows)), (md_path, table_markdown(rows))):
         write_atomic(Path(p), [text.encode("utf-8")])
-
-
-# --------------------------------------------------------------------------- command line
-def parse_radii(text: str) -> tuple[float, ...]:
-    """``"0,0.5,1"`` -> (0.0, 0.5, 1.0); radii must be finite and >= 0."""
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            r = float(part)
-        except ValueError:
-            raise RDDRSError(f"--radii: {part!r} is not a number (expected e.g. 0,0.5,1)") from None
-        if not math.isfinite(r) or r < 0:
-            raise RDDRSError(f"--radii: {part!r} is not a finite radius >= 0")
-        out.append(r)
-    return tuple(out)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``rddrs curves``."""
-    parser.add_argument("results", nargs="+", metavar="RESULT.tsv",
-                        help="result files of rddrs certify (each with its RESULT.tsv.json sidecar)")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="directory for the figures and tables (created if missing)")
-    parser.add_argument("--kind", choices=("proxy", "l2", "both"), default="both",
-                        help="radius on the x axis: proxy (ball of equal volume), l2 "
-                             "(largest inscribed ball) or both (default)")
-    parser.add_argument("--radii", default=",".join(f"{r:g}" for r in DEFAULT_RADII),
-                        metavar="R,R,...",
-                        help="radii of the table columns (default: 0,0.5,...,4)")
-    parser.add_argument("--method", choices=METHODS, default=None,
-                        help="method of result files that have no sidecar")
-    parser.add_argument("--sigma", type=float, default=None,
-                        help="training sigma of result files that have no sidecar")
-
-
-def run(args: argparse.Namespace) -> None:
-    """``rddrs curves``: write certified_accuracy_{kind}.png and table_{kind}.{csv,md} in --out
-    for each requested kind, and print the Markdown tables. A result file that ends in half a
-    row (its run is writing it) is read without that row, and a note on stderr says so."""
-    radii = parse_radii(args.radii) if isinstance(args.radii, str) else tuple(args.radii)
-    kinds = KINDS if args.kind == "both" else (_check_kind(args.kind),)
-    results = [read_results(p, method=args.method, sigma=args.sigma) for p in args.results]
-    groups = group_results(results)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise RDDRSError(f"--out {out}: exists and is not a directory")
-    ensure_dir(out)
-    for res in results:
-        if res.partial:
-            print(f"note: {res.path} ends in half a row (its run is still writing it, or was stopped); "
-                  f"that row is left out", file=sys.stderr)
-    written = []
-    for kind in kinds:
-        fig_path = out / f"certified_accuracy_{kind}.png"
-        curves_figure(groups, kind, fig_path)
-        rows = table(groups, radii, kind)
-        csv_path, md_path = out / f"table_{kind}.csv", out / f"table_{kind}.md"
-        write_tables(rows, csv_path, md_path)
-        written += [fig_path, csv_path, md_path]
-        print(f"Certified accuracy against the {KIND_LABELS[kind]}:\n")
-        print(table_markdown(rows))
-    print(f"wrote {', '.join(p.name for p in written)} to {out}")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from rddrs import RDDRSError
-from rddrs.core.noise import Isotropic, Smoothing, check_inputs, noisy_outputs
+from rddrs.core.noise import Smoothing, check_inputs, noisy_outputs
 from rddrs.core.stats import clopper_pearson_lower
 from rddrs.studies.validity import CheckNoise, class_indices, smoothed_probability
 
@@ -68,9 +68,19 @@ def _into_box(x: Tensor, sigma: Tensor, u: Tensor, r: Tensor, box: tuple[float, 
     return _project((clipped - flat) / sigma[:, None], r)
 
 
-def attack(model, x: Tensor, smoothing: Smoothing, cls, r, steps: int = 20, samples: int = 64,
-           step: float | None = None, seed: int = 0, indices=None,
-           box: tuple[float, float] | None = None) -> Tensor:
+def attack(
+    model,
+    x: Tensor,
+    smoothing: Smoothing,
+    cls,
+    r,
+    steps: int = 20,
+    samples: int = 64,
+    step: float | None = None,
+    seed: int = 0,
+    indices=None,
+    box: tuple[float, float] | None = None,
+) -> Tensor:
     """Points ``x + S u``, ``||u|| <= r``, that maximise the smoothed loss of class ``cls``.
 
     ``r`` is a number or one per input; ``step`` is the step length as a fraction of r
@@ -87,7 +97,7 @@ def attack(model, x: Tensor, smoothing: Smoothing, cls, r, steps: int = 20, samp
         raise RDDRSError(f"step must be > 0, got {step}")
     r = _radii(r, x)
     if box is not None:
-        if smoothing.family != Isotropic.family:
+        if not smoothing.scalar:
             raise RDDRSError(f"an attack kept to a box takes an isotropic law, not a {smoothing.family} one")
         if not (box[0] < box[1] and ((x >= box[0]) & (x <= box[1])).all()):
             raise RDDRSError(f"the inputs must lie in the box [{box[0]:g}, {box[1]:g}] the points are kept to")
@@ -122,9 +132,21 @@ class RegionCheck:
     winner: np.ndarray
 
 
-def check_region(model, x: Tensor, smoothing: Smoothing, cls, r, steps: int = 20, samples: int = 64,
-                 step: float | None = None, check_samples: int = 10_000, alpha: float = 0.001, seed: int = 0,
-                 indices=None, batch_size: int = 10_000) -> RegionCheck:
+def check_region(
+    model,
+    x: Tensor,
+    smoothing: Smoothing,
+    cls,
+    r,
+    steps: int = 20,
+    samples: int = 64,
+    step: float | None = None,
+    check_samples: int = 10_000,
+    alpha: float = 0.001,
+    seed: int = 0,
+    indices=None,
+    batch_size: int = 10_000,
+) -> RegionCheck:
     """Attack the region ``{x + S u : ||u|| < r}`` certified for class ``cls`` and test the
     smoothed prediction at the point found with ``check_samples`` independent draws."""
     points = attack(model, x, smoothing, cls, r, steps, samples, step, seed, indices)
@@ -133,5 +155,4 @@ def check_region(model, x: Tensor, smoothing: Smoothing, cls, r, steps: int = 20
     cls = class_indices(cls, len(x), found.count.shape[1])
     count = found.count[rows, cls]
     high = 1.0 - clopper_pearson_lower(check_samples - count, check_samples, alpha)
-    return RegionCheck(points=points, p=found.p[rows, cls], high=high, refuted=high < 0.5,
-                       winner=found.count.argmax(1))
+    return RegionCheck(points=points, p=found.p[rows, cls], high=high, refuted=high < 0.5, winner=found.count.argmax(1))

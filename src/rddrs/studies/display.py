@@ -10,11 +10,12 @@ Everything a chapter shows goes through here, so that the pages look alike and c
   without zooming; :func:`use_book_style` applies it (and 2x PNGs) in a notebook,
   :func:`new_figure` makes a figure in it, :func:`check_legible` verifies a figure and
   :func:`glue_figure` hands a checked figure to a ``{glue:figure}`` directive.
-* Method colours and dash patterns come from :mod:`rddrs.core.methods` only (:func:`method_style`);
+* Method colours and dash patterns come from :data:`METHOD_STYLES` only (:func:`method_style`);
   curves that are not methods take :data:`OTHER_COLORS`, which no method uses, and variants of
   one method take shades of its colour (:func:`variant_styles`).
 * :func:`provenance_note` says which preset, machine, versions and commit produced the result
-  files a page reads, and the command that recomputes them.
+  files a page reads (as :func:`rddrs.pipeline.provenance.results_provenance` collects them),
+  and the command that recomputes them.
 
 Only numpy and the standard library are imported at module level; matplotlib, IPython and
 myst_nb are imported by the functions that need them.
@@ -23,7 +24,6 @@ myst_nb are imported by the functions that need them.
 from __future__ import annotations
 
 import html
-import json
 import math
 import numbers
 import re
@@ -32,8 +32,7 @@ from pathlib import Path
 
 from rddrs import RDDRSError
 from rddrs.core.methods import METHODS as _METHODS
-from rddrs.pipeline.files import git
-from rddrs.pipeline.results import provenance_parts
+from rddrs.pipeline.provenance import results_provenance
 
 # -- figures ----------------------------------------------------------------------------------
 
@@ -43,6 +42,14 @@ from rddrs.pipeline.results import provenance_parts
 PAGE_WIDTH = 6.5
 #: smallest font size in a figure, in points (as drawn; shown at ~1.04x on the page)
 MIN_FONT = 9.0
+#: each method's colour (Okabe-Ito, colour-blind safe) and dash pattern, the same in every figure;
+#: with the dashes its curves read in grey too
+METHOD_STYLES: dict[str, dict[str, str]] = {
+    "rs": {"color": "#0072B2", "linestyle": ":"},
+    "ddrs": {"color": "#CC79A7", "linestyle": "-."},
+    "ancer": {"color": "#009E73", "linestyle": "--"},
+    "rddrs": {"color": "#D55E00", "linestyle": "-"},
+}
 #: colours for curves that are not one of the four methods (Okabe-Ito colours no method uses)
 OTHER_COLORS = ("#000000", "#E69F00", "#56B4E9", "#7F7F7F", "#F0E442")
 #: the book's matplotlib style
@@ -95,8 +102,7 @@ def style_context():
     return matplotlib.rc_context(_style())
 
 
-def new_figure(nrows: int = 1, ncols: int = 1, *, height: float = 3.0, width: float = PAGE_WIDTH,
-               **subplots):
+def new_figure(nrows: int = 1, ncols: int = 1, *, height: float = 3.0, width: float = PAGE_WIDTH, **subplots):
     """A figure in the book's style, not tied to pyplot, and its axes (``squeeze`` as pyplot's).
 
     Tick labels take their size now (matplotlib would otherwise read it when the ticks are first
@@ -126,8 +132,9 @@ def check_legible(fig, width: float = PAGE_WIDTH, min_font: float = MIN_FONT) ->
     fig_width = fig.get_size_inches()[0]
     if fig_width > width + 1e-6:
         raise RDDRSError(f"figure is {fig_width:.2f} in wide; the page holds {width:g} in")
-    small = sorted({(round(t.get_fontsize(), 1), t.get_text()) for t in _texts(fig)
-                    if t.get_fontsize() < min_font - 1e-6})
+    small = sorted(
+        {(round(t.get_fontsize(), 1), t.get_text()) for t in _texts(fig) if t.get_fontsize() < min_font - 1e-6}
+    )
     if small:
         size, text = small[0]
         raise RDDRSError(f"{len(small)} text(s) under {min_font:g} pt, e.g. {text!r} at {size:g} pt")
@@ -146,14 +153,14 @@ def glue_figure(name: str, fig, **checks) -> None:
 
 
 def method_style(method: str) -> dict:
-    """Keyword arguments ``color``, ``linestyle`` and ``label`` of a method's curves."""
-    m = _METHODS[method]
-    return {"color": m.color, "linestyle": m.style, "label": m.label}
+    """Keyword arguments ``color``, ``linestyle`` (:data:`METHOD_STYLES`) and ``label`` (the
+    method's, :mod:`rddrs.core.methods`) of a method's curves."""
+    return {**METHOD_STYLES[method], "label": _METHODS[method].label}
 
 
 def _shade(color: str, t: float) -> str:
     """``color`` mixed with white by the fraction ``t``."""
-    rgb = [int(color[i:i + 2], 16) for i in (1, 3, 5)]
+    rgb = [int(color[i : i + 2], 16) for i in (1, 3, 5)]
     return "#" + "".join(f"{round(c + (255 - c) * t):02x}" for c in rgb)
 
 
@@ -171,17 +178,23 @@ def variant_styles(methods: Sequence[str]) -> list[dict]:
     for method in methods:
         k = seen.get(method, 0)
         seen[method] = k + 1
-        base = _METHODS[method]
+        base = METHOD_STYLES[method]
         if count[method] == 1:
-            styles.append({"color": base.color, "linestyle": base.style, "marker": _MARKERS[0]})
+            styles.append({**base, "marker": _MARKERS[0]})
         else:
             t = 0.6 * k / (count[method] - 1)
-            styles.append({"color": _shade(base.color, t) if k else base.color,
-                           "linestyle": _DASHES[k % len(_DASHES)], "marker": _MARKERS[k % len(_MARKERS)]})
+            styles.append(
+                {
+                    "color": _shade(base["color"], t) if k else base["color"],
+                    "linestyle": _DASHES[k % len(_DASHES)],
+                    "marker": _MARKERS[k % len(_MARKERS)],
+                }
+            )
     return styles
 
 
 # -- tables -----------------------------------------------------------------------------------
+
 
 class Raw(str):
     """A string of trusted HTML for a table cell, header or caption (its tags are stripped in
@@ -195,7 +208,7 @@ Format = str | Callable[[object], str] | None
 
 
 def _reads_as_number(text: str) -> bool:
-    """"0.52 / 0.48", "+0.012 ± 0.004", "1.2e-03", "3.1 s": digits, signs and separators only."""
+    """ "0.52 / 0.48", "+0.012 ± 0.004", "1.2e-03", "3.1 s": digits, signs and separators only."""
     text = _UNITS.sub("", text.strip())
     return bool(text) and bool(re.search(r"\d", text)) and bool(_NUMERIC_CHARS.fullmatch(text))
 
@@ -293,9 +306,17 @@ class Table:
     group. ``notes`` is a line printed under the table.
     """
 
-    def __init__(self, columns: Sequence[str], rows: Sequence[Sequence], caption: str, *,
-                 formats: Mapping[str, Format] | None = None, spans: Sequence[tuple[str, int]] | None = None,
-                 merge: Sequence[str] = (), notes: str | None = None):
+    def __init__(
+        self,
+        columns: Sequence[str],
+        rows: Sequence[Sequence],
+        caption: str,
+        *,
+        formats: Mapping[str, Format] | None = None,
+        spans: Sequence[tuple[str, int]] | None = None,
+        merge: Sequence[str] = (),
+        notes: str | None = None,
+    ):
         self.columns = list(columns)
         self.rows = [list(row) for row in rows]
         if not str(caption).strip():
@@ -319,18 +340,27 @@ class Table:
             decimals = auto_decimals(values)
             for i, value in enumerate(values):
                 self.cells[i][j] = format_number(value, formats.get(name), decimals)
-            self.numeric.append(bool(values) and all(
-                value is None or _is_number(value) or _reads_as_number(_plain(str(value)))
-                or _plain(str(value)).strip() in _MISSING for value in values)
-                and any(_is_number(value) or _reads_as_number(_plain(str(value))) for value in values))
+            self.numeric.append(
+                bool(values)
+                and all(
+                    value is None
+                    or _is_number(value)
+                    or _reads_as_number(_plain(str(value)))
+                    or _plain(str(value)).strip() in _MISSING
+                    for value in values
+                )
+                and any(_is_number(value) or _reads_as_number(_plain(str(value))) for value in values)
+            )
         # merged leading columns: a group starts where any of them changes
         width = len(merge)
         if list(merge) != self.columns[:width]:
             raise RDDRSError(f"merge must name leading columns, got {list(merge)}")
         keys = [tuple(row[:width]) for row in self.cells]
         self.starts = [width > 0 and i > 0 and keys[i] != keys[i - 1] for i in range(len(keys))]
-        self.shown = [[c if j >= width or i == 0 or keys[i] != keys[i - 1] else "" for j, c in enumerate(row)]
-                      for i, row in enumerate(self.cells)]
+        self.shown = [
+            [c if j >= width or i == 0 or keys[i] != keys[i - 1] else "" for j, c in enumerate(row)]
+            for i, row in enumerate(self.cells)
+        ]
 
     # text forms
     def _text_cells(self, merged: bool = True) -> list[list[str]]:
@@ -342,14 +372,15 @@ class Table:
         widths = [max(len(line[j]) for line in lines) for j in range(len(self.columns))]
 
         def fmt(line):
-            return "  ".join(c.rjust(w) if num else c.ljust(w)
-                             for c, w, num in zip(line, widths, self.numeric)).rstrip()
+            return "  ".join(
+                c.rjust(w) if num else c.ljust(w) for c, w, num in zip(line, widths, self.numeric)
+            ).rstrip()
 
         head = []
         if self.spans:
             at, parts = 0, []
             for label, n in self.spans:
-                span = sum(widths[at:at + n]) + 2 * (n - 1)
+                span = sum(widths[at : at + n]) + 2 * (n - 1)
                 parts.append(_plain(label).center(span)[:span])
                 at += n
             head.append("  ".join(parts).rstrip())
@@ -392,21 +423,30 @@ class Table:
 
         spans = ""
         if self.spans:
-            spans = "<tr>" + "".join(
-                f'<th class="span" colspan="{n}">{typeset(label)}</th>' if label else f'<th colspan="{n}"></th>'
-                for label, n in self.spans) + "</tr>"
+            spans = (
+                "<tr>"
+                + "".join(
+                    f'<th class="span" colspan="{n}">{typeset(label)}</th>' if label else f'<th colspan="{n}"></th>'
+                    for label, n in self.spans
+                )
+                + "</tr>"
+            )
         head = "".join(cell("th", c, num, header=True) for c, num in zip(self.columns, self.numeric))
         group = ' class="group"'
         body = "".join(
-            f"<tr{group if start else ''}>" + "".join(cell("td", c, num) for c, num in zip(row, self.numeric))
-            + "</tr>" for row, start in zip(self.shown, self.starts))
+            f"<tr{group if start else ''}>" + "".join(cell("td", c, num) for c, num in zip(row, self.numeric)) + "</tr>"
+            for row, start in zip(self.shown, self.starts)
+        )
         notes = f'<p class="rddrs-table-notes">{typeset(self.notes)}</p>' if self.notes else ""
-        return (f'<div class="rddrs-table-wrapper"><table class="rddrs-table">'
-                f"<caption>{typeset(self.caption)}</caption>"
-                f"<thead>{spans}<tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}</div>")
+        return (
+            f'<div class="rddrs-table-wrapper"><table class="rddrs-table">'
+            f"<caption>{typeset(self.caption)}</caption>"
+            f"<thead>{spans}<tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}</div>"
+        )
 
 
 # -- where the numbers come from ----------------------------------------------------------------
+
 
 class Note:
     """A boxed note (an admonition in the HTML page, plain lines as text)."""
@@ -420,60 +460,10 @@ class Note:
 
     def _repr_html_(self) -> str:
         body = "".join(f"<p>{Table._html(p)}</p>" for p in self.paragraphs)
-        return (f'<div class="admonition note rddrs-provenance"><p class="admonition-title">'
-                f"{html.escape(self.title)}</p>{body}</div>")
-
-
-def results_provenance(results_dir) -> dict:
-    """What the sidecars of the result files under ``results_dir`` say about their making:
-    ``files``; ``presets``; ``machines`` (device -> set of thread counts); ``versions``
-    ("rddrs X, torch Y"); ``commits`` recorded by the runs, ``dirty`` (some runs had uncommitted
-    changes) and ``uncommitted`` (runs that recorded no commit); ``first``/``last`` creation
-    dates; ``stored``: the commit that last changed the folder in git (hash, date), if tracked."""
-    folder = Path(results_dir)
-    sidecars = sorted(folder.rglob("*.tsv.json")) if folder.is_dir() else []
-    info = {"files": 0, "presets": set(), "machines": {}, "versions": set(), "commits": set(),
-            "dirty": False, "uncommitted": 0, "first": None, "last": None, "stored": None}
-    for side in sidecars:
-        try:
-            meta = json.loads(side.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(meta, dict):
-            continue
-        info["files"] += 1
-        settings = meta.get("settings") if isinstance(meta.get("settings"), dict) else meta
-        if settings.get("preset"):
-            info["presets"].add(str(settings["preset"]))
-        for prov in provenance_parts(meta) or [{}]:  # every session that wrote rows of the file
-            _add_session(info, prov)
-    if info["files"]:
-        logged = git("log", "-1", "--format=%h %cs", "--", ".", cwd=folder)
-        if logged:
-            info["stored"] = tuple(logged.split(" ", 1))
-    return info
-
-
-def _add_session(info: dict, prov: dict) -> None:
-    """Add one writing session's device, versions, commit and date to ``results_provenance``'s info."""
-    if prov.get("device"):
-        threads = info["machines"].setdefault(str(prov["device"]), set())
-        if isinstance(prov.get("threads"), int):
-            threads.add(prov["threads"])
-    versions = dict(prov.get("versions") or {})
-    if versions:
-        if str(versions.get("rddrs", "")).startswith("0+"):  # rddrs.__version__ of a source tree run uninstalled
-            versions = {**versions, "rddrs": "from an uninstalled source tree"}
-        info["versions"].add(", ".join(f"{k} {versions[k]}" for k in ("rddrs", "torch") if k in versions))
-    if prov.get("git_commit"):
-        info["commits"].add(str(prov["git_commit"])[:7])
-        info["dirty"] |= bool(prov.get("git_dirty"))
-    else:
-        info["uncommitted"] += 1
-    day = str(prov.get("created", ""))[:10]
-    if day:
-        info["first"] = min(info["first"] or day, day)
-        info["last"] = max(info["last"] or day, day)
+        return (
+            f'<div class="admonition note rddrs-provenance"><p class="admonition-title">'
+            f"{html.escape(self.title)}</p>{body}</div>"
+        )
 
 
 def _code(text: str) -> str:
@@ -492,32 +482,52 @@ def provenance_note(results_dir, preset: str, rerun: str) -> Note:
     info = results_provenance(results_dir)
     shown = Path(results_dir).as_posix().removeprefix("../")
     if not info["files"]:
-        first = Raw(f"No result files in {_code(shown)} yet for preset {_code(preset)}: this "
-                    f"execution computes them, and the numbers below come from it.")
+        first = Raw(
+            f"No result files in {_code(shown)} yet for preset {_code(preset)}: this "
+            f"execution computes them, and the numbers below come from it."
+        )
     else:
         dates = info["first"] if info["first"] == info["last"] else f"{info['first']} to {info['last']}"
         presets = _words([_code(p) for p in sorted(info["presets"])]) or _code(preset)
-        machines = _words([html.escape(device) + (f" ({_words([str(t) for t in sorted(threads)])} "
-                                                   f"thread{'s' * (threads != {1})})" if threads else "")
-                           for device, threads in sorted(info["machines"].items())]) or "an unrecorded machine"
+        machines = (
+            _words(
+                [
+                    html.escape(device)
+                    + (
+                        f" ({_words([str(t) for t in sorted(threads)])} thread{'s' * (threads != {1})})"
+                        if threads
+                        else ""
+                    )
+                    for device, threads in sorted(info["machines"].items())
+                ]
+            )
+            or "an unrecorded machine"
+        )
         versions = _words([html.escape(v) for v in sorted(info["versions"])]) or "unrecorded versions"
         if info["commits"]:
-            commit = (f"The runs recorded commit{'s' * (len(info['commits']) > 1)} "
-                      f"{_words([_code(c) for c in sorted(info['commits'])])}"
-                      + (" (some with uncommitted changes)" if info["dirty"] else "")
-                      + (f"; {info['uncommitted']} recorded none" if info["uncommitted"] else ""))
+            commit = (
+                f"The runs recorded commit{'s' * (len(info['commits']) > 1)} "
+                f"{_words([_code(c) for c in sorted(info['commits'])])}"
+                + (" (some with uncommitted changes)" if info["dirty"] else "")
+                + (f"; {info['uncommitted']} recorded none" if info["uncommitted"] else "")
+            )
         else:
             commit = "The runs recorded no commit"
         if info["stored"]:
             commit += f"; the files were committed in {_code(info['stored'][0])} ({info['stored'][1]})"
-        first = Raw(f"Preset {presets}: {info['files']} result files in {_code(shown)}, computed "
-                    f"{dates or 'at an unrecorded date'} on {machines} with {versions}. {commit}.")
-    again = (f"Re-run with {_code(rerun)}; runs resume from the rows already written, so only "
-             f"missing results are computed.")
+        first = Raw(
+            f"Preset {presets}: {info['files']} result files in {_code(shown)}, computed "
+            f"{dates or 'at an unrecorded date'} on {machines} with {versions}. {commit}."
+        )
+    again = (
+        f"Re-run with {_code(rerun)}; runs resume from the rows already written, so only missing results are computed."
+    )
     chapter = re.search(r"\bmake results\b.*\bCHAPTERS=(\w+)", rerun)
     preset_run = re.search(r"\bPRESET=(\w+)", rerun)
     if chapter:  # make results writes the executed notebook beside the results
         where = f"results/{preset_run.group(1) if preset_run else 'cpu'}/notebooks/{chapter.group(1)}.ipynb"
-        again += (f" It writes this page as an executed notebook to {_code(where)}; open it with "
-                  f"{_code('jupyter lab')}, or make it a web page with {_code('jupyter nbconvert --to html')}.")
+        again += (
+            f" It writes this page as an executed notebook to {_code(where)}; open it with "
+            f"{_code('jupyter lab')}, or make it a web page with {_code('jupyter nbconvert --to html')}."
+        )
     return Note("Where the numbers on this page come from", [first, Raw(again)])

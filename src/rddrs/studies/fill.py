@@ -1,7 +1,7 @@
 """The paper fill: Figure 2's missing panels computed image by image in a machine's idle time.
 
 ``fill`` runs the figure2 group at the paper preset for some training sigmas (default 0.5 and
-0.12), one test image at a time with every paired variant of that image (``figure2.PAIRED``: RS,
+0.12), one test image at a time with every paired variant of that image (``headline.PAIRED``: RS,
 the authors' clamped DDRS, ANCER and RDDRS, and the capped DDRS) done before the next image,
 alternating the sigmas, in ``order``: first the images of sigma 0.25's paired rows, ascending,
 then the rest of the test set. It holds the results folder's sweep lock throughout (a second
@@ -20,16 +20,17 @@ from datetime import datetime
 from pathlib import Path
 
 from rddrs import RDDRSError
-from rddrs.pipeline.files import git
+from rddrs.core.presets import SIGMAS as PAPER_SIGMAS, STUDY_SIGMA
+from rddrs.pipeline.provenance import git
 from rddrs.pipeline.results import model_path, read_rows
 
 # the studies (and torch) are imported where they are used, so that the command line's parser
 # reads this module's defaults without them
 
-#: the panels the fill computes by default (sigma 0.25's rows came first)
-SIGMAS = (0.5, 0.12)
+#: the panels the fill computes by default, largest sigma first (sigma 0.25's rows came first)
+SIGMAS = tuple(sorted((s for s in PAPER_SIGMAS if s != STUDY_SIGMA), reverse=True))
 #: the panel whose images set the order
-LEAD_SIGMA = 0.25
+LEAD_SIGMA = STUDY_SIGMA
 #: the preset of Figure 2's rows (another one serves tests)
 PRESET = "paper"
 
@@ -53,28 +54,27 @@ def parse_deadline(text: str, now: datetime | None = None) -> datetime:
     return when
 
 
-def specs(results: str | Path, sigma: float, index: int, *, preset: str = PRESET, data="data",
-          models="data/models") -> list:
-    """The paired variants' runs (``sweep.RunSpec``) of one test image at ``sigma`` (with the starts
+def specs(
+    results: str | Path, sigma: float, index: int, *, preset: str = PRESET, data="data", models="data/models"
+) -> list:
+    """The paired variants' runs (``runspec.RunSpec``) of one test image at ``sigma`` (with the starts
     they read)."""
-    from rddrs.pipeline import sweep
-    from rddrs.studies.claims import study_specs
-    from rddrs.studies.figure2 import PAIRED
-    from rddrs.studies.headline import figure2_study
+    from rddrs.pipeline import runspec
+    from rddrs.studies.headline import PAIRED, figure2_study
+    from rddrs.studies.study import study_specs
 
-    every = study_specs(figure2_study(preset, sigma), sigma, preset, results, data=data, models=models,
-                        groups=("figure2",))
-    wanted = sweep.closure([every[name] for name in PAIRED], every.values())
+    every = study_specs(
+        figure2_study(preset, sigma), sigma, preset, results, data=data, models=models, groups=("figure2",)
+    )
+    wanted = runspec.closure([every[name] for name in PAIRED], every.values())
     return [replace(spec, ranges=((index, index + 1),)) for spec in wanted]
 
 
-def order(results: str | Path, test_size: int, *, preset: str = PRESET, data="data",
-          models="data/models") -> list[int]:
+def order(results: str | Path, test_size: int, *, preset: str = PRESET, data="data", models="data/models") -> list[int]:
     """Test indices: those of sigma 0.25's paired rows ascending (the images every panel shares
     first), then the rest of the test set ascending."""
-    from rddrs.studies.claims import study_specs
-    from rddrs.studies.figure2 import PAIRED
-    from rddrs.studies.headline import figure2_study
+    from rddrs.studies.headline import PAIRED, figure2_study
+    from rddrs.studies.study import study_specs
 
     study = study_specs(figure2_study(preset, LEAD_SIGMA), LEAD_SIGMA, preset, results, data=data, models=models)
     first = sorted(set.intersection(*(set(read_rows(study[name].out)) for name in PAIRED)))
@@ -86,7 +86,7 @@ def order(results: str | Path, test_size: int, *, preset: str = PRESET, data="da
 def estimate(runs: list, lead: list) -> float:
     """Seconds one image of ``runs`` takes on a CPU: the mean of each run's CPU rows, or of the
     same variant's rows at sigma 0.25 where the run has none yet (0 where neither has)."""
-    from rddrs.studies.figure2 import pace
+    from rddrs.studies.headline import pace
 
     total = 0.0
     for spec, other in zip(runs, lead):
@@ -106,9 +106,10 @@ class Report:
     stopped: str = ""
 
     def summary(self) -> str:
-        done = ", ".join(f"sigma {s:g}: {len(v)} images" + (f" ({sum(self.seconds[s]) / len(v):.0f} s each)"
-                                                            if v else "")
-                         for s, v in self.images.items())
+        done = ", ".join(
+            f"sigma {s:g}: {len(v)} images" + (f" ({sum(self.seconds[s]) / len(v):.0f} s each)" if v else "")
+            for s, v in self.images.items()
+        )
         return f"{done or 'nothing computed'}; {self.stopped}"
 
 
@@ -124,18 +125,30 @@ def commit_rows(runs: list, message: str, tries: int = 5) -> bool:
     names = [str(p.resolve()) for p in files]
     for attempt in range(tries):
         if git("add", "--", *names, cwd=where) is not None and (
-                git("diff", "--cached", "--quiet", "--", *names, cwd=where) is not None
-                or git("commit", "--quiet", "-m", message, "--", *names, cwd=where) is not None):
+            git("diff", "--cached", "--quiet", "--", *names, cwd=where) is not None
+            or git("commit", "--quiet", "-m", message, "--", *names, cwd=where) is not None
+        ):
             return True
         time.sleep(2 * (attempt + 1))  # another git command holds the index
     return False
 
 
-def fill(results: str | Path, deadline: datetime, *, sigmas=SIGMAS, threads: int = 1, commit: bool = False,
-         images: int | None = None, preset: str = PRESET, data="data", models="data/models", log=print) -> Report:
+def fill(
+    results: str | Path,
+    deadline: datetime,
+    *,
+    sigmas=SIGMAS,
+    threads: int = 1,
+    commit: bool = False,
+    images: int | None = None,
+    preset: str = PRESET,
+    data="data",
+    models="data/models",
+    log=print,
+) -> Report:
     """Compute the paired runs of ``sigmas`` image by image until ``deadline`` (see the module), or
     until ``images`` test images of each sigma have been computed by this call."""
-    from rddrs.pipeline import sweep
+    from rddrs.pipeline import engines, shards, sweep
     from rddrs.pipeline.data import load_dataset
 
     results = Path(results)
@@ -145,7 +158,7 @@ def fill(results: str | Path, deadline: datetime, *, sigmas=SIGMAS, threads: int
             raise RDDRSError(f"no model for sigma {sigma:g}: {model_path(sigma, models)} is missing")
     test_size = len(load_dataset(Path(data), train=False)[1])
     report = Report(images={s: [] for s in sigmas}, seconds={s: [] for s in sigmas})
-    engine = sweep.Inline(threads)
+    engine = engines.Inline(threads)
     where = dict(preset=preset, data=data, models=models)
     base = {sigma: specs(results, sigma, 0, **where) for sigma in (*sigmas, LEAD_SIGMA)}  # settings hashed once
 
@@ -156,7 +169,7 @@ def fill(results: str | Path, deadline: datetime, *, sigmas=SIGMAS, threads: int
         for index in order(results, test_size, **where):
             for sigma in sigmas:
                 runs = at(base[sigma], index)
-                if sweep.complete(runs):
+                if shards.complete(runs):
                     continue
                 if images is not None and len(report.images[sigma]) >= images:
                     if all(len(done) >= images for done in report.images.values()):
@@ -166,19 +179,24 @@ def fill(results: str | Path, deadline: datetime, *, sigmas=SIGMAS, threads: int
                 left = (deadline - datetime.now()).total_seconds()
                 need = estimate(runs, at(base[LEAD_SIGMA], index))
                 if left <= need:
-                    report.stopped = f"stopped before image {index} at sigma {sigma:g} (needs about {need:.0f} s, " \
-                                     f"{max(left, 0):.0f} s left before the deadline)"
+                    report.stopped = (
+                        f"stopped before image {index} at sigma {sigma:g} (needs about {need:.0f} s, "
+                        f"{max(left, 0):.0f} s left before the deadline)"
+                    )
                     return report
                 started = time.monotonic()
                 done = sweep.execute(runs, engine).check()
-                if not sweep.complete(runs):
+                if not shards.complete(runs):
                     report.stopped = f"image {index} at sigma {sigma:g} is incomplete ({done.summary()})"
                     return report
                 seconds = time.monotonic() - started
                 report.images[sigma].append(index)
                 report.seconds[sigma].append(seconds)
-                committed = commit and commit_rows(runs, f"Figure 2 fill, {preset} preset: test image {index} at sigma "
-                                                         f"{sigma:g}, five methods ({seconds:.0f} s, {threads} thread(s))")
+                committed = commit and commit_rows(
+                    runs,
+                    f"Figure 2 fill, {preset} preset: test image {index} at sigma "
+                    f"{sigma:g}, five methods ({seconds:.0f} s, {threads} thread(s))",
+                )
                 log(f"sigma {sigma:g}, image {index}: {seconds:.0f} s" + (", committed" if committed else ""))
     report.stopped = "every test image is done"
     return report

@@ -1,262 +1,51 @@
-"""The paper's headline, measured: does the Riemannian search beat the diagonal one when every
-data-dependent method gets its best shot?
+"""Chapter 5, the headline at the paper's own settings: the paper's Figure 2 as the rows in
+``results/paper`` stand, and the laws behind it.
 
-Every study is data for ``claims.run_study`` (results in ``RESULTS/claims/STUDY/``), at the
-training sigma 0.25 unless its name says otherwise:
+Studies (data for ``rddrs.studies.study.run_study``, built from chapter 7's grid choices,
+``rddrs.studies.budget``):
 
-* ``tuning``: the step size of each (method, step rule) pair, soft objective, measured on
-  validation images that no reported number uses (20..27 at the cpu preset). ``STEP_SIZES``
-  holds the choice, the candidate with the largest proxy ACR there.
-* ``variants``: objective (soft, clamped, capped) x step rule (sgd, adam) for DDRS, ANCER and
-  RDDRS at those step sizes, on images 0..19; ANCER and RDDRS start from the preset's DDRS.
-  Also RDDRS started from ANCER (C = diag(theta), floor sigma_x*): a superset of ANCER's
-  ellipsoids, refined in the affine-invariant geometry. ``BEST`` holds each method's variant
-  with the largest proxy ACR.
-* ``step_sizes``: the paper's RDDRS step sizes 0.5, 1 and 25, with our step bound (soft
-  objective) and without it (clamped objective, as in the authors' code).
-* ``frontier``: each method's best variant at several search budgets (iterations x samples).
-* ``diagonal``: RDDRS' best variant, and the same search from DDRS' start, each beside itself
-  kept to diagonal C: what the off-diagonal entries add.
-* ``best_sigmaS``: the best variants of the three methods at every training sigma, on the
-  preset's images (100 at the cpu preset).
-* ``clamped``: the authors' pipeline: their clamp, their chaining and their code's step sizes,
-  at the cpu preset and on the paper slice.
-* ``figure2_sigmaS`` (``paper`` preset only): the paper's Figure 2 at its own settings, at each
-  training sigma: RS, the authors' pipeline, the capped DDRS and, in a lower tier, ANCER's and
-  RDDRS' best variants; on the whole test set, computed chunk by chunk in the order of
-  ``FIGURE2_SIGMAS`` (``registry``). At sigma 0.25 it holds the paper preset's clamped study and
-  the pipeline taken apart (``pipeline_parts_study``) too.
+* ``figure2_sigmaS`` (``figure2_study``): the paper's Figure 2 at training sigma S: RS, the
+  authors' pipeline (``budget.PIPELINE``), the capped DDRS and, in a lower tier, ANCER's and
+  RDDRS' best variants of the cpu grid at the paper's path length; at the paper preset on the
+  whole test set, computed chunk by chunk (``FIGURE2_SIGMAS``: the order a sweep takes), on
+  CPUs and GPUs (each file's sidecar says which session wrote which rows).
+* ``mechanism`` (``mechanism_study``): the laws behind the headline, kept with their traces on
+  the first test images; ``measures``, ``refutations`` and ``memories`` run the measures of
+  ``rddrs.studies.mechanism`` over them and cache their rows in ``RESULTS/claims/mechanism/``.
 
-Measures: ``gradient_quality`` (relative error of the Monte Carlo gradient of H against a
-reference from far more draws), ``diagonal_split`` (how much of that gradient, and of its
-error, lies on the diagonal), ``evaluations`` (network passes per image of a variant),
-``summary_rows`` (ACRs and certificates at the cap per variant).
+Reading Figure 2: ``read`` takes, at one training sigma, every variant's rows on the images that
+all the compared variants have, so that every comparison is paired image by image; ``panels``
+does so at every sigma that has rows; ``coverage`` says which images a panel holds; ``writers``
+and ``pace`` say who wrote the rows and how fast; ``band`` is a bootstrap band over images around
+a certified-accuracy curve; ``device_check`` computes again here a certificate another device
+computed (an isotropic law at the row's sigma, independent draws): both lower bounds must agree
+within their Monte Carlo error.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from rddrs import RDDRSError
-from rddrs.core import spd
-from rddrs.core.methods import SEARCHED
-from rddrs.core.noise import Isotropic, NoiseSource
-from rddrs.core.optimize import objective_and_gradient
-from rddrs.core.presets import OBJECTIVES, STEPS, preset as preset_record
-from rddrs.core.stats import gap_cap
-from rddrs.pipeline.results import model_path, read_rows, result_path
-from rddrs.studies.claims import Study, Variant, VariantRun
-
-SIGMA = 0.25
-SIGMAS = (0.12, 0.25, 0.5)
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much the headline studies compute at a preset."""
-
-    count: int                                  # reported images 0..count-1
-    tuning: tuple[int, int]                     # (first, count) of the validation images
-    frontier: dict                              # method -> ((iterations, samples), ...)
-    best_count: int                             # images of the best_sigmaS studies
-    gradient_images: int
-    gradient_sizes: tuple[int, ...]
-    gradient_reference: int
-    gradient_repeats: int
-    mechanism_count: int = 2            # images of the mechanism study (0..count-1)
-    mechanism_votes: int = 64           # draws per point of its smoothed classifiers' votes
-    refutation_steps: int = 3           # PGD steps and draws per step of its refutation attack
-    refutation_samples: int = 16
-
-
-BUDGETS = {
-    "smoke": Budget(count=2, tuning=(2, 2), best_count=2,
-                    frontier={"ddrs": ((5, 8), (10, 16)), "ancer": ((3, 8), (5, 16)), "rddrs": ((3, 16), (5, 32))},
-                    gradient_images=1, gradient_sizes=(16, 64), gradient_reference=1024, gradient_repeats=2,
-                    mechanism_count=2, mechanism_votes=64, refutation_steps=3, refutation_samples=16),
-    "cpu": Budget(count=20, tuning=(20, 8), best_count=30,
-                  frontier={"ddrs": ((75, 32), (150, 64), (300, 128)),
-                            "ancer": ((25, 32), (50, 64), (100, 128), (200, 256)),
-                            "rddrs": ((15, 250), (30, 500), (60, 1000))},
-                  gradient_images=4, gradient_sizes=(250, 1000, 4000, 20_000), gradient_reference=200_000,
-                  gradient_repeats=8, mechanism_count=4, mechanism_votes=500, refutation_steps=10,
-                  refutation_samples=64),
-    "paper": Budget(count=10, tuning=(10, 4), best_count=10, frontier={},
-                    gradient_images=4, gradient_sizes=(1000, 4000, 20_000), gradient_reference=200_000,
-                    gradient_repeats=8, mechanism_count=20, mechanism_votes=2000, refutation_steps=20,
-                    refutation_samples=128),
-}
-
-#: step-size candidates per (method, step rule), as Search overrides, for the tuning study
-CANDIDATES = {
-    ("ddrs", "sgd"): ({"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}, {"lr": 3e-2}),
-    ("ddrs", "adam"): ({"lr": 3e-3}, {"lr": 1e-2}, {"lr": 3e-2}, {"lr": 0.1}),
-    ("ancer", "adam"): ({"lr": 0.04}, {"lr": 0.08}, {"lr": 0.2}, {"lr": 0.5}),
-    ("ancer", "sgd"): ({"lr": 10.0, "max_step": 0.1}, {"lr": 100.0, "max_step": 0.1}, {"lr": 100.0, "max_step": 0.3},
-                       {"lr": 100.0, "max_step": 1.0}),
-    ("rddrs", "sgd"): ({"lr": 1.0}, {"lr": 1.0, "max_step": 0.3}, {"lr": 1.0, "max_step": 1.0}),
-    ("rddrs", "adam"): ({"lr": 0.3, "max_step": 0}, {"lr": 1.0, "max_step": 0}, {"lr": 3.0, "max_step": 0}),
-}
-
-#: the chosen candidate of each pair (the tuning study's largest proxy ACR; the budget chapter checks it)
-STEP_SIZES = {
-    ("ddrs", "sgd"): {"lr": 1e-2},
-    ("ddrs", "adam"): {"lr": 3e-2},
-    ("ancer", "adam"): {"lr": 0.2},
-    ("ancer", "sgd"): {"lr": 100.0, "max_step": 1.0},
-    ("rddrs", "sgd"): {"lr": 1.0, "max_step": 0.3},
-    ("rddrs", "adam"): {"lr": 1.0, "max_step": 0},
-}
-
-#: the RDDRS variants started from an ANCER variant of the grid: (objective, step, ANCER variant)
-FROM_ANCER = (("soft", "sgd", "ancer_soft_adam"), ("soft", "adam", "ancer_soft_adam"),
-              ("capped", "adam", "ancer_soft_adam"), ("capped", "adam", "ancer_capped_adam"))
-
-#: each method's best variant in the variants study (largest proxy ACR; the budget chapter checks it)
-BEST = {"ddrs": "ddrs_capped_sgd", "ancer": "ancer_soft_adam", "rddrs": "rddrs_capped_adam_from_ancer_capped_adam"}
-
-
-def _name(values: dict) -> str:
-    return "_".join(f"{k.replace('_', '')}{v:g}" if isinstance(v, float | int) and not isinstance(v, bool)
-                    else f"{k.replace('_', '')}{v}" for k, v in values.items())
-
-
-def tuning_name(method: str, step: str, candidate: dict) -> str:
-    """The tuning study's name of one candidate, e.g. ``rddrs_adam_lr1_maxstep0``."""
-    return f"{method}_{step}_{_name(candidate)}"
-
-
-def tuning_study(preset: str) -> Study:
-    first, count = BUDGETS[preset].tuning
-    variants = tuple(Variant(tuning_name(m, step, c), m, {"step": step, **c})
-                     for (m, step), candidates in CANDIDATES.items() for c in candidates)
-    return Study("tuning", count, variants, first=first, digests=False)
-
-
-def tuning_choice(runs: dict) -> dict:
-    """Per (method, step rule), the candidate with the largest proxy ACR in the tuning runs."""
-    def acr(name):
-        return float(runs[name].certified("proxy").mean())
-
-    return {pair: max(candidates, key=lambda c: acr(tuning_name(*pair, c))) for pair, candidates in CANDIDATES.items()}
-
-
-def _variant(method: str, objective: str, step: str, start: str | None = None) -> Variant:
-    name = f"{method}_{objective}_{step}" + (f"_from_{start}" if start else "")
-    return Variant(name, method, {"step": step, "objective": objective, **STEP_SIZES[(method, step)]}, start=start)
-
-
-def variants_study(preset: str) -> Study:
-    grid = tuple(_variant(m, o, s) for m in SEARCHED for o in OBJECTIVES for s in STEPS)
-    from_ancer = tuple(_variant("rddrs", o, s, start=a) for o, s, a in FROM_ANCER)
-    return Study("variants", BUDGETS[preset].count, grid + from_ancer, digests=False)
-
-
-def step_size_study(preset: str) -> Study:
-    variants = []
-    for lr in (0.5, 1.0, 25.0):
-        variants.append(Variant(f"rddrs_lr{lr:g}_bounded", "rddrs", {"lr": lr}))
-        variants.append(Variant(f"rddrs_lr{lr:g}_clamped_unbounded", "rddrs",
-                                {"lr": lr, "objective": "clamped", "max_step": 0}))
-    return Study("step_sizes", BUDGETS[preset].count, tuple(variants), digests=False)
-
-
-def _best_chain(method: str) -> list[Variant]:
-    """The best variant of ``method`` and the variants it starts from, from the variants study."""
-    study = variants_study("cpu")
-    chain, name = [], BEST[method]
-    while name is not None:
-        variant = study.variant(name)
-        chain.insert(0, variant)
-        name = variant.start
-    return chain
-
-
-def frontier_study(preset: str) -> Study:
-    variants = []
-    for method, budgets in BUDGETS[preset].frontier.items():
-        *starts, best = _best_chain(method)
-        for iterations, samples in budgets:
-            variants.append(Variant(f"{method}_it{iterations}_m{samples}", method,
-                                    {**best.search, "iterations": iterations, "samples": samples},
-                                    start=starts[-1].name if starts else None))
-        variants.extend(v for v in starts if v not in variants)
-    return Study("frontier", BUDGETS[preset].count, tuple(variants), digests=False)
-
-
-def diagonal_study(preset: str) -> Study:
-    """RDDRS' best variant, and the same search from DDRS' sigma_x* I, each beside itself kept
-    to diagonal C (``Search.diagonal``; same start, same draws): what the off-diagonal freedom adds."""
-    *starts, best = _best_chain("rddrs")
-    searches = (best, Variant(best.name.split("_from_")[0], "rddrs", best.search))
-    kept = tuple(Variant(f"{v.name}_diagonal", "rddrs", {**v.search, "diagonal": True}, start=v.start)
-                 for v in searches)
-    return Study("diagonal", BUDGETS[preset].count, (*starts, *searches, *kept), digests=False)
-
-
-def best_study(preset: str, sigma: float) -> Study:
-    """The best variants of DDRS, ANCER and RDDRS (with what they start from) at ``sigma``."""
-    variants = []
-    for method in SEARCHED:
-        for variant in _best_chain(method):
-            if variant not in variants:
-                variants.append(variant)
-    return Study(f"best_sigma{sigma:.2f}", BUDGETS[preset].best_count, tuple(variants), digests=False)
-
-
-#: RDDRS with the authors' clamp from the clamped DDRS, but with our step bound
-_CLAMPED_BOUNDED = Variant("rddrs_clamped_bounded", "rddrs", {"objective": "clamped"}, start="ddrs_clamped")
-
-
-#: the authors' pipeline: their clamp, and ANCER and RDDRS chained from the clamped DDRS, RDDRS
-#: without our step bound (as in their code)
-PIPELINE = (Variant("ddrs_clamped", "ddrs", {"objective": "clamped"}),
-            Variant("ancer_clamped", "ancer", {"objective": "clamped"}, start="ddrs_clamped"),
-            Variant("rddrs_clamped", "rddrs", {"objective": "clamped", "max_step": 0}, start="ddrs_clamped"))
-
-
-def _pipeline_folder(preset: str) -> str:
-    """The study folder of the authors' pipeline at sigma 0.25: the paper preset's Figure 2 one."""
-    return figure2_name(SIGMA) if preset == "paper" else "clamped"
-
-
-def clamped_study(preset: str) -> Study:
-    """The preset's searches with the authors' clamp, chained as in their code (``PIPELINE``),
-    and ANCER also at the step size their script runs (1, where the paper says 0.04 or 0.4).
-    Below the paper's 20000 samples per step the unbounded RDDRS overflows, so there RDDRS
-    also runs with our bound."""
-    bounded = () if preset == "paper" else (_CLAMPED_BOUNDED,)
-    ddrs, ancer, rddrs = PIPELINE
-    return Study(_pipeline_folder(preset), BUDGETS[preset].count, digests=False, variants=(
-        ddrs, ancer, Variant("ancer_clamped_lr1", "ancer", {"objective": "clamped", "lr": 1.0}, start="ddrs_clamped"),
-        rddrs, *bounded))
-
-
-#: images of the paper slice on which the authors' pipeline is taken apart (``pipeline_parts_study``)
-PARTS_COUNT = 2
-
-
-def pipeline_parts_study(preset: str) -> Study:
-    """At the paper preset, the authors' pipeline (``clamped_study``) with one part changed at a
-    time, on the slice's first ``PARTS_COUNT`` images: RDDRS with our step bound, or with the soft
-    objective instead of the clamp, both from the clamped DDRS. It shares the clamped study's
-    folder, so the pipeline's own runs are read, not run again; the other presets have no parts."""
-    if preset != "paper":
-        return Study(_pipeline_folder(preset), PARTS_COUNT, (), digests=False)
-    pipeline = clamped_study(preset)
-    return Study(_pipeline_folder(preset), PARTS_COUNT, digests=False, variants=(
-        pipeline.variant("ddrs_clamped"), pipeline.variant("rddrs_clamped"),
-        _CLAMPED_BOUNDED,
-        Variant("rddrs_soft_unbounded", "rddrs", {"max_step": 0}, start="ddrs_clamped")))
-
+from rddrs.core.methods import method as method_record
+from rddrs.core.noise import family_class
+from rddrs.core.presets import SIGMAS, STUDY_SIGMA, preset as preset_record
+from rddrs.pipeline.provenance import index_ranges, provenance_parts, row_writers
+from rddrs.pipeline.results import model_path, read_rows, read_sidecar, traces_dir
+from rddrs.pipeline.runs import load_smoothing
+from rddrs.studies import analysis, budgets
+from rddrs.studies.budget import BEST, PIPELINE, _best_chain, variants_study
+from rddrs.studies.mechanism import measure, refutation, survival
+from rddrs.studies.study import Study, Variant, run_study, study_specs
 
 #: the paper's Figure 2 at its own settings: the training sigmas, in the order a sweep computes them
-FIGURE2_SIGMAS = (0.25, 0.5, 0.12)
+FIGURE2_SIGMAS = (STUDY_SIGMA, *sorted((s for s in SIGMAS if s != STUDY_SIGMA), reverse=True))
 
 
 def figure2_name(sigma: float) -> str:
@@ -268,8 +57,13 @@ def scaled_to(preset: str, variant: Variant) -> Variant:
     so that iterations x step size (the path length) stays the cpu preset's."""
     cpu, there = preset_record("cpu").search[variant.method], preset_record(preset).search[variant.method]
     ratio = cpu.iterations / there.iterations
-    return Variant(variant.name, variant.method, {**variant.search, "lr": variant.search["lr"] * ratio},
-                   start=variant.start, tier=variant.tier)
+    return Variant(
+        variant.name,
+        variant.method,
+        {**variant.search, "lr": variant.search["lr"] * ratio},
+        start=variant.start,
+        tier=variant.tier,
+    )
 
 
 def _capped_ddrs(preset: str) -> Variant:
@@ -286,8 +80,12 @@ def mechanism_study(preset: str) -> Study:
     best = [scaled_to(preset, v) for v in _best_chain("rddrs") if v.method != "ddrs"]
     ddrs, ancer, rddrs = PIPELINE
     lr1 = Variant("ancer_clamped_lr1", "ancer", {"objective": "clamped", "lr": 1.0}, start="ddrs_clamped")
-    return Study("mechanism", BUDGETS[preset].mechanism_count, digests=False,
-                 variants=(Variant("rs", "rs"), ddrs, ancer, lr1, rddrs, _capped_ddrs(preset), *best))
+    return Study(
+        "mechanism",
+        budgets.of(preset).headline.mechanism_count,
+        digests=False,
+        variants=(Variant("rs", "rs"), ddrs, ancer, lr1, rddrs, _capped_ddrs(preset), *best),
+    )
 
 
 def figure2_study(preset: str, sigma: float) -> Study:
@@ -302,268 +100,353 @@ def figure2_study(preset: str, sigma: float) -> Study:
         for variant in _best_chain(method):
             if variant.method != "ddrs" and variant.name not in {v.name for v in best}:
                 best.append(replace(scaled_to(preset, variant), tier=1))
-    count = preset_record(preset).count if preset == "paper" else BUDGETS[preset].count
+    count = preset_record(preset).count if preset == "paper" else budgets.of(preset).budget.count
     return Study(figure2_name(sigma), count, digests=False, variants=(Variant("rs", "rs"), *PIPELINE, capped, *best))
 
 
-# -- measures ------------------------------------------------------------------------------
+# -- reading Figure 2 ------------------------------------------------------------------------
 
-def evaluations(study: Study, variant: Variant, preset: str) -> int:
-    """Network passes per image of the variant's searches, its start's included (a pass is a
-    forward and a backward of one noisy image; certification's n0 + n are not counted)."""
-    search = {**preset_record(preset).search[variant.method].record(), **variant.search}
-    own = search["iterations"] * (search["samples"] + (1 if search.get("control_variate") else 0))
-    if variant.method == "ddrs":
-        return own
-    if variant.start is not None:
-        return own + evaluations(study, study.variant(variant.start), preset)
-    ddrs = preset_record(preset).search["ddrs"]
-    return own + ddrs.iterations * ddrs.samples
+#: the variants every paired comparison needs (RS, the authors' pipeline, the capped DDRS)
+PAIRED = ("rs", "ddrs_clamped", "ancer_clamped", "rddrs_clamped", "ddrs_capped")
 
 
-def summary_rows(runs: dict, n: int, alpha: float) -> list[dict]:
-    """Per variant: proxy and l2 ACR, mean gap, certificates whose gap is at the cap of n draws
-    at level alpha, images whose search diverged, and seconds per image."""
-    cap = gap_cap(n, alpha)
-    rows = []
-    for name, run in runs.items():
-        res = run.results
-        rows.append({"variant": name, "method": run.variant.method, "images": res.n, "diverged": res.diverged,
-                     "proxy_acr": float(run.certified("proxy").mean()), "l2_acr": float(run.certified("l2").mean()),
-                     "at_cap": int((res.gap >= cap - 1e-9).sum()), "gap": float(res.gap.mean()),
-                     "seconds": float(res.seconds.mean())})
-    return rows
+def read(
+    results, sigma: float, *, preset: str = "paper", names=PAIRED, data="data", models="data/models"
+) -> dict[str, analysis.Results]:
+    """Each variant's rows at ``sigma`` on the images all of ``names`` have, ordered by idx."""
+    study = figure2_study(preset, sigma)
+    specs = study_specs(study, sigma, preset, results, data=data, models=models)
+    found = {name: analysis.read_results(specs[name].out) for name in names if Path(specs[name].out).exists()}
+    if len(found) < len(names):
+        raise RDDRSError(f"{results} has no rows of {', '.join(sorted(set(names) - set(found)))} at sigma {sigma:g}")
+    common = sorted(set.intersection(*(set(res.idx.tolist()) for res in found.values())))
+    return {name: res.subset(np.flatnonzero(np.isin(res.idx, common))) for name, res in found.items()}
 
 
-def best_of(runs: dict[str, VariantRun], method: str, kind: str = "proxy") -> str:
-    """The name of ``method``'s variant with the largest ACR of ``kind`` among ``runs``."""
-    scored = {name: float(run.certified(kind).mean()) for name, run in runs.items()
-              if run.variant.method == method}
-    if not scored:
-        raise RDDRSError(f"no {method} variant to choose from")
-    return max(scored, key=scored.get)
-
-
-def _gradient_estimate(model, x: torch.Tensor, law, index: int, m: int, repeat: int, kappa: float, seed: int,
-                       chunk: int, antithetic: bool = False, control_variate: bool = False) -> torch.Tensor:
-    """The Monte Carlo gradient of H at ``law`` for one input from m draws of replicate ``repeat``
-    of its optimisation stream (independent replicates for independent estimates)."""
-    eps = NoiseSource(seed, NoiseSource.OPTIMIZE, x.device, repeat=repeat).draw(
-        [index], m, law.dim, x.dtype, antithetic=antithetic)
-    return objective_and_gradient(model, x, law, eps, kappa, control_variate=control_variate, chunk=chunk)[1]
-
-
-def gradient_quality(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, sizes, reference: int,
-                     repeats: int, kappa: float = 1e-6, seed: int = 0, chunk: int = 4000) -> list[dict]:
-    """Relative error of the Monte Carlo gradient of RDDRS' H at ``C = sigma_x* I``, per image.
-
-    ``||g_m - g_ref||_C / ||g_ref||_C`` in the affine-invariant norm at C, where ``g_ref`` is
-    the estimate from ``reference`` draws and ``g_m`` one from m draws of each scheme: plain
-    draws, m/2 antithetic pairs, and plain draws with the control variate. Every estimate uses
-    its own stream (replicates of the optimisation stream, ``NoiseSource(repeat=...)``), so
-    they are independent of each other and of the reference.
-    """
-    d = x[0].numel()
-    rows = []
-    for j, index in enumerate(indices):
-        xi = x[j: j + 1]
-        law = Isotropic(sigma_star[j: j + 1].to(xi), d).as_full()
-
-        def estimate(m: int, repeat: int, **options):
-            return _gradient_estimate(model, xi, law, index, m, repeat, kappa, seed, chunk, **options)
-
-        ref = estimate(reference, repeat=10_000)
-        norm = float(law.inner(ref, ref).sqrt())
-        for m in sizes:
-            for scheme, options in (("plain", {}), ("antithetic", {"antithetic": True}),
-                                    ("control variate", {"control_variate": True})):
-                errors = [float(law.inner(g - ref, g - ref).sqrt()) / norm
-                          for g in (estimate(m, repeat=1 + r, **options) for r in range(repeats))]
-                rows.append({"image": int(index), "samples": int(m), "scheme": scheme,
-                             "error": float(np.mean(errors)), "errors": errors})
-    return rows
-
-
-def samples_for(rows: list[dict], target: float, reference: int | None = None) -> dict[str, float]:
-    """Per scheme, the draws m for a mean relative error of ``target``, from a fit
-    ``error = c sqrt(1/m + 1/M)`` over every image and size (least squares in log space, slope
-    fixed): the error of m independent draws against a reference of M = ``reference`` draws,
-    whose own noise adds to it (``None``: an exact reference)."""
-    inv_ref = 0.0 if reference is None else 1.0 / reference
+def panels(
+    results, *, preset: str = "paper", sigmas=FIGURE2_SIGMAS, names=PAIRED, data="data", models="data/models"
+) -> dict[float, dict[str, analysis.Results]]:
+    """``read`` at each of ``sigmas`` (ascending) whose variants all have rows on common images."""
     out = {}
-    for scheme in sorted({r["scheme"] for r in rows}):
-        own = [r for r in rows if r["scheme"] == scheme]
-        log_c = np.mean([math.log(r["error"]) - 0.5 * math.log(1.0 / r["samples"] + inv_ref) for r in own])
-        out[scheme] = float((math.exp(log_c) / target) ** 2)
+    for sigma in sorted(sigmas):
+        try:
+            runs = read(results, sigma, preset=preset, names=names, data=data, models=models)
+        except RDDRSError:
+            continue
+        if runs[names[0]].n:
+            out[sigma] = runs
     return out
 
 
-def diagonal_split(model, x: torch.Tensor, sigma_star: torch.Tensor, indices, samples: int, repeats: int,
-                   kappa: float = 1e-6, seed: int = 0, chunk: int = 4000) -> list[dict]:
-    """Per image, at ``C = sigma_x* I``, the share of the diagonal in the squared metric norm of
-    the gradient g of RDDRS' H (``signal_share``) and in that of the Monte Carlo error of one
-    estimate from ``samples`` draws (``noise_share``), and the error's size ``E||g_j - g||^2 / ||g||^2``.
-
-    From K = ``repeats`` independent estimates g_j: the mean of ``<g_j, g_k>`` over pairs j != k
-    is an unbiased estimate of ``||g||^2``, and the mean of ``||g_j||^2`` minus it one of
-    ``E||g_j - g||^2``; the same on the diagonal parts. At ``C = sigma I`` the metric makes the
-    diagonal and off-diagonal parts orthogonal, so the shares are those of ``tr(C^-1 U C^-1 U)``.
-    """
-    d = x[0].numel()
-    rows = []
-    for j, index in enumerate(indices):
-        xi = x[j: j + 1]
-        law = Isotropic(sigma_star[j: j + 1].to(xi), d).as_full()
-        full, diag = [], []
-        for r in range(repeats):
-            g = _gradient_estimate(model, xi, law, index, samples, 1 + r, kappa, seed, chunk)
-            full.append(g)
-            diag.append(spd.diagonal_part(g))
-
-        def moments(parts):
-            total = sum(parts)
-            squares = sum(float(law.inner(p, p)) for p in parts)
-            signal = (float(law.inner(total, total)) - squares) / (repeats * (repeats - 1))
-            return signal, squares / repeats - signal
-
-        (signal, noise), (signal_diag, noise_diag) = moments(full), moments(diag)
-        rows.append({"image": int(index), "samples": int(samples), "signal_share": signal_diag / signal,
-                     "noise_share": noise_diag / noise, "noise_to_signal": noise / signal})
-    return rows
+def coverage(idx) -> str:
+    """Test indices in words: ``0-90 and 335-360``."""
+    parts = [f"{lo}" if hi - lo == 1 else f"{lo}-{hi - 1}" for lo, hi in index_ranges(idx)]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _at_sigma_star(preset: str, results: str | Path, device: str, data: str | Path, models: str | Path):
-    """The model, the preset's first ``gradient_images`` test images and their sigma_x* (its
-    standard DDRS run), and RDDRS' kappa: where the gradient measures are taken."""
+def writers(path) -> dict[tuple[str, str], int]:
+    """Rows of a result file per (device, commit) of the session that wrote them."""
+    rows = read_rows(path)
+    counts: dict[tuple[str, str], int] = {}
+    for part in row_writers(read_sidecar(path), rows).values():
+        key = (str(part.get("device", "?")), str(part.get("git_commit") or "?")[:7])
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def pace(path) -> dict[str, float]:
+    """Mean seconds per image of a result file's rows, per kind of device that wrote them."""
+    rows = read_rows(path)
+    by: dict[str, list[float]] = {}
+    for i, part in row_writers(read_sidecar(path), rows).items():
+        kind = str(part.get("device", "?")).split(" ")[0].split(":")[0]
+        by.setdefault(kind, []).append(rows[i]["seconds"])
+    return {kind: float(np.mean(v)) for kind, v in by.items()}
+
+
+def band(
+    res: analysis.Results, kind: str, radii, draws: int = 2000, level: float = 0.9, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``level`` bootstrap band of the certified accuracy at ``radii``: its quantiles over
+    ``draws`` resamples of the images with replacement."""
+    radius = analysis.certified_radius(res, kind)
+    ok = res.correct == 1
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, res.n, size=(draws, res.n))
+    r = np.asarray(radii, dtype=np.float64)
+    curves = ((radius[picks][:, :, None] >= r[None, None, :]) & ok[picks][:, :, None]).mean(1)
+    tail = (1 - level) / 2
+    return np.quantile(curves, tail, axis=0), np.quantile(curves, 1 - tail, axis=0)
+
+
+def curves_figure(
+    panels: dict[float, dict[str, analysis.Results]],
+    labels: dict[str, str],
+    styles: dict[str, dict],
+    kinds=("proxy", "l2"),
+    draws: int = 2000,
+):
+    """Figure 2: one row of panels per training sigma, certified accuracy against the proxy and
+    the l2 radius, one line per variant with its 90 % bootstrap band over the row's images."""
+    from rddrs.studies import display
+
+    with display.style_context():
+        fig, axes = display.new_figure(len(panels), len(kinds), height=2.6 * len(panels) + 0.6, squeeze=False)
+        handles = {}
+        for row, (sigma, runs) in zip(axes, panels.items()):
+            for ax, kind in zip(row, kinds):
+                top = max(float(analysis.certified_radius(res, kind).max(initial=0.0)) for res in runs.values())
+                grid = np.linspace(0.0, 1.05 * top, 300)
+                for name, res in runs.items():
+                    x, y = analysis.certified_accuracy_curve(res, kind, r_max=1.05 * top)
+                    style = styles[name]
+                    (line,) = ax.step(
+                        x,
+                        y,
+                        where="pre",
+                        linewidth=1.8,
+                        color=style["color"],
+                        linestyle=style["linestyle"],
+                        label=labels[name],
+                    )
+                    lo, hi = band(res, kind, grid, draws)
+                    ax.fill_between(grid, lo, hi, step="pre", color=style["color"], alpha=0.15, linewidth=0)
+                    handles.setdefault(name, line)
+                ax.set(xlim=(0, 1.05 * top), ylim=(0, 1.0), xlabel=analysis.AXIS_LABELS[kind])
+                ax.set_title(f"$\\sigma = {sigma:g}$, {runs[next(iter(runs))].n} images", fontsize="medium")
+                ax.grid(True)
+            row[0].set_ylabel("certified accuracy")
+        fig.legend(
+            list(handles.values()),
+            [labels[n] for n in handles],
+            loc="outside upper center",
+            ncol=min(3, len(handles)),
+            frameon=False,
+        )
+    return fig
+
+
+def device_check(
+    path,
+    indices,
+    *,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    seed: int = 0,
+    data="data",
+    models="data/models",
+    device: str = "cpu",
+) -> dict:
+    """For rows of the isotropic run ``path`` (RS or DDRS) written on another device: CERTIFY
+    again here with the row's sigma, fresh draws (another seed's streams), and both lower bounds
+    on p_A side by side with the standard error of their difference; with this machine's
+    provenance (``rddrs.pipeline.provenance.recorded``)."""
+    from rddrs.core.certify import certify
+    from rddrs.core.noise import Isotropic
+    from rddrs.pipeline.data import load_dataset
+    from rddrs.pipeline.models import load_model, resolve_device
+    from rddrs.pipeline.provenance import recorded
+
+    rows = read_rows(path)
+    meta = read_sidecar(path)
+    settings = meta["settings"]
+    images, _ = load_dataset(Path(data), train=False)
+    model = load_model(Path(models) / Path(meta["model"]).name, device=resolve_device(device))
+    indices = [int(i) for i in indices]
+    sigma = torch.tensor([rows[i]["sigma_min"] for i in indices])
+    x = images[indices].to(device)
+    cert = certify(model, x, Isotropic(sigma.to(device), x[0].numel()), indices, settings["n0"], n, alpha, seed + 1)
+    out = []
+    for j, i in enumerate(indices):
+        there, here = rows[i]["p_lower"], float(cert.p_lower[j])
+        spread = math.sqrt(2 * max(there * (1 - there), 1.0 / n) / n)
+        out.append(
+            {
+                "idx": i,
+                "sigma": float(sigma[j]),
+                "p_lower_there": there,
+                "p_lower_here": here,
+                "predict_there": rows[i]["predict"],
+                "predict_here": int(cert.predict[j]),
+                "difference": here - there,
+                "standard_error": spread,
+            }
+        )
+    return recorded(device, out)
+
+
+# -- the mechanism study --------------------------------------------------------------------
+
+
+def _setup(preset: str, results, device: str, data, models):
     from rddrs.pipeline.data import load_dataset
     from rddrs.pipeline.models import load_model, resolve_device
 
-    images, _ = load_dataset(Path(data), train=False)
-    count = BUDGETS[preset].gradient_images
-    rows = read_rows(result_path(results, "ddrs", SIGMA))
-    missing = [i for i in range(count) if i not in rows]
-    if missing:
-        raise RDDRSError(f"the standard DDRS run in {results} lacks image {missing[0]}: run it first")
-    star = torch.tensor([rows[i]["sigma_min"] for i in range(count)])
-    model = load_model(model_path(SIGMA, models), device=resolve_device(device))
-    kappa = preset_record(preset).search["rddrs"].kappa
-    return model, images[:count].to(device), star.to(device), list(range(count)), kappa
+    study = mechanism_study(preset)
+    runs = run_study(study, STUDY_SIGMA, preset, results, device=device, data=data, models=models, compute=False)
+    images, labels = load_dataset(Path(data), train=False)
+    model_file = model_path(STUDY_SIGMA, models)
+    return study, runs, images, labels, load_model(model_file, device=resolve_device(device)), model_file
 
 
-def gradient_study(preset: str, results: str | Path, *, device: str = "cpu", data: str | Path = "data",
-                   models: str | Path = "data/models", seed: int = 0) -> list[dict]:
-    """``gradient_quality`` on the preset's first images, at sigma_x* of its standard DDRS run,
-    cached in ``RESULTS/claims/gradients.json``."""
+def measures(
+    preset: str, results, *, device: str = "cpu", data="data", models="data/models", seed: int = 0
+) -> list[dict]:
+    """``measure`` over the runs of ``mechanism_study`` (complete, with their traces:
+    compute them first, e.g. with ``rddrs sweep --groups mechanism``), cached in
+    ``RESULTS/claims/mechanism/measures.json``."""
     from rddrs.pipeline.files import cached_json
-
-    budget = BUDGETS[preset]
+    from rddrs.pipeline.provenance import recorded
 
     def compute():
-        model, x, star, indices, kappa = _at_sigma_star(preset, results, device, data, models)
-        return gradient_quality(model, x, star, indices, budget.gradient_sizes, budget.gradient_reference,
-                                budget.gradient_repeats, kappa=kappa, seed=seed)
+        _, runs, images, labels, model, _ = _setup(preset, results, device, data, models)
+        votes = budgets.of(preset).headline.mechanism_votes
+        return recorded(device, measure(runs, images, labels, model, samples=votes, seed=seed, device=device))
 
-    return cached_json(Path(results) / "claims" / "gradients.json", compute)
-
-
-def diagonal_split_study(preset: str, results: str | Path, *, device: str = "cpu", data: str | Path = "data",
-                         models: str | Path = "data/models", seed: int = 0) -> list[dict]:
-    """``diagonal_split`` on the gradient study's images, at its largest sample count, with
-    ``gradient_repeats`` estimates each, cached in ``RESULTS/claims/diagonal_split.json``."""
-    from rddrs.pipeline.files import cached_json
-
-    budget = BUDGETS[preset]
-
-    def compute():
-        model, x, star, indices, kappa = _at_sigma_star(preset, results, device, data, models)
-        return diagonal_split(model, x, star, indices, max(budget.gradient_sizes), budget.gradient_repeats,
-                              kappa=kappa, seed=seed)
-
-    return cached_json(Path(results) / "claims" / "diagonal_split.json", compute)
+    path = Path(results) / "claims" / "mechanism" / "measures.json"
+    return _checked(path, cached_json(path, compute, {"rows": list})["rows"], ("variant", "idx"))
 
 
+def _checked(path: Path, rows, keys: tuple[str, ...]) -> list[dict]:
+    """``rows``, read from ``path``, if each is an object with ``keys``; a one-line error otherwise."""
+    if not (isinstance(rows, list) and all(isinstance(r, dict) and all(k in r for k in keys) for r in rows)):
+        raise RDDRSError(
+            f"{path} holds rows that are not objects with {', '.join(keys)}; move it away to compute it again"
+        )
+    return rows
 
-# -- tables and figures ----------------------------------------------------------------------
 
-def frontier_rows(runs: dict, study: Study, preset: str) -> list[dict]:
-    """Per frontier variant: its method, network passes per image and both ACRs."""
-    rows = []
-    for name, run in runs.items():
-        if not name.startswith(f"{run.variant.method}_it"):
+#: the variants whose certificates are tested as guarantees about their pipeline, in this order
+#: (then RDDRS' best variant)
+REFUTED = ("rddrs_clamped", "ancer_clamped", "ddrs_clamped", "ddrs_capped")
+
+
+def refutations(
+    preset: str, results, *, device: str = "cpu", data="data", models="data/models", seed: int = 0, compute: bool = True
+) -> list[dict]:
+    """``refutation`` of every certificate (correct, radius > 0) of the variants ``REFUTED`` and of
+    RDDRS' best variant on the mechanism study's images, the attack at the clamped DDRS' sigma_x*;
+    kept in ``RESULTS/claims/mechanism/refutations.json`` variant by variant, so that a stopped
+    computation keeps the variants it finished and the next call does the others (``compute``:
+    False, only read those); a variant whose laws are not here (``laws_kept``) is left out."""
+    from rddrs.pipeline.files import read_json, write_atomic
+    from rddrs.pipeline.provenance import recorded
+
+    budget = budgets.of(preset).headline
+    path = Path(results) / "claims" / "mechanism" / "refutations.json"
+    stored = read_json(path, {"variants": dict}) if path.exists() else {"variants": {}}
+    for entry in stored["variants"].values():
+        _checked(path, entry.get("rows") if isinstance(entry, dict) else None, ("idx", "refuted"))
+    study = None
+    names = [
+        *REFUTED,
+        *[v.name for v in mechanism_study(preset).variants if v.method == "rddrs" and v.name not in REFUTED],
+    ]
+    for name in names:
+        if name in stored["variants"] or not compute:
             continue
-        rows.append({"variant": name, "method": run.variant.method,
-                     "evaluations": evaluations(study, run.variant, preset),
-                     "proxy_acr": float(run.certified("proxy").mean()), "l2_acr": float(run.certified("l2").mean())})
-    return sorted(rows, key=lambda r: (SEARCHED.index(r["method"]), r["evaluations"]))
+        if study is None:
+            study, runs, images, labels, model, model_file = _setup(preset, results, device, data, models)
+            start = runs["ddrs_clamped"].results
+            star = dict(zip(start.idx.tolist(), start.sigma_min.tolist()))
+        res = runs[name].results
+        keep = np.flatnonzero((res.correct == 1) & (res.radius > 0))
+        idx = res.idx[keep].tolist()
+        if idx and not laws_kept(runs[name].path):  # e.g. a GPU session's run, landed without its traces
+            continue
+        rows = []
+        if idx:
+            laws = load_smoothing(runs[name].path, idx, images[0].numel(), torch.float32).to(device)
+            rows = refutation(
+                model,
+                images[idx].to(device),
+                labels[idx].numpy(),
+                idx,
+                np.array([star[i] for i in idx]),
+                res.radius[keep],
+                laws,
+                study,
+                study.variant(name),
+                STUDY_SIGMA,
+                preset,
+                model_file,
+                seed=seed,
+                steps=budget.refutation_steps,
+                samples=budget.refutation_samples,
+                check=budget.mechanism_votes * 5,
+            )
+        stored["variants"][name] = recorded(device, rows)
+        write_atomic(path, [json.dumps(stored, indent=2).encode()])
+    return [row for entry in stored["variants"].values() for row in entry["rows"]]
 
 
-def frontier_figure(rows: list[dict]):
-    """Proxy and l2 ACR against network passes per image (log axis), one line per method, in
-    the book's style (``rddrs.studies.display``)."""
-    from matplotlib.ticker import NullFormatter
-
-    from rddrs.studies import display
-
-    fig, axes = display.new_figure(1, 2, height=2.9)
-    handles = {}
-    for ax, kind, label in zip(axes, ("proxy_acr", "l2_acr"), ("proxy ACR", "ℓ2 ACR")):
-        for method in SEARCHED:
-            own = [r for r in rows if r["method"] == method]
-            if own:
-                (line,) = ax.plot([r["evaluations"] for r in own], [r[kind] for r in own], marker="o",
-                                  **display.method_style(method))
-                handles.setdefault(method, line)
-        ax.set(xscale="log", xlabel="network passes per image", ylabel=label)
-        ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels collide
-        ax.grid(True)
-    fig.legend(list(handles.values()), [h.get_label() for h in handles.values()], loc="outside upper center",
-               ncol=len(handles), frameon=False)
-    return fig
+# -- what survives the memory --------------------------------------------------------------
 
 
-def gradient_rows(rows: list[dict]) -> list[dict]:
-    """Mean relative error over images per (samples, scheme), with its spread over images."""
-    out = []
-    for m in sorted({r["samples"] for r in rows}):
-        for scheme in ("plain", "antithetic", "control variate"):
-            errors = [r["error"] for r in rows if r["samples"] == m and r["scheme"] == scheme]
-            if errors:
-                out.append({"samples": m, "scheme": scheme, "error": float(np.mean(errors)),
-                            "min": float(np.min(errors)), "max": float(np.max(errors))})
-    return out
+def laws_kept(path) -> bool:
+    """Whether the laws a run certified with are here: in its rows (RS, DDRS) or in its traces."""
+    return (
+        family_class(method_record(read_sidecar(path)["settings"]["method"]).family).in_rows
+        or traces_dir(Path(path)).is_dir()
+    )
 
 
-def best_figure(papers: dict, best: dict, kind: str = "proxy"):
-    """The paper's Figure 2 layout (one panel per training sigma) with each searched method
-    twice: its papers' search (thin, light) and its best variant (``BEST``, bold), both in the
-    method's colour and dashes; RS as in the paper.
+def check_laws_from(laws_from) -> None:
+    """A one-line error unless ``laws_from`` is None or a folder holding result files with sidecars."""
+    if laws_from is not None and not any(Path(laws_from).glob("*.tsv.json")):
+        raise RDDRSError(
+            f"--laws-from {laws_from}: "
+            + ("no result files (NAME.tsv with its sidecar) there" if Path(laws_from).is_dir() else "no such directory")
+        )
 
-    ``papers``: ``{(sigma, method): analysis.Results}`` of the standard runs; ``best``:
-    ``{sigma: {variant name: VariantRun}}`` of the best_sigmaS studies.
-    """
-    from rddrs.core.methods import NAMES
-    from rddrs.studies import analysis, display
 
-    sigmas = sorted({s for s, _ in papers} | set(best))
-    fig, axes = display.new_figure(1, len(sigmas), height=2.9, sharey=True, squeeze=False)
-    axes = axes[0]
-    handles = {}
-    for ax, sigma in zip(axes, sigmas):
-        lines = [(m, papers[(sigma, m)], "papers'") for m in NAMES if (sigma, m) in papers]
-        lines += [(run.variant.method, run.results, "best") for name, run in best.get(sigma, {}).items()
-                  if name == BEST.get(run.variant.method)]
-        top = max(float(analysis.certified_radius(res, kind).max(initial=0.0)) for _, res, _ in lines)
-        for method, res, which in lines:
-            x, y = analysis.certified_accuracy_curve(res, kind, r_max=1.05 * top)
-            style = display.method_style(method)
-            label = style.pop("label") + ("" if method == "rs" else f" ({which})")
-            bold = which == "best"
-            (line,) = ax.step(x, y, where="pre", linewidth=2.4 if bold else 1.2, alpha=1.0 if bold else 0.5,
-                              label=label, **style)
-            handles.setdefault(label, line)
-        ax.set(xlim=(0, 1.05 * top), ylim=(0, 1.0), title=f"σ = {sigma:g}")
-        ax.set_xlabel("proxy radius" if kind == "proxy" else "ℓ2 radius")
-        ax.grid(True)
-    axes[0].set_ylabel("certified accuracy")
-    fig.legend(list(handles.values()), list(handles), loc="outside upper center", ncol=4, frameon=False)
-    return fig
+def memories(
+    preset: str, results, *, data="data", models="data/models", laws_from=None, progress: bool = False
+) -> dict:
+    """``survival`` of each run of ``mechanism_study`` whose laws are here (the rows of an
+    isotropic run, the traces of the others), cached in ``RESULTS/claims/mechanism/memory.json``.
+    ``laws_from``: a folder of reruns with their traces (``NAME.tsv``: the same settings, on the
+    study's images, run on another machine) that stand in for runs whose own traces were not kept;
+    each entry names the file it read, whether it is such a rerun, and the machines that wrote its
+    rows."""
+    from rddrs.pipeline.data import load_dataset
+    from rddrs.pipeline.files import cached_json
+    from rddrs.pipeline.settings import normalised
+
+    results = Path(results)
+    check_laws_from(laws_from)
+
+    def usable(path: Path, own: Path) -> bool:
+        if not path.exists() or not set(read_rows(own)) <= set(read_rows(path)):
+            return False
+        if normalised(read_sidecar(path)["settings"]) != normalised(read_sidecar(own)["settings"]):
+            raise RDDRSError(f"{path} was run with other settings than {own}")
+        return laws_kept(path)
+
+    def compute():
+        images, labels = load_dataset(Path(data), train=False)
+        study = mechanism_study(preset)
+        specs = study_specs(study, STUDY_SIGMA, preset, results, data=data, models=models)
+        entries = {}
+        for variant in study.variants:
+            own = Path(specs[variant.name].out)
+            candidates = (own, Path(laws_from) / own.name) if laws_from else (own,)
+            found = next((p for p in candidates if usable(p, own)), None)
+            if found:
+                source = found.resolve()
+                devices = {part["device"] for part in provenance_parts(read_sidecar(found)) if "device" in part}
+                entries[variant.name] = {
+                    "source": str(
+                        source.relative_to(results.resolve()) if source.is_relative_to(results.resolve()) else source
+                    ),
+                    "rerun": found != own,
+                    "devices": sorted(devices),
+                    **survival(found, images, labels, progress),
+                }
+        return {"order": "ascending idx", "variants": entries}
+
+    path = results / "claims" / "mechanism" / "memory.json"
+    variants = cached_json(path, compute, {"variants": dict})["variants"]
+    if not all(isinstance(entry, dict) for entry in variants.values()):
+        raise RDDRSError(f"{path} holds variants that are not objects; move it away to compute it again")
+    return variants

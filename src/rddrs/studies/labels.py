@@ -7,11 +7,17 @@ words of ``WORDS``; the authors' pipeline has names of its own (``PIPELINE``).
 
 from __future__ import annotations
 
-from rddrs.core.methods import FULL, method as method_record
+from rddrs.core.methods import method as method_record
 
 #: the vocabulary of the labels
-WORDS = {"soft": "soft", "clamped": "clamped", "capped": "capped",
-         "sgd": "plain ascent", "adam": "Adam", "riemannian adam": "Riemannian Adam"}
+WORDS = {
+    "soft": "soft",
+    "clamped": "clamped",
+    "capped": "capped",
+    "sgd": "plain ascent",
+    "adam": "Adam",
+    "riemannian adam": "Riemannian Adam",
+}
 
 #: the authors' pipeline and its parts, by variant name
 PIPELINE = {
@@ -30,7 +36,7 @@ def _number(value: float) -> str:
 
 
 def label(variant, study=None, brief: bool = False) -> str:
-    """What ``variant`` (a ``claims.Variant`` of the ``claims.Study`` ``study``) is, in words: its
+    """What ``variant`` (a ``study.Variant`` of the ``study.Study`` ``study``) is, in words: its
     method, then what differs from the preset's search (objective, step rule and size, bound,
     budget, kappa, floor, draws, rotation, restriction),
     then where its search starts (another variant of ``study``). ``brief``: without step sizes
@@ -48,6 +54,13 @@ def label(variant, study=None, brief: bool = False) -> str:
     return text
 
 
+def _curved(family: str) -> bool:
+    """Whether the family's search geometry is curved (its Adam is Riemannian Adam)."""
+    from rddrs.core.noise import family_class  # torch, only when a label asks
+
+    return family_class(family).geometry != "euclidean"
+
+
 def _parts(variant, brief: bool) -> list[str]:
     record = method_record(variant.method)
     s = variant.search
@@ -55,7 +68,7 @@ def _parts(variant, brief: bool) -> list[str]:
     if "objective" in s:
         parts.append(WORDS[s["objective"]])
     if "step" in s:
-        rule = "riemannian adam" if s["step"] == "adam" and record.family == FULL else s["step"]
+        rule = "riemannian adam" if s["step"] == "adam" and _curved(record.family) else s["step"]
         parts.append(WORDS[rule])
     if "lr" in s and not brief:
         parts.append(f"step {_number(s['lr'])}")
@@ -83,9 +96,14 @@ def _parts(variant, brief: bool) -> list[str]:
 
 
 #: the authors' pipeline in a few words, for legends and narrow tables
-SHORT = {"ddrs_clamped": "DDRS (authors')", "ancer_clamped": "ANCER (authors')",
-         "ancer_clamped_lr1": "ANCER (authors', step 1)", "rddrs_clamped": "RDDRS (authors')",
-         "rddrs_clamped_bounded": "RDDRS (authors', our bound)", "rddrs_soft_unbounded": "RDDRS (no clamp)"}
+SHORT = {
+    "ddrs_clamped": "DDRS (authors')",
+    "ancer_clamped": "ANCER (authors')",
+    "ancer_clamped_lr1": "ANCER (authors', step 1)",
+    "rddrs_clamped": "RDDRS (authors')",
+    "rddrs_clamped_bounded": "RDDRS (authors', our bound)",
+    "rddrs_soft_unbounded": "RDDRS (no clamp)",
+}
 
 
 def short(variant, study=None) -> str:

@@ -20,9 +20,15 @@ import numpy as np
 from rddrs import RDDRSError
 
 #: how the logs' folders name the training methods, and how the book names them
-METHODS = {"cohen": "Gaussian augmentation", "stab": "Stability training", "macer": "MACER",
-           "consistency/cohen": "Consistency", "salman": "SmoothAdv", "consistency/salman": "Consistency + SmoothAdv",
-           "smoothmix": "SmoothMix"}
+METHODS = {
+    "cohen": "Gaussian augmentation",
+    "stab": "Stability training",
+    "macer": "MACER",
+    "consistency/cohen": "Consistency",
+    "salman": "SmoothAdv",
+    "consistency/salman": "Consistency + SmoothAdv",
+    "smoothmix": "SmoothMix",
+}
 _SIGMA = re.compile(r"noise_(\d+(?:\.\d+)?)")
 
 
@@ -54,15 +60,25 @@ def summarize(root: str | Path, sigmas=(0.25, 0.5)) -> list[dict]:
         method, match = _method(relative), _SIGMA.search(relative)
         if method is None or match is None or float(match.group(1)) not in sigmas:
             continue
-        parts = relative[len(method):].strip("/_").split("/")[:-1]  # the folders below the method's
+        parts = relative[len(method) :].strip("/_").split("/")[:-1]  # the folders below the method's
         config = "/".join(p for p in parts if not p.isdigit()) or "-"  # without a run's own number
         key = (method, config, float(match.group(1)))
         n, acr = acr_of_log(path)
         groups.setdefault(key, []).append(acr)
         images[key] = n
-    return [{"method": METHODS[m], "folder": m, "configuration": c, "sigma": s, "logs": len(v), "images": images[(m, c, s)],
-             "acr": float(np.mean(v)), "acr_sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
-            for (m, c, s), v in sorted(groups.items())]
+    return [
+        {
+            "method": METHODS[m],
+            "folder": m,
+            "configuration": c,
+            "sigma": s,
+            "logs": len(v),
+            "images": images[(m, c, s)],
+            "acr": float(np.mean(v)),
+            "acr_sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+        }
+        for (m, c, s), v in sorted(groups.items())
+    ]
 
 
 COLUMNS = ("method", "folder", "configuration", "sigma", "logs", "images", "acr", "acr_sd")

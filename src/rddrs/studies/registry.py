@@ -4,11 +4,12 @@
 group       runs                                                  read by the chapter
 ==========  ====================================================  ==========================
 standard    the four methods at each sigma                        mnist, budget, soundness
-            (``sweep.standard_specs``)
+            (``runspec.standard_specs``)
 memory      the memory pass over each standard run                soundness
-claims      the variants of the claims studies (``claims.studies``)  claims
-headline    the studies of a smaller budget                       budget
-            (``rddrs.studies.headline``)
+claims      the variants of the claims studies                    claims
+            (``rddrs.studies.claims``)
+budget      the studies of a smaller budget                       budget
+            (``rddrs.studies.budget``)
 figure2     the paper's Figure 2 at its own settings              headline
             (``headline.figure2_study``, ``paper`` preset only)
 mechanism   the laws behind the headline, with their traces       headline
@@ -35,29 +36,35 @@ from pathlib import Path
 
 from rddrs import RDDRSError
 from rddrs.core.methods import NAMES, method as method_record
-from rddrs.core.presets import preset as preset_record
-from rddrs.pipeline import sweep
+from rddrs.core.presets import SIGMAS, STUDY_SIGMA, preset as preset_record
+from rddrs.pipeline import runspec, shards, sweep
 from rddrs.pipeline.data import dataset as dataset_record
 from rddrs.pipeline.results import dataset_folder
 
-GROUPS = ("standard", "memory", "claims", "headline", "figure2", "mechanism")
+GROUPS = ("standard", "memory", "claims", "budget", "figure2", "mechanism")
 #: the sweep priority of the groups other than figure2 (figure2's: 10 per sigma, in headline.FIGURE2_SIGMAS order)
 LATER = 100
-#: the training sigmas of the paper's classifiers
-SIGMAS = (0.12, 0.25, 0.5)
-#: the classifier the claims and budget studies use
-STUDY_SIGMA = 0.25
 
 
-def runs(preset: str, results: str | Path | None = None, *, sigmas: Iterable[float] = SIGMAS,
-         methods: Iterable[str] = NAMES, count: int | None = None, groups: Iterable[str] = GROUPS,
-         seed: int = 0, device: str = "cpu", data: str | Path = "data",
-         models: str | Path = "data/models", dataset: str = "mnist") -> list[sweep.RunSpec]:
+def runs(
+    preset: str,
+    results: str | Path | None = None,
+    *,
+    sigmas: Iterable[float] = SIGMAS,
+    methods: Iterable[str] = NAMES,
+    count: int | None = None,
+    groups: Iterable[str] = GROUPS,
+    seed: int = 0,
+    device: str = "cpu",
+    data: str | Path = "data",
+    models: str | Path = "data/models",
+    dataset: str = "mnist",
+) -> list[runspec.RunSpec]:
     """Every run ``preset`` needs in ``results`` (default ``results/PRESET``) on ``dataset``'s test
     images with its models (``results.dataset_folder``: for another dataset than MNIST the files
     are those of the same runs in ``results/DATASET/``), in an order where each comes after the run
     it starts from. ``count`` overrides the number of test images of the standard runs and of the
-    claims studies (the headline studies keep their budgets);
+    claims studies (the budget and headline studies keep their sizes);
     ``sigmas``, ``methods`` and ``groups`` keep only the runs they name, with what those start from.
     The figure2 group's runs hold the whole test set unless ``count`` says otherwise."""
     preset_record(preset)
@@ -69,27 +76,30 @@ def runs(preset: str, results: str | Path | None = None, *, sigmas: Iterable[flo
     if unknown := [g for g in groups if g not in GROUPS]:
         raise RDDRSError(f"unknown group {unknown[0]!r}; expected some of {', '.join(GROUPS)}")
     common = dict(seed=seed, device=device, data=data, models=models, dataset=dataset)
-    pool: list[sweep.RunSpec] = []
+    pool: list[runspec.RunSpec] = []
     for sigma in SIGMAS + tuple(s for s in sigmas if s not in SIGMAS):
         if not {"standard", "memory"} & set(groups):
             break  # a study's variant that is a standard run holds its own images only
-        standard = [replace(s, priority=LATER) for s in
-                    sweep.standard_specs(sigma, preset, results, count=count, **common)]
-        pool += standard + [replace(sweep.memory_spec(s), priority=LATER) for s in standard]
-    for study, sigma, group, priority in _studies(preset, count, groups):
-        from rddrs.studies import claims
+        standard = [
+            replace(s, priority=LATER) for s in runspec.standard_specs(sigma, preset, results, count=count, **common)
+        ]
+        pool += standard + [replace(runspec.memory_spec(s), priority=LATER) for s in standard]
+    for one, sigma, group, priority in _studies(preset, count, groups):
+        from rddrs.studies.study import study_specs
 
-        pool += list(claims.study_specs(study, sigma, preset, results, groups=(group,), priority=priority,
-                                        **common).values())
-    pool = sweep.combine(pool)
+        pool += list(study_specs(one, sigma, preset, results, groups=(group,), priority=priority, **common).values())
+    pool = runspec.combine(pool)
     by_out = {str(Path(s.out)): s for s in pool}
 
-    def keeps(spec: sweep.RunSpec) -> bool:
-        named = by_out[str(Path(spec.source))] if spec.kind == sweep.MEMORY else spec
-        return (bool(set(spec.groups) & set(groups)) and named.method in methods
-                and any(abs(named.sigma - s) < 1e-9 for s in sigmas))
+    def keeps(spec: runspec.RunSpec) -> bool:
+        named = by_out[str(Path(spec.source))] if spec.kind == runspec.MEMORY else spec
+        return (
+            bool(set(spec.groups) & set(groups))
+            and named.method in methods
+            and any(abs(named.sigma - s) < 1e-9 for s in sigmas)
+        )
 
-    return sweep.with_dependencies(sweep.closure([s for s in pool if keeps(s)], pool))
+    return runspec.with_dependencies(runspec.closure([s for s in pool if keeps(s)], pool))
 
 
 def _studies(preset: str, count: int | None, groups: tuple[str, ...]):
@@ -104,43 +114,49 @@ def _studies(preset: str, count: int | None, groups: tuple[str, ...]):
     if "mechanism" in groups:
         from rddrs.studies import headline
 
-        yield headline.mechanism_study(preset), headline.SIGMA, "mechanism", 0
+        yield headline.mechanism_study(preset), STUDY_SIGMA, "mechanism", 0
     if "claims" in groups:
         from rddrs.studies import claims
 
         for study in claims.studies(preset, count).values():
             yield study, STUDY_SIGMA, "claims", LATER
-    if "headline" in groups:
-        from rddrs.studies import headline
+    if "budget" in groups:
+        from rddrs.studies import budget
 
-        for make in (headline.tuning_study, headline.variants_study, headline.step_size_study,
-                     headline.frontier_study, headline.diagonal_study, headline.clamped_study,
-                     headline.pipeline_parts_study):
+        for make in (
+            budget.tuning_study,
+            budget.variants_study,
+            budget.step_size_study,
+            budget.frontier_study,
+            budget.diagonal_study,
+            budget.clamped_study,
+            budget.pipeline_parts_study,
+        ):
             study = make(preset)
             if study.variants:
-                yield study, headline.SIGMA, "headline", LATER
-        for sigma in headline.SIGMAS:
-            study = headline.best_study(preset, sigma)
+                yield study, STUDY_SIGMA, "budget", LATER
+        for sigma in SIGMAS:
+            study = budget.best_study(preset, sigma)
             if study.variants:
-                yield study, sigma, "headline", LATER
+                yield study, sigma, "budget", LATER
 
 
-def ensure(specs: list[sweep.RunSpec], results: str | Path, progress: bool = False) -> list[sweep.RunSpec]:
+def ensure(specs: list[runspec.RunSpec], results: str | Path, progress: bool = False) -> list[runspec.RunSpec]:
     """Compute in this process whatever ``specs`` lack (nothing, when all is there: a sweep did
     it), then return them; the first run that failed is a one-line error."""
-    if not sweep.complete(specs):
+    if not shards.complete(specs):
         sweep.execute(specs, results=results, progress=progress).check()
     return specs
 
 
-def status(specs: Iterable[sweep.RunSpec]) -> list[tuple[sweep.RunSpec, str]]:
+def status(specs: Iterable[runspec.RunSpec]) -> list[tuple[runspec.RunSpec, str]]:
     """Each run with its state on disk: complete, or how many images it lacks."""
     rows = []
     for spec in specs:
-        lacking = sweep.missing(spec)
+        lacking = shards.missing(spec)
         if not lacking:
             rows.append((spec, "complete"))
-        elif spec.kind == sweep.MEMORY:
+        elif spec.kind == runspec.MEMORY:
             rows.append((spec, "missing" if lacking == [-1] else f"{len(lacking)} rows to go"))
         else:
             rows.append((spec, f"{len(lacking)} of {len(spec.indices())} images missing"))

@@ -36,7 +36,8 @@ from rddrs.core.certify import certify
 from rddrs.core.optimize import find_smoothing
 from rddrs.core.presets import Search
 from rddrs.pipeline.runs import Rotated
-from rddrs.studies.analysis import METHOD_COLORS, METHOD_LABELS, METHOD_STYLES
+from rddrs.studies.analysis import METHOD_LABELS
+from rddrs.studies.display import method_style
 
 #: orientation of the blobs and the ring, in degrees from the first axis
 TILT = 15.0
@@ -77,16 +78,20 @@ class ToyData:
     y: Tensor
 
 
-def make_dataset(n_per_class: int = 200, seed: int = 0, angle: float = 0.0,
-                 dtype: torch.dtype = torch.float64, device=None) -> ToyData:
+def make_dataset(
+    n_per_class: int = 200, seed: int = 0, angle: float = 0.0, dtype: torch.dtype = torch.float64, device=None
+) -> ToyData:
     """``n_per_class`` points of each class drawn with ``seed``; the whole set is turned by
     ``angle`` degrees (on top of ``TILT``), so ``make_dataset(angle=a).x = U_a make_dataset().x``."""
     if int(n_per_class) != n_per_class or n_per_class < 1:
         raise RDDRSError(f"n_per_class must be an integer >= 1, got {n_per_class}")
     gen = torch.Generator().manual_seed(seed)  # drawn in float64 on the CPU, then converted
     f64 = torch.float64
-    parts = [torch.tensor(centre, dtype=f64) + torch.tensor(spread, dtype=f64)
-             * torch.randn(n_per_class, 2, generator=gen, dtype=f64) for centre, spread in BLOBS]
+    parts = [
+        torch.tensor(centre, dtype=f64)
+        + torch.tensor(spread, dtype=f64) * torch.randn(n_per_class, 2, generator=gen, dtype=f64)
+        for centre, spread in BLOBS
+    ]
     phase = 2 * math.pi * torch.rand(n_per_class, generator=gen, dtype=f64)
     radius = 1 + RING_SPREAD * torch.randn(n_per_class, generator=gen, dtype=f64)
     parts.append(radius[:, None] * torch.stack([phase.cos(), phase.sin()], 1) * torch.tensor(RING_AXES, dtype=f64))
@@ -105,8 +110,9 @@ def make_mlp(hidden: int = 64, seed: int = 0) -> nn.Sequential:
     """``2 -> hidden -> hidden -> 3`` with ReLU, initialised from ``seed`` (global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                             nn.Linear(hidden, NUM_CLASSES))
+        return nn.Sequential(
+            nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, NUM_CLASSES)
+        )
 
 
 def train_mlp(data: ToyData, sigma: float, steps: int = 300, lr: float = 0.01, seed: int = 0) -> nn.Module:
@@ -161,12 +167,6 @@ class Region:
             return math.nan
         return math.degrees(math.atan2(v[1, -1], v[0, -1])) % 180.0
 
-    @property
-    def elongation(self) -> float:
-        """``lambda_max(S) / lambda_min(S)``: 1 for a circle."""
-        w = np.linalg.eigvalsh(self.scale)
-        return float(w[-1] / w[0])
-
     def boundary(self, num: int = 200) -> np.ndarray:
         """``num`` points ``centre + gap S (cos t, sin t)`` on the region's boundary, (num, 2)."""
         t = np.linspace(0.0, 2 * np.pi, num)
@@ -179,9 +179,18 @@ class Region:
         return Ellipse(tuple(self.centre), 2 * semi_axes[0], 2 * semi_axes[1], angle=angle, **style)
 
 
-def certified_regions(model, points: Tensor, sigma: float, angle: float = 0.0,
-                      methods=SMOOTHED_METHODS, seed: int = 0, settings: dict[str, Search] | None = None,
-                      n0: int = N0, n: int = N, alpha: float = ALPHA) -> dict[str, list[Region]]:
+def certified_regions(
+    model,
+    points: Tensor,
+    sigma: float,
+    angle: float = 0.0,
+    methods=SMOOTHED_METHODS,
+    seed: int = 0,
+    settings: dict[str, Search] | None = None,
+    n0: int = N0,
+    n: int = N,
+    alpha: float = ALPHA,
+) -> dict[str, list[Region]]:
     """The certified region of every point for every method, on the problem turned by ``angle``.
 
     ``points`` (B, 2) are in the original coordinates; the regions are in the turned ones
@@ -199,15 +208,26 @@ def certified_regions(model, points: Tensor, sigma: float, angle: float = 0.0,
     settings = {**SEARCH, **(settings or {})}
     found = {"ddrs": find_smoothing("ddrs", turned_model, x, indices, sigma, seed, settings, rotation=u)[0]}
     for method in [m for m in methods if m != "ddrs"]:
-        found[method] = find_smoothing(method, turned_model, x, indices, sigma, seed, settings,
-                                       sigma_star=found["ddrs"].param, rotation=u)[0]
+        found[method] = find_smoothing(
+            method, turned_model, x, indices, sigma, seed, settings, sigma_star=found["ddrs"].param, rotation=u
+        )[0]
     regions = {}
     for method in methods:
         cert = certify(turned_model, x, found[method], indices, n0, n, alpha, seed, rotation=u)
         scales = found[method].matrix().detach().double().cpu().numpy()
         centres = x.detach().double().cpu().numpy()
-        regions[method] = [Region(method, centres[i], scales[i], float(cert.gap[i]), int(cert.predict[i]),
-                                  float(cert.proxy_radius[i]), float(cert.radius[i])) for i in indices]
+        regions[method] = [
+            Region(
+                method,
+                centres[i],
+                scales[i],
+                float(cert.gap[i]),
+                int(cert.predict[i]),
+                float(cert.proxy_radius[i]),
+                float(cert.radius[i]),
+            )
+            for i in indices
+        ]
     return regions
 
 
@@ -218,10 +238,17 @@ def rotation_summary(original: dict[str, list[Region]], turned: dict[str, list[R
     rows = []
     for method, regions in original.items():
         for point, (before, after) in enumerate(zip(regions, turned[method])):
-            rows.append({"point": point, "method": method,
-                         "proxy_original": before.proxy_radius, "proxy_turned": after.proxy_radius,
-                         "axis_original": before.axis_angle, "axis_turned": after.axis_angle,
-                         "axis_turn": (after.axis_angle - before.axis_angle) % 180.0})
+            rows.append(
+                {
+                    "point": point,
+                    "method": method,
+                    "proxy_original": before.proxy_radius,
+                    "proxy_turned": after.proxy_radius,
+                    "axis_original": before.axis_angle,
+                    "axis_turned": after.axis_angle,
+                    "axis_turn": (after.axis_angle - before.axis_angle) % 180.0,
+                }
+            )
     return rows
 
 
@@ -230,17 +257,30 @@ def summary_table(rows: list[dict], angle: float):
     angles to 0.1 degree, a dash where S has no principal axis (DDRS)."""
     from rddrs.studies.display import Table
 
-    return Table(["method", "point", "before", "after", "before ", "after ", "turned by"],
-                 [[METHOD_LABELS[r["method"]], r["point"], r["proxy_original"], r["proxy_turned"],
-                   r["axis_original"], r["axis_turned"], r["axis_turn"]] for r in rows],
-                 caption=f"Proxy radius and principal axis (degrees from x1, modulo 180) of each "
-                         f"certified region before and after the problem is turned by {angle:g}°.",
-                 spans=[("", 2), ("proxy radius", 2), ("principal axis (°)", 3)], merge=["method"],
-                 formats={"before": ".3f", "after": ".3f", "before ": ".1f", "after ": ".1f",
-                          "turned by": ".1f"})
+    return Table(
+        ["method", "point", "before", "after", "before ", "after ", "turned by"],
+        [
+            [
+                METHOD_LABELS[r["method"]],
+                r["point"],
+                r["proxy_original"],
+                r["proxy_turned"],
+                r["axis_original"],
+                r["axis_turned"],
+                r["axis_turn"],
+            ]
+            for r in rows
+        ],
+        caption=f"Proxy radius and principal axis (degrees from x1, modulo 180) of each "
+        f"certified region before and after the problem is turned by {angle:g}°.",
+        spans=[("", 2), ("proxy radius", 2), ("principal axis (°)", 3)],
+        merge=["method"],
+        formats={"before": ".3f", "after": ".3f", "before ": ".1f", "after ": ".1f", "turned by": ".1f"},
+    )
 
 
 # -- plotting ---------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def plot_decision_regions(ax, model, extent: float, like: Tensor, resolution: int = 300) -> None:
@@ -249,8 +289,16 @@ def plot_decision_regions(ax, model, extent: float, like: Tensor, resolution: in
     axis = torch.linspace(-extent, extent, resolution, dtype=like.dtype, device=like.device)
     grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
     labels = model(grid).argmax(-1).reshape(resolution, resolution).cpu().numpy()
-    ax.imshow(labels, origin="lower", extent=(-extent, extent, -extent, extent), interpolation="nearest",
-              cmap=ListedColormap(CLASS_COLORS), vmin=-0.5, vmax=NUM_CLASSES - 0.5, alpha=0.35)
+    ax.imshow(
+        labels,
+        origin="lower",
+        extent=(-extent, extent, -extent, extent),
+        interpolation="nearest",
+        cmap=ListedColormap(CLASS_COLORS),
+        vmin=-0.5,
+        vmax=NUM_CLASSES - 0.5,
+        alpha=0.35,
+    )
 
 
 def plot_data(ax, data: ToyData) -> None:
@@ -262,21 +310,23 @@ def plot_data(ax, data: ToyData) -> None:
 def plot_regions(ax, regions: dict[str, list[Region]]) -> None:
     """Each method's certified regions in its colour and line style, and the certified points."""
     for method, method_regions in regions.items():
+        style = method_style(method)
         for region in method_regions:
-            ax.add_patch(region.patch(fill=False, edgecolor=METHOD_COLORS[method],
-                                      linestyle=METHOD_STYLES[method], linewidth=2.0))
+            ax.add_patch(
+                region.patch(fill=False, edgecolor=style["color"], linestyle=style["linestyle"], linewidth=2.0)
+            )
     centres = np.array([region.centre for region in next(iter(regions.values()))])
     ax.scatter(centres[:, 0], centres[:, 1], marker="x", color="k", s=40, linewidths=1.5, zorder=3)
 
 
-def plot_problem(ax, model, data: ToyData, regions: dict[str, list[Region]], extent: float = 2.8,
-                 title: str | None = None) -> None:
+def plot_problem(
+    ax, model, data: ToyData, regions: dict[str, list[Region]], extent: float = 2.8, title: str | None = None
+) -> None:
     """Decision regions, data and certified regions on one panel, equal axis scales, legend."""
     plot_decision_regions(ax, model, extent, like=data.x)
     plot_data(ax, data)
     plot_regions(ax, regions)
-    handles = [Line2D([], [], color=METHOD_COLORS[m], linestyle=METHOD_STYLES[m], linewidth=2.0,
-                      label=METHOD_LABELS[m]) for m in regions]
+    handles = [Line2D([], [], linewidth=2.0, **method_style(m)) for m in regions]
     handles.append(Line2D([], [], color="k", marker="x", linestyle="none", label="certified point"))
     ax.legend(handles=handles, loc="upper left", framealpha=0.9)
     ax.set_xlim(-extent, extent)
@@ -295,8 +345,7 @@ def plot_proxy_by_angle(ax, by_angle: dict[float, dict[str, list[Region]]], poin
     orientation = TILT + np.asarray(angles, dtype=float)
     for method in by_angle[angles[0]]:
         radii = [by_angle[a][method][point].proxy_radius for a in angles]
-        ax.plot(orientation, radii, color=METHOD_COLORS[method], linestyle=METHOD_STYLES[method],
-                linewidth=2.0, marker="o", markersize=4, label=METHOD_LABELS[method])
+        ax.plot(orientation, radii, linewidth=2.0, marker="o", markersize=4, **method_style(method))
     ax.set_xticks(orientation)
     ax.set_xlabel("orientation of the blobs (degrees from the $x_1$ axis)")
     ax.set_ylabel("proxy radius")

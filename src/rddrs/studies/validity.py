@@ -29,7 +29,7 @@ from rddrs.core.noise import NoiseSource, Smoothing
 from rddrs.core.stats import clopper_pearson_lower
 
 #: at most this many scale-matrix entries are replicated at once (full 784 x 784 laws: 27)
-_REPLICATED_ENTRIES = 2 ** 24
+_REPLICATED_ENTRIES = 2**24
 
 
 class CheckNoise(NoiseSource):
@@ -58,9 +58,17 @@ class Estimate:
     alpha: float
 
 
-def smoothed_probability(model, x: Tensor, smoothing: Smoothing, cls=None, samples: int = 100_000,
-                         seed: int = 0, batch_size: int = 10_000, alpha: float = 0.001,
-                         indices=None) -> Estimate:
+def smoothed_probability(
+    model,
+    x: Tensor,
+    smoothing: Smoothing,
+    cls=None,
+    samples: int = 100_000,
+    seed: int = 0,
+    batch_size: int = 10_000,
+    alpha: float = 0.001,
+    indices=None,
+) -> Estimate:
     """Estimate ``P[f(x + S eps) = cls]`` per input (every class if ``cls`` is None).
 
     Draws come from the ``validate`` stage of ``seed`` (keyed by ``indices``, default
@@ -103,8 +111,18 @@ class Coverage:
     high: float
 
 
-def coverage(model, x: Tensor, smoothing: Smoothing, p_true, trials: int, n0: int, n: int, alpha: float,
-             seed: int, batch_size: int = 10_000) -> Coverage:
+def coverage(
+    model,
+    x: Tensor,
+    smoothing: Smoothing,
+    p_true,
+    trials: int,
+    n0: int,
+    n: int,
+    alpha: float,
+    seed: int,
+    batch_size: int = 10_000,
+) -> Coverage:
     """Run CERTIFY ``trials`` times on each input and count the wrong certificates.
 
     ``p_true`` (B, K) holds each input's true class probabilities under its law. A run is
@@ -123,9 +141,8 @@ def coverage(model, x: Tensor, smoothing: Smoothing, p_true, trials: int, n0: in
     chunk = max(1, _REPLICATED_ENTRIES // smoothing.param[0].numel())
     predicted, p_lower = [], []
     for lo in range(0, total, chunk):
-        part = owner[lo:lo + chunk]
-        cert = certify(model, x[part], smoothing[part], range(lo, lo + len(part)), n0, n, alpha, seed,
-                       batch_size)
+        part = owner[lo : lo + chunk]
+        cert = certify(model, x[part], smoothing[part], range(lo, lo + len(part)), n0, n, alpha, seed, batch_size)
         predicted.append(cert.predict)
         p_lower.append(cert.p_lower)
     predicted, p_lower, owner = np.concatenate(predicted), np.concatenate(p_lower), owner.cpu().numpy()
@@ -135,8 +152,14 @@ def coverage(model, x: Tensor, smoothing: Smoothing, p_true, trials: int, n0: in
     p_certified = p_true[owner, np.where(certified, predicted, 0)]
     wrong = certified & ((p_lower > p_certified) | (predicted != p_true.argmax(1)[owner]))
     low, high = two_sided_interval(wrong.sum(), total, 0.05)
-    return Coverage(trials=total, certified=int(certified.sum()), wrong=int(wrong.sum()),
-                    rate=float(wrong.mean()), low=float(low), high=float(high))
+    return Coverage(
+        trials=total,
+        certified=int(certified.sum()),
+        wrong=int(wrong.sum()),
+        rate=float(wrong.mean()),
+        low=float(low),
+        high=float(high),
+    )
 
 
 class LinearClassifier(nn.Module):
@@ -173,10 +196,3 @@ class LinearClassifier(nn.Module):
         """Exact ``[P[class 0], P[class 1]]`` (B, 2) under each input's law."""
         t = (self.score(x) / self.scaled_normal(smoothing).norm(dim=1)).double().cpu().numpy()
         return np.stack([stats.norm.sf(t), stats.norm.cdf(t)], 1)
-
-    def worst_point(self, x: Tensor, smoothing: Smoothing, r) -> Tensor:
-        """The point of ``{x + S u : ||u|| <= r}`` closest to the other class:
-        ``x - sign(w.x + b) r S S^T w / ||S^T w||`` (moves the score by ``-sign r ||S^T w||``)."""
-        r = torch.as_tensor(r, dtype=x.dtype, device=x.device).expand(len(x))
-        step = r * torch.sign(self.score(x)) / self.scaled_normal(smoothing).norm(dim=1)
-        return x - (step[:, None] * self.scaled_normal(smoothing, 2)).reshape(x.shape)
