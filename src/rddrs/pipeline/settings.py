@@ -14,7 +14,6 @@ from pathlib import Path
 
 from rddrs import RDDRSError
 from rddrs.core.methods import method as method_record
-from rddrs.core.noise import family_class
 from rddrs.core.presets import MAX_SAMPLES, SIGMA_RANGE, Search, preset as preset_record
 from rddrs.pipeline.data import MNIST, dataset as dataset_record
 from rddrs.pipeline.files import one_line, regular_file, write_atomic
@@ -238,6 +237,7 @@ def resolve(request: RunRequest) -> RunSettings:
     ``max_step=0`` turns the bound off); a ``capped`` objective gets the cap of this run's n and
     alpha. ``dataset``: whose test images the run certifies; a model whose record says it was
     trained on another dataset is refused. Every problem is a one-line error."""
+    from rddrs.core.noise import family_class
     from rddrs.core.stats import gap_cap
     from rddrs.pipeline.models import trained_on
 
