@@ -18,6 +18,9 @@ from rddrs import RDDRSError
 SIGMAS = (0.12, 0.25, 0.5)
 #: the classifier of the studies that run at one sigma (chapters 5, 7 and 8)
 STUDY_SIGMA = 0.25
+#: the other panels of Figure 2, largest sigma first: the order in which they are computed after
+#: STUDY_SIGMA's (a sweep's figure2 group, the fill)
+OTHER_SIGMAS = tuple(sorted((s for s in SIGMAS if s != STUDY_SIGMA), reverse=True))
 
 OBJECTIVES = ("soft", "clamped", "capped")
 STEPS = ("sgd", "adam")

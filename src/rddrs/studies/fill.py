@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from rddrs import RDDRSError
-from rddrs.core.presets import SIGMAS as PAPER_SIGMAS, STUDY_SIGMA
+from rddrs.core.presets import OTHER_SIGMAS, STUDY_SIGMA
 from rddrs.pipeline.provenance import git
 from rddrs.pipeline.results import model_path, read_rows
 
@@ -28,7 +28,7 @@ from rddrs.pipeline.results import model_path, read_rows
 # reads this module's defaults without them
 
 #: the panels the fill computes by default, largest sigma first (sigma 0.25's rows came first)
-SIGMAS = tuple(sorted((s for s in PAPER_SIGMAS if s != STUDY_SIGMA), reverse=True))
+SIGMAS = OTHER_SIGMAS
 #: the panel whose images set the order
 LEAD_SIGMA = STUDY_SIGMA
 #: the preset of Figure 2's rows (another one serves tests)

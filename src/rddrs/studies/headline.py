@@ -35,7 +35,7 @@ import torch
 from rddrs import RDDRSError
 from rddrs.core.methods import method as method_record
 from rddrs.core.noise import family_class
-from rddrs.core.presets import SIGMAS, STUDY_SIGMA, preset as preset_record
+from rddrs.core.presets import OTHER_SIGMAS, STUDY_SIGMA, preset as preset_record
 from rddrs.pipeline.provenance import index_ranges, provenance_parts, row_writers
 from rddrs.pipeline.results import model_path, read_rows, read_sidecar, traces_dir
 from rddrs.pipeline.runs import load_smoothing
@@ -45,7 +45,7 @@ from rddrs.studies.mechanism import measure, refutation, survival
 from rddrs.studies.study import Study, Variant, run_study, study_specs
 
 #: the paper's Figure 2 at its own settings: the training sigmas, in the order a sweep computes them
-FIGURE2_SIGMAS = (STUDY_SIGMA, *sorted((s for s in SIGMAS if s != STUDY_SIGMA), reverse=True))
+FIGURE2_SIGMAS = (STUDY_SIGMA, *OTHER_SIGMAS)
 
 
 def figure2_name(sigma: float) -> str:
