@@ -184,7 +184,7 @@ def _plain_numbers(parser: argparse.ArgumentParser) -> None:
 def _setting_options(p: argparse.ArgumentParser) -> None:
     """One option of ``p`` per run setting (``settings.RunRequest``), and one per field of the method's
     search that the command line offers (``presets.SEARCH_OPTIONS``), each made from its metadata."""
-    from dataclasses import MISSING, fields
+    from dataclasses import fields
 
     from rddrs.core.methods import NAMES as METHODS
     from rddrs.core.presets import PRESETS, SEARCH_OPTIONS, Search
@@ -211,11 +211,10 @@ def _setting_options(p: argparse.ArgumentParser) -> None:
                     read = {**read, "default": None}
                 p.add_argument(f"--{name.replace('_', '-')}", **read, **option)
             continue
-        default = {} if f.default is MISSING else {"default": f.default}
         p.add_argument(
             f"--{f.name.replace('_', '-')}",
             **reads[kind],
-            **default,
+            default=f.default,
             **({"choices": lists[choices]} if choices else {}),
             **meta,
         )

@@ -225,8 +225,8 @@ def _whole(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def make_settings(method: str, sigma: float, model: str | Path, preset: str = "cpu", **options) -> RunSettings:
-    """``resolve`` of the request for ``method`` at ``sigma`` with ``model`` and ``preset``; ``options``:
+def make_settings(method: str, sigma: float, model: str | Path, preset: str | None = None, **options) -> RunSettings:
+    """``resolve`` of the request for ``method`` at ``sigma`` with ``model`` and ``preset`` (None: cpu); ``options``:
     the other ``RunRequest`` fields (``search`` overrides fields of the method's ``Search``)."""
     return resolve(RunRequest(method=method, sigma=sigma, model=str(model), preset=preset, **options))
 
