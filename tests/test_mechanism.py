@@ -190,3 +190,45 @@ def test_memory_passes_read_the_laws_of_a_rerun_where_the_traces_were_not_kept(t
     assert "other settings" in raises_one_line(
         headline.memories, "smoke", results, data=DATA, models=MODELS, laws_from=rerun
     )
+
+
+def test_figure2s_other_panels_are_attacked_and_their_points_checked_against_the_memory(tmp_path):
+    """At sigma 0.5 the fill's runs stand in for the mechanism study: their first images are
+    attacked (each point kept with its row) and the memory pass over every run says where each
+    attacked point lies. A point inside a certified l2 ball lies in its image's region, so
+    wherever the memory kept that region it answers the certified class there."""
+    from datetime import datetime, timedelta
+
+    from rddrs.core.regions import KEPT
+    from rddrs.pipeline.memory import read_memory_rows
+    from rddrs.studies import fill
+
+    results, common = tmp_path / "results", dict(data=DATA, models=MODELS)
+    fill.fill(results, datetime.now() + timedelta(hours=1), sigmas=(0.5,), images=2, preset="smoke", log=lambda line: None, **common)
+    assert "no rows" in raises_one_line(headline.refutations, "smoke", results, sigma=0.12, **common)  # none there
+    refuted = headline.refutations("smoke", results, sigma=0.5, **common)
+    folder = headline.tested_dir("smoke", results, 0.5)
+    assert folder.name == "figure2_sigma0.50" and (folder / "refutations.json").exists()
+    assert refuted and {r["variant"] for r in refuted} <= set(headline.REFUTED)
+    images, labels = load_dataset(DATA, train=False)
+    for r in refuted:
+        point = mechanism.decode_point(r["point"])
+        assert point.shape == (784,) and [float(point.min()), float(point.max())] == r["point_range"]
+        assert float((point.double() - images[r["idx"]].reshape(-1).double()).norm()) == pytest.approx(
+            r["distance"], rel=1e-5
+        )
+    passes = headline.memories("smoke", results, sigma=0.5, refresh=True, **common)
+    runs = headline.tested_runs("smoke", results, 0.5, **common)[1]
+    assert set(passes) == set(headline.PAIRED) and (folder / "memory.json").exists()
+    checked = 0
+    for name, entry in passes.items():
+        attacked = {(r["idx"]) for r in refuted if r["variant"] == name}
+        assert {a["idx"] for a in entry["attacked"]} == attacked
+        run = runs[name].path
+        memory = {row["idx"]: row for row in read_memory_rows(run.with_name(run.name + ".memory.tsv"))}
+        for a in entry["attacked"]:
+            if memory[a["idx"]]["memory"] == KEPT:
+                assert a["own_gauge"] < 1 and a["answer"] == memory[a["idx"]]["predict"] == labels[a["idx"]]
+                checked += 1
+    assert checked > 0
+    assert headline.memories("smoke", results, sigma=0.5, **common) == passes  # read back as stored

@@ -474,6 +474,7 @@ def _cmd_pack(args: argparse.Namespace) -> None:
 
 
 def _cmd_mechanism(args: argparse.Namespace) -> None:
+    from rddrs.core.presets import STUDY_SIGMA
     from rddrs.pipeline.models import resolve_device
     from rddrs.studies import headline
 
@@ -481,16 +482,26 @@ def _cmd_mechanism(args: argparse.Namespace) -> None:
     headline.check_laws_from(args.laws_from)
     results = Path(args.results or Path("results") / args.preset)
     common = dict(device=device, data=args.data, models=args.models, seed=args.seed)
-    rows = headline.measures(args.preset, results, **common)
-    refuted = headline.refutations(args.preset, results, **common)
+    at_study = args.sigma == STUDY_SIGMA
+    measured = f"{len(headline.measures(args.preset, results, **common))} laws measured, " if at_study else ""
+    refuted = headline.refutations(args.preset, results, sigma=args.sigma, **common)
     passes = headline.memories(
-        args.preset, results, data=args.data, models=args.models, laws_from=args.laws_from, progress=not args.quiet
+        args.preset,
+        results,
+        sigma=args.sigma,
+        data=args.data,
+        models=args.models,
+        laws_from=args.laws_from,
+        progress=not args.quiet,
+        refresh=not at_study,
     )
     print(
-        f"{len(rows)} laws measured, {sum(r['refuted'] for r in refuted)} of {len(refuted)} certificates "
-        f"refuted, memory passes over {len(passes)} runs; in {results / 'claims' / 'mechanism'}"
+        f"{measured}{sum(r['refuted'] for r in refuted)} of {len(refuted)} certificates "
+        f"refuted, memory passes over {len(passes)} runs; in {headline.tested_dir(args.preset, results, args.sigma)}"
     )
-    if untested := sorted({v.name for v in headline.mechanism_study(args.preset).variants} - set(passes)):
+    if untested := sorted(
+        set(headline.tested_runs(args.preset, results, args.sigma, data=args.data, models=args.models)[1]) - set(passes)
+    ):
         print(f"no laws here (traces not kept), so no memory pass or refutation: {', '.join(untested)}")
 
 
@@ -565,7 +576,7 @@ def _add_fill(sub) -> None:
 
 
 def _add_mechanism(sub) -> None:
-    from rddrs.core.presets import PRESETS
+    from rddrs.core.presets import PRESETS, SIGMAS, STUDY_SIGMA
 
     p = sub.add_parser(
         "mechanism",
@@ -575,12 +586,22 @@ def _add_mechanism(sub) -> None:
         "classifier at other images, its largest axes, its noise split) and look "
         "for points inside each certified ball where the whole pipeline certifies "
         "another class, then run the memory pass over each run whose laws are here. "
-        "Writes measures.json, refutations.json and memory.json beside the runs.",
+        "Writes measures.json, refutations.json and memory.json beside the runs. With --sigma "
+        "other than the study's, Figure 2's paired runs at that sigma stand in for the study: "
+        "their first images are attacked and every image whose law is here passes the memory "
+        "(no measures).",
         parents=[_results(), _data(), _models()],
     )
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--seed", type=_natural_int, default=0)
+    p.add_argument(
+        "--sigma",
+        type=float,
+        default=STUDY_SIGMA,
+        choices=SIGMAS,
+        help=f"training sigma (default {STUDY_SIGMA:g}, the mechanism study's)",
+    )
     p.add_argument(
         "--laws-from",
         metavar="DIR",

@@ -29,6 +29,7 @@ class HeadlineBudget:
     mechanism_votes: int  # draws per point of its smoothed classifiers' votes
     refutation_steps: int  # PGD steps and draws per step of its refutation attack
     refutation_samples: int
+    refutation_images: int  # first images of Figure 2's other panels whose certificates are attacked
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,9 @@ class Budget:
 # cpu: the claims studies take about 35 min of one busy core (RDDRS ~20 s per image there).
 BUDGETS = {
     "smoke": Budget(
-        HeadlineBudget(mechanism_count=2, mechanism_votes=64, refutation_steps=3, refutation_samples=16),
+        HeadlineBudget(
+            mechanism_count=2, mechanism_votes=64, refutation_steps=3, refutation_samples=16, refutation_images=2
+        ),
         GridBudget(
             count=2,
             tuning=(2, 2),
@@ -82,7 +85,9 @@ BUDGETS = {
         ClaimsBudget(count=2, kappas=(0.0, 1e-6, 1.0), sample_inputs=1, sample_sizes=(8, 32), repeats=2),
     ),
     "cpu": Budget(
-        HeadlineBudget(mechanism_count=4, mechanism_votes=500, refutation_steps=10, refutation_samples=64),
+        HeadlineBudget(
+            mechanism_count=4, mechanism_votes=500, refutation_steps=10, refutation_samples=64, refutation_images=4
+        ),
         GridBudget(
             count=20,
             tuning=(20, 8),
@@ -102,7 +107,9 @@ BUDGETS = {
         ),
     ),
     "paper": Budget(
-        HeadlineBudget(mechanism_count=20, mechanism_votes=2000, refutation_steps=20, refutation_samples=128),
+        HeadlineBudget(
+            mechanism_count=20, mechanism_votes=2000, refutation_steps=20, refutation_samples=128, refutation_images=10
+        ),
         GridBudget(
             count=10,
             tuning=(10, 4),

@@ -42,7 +42,7 @@ from rddrs.pipeline.runs import load_smoothing
 from rddrs.studies import analysis, budgets
 from rddrs.studies.budget import BEST, PIPELINE, _best_chain, variants_study
 from rddrs.studies.mechanism import measure, refutation, survival
-from rddrs.studies.study import Study, Variant, run_study, study_specs
+from rddrs.studies.study import Study, Variant, VariantRun, run_study, study_dir, study_specs
 
 #: the paper's Figure 2 at its own settings: the training sigmas, in the order a sweep computes them
 FIGURE2_SIGMAS = (STUDY_SIGMA, *OTHER_SIGMAS)
@@ -278,14 +278,46 @@ def device_check(
 # -- the mechanism study --------------------------------------------------------------------
 
 
-def _setup(preset: str, results, device: str, data, models):
+def tested_runs(
+    preset: str, results, sigma: float = STUDY_SIGMA, *, data="data", models="data/models"
+) -> tuple[Study, dict[str, VariantRun]]:
+    """The runs whose certificates are tested as guarantees at training ``sigma``: the mechanism
+    study's at ``STUDY_SIGMA``; at Figure 2's other sigmas its paired runs (``PAIRED``) on the
+    first ``refutation_images`` test images they share (a one-line error while they share fewer)."""
+    if sigma == STUDY_SIGMA:
+        study = mechanism_study(preset)
+        return study, run_study(study, sigma, preset, results, data=data, models=models, compute=False)
+    study = figure2_study(preset, sigma)
+    specs = study_specs(study, sigma, preset, results, data=data, models=models)
+    found = read(results, sigma, preset=preset, data=data, models=models)
+    wanted = budgets.of(preset).headline.refutation_images
+    first = found[PAIRED[0]].idx[:wanted]
+    if len(first) < wanted:
+        raise RDDRSError(
+            f"sigma {sigma:g} has rows of every paired run for {len(first)} test images, the attack takes the first "
+            f"{wanted}: let the fill (`rddrs fill`) certify more"
+        )
+    return study, {
+        name: VariantRun(
+            study.variant(name), Path(specs[name].out), res.subset(np.flatnonzero(np.isin(res.idx, first))), {}
+        )
+        for name, res in found.items()
+    }
+
+
+def tested_dir(preset: str, results, sigma: float = STUDY_SIGMA) -> Path:
+    """Where the refutations and memory passes of ``tested_runs`` at ``sigma`` are kept."""
+    study = mechanism_study(preset) if sigma == STUDY_SIGMA else figure2_study(preset, sigma)
+    return study_dir(results, study)
+
+
+def _setup(preset: str, results, device: str, data, models, sigma: float = STUDY_SIGMA):
     from rddrs.pipeline.data import load_dataset
     from rddrs.pipeline.models import load_model, resolve_device
 
-    study = mechanism_study(preset)
-    runs = run_study(study, STUDY_SIGMA, preset, results, device=device, data=data, models=models, compute=False)
+    study, runs = tested_runs(preset, results, sigma, data=data, models=models)
     images, labels = load_dataset(Path(data), train=False)
-    model_file = model_path(STUDY_SIGMA, models)
+    model_file = model_path(sigma, models)
     return study, runs, images, labels, load_model(model_file, device=resolve_device(device)), model_file
 
 
@@ -317,36 +349,48 @@ def _checked(path: Path, rows, keys: tuple[str, ...]) -> list[dict]:
 
 
 #: the variants whose certificates are tested as guarantees about their pipeline, in this order
-#: (then RDDRS' best variant)
+#: (then RDDRS' other variants of the study)
 REFUTED = ("rddrs_clamped", "ancer_clamped", "ddrs_clamped", "ddrs_capped")
 
 
-def refutations(
-    preset: str, results, *, device: str = "cpu", data="data", models="data/models", seed: int = 0, compute: bool = True
-) -> list[dict]:
-    """``refutation`` of every certificate (correct, radius > 0) of the variants ``REFUTED`` and of
-    RDDRS' best variant on the mechanism study's images, the attack at the clamped DDRS' sigma_x*;
-    kept in ``RESULTS/claims/mechanism/refutations.json`` variant by variant, so that a stopped
-    computation keeps the variants it finished and the next call does the others (``compute``:
-    False, only read those); a variant whose laws are not here (``laws_kept``) is left out."""
-    from rddrs.pipeline.files import read_json, write_atomic
-    from rddrs.pipeline.provenance import recorded
+def _stored_refutations(path: Path) -> dict:
+    from rddrs.pipeline.files import read_json
 
-    budget = budgets.of(preset).headline
-    path = Path(results) / "claims" / "mechanism" / "refutations.json"
     stored = read_json(path, {"variants": dict}) if path.exists() else {"variants": {}}
     for entry in stored["variants"].values():
         _checked(path, entry.get("rows") if isinstance(entry, dict) else None, ("idx", "refuted"))
+    return stored
+
+
+def refutations(
+    preset: str,
+    results,
+    *,
+    sigma: float = STUDY_SIGMA,
+    device: str = "cpu",
+    data="data",
+    models="data/models",
+    seed: int = 0,
+    compute: bool = True,
+) -> list[dict]:
+    """``refutation`` of every certificate (correct, radius > 0) of the variants ``REFUTED`` and of
+    RDDRS' other variants among the runs ``tested_runs`` at ``sigma``, the attack at the clamped
+    DDRS' sigma_x*; kept in ``tested_dir``'s ``refutations.json`` variant by variant, so that a
+    stopped computation keeps the variants it finished and the next call does the others
+    (``compute``: False, only read those); a variant whose laws are not here (``laws_kept``) is
+    left out."""
+    from rddrs.pipeline.files import write_atomic
+    from rddrs.pipeline.provenance import recorded
+
+    budget = budgets.of(preset).headline
+    path = tested_dir(preset, results, sigma) / "refutations.json"
+    stored = _stored_refutations(path)
     study = None
-    names = [
-        *REFUTED,
-        *[v.name for v in mechanism_study(preset).variants if v.method == "rddrs" and v.name not in REFUTED],
-    ]
-    for name in names:
+    for name in _refuted_names(preset, sigma):
         if name in stored["variants"] or not compute:
             continue
         if study is None:
-            study, runs, images, labels, model, model_file = _setup(preset, results, device, data, models)
+            study, runs, images, labels, model, model_file = _setup(preset, results, device, data, models, sigma)
             start = runs["ddrs_clamped"].results
             star = dict(zip(start.idx.tolist(), start.sigma_min.tolist()))
         res = runs[name].results
@@ -367,7 +411,7 @@ def refutations(
                 laws,
                 study,
                 study.variant(name),
-                STUDY_SIGMA,
+                sigma,
                 preset,
                 model_file,
                 seed=seed,
@@ -378,6 +422,12 @@ def refutations(
         stored["variants"][name] = recorded(device, rows)
         write_atomic(path, [json.dumps(stored, indent=2).encode()])
     return [row for entry in stored["variants"].values() for row in entry["rows"]]
+
+
+def _refuted_names(preset: str, sigma: float) -> list[str]:
+    study = mechanism_study(preset) if sigma == STUDY_SIGMA else figure2_study(preset, sigma)
+    others = [v.name for v in study.variants if v.method == "rddrs" and v.name not in REFUTED and v.tier == 0]
+    return [*REFUTED, *others]
 
 
 # -- what survives the memory --------------------------------------------------------------
@@ -401,20 +451,32 @@ def check_laws_from(laws_from) -> None:
 
 
 def memories(
-    preset: str, results, *, data="data", models="data/models", laws_from=None, progress: bool = False
+    preset: str,
+    results,
+    *,
+    sigma: float = STUDY_SIGMA,
+    data="data",
+    models="data/models",
+    laws_from=None,
+    progress: bool = False,
+    refresh: bool = False,
 ) -> dict:
-    """``survival`` of each run of ``mechanism_study`` whose laws are here (the rows of an
-    isotropic run, the traces of the others), cached in ``RESULTS/claims/mechanism/memory.json``.
-    ``laws_from``: a folder of reruns with their traces (``NAME.tsv``: the same settings, on the
-    study's images, run on another machine) that stand in for runs whose own traces were not kept;
-    each entry names the file it read, whether it is such a rerun, and the machines that wrote its
-    rows."""
+    """``survival`` of each run of ``tested_runs`` at ``sigma`` whose laws are here (the rows of an
+    isotropic run, the traces of the others), over all its rows, with the attacked points of
+    ``refutations`` that record theirs; cached in ``tested_dir``'s ``memory.json`` (``refresh``:
+    computed again for the runs whose laws are here, as rows are added; the others keep their
+    stored entry). ``laws_from``: a folder of reruns with their traces (``NAME.tsv``: the same
+    settings, on the study's images, run on another machine) that stand in for runs whose own
+    traces were not kept; each entry names the file it read, whether it is such a rerun, and the
+    machines that wrote its rows."""
     from rddrs.pipeline.data import load_dataset
-    from rddrs.pipeline.files import cached_json
+    from rddrs.pipeline.files import read_json, write_atomic
     from rddrs.pipeline.settings import normalised
 
     results = Path(results)
     check_laws_from(laws_from)
+    folder = tested_dir(preset, results, sigma)
+    path = folder / "memory.json"
 
     def usable(path: Path, own: Path) -> bool:
         if not path.exists() or not set(read_rows(own)) <= set(read_rows(path)):
@@ -423,30 +485,39 @@ def memories(
             raise RDDRSError(f"{path} was run with other settings than {own}")
         return laws_kept(path)
 
-    def compute():
+    def compute(entries: dict) -> dict:
+        from rddrs.studies.mechanism import decode_point
+
         images, labels = load_dataset(Path(data), train=False)
-        study = mechanism_study(preset)
-        specs = study_specs(study, STUDY_SIGMA, preset, results, data=data, models=models)
-        entries = {}
-        for variant in study.variants:
-            own = Path(specs[variant.name].out)
+        study = mechanism_study(preset) if sigma == STUDY_SIGMA else figure2_study(preset, sigma)
+        names = [v.name for v in study.variants] if sigma == STUDY_SIGMA else list(PAIRED)
+        specs = study_specs(study, sigma, preset, results, data=data, models=models)
+        attacked = _stored_refutations(folder / "refutations.json")["variants"]
+        for name in names:
+            own = Path(specs[name].out)
             candidates = (own, Path(laws_from) / own.name) if laws_from else (own,)
             found = next((p for p in candidates if usable(p, own)), None)
             if found:
                 source = found.resolve()
                 devices = {part["device"] for part in provenance_parts(read_sidecar(found)) if "device" in part}
-                entries[variant.name] = {
+                rows = attacked.get(name, {}).get("rows", []) if found == own else []
+                points = {r["idx"]: decode_point(r["point"]) for r in rows if "point" in r}
+                entries[name] = {
                     "source": str(
                         source.relative_to(results.resolve()) if source.is_relative_to(results.resolve()) else source
                     ),
                     "rerun": found != own,
                     "devices": sorted(devices),
-                    **survival(found, images, labels, progress),
+                    **survival(found, images, labels, progress, points),
                 }
         return {"order": "ascending idx", "variants": entries}
 
-    path = results / "claims" / "mechanism" / "memory.json"
-    variants = cached_json(path, compute, {"variants": dict})["variants"]
+    if path.exists() and not refresh:
+        value = read_json(path, {"variants": dict})
+    else:
+        value = compute(read_json(path, {"variants": dict})["variants"] if path.exists() else {})
+        write_atomic(path, [json.dumps(value, indent=2).encode()])
+    variants = value["variants"]
     if not all(isinstance(entry, dict) for entry in variants.values()):
         raise RDDRSError(f"{path} holds variants that are not objects; move it away to compute it again")
     return variants

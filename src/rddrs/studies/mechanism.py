@@ -29,6 +29,7 @@ pipeline at x' the method's streams keyed by ``idx + SHIFT``: independent of the
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,16 @@ def pipeline(
 BOX = (0.0, 1.0)
 
 
+def encode_point(point: Tensor) -> str:
+    """A point as one line of text: base64 of its float32 values, flattened (exact)."""
+    return base64.b64encode(point.detach().float().cpu().reshape(-1).numpy().tobytes()).decode()
+
+
+def decode_point(text: str) -> Tensor:
+    """The flattened float32 point ``encode_point`` wrote."""
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.float32).copy())
+
+
 def refutation(
     model,
     x: Tensor,
@@ -289,6 +300,7 @@ def refutation(
                     "fixed_law_class": int(fixed.argmax()),
                     "box": list(BOX),
                     "point_range": [float(points[j].min()), float(points[j].max())],
+                    "point": encode_point(points[j]),
                 }
             )
     return rows
@@ -332,14 +344,20 @@ def measure(
     return rows
 
 
-def survival(path, images: Tensor, labels: Tensor, progress: bool = False) -> dict:
+def survival(
+    path, images: Tensor, labels: Tensor, progress: bool = False, points: dict[int, Tensor] | None = None
+) -> dict:
     """The memory pass over the run ``path`` (``rddrs.pipeline.memory``) and what it leaves: how
     many certificates it kept, shrank, relabelled or found abstained; the l2 and proxy ACR before
     and after it; and, over all of ``images``, the test images of another class than a region's
     that lie in a region it keeps (``intruders``: such an image, arriving after the region's
     centre, gets the region's class from the memory; the centre itself is not counted) and, per
     region, the gauge of the nearest of them (``nearest_other``: 1 on the region's boundary, the
-    factor by which its gap would have to grow to take one in)."""
+    factor by which its gap would have to grow to take one in). ``points``: attacked points x'
+    by the test index of the image x whose certified ball holds them (``refutation``); for each,
+    ``own_gauge``, its gauge in x's stored region (below 1 inside; infinite when x's region is
+    not stored), and ``answer``, the class of the stored regions that hold it (regions of two
+    classes never meet), which the memory answers there (None: no stored region holds it)."""
     from rddrs.core.regions import KEPT, RELABELLED, SHRUNK, Regions, gauges
     from rddrs.pipeline.memory import ABSTAINED, apply_memory, read_memory_rows
 
@@ -351,6 +369,8 @@ def survival(path, images: Tensor, labels: Tensor, progress: bool = False) -> di
     stored = [r for r in after if r["memory"] != ABSTAINED and r["gap"] > 0]
     idx = [r["idx"] for r in stored]
     gauge = torch.zeros(0, len(images), dtype=torch.float64)
+    points = points or {}
+    attacked = torch.full((0, len(points)), torch.inf, dtype=torch.float64)
     if idx:
         regions = Regions(
             images[idx].flatten(1).double(),
@@ -360,6 +380,16 @@ def survival(path, images: Tensor, labels: Tensor, progress: bool = False) -> di
         other = labels[None, :] != torch.tensor([r["predict"] for r in stored])[:, None]
         other[range(len(idx)), idx] = False  # a region's own centre is no other image
         gauge = torch.where(other, gauges(regions, images), torch.inf)
+        if points:
+            attacked = gauges(regions, torch.stack([p.reshape(-1) for p in points.values()]))
+
+    def at(j: int, i: int) -> dict:
+        inside = np.flatnonzero(attacked[:, j].numpy() < 1)
+        return {
+            "idx": i,
+            "own_gauge": float(attacked[idx.index(i), j]) if i in idx else float("inf"),
+            "answer": int(stored[inside[0]]["predict"]) if len(inside) else None,
+        }
 
     def acr(rows, column):
         return float(np.mean([r[column] * r["correct"] for r in rows]))
@@ -374,4 +404,5 @@ def survival(path, images: Tensor, labels: Tensor, progress: bool = False) -> di
         "intruders": int((gauge < 1).any(0).sum()),
         "regions_with_intruders": int((gauge < 1).any(1).sum()),
         "nearest_other": gauge.min(1).values.tolist(),
+        "attacked": [at(j, i) for j, i in enumerate(points)],
     }
