@@ -232,3 +232,13 @@ def test_figure2s_other_panels_are_attacked_and_their_points_checked_against_the
                 checked += 1
     assert checked > 0
     assert headline.memories("smoke", results, sigma=0.5, **common) == passes  # read back as stored
+    # a run landed without its traces (a GPU session's): attacked all the same, the law held fixed untested
+    name = next(r["variant"] for r in refuted if r["variant"] in ("rddrs_clamped", "ancer_clamped"))
+    path = runs[name].path
+    shutil.rmtree(path.with_name(path.name + ".traces"))
+    stored = json.loads((folder / "refutations.json").read_text())
+    del stored["variants"][name]
+    (folder / "refutations.json").write_text(json.dumps(stored))
+    again = [r for r in headline.refutations("smoke", results, sigma=0.5, **common) if r["variant"] == name]
+    assert again and all(r["fixed_law_share"] is None and r["fixed_law_class"] is None and r["point"] for r in again)
+    assert [r["refuted"] for r in again] == [r["refuted"] for r in refuted if r["variant"] == name]

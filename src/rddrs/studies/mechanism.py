@@ -256,7 +256,7 @@ def refutation(
     indices: list[int],
     sigma_star: np.ndarray,
     radius: np.ndarray,
-    laws: Smoothing,
+    laws: Smoothing | None,
     study: Study,
     variant: Variant,
     sigma: float,
@@ -273,7 +273,7 @@ def refutation(
     """For each image (certified with l2 radius ``radius`` > 0 by the variant, with the law
     ``laws[j]``), look for a point inside that ball and in ``BOX`` where the variant's whole pipeline certifies
     another class (see the module), ``chunk`` images at a time, and test there the law certified
-    at x, held fixed."""
+    at x, held fixed (``laws`` None: the laws are not here, and the fixed-law columns are None)."""
     rows = []
     for lo in range(0, len(x), chunk):
         part = slice(lo, lo + chunk)
@@ -283,7 +283,11 @@ def refutation(
         points = attack(model, xs, iso, torch.as_tensor(ys), r, steps, samples, seed=seed, indices=keys, box=BOX)
         _, cert = pipeline(model, points, [k + SHIFT for k in keys], study, variant, sigma, preset, model_file, seed)
         for j, idx in enumerate(keys):
-            fixed = shares(model, points[j : j + 1], laws[lo + j : lo + j + 1], check, seed, idx + SHIFT)[0]
+            fixed = (
+                None
+                if laws is None
+                else shares(model, points[j : j + 1], laws[lo + j : lo + j + 1], check, seed, idx + SHIFT)[0]
+            )
             predict, label = int(cert.predict[j]), int(ys[j])
             rows.append(
                 {
@@ -296,8 +300,8 @@ def refutation(
                     "refuted": predict not in (label, ABSTAIN),
                     "gap": float(cert.gap[j]),
                     "l2_radius": float(cert.radius[j]),
-                    "fixed_law_share": float(fixed[label]),
-                    "fixed_law_class": int(fixed.argmax()),
+                    "fixed_law_share": None if fixed is None else float(fixed[label]),
+                    "fixed_law_class": None if fixed is None else int(fixed.argmax()),
                     "box": list(BOX),
                     "point_range": [float(points[j].min()), float(points[j].max())],
                     "point": encode_point(points[j]),
