@@ -204,7 +204,15 @@ def test_figure2s_other_panels_are_attacked_and_their_points_checked_against_the
     from rddrs.studies import fill
 
     results, common = tmp_path / "results", dict(data=DATA, models=MODELS)
-    fill.fill(results, datetime.now() + timedelta(hours=1), sigmas=(0.5,), images=2, preset="smoke", log=lambda line: None, **common)
+    fill.fill(
+        results,
+        datetime.now() + timedelta(hours=1),
+        sigmas=(0.5,),
+        images=2,
+        preset="smoke",
+        log=lambda line: None,
+        **common,
+    )
     assert "no rows" in raises_one_line(headline.refutations, "smoke", results, sigma=0.12, **common)  # none there
     refuted = headline.refutations("smoke", results, sigma=0.5, **common)
     folder = headline.tested_dir("smoke", results, 0.5)
@@ -232,6 +240,22 @@ def test_figure2s_other_panels_are_attacked_and_their_points_checked_against_the
                 checked += 1
     assert checked > 0
     assert headline.memories("smoke", results, sigma=0.5, **common) == passes  # read back as stored
+    found = headline.guarantees("smoke", results)
+    assert list(found) == [0.5]  # nothing attacked at the other sigmas
+    for name, c in found[0.5].items():
+        rows = [r for r in refuted if r["variant"] == name]
+        assert (c["tested"], c["refuted"]) == (len(rows), sum(r["refuted"] for r in rows)) and c["boxed"]
+        assert c["held"] == sum(r["fixed_law_share"] > 0.5 for r in rows) and "unboxed" not in c
+        assert c["in_memory"] == sum(
+            a["answer"] == a["label"]
+            for a in passes[name]["attacked"]
+            if a["idx"] in {r["idx"] for r in rows if r["refuted"]}
+        )
+    stored = json.loads((folder / "refutations.json").read_text())
+    for entry in stored["variants"].values():  # an earlier attack that refuted everything
+        entry["rows"] = [{**r, "refuted": True} for r in entry["rows"]]
+    (folder / "refutations_unboxed.json").write_text(json.dumps(stored))
+    assert all(c["unboxed"] == c["tested"] for c in headline.guarantees("smoke", results)[0.5].values())
     # a run landed without its traces (a GPU session's): attacked all the same, the law held fixed untested
     name = next(r["variant"] for r in refuted if r["variant"] in ("rddrs_clamped", "ancer_clamped"))
     path = runs[name].path
@@ -242,3 +266,4 @@ def test_figure2s_other_panels_are_attacked_and_their_points_checked_against_the
     again = [r for r in headline.refutations("smoke", results, sigma=0.5, **common) if r["variant"] == name]
     assert again and all(r["fixed_law_share"] is None and r["fixed_law_class"] is None and r["point"] for r in again)
     assert [r["refuted"] for r in again] == [r["refuted"] for r in refuted if r["variant"] == name]
+    assert headline.guarantees("smoke", results)[0.5][name]["held"] is None

@@ -422,6 +422,54 @@ def refutations(
     return [row for entry in stored["variants"].values() for row in entry["rows"]]
 
 
+def guarantees(preset: str, results) -> dict[float, dict[str, dict]]:
+    """What the stored attacks and memory passes say at each sigma (ascending) that has
+    refutations, per variant of ``REFUTED`` attacked: ``tested``, ``refuted``, ``abstained``,
+    ``radius`` (the mean l2 radius tested), ``boxed`` (every point kept in ``BOX``), ``held``
+    (how often the law held fixed gave x's class; None where the laws were not here), and
+    ``in_memory``: at how many refuting points the memory answers x's class (None where no memory
+    pass saw the points: the laws it passed over were not the attacked runs'); where an earlier
+    attack without the box is kept (``refutations_unboxed.json``), ``unboxed``: its refuted count
+    over the same images."""
+    from rddrs.pipeline.files import read_json
+
+    out = {}
+    for sigma in sorted(FIGURE2_SIGMAS):
+        folder = tested_dir(preset, results, sigma)
+        if not (folder / "refutations.json").exists():
+            continue
+        stored = _stored_refutations(folder / "refutations.json")["variants"]
+        memory = (
+            read_json(folder / "memory.json", {"variants": dict})["variants"]
+            if (folder / "memory.json").exists()
+            else {}
+        )
+        before = folder / "refutations_unboxed.json"
+        unboxed = _stored_refutations(before)["variants"] if before.exists() else {}
+        counts = {}
+        for name in (n for n in REFUTED if n in stored):
+            rows = stored[name]["rows"]
+            refuting = [r for r in rows if r["refuted"]]
+            seen = {a["idx"]: a for a in memory.get(name, {}).get("attacked", [])}
+            fixed = [r["fixed_law_share"] for r in rows]
+            counts[name] = {
+                "tested": len(rows),
+                "refuted": len(refuting),
+                "abstained": sum(r["abstain"] for r in rows),
+                "radius": float(np.mean([r["radius"] for r in rows])) if rows else math.nan,
+                "boxed": all("box" in r for r in rows),
+                "held": None if None in fixed else sum(f > 0.5 for f in fixed),
+                "in_memory": sum(seen[r["idx"]]["answer"] == seen[r["idx"]]["label"] for r in refuting)
+                if name in memory and all(r["idx"] in seen for r in rows)
+                else None,
+            }
+            if name in unboxed:
+                same = {r["idx"] for r in rows}
+                counts[name]["unboxed"] = sum(r["refuted"] for r in unboxed[name]["rows"] if r["idx"] in same)
+        out[sigma] = counts
+    return out
+
+
 # -- what survives the memory --------------------------------------------------------------
 
 

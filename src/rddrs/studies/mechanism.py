@@ -359,8 +359,8 @@ def survival(
     region, the gauge of the nearest of them (``nearest_other``: 1 on the region's boundary, the
     factor by which its gap would have to grow to take one in). ``points``: attacked points x'
     by the test index of the image x whose certified ball holds them (``refutation``); for each,
-    ``own_gauge``, its gauge in x's stored region (below 1 inside; infinite when x's region is
-    not stored), and ``answer``, the class of the stored regions that hold it (regions of two
+    x's ``label``, ``own_gauge``, its gauge in x's stored region (below 1 inside; infinite when
+    x's region is not stored), and ``answer``, the class of the stored regions that hold it (regions of two
     classes never meet), which the memory answers there (None: no stored region holds it)."""
     from rddrs.core.regions import KEPT, RELABELLED, SHRUNK, Regions, gauges
     from rddrs.pipeline.memory import ABSTAINED, apply_memory, read_memory_rows
@@ -391,6 +391,7 @@ def survival(
         inside = np.flatnonzero(attacked[:, j].numpy() < 1)
         return {
             "idx": i,
+            "label": int(labels[i]),
             "own_gauge": float(attacked[idx.index(i), j]) if i in idx else float("inf"),
             "answer": int(stored[inside[0]]["predict"]) if len(inside) else None,
         }
