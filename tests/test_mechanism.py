@@ -227,6 +227,13 @@ def test_figure2s_other_panels_are_attacked_and_their_points_checked_against_the
         )
     passes = headline.memories("smoke", results, sigma=0.5, refresh=True, **common)
     runs = headline.tested_runs("smoke", results, 0.5, **common)[1]
+    measured = headline.constancies("smoke", results, 0.5, **common)
+    assert [(r["variant"], r["idx"]) for r in measured] == [
+        (name, i) for name in ("ancer_clamped", "rddrs_clamped") for i in runs[name].results.idx.tolist()
+    ]
+    assert all(r["constancy"]["others"] == 9 and 0 <= r["constancy"]["wins"] <= 1 for r in measured)  # 1 per class
+    assert (folder / "constancy.json").exists()
+    assert "mechanism study" in raises_one_line(headline.constancies, "smoke", results, presets.STUDY_SIGMA)
     assert set(passes) == set(headline.PAIRED) and (folder / "memory.json").exists()
     checked = 0
     for name, entry in passes.items():

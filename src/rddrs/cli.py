@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from rddrs import RDDRSError, __version__
@@ -483,7 +484,8 @@ def _cmd_mechanism(args: argparse.Namespace) -> None:
     results = Path(args.results or Path("results") / args.preset)
     common = dict(device=device, data=args.data, models=args.models, seed=args.seed)
     at_study = args.sigma == STUDY_SIGMA
-    measured = f"{len(headline.measures(args.preset, results, **common))} laws measured, " if at_study else ""
+    measures = headline.measures if at_study else partial(headline.constancies, sigma=args.sigma)
+    measured = f"{len(measures(args.preset, results, **common))} laws measured, "
     refuted = headline.refutations(args.preset, results, sigma=args.sigma, **common)
     passes = headline.memories(
         args.preset,
@@ -588,8 +590,9 @@ def _add_mechanism(sub) -> None:
         "another class, then run the memory pass over each run whose laws are here. "
         "Writes measures.json, refutations.json and memory.json beside the runs. With --sigma "
         "other than the study's, Figure 2's paired runs at that sigma stand in for the study: "
-        "their first images are attacked and every image whose law is here passes the memory "
-        "(no measures).",
+        "their first images are attacked, the classifier of ANCER's and RDDRS' laws there is "
+        "measured at more other images (constancy.json), and every image whose law is here "
+        "passes the memory.",
         parents=[_results(), _data(), _models()],
     )
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))

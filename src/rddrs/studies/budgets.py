@@ -30,6 +30,7 @@ class HeadlineBudget:
     refutation_steps: int  # PGD steps and draws per step of its refutation attack
     refutation_samples: int
     refutation_images: int  # first images of Figure 2's other panels whose certificates are attacked
+    pool_per_class: int  # their laws' classifier is measured at this many images of each class
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,12 @@ class Budget:
 BUDGETS = {
     "smoke": Budget(
         HeadlineBudget(
-            mechanism_count=2, mechanism_votes=64, refutation_steps=3, refutation_samples=16, refutation_images=2
+            mechanism_count=2,
+            mechanism_votes=64,
+            refutation_steps=3,
+            refutation_samples=16,
+            refutation_images=2,
+            pool_per_class=1,
         ),
         GridBudget(
             count=2,
@@ -86,7 +92,12 @@ BUDGETS = {
     ),
     "cpu": Budget(
         HeadlineBudget(
-            mechanism_count=4, mechanism_votes=500, refutation_steps=10, refutation_samples=64, refutation_images=4
+            mechanism_count=4,
+            mechanism_votes=500,
+            refutation_steps=10,
+            refutation_samples=64,
+            refutation_images=4,
+            pool_per_class=3,
         ),
         GridBudget(
             count=20,
@@ -108,7 +119,12 @@ BUDGETS = {
     ),
     "paper": Budget(
         HeadlineBudget(
-            mechanism_count=20, mechanism_votes=2000, refutation_steps=20, refutation_samples=128, refutation_images=10
+            mechanism_count=20,
+            mechanism_votes=2000,
+            refutation_steps=20,
+            refutation_samples=128,
+            refutation_images=10,
+            pool_per_class=10,
         ),
         GridBudget(
             count=10,

@@ -339,6 +339,38 @@ def measures(
     return _checked(path, cached_json(path, compute, {"rows": list})["rows"], ("variant", "idx"))
 
 
+def constancies(
+    preset: str, results, sigma: float, *, device: str = "cpu", data="data", models="data/models", seed: int = 0
+) -> list[dict]:
+    """``constancy`` of the laws of ANCER and RDDRS (the authors' pipeline) on the images of
+    ``tested_runs`` at one of Figure 2's other sigmas, at ``pool_per_class`` pool images of each
+    class (``mechanism.pool``), cached in ``tested_dir``'s ``constancy.json``."""
+    from rddrs.pipeline.files import cached_json
+    from rddrs.pipeline.provenance import recorded
+    from rddrs.studies.mechanism import constancy, pool
+
+    if sigma == STUDY_SIGMA:
+        raise RDDRSError(f"at sigma {sigma:g} the mechanism study's measures hold the constancy (rddrs mechanism)")
+    budget = budgets.of(preset).headline
+
+    def compute():
+        _, runs, images, labels, model, _ = _setup(preset, results, device, data, models, sigma)
+        chosen = pool(labels, per_class=budget.pool_per_class)
+        others, other_labels = images[chosen].to(device), labels[chosen].numpy()
+        rows = []
+        for name in ("ancer_clamped", "rddrs_clamped"):
+            run = runs[name]
+            for idx in run.results.idx.tolist():
+                x, label = images[idx : idx + 1].to(device), int(labels[idx])
+                law = load_smoothing(run.path, [idx], x[0].numel(), torch.float32).to(device)
+                measured = constancy(model, x, label, law, others, other_labels, budget.mechanism_votes, seed, idx)
+                rows.append({"variant": name, "idx": idx, "label": label, "constancy": measured})
+        return recorded(device, rows)
+
+    path = tested_dir(preset, results, sigma) / "constancy.json"
+    return _checked(path, cached_json(path, compute, {"rows": list})["rows"], ("variant", "idx", "constancy"))
+
+
 def _checked(path: Path, rows, keys: tuple[str, ...]) -> list[dict]:
     """``rows``, read from ``path``, if each is an object with ``keys``; a one-line error otherwise."""
     if not (isinstance(rows, list) and all(isinstance(r, dict) and all(k in r for k in keys) for r in rows)):
