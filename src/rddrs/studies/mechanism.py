@@ -44,7 +44,7 @@ from rddrs.core.optimize import find_smoothing
 from rddrs.core.presets import Search, preset as preset_record
 from rddrs.pipeline.results import read_rows, read_sidecar
 from rddrs.pipeline.runs import load_smoothing
-from rddrs.pipeline.settings import make_settings
+from rddrs.pipeline.settings import default_inputs_per_batch, make_settings
 from rddrs.studies.attack import attack
 from rddrs.studies.study import Study, Variant, start_of
 from rddrs.studies.validity import smoothed_probability
@@ -268,12 +268,21 @@ def refutation(
     samples: int = 128,
     check: int = 10_000,
     inside: float = 0.999,
-    chunk: int = 10,
+    chunk: int | None = None,
 ) -> list[dict]:
     """For each image (certified with l2 radius ``radius`` > 0 by the variant, with the law
     ``laws[j]``), look for a point inside that ball and in ``BOX`` where the variant's whole pipeline certifies
     another class (see the module), ``chunk`` images at a time, and test there the law certified
-    at x, held fixed (``laws`` None: the laws are not here, and the fixed-law columns are None)."""
+    at x, held fixed (``laws`` None: the laws are not here, and the fixed-law columns are None).
+    ``chunk`` None: as many images as a run of the pipeline's largest search takes at once on
+    x's device (``default_inputs_per_batch``: one image at the paper preset on a CPU)."""
+    if chunk is None:
+        chunk = min(
+            default_inputs_per_batch(
+                make_settings(link.method, sigma, model_file, preset, search=link.search or None, device=str(x.device))
+            )
+            for link in chain(study, variant)
+        )
     rows = []
     for lo in range(0, len(x), chunk):
         part = slice(lo, lo + chunk)
