@@ -88,6 +88,15 @@ def mechanism_study(preset: str) -> Study:
     )
 
 
+def step_sizes_study(preset: str) -> Study:
+    """The paper's other step size for ANCER (it ran 0.04 and 0.4; the pipeline uses 0.04, the
+    authors' script 1) in the authors' pipeline, on the mechanism study's images and in its
+    folder, so that its DDRS start and its other step sizes are read, not run again."""
+    ddrs, ancer, _ = PIPELINE
+    lr = Variant("ancer_clamped_lr0.4", "ancer", {"objective": "clamped", "lr": 0.4}, start="ddrs_clamped")
+    return Study("mechanism", budgets.of(preset).headline.mechanism_count, digests=False, variants=(ddrs, lr))
+
+
 def figure2_study(preset: str, sigma: float) -> Study:
     """The paper's Figure 2 at ``sigma`` on the paper preset's whole test set (another preset's
     headline images elsewhere, for the chapter's smaller runs): RS, the authors' pipeline

@@ -23,6 +23,7 @@ WORDS = {
 PIPELINE = {
     "ddrs_clamped": "DDRS, the authors' (clamped)",
     "ancer_clamped": "ANCER, the authors' (clamped, from their DDRS)",
+    "ancer_clamped_lr0.4": "ANCER, the authors' at the paper's other step size 0.4",
     "ancer_clamped_lr1": "ANCER, the authors' at their script's step size 1",
     "rddrs_clamped": "RDDRS, the authors' (clamped, unbounded steps, from their DDRS)",
     "rddrs_clamped_bounded": "RDDRS, the authors' clamp with our step bound",
@@ -99,6 +100,7 @@ def _parts(variant, brief: bool) -> list[str]:
 SHORT = {
     "ddrs_clamped": "DDRS (authors')",
     "ancer_clamped": "ANCER (authors')",
+    "ancer_clamped_lr0.4": "ANCER (authors', step 0.4)",
     "ancer_clamped_lr1": "ANCER (authors', step 1)",
     "rddrs_clamped": "RDDRS (authors')",
     "rddrs_clamped_bounded": "RDDRS (authors', our bound)",
