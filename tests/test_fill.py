@@ -19,7 +19,7 @@ from rddrs import RDDRSError
 from rddrs.pipeline.files import exclusive
 from rddrs.pipeline.results import COLUMNS, read_rows, read_sidecar, write_rows
 from rddrs.studies import fill
-from rddrs.studies.headline import PAIRED
+from rddrs.studies.headline import FILLED
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--data", str(ROOT / "data"), "--models", str(ROOT / "data" / "models")]
@@ -89,17 +89,17 @@ def test_image_by_image_alternating_committed_and_resumed(tmp_path):
     steps = [line.split(":")[0] for line in first.stdout.splitlines()[:4]]
     assert steps == ["sigma 0.5, image 0", "sigma 0.12, image 0", "sigma 0.5, image 1", "sigma 0.12, image 1"]
     log = subprocess.run(["git", "-C", str(tmp_path), "log", "--format=%s"], capture_output=True, text=True).stdout
-    assert [line.split(": ")[1].split(",")[0] for line in log.splitlines()] == [
+    assert [line.split(": ")[1].split(" (")[0] for line in log.splitlines()] == [
         "test image 1 at sigma 0.12",
         "test image 1 at sigma 0.5",
         "test image 0 at sigma 0.12",
         "test image 0 at sigma 0.5",
     ]
     tracked = subprocess.run(["git", "-C", str(tmp_path), "ls-files"], capture_output=True, text=True).stdout.split()
-    assert len(tracked) == 2 * 2 * len(PAIRED) and not any(".traces" in name for name in tracked)
+    assert len(tracked) == 2 * 2 * len(FILLED) and not any(".traces" in name for name in tracked)
     for sigma in (0.5, 0.12):
         runs = rows_by_run(results, sigma)
-        assert len(runs) == len(PAIRED) and all(sorted(rows) == [0, 1] for rows in runs.values())
+        assert len(runs) == len(FILLED) and all(sorted(rows) == [0, 1] for rows in runs.values())
         for out in runs:
             part = read_sidecar(Path(out))["provenance"]
             assert part["threads"] == 1 and part["network"] in ("fast", "autograd") and part["processor"]

@@ -1,8 +1,9 @@
 """The paper fill: Figure 2's missing panels computed image by image in a machine's idle time.
 
 ``fill`` runs the figure2 group at the paper preset for some training sigmas (default 0.5 and
-0.12), one test image at a time with every paired variant of that image (``headline.PAIRED``: RS,
-the authors' clamped DDRS, ANCER and RDDRS, and the capped DDRS) done before the next image,
+0.12), one test image at a time with every run of that image (``headline.FILLED``: RS, the
+authors' clamped DDRS, ANCER and RDDRS, the capped DDRS, and ANCER at the paper's other step
+size) done before the next image,
 alternating the sigmas, in ``order``: first the images of sigma 0.25's paired rows, ascending,
 then the rest of the test set. It holds the results folder's sweep lock throughout (a second
 fill or sweep there is refused in one line), starts no image that its files' pace says would end
@@ -57,16 +58,16 @@ def parse_deadline(text: str, now: datetime | None = None) -> datetime:
 def specs(
     results: str | Path, sigma: float, index: int, *, preset: str = PRESET, data="data", models="data/models"
 ) -> list:
-    """The paired variants' runs (``runspec.RunSpec``) of one test image at ``sigma`` (with the starts
-    they read)."""
+    """The runs (``runspec.RunSpec``) of one test image at ``sigma`` that the fill computes
+    (``headline.FILLED``, with the starts they read)."""
     from rddrs.pipeline import runspec
-    from rddrs.studies.headline import PAIRED, figure2_study
+    from rddrs.studies.headline import FILLED, figure2_study
     from rddrs.studies.study import study_specs
 
     every = study_specs(
         figure2_study(preset, sigma), sigma, preset, results, data=data, models=models, groups=("figure2",)
     )
-    wanted = runspec.closure([every[name] for name in PAIRED], every.values())
+    wanted = runspec.closure([every[name] for name in FILLED], every.values())
     return [replace(spec, ranges=((index, index + 1),)) for spec in wanted]
 
 
@@ -195,7 +196,7 @@ def fill(
                 committed = commit and commit_rows(
                     runs,
                     f"Figure 2 fill, {preset} preset: test image {index} at sigma "
-                    f"{sigma:g}, five methods ({seconds:.0f} s, {threads} thread(s))",
+                    f"{sigma:g} ({seconds:.0f} s, {threads} thread(s))",
                 )
                 log(f"sigma {sigma:g}, image {index}: {seconds:.0f} s" + (", committed" if committed else ""))
     report.stopped = "every test image is done"

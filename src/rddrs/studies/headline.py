@@ -88,21 +88,18 @@ def mechanism_study(preset: str) -> Study:
     )
 
 
-def step_sizes_study(preset: str) -> Study:
-    """The paper's other step size for ANCER (it ran 0.04 and 0.4; the pipeline uses 0.04, the
-    authors' script 1) in the authors' pipeline, on the mechanism study's images and in its
-    folder, so that its DDRS start and its other step sizes are read, not run again."""
-    ddrs, ancer, _ = PIPELINE
-    lr = Variant("ancer_clamped_lr0.4", "ancer", {"objective": "clamped", "lr": 0.4}, start="ddrs_clamped")
-    return Study("mechanism", budgets.of(preset).headline.mechanism_count, digests=False, variants=(ddrs, lr))
+#: ANCER in the authors' pipeline at the paper's other step size: it ran 0.04 and 0.4, the pipeline
+#: (``PIPELINE``) runs 0.04 and the authors' script 1
+OTHER_STEP = Variant("ancer_clamped_lr0.4", "ancer", {"objective": "clamped", "lr": 0.4}, start="ddrs_clamped")
 
 
 def figure2_study(preset: str, sigma: float) -> Study:
     """The paper's Figure 2 at ``sigma`` on the paper preset's whole test set (another preset's
     headline images elsewhere, for the chapter's smaller runs): RS, the authors' pipeline
-    (``PIPELINE``) and the capped DDRS at the cpu preset's tuned path length (lr 1e-3 over 1500
-    steps), then, in tier 1, each method's best variant of the cpu preset's grid (chosen there),
-    its step size scaled to the same path length."""
+    (``PIPELINE``), the capped DDRS at the cpu preset's tuned path length (lr 1e-3 over 1500
+    steps) and ANCER at the paper's other step size (``OTHER_STEP``), then, in tier 1, each
+    method's best variant of the cpu preset's grid (chosen there), its step size scaled to the
+    same path length."""
     capped = _capped_ddrs(preset)
     best = []
     for method in ("ancer", "rddrs"):
@@ -110,13 +107,17 @@ def figure2_study(preset: str, sigma: float) -> Study:
             if variant.method != "ddrs" and variant.name not in {v.name for v in best}:
                 best.append(replace(scaled_to(preset, variant), tier=1))
     count = preset_record(preset).count if preset == "paper" else budgets.of(preset).budget.count
-    return Study(figure2_name(sigma), count, digests=False, variants=(Variant("rs", "rs"), *PIPELINE, capped, *best))
+    return Study(
+        figure2_name(sigma), count, digests=False, variants=(Variant("rs", "rs"), *PIPELINE, capped, OTHER_STEP, *best)
+    )
 
 
 # -- reading Figure 2 ------------------------------------------------------------------------
 
 #: the variants every paired comparison needs (RS, the authors' pipeline, the capped DDRS)
 PAIRED = ("rs", "ddrs_clamped", "ancer_clamped", "rddrs_clamped", "ddrs_capped")
+#: the runs of a test image that the fill computes: the paired ones and ANCER at the other step size
+FILLED = (*PAIRED, OTHER_STEP.name)
 
 
 def read(

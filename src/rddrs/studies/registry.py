@@ -13,9 +13,7 @@ budget      the studies of a smaller budget                       budget
 figure2     the paper's Figure 2 at its own settings              headline
             (``headline.figure2_study``, ``paper`` preset only)
 mechanism   the laws behind the headline, with their traces       headline
-            (``headline.mechanism_study``; ``rddrs.studies.mechanism``),
-            and ANCER at the paper's other step size on its images
-            (``headline.step_sizes_study``)
+            (``headline.mechanism_study``; ``rddrs.studies.mechanism``)
 ==========  ====================================================  ==========================
 
 A sweep starts the figure2 group first, at sigma 0.25, then 0.5, then 0.12, its lower tier
@@ -117,7 +115,6 @@ def _studies(preset: str, count: int | None, groups: tuple[str, ...]):
         from rddrs.studies import headline
 
         yield headline.mechanism_study(preset), STUDY_SIGMA, "mechanism", 0
-        yield headline.step_sizes_study(preset), STUDY_SIGMA, "mechanism", 0
     if "claims" in groups:
         from rddrs.studies import claims
 
