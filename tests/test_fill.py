@@ -19,7 +19,7 @@ from rddrs import RDDRSError
 from rddrs.pipeline.files import exclusive
 from rddrs.pipeline.results import COLUMNS, read_rows, read_sidecar, write_rows
 from rddrs.studies import fill
-from rddrs.studies.headline import FILLED
+from rddrs.studies.headline import PAIRED
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--data", str(ROOT / "data"), "--models", str(ROOT / "data" / "models")]
@@ -96,10 +96,10 @@ def test_image_by_image_alternating_committed_and_resumed(tmp_path):
         "test image 0 at sigma 0.5",
     ]
     tracked = subprocess.run(["git", "-C", str(tmp_path), "ls-files"], capture_output=True, text=True).stdout.split()
-    assert len(tracked) == 2 * 2 * len(FILLED) and not any(".traces" in name for name in tracked)
+    assert len(tracked) == 2 * 2 * len(PAIRED) and not any(".traces" in name for name in tracked)
     for sigma in (0.5, 0.12):
         runs = rows_by_run(results, sigma)
-        assert len(runs) == len(FILLED) and all(sorted(rows) == [0, 1] for rows in runs.values())
+        assert len(runs) == len(PAIRED) and all(sorted(rows) == [0, 1] for rows in runs.values())
         for out in runs:
             part = read_sidecar(Path(out))["provenance"]
             assert part["threads"] == 1 and part["network"] in ("fast", "autograd") and part["processor"]

@@ -1,16 +1,16 @@
 """The paper fill: Figure 2's missing panels computed image by image in a machine's idle time.
 
 ``fill`` runs the figure2 group at the paper preset for some training sigmas (default 0.5 and
-0.12), one test image at a time with every run of that image (``headline.FILLED``: RS, the
+0.12), one test image at a time with every paired run of that image (``headline.PAIRED``: RS, the
 authors' clamped DDRS, ANCER and RDDRS, the capped DDRS, and ANCER at the paper's other step
-size) done before the next image,
-alternating the sigmas, in ``order``: first the images of sigma 0.25's paired rows, ascending,
-then the rest of the test set. It holds the results folder's sweep lock throughout (a second
-fill or sweep there is refused in one line), starts no image that its files' pace says would end
-after the deadline, and, with ``commit``, commits each image's rows to the repository that holds
-them. Rows are flushed as their batches end and a run resumes from its shard, so a fill killed at
-any moment loses no finished row and the same command continues from the rows on disk. The laws'
-traces (``OUT.traces/``) stay beside the rows for the memory pass; git ignores them.
+size) done before the next image, alternating the sigmas, in ``order``: first the images of
+sigma 0.25's paired rows, ascending, then the rest of the test set. It holds the results
+folder's sweep lock throughout (a second fill or sweep there is refused in one line), starts no
+image that its files' pace says would end after the deadline, and, with ``commit``, commits
+each image's rows to the repository that holds them. Rows are flushed as their batches end and a
+run resumes from its shard, so a fill killed at any moment loses no finished row and the same
+command continues from the rows on disk. The laws' traces (``OUT.traces/``) stay beside the rows
+for the memory pass; git ignores them.
 """
 
 from __future__ import annotations
@@ -58,16 +58,16 @@ def parse_deadline(text: str, now: datetime | None = None) -> datetime:
 def specs(
     results: str | Path, sigma: float, index: int, *, preset: str = PRESET, data="data", models="data/models"
 ) -> list:
-    """The runs (``runspec.RunSpec``) of one test image at ``sigma`` that the fill computes
-    (``headline.FILLED``, with the starts they read)."""
+    """The paired variants' runs (``runspec.RunSpec``) of one test image at ``sigma`` (with the starts
+    they read)."""
     from rddrs.pipeline import runspec
-    from rddrs.studies.headline import FILLED, figure2_study
+    from rddrs.studies.headline import PAIRED, figure2_study
     from rddrs.studies.study import study_specs
 
     every = study_specs(
         figure2_study(preset, sigma), sigma, preset, results, data=data, models=models, groups=("figure2",)
     )
-    wanted = runspec.closure([every[name] for name in FILLED], every.values())
+    wanted = runspec.closure([every[name] for name in PAIRED], every.values())
     return [replace(spec, ranges=((index, index + 1),)) for spec in wanted]
 
 

@@ -114,10 +114,9 @@ def figure2_study(preset: str, sigma: float) -> Study:
 
 # -- reading Figure 2 ------------------------------------------------------------------------
 
-#: the variants every paired comparison needs (RS, the authors' pipeline, the capped DDRS)
-PAIRED = ("rs", "ddrs_clamped", "ancer_clamped", "rddrs_clamped", "ddrs_capped")
-#: the runs of a test image that the fill computes: the paired ones and ANCER at the other step size
-FILLED = (*PAIRED, OTHER_STEP.name)
+#: the variants every paired comparison needs (RS, the authors' pipeline, the capped DDRS, ANCER at
+#: the paper's other step size)
+PAIRED = ("rs", "ddrs_clamped", "ancer_clamped", "rddrs_clamped", "ddrs_capped", OTHER_STEP.name)
 
 
 def read(
