@@ -13,6 +13,13 @@ Studies (data for ``rddrs.studies.study.run_study``, built from chapter 7's grid
   the first test images; ``measures``, ``refutations`` and ``memories`` run the measures of
   ``rddrs.studies.mechanism`` over them and cache their rows in ``RESULTS/claims/mechanism/``.
 
+The certificates as guarantees at every sigma: ``tested_runs`` are the mechanism study's runs at
+``STUDY_SIGMA`` and, at Figure 2's other sigmas, the paired runs on their first
+``refutation_images`` images; ``refutations`` and ``memories`` take a ``sigma`` and keep their
+files in ``tested_dir`` (the panel's folder there), ``constancies`` measures the classifier of
+those panels' laws at more other images, and ``guarantees`` reads what all of them stored, per
+sigma and run.
+
 Reading Figure 2: ``read`` takes, at one training sigma, every variant's rows on the images that
 all the compared variants have, so that every comparison is paired image by image; ``panels``
 does so at every sigma that has rows; ``coverage`` says which images a panel holds; ``writers``
