@@ -94,6 +94,15 @@ def test_the_readme_states_what_survives_the_memory():
         f"{an['after']['l2']:.3f}" in readme
     )
     assert f"none of the {rd['test_images']:,} test images".replace(",", " ") in readme
+    half = headline.memories("paper", PAPER, sigma=0.5, **COMMON)
+    rd, an = half["rddrs_clamped"], half["ancer_clamped"]
+    assert (
+        f"the memory over the {rd['images']} images of the runs computed on this CPU" in readme
+        and f"the memory keeps {rd['statuses']['kept']} of {rd['images']} RDDRS certificates, its l2 ACR falls from "
+        f"{rd['before']['l2']:.3f} to {rd['after']['l2']:.3f}, below ANCER's {an['after']['l2']:.3f}, and "
+        f"{rd['intruders']} test images of another class"
+        in readme
+    )
 
 
 def test_the_readme_states_the_coverage_before_any_number():
