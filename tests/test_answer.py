@@ -161,3 +161,16 @@ def test_the_readme_states_the_attack_at_sigma_05():
         f"RDDRS certificates were refuted ({an['refuted']} of {an['tested']} ANCER's, none of DDRS'), and the memory "
         f"pass over the attacked runs answers x's class at {rd['in_memory']} of RDDRS' {rd['refuted']} refuting points"
     ) in readme
+
+
+def test_the_readme_states_the_attack_at_sigma_025_with_its_points_in_the_box():
+    found = headline.guarantees("paper", PAPER)[presets.STUDY_SIGMA]
+    assert all(c["boxed"] and c["tested"] == 20 for c in found.values())
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    now = [f"{found[n]['refuted']} of 20" for n in headline.REFUTED]
+    before = ", ".join(str(found[n]["unboxed"]) for n in headline.REFUTED)
+    assert (
+        f"{now[0]} RDDRS certificates were refuted ({now[1]} ANCER's, {now[2]} of the authors' DDRS and {now[3]} of "
+        f"the capped DDRS; an earlier attack that let its points leave the images' cube found "
+        f"{before.rsplit(', ', 1)[0]} and {before.rsplit(', ', 1)[1]})"
+    ) in readme
