@@ -165,6 +165,46 @@ def test_visible_code_fits_the_page(name):
     assert not long, f"{name}.md: {len(long)} visible line(s) over {CODE_WIDTH} characters, e.g. {long[0]!r}"
 
 
+def _unshown_tables(source: str) -> list[int]:
+    """Lines of ``Table(...)`` expressions that a notebook does not show: any but a cell's last
+    top-level statement (nested ones included), since only that one's value is displayed."""
+    import ast
+
+    lines = [line for line in source.splitlines() if not line.lstrip().startswith("%")]  # magics are not Python
+    found = []
+
+    def walk(statements, top):
+        for i, statement in enumerate(statements):
+            call = statement.value if isinstance(statement, ast.Expr) else None
+            if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "Table":
+                if not (top and i == len(statements) - 1):
+                    found.append(statement.lineno)
+            if not isinstance(statement, (ast.FunctionDef, ast.ClassDef)):
+                for field in ("body", "orelse", "finalbody"):
+                    walk(getattr(statement, field, []) or [], False)
+
+    walk(ast.parse("\n".join(lines)).body, True)
+    return found
+
+
+def test_a_table_that_is_not_shown_is_caught():
+    assert _unshown_tables("Table(a)\nx = 1\nif x:\n    Table(b)\nTable(c)") == [1, 4]
+    assert _unshown_tables("display(Table(a))\nTable(b)") == []
+
+
+@pytest.mark.parametrize("name", chapter_lists()["LIGHT"] + chapter_lists()["HEAVY"])
+def test_every_table_is_shown(name):
+    """A ``Table`` that is not a cell's last statement is built and never displayed: wrap it in display()."""
+    jupytext = pytest.importorskip("jupytext")
+    missing = [
+        (cell.source.splitlines()[0][:60], line)
+        for cell in jupytext.read(ROOT / "book" / f"{name}.md").cells
+        if cell.cell_type == "code"
+        for line in _unshown_tables(cell.source)
+    ]
+    assert not missing, f"{name}.md: tables built but not shown (cell, line): {missing}"
+
+
 #: the prose one page may hold (characters of its markdown cells), so a reader finds its point
 PROSE_LIMIT = 25_000
 
