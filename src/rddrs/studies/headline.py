@@ -294,16 +294,27 @@ def device_check(
 # -- the mechanism study --------------------------------------------------------------------
 
 
+def tested_study(preset: str, sigma: float = STUDY_SIGMA) -> Study:
+    """The study whose certificates are tested as guarantees at training ``sigma``: the mechanism
+    study at ``STUDY_SIGMA``, Figure 2's at its other sigmas."""
+    return mechanism_study(preset) if sigma == STUDY_SIGMA else figure2_study(preset, sigma)
+
+
+def tested_names(preset: str, sigma: float = STUDY_SIGMA) -> tuple[str, ...]:
+    """The runs of ``tested_study`` that are tested: all its variants at ``STUDY_SIGMA``, the paired
+    runs (``PAIRED``) at the others."""
+    return tuple(v.name for v in tested_study(preset, sigma).variants) if sigma == STUDY_SIGMA else PAIRED
+
+
 def tested_runs(
     preset: str, results, sigma: float = STUDY_SIGMA, *, data="data", models="data/models"
 ) -> tuple[Study, dict[str, VariantRun]]:
     """The runs whose certificates are tested as guarantees at training ``sigma``: the mechanism
     study's at ``STUDY_SIGMA``; at Figure 2's other sigmas its paired runs (``PAIRED``) on the
     first ``refutation_images`` test images they share (a one-line error while they share fewer)."""
+    study = tested_study(preset, sigma)
     if sigma == STUDY_SIGMA:
-        study = mechanism_study(preset)
         return study, run_study(study, sigma, preset, results, data=data, models=models, compute=False)
-    study = figure2_study(preset, sigma)
     specs = study_specs(study, sigma, preset, results, data=data, models=models)
     found = read(results, sigma, preset=preset, data=data, models=models)
     wanted = budgets.of(preset).headline.refutation_images
@@ -323,8 +334,7 @@ def tested_runs(
 
 def tested_dir(preset: str, results, sigma: float = STUDY_SIGMA) -> Path:
     """Where the refutations and memory passes of ``tested_runs`` at ``sigma`` are kept."""
-    study = mechanism_study(preset) if sigma == STUDY_SIGMA else figure2_study(preset, sigma)
-    return study_dir(results, study)
+    return study_dir(results, tested_study(preset, sigma))
 
 
 def _setup(preset: str, results, device: str, data, models, sigma: float = STUDY_SIGMA):
@@ -577,11 +587,9 @@ def memories(
         from rddrs.studies.mechanism import decode_point
 
         images, labels = load_dataset(Path(data), train=False)
-        study = mechanism_study(preset) if sigma == STUDY_SIGMA else figure2_study(preset, sigma)
-        names = [v.name for v in study.variants] if sigma == STUDY_SIGMA else list(PAIRED)
-        specs = study_specs(study, sigma, preset, results, data=data, models=models)
+        specs = study_specs(tested_study(preset, sigma), sigma, preset, results, data=data, models=models)
         attacked = _stored_refutations(folder / "refutations.json")["variants"]
-        for name in names:
+        for name in tested_names(preset, sigma):
             own = Path(specs[name].out)
             candidates = (own, Path(laws_from) / own.name) if laws_from else (own,)
             found = next((p for p in candidates if usable(p, own)), None)
