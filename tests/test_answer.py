@@ -103,6 +103,14 @@ def test_the_readme_states_what_survives_the_memory():
         f"{rd['intruders']} test images of another class"
         in readme
     )
+    low = headline.memories("paper", PAPER, sigma=0.12, **COMMON)
+    rd, an = low["rddrs_clamped"], low["ancer_clamped"]
+    assert rd["statuses"]["kept"] == rd["images"] and rd["intruders"] == 0  # "keeps all", "no test image"
+    assert (
+        f"At sigma 0.12 (the memory over its {rd['images']} images, "
+        f"`results/paper/claims/figure2_sigma0.12/memory.json`) it keeps all {rd['images']} RDDRS certificates "
+        f"(l2 ACR {rd['after']['l2']:.3f}, against ANCER's {an['after']['l2']:.3f})" in readme
+    )
 
 
 def test_the_readme_states_the_attacks_at_the_other_panels():
