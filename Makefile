@@ -151,11 +151,12 @@ gpu-session:  ## on a bare GPU machine: CUDA tests, benchmark, mechanism, paper 
 # Start it in the background (`make fill DEADLINE=17:30 &`); the same command resumes from the rows on disk.
 DEADLINE ?=
 FILL_THREADS ?= 1
+FILL_PROCESSES ?= 1
 FILL_SIGMAS ?= 0.5 0.12
 fill: $(INSTALLED) $(MNIST)  ## the paper fill: sigma 0.5 and 0.12 of Figure 2 image by image until DEADLINE (HH:MM), nice 19
 	@test -n "$(DEADLINE)" || { echo "make fill needs DEADLINE=HH:MM (or an ISO date and time)" >&2; exit 2; }
 	OMP_NUM_THREADS=$(FILL_THREADS) nice -n 19 $(BIN)/rddrs fill --until "$(DEADLINE)" --threads $(FILL_THREADS) \
-	  --sigmas $(FILL_SIGMAS) --commit
+	  --processes $(FILL_PROCESSES) --sigmas $(FILL_SIGMAS) --commit
 
 clean:  ## remove build output and caches (keeps .venv and data)
 	rm -rf _build .pytest_cache

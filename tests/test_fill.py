@@ -111,21 +111,26 @@ def test_image_by_image_alternating_committed_and_resumed(tmp_path):
     ]
 
 
-def test_a_fill_killed_at_any_moment_loses_nothing_and_the_next_one_finishes_the_same_rows(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_fill_killed_at_any_moment_loses_nothing_and_the_next_one_finishes_the_same_rows(tmp_path, processes):
+    """Killed with ``--processes 2`` its workers end with it: the rows stop changing."""
     whole, killed = repository(tmp_path / "a"), repository(tmp_path / "b")
     args = ["fill", "--preset", "smoke", "--until", LATER, "--images", "2", *COMMON]
     assert rddrs(*args, "--results", str(whole)).returncode == 0
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rddrs", *args, "--results", str(killed)],
+        [sys.executable, "-m", "rddrs", *args, "--processes", str(processes), "--results", str(killed)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    proc.stdout.readline()  # the first image is done: kill it in the middle of the next
+    assert proc.stdout.readline().startswith("sigma 0.5, image 0: ")  # done: kill it in the middle of the next
     time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    before = snapshot(killed)
+    time.sleep(3.0)  # a smoke image takes seconds: a worker left running would write rows meanwhile
+    assert snapshot(killed) == before
     before = {out: rows for sigma in (0.5, 0.12) for out, rows in rows_by_run(killed, sigma).items()}
     assert any(before.values())
     assert rddrs(*args, "--results", str(killed)).returncode == 0
@@ -139,6 +144,37 @@ def test_a_fill_killed_at_any_moment_loses_nothing_and_the_next_one_finishes_the
                 }, (out_k, i)
             for i, row in before.get(out_k, {}).items():  # rows finished before the kill are kept as they were
                 assert rows_k[i] == row
+
+
+def test_two_processes_compute_an_image_at_both_sigmas_side_by_side(tmp_path, monkeypatch):
+    from rddrs.pipeline import engines, sweep
+
+    one, two = repository(tmp_path / "a"), repository(tmp_path / "b")
+    assert (
+        rddrs("fill", "--preset", "smoke", "--until", LATER, "--images", "1", "--results", str(one), *COMMON).returncode
+        == 0
+    )
+    calls, execute = [], sweep.execute
+
+    def recorded(runs, engine):  # which engine computes which sigmas' runs in one call
+        calls.append((type(engine), getattr(engine, "capacity", 1), {spec.sigma for spec in runs}))
+        return execute(runs, engine)
+
+    monkeypatch.setattr(sweep, "execute", recorded)
+    lines = []
+    where = dict(preset="smoke", data=ROOT / "data", models=ROOT / "data" / "models")
+    report = fill.fill(two, fill.parse_deadline(LATER), processes=2, images=1, log=lines.append, **where)
+    assert report.images == {0.5: [0], 0.12: [0]}
+    assert calls == [(engines.Local, 2, {0.5, 0.12})]  # one call, both sigmas, two processes
+    assert [line.split(":")[0] for line in lines] == ["sigma 0.5, image 0", "sigma 0.12, image 0"]
+    assert all("beside 1 other sigma(s)" in line for line in lines)  # one wall time for the two
+    for sigma in (0.5, 0.12):
+        pairs = zip(sorted(rows_by_run(one, sigma).items()), sorted(rows_by_run(two, sigma).items()))
+        for (out_1, rows_1), (_, rows_2) in pairs:
+            assert sorted(rows_1) == sorted(rows_2) == [0]
+            assert {k: v for k, v in rows_2[0].items() if k != "seconds"} == {
+                k: v for k, v in rows_1[0].items() if k != "seconds"
+            }, out_1
 
 
 @pytest.mark.parametrize("case", ["past", "unreadable", "no model", "busy"])

@@ -522,6 +522,7 @@ def _cmd_fill(args: argparse.Namespace) -> None:
             deadline,
             sigmas=args.sigmas,
             threads=args.threads,
+            processes=args.processes,
             commit=args.commit,
             images=args.images,
             preset=args.preset,
@@ -558,7 +559,15 @@ def _add_fill(sub) -> None:
         metavar="S",
         help="training sigmas, alternated (default: 0.5 0.12)",
     )
-    p.add_argument("--threads", type=_threads, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=_threads, default=1, help="torch threads per process (default 1)")
+    p.add_argument(
+        "--processes",
+        type=_threads,
+        default=1,
+        metavar="K",
+        help="compute up to K sigmas of an image side by side, each in its own process "
+        "(default 1; at most cores // threads)",
+    )
     p.add_argument("--commit", action="store_true", help="commit each image's rows to the repository holding them")
     p.add_argument(
         "--images",

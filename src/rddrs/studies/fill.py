@@ -3,8 +3,9 @@
 ``fill`` runs the figure2 group at the paper preset for some training sigmas (default 0.5 and
 0.12), one test image at a time with every paired run of that image (``headline.PAIRED``: RS, the
 authors' clamped DDRS, ANCER and RDDRS, the capped DDRS, and ANCER at the paper's other step
-size) done before the next image, alternating the sigmas, in ``order``: first the images of
-sigma 0.25's paired rows, ascending, then the rest of the test set. It holds the results
+size) done before the next image, alternating the sigmas (or, with ``processes`` K, up to K sigmas
+of an image side by side in the sweep's local pool of processes), in ``order``: first the images
+of sigma 0.25's paired rows, ascending, then the rest of the test set. It holds the results
 folder's sweep lock throughout (a second fill or sweep there is refused in one line), starts no
 image that its files' pace says would end after the deadline, and, with ``commit``, commits
 each image's rows to the repository that holds them. Rows are flushed as their batches end and a
@@ -140,6 +141,7 @@ def fill(
     *,
     sigmas=SIGMAS,
     threads: int = 1,
+    processes: int = 1,
     commit: bool = False,
     images: int | None = None,
     preset: str = PRESET,
@@ -148,7 +150,9 @@ def fill(
     log=print,
 ) -> Report:
     """Compute the paired runs of ``sigmas`` image by image until ``deadline`` (see the module), or
-    until ``images`` test images of each sigma have been computed by this call."""
+    until ``images`` test images of each sigma have been computed by this call. With ``processes``
+    above 1 the sigmas of an image are computed side by side in that many worker processes (at
+    most cores // threads), which end with this one, however it ends."""
     from rddrs.pipeline import engines, shards, sweep
     from rddrs.pipeline.data import load_dataset
 
@@ -159,7 +163,7 @@ def fill(
             raise RDDRSError(f"no model for sigma {sigma:g}: {model_path(sigma, models)} is missing")
     test_size = len(load_dataset(Path(data), train=False)[1])
     report = Report(images={s: [] for s in sigmas}, seconds={s: [] for s in sigmas})
-    engine = engines.Inline(threads)
+    engine = engines.Inline(threads) if processes == 1 else engines.Local(processes, threads)
     where = dict(preset=preset, data=data, models=models)
     base = {sigma: specs(results, sigma, 0, **where) for sigma in (*sigmas, LEAD_SIGMA)}  # settings hashed once
 
@@ -168,36 +172,43 @@ def fill(
 
     with sweep.sweep_lock(results):
         for index in order(results, test_size, **where):
-            for sigma in sigmas:
-                runs = at(base[sigma], index)
-                if shards.complete(runs):
-                    continue
-                if images is not None and len(report.images[sigma]) >= images:
-                    if all(len(done) >= images for done in report.images.values()):
-                        report.stopped = f"{images} images per sigma computed"
-                        return report
-                    continue
+            todo = [s for s in sigmas if not shards.complete(at(base[s], index))]
+            if images is not None:
+                if all(len(done) >= images for done in report.images.values()):
+                    report.stopped = f"{images} images per sigma computed"
+                    return report
+                todo = [s for s in todo if len(report.images[s]) < images]
+            for group in (todo[i : i + engine.capacity] for i in range(0, len(todo), engine.capacity)):
+                runs = {sigma: at(base[sigma], index) for sigma in group}
                 left = (deadline - datetime.now()).total_seconds()
-                need = estimate(runs, at(base[LEAD_SIGMA], index))
+                each = [estimate(runs[sigma], at(base[LEAD_SIGMA], index)) for sigma in group]
+                need = max(max(each), sum(each) / engine.capacity)
                 if left <= need:
                     report.stopped = (
-                        f"stopped before image {index} at sigma {sigma:g} (needs about {need:.0f} s, "
-                        f"{max(left, 0):.0f} s left before the deadline)"
+                        f"stopped before image {index} at sigma {', '.join(f'{s:g}' for s in group)} (needs about "
+                        f"{need:.0f} s, {max(left, 0):.0f} s left before the deadline)"
                     )
                     return report
                 started = time.monotonic()
-                done = sweep.execute(runs, engine).check()
-                if not shards.complete(runs):
-                    report.stopped = f"image {index} at sigma {sigma:g} is incomplete ({done.summary()})"
-                    return report
+                done = sweep.execute([spec for sigma in group for spec in runs[sigma]], engine).check()
                 seconds = time.monotonic() - started
-                report.images[sigma].append(index)
-                report.seconds[sigma].append(seconds)
-                committed = commit and commit_rows(
-                    runs,
-                    f"Figure 2 fill, {preset} preset: test image {index} at sigma "
-                    f"{sigma:g} ({seconds:.0f} s, {threads} thread(s))",
-                )
-                log(f"sigma {sigma:g}, image {index}: {seconds:.0f} s" + (", committed" if committed else ""))
+                beside = f" beside {len(group) - 1} other sigma(s)" if len(group) > 1 else ""
+                for sigma in group:
+                    if not shards.complete(runs[sigma]):  # the other sigmas' rows are still recorded
+                        report.stopped = f"image {index} at sigma {sigma:g} is incomplete ({done.summary()})"
+                        continue
+                    report.images[sigma].append(index)
+                    report.seconds[sigma].append(seconds)
+                    committed = commit and commit_rows(
+                        runs[sigma],
+                        f"Figure 2 fill, {preset} preset: test image {index} at sigma "
+                        f"{sigma:g} ({seconds:.0f} s{beside}, {threads} thread(s))",
+                    )
+                    log(
+                        f"sigma {sigma:g}, image {index}: {seconds:.0f} s{beside}"
+                        + (", committed" if committed else "")
+                    )
+                if report.stopped:
+                    return report
     report.stopped = "every test image is done"
     return report
