@@ -146,35 +146,35 @@ def test_a_fill_killed_at_any_moment_loses_nothing_and_the_next_one_finishes_the
                 assert rows_k[i] == row
 
 
-def test_two_processes_compute_an_image_at_both_sigmas_side_by_side(tmp_path, monkeypatch):
+def test_two_processes_compute_both_sigmas_side_by_side_each_at_its_next_image(tmp_path, monkeypatch):
     from rddrs.pipeline import engines, sweep
 
     one, two = repository(tmp_path / "a"), repository(tmp_path / "b")
-    assert (
-        rddrs("fill", "--preset", "smoke", "--until", LATER, "--images", "1", "--results", str(one), *COMMON).returncode
-        == 0
-    )
+    args = ["fill", "--preset", "smoke", "--until", LATER, *COMMON]
+    assert rddrs(*args, "--images", "2", "--results", str(one)).returncode == 0
+    assert rddrs(*args, "--images", "1", "--sigmas", "0.5", "--results", str(two)).returncode == 0  # 0.5 ahead
     calls, execute = [], sweep.execute
 
-    def recorded(runs, engine):  # which engine computes which sigmas' runs in one call
-        calls.append((type(engine), getattr(engine, "capacity", 1), {spec.sigma for spec in runs}))
+    def recorded(runs, engine):  # which engine computes which images of which sigmas in one call
+        calls.append((type(engine), engine.capacity, {(spec.sigma, spec.ranges) for spec in runs}))
         return execute(runs, engine)
 
     monkeypatch.setattr(sweep, "execute", recorded)
     lines = []
     where = dict(preset="smoke", data=ROOT / "data", models=ROOT / "data" / "models")
     report = fill.fill(two, fill.parse_deadline(LATER), processes=2, images=1, log=lines.append, **where)
-    assert report.images == {0.5: [0], 0.12: [0]}
-    assert calls == [(engines.Local, 2, {0.5, 0.12})]  # one call, both sigmas, two processes
-    assert [line.split(":")[0] for line in lines] == ["sigma 0.5, image 0", "sigma 0.12, image 0"]
+    assert report.images == {0.5: [1], 0.12: [0]}
+    assert calls == [(engines.Local, 2, {(0.5, ((1, 2),)), (0.12, ((0, 1),))})]  # one call, two processes
+    assert [line.split(":")[0] for line in lines] == ["sigma 0.5, image 1", "sigma 0.12, image 0"]
     assert all("beside 1 other sigma(s)" in line for line in lines)  # one wall time for the two
-    for sigma in (0.5, 0.12):
+    for sigma, done in ((0.5, [0, 1]), (0.12, [0])):
         pairs = zip(sorted(rows_by_run(one, sigma).items()), sorted(rows_by_run(two, sigma).items()))
         for (out_1, rows_1), (_, rows_2) in pairs:
-            assert sorted(rows_1) == sorted(rows_2) == [0]
-            assert {k: v for k, v in rows_2[0].items() if k != "seconds"} == {
-                k: v for k, v in rows_1[0].items() if k != "seconds"
-            }, out_1
+            assert sorted(rows_2) == done
+            for i in done:  # the same rows as one process computing one image after another
+                assert {k: v for k, v in rows_2[i].items() if k != "seconds"} == {
+                    k: v for k, v in rows_1[i].items() if k != "seconds"
+                }, (out_1, i)
 
 
 @pytest.mark.parametrize("case", ["past", "unreadable", "no model", "busy"])

@@ -565,7 +565,7 @@ def _add_fill(sub) -> None:
         type=_threads,
         default=1,
         metavar="K",
-        help="compute up to K sigmas of an image side by side, each in its own process "
+        help="compute up to K sigmas side by side, each at its next image in its own process "
         "(default 1; at most cores // threads)",
     )
     p.add_argument("--commit", action="store_true", help="commit each image's rows to the repository holding them")

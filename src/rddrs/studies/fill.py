@@ -3,9 +3,10 @@
 ``fill`` runs the figure2 group at the paper preset for some training sigmas (default 0.5 and
 0.12), one test image at a time with every paired run of that image (``headline.PAIRED``: RS, the
 authors' clamped DDRS, ANCER and RDDRS, the capped DDRS, and ANCER at the paper's other step
-size) done before the next image, alternating the sigmas (or, with ``processes`` K, up to K sigmas
-of an image side by side in the sweep's local pool of processes), in ``order``: first the images
-of sigma 0.25's paired rows, ascending, then the rest of the test set. It holds the results
+size) done before the next image. Each sigma takes its images in ``order`` (first the images of
+sigma 0.25's paired rows, ascending, then the rest of the test set), and the sigmas alternate,
+each at its own next image; with ``processes`` K, up to K of them are computed side by side in the
+sweep's local pool of processes. It holds the results
 folder's sweep lock throughout (a second fill or sweep there is refused in one line), starts no
 image that its files' pace says would end after the deadline, and, with ``commit``, commits
 each image's rows to the repository that holds them. Rows are flushed as their batches end and a
@@ -151,7 +152,7 @@ def fill(
 ) -> Report:
     """Compute the paired runs of ``sigmas`` image by image until ``deadline`` (see the module), or
     until ``images`` test images of each sigma have been computed by this call. With ``processes``
-    above 1 the sigmas of an image are computed side by side in that many worker processes (at
+    above 1 the sigmas' next images are computed side by side in that many worker processes (at
     most cores // threads), which end with this one, however it ends."""
     from rddrs.pipeline import engines, shards, sweep
     from rddrs.pipeline.data import load_dataset
@@ -170,30 +171,40 @@ def fill(
     def at(runs: list, index: int) -> list:
         return [replace(spec, ranges=((index, index + 1),)) for spec in runs]
 
+    indices, position = order(results, test_size, **where), dict.fromkeys(sigmas, 0)
+
+    def pending(sigma: float) -> int | None:
+        """The first image of ``indices`` whose runs at ``sigma`` are incomplete (None: none is)."""
+        while position[sigma] < len(indices) and shards.complete(at(base[sigma], indices[position[sigma]])):
+            position[sigma] += 1
+        return indices[position[sigma]] if position[sigma] < len(indices) else None
+
     with sweep.sweep_lock(results):
-        for index in order(results, test_size, **where):
-            todo = [s for s in sigmas if not shards.complete(at(base[s], index))]
-            if images is not None:
-                if all(len(done) >= images for done in report.images.values()):
-                    report.stopped = f"{images} images per sigma computed"
-                    return report
-                todo = [s for s in todo if len(report.images[s]) < images]
+        while True:
+            wanted = [s for s in sigmas if images is None or len(report.images[s]) < images]
+            todo = [(s, index) for s in wanted if (index := pending(s)) is not None]
+            if not todo:
+                report.stopped = f"{images} images per sigma computed" if not wanted else "every test image is done"
+                return report
             for group in (todo[i : i + engine.capacity] for i in range(0, len(todo), engine.capacity)):
-                runs = {sigma: at(base[sigma], index) for sigma in group}
+                runs = {sigma: at(base[sigma], index) for sigma, index in group}
                 left = (deadline - datetime.now()).total_seconds()
-                each = [estimate(runs[sigma], at(base[LEAD_SIGMA], index)) for sigma in group]
+                each = [estimate(runs[sigma], at(base[LEAD_SIGMA], index)) for sigma, index in group]
                 need = max(max(each), sum(each) / engine.capacity)
                 if left <= need:
                     report.stopped = (
-                        f"stopped before image {index} at sigma {', '.join(f'{s:g}' for s in group)} (needs about "
-                        f"{need:.0f} s, {max(left, 0):.0f} s left before the deadline)"
+                        "stopped before {} (needs about {:.0f} s, {:.0f} s left before the deadline)".format(
+                            " and ".join(f"image {index} at sigma {sigma:g}" for sigma, index in group),
+                            need,
+                            max(left, 0),
+                        )
                     )
                     return report
                 started = time.monotonic()
-                done = sweep.execute([spec for sigma in group for spec in runs[sigma]], engine).check()
+                done = sweep.execute([spec for sigma, _ in group for spec in runs[sigma]], engine).check()
                 seconds = time.monotonic() - started
                 beside = f" beside {len(group) - 1} other sigma(s)" if len(group) > 1 else ""
-                for sigma in group:
+                for sigma, index in group:
                     if not shards.complete(runs[sigma]):  # the other sigmas' rows are still recorded
                         report.stopped = f"image {index} at sigma {sigma:g} is incomplete ({done.summary()})"
                         continue
@@ -210,5 +221,3 @@ def fill(
                     )
                 if report.stopped:
                     return report
-    report.stopped = "every test image is done"
-    return report
