@@ -74,6 +74,37 @@ def test_the_readme_states_the_numbers_of_the_result_files(answer):
         assert f"{mean:+.3f} +- {se:.3f}" in readme, (other, kind)
 
 
+def test_the_readme_states_the_other_panels_proxy_differences():
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    panels = headline.panels(PAPER, **COMMON)
+
+    def minus(panel, other, kind):
+        return paired_difference(
+            analysis.certified_radius(panel["rddrs_clamped"], kind), analysis.certified_radius(panel[other], kind)
+        )
+
+    low, high = (
+        [minus(panels[s], a, "proxy") for a in ("ancer_clamped", headline.OTHER_STEP.name)] for s in (0.12, 0.5)
+    )
+    assert abs(low[0][0]) <= 2 * low[0][1]  # "level"
+    assert (
+        "at sigma 0.12, {:+.3f} +- {:.3f} against ANCER at 0.04 (level: within twice its standard error) and "
+        "{:+.3f} +- {:.3f} against ANCER at 0.4; at sigma 0.5, {:+.3f} +- {:.3f} and {:+.3f} +- {:.3f}.".format(
+            *low[0], *low[1], *high[0], *high[1]
+        )
+        in readme
+    )
+    assert (
+        all(  # "ahead of every other method ... in all three panels"
+            minus(panel, n, "l2")[0] > 2 * minus(panel, n, "l2")[1]
+            for panel in panels.values()
+            for n in headline.PAIRED
+            if n != "rddrs_clamped"
+        )
+        and len(panels) == 3
+    )
+
+
 def test_the_ordering_the_overview_states_holds(answer):
     runs, acr, gain, refuted, tested = answer
     assert max(acr, key=lambda n: acr[n]["l2"][0]) == "rddrs_clamped"
