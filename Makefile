@@ -27,7 +27,7 @@ MATHJAX_VERSION ?= 3.2.2
 MATHJAX_DIR := _mathjax/_static/mathjax
 MATHJAX   := $(MATHJAX_DIR)/tex-chtml.js
 
-.PHONY: help venv data train test mathjax book notebooks results fill gpu-session clean
+.PHONY: help venv data train test mathjax book book-cache notebooks results fill gpu-session clean
 
 # Chapters: light ones run in seconds and keep their executed notebook (book/NAME.ipynb, committed)
 # for nbval; heavy ones take a preset and are re-executed with papermill by `make results`.
@@ -114,12 +114,20 @@ results: $(INSTALLED) $(MNIST)  ## re-execute the heavy chapters (CHAPTERS, defa
 # The book's pages are the chapters at their default parameters: the committed results of the cpu
 # preset (and results/paper for the headline chapter). Another preset's pages are the notebooks that
 # `make results PRESET=...` executes into results/PRESET/notebooks; PRESET does not change the book.
-book: $(INSTALLED) $(MNIST) $(MATHJAX)  ## build the HTML book into _build/html from the committed results (not PRESET: see make results)
+book: $(INSTALLED) $(MNIST) $(MATHJAX) book-cache  ## build the HTML book into _build/html from the committed results (not PRESET: see make results)
 	@if [ "$(PRESET)" != cpu ]; then \
 	  echo "make book builds the pages of the committed results; PRESET=$(PRESET) does not apply. Run" \
 	    "make results PRESET=$(PRESET) and open results/$(PRESET)/notebooks/CHAPTER.ipynb" \
 	    "(jupyter lab, or jupyter nbconvert --to html)." >&2; exit 2; fi
 	$(BIN)/jupyter-book build -W -n --keep-going .
+
+# jupyter-book's cache is keyed on each chapter's code, not on the result files it reads: after new
+# rows (make fill, rddrs land) the cache and Sphinx's environment go, so every chapter runs again
+BOOK_CACHE := _build/.jupyter_cache/global.db
+book-cache:  ## forget the executed chapters when a result file is newer than them (make book does this)
+	@if [ -f $(BOOK_CACHE) ] && [ -n "$$(find results \( -name '*.tsv' -o -name '*.json' \) -newer $(BOOK_CACHE) \
+	  -print -quit 2>/dev/null)" ]; then \
+	  echo "result files changed since the chapters ran: they run again"; rm -rf _build/.jupyter_cache _build/.doctrees; fi
 
 # A short session on a bare GPU machine: a Python with torch (2.11 or later), numpy, scipy and pytest,
 # no install, no network, data/MNIST/raw/t10k-* and data/models copied there (set RDDRS_SOURCE_COMMIT

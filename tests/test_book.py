@@ -7,7 +7,10 @@ alone checks it; tests/test_browser.py opens the same pages in a browser.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -129,6 +132,30 @@ def chapter_lists() -> dict[str, list[str]]:
         kind: re.search(rf"^{kind}_CHAPTERS := (.*)$", text, re.MULTILINE).group(1).split()
         for kind in ("LIGHT", "HEAVY")
     }
+
+
+def test_make_book_runs_the_chapters_again_after_new_result_files(tmp_path):
+    """jupyter-book's cache is keyed on a chapter's code: `make book-cache` (a step of `make book`)
+    forgets it when a result file is newer than the cache, and only then."""
+    cache, doctrees = tmp_path / "_build" / ".jupyter_cache", tmp_path / "_build" / ".doctrees"
+    rows, trace = tmp_path / "results" / "paper" / "rs_sigma0.50.tsv", tmp_path / "results" / "x.tsv.traces" / "1.npz"
+    for path in (cache / "global.db", doctrees / "intro.doctree", rows, trace):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    os.utime(rows, (1_000_000_000, 1_000_000_000))  # older than the cache; a newer law's trace does not count
+
+    def make():
+        return subprocess.run(
+            ["make", "-s", "-f", str(ROOT / "Makefile"), "book-cache"], cwd=tmp_path, capture_output=True, text=True
+        )
+
+    assert make().returncode == 0 and (cache / "global.db").exists() and doctrees.exists()
+    rows.touch()  # new rows, after the build
+    os.utime(rows, (time.time() + 5, time.time() + 5))
+    done = make()
+    assert done.returncode == 0 and "run again" in done.stdout
+    assert not cache.exists() and not doctrees.exists() and rows.exists()
+    assert make().returncode == 0  # no cache: nothing to forget
 
 
 def test_every_chapter_is_light_or_heavy():
