@@ -128,7 +128,7 @@ def test_the_readme_states_what_survives_the_memory():
     half = headline.memories("paper", PAPER, sigma=0.5, **COMMON)
     rd, an = half["rddrs_clamped"], half["ancer_clamped"]
     assert (
-        f"the memory over the {rd['images']} images of the runs computed on this CPU" in readme
+        f"the memory over the panel's first {rd['images']} images, those whose laws were on the machine" in readme
         and f"the memory keeps {rd['statuses']['kept']} of {rd['images']} RDDRS certificates, its l2 ACR falls from "
         f"{rd['before']['l2']:.3f} to {rd['after']['l2']:.3f}, below ANCER's {an['after']['l2']:.3f}, and "
         f"{rd['intruders']} test images of another class"
@@ -138,7 +138,7 @@ def test_the_readme_states_what_survives_the_memory():
     rd, an = low["rddrs_clamped"], low["ancer_clamped"]
     assert rd["statuses"]["kept"] == rd["images"] and rd["intruders"] == 0  # "keeps all", "no test image"
     assert (
-        f"At sigma 0.12 (the memory over its {rd['images']} images, "
+        f"At sigma 0.12 (the memory over its first {rd['images']} images, "
         f"`results/paper/claims/figure2_sigma0.12/memory.json`) it keeps all {rd['images']} RDDRS certificates "
         f"(l2 ACR {rd['after']['l2']:.3f}, against ANCER's {an['after']['l2']:.3f})" in readme
     )
